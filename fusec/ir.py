@@ -1,0 +1,233 @@
+"""fusec IR: a graph of immutable nodes over a small set of primitive ops.
+
+A `Graph` is plain data: a tuple of `Node`s in topological order, where a node refers to its operands by
+their position in that tuple, plus the ids of the outputs. Weights are `param` nodes naming an entry of
+`Graph.tensors` (the module's own tensors, never copied); folded constants are `const` nodes, either a
+splat (`value=`, any shape) or a stored array (`key=` into `Graph.tensors`).
+
+Graphs are built through `Builder`, which hash-conses nodes (an identical node is created once, so common
+subexpressions are shared by construction) and infers each node's type from its operands (`opset.infer`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from fusec.errors import IRError
+
+DTYPES = ("f32", "f64", "f16", "bf16", "i64", "i32", "i16", "i8", "u8", "bool")
+FLOAT_DTYPES = ("f32", "f64", "f16", "bf16")
+
+
+@dataclass(frozen=True)
+class TensorType:
+    """Shape and element type of a value. Dimensions are ints (symbolic names are reserved for later)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise IRError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtype_size(self.dtype)
+
+    def __str__(self) -> str:
+        return f"{self.dtype}[{','.join(str(d) for d in self.shape)}]"
+
+
+def dtype_size(dtype: str) -> int:
+    return {"f64": 8, "i64": 8, "f32": 4, "i32": 4, "f16": 2, "bf16": 2, "i16": 2}.get(dtype, 1)
+
+
+Attrs = tuple[tuple[str, Any], ...]
+
+
+def make_attrs(attrs: Mapping[str, Any]) -> Attrs:
+    """Attributes as a sorted tuple of pairs, with lists turned into tuples so nodes stay hashable."""
+    def freeze(v):
+        return tuple(freeze(x) for x in v) if isinstance(v, (list, tuple)) else v
+    return tuple(sorted((k, freeze(v)) for k, v in attrs.items()))
+
+
+@dataclass(frozen=True)
+class Node:
+    """One op application. `args` are ids (positions) of earlier nodes in the same graph."""
+
+    op: str
+    args: tuple[int, ...]
+    attrs: Attrs
+    type: TensorType
+    origin: str = field(default="", compare=False)  # where it came from in the user's code, for errors
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        for k, v in self.attrs:
+            if k == name:
+                return v
+        return default
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.type.shape
+
+    @property
+    def dtype(self) -> str:
+        return self.type.dtype
+
+
+@dataclass(frozen=True)
+class Graph:
+    """A whole program: nodes in topological order, output ids, and the storage of params/consts."""
+
+    nodes: tuple[Node, ...]
+    outputs: tuple[int, ...]
+    tensors: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def inputs(self) -> tuple[int, ...]:
+        """Ids of the `input` nodes, ordered by their `index` attribute."""
+        ids = [i for i, n in enumerate(self.nodes) if n.op == "input"]
+        return tuple(sorted(ids, key=lambda i: self.nodes[i].attr("index")))
+
+    @property
+    def input_types(self) -> tuple[TensorType, ...]:
+        return tuple(self.nodes[i].type for i in self.inputs)
+
+    def users(self) -> list[list[int]]:
+        """users()[i] = ids of the nodes that read node i (an output counts as no user)."""
+        out: list[list[int]] = [[] for _ in self.nodes]
+        for i, n in enumerate(self.nodes):
+            for a in n.args:
+                out[a].append(i)
+        return out
+
+    def ops(self) -> dict[str, int]:
+        """Count of nodes per op, for summaries."""
+        counts: dict[str, int] = {}
+        for n in self.nodes:
+            counts[n.op] = counts.get(n.op, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def __repr__(self) -> str:
+        from fusec.printer import format_graph
+        return format_graph(self)
+
+
+class Builder:
+    """Appends nodes to a new graph, sharing identical nodes and inferring types.
+
+    `add` returns the id of the node; an op whose node already exists returns the existing id (CSE).
+    `finish` drops nodes the outputs do not need (DCE) and renumbers.
+    """
+
+    def __init__(self, tensors: Mapping[str, Any] | None = None):
+        self.nodes: list[Node] = []
+        self._index: dict[tuple, int] = {}
+        self.tensors: dict[str, Any] = dict(tensors or {})
+
+    def add(self, op: str, args: Iterable[int] = (), attrs: Mapping[str, Any] | None = None,
+            type: TensorType | None = None, origin: str = "") -> int:
+        from fusec.opset import infer
+        args = tuple(args)
+        frozen = make_attrs(attrs or {})
+        for a in args:
+            if not 0 <= a < len(self.nodes):
+                raise IRError(f"{op}: operand %{a} does not exist yet (graph has {len(self.nodes)} nodes)")
+        if type is None:
+            type = infer(op, [self.nodes[a].type for a in args], dict(frozen))
+        key = (op, args, frozen, type)
+        found = self._index.get(key)
+        if found is not None:
+            return found
+        self.nodes.append(Node(op, args, frozen, type, origin))
+        self._index[key] = len(self.nodes) - 1
+        return len(self.nodes) - 1
+
+    def type(self, node_id: int) -> TensorType:
+        return self.nodes[node_id].type
+
+    def const(self, value: float | int | bool, dtype: str, shape: tuple[int, ...] = ()) -> int:
+        """A splat constant: every element equals `value`."""
+        return self.add("const", (), {"value": value}, TensorType(tuple(shape), dtype))
+
+    def const_array(self, array: Any, dtype: str) -> int:
+        """A stored constant array (numpy); identical arrays are stored once."""
+        import numpy as np
+        arr = np.ascontiguousarray(array)
+        n = len(self.tensors)
+        while f"c{n}" in self.tensors:
+            n += 1
+        key = f"c{n}"
+        for k, v in self.tensors.items():
+            if isinstance(v, np.ndarray) and v.shape == arr.shape and v.dtype == arr.dtype and np.array_equal(v, arr):
+                key = k
+                break
+        self.tensors[key] = arr
+        return self.add("const", (), {"key": key}, TensorType(tuple(arr.shape), dtype))
+
+    def finish(self, outputs: Iterable[int]) -> Graph:
+        return prune(Graph(tuple(self.nodes), tuple(outputs), self.tensors))
+
+
+def prune(graph: Graph) -> Graph:
+    """Keep the nodes the outputs need, plus every input (the signature never changes); renumber."""
+    live = [n.op == "input" for n in graph.nodes]
+    stack = list(graph.outputs)
+    while stack:
+        i = stack.pop()
+        if live[i] and graph.nodes[i].op != "input":
+            continue
+        live[i] = True
+        stack.extend(a for a in graph.nodes[i].args if not live[a])
+    remap: dict[int, int] = {}
+    nodes: list[Node] = []
+    for i, n in enumerate(graph.nodes):
+        if live[i]:
+            remap[i] = len(nodes)
+            nodes.append(Node(n.op, tuple(remap[a] for a in n.args), n.attrs, n.type, n.origin))
+    used = {n.attr("key") for n in nodes if n.op == "const"} | {n.attr("name") for n in nodes if n.op == "param"}
+    tensors = {k: v for k, v in graph.tensors.items() if k in used}
+    return Graph(tuple(nodes), tuple(remap[o] for o in graph.outputs), tensors)
+
+
+def verify(graph: Graph) -> None:
+    """Check the invariants every pass must keep; raise IRError naming the first broken one."""
+    from fusec.opset import OPS, infer
+    seen_inputs = set()
+    for i, n in enumerate(graph.nodes):
+        where = f"%{i} = {n.op}"
+        if n.op not in OPS:
+            raise IRError(f"{where}: unknown op")
+        for a in n.args:
+            if not 0 <= a < i:
+                raise IRError(f"{where}: operand %{a} is not an earlier node")
+        expected = infer(n.op, [graph.nodes[a].type for a in n.args], dict(n.attrs), n.type)
+        if expected != n.type:
+            raise IRError(f"{where}: type is {n.type} but its operands give {expected}")
+        if n.op == "input":
+            idx = n.attr("index")
+            if idx in seen_inputs:
+                raise IRError(f"{where}: input index {idx} appears twice")
+            seen_inputs.add(idx)
+        if n.op == "param" and n.attr("name") not in graph.tensors:
+            raise IRError(f"{where}: parameter {n.attr('name')!r} has no tensor")
+        if n.op == "const" and n.attr("key") is not None and n.attr("key") not in graph.tensors:
+            raise IRError(f"{where}: constant {n.attr('key')!r} has no array")
+    if sorted(seen_inputs) != list(range(len(seen_inputs))):
+        raise IRError(f"input indices are {sorted(seen_inputs)}, expected 0..{len(seen_inputs) - 1}")
+    for o in graph.outputs:
+        if not 0 <= o < len(graph.nodes):
+            raise IRError(f"output %{o} does not exist")

@@ -1,0 +1,13 @@
+"""fusec: a dataflow-graph compiler with kernel fusion for PyTorch."""
+from setuptools import find_packages, setup
+
+setup(
+    name="fusec",
+    version="0.1.0",
+    description="Dataflow-graph compiler with kernel fusion for PyTorch (RDU-style, Numba CPU backend)",
+    packages=find_packages(include=["fusec", "fusec.*", "passes", "passes.*", "backends", "backends.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6", "numpy", "numba", "llvmlite", "scipy"],
+    extras_require={"test": ["pytest", "hypothesis", "transformers==4.57.6"]},
+    entry_points={"console_scripts": ["fusec = fusec.cli:main"]},
+)
