@@ -1,0 +1,205 @@
+"""A Llama decoder block in plain PyTorch: the reference model fusec compiles and checks itself against.
+
+The block follows the HF `transformers` Llama layout (rotate-half RoPE, grouped-query attention, SwiGLU MLP),
+with llama2.c-style parameter names (`attention.wq.weight`, `feed_forward.w1.weight`, ...). Everything is
+written so it traces to a static graph: the causal mask is built from `torch.arange` comparisons inside
+`forward`, and the RoPE tables are sliced with Python ints.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class LlamaConfig:
+    """Shape of one Llama decoder block (plus the whole-model fields a preset records for reference)."""
+
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+    hidden_dim: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    vocab_size: int = 32000
+    n_layers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads:
+            raise ValueError(f"LlamaConfig: dim must be divisible by n_heads, "
+                             f"expected a multiple of {self.n_heads}, given dim={self.dim}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"LlamaConfig: n_heads must be divisible by n_kv_heads, "
+                             f"expected a divisor of {self.n_heads}, given n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            # RoPE rotates pairs of channels, so each head needs an even width.
+            raise ValueError(f"LlamaConfig: head_dim (dim // n_heads) must be even, given {self.head_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def tiny(cls) -> LlamaConfig:
+        """A few-thousand-parameter block for fast tests; still exercises GQA (4 query heads, 2 KV heads)."""
+        return cls(dim=64, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=128)
+
+    @classmethod
+    def stories15M(cls) -> LlamaConfig:  # noqa: N802 (the checkpoint's own name)
+        """Karpathy's TinyStories 15M model (llama2.c)."""
+        return cls(dim=288, n_heads=6, n_kv_heads=6, hidden_dim=768, max_seq_len=256, n_layers=6)
+
+    @classmethod
+    def tinyllama_1b(cls) -> LlamaConfig:
+        """TinyLlama-1.1B: the realistic GQA shape (32 query heads sharing 4 KV heads)."""
+        return cls(dim=2048, n_heads=32, n_kv_heads=4, hidden_dim=5632, max_seq_len=2048, n_layers=22)
+
+    @classmethod
+    def preset(cls, name: str) -> LlamaConfig:
+        """The preset config called `name`; ValueError listing the valid names if there is none."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown Llama preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        return PRESETS[name]()
+
+
+PRESETS: dict[str, Callable[[], LlamaConfig]] = {
+    "tiny": LlamaConfig.tiny,
+    "stories15M": LlamaConfig.stories15M,
+    "tinyllama_1b": LlamaConfig.tinyllama_1b,
+}
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm: x * rsqrt(mean(x^2) + eps) * weight, computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Low-precision inputs lose too much in the mean of squares, so normalise in float32.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).type_as(x)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin tables of shape [max_seq_len, head_dim] in the HF layout (the frequencies repeated twice)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    positions = torch.arange(max_seq_len, dtype=torch.float32)
+    freqs = torch.outer(positions, inv_freq)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """[x1, x2] -> [-x2, x1] over the last axis: the rotation RoPE pairs channel i with channel i + d/2 by."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x [B, H, T, head_dim] by the angles in cos/sin [T, head_dim] (they broadcast over B and H)."""
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention with rotary position embeddings."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        batch, seq_len, _ = x.shape
+        q = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        # Grouped-query attention: query heads [g*r, (g+1)*r) all read KV head g.
+        repeats = self.n_heads // self.n_kv_heads
+        k = k.repeat_interleave(repeats, dim=1)
+        v = v.repeat_interleave(repeats, dim=1)
+
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+        query_index = torch.arange(seq_len, device=x.device).view(seq_len, 1)
+        key_index = torch.arange(seq_len, device=x.device).view(1, seq_len)
+        scores = scores.masked_fill(key_index > query_index, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).type_as(q)
+
+        out = (probs @ v).transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
+class LlamaBlock(nn.Module):
+    """One pre-norm Llama decoder block: x + attention(norm(x)), then h + feed_forward(norm(h))."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config.dim, config.hidden_dim)
+        # Non-persistent: the tables derive from the config, so they stay out of state_dict.
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, x: Tensor, start_pos: int = 0) -> Tensor:
+        """x [B, T, dim] at positions start_pos .. start_pos+T-1 -> [B, T, dim]."""
+        seq_len = x.shape[1]
+        if start_pos + seq_len > self.config.max_seq_len:
+            raise ValueError(f"LlamaBlock: positions up to {self.config.max_seq_len} are supported, "
+                             f"given start_pos={start_pos} with {seq_len} tokens")
+        cos = self.rope_cos[start_pos:start_pos + seq_len]
+        sin = self.rope_sin[start_pos:start_pos + seq_len]
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+def init_weights(module: nn.Module, seed: int) -> nn.Module:
+    """Deterministic random init of every Linear and RMSNorm in `module`, in place; returns `module`.
+
+    Norm weights get 1 + noise rather than exactly 1, so a backend that drops the norm scale fails tests.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for submodule in module.modules():  # registration order, so the draw order is fixed
+            if isinstance(submodule, nn.Linear):
+                submodule.weight.copy_(torch.randn(submodule.weight.shape, generator=generator) * 0.02)
+                if submodule.bias is not None:
+                    submodule.bias.zero_()
+            elif isinstance(submodule, RMSNorm):
+                submodule.weight.copy_(1.0 + 0.1 * torch.randn(submodule.weight.shape, generator=generator))
+    return module
+
+
+def example_inputs(config: LlamaConfig, batch: int = 1, seq_len: int = 16, seed: int = 0) -> tuple[Tensor]:
+    """`(x,)` with x a seeded standard-normal float32 tensor of shape [batch, seq_len, config.dim]."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, seq_len, config.dim, generator=generator, dtype=torch.float32),)
