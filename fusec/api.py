@@ -29,7 +29,7 @@ class CompiledModule:
     def __call__(self, *args, **kwargs):
         arrays = self._check_inputs(args, kwargs)
         outs = self._run(arrays)
-        tensors = [torch.from_numpy(np.ascontiguousarray(o)) for o in outs]
+        tensors = [torch.from_numpy(np.array(o)) for o in outs]  # owned copies: outputs may be views of weights
         return pytree.tree_unflatten(tensors, self.traced.out_spec)
 
     def _check_inputs(self, args: tuple, kwargs: dict) -> list[np.ndarray]:

@@ -5,12 +5,14 @@ same inputs (same signature: `input` nodes are never removed). `canonicalize` ru
 """
 from __future__ import annotations
 
+import itertools
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from fusec.dtypes import to_numpy
-from fusec.ir import DTYPES, Graph, Node, TensorType, prune
+from fusec.ir import DTYPES, Graph, Node, TensorType, make_attrs, prune
 from fusec.opset import OPS
 from fusec.printer import format_graph
 from passes.rewrite import Ctx, Rule, rewrite
@@ -70,7 +72,23 @@ def fold_constants(graph: Graph, max_elements: int = 1 << 22) -> Graph:
     arithmetic and moving splats around fold at any size, since they never materialize an array.
     """
     rule: Rule = (FOLDABLE, lambda c, *args: _fold(c, *args, max_elements=max_elements))
-    return rewrite(graph, (rule,))
+    return _name_new_arrays(rewrite(graph, (rule,)), set(graph.tensors))
+
+
+def _name_new_arrays(graph: Graph, old_keys: set[str]) -> Graph:
+    """Name the arrays folding stored c0, c1, ... in node order. The builder's names count every
+    intermediate array stored on the way, so without this the printed graph would depend on them."""
+    rename: dict[str, str] = {}
+    for node in graph.nodes:
+        key = node.attr("key") if node.op == "const" else None
+        if key is not None and key not in old_keys and key not in rename:
+            rename[key] = next(f"c{i}" for i in itertools.count(len(rename))
+                               if f"c{i}" not in old_keys and f"c{i}" not in rename.values())
+    if not rename:
+        return graph
+    nodes = tuple(replace(n, attrs=make_attrs({**dict(n.attrs), "key": rename[n.attr("key")]}))
+                  if n.attr("key") in rename else n for n in graph.nodes)
+    return Graph(nodes, graph.outputs, {rename.get(k, k): v for k, v in graph.tensors.items()})
 
 
 # --- algebra ------------------------------------------------------------------------------------------

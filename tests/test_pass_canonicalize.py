@@ -1,0 +1,375 @@
+"""Canonicalization passes and the rule-table rewriter: IR text in, IR text out; a second run changes
+nothing; the reference backend computes the same outputs before and after."""
+from __future__ import annotations
+
+from textwrap import dedent
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from fusec.dtypes import to_numpy
+from fusec.errors import IRError
+from fusec.ir import Builder, Graph, TensorType, verify
+from fusec.printer import format_graph, parse_graph
+from passes.canonicalize import (canonicalize, eliminate_common_subexpressions, eliminate_dead_code,
+                                 fold_constants, simplify_algebra, simplify_views)
+from passes.rewrite import rewrite
+
+
+def random_inputs(graph: Graph, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for t in graph.input_types:
+        if t.dtype == "bool":
+            out.append(rng.random(t.shape) > 0.5)
+        elif t.dtype.startswith(("i", "u")):
+            out.append(rng.integers(0, 4, t.shape).astype(to_numpy(t.dtype)))
+        else:
+            out.append(rng.standard_normal(t.shape).astype(to_numpy(t.dtype)))
+    return out
+
+
+def check(run: Callable[[Graph], Graph], before: str, after: str, tensors: dict | None = None) -> Graph:
+    """Run the pass on `before`; compare with `after`; check idempotence and numerics; return the result."""
+    graph = parse_graph(before, tensors)
+    verify(graph)
+    result = run(graph)
+    verify(result)
+    assert format_graph(result) == dedent(after).strip()
+    assert format_graph(run(result)) == format_graph(result), "a second run changed the graph"
+    from backends.reference import run_graph
+    inputs = random_inputs(graph)
+    for want, got in zip(run_graph(graph, inputs), run_graph(result, inputs)):
+        np.testing.assert_array_equal(got, want)
+    return result
+
+
+# --- rewrite ------------------------------------------------------------------------------------------
+
+def test_rewrite_keeps_origin_and_reaches_a_fixed_point_per_node():
+    b = Builder()
+    x = b.add("input", (), {"index": 0, "name": "x"}, TensorType((2, 3), "f32"), origin="model.py:1")
+    y = b.add("neg", [x], origin="model.py:2")
+    z = b.add("neg", [y], origin="model.py:3")
+    w = b.add("neg", [z], origin="model.py:4")
+    rules = (("neg", lambda c, x: c.node(x).args[0] if c.is_op(x, "neg") else None),)   # -(-x) -> x
+    out = rewrite(b.finish([w]), rules)
+    assert format_graph(out) == '%0 = input {index=0, name="x"} : f32[2,3]\n%1 = neg %0 : f32[2,3]\nreturn %1'
+    assert [n.origin for n in out.nodes] == ["model.py:1", "model.py:2"]
+
+
+def test_rewrite_rejects_a_cycling_rule_table():
+    graph = parse_graph('%0 = input {index=0, name="x"} : f32[2]\n%1 = neg %0 : f32[2]\nreturn %1')
+    rules = (("neg", lambda c, x: c.add("neg", [c.add("neg", [c.id])])),)  # -x -> ---x, forever
+    with pytest.raises(IRError, match="cycles"):
+        rewrite(graph, rules)
+
+
+# --- dead code and common subexpressions --------------------------------------------------------------
+
+def test_dce_drops_dead_nodes_but_keeps_every_input():
+    check(eliminate_dead_code, """
+        %0 = input {index=0, name="x"} : f32[4]
+        %1 = input {index=1, name="unused"} : f32[4]
+        %2 = exp %0 : f32[4]
+        %3 = neg %0 : f32[4]
+        return %3
+    """, """
+        %0 = input {index=0, name="x"} : f32[4]
+        %1 = input {index=1, name="unused"} : f32[4]
+        %2 = neg %0 : f32[4]
+        return %2
+    """)
+
+
+def test_cse_shares_identical_nodes():
+    check(eliminate_common_subexpressions, """
+        %0 = input {index=0, name="x"} : f32[4]
+        %1 = exp %0 : f32[4]
+        %2 = exp %0 : f32[4]
+        %3 = add %1, %2 : f32[4]
+        %4 = add %1, %2 : f32[4]
+        %5 = mul %3, %4 : f32[4]
+        return %5, %4
+    """, """
+        %0 = input {index=0, name="x"} : f32[4]
+        %1 = exp %0 : f32[4]
+        %2 = add %1, %1 : f32[4]
+        %3 = mul %2, %2 : f32[4]
+        return %3, %2
+    """)
+
+
+# --- constant folding ---------------------------------------------------------------------------------
+
+def test_causal_mask_from_iota_folds_to_one_stored_constant():
+    result = check(fold_constants, """
+        %0 = input {index=0, name="scores"} : f32[2,4,4]
+        %1 = iota {axis=0, dtype="i64", shape=[4,4]} : i64[4,4]
+        %2 = iota {axis=1, dtype="i64", shape=[4,4]} : i64[4,4]
+        %3 = le %2, %1 : bool[4,4]
+        %4 = const {value=0.0} : f32[4,4]
+        %5 = const {value=-inf} : f32[4,4]
+        %6 = where %3, %4, %5 : f32[4,4]
+        %7 = add %0, %6 : f32[2,4,4]
+        return %7
+    """, """
+        %0 = input {index=0, name="scores"} : f32[2,4,4]
+        %1 = const {key="c1"} : f32[4,4]
+        %2 = add %0, %1 : f32[2,4,4]
+        return %2
+    """)
+    np.testing.assert_array_equal(result.tensors["c1"], np.triu(np.full((4, 4), -np.inf, np.float32), 1))
+
+
+def test_rotary_tables_from_constants_fold_away():
+    result = check(fold_constants, """
+        %0 = input {index=0, name="q"} : f32[3,4]
+        %1 = iota {axis=0, dtype="f32", shape=[3,4]} : f32[3,4]
+        %2 = iota {axis=1, dtype="f32", shape=[3,4]} : f32[3,4]
+        %3 = const {value=-0.5} : f32[]
+        %4 = mul %2, %3 : f32[3,4]
+        %5 = const {value=10000.0} : f32[]
+        %6 = pow %5, %4 : f32[3,4]
+        %7 = mul %1, %6 : f32[3,4]
+        %8 = cos %7 : f32[3,4]
+        %9 = sin %7 : f32[3,4]
+        %10 = mul %0, %8 : f32[3,4]
+        %11 = mul %0, %9 : f32[3,4]
+        %12 = add %10, %11 : f32[3,4]
+        return %12
+    """, """
+        %0 = input {index=0, name="q"} : f32[3,4]
+        %1 = const {key="c3"} : f32[3,4]
+        %2 = mul %0, %1 : f32[3,4]
+        %3 = const {key="c4"} : f32[3,4]
+        %4 = mul %0, %3 : f32[3,4]
+        %5 = add %2, %4 : f32[3,4]
+        return %5
+    """)
+    angles = np.arange(3, dtype=np.float32)[:, None] * 10000.0 ** (np.arange(4, dtype=np.float32) * -0.5)
+    np.testing.assert_allclose(result.tensors["c3"], np.cos(angles), rtol=1e-6)
+
+
+def test_splat_arithmetic_folds_to_a_splat_at_any_size():
+    check(fold_constants, """
+        %0 = input {index=0, name="x"} : f32[4096,4096]
+        %1 = const {value=2.0} : f32[]
+        %2 = const {value=3.0} : f32[4096,4096]
+        %3 = mul %1, %2 : f32[4096,4096]
+        %4 = expand %1 {shape=[]} : f32[]
+        %5 = reshape %4 {shape=[1,1]} : f32[1,1]
+        %6 = expand %5 {shape=[4096,4096]} : f32[4096,4096]
+        %7 = lt %6, %3 : bool[4096,4096]
+        %8 = where %7, %0, %3 : f32[4096,4096]
+        return %8
+    """, """
+        %0 = input {index=0, name="x"} : f32[4096,4096]
+        %1 = const {value=true} : bool[4096,4096]
+        %2 = const {value=6.0} : f32[4096,4096]
+        %3 = where %1, %0, %2 : f32[4096,4096]
+        return %3
+    """)
+
+
+def test_folding_stops_at_max_elements_and_at_params():
+    weights = {"w": np.arange(8, dtype=np.float32).reshape(2, 4)}
+    check(lambda g: fold_constants(g, max_elements=8), """
+        %0 = input {index=0, name="x"} : f32[2,4]
+        %1 = iota {axis=1, dtype="f32", shape=[1,4]} : f32[1,4]
+        %2 = expand %1 {shape=[3,4]} : f32[3,4]
+        %3 = exp %2 : f32[3,4]
+        %4 = sum %3 {axes=[0], keepdim=false} : f32[4]
+        %5 = param {name="w"} : f32[2,4]
+        %6 = neg %5 : f32[2,4]
+        %7 = add %0, %6 : f32[2,4]
+        %8 = add %7, %4 : f32[2,4]
+        return %8
+    """, """
+        %0 = input {index=0, name="x"} : f32[2,4]
+        %1 = param {name="w"} : f32[2,4]
+        %2 = neg %1 : f32[2,4]
+        %3 = add %0, %2 : f32[2,4]
+        %4 = iota {axis=1, dtype="f32", shape=[1,4]} : f32[1,4]
+        %5 = expand %4 {shape=[3,4]} : f32[3,4]
+        %6 = exp %5 : f32[3,4]
+        %7 = sum %6 {axes=[0], keepdim=false} : f32[4]
+        %8 = add %3, %7 : f32[2,4]
+        return %8
+    """, weights)
+
+
+def test_stored_constants_fold_and_equal_elements_become_a_splat():
+    table = {"t": np.array([[1, 2, 3, 4], [5, 6, 7, 8]], dtype=np.int64)}
+    check(fold_constants, """
+        %0 = input {index=0, name="i"} : i64[2]
+        %1 = const {key="t"} : i64[2,4]
+        %2 = slice %1 {axis=1, start=1, stop=3, step=1} : i64[2,2]
+        %3 = slice %1 {axis=0, start=0, stop=1, step=1} : i64[1,4]
+        %4 = gt %3, %3 : bool[1,4]
+        %5 = reshape %2 {shape=[4]} : i64[4]
+        %6 = take %5, %0 {axis=0} : i64[2]
+        %7 = cast %4 {dtype="i64"} : i64[1,4]
+        return %6, %7
+    """, """
+        %0 = input {index=0, name="i"} : i64[2]
+        %1 = const {key="c2"} : i64[4]
+        %2 = take %1, %0 {axis=0} : i64[2]
+        %3 = const {value=0} : i64[1,4]
+        return %2, %3
+    """, table)
+
+
+# --- algebra ------------------------------------------------------------------------------------------
+
+def test_identities_of_arithmetic_disappear():
+    check(simplify_algebra, """
+        %0 = input {index=0, name="x"} : f32[2,3]
+        %1 = input {index=1, name="m"} : bool[2,3]
+        %2 = const {value=1.0} : f32[]
+        %3 = const {value=0.0} : f32[2,3]
+        %4 = mul %0, %2 : f32[2,3]
+        %5 = mul %2, %4 : f32[2,3]
+        %6 = add %5, %3 : f32[2,3]
+        %7 = add %3, %6 : f32[2,3]
+        %8 = sub %7, %3 : f32[2,3]
+        %9 = div %8, %2 : f32[2,3]
+        %10 = where %1, %9, %9 : f32[2,3]
+        %11 = neg %10 : f32[2,3]
+        %12 = neg %11 : f32[2,3]
+        %13 = not %1 : bool[2,3]
+        %14 = not %13 : bool[2,3]
+        return %12, %14
+    """, """
+        %0 = input {index=0, name="x"} : f32[2,3]
+        %1 = input {index=1, name="m"} : bool[2,3]
+        return %0, %1
+    """)
+
+
+def test_identities_that_broadcast_or_use_non_splat_constants_stay():
+    check(simplify_algebra, """
+        %0 = input {index=0, name="x"} : f32[4]
+        %1 = input {index=1, name="m"} : bool[3,1]
+        %2 = const {value=0.0} : f32[3,4]
+        %3 = add %0, %2 : f32[3,4]
+        %4 = const {value=1.0} : f64[]
+        %5 = const {key="ones"} : f32[4]
+        %6 = mul %0, %5 : f32[4]
+        %7 = where %1, %6, %6 : f32[3,4]
+        %8 = add %7, %3 : f32[3,4]
+        return %8
+    """, """
+        %0 = input {index=0, name="x"} : f32[4]
+        %1 = input {index=1, name="m"} : bool[3,1]
+        %2 = const {value=0.0} : f32[3,4]
+        %3 = add %0, %2 : f32[3,4]
+        %4 = const {key="ones"} : f32[4]
+        %5 = mul %0, %4 : f32[4]
+        %6 = where %1, %5, %5 : f32[3,4]
+        %7 = add %6, %3 : f32[3,4]
+        return %7
+    """, {"ones": np.ones(4, np.float32)})
+
+
+def test_casts_fold_only_through_lossless_widening():
+    check(simplify_algebra, """
+        %0 = input {index=0, name="x"} : f32[4]
+        %1 = input {index=1, name="d"} : f64[4]
+        %2 = cast %0 {dtype="f32"} : f32[4]
+        %3 = cast %2 {dtype="f64"} : f64[4]
+        %4 = cast %3 {dtype="f32"} : f32[4]
+        %5 = cast %1 {dtype="f32"} : f32[4]
+        %6 = cast %5 {dtype="f64"} : f64[4]
+        %7 = cast %0 {dtype="f64"} : f64[4]
+        %8 = cast %7 {dtype="f16"} : f16[4]
+        return %4, %6, %8
+    """, """
+        %0 = input {index=0, name="x"} : f32[4]
+        %1 = input {index=1, name="d"} : f64[4]
+        %2 = cast %1 {dtype="f32"} : f32[4]
+        %3 = cast %2 {dtype="f64"} : f64[4]
+        %4 = cast %0 {dtype="f16"} : f16[4]
+        return %0, %3, %4
+    """)
+
+
+# --- views --------------------------------------------------------------------------------------------
+
+def test_identity_views_disappear():
+    check(simplify_views, """
+        %0 = input {index=0, name="x"} : f32[2,3]
+        %1 = reshape %0 {shape=[2,3]} : f32[2,3]
+        %2 = permute %1 {perm=[0,1]} : f32[2,3]
+        %3 = expand %2 {shape=[2,3]} : f32[2,3]
+        %4 = slice %3 {axis=1, start=0, stop=3, step=1} : f32[2,3]
+        %5 = concat %4 {axis=0} : f32[2,3]
+        return %5
+    """, """
+        %0 = input {index=0, name="x"} : f32[2,3]
+        return %0
+    """)
+
+
+def test_chains_of_views_merge():
+    check(simplify_views, """
+        %0 = input {index=0, name="x"} : f32[2,3,4]
+        %1 = reshape %0 {shape=[6,4]} : f32[6,4]
+        %2 = reshape %1 {shape=[24]} : f32[24]
+        %3 = permute %0 {perm=[1,2,0]} : f32[3,4,2]
+        %4 = permute %3 {perm=[2,0,1]} : f32[2,3,4]
+        %5 = permute %3 {perm=[1,0,2]} : f32[4,3,2]
+        %6 = reshape %0 {shape=[1,24]} : f32[1,24]
+        %7 = expand %6 {shape=[1,24]} : f32[1,24]
+        %8 = reshape %7 {shape=[1,1,24]} : f32[1,1,24]
+        %9 = expand %8 {shape=[1,5,24]} : f32[1,5,24]
+        %10 = expand %9 {shape=[3,5,24]} : f32[3,5,24]
+        %11 = slice %0 {axis=2, start=1, stop=4, step=1} : f32[2,3,3]
+        %12 = slice %11 {axis=2, start=0, stop=3, step=2} : f32[2,3,2]
+        %13 = slice %12 {axis=0, start=1, stop=2, step=1} : f32[1,3,2]
+        return %2, %4, %5, %10, %13
+    """, """
+        %0 = input {index=0, name="x"} : f32[2,3,4]
+        %1 = reshape %0 {shape=[24]} : f32[24]
+        %2 = permute %0 {perm=[2,1,0]} : f32[4,3,2]
+        %3 = reshape %0 {shape=[1,1,24]} : f32[1,1,24]
+        %4 = expand %3 {shape=[3,5,24]} : f32[3,5,24]
+        %5 = slice %0 {axis=2, start=1, step=2, stop=4} : f32[2,3,2]
+        %6 = slice %5 {axis=0, start=1, step=1, stop=2} : f32[1,3,2]
+        return %1, %0, %2, %4, %6
+    """)
+
+
+# --- canonicalize -------------------------------------------------------------------------------------
+
+def test_canonicalize_reaches_the_fixed_point_of_all_passes():
+    check(canonicalize, """
+        %0 = input {index=0, name="x"} : f32[1,4,4]
+        %1 = iota {axis=0, dtype="i64", shape=[4,4]} : i64[4,4]
+        %2 = iota {axis=1, dtype="i64", shape=[4,4]} : i64[4,4]
+        %3 = le %2, %1 : bool[4,4]
+        %4 = const {value=0.0} : f32[4,4]
+        %5 = const {value=-inf} : f32[4,4]
+        %6 = where %3, %4, %5 : f32[4,4]
+        %7 = reshape %6 {shape=[1,4,4]} : f32[1,4,4]
+        %8 = const {value=1.0} : f32[]
+        %9 = reshape %0 {shape=[16]} : f32[16]
+        %10 = cast %9 {dtype="f64"} : f64[16]
+        %11 = cast %10 {dtype="f32"} : f32[16]
+        %12 = reshape %11 {shape=[1,4,4]} : f32[1,4,4]
+        %13 = mul %12, %8 : f32[1,4,4]
+        %14 = add %13, %7 : f32[1,4,4]
+        %15 = exp %0 : f32[1,4,4]
+        %16 = where %3, %13, %0 : f32[1,4,4]
+        %17 = permute %16 {perm=[0,2,1]} : f32[1,4,4]
+        %18 = permute %17 {perm=[0,2,1]} : f32[1,4,4]
+        %19 = add %14, %18 : f32[1,4,4]
+        return %19
+    """, """
+        %0 = input {index=0, name="x"} : f32[1,4,4]
+        %1 = const {key="c2"} : f32[1,4,4]
+        %2 = add %0, %1 : f32[1,4,4]
+        %3 = add %2, %0 : f32[1,4,4]
+        return %3
+    """)
