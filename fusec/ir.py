@@ -137,6 +137,7 @@ class Builder:
         self.nodes: list[Node] = []
         self._index: dict[tuple, int] = {}
         self.tensors: dict[str, Any] = dict(tensors or {})
+        self._stored: set[str] = set()  # keys of arrays const_array stored (never a parameter's key)
 
     def add(self, op: str, args: Iterable[int] = (), attrs: Mapping[str, Any] | None = None,
             type: TensorType | None = None, origin: str = "") -> int:
@@ -167,15 +168,17 @@ class Builder:
         """A stored constant array (numpy); identical arrays are stored once."""
         import numpy as np
         arr = np.ascontiguousarray(array)
-        n = len(self.tensors)
-        while f"c{n}" in self.tensors:
-            n += 1
-        key = f"c{n}"
-        for k, v in self.tensors.items():
-            if isinstance(v, np.ndarray) and v.shape == arr.shape and v.dtype == arr.dtype and np.array_equal(v, arr):
-                key = k
+        for key in self._stored:
+            v = self.tensors[key]
+            if v.shape == arr.shape and v.dtype == arr.dtype and np.array_equal(v, arr):
                 break
-        self.tensors[key] = arr
+        else:
+            n = len(self.tensors)
+            while f"c{n}" in self.tensors:
+                n += 1
+            key = f"c{n}"
+            self.tensors[key] = arr
+            self._stored.add(key)
         return self.add("const", (), {"key": key}, TensorType(tuple(arr.shape), dtype))
 
     def finish(self, outputs: Iterable[int]) -> Graph:
@@ -217,6 +220,14 @@ def verify(graph: Graph) -> None:
         expected = infer(n.op, [graph.nodes[a].type for a in n.args], dict(n.attrs), n.type)
         if expected != n.type:
             raise IRError(f"{where}: type is {n.type} but its operands give {expected}")
+        if n.op == "kernel":
+            _verify_kernel(graph, i, n)
+        if n.op == "result":
+            body = graph.nodes[n.args[0]].attr("body") if len(n.args) == 1 else None
+            if body is None or not 0 <= n.attr("index", -1) < len(body.outputs):
+                raise IRError(f"{where}: must read an existing output of a kernel node")
+            if body.nodes[body.outputs[n.attr("index")]].type != n.type:
+                raise IRError(f"{where}: type {n.type} differs from the kernel's output {n.attr('index')}")
         if n.op == "input":
             idx = n.attr("index")
             if idx in seen_inputs:
@@ -231,3 +242,22 @@ def verify(graph: Graph) -> None:
     for o in graph.outputs:
         if not 0 <= o < len(graph.nodes):
             raise IRError(f"output %{o} does not exist")
+
+
+def _verify_kernel(graph: Graph, i: int, n: Node) -> None:
+    """A kernel's body is a valid graph whose inputs match the kernel's operands and whose output 0 is
+    the kernel's type."""
+    body = n.attr("body")
+    where = f"%{i} = kernel {n.attr('kind')}"
+    if not isinstance(body, Graph):
+        raise IRError(f"{where}: has no body graph")
+    try:
+        verify(body)
+    except IRError as e:
+        raise IRError(f"{where}: body: {e}") from e
+    arg_types = tuple(graph.nodes[a].type for a in n.args)
+    if body.input_types != arg_types:
+        raise IRError(f"{where}: body inputs {[str(t) for t in body.input_types]} do not match operands "
+                      f"{[str(t) for t in arg_types]}")
+    if not body.outputs or body.nodes[body.outputs[0]].type != n.type:
+        raise IRError(f"{where}: type {n.type} differs from its body's output 0")

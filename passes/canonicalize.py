@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from fusec.debug import debug
 from fusec.dtypes import to_numpy
 from fusec.ir import DTYPES, Graph, Node, TensorType, make_attrs, prune
 from fusec.opset import OPS
@@ -19,12 +20,14 @@ from passes.rewrite import Ctx, Rule, rewrite
 
 
 def eliminate_dead_code(graph: Graph) -> Graph:
-    """Drop the nodes no output needs (and the tensors only they used); every `input` stays."""
+    """Expects any graph; guarantees every node is needed by an output, except `input` nodes (the
+    signature never changes), and `tensors` holds only what the remaining params and consts name."""
     return prune(graph)
 
 
 def eliminate_common_subexpressions(graph: Graph) -> Graph:
-    """Share identical nodes (same op, operands, attributes and type) by rebuilding through the Builder."""
+    """Expects a verified graph; guarantees no two nodes are identical (same op, operands, attributes and
+    type), by rebuilding through the hash-consing Builder. Also drops dead nodes, as every rewrite does."""
     return rewrite(graph, ())
 
 
@@ -51,7 +54,7 @@ def _fold(c: Ctx, *args: int, max_elements: int) -> int | None:
         return None
     if all(c.is_const(a) for a in args):
         values = [c.node(a).attr("value") for a in args]
-        if OPS[n.op] == "layout" and len(set(values)) == 1:
+        if OPS[n.op] == "layout" and len({repr(v) for v in values}) == 1:  # repr: tells -0.0, keeps nan
             return c.const(values[0], n.dtype, n.shape)  # moving a splat around gives the same splat
         if OPS[n.op] == "elementwise":  # evaluate one element, whatever the shape
             scalars = [np.full((), v, to_numpy(c.node(a).dtype)) for v, a in zip(values, args)]
@@ -196,7 +199,7 @@ def canonicalize(graph: Graph, max_rounds: int = 10) -> Graph:
     """Run every canonicalization pass in order until the printed graph stops changing (at most
     `max_rounds` rounds). Guarantees what each pass guarantees, at once, when it converges.
     """
-    text = format_graph(graph)
+    text, old_keys = format_graph(graph), set(graph.tensors)
     for _ in range(max_rounds):
         for run in PASSES:
             graph = run(graph)
@@ -204,4 +207,6 @@ def canonicalize(graph: Graph, max_rounds: int = 10) -> Graph:
         if new == text:
             break
         text = new
-    return graph
+    else:
+        debug(1, f"[fusec] canonicalize: still changing after {max_rounds} rounds; stopped there")
+    return _name_new_arrays(graph, old_keys)

@@ -78,6 +78,9 @@ def _apply(ctx: Ctx, table: dict[str, list[RuleFn]], node_id: int) -> int:
         for fn in table.get(n.op, ()):
             new = fn(ctx, *n.args)
             if new is not None and new != node_id:
+                if ctx.type(new) != n.type:
+                    raise IRError(f"rewrite: a rule for {n.op} ({fn.__name__}) replaced a {n.type} by "
+                                  f"%{new} = {ctx.node(new).op} : {ctx.type(new)}; a replacement keeps the type")
                 node_id = new
                 break
         else:

@@ -66,6 +66,13 @@ def test_rewrite_rejects_a_cycling_rule_table():
         rewrite(graph, rules)
 
 
+def test_rewrite_rejects_a_replacement_of_another_type():
+    graph = parse_graph('%0 = input {index=0, name="x"} : f32[2]\n%1 = neg %0 : f32[2]\nreturn %1')
+    rules = (("neg", lambda c, x: c.add("cast", [x], {"dtype": "f64"})),)  # wrong: -x -> f64(x)
+    with pytest.raises(IRError, match="replaced a f32\\[2\\] by %2 = cast : f64\\[2\\]"):
+        rewrite(graph, rules)
+
+
 # --- dead code and common subexpressions --------------------------------------------------------------
 
 def test_dce_drops_dead_nodes_but_keeps_every_input():
@@ -116,11 +123,11 @@ def test_causal_mask_from_iota_folds_to_one_stored_constant():
         return %7
     """, """
         %0 = input {index=0, name="scores"} : f32[2,4,4]
-        %1 = const {key="c1"} : f32[4,4]
+        %1 = const {key="c0"} : f32[4,4]
         %2 = add %0, %1 : f32[2,4,4]
         return %2
     """)
-    np.testing.assert_array_equal(result.tensors["c1"], np.triu(np.full((4, 4), -np.inf, np.float32), 1))
+    np.testing.assert_array_equal(result.tensors["c0"], np.triu(np.full((4, 4), -np.inf, np.float32), 1))
 
 
 def test_rotary_tables_from_constants_fold_away():
@@ -141,34 +148,34 @@ def test_rotary_tables_from_constants_fold_away():
         return %12
     """, """
         %0 = input {index=0, name="q"} : f32[3,4]
-        %1 = const {key="c3"} : f32[3,4]
-        %2 = mul %0, %1 : f32[3,4]
-        %3 = const {key="c4"} : f32[3,4]
-        %4 = mul %0, %3 : f32[3,4]
-        %5 = add %2, %4 : f32[3,4]
+        %1 = const {key="c0"} : f32[3,4]
+        %2 = const {key="c1"} : f32[3,4]
+        %3 = mul %0, %1 : f32[3,4]
+        %4 = mul %0, %2 : f32[3,4]
+        %5 = add %3, %4 : f32[3,4]
         return %5
     """)
     angles = np.arange(3, dtype=np.float32)[:, None] * 10000.0 ** (np.arange(4, dtype=np.float32) * -0.5)
-    np.testing.assert_allclose(result.tensors["c3"], np.cos(angles), rtol=1e-6)
+    np.testing.assert_allclose(result.tensors["c0"], np.cos(angles), rtol=1e-6)
 
 
 def test_splat_arithmetic_folds_to_a_splat_at_any_size():
-    check(fold_constants, """
-        %0 = input {index=0, name="x"} : f32[4096,4096]
+    check(lambda g: fold_constants(g, max_elements=16), """
+        %0 = input {index=0, name="x"} : f32[64,64]
         %1 = const {value=2.0} : f32[]
-        %2 = const {value=3.0} : f32[4096,4096]
-        %3 = mul %1, %2 : f32[4096,4096]
+        %2 = const {value=3.0} : f32[64,64]
+        %3 = mul %1, %2 : f32[64,64]
         %4 = expand %1 {shape=[]} : f32[]
         %5 = reshape %4 {shape=[1,1]} : f32[1,1]
-        %6 = expand %5 {shape=[4096,4096]} : f32[4096,4096]
-        %7 = lt %6, %3 : bool[4096,4096]
-        %8 = where %7, %0, %3 : f32[4096,4096]
+        %6 = expand %5 {shape=[64,64]} : f32[64,64]
+        %7 = lt %6, %3 : bool[64,64]
+        %8 = where %7, %0, %3 : f32[64,64]
         return %8
     """, """
-        %0 = input {index=0, name="x"} : f32[4096,4096]
-        %1 = const {value=true} : bool[4096,4096]
-        %2 = const {value=6.0} : f32[4096,4096]
-        %3 = where %1, %0, %2 : f32[4096,4096]
+        %0 = input {index=0, name="x"} : f32[64,64]
+        %1 = const {value=6.0} : f32[64,64]
+        %2 = const {value=true} : bool[64,64]
+        %3 = where %2, %0, %1 : f32[64,64]
         return %3
     """)
 
@@ -188,14 +195,14 @@ def test_folding_stops_at_max_elements_and_at_params():
         return %8
     """, """
         %0 = input {index=0, name="x"} : f32[2,4]
-        %1 = param {name="w"} : f32[2,4]
-        %2 = neg %1 : f32[2,4]
-        %3 = add %0, %2 : f32[2,4]
-        %4 = iota {axis=1, dtype="f32", shape=[1,4]} : f32[1,4]
-        %5 = expand %4 {shape=[3,4]} : f32[3,4]
-        %6 = exp %5 : f32[3,4]
-        %7 = sum %6 {axes=[0], keepdim=false} : f32[4]
-        %8 = add %3, %7 : f32[2,4]
+        %1 = iota {axis=1, dtype="f32", shape=[1,4]} : f32[1,4]
+        %2 = expand %1 {shape=[3,4]} : f32[3,4]
+        %3 = exp %2 : f32[3,4]
+        %4 = sum %3 {axes=[0], keepdim=false} : f32[4]
+        %5 = param {name="w"} : f32[2,4]
+        %6 = neg %5 : f32[2,4]
+        %7 = add %0, %6 : f32[2,4]
+        %8 = add %7, %4 : f32[2,4]
         return %8
     """, weights)
 
@@ -214,7 +221,7 @@ def test_stored_constants_fold_and_equal_elements_become_a_splat():
         return %6, %7
     """, """
         %0 = input {index=0, name="i"} : i64[2]
-        %1 = const {key="c2"} : i64[4]
+        %1 = const {key="c0"} : i64[4]
         %2 = take %1, %0 {axis=0} : i64[2]
         %3 = const {value=0} : i64[1,4]
         return %2, %3
@@ -240,7 +247,11 @@ def test_identities_of_arithmetic_disappear():
         %12 = neg %11 : f32[2,3]
         %13 = not %1 : bool[2,3]
         %14 = not %13 : bool[2,3]
-        return %12, %14
+        %15 = const {value=true} : bool[]
+        %16 = where %15, %14, %1 : bool[2,3]
+        %17 = const {value=false} : bool[1,3]
+        %18 = where %17, %1, %16 : bool[2,3]
+        return %12, %18
     """, """
         %0 = input {index=0, name="x"} : f32[2,3]
         %1 = input {index=1, name="m"} : bool[2,3]
@@ -368,7 +379,7 @@ def test_canonicalize_reaches_the_fixed_point_of_all_passes():
         return %19
     """, """
         %0 = input {index=0, name="x"} : f32[1,4,4]
-        %1 = const {key="c2"} : f32[1,4,4]
+        %1 = const {key="c0"} : f32[1,4,4]
         %2 = add %0, %1 : f32[1,4,4]
         %3 = add %2, %0 : f32[1,4,4]
         return %3

@@ -1,0 +1,139 @@
+"""The pipeline runner: stages in order, verify after every pass, errors that name the pass, one debug knob."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from fusec import debug
+from fusec.errors import FusecError, IRError
+from fusec.ir import Graph, TensorType
+from fusec.printer import format_graph, parse_graph
+from passes import pipeline
+from passes.canonicalize import canonicalize, eliminate_common_subexpressions, eliminate_dead_code
+from passes.pipeline import register_stage, run_pipeline
+
+SOURCE = """
+    %0 = input {index=0, name="x"} : f32[2,3]
+    %1 = const {value=1.0} : f32[]
+    %2 = mul %0, %1 : f32[2,3]
+    %3 = reshape %2 {shape=[2,3]} : f32[2,3]
+    %4 = exp %3 : f32[2,3]
+    %5 = exp %0 : f32[2,3]
+    %6 = add %4, %5 : f32[2,3]
+    return %6
+"""
+CANONICAL = """
+%0 = input {index=0, name="x"} : f32[2,3]
+%1 = exp %0 : f32[2,3]
+%2 = add %1, %1 : f32[2,3]
+return %2
+""".strip()
+
+
+def break_types(graph: Graph) -> Graph:
+    """A broken pass: claims the last node makes f64."""
+    last = graph.nodes[-1]
+    return replace(graph, nodes=graph.nodes[:-1] + (replace(last, type=TensorType(last.shape, "f64")),))
+
+
+def crash(graph: Graph) -> Graph:
+    raise ZeroDivisionError("a bug in a pass")
+
+
+@pytest.fixture
+def stages(monkeypatch):
+    """A private registry, so tests can add stages without touching the real one."""
+    monkeypatch.setattr(pipeline, "STAGES", dict(pipeline.STAGES))
+    return pipeline.STAGES
+
+
+def test_canonical_stage_gives_the_canonical_form():
+    assert format_graph(run_pipeline(parse_graph(SOURCE), until="canonical")) == CANONICAL
+    assert format_graph(canonicalize(parse_graph(SOURCE))) == CANONICAL
+
+
+def test_callback_sees_every_pass_in_order(stages):
+    register_stage("later", (("cse_again", eliminate_common_subexpressions),))
+    seen: list[str] = []
+    out = run_pipeline(parse_graph(SOURCE), callback=lambda name, g: seen.append(name))
+    assert seen == [name for name, _ in pipeline.STAGES["canonical"]] + ["cse_again"]
+    assert format_graph(out) == CANONICAL
+
+
+def test_until_stops_after_that_stage(stages):
+    register_stage("broken", (("break_types", break_types),))
+    run_pipeline(parse_graph(SOURCE), until="canonical")  # the broken stage does not run
+    with pytest.raises(FusecError, match="unknown stage 'fusedd'.*canonical, broken"):
+        run_pipeline(parse_graph(SOURCE), until="fusedd")
+
+
+def test_register_stage_orders_and_replaces(stages):
+    register_stage("placed", ())
+    register_stage("fused", (), after="canonical")
+    register_stage("tiled", (), after="fused")
+    assert list(stages) == ["canonical", "fused", "tiled", "placed"]
+    register_stage("fused", (("dce", eliminate_dead_code),))  # replaced in place
+    assert list(stages) == ["canonical", "fused", "tiled", "placed"] and len(stages["fused"]) == 1
+    with pytest.raises(FusecError, match="after 'nope'"):
+        register_stage("x", (), after="nope")
+
+
+def test_a_pass_that_breaks_the_ir_is_named_with_the_passes_before_it(stages):
+    stages.clear()
+    register_stage("canonical", (("dce", eliminate_dead_code), ("cse", eliminate_common_subexpressions)))
+    register_stage("fused", (("break_types", break_types), ("cse", eliminate_common_subexpressions)))
+    with pytest.raises(IRError) as info:
+        run_pipeline(parse_graph(SOURCE))
+    msg = str(info.value)
+    assert "pass 'break_types' (stage 'fused') broke the IR" in msg
+    assert "type is f64[2,3] but its operands give f32[2,3]" in msg
+    assert "passes run before it: dce, cse" in msg
+
+
+def test_the_first_pass_failing_says_so(stages):
+    stages.clear()
+    register_stage("only", (("break_types", break_types),))
+    with pytest.raises(IRError, match="'break_types'.*\n.*it was the first pass"):
+        run_pipeline(parse_graph(SOURCE))
+
+
+def test_a_broken_input_graph_is_reported_before_any_pass():
+    graph = break_types(parse_graph(SOURCE))
+    with pytest.raises(IRError, match="input graph is broken before any pass ran"):
+        run_pipeline(graph)
+
+
+def test_a_crashing_pass_gets_a_note_naming_it(stages):
+    register_stage("crashy", (("crash", crash),))
+    with pytest.raises(ZeroDivisionError) as info:
+        run_pipeline(parse_graph(SOURCE))
+    assert any("in pass 'crash' (stage 'crashy'), after: dce, cse" in note for note in info.value.__notes__)
+
+
+def test_debug_level_1_prints_pass_names_and_times(monkeypatch, capsys):
+    monkeypatch.setenv("FUSEC_DEBUG", "1")
+    run_pipeline(parse_graph(SOURCE))
+    err = capsys.readouterr().err
+    for name, _ in pipeline.STAGES["canonical"]:
+        assert f"canonical/{name}" in err
+    assert " ms " in err and "nodes" in err
+    assert "return" not in err  # no IR at level 1
+
+
+def test_debug_level_2_prints_the_ir_after_each_pass(monkeypatch, capsys):
+    monkeypatch.setenv("FUSEC_DEBUG", "2")
+    run_pipeline(parse_graph(SOURCE))
+    err = capsys.readouterr().err
+    assert "--- after canonical/dce" in err
+    assert err.rstrip().endswith(CANONICAL)
+
+
+def test_debug_is_quiet_by_default_and_rejects_garbage(monkeypatch, capsys):
+    monkeypatch.delenv("FUSEC_DEBUG", raising=False)
+    run_pipeline(parse_graph(SOURCE))
+    assert capsys.readouterr().err == ""
+    assert debug.DEBUG == 0
+    monkeypatch.setenv("FUSEC_DEBUG", "verbose")
+    with pytest.raises(FusecError, match="FUSEC_DEBUG must be an integer"):
+        debug.debug_level()
