@@ -8,6 +8,7 @@ setup(
     packages=find_packages(include=["fusec", "fusec.*", "passes", "passes.*", "backends", "backends.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy", "numba", "llvmlite", "scipy"],
-    extras_require={"test": ["pytest", "hypothesis", "transformers==4.57.6"]},
+    extras_require={"test": ["pytest", "hypothesis", "transformers==4.57.6", "matplotlib"],
+                    "bench": ["matplotlib"]},
     entry_points={"console_scripts": ["fusec = fusec.cli:main"]},
 )

@@ -11,7 +11,7 @@ import torch.utils._pytree as pytree
 from fusec.dtypes import to_torch
 from fusec.ir import Graph, TensorType
 
-BACKENDS = ("reference",)
+BACKENDS = ("numba", "reference")
 
 
 class CompiledModule:
@@ -82,19 +82,46 @@ def _describe(args: tuple, kwargs: dict) -> str:
 
 
 def compile(module: torch.nn.Module, example_inputs: Any = (), example_kwargs: dict | None = None, *,
-            backend: str = "reference") -> CompiledModule:
+            backend: str = "numba", fuse: bool = True) -> CompiledModule:
     """Compile `module` for inputs like `example_inputs` (a tuple of positional inputs, or one tensor).
 
+    `backend="numba"` (default) generates one JIT-compiled function per fused kernel; `"reference"` runs
+    the IR op by op with NumPy. `fuse=False` gives the unfused program (one kernel per primitive op).
     Returns a callable with the module's signature; it checks every call's inputs against the traced
     ones (count, shape, dtype) and raises TypeError/ValueError naming what was expected and given.
     """
+    import time
+
     from fusec.tracing import trace
-    from passes.pipeline import run_pipeline
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
+    start = time.perf_counter()
     traced = trace(module, example_inputs, example_kwargs)
-    graph = run_pipeline(traced.graph)
-    from backends.reference import compile_graph
-    return CompiledModule(traced, graph, compile_graph(graph), backend)
+    graph = lower(traced.graph, fuse=fuse)
+    if backend == "reference":
+        from backends.reference import compile_graph
+        return CompiledModule(traced, graph, compile_graph(graph), backend, stats=program_stats(graph))
+    from backends.numba_cpu.runtime import Program
+    program = Program(graph)
+    compiled = CompiledModule(traced, graph, program.run, backend, program.source,
+                              {**program_stats(graph), "intermediate_bytes": program.intermediate_bytes})
+    compiled(*example_inputs, **(example_kwargs or {}))  # JIT-compile (or load from cache) every kernel now
+    compiled.stats["compile_seconds"] = time.perf_counter() - start
+    return compiled
+
+
+def lower(graph: Graph, fuse: bool = True) -> Graph:
+    """The pass pipeline from traced IR to the graph a backend runs: fused and tiled, or unfused."""
+    from passes.pipeline import run_pipeline
+    if fuse:
+        return run_pipeline(graph)
+    from passes.fuse import unfuse
+    return unfuse(run_pipeline(graph, until="canonical"))
+
+
+def program_stats(graph: Graph) -> dict:
+    """Kernel launches per call and bytes of intermediate values (written by one kernel, read by another)."""
+    from passes.fuse import fusion_stats
+    return dict(fusion_stats(graph))

@@ -201,9 +201,22 @@ def prune(graph: Graph) -> Graph:
         if live[i]:
             remap[i] = len(nodes)
             nodes.append(Node(n.op, tuple(remap[a] for a in n.args), n.attrs, n.type, n.origin))
-    used = {n.attr("key") for n in nodes if n.op == "const"} | {n.attr("name") for n in nodes if n.op == "param"}
+    used = _tensor_keys(nodes)
     tensors = {k: v for k, v in graph.tensors.items() if k in used}
     return Graph(tuple(nodes), tuple(remap[o] for o in graph.outputs), tensors)
+
+
+def _tensor_keys(nodes) -> set[str]:
+    """Names of the params and stored constants the nodes use, kernel bodies included."""
+    keys: set[str] = set()
+    for n in nodes:
+        if n.op == "param":
+            keys.add(n.attr("name"))
+        elif n.op == "const" and n.attr("key") is not None:
+            keys.add(n.attr("key"))
+        elif n.op == "kernel":
+            keys |= _tensor_keys(n.attr("body").nodes)
+    return keys
 
 
 def verify(graph: Graph) -> None:

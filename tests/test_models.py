@@ -8,6 +8,7 @@ import torch
 
 from fusec.models import LlamaBlock, LlamaConfig, RMSNorm, example_inputs, list_models, load_model
 from fusec.models.llama import init_weights
+from fusec.models.registry import decode_inputs
 
 
 def tiny_block(seed: int = 0) -> LlamaBlock:
@@ -180,6 +181,80 @@ def test_block_matches_transformers_decoder_layer():
         expected = layer(x, attention_mask=causal, position_ids=position_ids, position_embeddings=cos_sin)
         got = block(x, start_pos=start_pos)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# --- past K/V (decode) ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch, past_len, new_len", [(1, 11, 1), (2, 7, 1), (2, 6, 3), (1, 0, 4)])
+def test_block_with_past_matches_the_full_sequence(batch, past_len, new_len):
+    # The block is causal, so the outputs of the last new_len tokens of the full sequence are exactly what
+    # the block gives for those tokens with the K/V of the earlier ones passed in.
+    block = tiny_block(seed=5)
+    (x,) = example_inputs(LlamaConfig.tiny(), batch=batch, seq_len=past_len + new_len, seed=2)
+    with torch.no_grad():
+        full = block(x)
+        past_k, past_v = block.kv(x[:, :past_len])
+        got = block(x[:, past_len:], past_k=past_k, past_v=past_v)
+        got_with_start = block(x[:, past_len:], start_pos=past_len, past_k=past_k, past_v=past_v)
+    assert past_k.shape == (batch, 2, past_len, 16)
+    torch.testing.assert_close(got, full[:, past_len:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_with_start, got, rtol=0, atol=0)
+
+
+def test_block_with_past_matches_per_head_reference_for_the_last_token():
+    block = tiny_block(seed=7)
+    (x,) = example_inputs(LlamaConfig.tiny(), batch=2, seq_len=9, seed=1)
+    with torch.no_grad():
+        past_k, past_v = block.kv(x[:, :8])
+        got = block(x[:, 8:], past_k=past_k, past_v=past_v)
+    expected = block_reference(block, x, start_pos=0)[:, 8:]
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_past_keys_change_the_output():
+    block = tiny_block()
+    (x,), past = decode_inputs(LlamaConfig.tiny(), past_len=5)
+    with torch.no_grad():
+        before = block(x, **past)
+        after = block(x, past_k=past["past_k"] + 1.0, past_v=past["past_v"])
+    assert not torch.allclose(before, after)
+
+
+def test_start_pos_conflicting_with_past_raises():
+    block = tiny_block()
+    (x,), past = decode_inputs(LlamaConfig.tiny(), past_len=5)
+    with pytest.raises(ValueError, match="start_pos must be 5.*given start_pos=3"):
+        block(x, start_pos=3, **past)
+
+
+@pytest.mark.parametrize("make_kwargs, words", [
+    (lambda k, v: {"past_k": k}, "together"),
+    (lambda k, v: {"past_v": v}, "together"),
+    (lambda k, v: {"past_k": k, "past_v": v[:, :, :4]}, r"shape.*\[1, 2, 5, 16\]"),
+    (lambda k, v: {"past_k": k[:, :1], "past_v": v[:, :1]}, "n_kv_heads"),
+])
+def test_bad_past_raises_naming_what_was_given(make_kwargs, words):
+    (x,), past = decode_inputs(LlamaConfig.tiny(), past_len=5)
+    with pytest.raises(ValueError, match=words):
+        tiny_block()(x, **make_kwargs(past["past_k"], past["past_v"]))
+
+
+def test_past_beyond_max_seq_len_raises():
+    (x,) = example_inputs(LlamaConfig.tiny(), seq_len=2)
+    past_k = past_v = torch.zeros(1, 2, 127, 16)
+    with pytest.raises(ValueError, match="start_pos=127"):
+        tiny_block()(x, past_k=past_k, past_v=past_v)
+
+
+def test_decode_inputs_shapes_and_determinism():
+    config = LlamaConfig.tiny()
+    (x,), past = decode_inputs(config, past_len=6, batch=2, seed=3)
+    assert x.shape == (2, 1, 64) and set(past) == {"past_k", "past_v"}
+    assert past["past_k"].shape == past["past_v"].shape == (2, 2, 6, 16)
+    (x_again,), past_again = decode_inputs(config, past_len=6, batch=2, seed=3)
+    assert torch.equal(x, x_again) and torch.equal(past["past_v"], past_again["past_v"])
+    with pytest.raises(ValueError, match="past_len"):
+        decode_inputs(config, past_len=128)
 
 
 # --- registry -------------------------------------------------------------------------------------------

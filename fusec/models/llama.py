@@ -120,12 +120,24 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def project_kv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """k (after RoPE) and v of x [B, T, dim], each [B, n_kv_heads, T, head_dim]: what a KV cache holds."""
         batch, seq_len, _ = x.shape
-        q = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(k, cos, sin), v
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, past_k: Tensor | None = None,
+                past_v: Tensor | None = None) -> Tensor:
+        """x [B, T, dim] at the positions cos/sin describe; past_k/past_v [B, n_kv_heads, T_past, head_dim]
+        hold the keys and values of the T_past tokens before them (or are both None)."""
+        batch, seq_len, _ = x.shape
+        q = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, cos, sin)
+        k, v = self.project_kv(x, cos, sin)
+        if past_k is not None and past_v is not None:
+            k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
+        past_len, total_len = k.shape[2] - seq_len, k.shape[2]
 
         # Grouped-query attention: query heads [g*r, (g+1)*r) all read KV head g.
         repeats = self.n_heads // self.n_kv_heads
@@ -133,8 +145,9 @@ class Attention(nn.Module):
         v = v.repeat_interleave(repeats, dim=1)
 
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
-        query_index = torch.arange(seq_len, device=x.device).view(seq_len, 1)
-        key_index = torch.arange(seq_len, device=x.device).view(1, seq_len)
+        # Query i sits at position past_len + i and sees every key at a position up to its own.
+        query_index = torch.arange(past_len, total_len, device=x.device).view(seq_len, 1)
+        key_index = torch.arange(total_len, device=x.device).view(1, total_len)
         scores = scores.masked_fill(key_index > query_index, float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1).type_as(q)
 
@@ -170,16 +183,51 @@ class LlamaBlock(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, x: Tensor, start_pos: int = 0) -> Tensor:
-        """x [B, T, dim] at positions start_pos .. start_pos+T-1 -> [B, T, dim]."""
-        seq_len = x.shape[1]
+    def forward(self, x: Tensor, start_pos: int = 0, past_k: Tensor | None = None,
+                past_v: Tensor | None = None) -> Tensor:
+        """x [B, T, dim] at positions start_pos .. start_pos+T-1 -> [B, T, dim].
+
+        With past_k/past_v [B, n_kv_heads, T_past, head_dim] (the keys after RoPE and the values of the
+        T_past earlier tokens), x sits at positions T_past .. T_past+T-1 and attends to the past as well;
+        start_pos must then be T_past or left at 0.
+        """
+        start_pos = self._check_past(x, start_pos, past_k, past_v)
+        cos, sin = self._rope(start_pos, x.shape[1])
+        h = x + self.attention(self.attention_norm(x), cos, sin, past_k, past_v)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def kv(self, x: Tensor, start_pos: int = 0) -> tuple[Tensor, Tensor]:
+        """The (k, v) this block's attention computes for x at positions start_pos..: a KV cache for x."""
+        cos, sin = self._rope(start_pos, x.shape[1])
+        return self.attention.project_kv(self.attention_norm(x), cos, sin)
+
+    def _rope(self, start_pos: int, seq_len: int) -> tuple[Tensor, Tensor]:
         if start_pos + seq_len > self.config.max_seq_len:
             raise ValueError(f"LlamaBlock: positions up to {self.config.max_seq_len} are supported, "
                              f"given start_pos={start_pos} with {seq_len} tokens")
-        cos = self.rope_cos[start_pos:start_pos + seq_len]
-        sin = self.rope_sin[start_pos:start_pos + seq_len]
-        h = x + self.attention(self.attention_norm(x), cos, sin)
-        return h + self.feed_forward(self.ffn_norm(h))
+        return self.rope_cos[start_pos:start_pos + seq_len], self.rope_sin[start_pos:start_pos + seq_len]
+
+    def _check_past(self, x: Tensor, start_pos: int, past_k: Tensor | None, past_v: Tensor | None) -> int:
+        """The start position of x: start_pos, or T_past when a past is given (ValueError on a conflict)."""
+        if past_k is None and past_v is None:
+            return start_pos
+        if past_k is None or past_v is None:
+            raise ValueError("LlamaBlock: past_k and past_v must be given together, "
+                             f"given past_k={_shape(past_k)} and past_v={_shape(past_v)}")
+        config = self.config
+        want = (x.shape[0], config.n_kv_heads, past_k.shape[2], config.head_dim)
+        if tuple(past_k.shape) != want or tuple(past_v.shape) != want:
+            raise ValueError(f"LlamaBlock: past_k and past_v must have shape [B, n_kv_heads, T_past, head_dim]"
+                             f" = {list(want)}, given {_shape(past_k)} and {_shape(past_v)}")
+        past_len = past_k.shape[2]
+        if start_pos not in (0, past_len):
+            raise ValueError(f"LlamaBlock: with a past of {past_len} tokens start_pos must be {past_len} "
+                             f"(or 0), given start_pos={start_pos}")
+        return past_len
+
+
+def _shape(x: Tensor | None) -> str:
+    return "None" if x is None else str(list(x.shape))
 
 
 def init_weights(module: nn.Module, seed: int) -> nn.Module:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from fusec.models.llama import PRESETS, LlamaBlock, LlamaConfig, example_inputs, init_weights
@@ -34,6 +35,23 @@ def load_model(spec: str, seq_len: int | None = None) -> tuple[nn.Module, tuple]
             raise ValueError(f"seq_len applies only to built-in models, not to the file spec {spec!r}")
         return _load_from_file(Path(file_path), factory_name)
     return _load_builtin(spec, seq_len)
+
+
+def decode_inputs(config: LlamaConfig, past_len: int, batch: int = 1,
+                  seed: int = 0) -> tuple[tuple[torch.Tensor], dict[str, torch.Tensor]]:
+    """Inputs for one decode step of a `LlamaBlock`: `((x,), {"past_k": k, "past_v": v})`.
+
+    x [batch, 1, dim] is the new token; k and v [batch, n_kv_heads, past_len, head_dim] stand in for the
+    KV cache of `past_len` earlier tokens. All seeded standard-normal float32. Call `block(*args, **kwargs)`.
+    """
+    if past_len < 0 or past_len + 1 > config.max_seq_len:
+        raise ValueError(f"decode_inputs: past_len must be in 0..{config.max_seq_len - 1}, given {past_len}")
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 1, config.dim, generator=generator, dtype=torch.float32)
+    cache_shape = (batch, config.n_kv_heads, past_len, config.head_dim)
+    past_k = torch.randn(cache_shape, generator=generator, dtype=torch.float32)
+    past_v = torch.randn(cache_shape, generator=generator, dtype=torch.float32)
+    return (x,), {"past_k": past_k, "past_v": past_v}
 
 
 def _load_builtin(spec: str, seq_len: int | None) -> tuple[nn.Module, tuple]:

@@ -1,0 +1,124 @@
+"""Numba source for one kernel node: a loop nest per kind, with the body's scalar code from `Emitter`.
+
+Every generated function has the signature `kNAME(a0.., w0.., c0.., o0..)`: activation operands, weights
+(params), stored constants, then the output buffers it fills. Names are the compiler's own; the names of
+the user's module only appear in the `# weights:` comment line.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from backends.numba_cpu.expr import Emitter, literal
+from backends.numba_cpu.writer import Writer
+from fusec.ir import Graph, Node
+
+REDUCE_OPS = ("sum", "amax", "amin", "argmax")
+
+
+@dataclass
+class KernelCode:
+    name: str
+    source: str
+    params: list[str] = field(default_factory=list)   # outer tensor names, in argument order
+    consts: list[str] = field(default_factory=list)
+    loop: str = ""                                     # the loop nest used, for stats and dumps
+
+
+def generate(name: str, node: Node) -> KernelCode:
+    """Numba source of kernel `node` (op `kernel`), as a function called `name`."""
+    body: Graph = node.attr("body")
+    w = Writer()
+    arrays, params, consts = {}, [], []
+    inputs = body.inputs
+    for k, i in enumerate(inputs):
+        arrays[i] = f"a{k}"
+    for i, n in enumerate(body.nodes):
+        if n.op == "param":
+            arrays[i] = f"w{len(params)}"
+            params.append(n.attr("name"))
+        elif n.op == "const" and n.attr("key") is not None:
+            arrays[i] = f"c{len(consts)}"
+            consts.append(n.attr("key"))
+    outs = [f"o{k}" for k in range(len(body.outputs))]
+    args = [f"a{k}" for k in range(len(inputs))] + [arrays[i] for i, n in enumerate(body.nodes)
+                                                     if n.op in ("param", "const") and i in arrays] + outs
+    kind = node.attr("kind")
+    w.line(f"# kernel {name}: kind={kind}")
+    if params:
+        w.line("# weights: " + ", ".join(f"w{k}={p}" for k, p in enumerate(params)))
+    w.line("@njit(parallel=True, fastmath=FASTMATH, cache=True)")
+    with w.block(f"def {name}({', '.join(args)})"):
+        em = Emitter(body, w, arrays)
+        matmuls = [i for i, n in enumerate(body.nodes) if n.op == "matmul"]
+        anchors = node.attr("anchors") or ()
+        if kind == "attention" and len(anchors) == 2:
+            from backends.numba_cpu.attention import emit_attention
+            loop = emit_attention(em, anchors, outs)
+        elif matmuls and _is_gemm(body, matmuls):
+            from backends.numba_cpu.gemm import emit_matmul
+            loop = emit_matmul(em, matmuls, outs)
+        elif any(n.op in REDUCE_OPS for n in body.nodes):
+            loop = emit_rows(em, outs)
+        else:
+            loop = "pointwise"
+            emit_outputs(em, outs)
+    return KernelCode(name, w.text(), params, consts, loop)
+
+
+def _is_gemm(body: Graph, matmuls: list[int]) -> bool:
+    """Rank-2 matmuls sharing their left operand: the BLAS path (others run as scalar loops)."""
+    lefts = {body.nodes[m].args[0] for m in matmuls}
+    return len(lefts) == 1 and all(len(body.nodes[a].shape) == 2 for m in matmuls for a in body.nodes[m].args)
+
+
+def emit_outputs(em: Emitter, outs: list[str], only: list[int] | None = None) -> None:
+    """Write each output element by element: a parallel loop over all but the last axis (flattened)."""
+    body = em.g
+    for k, o in enumerate(body.outputs):
+        if only is not None and k not in only:
+            continue
+        emit_store(em, o, outs[k], body.nodes[o].shape)
+
+
+def emit_store(em: Emitter, nid: int, out: str, shape: tuple[int, ...], fixed: dict[int, str] | None = None) -> None:
+    """`out[idx] = value(nid, idx)` over `shape`; axes in `fixed` take the given index expression."""
+    fixed = fixed or {}
+    free = [ax for ax in range(len(shape)) if ax not in fixed and shape[ax] != 1]
+    idx = ["0" if shape[ax] == 1 else fixed.get(ax, "") for ax in range(len(shape))]
+    if not free:
+        em.w.line(f"{out}[{', '.join(idx)}] = {em.value(nid, tuple(idx))}" if idx else
+                  f"{out}[()] = {em.value(nid, ())}")
+        return
+    *outer, last = free
+    total = 1
+    for ax in outer:
+        total *= shape[ax]
+    opened = []
+    if outer:
+        r = em.tmp("p")
+        loop = "prange" if total > 1 else "range"
+        opened.append(em.loop(f"for {r} in {loop}({total})", (r,)))
+        opened[-1].__enter__()
+        stride = total
+        for ax in outer:
+            stride //= shape[ax]
+            var = em.tmp("i")
+            expr = f"({r} // {stride})" if stride > 1 else r
+            em.w.line(f"{var} = {expr} % {shape[ax]}" if ax != outer[0] else f"{var} = {expr}")
+            em.w.var_level[var] = em.w.depth
+            idx[ax] = var
+    j = em.tmp("j")
+    loop = "range" if outer else "prange"
+    opened.append(em.loop(f"for {j} in {loop}({shape[last]})", (j,)))
+    opened[-1].__enter__()
+    idx[last] = j
+    em.w.line(f"{out}[{', '.join(idx)}] = {em.value(nid, tuple(idx))}")
+    for blk in reversed(opened):
+        blk.__exit__(None, None, None)
+
+
+def emit_rows(em: Emitter, outs: list[str]) -> str:
+    """A `reduce` kernel: a parallel loop over rows (the outer axes) and an inner loop over the last axis;
+    each row's reductions do not depend on the inner index, so the writer computes them once per row."""
+    emit_outputs(em, outs)
+    return "rows"

@@ -1,0 +1,304 @@
+"""Scalar code for a kernel body: the value of any body node at a symbolic index, as Numba source.
+
+`Emitter.value(node, idx)` writes the statements that compute one element of `node` at index `idx`
+(a tuple of index expressions, one per axis) and returns the variable or literal holding it. Views are
+index arithmetic: `permute` reorders the index, `expand` pins broadcast axes to 0, `slice` scales and
+shifts, `reshape` re-linearizes, `concat` branches; nothing is copied. Reductions become loops over the
+reduced axes at the point of first use, and every value is memoized per index, so a caller that asks for
+a row's reductions before looping over the row computes each of them once.
+"""
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from typing import Callable
+
+from backends.numba_cpu.writer import Writer
+from fusec.ir import Graph
+
+NP = {"f32": "np.float32", "f64": "np.float64", "f16": "np.float16", "i64": "np.int64", "i32": "np.int32",
+      "i16": "np.int16", "i8": "np.int8", "u8": "np.uint8", "bool": "np.bool_"}
+UNARY = {"neg": "(-{0})", "exp": "np.exp({0})", "log": "np.log({0})", "sqrt": "np.sqrt({0})",
+         "sin": "np.sin({0})", "cos": "np.cos({0})", "tanh": "np.tanh({0})", "abs": "abs({0})",
+         "floor": "np.floor({0})", "not": "(not {0})",
+         "rsqrt": "({one} / np.sqrt({0}))", "reciprocal": "({one} / {0})",
+         "sigmoid": "({one} / ({one} + np.exp(-{0})))", "relu": "max({0}, {zero})",
+         "erf": "{T}(math.erf({0}))"}
+BINARY = {"add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})", "div": "({0} / {1})",
+          "pow": "({0} ** {1})", "max": "max({0}, {1})", "min": "min({0}, {1})", "and": "({0} & {1})",
+          "or": "({0} | {1})", "eq": "({0} == {1})", "ne": "({0} != {1})", "lt": "({0} < {1})",
+          "le": "({0} <= {1})", "gt": "({0} > {1})", "ge": "({0} >= {1})"}
+
+
+def literal(value, dtype: str) -> str:
+    """A typed literal, so float32 code never promotes to float64."""
+    if dtype == "bool":
+        return "True" if value else "False"
+    if dtype in ("f32", "f64", "f16", "bf16"):
+        text = {float("inf"): "np.inf", float("-inf"): "-np.inf"}.get(float(value))
+        if text is None:
+            text = "np.nan" if value != value else repr(float(value))
+        return f"{NP['f32' if dtype == 'bf16' else dtype]}({text})"
+    return f"{NP[dtype]}({int(value)})"
+
+
+def iadd(a: str, b: str) -> str:
+    if a == "0":
+        return b
+    if b == "0":
+        return a
+    if a.isdigit() and b.isdigit():
+        return str(int(a) + int(b))
+    return f"{a} + {b}"
+
+
+def imul(a: str, k: int) -> str:
+    if k == 1 or a == "0":
+        return a
+    if a.isdigit():
+        return str(int(a) * k)
+    return f"({a}) * {k}"
+
+
+def reshape_index(idx: tuple[str, ...], out_shape: tuple[int, ...], in_shape: tuple[int, ...]) -> list[str]:
+    """Index into `in_shape` of the element at `idx` of its reshape to `out_shape` (row-major).
+
+    Axes are matched in groups of equal size products, so a reshape that only splits or merges axes
+    costs one multiply-add or one div/mod per axis, and an axis that passes through stays untouched."""
+    outs = [(d, i) for d, i in zip(out_shape, idx) if d != 1]
+    ins = [d for d in in_shape if d != 1]
+    result: list[str] = []
+    o = j = 0
+    while j < len(ins):
+        group_out, prod_out = [], 1
+        group_in, prod_in = [ins[j]], ins[j]
+        j += 1
+        while prod_out != prod_in:
+            if prod_out < prod_in:
+                group_out.append(outs[o])
+                prod_out *= outs[o][0]
+                o += 1
+            else:
+                group_in.append(ins[j])
+                prod_in *= ins[j]
+                j += 1
+        flat = group_out[0][1]
+        for d, i in group_out[1:]:
+            flat = f"({flat}) * {d} + {i}"
+        stride = prod_in
+        for n, size in enumerate(group_in):
+            stride //= size
+            e = f"({flat}) // {stride}" if stride > 1 else f"({flat})"
+            result.append(e if n == 0 else f"{e} % {size}")
+    return _expand_ones(result, in_shape)
+
+
+def _expand_ones(non_one: list[str], in_shape: tuple[int, ...]) -> list[str]:
+    it = iter(non_one)
+    return [("0" if d == 1 else next(it)) for d in in_shape]
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z_0-9]*")
+
+
+class Emitter:
+    """Renders body nodes as scalar statements into `w`. `arrays` maps body node ids to array variables
+    (kernel operands, params, stored constants); `overrides` maps node ids to a function of the index
+    giving an expression (a matmul's accumulator tile, a score-row buffer)."""
+
+    def __init__(self, body: Graph, w: Writer, arrays: dict[int, str],
+                 overrides: dict[int, Callable[[tuple[str, ...]], str]] | None = None):
+        self.g, self.w, self.arrays = body, w, arrays
+        self.overrides = overrides or {}
+        self.memo: dict[tuple[int, tuple[str, ...]], tuple[str, int]] = {}
+        self.count = 0
+
+    def tmp(self, prefix: str = "t") -> str:
+        self.count += 1
+        return f"{prefix}{self.count}"
+
+    @contextmanager
+    def loop(self, header: str, binds: tuple[str, ...] = (), barrier: bool = False):
+        """A block of generated code; values computed inside it are forgotten when it closes."""
+        with self.w.block(header, binds, barrier):
+            yield
+        depth = self.w.depth
+        self.memo = {k: v for k, v in self.memo.items() if v[1] <= depth}
+
+    def value(self, nid: int, idx: tuple[str, ...]) -> str:
+        """The variable (or literal) holding node `nid` at index `idx`, computing it if needed."""
+        n = self.g.nodes[nid]
+        idx = tuple("0" if d == 1 else i for d, i in zip(n.shape, idx))
+        key = (nid, idx)
+        if key in self.memo:
+            return self.memo[key][0]
+        level = self.w.level_of(set(_NAME.findall(" ".join(idx))))
+        with self.w.at(level):
+            expr = self._render(nid, idx)
+            if not _is_atom(expr):
+                var = self.tmp()
+                self.w.line(f"{var} = {expr}")
+                expr = var
+        self.memo[key] = (expr, level)
+        return expr
+
+    def operand(self, nid: int, arg: int, idx: tuple[str, ...]) -> str:
+        """Value of operand `arg` of node `nid` at `idx`, broadcasting it to `nid`'s shape."""
+        a = self.g.nodes[arg]
+        rank = len(a.shape)
+        sub = idx[len(idx) - rank:] if rank else ()
+        return self.value(arg, tuple("0" if d == 1 else i for d, i in zip(a.shape, sub)))
+
+    def _render(self, nid: int, idx: tuple[str, ...]) -> str:
+        n = self.g.nodes[nid]
+        if nid in self.overrides:
+            return self.overrides[nid](idx)
+        if nid in self.arrays:
+            return f"{self.arrays[nid]}[{', '.join(idx)}]" if idx else f"{self.arrays[nid]}[()]"
+        op, dt = n.op, n.dtype
+        T = NP.get(dt, "np.float32")
+        one, zero = (literal(1, dt), literal(0, dt)) if dt != "bool" else ("1", "0")
+        if op == "const":
+            return literal(n.attr("value"), dt)
+        if op == "iota":
+            e = iadd(imul(idx[n.attr("axis")], n.attr("step", 1)), str(n.attr("start", 0)))
+            return f"{T}({e})"
+        if op in UNARY:
+            return UNARY[op].format(self.operand(nid, n.args[0], idx), one=one, zero=zero, T=T)
+        if op in BINARY:
+            a, b = (self.operand(nid, x, idx) for x in n.args)
+            exponent = self.g.nodes[n.args[1]]
+            if op == "pow" and exponent.op == "const" and exponent.attr("value") == 2:
+                return f"({a} * {a})"
+            return BINARY[op].format(a, b)
+        if op == "where":
+            c, a, b = (self.operand(nid, x, idx) for x in n.args)
+            return f"({a} if {c} else {b})"
+        if op == "cast":
+            src = self.operand(nid, n.args[0], idx)
+            return f"({src} != 0)" if dt == "bool" else f"{T}({src})"
+        if op in ("sum", "amax", "amin", "argmax", "matmul"):
+            return self._reduce(nid, idx)
+        return self._view(nid, idx)
+
+    def _view(self, nid: int, idx: tuple[str, ...]) -> str:
+        n = self.g.nodes[nid]
+        src = self.g.nodes[n.args[0]] if n.args else None
+        if n.op == "reshape":
+            return self.value(n.args[0], tuple(reshape_index(idx, n.shape, src.shape)))
+        if n.op == "permute":
+            inner = ["0"] * len(idx)
+            for out_axis, in_axis in enumerate(n.attr("perm")):
+                inner[in_axis] = idx[out_axis]
+            return self.value(n.args[0], tuple(inner))
+        if n.op == "expand":
+            return self.value(n.args[0], tuple("0" if s == 1 else i for s, i in zip(src.shape, idx)))
+        if n.op == "slice":
+            ax, start, step = n.attr("axis"), n.attr("start"), n.attr("step")
+            inner = list(idx)
+            inner[ax] = iadd(imul(idx[ax], step), str(start))
+            return self.value(n.args[0], tuple(inner))
+        if n.op == "concat":
+            return self._concat(nid, idx)
+        if n.op == "take":
+            ax = n.attr("axis")
+            rank = len(self.g.nodes[n.args[1]].shape)
+            j = self.value(n.args[1], idx[ax:ax + rank])
+            return self.value(n.args[0], idx[:ax] + (j,) + idx[ax + rank:])
+        raise NotImplementedError(f"numba codegen has no rule for {n.op}")
+
+    def _concat(self, nid: int, idx: tuple[str, ...]) -> str:
+        """Branch on the concat axis; each branch reads its own operand (no copy, no out-of-range read)."""
+        n = self.g.nodes[nid]
+        ax = n.attr("axis")
+        var = self.tmp("cat")
+        start = 0
+        for k, arg in enumerate(n.args):
+            size = self.g.nodes[arg].shape[ax]
+            inner = list(idx)
+            inner[ax] = f"{idx[ax]} - {start}" if start else idx[ax]
+            last = k == len(n.args) - 1
+            header = "else" if last else ("if" if k == 0 else "elif") + f" {idx[ax]} < {start + size}"
+            with self.loop(header, barrier=True):
+                self.w.line(f"{var} = {self.value(arg, tuple(inner))}")
+            start += size
+        return var
+
+    def _reduce(self, nid: int, idx: tuple[str, ...]) -> str:
+        """A loop over the reduced axes (a matmul reduces its K axis) written where the result is valid."""
+        n = self.g.nodes[nid]
+        if n.op == "matmul":
+            a, b = (self.g.nodes[x] for x in n.args)
+            k_var = self.tmp("r")
+            ai = _broadcast(idx[:-2], a.shape[:-2]) + (idx[-2], k_var)
+            bi = _broadcast(idx[:-2], b.shape[:-2]) + (k_var, idx[-1])
+            loops, operand_idx, axes_vars = [(k_var, a.shape[-1])], None, None
+        else:
+            src = self.g.nodes[n.args[0]]
+            axes = n.attr("axes")
+            inner = list(idx) if n.attr("keepdim") else _insert_axes(idx, axes)
+            loops = []
+            for ax in axes:
+                var = self.tmp("r")
+                inner[ax] = var
+                loops.append((var, src.shape[ax]))
+            operand_idx, axes_vars = tuple(inner), [v for v, _ in loops]
+        acc, dt = self.tmp("acc"), n.dtype
+        sdt = self.g.nodes[n.args[0]].dtype
+        best = self.tmp("best") if n.op == "argmax" else ""
+        self.w.line(f"{acc} = {_init(n.op, dt, sdt)}")
+        if best:
+            self.w.line(f"{best} = {_init('amax', sdt, sdt)}")
+        saved, depth = dict(self.memo), self.w.depth
+        blocks = [self.loop(f"for {v} in range({size})", (v,)) for v, size in loops]
+        for blk in blocks:
+            blk.__enter__()
+        if n.op == "matmul":
+            self.w.line(f"{acc} += {self.value(n.args[0], ai)} * {self.value(n.args[1], bi)}")
+        else:
+            v = self.value(n.args[0], operand_idx)
+            if n.op == "sum":
+                self.w.line(f"{acc} += {v}")
+            elif n.op == "argmax":
+                self.w.line(f"if {v} > {best}:")
+                self.w.line(f"    {best} = {v}")
+                self.w.line(f"    {acc} = np.int64({axes_vars[0]})")
+            elif sdt == "bool":
+                self.w.line(f"{acc} = {acc} {'or' if n.op == 'amax' else 'and'} {v}")
+            else:
+                self.w.line(f"{acc} = {'max' if n.op == 'amax' else 'min'}({acc}, {v})")
+        for blk in reversed(blocks):
+            blk.__exit__(None, None, None)
+        assert self.w.depth == depth
+        self.memo = saved
+        return acc
+
+
+def _init(op: str, dt: str, sdt: str) -> str:
+    if op in ("sum", "matmul"):
+        return literal(0, dt)
+    if op == "argmax":
+        return "np.int64(0)"
+    if sdt == "bool":
+        return "False" if op == "amax" else "True"
+    if sdt.startswith("f") or sdt == "bf16":
+        return literal(float("-inf") if op == "amax" else float("inf"), sdt)
+    return f"{NP[sdt]}({'-' if op == 'amax' else ''}(2**62))" if sdt == "i64" else f"{NP[sdt]}({'-' if op == 'amax' else ''}(2**30))"
+
+
+def _broadcast(idx: tuple[str, ...], shape: tuple[int, ...]) -> tuple[str, ...]:
+    sub = idx[len(idx) - len(shape):] if shape else ()
+    return tuple("0" if d == 1 else i for d, i in zip(shape, sub))
+
+
+def _is_atom(expr: str) -> bool:
+    """A variable or a typed literal: no need for a temporary."""
+    return bool(re.fullmatch(r"[A-Za-z_][A-Za-z_0-9]*|np\.\w+\(-?[\w.+-]+\)|True|False|-?\d+", expr))
+
+
+def _insert_axes(idx: tuple[str, ...], axes) -> list[str]:
+    """The source index of a keepdim=False reduction: put a 0 back at each reduced axis."""
+    out = list(idx)
+    for ax in sorted(axes):
+        out.insert(ax, "0")
+    return out

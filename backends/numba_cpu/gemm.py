@@ -1,0 +1,52 @@
+"""The `matmul` kernel: row-wise prologue into an A tile, one BLAS GEMM per horizontally fused product,
+then the epilogue read straight from the accumulators while they are in cache."""
+from __future__ import annotations
+
+from backends.numba_cpu.codegen import emit_outputs, emit_store
+from backends.numba_cpu.expr import Emitter
+
+
+def _array_view(em: Emitter, nid: int) -> tuple[str, bool] | None:
+    """(array expression, transposed) when node `nid` is a rank-2 view of an operand/weight array that BLAS
+    can read in place: the array itself, its transpose, or a reshape of a contiguous array."""
+    g = em.g
+    n = g.nodes[nid]
+    if nid in em.arrays:
+        return em.arrays[nid], False
+    if n.op == "permute" and n.attr("perm") == (1, 0) and n.args[0] in em.arrays:
+        return em.arrays[n.args[0]], True
+    if n.op == "reshape" and n.args[0] in em.arrays and g.nodes[n.args[0]].op == "input":
+        return f"{em.arrays[n.args[0]]}.reshape(({n.shape[0]}, {n.shape[1]}))", False
+    return None
+
+
+def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str]) -> str:
+    g, w = em.g, em.w
+    left = g.nodes[matmuls[0]].args[0]
+    m, k = g.nodes[left].shape
+    view = _array_view(em, left)
+    if view is None or view[1]:
+        a = "abuf"
+        w.line(f"abuf = np.empty(({m}, {k}), np.float32)")
+        emit_store(em, left, a, (m, k))  # the prologue, e.g. RMSNorm, one row per parallel iteration
+    else:
+        a = view[0]
+    for j, mm in enumerate(matmuls):
+        right = g.nodes[mm].args[1]
+        n = g.nodes[mm].shape[1]
+        view = _array_view(em, right)
+        if view is None:
+            b, transposed = f"bbuf{j}", False
+            w.line(f"{b} = np.empty(({k}, {n}), np.float32)")
+            emit_store(em, right, b, (k, n))
+        else:
+            b, transposed = view
+        direct = [k for k, o in enumerate(g.outputs) if o == mm]
+        acc = outs[direct[0]] if direct else f"acc{j}"  # a product that is an output goes straight there
+        if not direct:
+            w.line(f"{acc} = np.empty(({m}, {n}), np.float32)")
+        w.line(f"gemm({a}, {b}, {acc}, {transposed})")
+        em.overrides[mm] = (lambda name: lambda idx: f"{name}[{idx[0]}, {idx[1]}]")(acc)
+    written = {k for k, o in enumerate(g.outputs) if o in matmuls}
+    emit_outputs(em, outs, only=[k for k in range(len(outs)) if k not in written])
+    return "gemm" if m > 1 else "gemv"

@@ -1,0 +1,191 @@
+"""Measuring tools for the benchmarks: median timing, the machine's roofline (memory bandwidth and matmul
+peak, measured in the same run), thread control and the table / JSON / PNG writers.
+
+Timings are medians after warm-up: the machines fusec is measured on are shared and noisy, so a mean or a
+single run says little. Nothing here asserts a timing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+MIB = 1 << 20
+MIN_STREAM_BYTES = 256 * MIB  # the bandwidth array must dwarf the caches, or we measure the cache
+
+
+def median_time(fn: Callable[[], Any], warmup: int = 2, repeat: int = 10) -> float:
+    """Median wall time of `fn()` in seconds over `repeat` runs, after `warmup` untimed runs."""
+    if repeat < 1:
+        raise ValueError(f"median_time: repeat must be at least 1, given {repeat}")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# --- threads --------------------------------------------------------------------------------------------
+
+def set_threads(n: int) -> int:
+    """Run torch and numba on `n` threads (numba is capped at its pool size); returns the numba count.
+
+    BLAS libraries already loaded by NumPy keep their own pool; the OPENBLAS/OMP/MKL variables set here
+    reach the subprocesses this process starts.
+    """
+    import numba
+    import torch
+    if n < 1:
+        raise ValueError(f"set_threads: need at least 1 thread, given {n}")
+    torch.set_num_threads(n)
+    numba_threads = min(n, numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(numba_threads)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ[var] = str(n)
+    return numba_threads
+
+
+# --- roofline -------------------------------------------------------------------------------------------
+
+def last_level_cache_bytes() -> int:
+    """Size of the largest CPU cache per Linux sysfs (0 when unknown)."""
+    sizes = [0]
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes)
+
+
+def stream_bytes() -> int:
+    """Size of the array the bandwidth test reads: 256 MiB or twice the last-level cache, whichever is
+    larger (some servers report hundreds of MiB of L3), capped at a quarter of the free memory."""
+    want = max(MIN_STREAM_BYTES, 2 * last_level_cache_bytes())
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return want
+    return max(MIN_STREAM_BYTES, min(want, available // 4))
+
+
+def _parallel_sum():
+    import numba
+
+    # fastmath lets LLVM reorder the float reduction, so the loop vectorises and is bound by memory.
+    @numba.njit(parallel=True, fastmath=True, cache=False)
+    def parallel_sum(a):
+        total = np.float32(0.0)
+        for i in numba.prange(a.size):
+            total += a[i]
+        return total
+
+    return parallel_sum
+
+
+def measure_memory_bandwidth(nbytes: int | None = None, repeat: int = 5) -> dict[str, float]:
+    """Read bandwidth in bytes/s: median over `repeat` sums of a float32 array of `nbytes`.
+
+    Returns {"numba": ..., "numpy": ..., "torch": ..., "best": max of them}: numba's parallel prange sum
+    on all its threads, NumPy's single-threaded sum and torch's threaded sum.
+    """
+    import torch
+    nbytes = nbytes or stream_bytes()
+    data = np.ones(nbytes // 4, dtype=np.float32)  # ones, not empty: every page must really exist
+    parallel_sum = _parallel_sum()
+    tensor = torch.from_numpy(data)
+    readers = {"numba": lambda: parallel_sum(data), "numpy": lambda: data.sum(),
+               "torch": lambda: tensor.sum()}
+    result = {name: data.nbytes / median_time(read, warmup=1, repeat=repeat) for name, read in readers.items()}
+    result["best"] = max(result.values())
+    result["array_bytes"] = float(data.nbytes)
+    return result
+
+
+def measure_matmul_peak(n: int = 2048, repeat: int = 5) -> dict[str, float]:
+    """Float32 GEMM rate in flop/s on n x n matrices, median over `repeat` runs.
+
+    Returns {"torch": ..., "numpy": ..., "best": max of them} (torch.mm and numpy.dot).
+    """
+    import torch
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    flops = 2.0 * n ** 3
+    kernels = {"torch": lambda: torch.mm(ta, tb), "numpy": lambda: np.dot(a, b)}
+    result = {name: flops / median_time(mm, warmup=1, repeat=repeat) for name, mm in kernels.items()}
+    result["best"] = max(result.values())
+    result["n"] = float(n)
+    return result
+
+
+# --- output ---------------------------------------------------------------------------------------------
+
+Column = tuple[str, str, str]  # (key in the row, header, format spec, e.g. ".2f"; "" for str())
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
+    """A plain-text table, one line per row; a missing or None value prints as '-'."""
+    def cell(row: dict, key: str, spec: str) -> str:
+        value = row.get(key)
+        if value is None:
+            return "-"
+        if spec and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return format(value, spec)
+        return str(value)
+
+    cells = [[header for _, header, _ in columns]]
+    cells += [[cell(row, key, spec) for key, _, spec in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    lines = ["  ".join(text.ljust(w) if i == 0 else text.rjust(w) for i, (text, w) in enumerate(zip(line, widths)))
+             for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write `data` as indented JSON (creating the directory); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    return path
+
+
+def write_bar_chart(path: str | Path, groups: dict[str, dict[str, float]], ylabel: str,
+                    title: str = "") -> Path | None:
+    """A PNG with one panel per group (e.g. per case), one bar per entry (e.g. per implementation).
+
+    Uses matplotlib's Agg backend; without matplotlib prints a one-line notice and returns None.
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: skipping {path} (pip install 'fusec[bench]')")
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(5 * max(len(groups), 1), 4), squeeze=False)
+    for ax, (group, bars) in zip(axes[0], groups.items()):
+        names, values = list(bars), list(bars.values())
+        drawn = ax.bar(range(len(names)), values, color=[f"C{i}" for i in range(len(names))])
+        ax.bar_label(drawn, fmt="%.3g", fontsize=8)
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+        ax.set_title(group)
+        ax.set_ylabel(ylabel)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

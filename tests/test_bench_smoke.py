@@ -1,0 +1,128 @@
+"""The fused-vs-unfused benchmark runs end to end on the tiny block and writes a complete report.
+
+Nothing here asserts a timing: the machines these tests run on are shared and noisy.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusec import benchtools
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_block.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_block", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_bench()
+
+
+@pytest.fixture(scope="module")
+def report(bench, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_out")
+    argv = ["--preset", "tiny", "--seq", "8", "--past", "8", "--repeat", "2", "--no-compile-time",
+            "--no-torch-compile", "--out", str(out)]
+    assert bench.main(argv) == 0
+    return out, json.loads((out / "bench_block.json").read_text())
+
+
+def test_report_has_every_implementation_and_case(bench, report):
+    _, data = report
+    pairs = {(row["implementation"], row["case"]) for row in data["results"]}
+    assert pairs == {(name, case) for name in bench.IMPLEMENTATIONS for case in bench.CASES}
+
+
+def test_measured_rows_have_positive_times_and_small_errors(report):
+    _, data = report
+    for row in data["results"]:
+        if row["implementation"] == "torch.compile":
+            assert row["status"] == "skipped" and "median_ms" not in row
+            continue
+        assert row["status"] == "ok", row
+        assert row["median_ms"] > 0 and row["speedup"] > 0 and row["roofline_fraction"] > 0
+        assert row["max_error"] < 1e-4, row
+
+
+def test_report_records_machine_rooflines_and_cold_compile_times(report):
+    out, data = report
+    assert data["machine"]["bandwidth"]["best"] > 0 and data["machine"]["matmul_peak"]["best"] > 0
+    assert data["roofline"]["decode"]["bound"] == "memory" and data["roofline"]["prefill"]["bound"] == "compute"
+    assert set(data["compile_time"]["cold"]) == {"fusec unfused/prefill", "fusec fused/prefill",
+                                                 "fusec unfused/decode", "fusec fused/decode"}
+    assert data["compile_time"]["warm"] == {} and not data["compile_time"]["measured_warm"]
+    assert (out / "bench_block.png").stat().st_size > 0
+
+
+def test_child_compile_reports_every_fusec_program(bench, capsys):
+    assert bench.main(["--child-compile", "--preset", "tiny", "--seq", "4", "--past", "3"]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith(bench.CHILD_PREFIX)][-1]
+    times = json.loads(line[len(bench.CHILD_PREFIX):])
+    assert set(times) == {"fusec unfused/prefill", "fusec fused/prefill", "fusec unfused/decode",
+                          "fusec fused/decode"}
+    assert all(t["compile_s"] > 0 for t in times.values())
+
+
+def test_torch_compile_failure_is_reported_not_raised(bench):
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("no kernel for this")
+
+    compiled, info = bench.inductor_compile(Broken(), (torch.ones(2),), {})
+    assert compiled is None and info["status"].startswith("failed: ") and "no kernel" in info["status"]
+
+
+def test_roofline_counts_decode_bytes_and_prefill_flops(bench):
+    block = bench.build_block("tiny")
+    machine = {"bandwidth": {"best": 1e9}, "matmul_peak": {"best": 1e9}}
+    params = sum(p.numel() for p in block.parameters())
+    decode = bench.roofline(block, "decode", seq=8, past=10, machine=machine)
+    assert decode["bytes"] == 4 * params + 2 * 2 * 10 * 16 * 4
+    prefill = bench.roofline(block, "prefill", seq=8, past=10, machine=machine)
+    assert prefill["flops"] == 2 * params * 8 + 4 * 4 * 16 * (8 * 9 // 2)
+
+
+# --- benchtools -----------------------------------------------------------------------------------------
+
+def test_median_time_runs_warmup_plus_repeat():
+    calls = []
+    assert benchtools.median_time(lambda: calls.append(1), warmup=2, repeat=3) >= 0
+    assert len(calls) == 5
+    with pytest.raises(ValueError, match="repeat"):
+        benchtools.median_time(lambda: None, repeat=0)
+
+
+def test_format_table_aligns_and_marks_missing_values():
+    text = benchtools.format_table([{"name": "a", "ms": 1.5}, {"name": "bb", "ms": None}],
+                                   [("name", "name", ""), ("ms", "median ms", ".2f")])
+    lines = text.splitlines()
+    assert lines[0].split() == ["name", "median", "ms"] and lines[2].split() == ["a", "1.50"]
+    assert lines[3].split() == ["bb", "-"] and len({len(line) for line in lines}) == 1
+
+
+def test_set_threads_sets_torch_and_numba():
+    import numba
+    before = torch.get_num_threads()
+    try:
+        assert benchtools.set_threads(1) == 1
+        assert torch.get_num_threads() == 1 and numba.get_num_threads() == 1
+    finally:
+        benchtools.set_threads(before)
+
+
+def test_write_json_and_chart(tmp_path):
+    path = benchtools.write_json(tmp_path / "sub" / "r.json", {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1}
+    pytest.importorskip("matplotlib")
+    png = benchtools.write_bar_chart(tmp_path / "c.png", {"prefill": {"x": 1.0, "y": 2.0}}, "ms")
+    assert png is not None and png.read_bytes()[:4] == b"\x89PNG"
