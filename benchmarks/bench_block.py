@@ -40,7 +40,7 @@ CHILD_PREFIX = "FUSEC_BENCH_CHILD "  # marks the line the warm-compile subproces
 COLUMNS = [("implementation", "implementation", ""), ("case", "case", ""), ("median_ms", "median ms", ".3f"),
            ("speedup", "vs eager", ".2f"), ("roofline_fraction", "roofline", ".1%"),
            ("kernels", "kernels", "d"), ("intermediate_mb", "interm. MB", ".2f"),
-           ("max_error", "max error", ".1e"), ("status", "status", "")]
+           ("max_error", "max error", ".1e"), ("backend", "backend", ""), ("status", "status", "")]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -71,6 +71,12 @@ def case_inputs(config: LlamaConfig, case: str, seq: int, past: int) -> tuple[tu
     if case == "prefill":
         return example_inputs(config, batch=1, seq_len=seq, seed=1), {}
     return decode_inputs(config, past_len=past, batch=1, seed=1)
+
+
+def failure(error: Exception) -> str:
+    """'failed: <type>: <first line of the message>', the status of an implementation that raised."""
+    reason = (str(error).strip().splitlines() or [""])[0][:200]
+    return f"failed: {type(error).__name__}: {reason}"
 
 
 # --- compiling with fusec -------------------------------------------------------------------------------
@@ -136,7 +142,11 @@ def child_compile(args: argparse.Namespace) -> int:
     for case in CASES:
         inputs, kwargs = case_inputs(block.config, case, args.seq, args.past)
         for name, fuse in FUSEC_IMPLEMENTATIONS.items():
-            run = timed_compile(block, inputs, kwargs, fuse, args.backend)
+            try:
+                run = timed_compile(block, inputs, kwargs, fuse, args.backend)
+            except Exception as e:
+                report[f"{name}/{case}"] = {"error": failure(e)}
+                continue
             report[f"{name}/{case}"] = {"compile_s": run["compile_s"], "first_call_s": run["first_call_s"]}
     print(CHILD_PREFIX + json.dumps(report), flush=True)
     return 0
@@ -172,8 +182,7 @@ def inductor_compile(block: torch.nn.Module, args: tuple, kwargs: dict) -> tuple
         with torch.no_grad():
             output = compiled(*args, **kwargs)
     except Exception as e:  # inductor needs a C++ toolchain and more; report, do not crash
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        return None, {"status": f"failed: {type(e).__name__}: {reason}"}
+        return None, {"status": failure(e)}
     return compiled, {"first_call_s": time.perf_counter() - start, "output": output}
 
 
@@ -187,7 +196,8 @@ def roofline(block: LlamaBlock, case: str, seq: int, past: int, machine: dict) -
         weight_bytes = sum(p.numel() * p.element_size() for p in block.parameters())
         kv_bytes = 2 * config.n_kv_heads * past * config.head_dim * 4  # past K and V, float32, batch 1
         moved = weight_bytes + kv_bytes
-        return {"bound": "memory", "bytes": moved, "seconds": moved / machine["bandwidth"]["best"]}
+        return {"bound": "memory", "bytes": moved, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
+                "seconds": moved / machine["bandwidth"]["best"]}
     # Causal attention without a past: query i sees i + 1 keys; QK^T and PV cost 2 * head_dim flops per
     # query-key pair each.
     pairs = seq * (seq + 1) // 2
@@ -234,7 +244,12 @@ def bench_case(block: LlamaBlock, case: str, args: argparse.Namespace) -> tuple[
     info: dict[str, dict] = {"eager": {"output": expected}}
     cold = {}
     for name, fuse in FUSEC_IMPLEMENTATIONS.items():
-        run = timed_compile(block, inputs, kwargs, fuse, args.backend)
+        try:
+            run = timed_compile(block, inputs, kwargs, fuse, args.backend)
+        except Exception as e:  # one broken implementation must not hide the others' numbers
+            callables[name], info[name] = None, {"status": failure(e)}
+            cold[f"{name}/{case}"] = {"error": failure(e)}
+            continue
         callables[name], info[name] = run.pop("compiled"), run
         cold[f"{name}/{case}"] = {"compile_s": run["compile_s"], "first_call_s": run["first_call_s"]}
         _notice(f"fusec ran on backend {run['backend']!r}")
@@ -273,8 +288,10 @@ def _mb(nbytes: int | None) -> float | None:
 def compile_table(cold: dict, warm: dict) -> str:
     def row(key: str, times: dict) -> dict:
         again = warm.get(key, {})
-        return {"program": key, "cold": times.get("compile_s"), "cold_call": times.get("first_call_s"),
-                "warm": again.get("compile_s"), "warm_call": again.get("first_call_s")}
+        # A failure's reason is in the results table already; here it would only widen every line.
+        return {"program": key, "cold": "failed" if "error" in times else times.get("compile_s"),
+                "cold_call": times.get("first_call_s"), "warm_call": again.get("first_call_s"),
+                "warm": "failed" if "error" in again else again.get("compile_s")}
 
     return benchtools.format_table([row(key, times) for key, times in cold.items()], [
         ("program", "program", ""), ("cold", "cold compile s", ".2f"), ("cold_call", "cold 1st call s", ".2f"),
@@ -283,6 +300,7 @@ def compile_table(cold: dict, warm: dict) -> str:
 
 def run(args: argparse.Namespace) -> dict:
     """Measure the machine, every implementation on every case and the compile times: the JSON report."""
+    _notices.clear()
     threads = benchtools.set_threads(args.threads)
     machine_before = measure_machine("before")
     block = build_block(args.preset)

@@ -38,9 +38,9 @@ class CompiledModule:
         expected = self.traced.input_leaves
         if spec != self.traced.in_spec:
             n_tensors = sum(1 for x in expected if isinstance(x, str) and x == "tensor")
-            raise TypeError(f"compiled {self.name} expects inputs shaped like the example inputs "
-                            f"({n_tensors} tensor(s): {self._signature()}); got {len(args)} positional and "
-                            f"{len(kwargs)} keyword argument(s): {_describe(args, kwargs)}")
+            raise TypeError(f"compiled {self.name} expects {n_tensors} input tensor(s) like the example inputs "
+                            f"({self._signature()}); got {len(args)} positional and {len(kwargs)} keyword "
+                            f"argument(s): {_describe(args, kwargs)}")
         arrays = []
         types = self.graph.input_types
         for leaf, want in zip(leaves, expected):

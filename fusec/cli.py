@@ -17,14 +17,17 @@ def _frontend_stages() -> list[str]:
     return ["fx", "ir"]
 
 
+BACKEND_STAGES = ["numba"]  # generated source, after every pass
+
+
 def stage_names() -> list[str]:
-    """Every stage `fusec dump` can show, in pipeline order (later issues extend the pipeline)."""
+    """Every stage `fusec dump` can show, in pipeline order."""
     from passes.pipeline import STAGES
-    return _frontend_stages() + list(STAGES)
+    return _frontend_stages() + list(STAGES) + BACKEND_STAGES
 
 
-def dump(spec: str, stage: str, fmt: str, seq_len: int | None = None) -> str:
-    """The IR of model `spec` after `stage`, formatted as text, json or dot."""
+def dump(spec: str, stage: str, fmt: str, seq_len: int | None = None, fuse: bool = True) -> str:
+    """The IR of model `spec` after `stage`, formatted as text, json or dot (`numba`: generated source)."""
     from fusec.export import to_dot, to_json
     from fusec.models import load_model
     from fusec.tracing import trace
@@ -37,13 +40,30 @@ def dump(spec: str, stage: str, fmt: str, seq_len: int | None = None) -> str:
         if fmt != "text":
             raise FusecError("stage 'fx' prints only as text (it is torch's graph, not fusec IR)")
         return traced.fx_graph.code.strip()
-    graph = traced.graph if stage == "ir" else run_pipeline(traced.graph, until=stage)
+    if stage == "numba":
+        import fusec
+        compiled = fusec.compile(module, inputs, fuse=fuse)
+        return f"{_stats_line(compiled.stats)}\n{compiled.source}"
+    if not fuse and stage not in ("ir", "canonical"):
+        from fusec.api import lower
+        graph = lower(traced.graph, fuse=False)
+    else:
+        graph = traced.graph if stage == "ir" else run_pipeline(traced.graph, until=stage)
     if fmt == "json":
         return to_json(graph)
     if fmt == "dot":
         return to_dot(graph, spec)
     summary = ", ".join(f"{op} {n}" for op, n in graph.ops().items())
-    return f"# {spec} after {stage}: {len(graph.nodes)} nodes ({summary})\n{graph!r}"
+    head = f"# {spec} after {stage}: {len(graph.nodes)} nodes ({summary})"
+    if "kernel" in graph.ops():
+        from fusec.api import program_stats
+        head += "\n" + _stats_line(program_stats(graph))
+    return f"{head}\n{graph!r}"
+
+
+def _stats_line(stats: dict) -> str:
+    return (f"# {stats['kernels']} kernels per call, {stats['intermediate_bytes']:,} bytes of intermediates "
+            f"written to memory")
 
 
 def demo(spec: str) -> int:
@@ -82,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--stage", default="canonical", help="one of: " + ", ".join(stage_names()))
     d.add_argument("--format", default="text", choices=("text", "json", "dot"))
     d.add_argument("--seq-len", type=int, default=None, help="sequence length of the example input")
+    d.add_argument("--unfused", action="store_true", help="show the unfused program (one kernel per op)")
     d.add_argument("-o", "--output", help="write to this file instead of standard output")
     m = sub.add_parser("demo", help="trace a built-in model, run it and compare with PyTorch")
     m.add_argument("model", nargs="?", default="llama-block")
@@ -94,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "dump":
-            text = dump(args.model, args.stage, args.format, args.seq_len)
+            text = dump(args.model, args.stage, args.format, args.seq_len, fuse=not args.unfused)
             if args.output:
                 with open(args.output, "w") as f:
                     f.write(text + "\n")
@@ -109,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         build_parser().print_help()
         return 2
+    except BrokenPipeError:  # `fusec dump ... | head`
+        sys.stderr.close()
+        return 0
     except (FusecError, ValueError, TypeError, OSError) as e:
         print(f"fusec: error: {e}", file=sys.stderr)
         return 1

@@ -83,7 +83,9 @@ def _origin(node) -> str:
             lineno = line.split("line ")[-1].split(",")[0] if "line " in line else "?"
             where = f"{parts[1] if len(parts) > 1 else line}:{lineno}"
             break
-    return " ".join(p for p in (path, f"({where})" if where else "") if p) or node.name
+    if path and where:
+        return f"{path} ({where})"
+    return path or where or node.name
 
 
 def lower_program(program, module: torch.nn.Module) -> Traced:

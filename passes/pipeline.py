@@ -16,6 +16,8 @@ from fusec.errors import FusecError, IRError
 from fusec.ir import Graph, verify
 from passes.canonicalize import (canonicalize, eliminate_common_subexpressions, eliminate_dead_code,
                                  fold_constants, simplify_algebra, simplify_views)
+from passes.fuse import fuse
+from passes.tile import tile
 
 Pass = tuple[str, Callable[[Graph], Graph]]
 Callback = Callable[[str, Graph], None]  # called after every pass with its name and the verified graph
@@ -92,3 +94,5 @@ register_stage("canonical", (
     ("simplify_views", simplify_views),
     ("canonicalize", canonicalize),
 ))
+register_stage("fused", (("fuse", fuse),), after="canonical")
+register_stage("tiled", (("tile", tile),))

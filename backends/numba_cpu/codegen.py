@@ -40,14 +40,14 @@ def generate(name: str, node: Node) -> KernelCode:
             arrays[i] = f"c{len(consts)}"
             consts.append(n.attr("key"))
     outs = [f"o{k}" for k in range(len(body.outputs))]
-    args = [f"a{k}" for k in range(len(inputs))] + [arrays[i] for i, n in enumerate(body.nodes)
-                                                     if n.op in ("param", "const") and i in arrays] + outs
+    args = ([f"a{k}" for k in range(len(inputs))] + [f"w{k}" for k in range(len(params))] +
+            [f"c{k}" for k in range(len(consts))] + outs)
     kind = node.attr("kind")
     w.line(f"# kernel {name}: kind={kind}")
     if params:
         w.line("# weights: " + ", ".join(f"w{k}={p}" for k, p in enumerate(params)))
     w.line("@njit(parallel=True, fastmath=FASTMATH, cache=True)")
-    with w.block(f"def {name}({', '.join(args)})"):
+    with w.block(f"def {name}({', '.join(args)})", barrier=True):  # nothing hoists out of the function
         em = Emitter(body, w, arrays)
         matmuls = [i for i, n in enumerate(body.nodes) if n.op == "matmul"]
         anchors = node.attr("anchors") or ()

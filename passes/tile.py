@@ -1,0 +1,239 @@
+"""Tiling: choose the tile sizes of every fused kernel from the memory budget of one tile.
+
+`tile(graph, machine=None)` expects a verified graph (usually fused) and guarantees the same graph with
+every `kernel` node's `tiles` attr set to a tuple of (loop name, size) pairs sorted by name; nothing else
+changes, so numerics are untouched (the reference backend ignores tiles) and a second run changes nothing
+(tiles are recomputed from shapes alone). The default machine is `fusec.machines.cpu()`, the Numba
+backend's host; `make_tile_pass(machine)` makes the pass for another machine (an RDU preset or file).
+
+What a tile is, per kernel kind (the names the Numba backend reads):
+- `matmul` (and an `op` kernel holding one `matmul`): A [M, K] times the horizontally fused right operands,
+  concatenated to [K, N]. ("m", rows of A per tile), ("n", output columns per tile, over the concatenated
+  N), ("k", reduction depth per step: the full K unless even a 32x32 output tile with the full K would not
+  fit, then K split into the fewest equal chunks, a multiple of 8, that let it fit). Batch axes of A are
+  folded into M when the right operand is a rank-2 weight, and are outer (parallel) loops otherwise.
+- `attention`: S = Q.K^T over [Tq, Tk] per (batch, head), head depth D, value depth Dv.
+  ("q", query rows per block), ("kv", key/value rows streamed per step of the online softmax).
+- `reduce`, `pointwise`, other `op`: the domain (the largest of the body's outputs and reduction operands)
+  is viewed as rows = all axes but the last; ("rows", rows per parallel chunk).
+
+Budget: the working set of one tile must fit `machine.tile_budget`: the L2 per core on a cpu, and on an
+RDU pmu_bytes x stage_pmus (the PMUs one pipeline stage may use). Streamed buffers (input and output
+tiles) are double-buffered as the PMU stage buffers are (one fills while the other is used); accumulators
+stay put. With |x| the element size (accumulators 4 bytes, 8 for f64):
+    matmul     2*(m*k*|A| + k*n*|B| + m*n*|out|) + m*n*|acc|
+    attention  2*(q*D*|Q| + kv*D*|K| + kv*Dv*|V| + q*Dv*|out|) + |acc|*(q*kv + q*Dv + 2*q)
+               (scores, output accumulator, running max and sum)
+    rows       stationary + rows*(2*streamed_per_row + acc_per_row); an operand smaller than the number
+               of rows (a norm's weight) is stationary, counted once; every other operand and output
+               is streamed, nbytes / rows per row
+Sizes: positive, at most the dimension, the full dimension when it fits, else a multiple of 8 (a smaller
+size only when not even 8 fits). Among the (m, n) or (q, kv) pairs that fit, the pass takes the one with
+the most reuse, a*b/(a+b) (a block does a*b*depth MACs on (a+b)*depth loaded values), then the larger
+block, then the larger second size. If not even the smallest tile fits, the smallest tile is used.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from fusec.ir import Builder, Graph, Node, dtype_size
+from fusec.machines import Machine, cpu, get_machine
+from fusec.opset import REDUCE
+
+ALIGN = 8        # tile sizes are multiples of this where the dimension allows
+MIN_BLOCK = 32   # the smallest output block (m, n) worth keeping the full K for
+
+Tiles = tuple[tuple[str, int], ...]
+
+
+def tile(graph: Graph, machine: Machine | str | None = None) -> Graph:
+    """Set `tiles` on every kernel node for `machine` (default: this cpu). See the module docstring."""
+    machine = cpu() if machine is None else get_machine(machine)
+    b = Builder(graph.tensors)
+    new: list[int] = []
+    for n in graph.nodes:
+        attrs = dict(n.attrs)
+        if n.op == "kernel":
+            attrs["tiles"] = choose_tiles(n, machine)
+        new.append(b.add(n.op, [new[a] for a in n.args], attrs, type=n.type, origin=n.origin))
+    return b.finish([new[o] for o in graph.outputs])
+
+
+def make_tile_pass(machine: Machine | str) -> Callable[[Graph], Graph]:
+    """The tiling pass for `machine` (a Machine, preset name or machine file), as a Graph -> Graph."""
+    m = get_machine(machine)
+
+    def run(graph: Graph) -> Graph:
+        return tile(graph, m)
+    run.__name__ = run.__qualname__ = f"tile_{m.name}"
+    run.__doc__ = f"`tile` for machine {m.name!r} (budget {m.tile_budget} bytes per tile)."
+    return run
+
+
+# --- the loop nests and their working sets ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MatmulShape:
+    m: int
+    n: int
+    k: int
+    a: int      # element sizes in bytes
+    b: int
+    out: int
+    acc: int
+
+    def working_set(self, m: int, n: int, k: int) -> int:
+        return 2 * (m * k * self.a + k * n * self.b + m * n * self.out) + m * n * self.acc
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    q: int
+    kv: int
+    d: int
+    dv: int
+    qs: int     # element sizes in bytes
+    ks: int
+    vs: int
+    out: int
+    acc: int
+
+    def working_set(self, q: int, kv: int) -> int:
+        streamed = q * self.d * self.qs + kv * self.d * self.ks + kv * self.dv * self.vs + q * self.dv * self.out
+        return 2 * streamed + self.acc * (q * kv + q * self.dv + 2 * q)
+
+
+@dataclass(frozen=True)
+class RowShape:
+    rows: int
+    stationary: int   # bytes loaded once for all rows
+    per_row: int      # streamed bytes per row (double-buffered)
+    acc_per_row: int
+
+    def working_set(self, rows: int) -> int:
+        return self.stationary + rows * (2 * self.per_row + self.acc_per_row)
+
+
+def kernel_shape(node: Node) -> MatmulShape | AttentionShape | RowShape:
+    """The loop nest a kernel node runs, with the sizes its working set depends on."""
+    body: Graph = node.attr("body")
+    kind, anchors = node.attr("kind"), tuple(node.attr("anchors") or ())
+    matmuls = [a for a in anchors if body.nodes[a].op == "matmul"] or \
+        [i for i, n in enumerate(body.nodes) if n.op == "matmul"]
+    if kind == "attention" and len(anchors) == 2:
+        return _attention_shape(node, body, anchors)
+    if matmuls and (kind == "matmul" or (kind == "op" and len(matmuls) == 1)):
+        return _matmul_shape(node, body, matmuls)
+    return _row_shape(body)
+
+
+def working_set(node: Node, tiles: Tiles) -> int:
+    """Bytes one tile of kernel `node` keeps on chip (in cache) with these tiles."""
+    return kernel_shape(node).working_set(**dict(tiles))
+
+
+def _acc_size(*dtypes: str) -> int:
+    return 8 if "f64" in dtypes else 4
+
+
+def _prod(dims) -> int:
+    out = 1
+    for d in dims:
+        out *= d
+    return out
+
+
+def _matmul_shape(node: Node, body: Graph, matmuls: list[int]) -> MatmulShape:
+    a, b = (body.nodes[x] for x in body.nodes[matmuls[0]].args)
+    rows = _prod(a.shape[:-1]) if len(b.shape) == 2 else a.shape[-2]
+    n = sum(body.nodes[mm].shape[-1] for mm in matmuls)
+    return MatmulShape(rows, n, a.shape[-1], dtype_size(a.dtype), dtype_size(b.dtype), dtype_size(node.dtype),
+                       _acc_size(a.dtype, b.dtype))
+
+
+def _attention_shape(node: Node, body: Graph, anchors: tuple[int, ...]) -> AttentionShape:
+    s, o = (body.nodes[x] for x in anchors)
+    q, k = (body.nodes[x] for x in s.args)
+    v = body.nodes[o.args[1]]
+    return AttentionShape(s.shape[-2], s.shape[-1], q.shape[-1], o.shape[-1], dtype_size(q.dtype),
+                          dtype_size(k.dtype), dtype_size(v.dtype), dtype_size(node.dtype),
+                          _acc_size(q.dtype, k.dtype, v.dtype))
+
+
+def _row_shape(body: Graph) -> RowShape:
+    reductions = [n for n in body.nodes if n.op in REDUCE]
+    candidates = [body.nodes[o].type for o in body.outputs] + [body.nodes[r.args[0]].type for r in reductions]
+    domain = max(candidates, key=lambda t: t.numel).shape
+    rows = max(_prod(domain[:-1]), 1)
+    stationary = per_row = 0
+    operands = [n.type for n in body.nodes if n.op in ("input", "param") or (n.op == "const" and n.attr("key"))]
+    for t in operands + [body.nodes[o].type for o in body.outputs]:
+        if t.numel < rows:
+            stationary += t.nbytes
+        else:
+            per_row += _ceil_div(t.nbytes, rows)
+    acc = sum(_ceil_div(r.type.numel, rows) * _acc_size(r.dtype) for r in reductions)
+    return RowShape(rows, stationary, per_row, acc)
+
+
+# --- choosing sizes -----------------------------------------------------------------------------------
+
+def choose_tiles(node: Node, machine: Machine) -> Tiles:
+    """The tiles of kernel `node` on `machine`, sorted by name."""
+    shape, budget = kernel_shape(node), machine.tile_budget
+    if isinstance(shape, MatmulShape):
+        k = _depth(shape, budget)
+        m, n = _best_pair(shape.m, shape.n, lambda m, n: shape.working_set(m, n, k) <= budget)
+        tiles = {"m": m, "n": n, "k": k}
+    elif isinstance(shape, AttentionShape):
+        q, kv = _best_pair(shape.q, shape.kv, lambda q, kv: shape.working_set(q, kv) <= budget)
+        tiles = {"q": q, "kv": kv}
+    else:
+        tiles = {"rows": _largest(_sizes(shape.rows), lambda r: shape.working_set(r) <= budget)}
+    return tuple(sorted(tiles.items()))
+
+
+def _sizes(dim: int) -> list[int]:
+    """Candidate sizes for a dimension, ascending: 1..7 (fallbacks), multiples of 8 below it, itself."""
+    return sorted({*range(1, min(dim, ALIGN)), *range(ALIGN, dim, ALIGN), max(dim, 1)})
+
+
+def _largest(sizes: list[int], fits: Callable[[int], bool]) -> int:
+    """The largest size that fits (fits is monotone); the smallest when none does."""
+    lo, hi = 0, len(sizes) - 1
+    if not fits(sizes[0]):
+        return sizes[0]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(sizes[mid]) else (lo, mid - 1)
+    return sizes[lo]
+
+
+def _best_pair(dim_a: int, dim_b: int, fits: Callable[[int, int], bool]) -> tuple[int, int]:
+    """The (a, b) that fits with the most reuse a*b/(a+b), then the larger a*b, then the larger b."""
+    sizes_b = _sizes(dim_b)
+    best, best_key = (1, 1), None
+    for a in _sizes(dim_a):
+        if not fits(a, sizes_b[0]):
+            break  # a larger a fits even less
+        b = _largest(sizes_b, lambda b: fits(a, b))
+        key = (a * b / (a + b), a * b, b)
+        if best_key is None or key > best_key:
+            best, best_key = (a, b), key
+    return best
+
+
+def _depth(shape: MatmulShape, budget: int) -> int:
+    """The full K, unless a MIN_BLOCK x MIN_BLOCK output tile does not fit with it: then the fewest equal
+    chunks of K (each a multiple of 8) that let it fit."""
+    m, n = min(shape.m, MIN_BLOCK), min(shape.n, MIN_BLOCK)
+    k, chunks = shape.k, 1
+    while k > ALIGN and shape.working_set(m, n, k) > budget:
+        chunks += 1
+        k = min(shape.k, _ceil_div(_ceil_div(shape.k, chunks), ALIGN) * ALIGN)
+    return k
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
