@@ -22,11 +22,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from numba.core.errors import NumbaPerformanceWarning
 
 import fusec
 from fusec import benchtools
@@ -53,6 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="threads for torch and numba alike")
     parser.add_argument("--backend", default="numba", help="fusec backend (falls back to reference)")
     parser.add_argument("--out", default="bench_out", help="directory for bench_block.json and .png")
+    parser.add_argument("--cache-dir", help="FUSEC_CACHE_DIR to use and keep (default: a fresh temporary "
+                        "one, so that the first compile is cold)")
     parser.add_argument("--no-compile-time", action="store_true",
                         help="skip the warm-compile subprocess (cold compile times are still recorded)")
     parser.add_argument("--no-torch-compile", action="store_true", help="skip torch.compile (inductor)")
@@ -119,19 +123,23 @@ def timed_compile(module, args, kwargs, fuse: bool, backend: str) -> dict:
 
 
 @contextmanager
-def fresh_cache_dir():
-    """FUSEC_CACHE_DIR set to a new empty directory for the block; restored and removed afterwards."""
+def cache_dir(path: str | None = None):
+    """FUSEC_CACHE_DIR set for the block to `path`, or to a new empty directory that is removed afterwards;
+    the previous value is restored."""
     previous = os.environ.get("FUSEC_CACHE_DIR")
-    path = tempfile.mkdtemp(prefix="fusec-bench-cache-")
-    os.environ["FUSEC_CACHE_DIR"] = path
+    if path:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    directory = path or tempfile.mkdtemp(prefix="fusec-bench-cache-")
+    os.environ["FUSEC_CACHE_DIR"] = directory
     try:
-        yield path
+        yield directory
     finally:
         if previous is None:
             os.environ.pop("FUSEC_CACHE_DIR", None)
         else:
             os.environ["FUSEC_CACHE_DIR"] = previous
-        shutil.rmtree(path, ignore_errors=True)
+        if not path:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def child_compile(args: argparse.Namespace) -> int:
@@ -152,13 +160,14 @@ def child_compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def warm_compile_times(args: argparse.Namespace, cache_dir: str) -> dict:
-    """Run `child_compile` in a new Python process that shares `cache_dir`; its report, or {"error": ...}."""
+def warm_compile_times(args: argparse.Namespace, directory: str) -> dict:
+    """Run `child_compile` in a new Python process that shares the cache `directory`; its report, or
+    {"error": ...}."""
     command = [sys.executable, str(Path(__file__).resolve()), "--child-compile", "--preset", args.preset,
                "--seq", str(args.seq), "--past", str(args.past), "--threads", str(args.threads),
                "--backend", args.backend]
     root = str(Path(fusec.__file__).resolve().parent.parent)
-    env = dict(os.environ, FUSEC_CACHE_DIR=cache_dir,
+    env = dict(os.environ, FUSEC_CACHE_DIR=directory,
                PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
@@ -305,7 +314,7 @@ def run(args: argparse.Namespace) -> dict:
     machine_before = measure_machine("before")
     block = build_block(args.preset)
     results, cold, warm = [], {}, {}
-    with fresh_cache_dir() as cache_dir:
+    with cache_dir(args.cache_dir) as directory:
         for case in CASES:
             print(f"benchmarking {case} ...", flush=True)
             rows, cold_times = bench_case(block, case, args)
@@ -313,7 +322,7 @@ def run(args: argparse.Namespace) -> dict:
             cold.update(cold_times)
         if not args.no_compile_time:
             print("measuring warm compile time in a new process ...", flush=True)
-            warm = warm_compile_times(args, cache_dir)
+            warm = warm_compile_times(args, directory)
     machine = best_of(machine_before, measure_machine("after"))
     lines = {case: roofline(block, case, args.seq, args.past, machine) for case in CASES}
     for row in results:
@@ -360,7 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child_compile:
         return child_compile(args)
-    report = run(args)
+    with warnings.catch_warnings():
+        # The generated kernels' "parallel=True but nothing to parallelise" notes would bury the table.
+        warnings.filterwarnings("ignore", category=NumbaPerformanceWarning)
+        report = run(args)
     print_report(report)
     write_outputs(report, Path(args.out))
     return 0

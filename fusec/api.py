@@ -118,7 +118,8 @@ def lower(graph: Graph, fuse: bool = True) -> Graph:
     if fuse:
         return run_pipeline(graph)
     from passes.fuse import unfuse
-    return unfuse(run_pipeline(graph, until="canonical"))
+    from passes.tile import tile
+    return tile(unfuse(run_pipeline(graph, until="canonical")))
 
 
 def program_stats(graph: Graph) -> dict:

@@ -114,6 +114,13 @@ class Graph:
                 out[a].append(i)
         return out
 
+    def walk(self):
+        """Every node, kernel bodies included (a body's nodes follow its kernel node)."""
+        for n in self.nodes:
+            yield n
+            if n.op == "kernel":
+                yield from n.attr("body").walk()
+
     def ops(self) -> dict[str, int]:
         """Count of nodes per op, for summaries."""
         counts: dict[str, int] = {}

@@ -63,7 +63,8 @@ class Machine:
     l1_bytes: int = 0             # cpu only: L1 data cache per core
     l2_bytes: int = 0             # cpu only: L2 per core (the tile budget)
     l3_bytes: int = 0             # cpu only: last-level cache, shared
-    sources: tuple[tuple[str, str], ...] = ()  # (field, "KEY where [tag]") for every figure
+    # (field, "KEY where [tag]") for every figure; notes, so not part of equality
+    sources: tuple[tuple[str, str], ...] = dataclasses.field(default=(), compare=False)
 
     def __post_init__(self):
         if self.kind not in ("rdu", "cpu"):

@@ -9,9 +9,10 @@ backend's host; `make_tile_pass(machine)` makes the pass for another machine (an
 What a tile is, per kernel kind (the names the Numba backend reads):
 - `matmul` (and an `op` kernel holding one `matmul`): A [M, K] times the horizontally fused right operands,
   concatenated to [K, N]. ("m", rows of A per tile), ("n", output columns per tile, over the concatenated
-  N), ("k", reduction depth per step: the full K unless even a 32x32 output tile with the full K would not
-  fit, then K split into the fewest equal chunks, a multiple of 8, that let it fit). Batch axes of A are
-  folded into M when the right operand is a rank-2 weight, and are outer (parallel) loops otherwise.
+  N), ("k", reduction depth per step): the full K, unless not even a 32x32 output tile fits with it; then
+  K is split into the fewest equal chunks (rounded up to a multiple of 8, the last one shorter) that let
+  it fit. Batch axes of A are folded into M when the right operand is a rank-2 weight, and are outer
+  (parallel) loops otherwise.
 - `attention`: S = Q.K^T over [Tq, Tk] per (batch, head), head depth D, value depth Dv.
   ("q", query rows per block), ("kv", key/value rows streamed per step of the online softmax).
 - `reduce`, `pointwise`, other `op`: the domain (the largest of the body's outputs and reduction operands)
@@ -19,14 +20,15 @@ What a tile is, per kernel kind (the names the Numba backend reads):
 
 Budget: the working set of one tile must fit `machine.tile_budget`: the L2 per core on a cpu, and on an
 RDU pmu_bytes x stage_pmus (the PMUs one pipeline stage may use). Streamed buffers (input and output
-tiles) are double-buffered as the PMU stage buffers are (one fills while the other is used); accumulators
-stay put. With |x| the element size (accumulators 4 bytes, 8 for f64):
+tiles) are double-buffered as the PMU stage buffers are (one fills while the other is used: SN40L §IV-B;
+"double buffering doubles the capacity needed", rdu_facts §5); accumulators stay put. With |x| the
+element size (accumulators 4 bytes, 8 for f64):
     matmul     2*(m*k*|A| + k*n*|B| + m*n*|out|) + m*n*|acc|
     attention  2*(q*D*|Q| + kv*D*|K| + kv*Dv*|V| + q*Dv*|out|) + |acc|*(q*kv + q*Dv + 2*q)
                (scores, output accumulator, running max and sum)
-    rows       stationary + rows*(2*streamed_per_row + acc_per_row); an operand smaller than the number
-               of rows (a norm's weight) is stationary, counted once; every other operand and output
-               is streamed, nbytes / rows per row
+    rows       stationary + rows*(2*streamed_per_row + acc_per_row); an operand with no more elements
+               than the rows or than one row (a norm's weight, a bias) is stationary, counted once;
+               every other operand and output is streamed, nbytes / rows per row
 Sizes: positive, at most the dimension, the full dimension when it fits, else a multiple of 8 (a smaller
 size only when not even 8 fits). Among the (m, n) or (q, kv) pairs that fit, the pass takes the one with
 the most reuse, a*b/(a+b) (a block does a*b*depth MACs on (a+b)*depth loaded values), then the larger
@@ -166,10 +168,11 @@ def _row_shape(body: Graph) -> RowShape:
     candidates = [body.nodes[o].type for o in body.outputs] + [body.nodes[r.args[0]].type for r in reductions]
     domain = max(candidates, key=lambda t: t.numel).shape
     rows = max(_prod(domain[:-1]), 1)
+    row_len = domain[-1] if domain else 1
     stationary = per_row = 0
     operands = [n.type for n in body.nodes if n.op in ("input", "param") or (n.op == "const" and n.attr("key"))]
     for t in operands + [body.nodes[o].type for o in body.outputs]:
-        if t.numel < rows:
+        if t.numel <= max(rows, row_len):
             stationary += t.nbytes
         else:
             per_row += _ceil_div(t.nbytes, rows)

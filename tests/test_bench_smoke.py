@@ -28,11 +28,16 @@ def bench():
     return load_bench()
 
 
+SMOKE_ARGS = ["--preset", "tiny", "--seq", "8", "--past", "8", "--repeat", "2"]
+FUSEC_PROGRAMS = {"fusec unfused/prefill", "fusec fused/prefill", "fusec unfused/decode", "fusec fused/decode"}
+
+
 @pytest.fixture(scope="module")
 def report(bench, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_out")
-    argv = ["--preset", "tiny", "--seq", "8", "--past", "8", "--repeat", "2", "--no-compile-time",
-            "--no-torch-compile", "--out", str(out)]
+    # A kept cache dir, so that the warm-compile test below finds these programs compiled.
+    argv = SMOKE_ARGS + ["--no-compile-time", "--no-torch-compile", "--out", str(out),
+                         "--cache-dir", str(out / "cache")]
     assert bench.main(argv) == 0
     return out, json.loads((out / "bench_block.json").read_text())
 
@@ -58,19 +63,17 @@ def test_report_records_machine_rooflines_and_cold_compile_times(report):
     out, data = report
     assert data["machine"]["bandwidth"]["best"] > 0 and data["machine"]["matmul_peak"]["best"] > 0
     assert data["roofline"]["decode"]["bound"] == "memory" and data["roofline"]["prefill"]["bound"] == "compute"
-    assert set(data["compile_time"]["cold"]) == {"fusec unfused/prefill", "fusec fused/prefill",
-                                                 "fusec unfused/decode", "fusec fused/decode"}
+    assert set(data["compile_time"]["cold"]) == FUSEC_PROGRAMS
+    assert all(t["compile_s"] > 0 for t in data["compile_time"]["cold"].values())
     assert data["compile_time"]["warm"] == {} and not data["compile_time"]["measured_warm"]
     assert (out / "bench_block.png").stat().st_size > 0
 
 
-def test_child_compile_reports_every_fusec_program(bench, capsys):
-    assert bench.main(["--child-compile", "--preset", "tiny", "--seq", "4", "--past", "3"]) == 0
-    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith(bench.CHILD_PREFIX)][-1]
-    times = json.loads(line[len(bench.CHILD_PREFIX):])
-    assert set(times) == {"fusec unfused/prefill", "fusec fused/prefill", "fusec unfused/decode",
-                          "fusec fused/decode"}
-    assert all(t["compile_s"] > 0 for t in times.values())
+def test_warm_compile_subprocess_reports_every_fusec_program(bench, report):
+    out, _ = report
+    times = bench.warm_compile_times(bench.parse_args(SMOKE_ARGS), str(out / "cache"))
+    assert set(times) == FUSEC_PROGRAMS, times
+    assert all(t["compile_s"] > 0 and t["first_call_s"] >= 0 for t in times.values())
 
 
 def test_torch_compile_failure_is_reported_not_raised(bench):

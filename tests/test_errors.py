@@ -100,13 +100,13 @@ def test_wrong_number_of_inputs_is_a_type_error(compiled, count):
     with pytest.raises(TypeError) as info:
         compiled(*args)
     message = str(info.value)
-    assert "2 tensor" in message  # expected
+    assert "expects 2 input tensor" in message  # expected
     assert f"got {count} positional" in message  # given
     assert "f32[2,8]" in message and "f32[2,4]" in message
 
 
 def test_unexpected_keyword_is_a_type_error(compiled):
-    with pytest.raises(TypeError, match=r"2 tensor.*got 2 positional and 1 keyword"):
+    with pytest.raises(TypeError, match=r"expects 2 input tensor.*got 2 positional and 1 keyword"):
         compiled(torch.randn(2, 8), torch.randn(2, 4), scale=torch.randn(1))
 
 
