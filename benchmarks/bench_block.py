@@ -329,7 +329,7 @@ def run(args: argparse.Namespace) -> dict:
         if row.get("median_ms"):
             row["roofline_fraction"] = lines[row["case"]]["seconds"] / (row["median_ms"] / 1e3)
     return {"preset": args.preset, "seq": args.seq, "past": args.past, "repeat": args.repeat,
-            "warmup": args.warmup, "threads": {"torch": args.threads, "numba": threads},
+            "warmup": args.warmup, "threads": {"torch": torch.get_num_threads(), "numba": threads},
             "machine": machine, "roofline": lines, "results": results,
             "compile_time": {"cold": cold, "warm": warm, "measured_warm": not args.no_compile_time}}
 

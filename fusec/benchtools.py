@@ -45,9 +45,11 @@ def set_threads(n: int) -> int:
     import torch
     if n < 1:
         raise ValueError(f"set_threads: need at least 1 thread, given {n}")
-    torch.set_num_threads(n)
     numba_threads = min(n, numba.config.NUMBA_NUM_THREADS)
+    # numba first: launching its OpenMP pool resets the OpenMP thread count torch reads, and torch reads
+    # it from the same libgomp.
     numba.set_num_threads(numba_threads)
+    torch.set_num_threads(n)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = str(n)
     return numba_threads

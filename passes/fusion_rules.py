@@ -202,8 +202,8 @@ def _consumes(plan: Plan, group: Group, node: int) -> bool:
 
 def _matmul_form(plan: Plan, group: Group, node: int) -> bool:
     n = plan.nodes[node]
-    if n.op == "matmul":  # horizontal: the same left operand
-        return n.args[0] == group.info["lhs"]
+    if n.op == "matmul":  # horizontal: the same left operand, a right operand not computed here
+        return n.args[0] == group.info["lhs"] and not _consumes(plan, group, node)
     if _consumes(plan, group, node):  # the pointwise epilogue
         return plan.kind(node) == "elementwise" or (plan.kind(node) == "layout" and len(n.args) == 1)
     return plan.row_local(node, group.info["k"])  # the row-wise prologue over A's [M, K]
@@ -215,10 +215,12 @@ def _attention_form(plan: Plan, group: Group, node: int) -> bool:
                                              or (plan.kind(node) == "layout" and len(n.args) == 1))
 
 
-def _reduce_depth(plan: Plan, group: Group, node: int) -> int:
-    """Reductions on the longest chain inside the group ending at `node`."""
-    below = max((_reduce_depth(plan, group, e) for e in plan.operands(node) if e in group.members), default=0)
-    return below + (plan.kind(node) == "reduce")
+def _reduce_depth(plan: Plan, group: Group, node: int, memo: dict[int, int]) -> int:
+    """Reductions on the longest chain inside the group that ends at `node`."""
+    if node not in memo:
+        below = [_reduce_depth(plan, group, e, memo) for e in plan.operands(node) if e in group.members]
+        memo[node] = max(below, default=0) + (plan.kind(node) == "reduce")
+    return memo[node]
 
 
 def _reduce_form(plan: Plan, group: Group, node: int) -> bool:
@@ -226,8 +228,7 @@ def _reduce_form(plan: Plan, group: Group, node: int) -> bool:
     if plan.kind(node) == "reduce":
         return (plan.nodes[n.args[0]].shape == domain and n.attr("axes") == group.info["axes"]
                 and n.attr("keepdim") == group.info["keepdim"]
-                and 1 + max((_reduce_depth(plan, group, e) for e in plan.operands(node) if e in group.members),
-                            default=0) <= MAX_REDUCE_DEPTH)
+                and _reduce_depth(plan, group, node, {}) <= MAX_REDUCE_DEPTH)
     if plan.kind(node) != "elementwise":
         return False
     if _consumes(plan, group, node):  # epilogue: domain- or reduced-shaped
@@ -301,7 +302,7 @@ def _attention_members(plan: Plan, s: int, o: int) -> set[int] | None:
     if any(i in plan.group_of or not plan.row_local(i, S.shape[-1]) for i in region):
         return None
     inside = region | {s, o}
-    if any(not set(plan.users[i]) <= inside for i in region | {s}):  # softmax probabilities read elsewhere
+    if any(i in plan.outputs or not set(plan.users[i]) <= inside for i in region | {s}):  # probabilities used elsewhere
         return None
     members = inside | _operand_closure(plan, (S.args[0], S.args[1], O.args[1]), inside)
     return None if plan.reaches(members, members) else members
@@ -320,7 +321,7 @@ def _operand_closure(plan: Plan, roots: Iterable[int], inside: set[int]) -> set[
         live = [a for a in n.args if not plan.copied[a]]
         if plan.kind(x) == "layout":
             stack.extend(live)
-        elif plan.kind(x) == "elementwise" and len(live) == 1 and plan.readers(x) <= inside | closure:
+        elif plan.kind(x) == "elementwise" and len(live) == 1 and not plan.escapes(x, inside | closure):
             closure.add(x)
             stack.extend(live)
     return closure
@@ -396,7 +397,7 @@ def absorb_prologue(plan: Plan, group: Group) -> None:
         seen.add(x)
         if not plan.row_local(x, group.info["k"]):
             continue
-        if plan.transparent(x) or (plan.readers(x) <= group.members and plan.can_fuse(group, x)):
+        if plan.transparent(x) or (not plan.escapes(x, group.members) and plan.can_fuse(group, x)):
             if not plan.transparent(x):
                 plan.add(group, x)
             for a in plan.nodes[x].args:
@@ -413,8 +414,8 @@ def reduce_groups(plan: Plan) -> None:
                                axes=n.attr("axes"), keepdim=n.attr("keepdim"))
         while True:
             near = {e for m in group.members for e in plan.operands(m) | plan.readers(m)}
-            ranked = sorted((e for e in near if e >= 0 and e not in plan.group_of
-                             and (plan.readers(e) <= group.members or _consumes(plan, group, e))),
+            ranked = sorted((e for e in near if e >= 0 and e not in plan.group_of and plan.compute(e)
+                             and (not plan.escapes(e, group.members) or _consumes(plan, group, e))),
                             key=lambda e: (-plan.score(group, e), e))
             taken = next((e for e in ranked if plan.can_fuse(group, e)), None)
             if taken is None:

@@ -85,6 +85,15 @@ def test_torch_compile_failure_is_reported_not_raised(bench):
     assert compiled is None and info["status"].startswith("failed: ") and "no kernel" in info["status"]
 
 
+def test_unknown_backend_falls_back_to_reference(bench):
+    block = bench.build_block("tiny")
+    inputs, kwargs = bench.case_inputs(block.config, "decode", seq=4, past=3)
+    compiled, used = bench.fusec_compile(block, inputs, kwargs, fuse=True, backend="no-such-backend")
+    assert used == "reference"
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*inputs, **kwargs), block(*inputs, **kwargs), rtol=0, atol=1e-5)
+
+
 def test_roofline_counts_decode_bytes_and_prefill_flops(bench):
     block = bench.build_block("tiny")
     machine = {"bandwidth": {"best": 1e9}, "matmul_peak": {"best": 1e9}}
@@ -113,8 +122,10 @@ def test_format_table_aligns_and_marks_missing_values():
     assert lines[3].split() == ["bb", "-"] and len({len(line) for line in lines}) == 1
 
 
-def test_set_threads_sets_torch_and_numba():
+def test_set_threads_sets_torch_and_numba(monkeypatch):
     import numba
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        monkeypatch.setenv(var, "")  # so that monkeypatch restores what set_threads writes
     before = torch.get_num_threads()
     try:
         assert benchtools.set_threads(1) == 1

@@ -1,0 +1,486 @@
+"""The fusion pass: IR text in, fused IR text out; a second run changes nothing; the reference backend
+computes the same outputs before and after; Llama blocks (ours and Hugging Face's) become five kernels."""
+from __future__ import annotations
+
+from textwrap import dedent
+
+import numpy as np
+import pytest
+import torch
+import torch.utils._pytree as pytree
+
+from backends.reference import run_graph
+from fusec.ir import Graph, verify
+from fusec.models import LlamaConfig, load_model
+from fusec.opset import OPS
+from fusec.printer import format_graph, parse_graph
+from fusec.tracing import trace
+from passes.fuse import decide, describe, fuse, fusion_stats, unfuse
+from passes.fusion_rules import Plan, matmul_groups
+from passes.pipeline import run_pipeline
+
+RNG = np.random.default_rng(0)
+TENSORS = {name: RNG.standard_normal(shape).astype(np.float32)
+           for name, shape in {"w": (4, 8), "v": (6, 8), "b": (4,), "g": (8,)}.items()}
+
+
+def random_inputs(graph: Graph, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(t.shape).astype(np.float32) for t in graph.input_types]
+
+
+def check(before: str, after: str) -> Graph:
+    """Fuse `before`; compare with `after`; check the text parses back, idempotence and numerics."""
+    graph = parse_graph(before, TENSORS)
+    verify(graph)
+    fused = fuse(graph)
+    verify(fused)
+    assert format_graph(fused) == dedent(after).strip()
+    assert parse_graph(format_graph(fused), TENSORS) == fused
+    assert format_graph(fuse(fused)) == format_graph(fused), "a second run changed the graph"
+    assert_same_outputs(graph, fused, random_inputs(graph))
+    return fused
+
+
+def assert_same_outputs(want: Graph, got: Graph, inputs: list) -> None:
+    for a, b in zip(run_graph(want, inputs), run_graph(got, inputs), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+def kinds(graph: Graph) -> list[str]:
+    return [kind for kind, _ in describe(graph)]
+
+
+# --- small graphs, golden text ----------------------------------------------------------------------------
+
+def test_an_elementwise_chain_and_its_returned_view_are_one_pointwise_kernel():
+    check("""
+        %0 = input {index=0, name="x"} : f32[2,8]
+        %1 = exp %0 : f32[2,8]
+        %2 = const {value=2.0} : f32[]
+        %3 = mul %1, %2 : f32[2,8]
+        %4 = reshape %3 {shape=[16]} : f32[16]
+        return %4
+    """, """
+        %0 = input {index=0, name="x"} : f32[2,8]
+        %1 = kernel %0 {anchors=[], kind="pointwise", tiles=[]} : f32[16]
+          body {
+            %0 = input {index=0, name="a0"} : f32[2,8]
+            %1 = exp %0 : f32[2,8]
+            %2 = const {value=2.0} : f32[]
+            %3 = mul %1, %2 : f32[2,8]
+            %4 = reshape %3 {shape=[16]} : f32[16]
+            return %4
+          }
+        return %1
+    """)
+
+
+def test_a_returned_view_of_an_input_is_materialized_by_its_own_kernel():
+    check("""
+        %0 = input {index=0, name="x"} : f32[2,8]
+        %1 = permute %0 {perm=[1,0]} : f32[8,2]
+        return %1, %0
+    """, """
+        %0 = input {index=0, name="x"} : f32[2,8]
+        %1 = kernel %0 {anchors=[], kind="pointwise", tiles=[]} : f32[8,2]
+          body {
+            %0 = input {index=0, name="a0"} : f32[2,8]
+            %1 = permute %0 {perm=[1,0]} : f32[8,2]
+            return %1
+          }
+        return %1, %0
+    """)
+
+
+def test_softmax_is_one_reduce_kernel_anchored_at_its_reductions():
+    check("""
+        %0 = input {index=0, name="x"} : f32[2,8]
+        %1 = amax %0 {axes=[1], keepdim=true} : f32[2,1]
+        %2 = sub %0, %1 : f32[2,8]
+        %3 = exp %2 : f32[2,8]
+        %4 = sum %3 {axes=[1], keepdim=true} : f32[2,1]
+        %5 = div %3, %4 : f32[2,8]
+        return %5
+    """, """
+        %0 = input {index=0, name="x"} : f32[2,8]
+        %1 = kernel %0 {anchors=[1,4], kind="reduce", tiles=[]} : f32[2,8]
+          body {
+            %0 = input {index=0, name="a0"} : f32[2,8]
+            %1 = amax %0 {axes=[1], keepdim=true} : f32[2,1]
+            %2 = sub %0, %1 : f32[2,8]
+            %3 = exp %2 : f32[2,8]
+            %4 = sum %3 {axes=[1], keepdim=true} : f32[2,1]
+            %5 = div %3, %4 : f32[2,8]
+            return %5
+          }
+        return %1
+    """)
+
+
+def test_norm_prologue_matmul_and_bias_relu_epilogue_are_one_matmul_kernel():
+    check("""
+        %0 = input {index=0, name="x"} : f32[2,8]
+        %1 = param {name="g"} : f32[8]
+        %2 = param {name="w"} : f32[4,8]
+        %3 = param {name="b"} : f32[4]
+        %4 = mul %0, %0 : f32[2,8]
+        %5 = sum %4 {axes=[1], keepdim=true} : f32[2,1]
+        %6 = rsqrt %5 : f32[2,1]
+        %7 = mul %0, %6 : f32[2,8]
+        %8 = mul %7, %1 : f32[2,8]
+        %9 = permute %2 {perm=[1,0]} : f32[8,4]
+        %10 = matmul %8, %9 : f32[2,4]
+        %11 = add %10, %3 : f32[2,4]
+        %12 = relu %11 : f32[2,4]
+        return %12
+    """, """
+        %0 = input {index=0, name="x"} : f32[2,8]
+        %1 = kernel %0 {anchors=[9], kind="matmul", tiles=[]} : f32[2,4]
+          body {
+            %0 = input {index=0, name="a0"} : f32[2,8]
+            %1 = mul %0, %0 : f32[2,8]
+            %2 = sum %1 {axes=[1], keepdim=true} : f32[2,1]
+            %3 = rsqrt %2 : f32[2,1]
+            %4 = mul %0, %3 : f32[2,8]
+            %5 = param {name="g"} : f32[8]
+            %6 = mul %4, %5 : f32[2,8]
+            %7 = param {name="w"} : f32[4,8]
+            %8 = permute %7 {perm=[1,0]} : f32[8,4]
+            %9 = matmul %6, %8 : f32[2,4]
+            %10 = param {name="b"} : f32[4]
+            %11 = add %9, %10 : f32[2,4]
+            %12 = relu %11 : f32[2,4]
+            return %12
+          }
+        return %1
+    """)
+
+
+def test_matmuls_sharing_a_left_operand_are_one_kernel_with_result_nodes():
+    check("""
+        %0 = input {index=0, name="x"} : f32[2,8]
+        %1 = param {name="w"} : f32[4,8]
+        %2 = param {name="v"} : f32[6,8]
+        %3 = permute %1 {perm=[1,0]} : f32[8,4]
+        %4 = matmul %0, %3 : f32[2,4]
+        %5 = permute %2 {perm=[1,0]} : f32[8,6]
+        %6 = matmul %0, %5 : f32[2,6]
+        %7 = tanh %6 : f32[2,6]
+        return %4, %7
+    """, """
+        %0 = input {index=0, name="x"} : f32[2,8]
+        %1 = kernel %0 {anchors=[3,6], kind="matmul", tiles=[]} : f32[2,4]
+          body {
+            %0 = input {index=0, name="a0"} : f32[2,8]
+            %1 = param {name="w"} : f32[4,8]
+            %2 = permute %1 {perm=[1,0]} : f32[8,4]
+            %3 = matmul %0, %2 : f32[2,4]
+            %4 = param {name="v"} : f32[6,8]
+            %5 = permute %4 {perm=[1,0]} : f32[8,6]
+            %6 = matmul %0, %5 : f32[2,6]
+            %7 = tanh %6 : f32[2,6]
+            return %3, %7
+          }
+        %2 = result %1 {index=0} : f32[2,4]
+        %3 = result %1 {index=1} : f32[2,6]
+        return %2, %3
+    """)
+
+
+def test_a_matmul_reading_another_is_not_fused_horizontally():
+    fused = check("""
+        %0 = input {index=0, name="x"} : f32[8,8]
+        %1 = input {index=1, name="y"} : f32[8,8]
+        %2 = matmul %0, %1 : f32[8,8]
+        %3 = matmul %0, %2 : f32[8,8]
+        return %3
+    """, """
+        %0 = input {index=0, name="x"} : f32[8,8]
+        %1 = input {index=1, name="y"} : f32[8,8]
+        %2 = kernel %0, %1 {anchors=[2], kind="matmul", tiles=[]} : f32[8,8]
+          body {
+            %0 = input {index=0, name="a0"} : f32[8,8]
+            %1 = input {index=1, name="a1"} : f32[8,8]
+            %2 = matmul %0, %1 : f32[8,8]
+            return %2
+          }
+        %3 = kernel %0, %2 {anchors=[2], kind="matmul", tiles=[]} : f32[8,8]
+          body {
+            %0 = input {index=0, name="a0"} : f32[8,8]
+            %1 = input {index=1, name="a1"} : f32[8,8]
+            %2 = matmul %0, %1 : f32[8,8]
+            return %2
+          }
+        return %3
+    """)
+    assert kinds(fused) == ["matmul", "matmul"]
+
+
+CYCLE = """
+    %0 = input {index=0, name="x"} : f32[2,8]
+    %1 = param {name="v"} : f32[6,8]
+    %2 = permute %1 {perm=[1,0]} : f32[8,6]
+    %3 = matmul %0, %2 : f32[2,6]
+    %4 = sum %3 {axes=[1], keepdim=true} : f32[2,1]
+    %5 = sub %3, %4 : f32[2,6]
+    %6 = relu %3 : f32[2,6]
+    return %5, %6
+"""
+
+
+def test_can_fuse_refuses_a_path_that_leaves_the_group_and_comes_back():
+    plan = Plan(parse_graph(CYCLE, TENSORS))
+    matmul_groups(plan)
+    (group,) = plan.groups
+    assert plan.can_fuse(group, 6)       # relu(m): an epilogue
+    assert not plan.can_fuse(group, 5)   # m - sum(m): the sum would be another kernel between them
+    assert not plan.can_fuse(group, 4)   # a reduction is no matmul epilogue
+    assert plan.score(group, 6) == 2 * 6 * 4
+    fused = check(CYCLE, format_graph(fuse(parse_graph(CYCLE, TENSORS))))
+    assert kinds(fused) == ["matmul", "reduce"]
+    assert describe(fused)[1][1] == {"sub": 1, "sum": 1}
+
+
+ATTENTION = """
+    %0 = input {index=0, name="q"} : f32[2,4,8]
+    %1 = input {index=1, name="k"} : f32[2,4,8]
+    %2 = input {index=2, name="v"} : f32[2,4,8]
+    %3 = permute %1 {perm=[0,2,1]} : f32[2,8,4]
+    %4 = matmul %0, %3 : f32[2,4,4]
+    %5 = const {value=0.5} : f32[]
+    %6 = mul %4, %5 : f32[2,4,4]
+    %7 = amax %6 {axes=[2], keepdim=true} : f32[2,4,1]
+    %8 = sub %6, %7 : f32[2,4,4]
+    %9 = exp %8 : f32[2,4,4]
+    %10 = sum %9 {axes=[2], keepdim=true} : f32[2,4,1]
+    %11 = div %9, %10 : f32[2,4,4]
+    %12 = matmul %11, %2 : f32[2,4,8]
+    %13 = permute %12 {perm=[1,0,2]} : f32[4,2,8]
+    %14 = reshape %13 {shape=[4,16]} : f32[4,16]
+    return %14
+"""
+
+
+def test_attention_is_one_kernel_anchored_at_scores_and_output():
+    check(ATTENTION, """
+        %0 = input {index=0, name="q"} : f32[2,4,8]
+        %1 = input {index=1, name="k"} : f32[2,4,8]
+        %2 = input {index=2, name="v"} : f32[2,4,8]
+        %3 = kernel %0, %1, %2 {anchors=[3,12], kind="attention", tiles=[]} : f32[4,16]
+          body {
+            %0 = input {index=0, name="a0"} : f32[2,4,8]
+            %1 = input {index=1, name="a1"} : f32[2,4,8]
+            %2 = permute %1 {perm=[0,2,1]} : f32[2,8,4]
+            %3 = matmul %0, %2 : f32[2,4,4]
+            %4 = const {value=0.5} : f32[]
+            %5 = mul %3, %4 : f32[2,4,4]
+            %6 = amax %5 {axes=[2], keepdim=true} : f32[2,4,1]
+            %7 = sub %5, %6 : f32[2,4,4]
+            %8 = exp %7 : f32[2,4,4]
+            %9 = sum %8 {axes=[2], keepdim=true} : f32[2,4,1]
+            %10 = div %8, %9 : f32[2,4,4]
+            %11 = input {index=2, name="a2"} : f32[2,4,8]
+            %12 = matmul %10, %11 : f32[2,4,8]
+            %13 = permute %12 {perm=[1,0,2]} : f32[4,2,8]
+            %14 = reshape %13 {shape=[4,16]} : f32[4,16]
+            return %14
+          }
+        return %3
+    """)
+
+
+def test_attention_whose_probabilities_are_returned_is_not_one_kernel():
+    graph = parse_graph(ATTENTION.replace("return %14", "return %14, %11"), TENSORS)
+    fused = fuse(graph)
+    assert kinds(fused) == ["matmul", "reduce", "matmul"]
+    assert_same_outputs(graph, fused, random_inputs(graph))
+
+
+def test_unfuse_keeps_reshape_as_a_view_and_copies_weights_into_bodies():
+    graph = parse_graph("""
+        %0 = input {index=0, name="x"} : f32[2,8]
+        %1 = param {name="w"} : f32[4,8]
+        %2 = exp %0 : f32[2,8]
+        %3 = reshape %2 {shape=[2,1,8]} : f32[2,1,8]
+        %4 = permute %1 {perm=[1,0]} : f32[8,4]
+        %5 = matmul %3, %4 : f32[2,1,4]
+        return %5
+    """, TENSORS)
+    unfused = unfuse(graph)
+    assert format_graph(unfused) == dedent("""
+        %0 = input {index=0, name="x"} : f32[2,8]
+        %1 = kernel %0 {anchors=[], kind="op", tiles=[]} : f32[2,8]
+          body {
+            %0 = input {index=0, name="a0"} : f32[2,8]
+            %1 = exp %0 : f32[2,8]
+            return %1
+          }
+        %2 = reshape %1 {shape=[2,1,8]} : f32[2,1,8]
+        %3 = kernel %2 {anchors=[3], kind="op", tiles=[]} : f32[2,1,4]
+          body {
+            %0 = input {index=0, name="a0"} : f32[2,1,8]
+            %1 = param {name="w"} : f32[4,8]
+            %2 = permute %1 {perm=[1,0]} : f32[8,4]
+            %3 = matmul %0, %2 : f32[2,1,4]
+            return %3
+          }
+        return %3
+    """).strip()
+    assert fusion_stats(unfused) == {"kernels": 2, "intermediate_bytes": 2 * 8 * 4}
+    assert fusion_stats(fuse(graph)) == {"kernels": 1, "intermediate_bytes": 0}
+    assert_same_outputs(graph, unfused, random_inputs(graph))
+
+
+def test_fuse_leaves_existing_kernels_alone():
+    graph = parse_graph(CYCLE, TENSORS)
+    unfused = unfuse(graph)
+    refused = fuse(unfused)
+    assert describe(refused) == describe(unfused)
+    assert fuse(refused) is refused
+    assert_same_outputs(graph, refused, random_inputs(graph))
+
+
+def test_decide_puts_every_compute_node_in_exactly_one_group():
+    plan = decide(parse_graph(ATTENTION, TENSORS))
+    members = [m for g in plan.groups for m in g.members]
+    assert len(members) == len(set(members))
+    assert [g.kind for g in plan.groups] == ["attention"]
+
+
+# --- models -----------------------------------------------------------------------------------------------
+
+def hf_layer(impl: str):
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama import modeling_llama
+    config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=128, max_position_embeddings=128, attn_implementation=impl)
+    torch.manual_seed(0)
+    layer = modeling_llama.LlamaDecoderLayer(config, layer_idx=0).eval()
+    x = torch.randn(2, 10, 64, generator=torch.Generator().manual_seed(1))
+    position_ids = torch.arange(10)[None].expand(2, -1)
+    cos_sin = modeling_llama.LlamaRotaryEmbedding(config)(x, position_ids)
+    causal = torch.full((10, 10), float("-inf")).triu(1)[None, None].expand(2, 1, 10, 10).contiguous()
+    return layer, (x,), {"attention_mask": causal, "position_embeddings": cos_sin}
+
+
+def built_in(spec: str, decode: bool = False):
+    module, args = load_model(spec)
+    if not decode:
+        return module, args, {}
+    from fusec.models.registry import decode_inputs
+    args, kwargs = decode_inputs(LlamaConfig.tiny(), past_len=7, batch=2)
+    return module, args, kwargs
+
+
+MODELS = {
+    "llama-block": lambda: built_in("llama-block"),
+    "llama-block:stories15M": lambda: built_in("llama-block:stories15M"),
+    "llama-block-decode": lambda: built_in("llama-block", decode=True),
+    "hf-eager": lambda: hf_layer("eager"),
+    "hf-sdpa": lambda: hf_layer("sdpa"),
+}
+_CACHE: dict[str, tuple] = {}
+
+
+def compiled(name: str):
+    """(module, args, kwargs, flat inputs, canonical graph, fused graph) of a test model, traced once."""
+    if name not in _CACHE:
+        module, args, kwargs = MODELS[name]()
+        canonical = run_pipeline(trace(module, args, kwargs).graph, until="canonical")
+        inputs = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        _CACHE[name] = module, args, kwargs, inputs, canonical, fuse(canonical)
+    return _CACHE[name]
+
+
+def eager(module, args, kwargs) -> np.ndarray:
+    with torch.no_grad():
+        out = module(*args, **kwargs)
+    return (out[0] if isinstance(out, tuple) else out).numpy()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_llama_block_fuses_to_exactly_five_kernels(name):
+    *_, fused = compiled(name)
+    verify(fused)
+    assert {n.op for n in fused.nodes} <= {"input", "kernel", "result"}
+    assert kinds(fused) == ["matmul", "attention", "matmul", "matmul", "matmul"]
+    (qkv, ops_qkv), (_, ops_attn), (_, ops_out), (_, ops_ffn), (_, ops_down) = describe(fused)
+    assert ops_qkv["matmul"] == 3 and ops_qkv["rsqrt"] == 1 and ops_qkv["concat"] == 2  # norm, Q/K/V, RoPE
+    assert ops_attn["matmul"] == 2 and ops_attn["exp"] == 1
+    assert ops_attn.get("expand", 0) == (0 if name.endswith("stories15M") else 2)  # GQA: K, V as views
+    assert ops_out["matmul"] == 1 and ops_out["add"] == 1                                    # + residual
+    assert ops_ffn["matmul"] == 2 and ops_ffn["rsqrt"] == 1 and ops_ffn["sigmoid"] == 1      # norm, SiLU*up
+    assert ops_down["matmul"] == 1 and ops_down["add"] == 1                                  # + residual
+    for n in fused.nodes:  # no kernel writes an expanded (repeated) K or V
+        if n.op == "kernel":
+            body = n.attr("body")
+            assert all(body.nodes[o].op != "expand" for o in body.outputs)
+
+
+def test_decode_step_keeps_the_kv_concatenation_inside_attention():
+    *_, fused = compiled("llama-block-decode")
+    attention = next(n for n in fused.nodes if n.op == "kernel" and n.attr("kind") == "attention")
+    assert attention.attr("body").ops()["concat"] == 2
+    assert fused.nodes[attention.args[1]].op == "input"  # past_k read in place
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fused_model_matches_the_canonical_graph_and_eager(name):
+    module, args, kwargs, inputs, canonical, fused = compiled(name)
+    (want,) = run_graph(canonical, inputs)
+    (got,) = run_graph(fused, inputs)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, eager(module, args, kwargs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fusing_a_fused_model_again_changes_nothing(name):
+    *_, fused = compiled(name)
+    assert format_graph(fuse(fused)) == format_graph(fused)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_unfuse_gives_one_kernel_per_op_that_is_not_a_reshape(name):
+    *_, inputs, canonical, _ = compiled(name)
+    unfused = unfuse(canonical)
+    verify(unfused)
+    plan = Plan(canonical)
+    ops = [n for i, n in enumerate(canonical.nodes)
+           if OPS[n.op] not in ("source", "kernel") and not plan.copied[i] and n.op != "reshape"]
+    assert kinds(unfused) == ["op"] * len(ops)
+    assert {n.op for n in unfused.nodes} <= {"input", "kernel", "reshape"}
+    for want, got in zip(run_graph(canonical, inputs), run_graph(unfused, inputs), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fusion_cuts_intermediate_bytes_at_least_five_times_on_the_llama_block():
+    *_, canonical, fused = compiled("llama-block")
+    before, after = fusion_stats(unfuse(canonical)), fusion_stats(fused)
+    assert after["kernels"] == 5 and before["kernels"] > 40
+    assert after["intermediate_bytes"] * 5 <= before["intermediate_bytes"]
+
+
+def test_fused_stage_runs_after_canonical():
+    *_, canonical, fused = compiled("llama-block")
+    assert format_graph(run_pipeline(canonical, until="fused")) == format_graph(fused)
+
+
+def test_hf_causal_lm_with_two_layers_fuses_and_matches_eager():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=128, max_position_embeddings=128, num_hidden_layers=2,
+                                      vocab_size=100, use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    canonical = run_pipeline(trace(model, (ids,)).graph, until="canonical")
+    fused = fuse(canonical)
+    verify(fused)
+    layer = ["matmul", "attention", "matmul", "matmul", "matmul"]
+    assert kinds(fused) == ["pointwise"] + layer * 2 + ["matmul"]  # embedding, 2 blocks, norm + lm_head
+    (got,) = run_graph(fused, [ids])
+    with torch.no_grad():
+        want = model(ids).logits.numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert format_graph(fuse(fused)) == format_graph(fused)
