@@ -53,7 +53,7 @@ def _body(plan: Plan, group: Group, copy: Callable[[int], bool] | None = None
           ) -> tuple[Graph, list[int], list[int], tuple[int, ...]]:
     """The group's body graph, the outer ids of its operands and outputs, and its anchors in the body.
     `copy(x)` says which outside nodes the body recomputes (default: params, consts, floating views)."""
-    copy = copy or plan.transparent
+    copy = copy or (lambda x: plan.copied[x] or plan.transparent(x))
     nodes = plan.nodes
     bb = Builder(plan.graph.tensors)
     local: dict[int, int] = {}

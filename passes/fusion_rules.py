@@ -60,6 +60,10 @@ class Plan:
             self.copied[i] = n.op in COPIED or (self.kind(i) == "layout" and all(self.copied[a] for a in n.args))
             for a in n.args:
                 self.anc[i] |= self.anc[a] | (1 << a)
+        fixed = {u for i, n in enumerate(self.nodes) if n.op == "kernel" for u in [i] + self.users[i]}
+        # views and weights whose value must exist in memory: returned, or read by an existing kernel
+        self.pinned = {i for i, n in enumerate(self.nodes) if (self.copied[i] or self.kind(i) == "layout")
+                       and (i in self.outputs or any(u in fixed for u in self.users[i]))}
 
     # --- what a node is ---------------------------------------------------------------------------------
 
@@ -68,7 +72,7 @@ class Plan:
 
     def transparent(self, i: int) -> bool:
         """Copied into every body that reads it: a floating view, or a param/const/iota (and views of them)."""
-        return i not in self.group_of and (self.copied[i] or self.kind(i) == "layout")
+        return i not in self.group_of and i not in self.pinned and (self.copied[i] or self.kind(i) == "layout")
 
     def compute(self, i: int) -> bool:
         """A node some kernel has to compute (not a source, not an existing kernel)."""
@@ -98,14 +102,10 @@ class Plan:
         return out
 
     def readers(self, i: int) -> set[int]:
-        """The nodes reading `i`, looking through floating views; -1 stands for a graph output reached
-        through a view."""
+        """The nodes reading `i`, looking through floating views."""
         out: set[int] = set()
         for u in self.users[i]:
-            if self.transparent(u):
-                out |= self.readers(u) | ({-1} if u in self.outputs else set())
-            else:
-                out.add(u)
+            out |= self.readers(u) if self.transparent(u) else {u}
         return out
 
     def escapes(self, i: int, members: set[int]) -> bool:
@@ -120,23 +120,22 @@ class Plan:
     def reaches(self, src: set[int], dst: set[int]) -> bool:
         """Is there a path from `src` to `dst` through a node that neither holds nor copies as a view?
         Entering a group continues from all its members: a kernel runs as a whole."""
-        limit, stack, seen = max(dst), [], set()
-
-        def push(ids: Iterable[int], through: bool) -> None:
-            stack.extend((u, through) for m in ids for u in self.users[m] if u not in src and u <= limit)
-
-        push(src, False)
+        stack = [(u, False) for m in src for u in self.users[m] if u not in src]
+        seen: set[tuple[int, bool]] = set()
         while stack:
             u, through = stack.pop()
             if u in dst:
                 if through:
                     return True
                 continue
-            if (u, through) in seen:
-                continue
-            seen.add((u, through))
             group = self.group_of.get(u)
-            push(group.members if group else (u,), through or not self.transparent(u))
+            key = (min(group.members) if group else u, through)  # a group is entered once
+            if key in seen:
+                continue
+            seen.add(key)
+            through = through or not self.transparent(u)
+            stack.extend((w, through) for m in (group.members if group else (u,)) for w in self.users[m]
+                         if w not in src)
         return False
 
     def can_fuse(self, group: Group, node: int) -> bool:
@@ -205,14 +204,12 @@ def _matmul_form(plan: Plan, group: Group, node: int) -> bool:
     if n.op == "matmul":  # horizontal: the same left operand, a right operand not computed here
         return n.args[0] == group.info["lhs"] and not _consumes(plan, group, node)
     if _consumes(plan, group, node):  # the pointwise epilogue
-        return plan.kind(node) == "elementwise" or (plan.kind(node) == "layout" and len(n.args) == 1)
+        return plan.kind(node) in ("elementwise", "layout")
     return plan.row_local(node, group.info["k"])  # the row-wise prologue over A's [M, K]
 
 
 def _attention_form(plan: Plan, group: Group, node: int) -> bool:
-    n = plan.nodes[node]
-    return _consumes(plan, group, node) and (plan.kind(node) == "elementwise"
-                                             or (plan.kind(node) == "layout" and len(n.args) == 1))
+    return _consumes(plan, group, node) and plan.kind(node) in ("elementwise", "layout")  # the epilogue
 
 
 def _reduce_depth(plan: Plan, group: Group, node: int, memo: dict[int, int]) -> int:
@@ -345,7 +342,7 @@ def absorb_epilogue(plan: Plan, group: Group) -> None:
     """Greedily take elementwise readers of the group's values: bias, activation, RoPE, gating, residual."""
     while True:
         readers = {r for m in group.members for r in plan.readers(m)
-                   if r >= 0 and r not in plan.group_of and plan.kind(r) == "elementwise"}
+                   if r not in plan.group_of and plan.kind(r) in ("elementwise", "layout")}
         ranked = sorted(readers, key=lambda r: (-plan.score(group, r), r))
         taken = next((r for r in ranked if plan.can_fuse(group, r)), None)
         if taken is None:
@@ -361,7 +358,7 @@ def absorb_trailing_views(plan: Plan, group: Group) -> None:
         chain, x = [], m
         while len(plan.users[x]) == 1 and x not in plan.outputs:
             x = plan.users[x][0]
-            if not plan.transparent(x) or plan.nodes[x].op not in ("reshape", "permute"):
+            if x in plan.group_of or plan.nodes[x].op not in ("reshape", "permute"):
                 break
             chain.append(x)
         ends = [k for k, v in enumerate(chain) if plan.nodes[v].op == "permute" or v in plan.outputs]
@@ -414,7 +411,7 @@ def reduce_groups(plan: Plan) -> None:
                                axes=n.attr("axes"), keepdim=n.attr("keepdim"))
         while True:
             near = {e for m in group.members for e in plan.operands(m) | plan.readers(m)}
-            ranked = sorted((e for e in near if e >= 0 and e not in plan.group_of and plan.compute(e)
+            ranked = sorted((e for e in near if e not in plan.group_of and plan.compute(e)
                              and (not plan.escapes(e, group.members) or _consumes(plan, group, e))),
                             key=lambda e: (-plan.score(group, e), e))
             taken = next((e for e in ranked if plan.can_fuse(group, e)), None)
@@ -426,11 +423,7 @@ def reduce_groups(plan: Plan) -> None:
 
 
 def _needs_pointwise(plan: Plan, i: int) -> bool:
-    if i in plan.group_of:
-        return False
-    if plan.transparent(i):  # a view materializes only when returned or read by an existing kernel
-        return i in plan.outputs or any(u in plan.group_of and plan.group_of[u].fixed for u in plan.users[i])
-    return plan.kind(i) in ("elementwise", "gather", "layout")
+    return i not in plan.group_of and (i in plan.pinned or plan.kind(i) in ("elementwise", "gather"))
 
 
 def pointwise_groups(plan: Plan) -> None:

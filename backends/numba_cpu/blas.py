@@ -11,7 +11,7 @@ import os
 
 import llvmlite.binding as llvm
 import numpy as np
-from numba import njit, types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -52,3 +52,36 @@ def gemm(a, b, c, b_transposed):
     n = c.shape[1]
     _sgemm(ROW_MAJOR, NO_TRANS, TRANS if b_transposed else NO_TRANS, m, n, k, np.float32(1.0),
            _ptr(a), a.strides[0] // 4, _ptr(b), b.strides[0] // 4, np.float32(0.0), _ptr(c), c.strides[0] // 4)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matvec(a, w, c):
+    """c[M, N] = a[M, K] @ w[N, K]^T for a few rows M (decode): each weight row is streamed from memory
+    once, four at a time, by the parallel loop; BLAS spends its time on packing at these shapes."""
+    m_rows, k_dim = a.shape
+    n_dim = w.shape[0]
+    for blk in prange((n_dim + 3) // 4):
+        n0 = blk * 4
+        if n0 + 4 <= n_dim:
+            for m in range(m_rows):
+                s0 = np.float32(0.0)
+                s1 = np.float32(0.0)
+                s2 = np.float32(0.0)
+                s3 = np.float32(0.0)
+                for k in range(k_dim):
+                    x = a[m, k]
+                    s0 += x * w[n0, k]
+                    s1 += x * w[n0 + 1, k]
+                    s2 += x * w[n0 + 2, k]
+                    s3 += x * w[n0 + 3, k]
+                c[m, n0] = s0
+                c[m, n0 + 1] = s1
+                c[m, n0 + 2] = s2
+                c[m, n0 + 3] = s3
+        else:
+            for n in range(n0, n_dim):
+                for m in range(m_rows):
+                    s = np.float32(0.0)
+                    for k in range(k_dim):
+                        s += a[m, k] * w[n, k]
+                    c[m, n] = s

@@ -5,6 +5,8 @@ from __future__ import annotations
 from backends.numba_cpu.codegen import emit_outputs, emit_store
 from backends.numba_cpu.expr import Emitter
 
+MATVEC_ROWS = 8  # up to this many rows of A, stream the weights in a parallel loop instead of calling BLAS
+
 
 def _array_view(em: Emitter, nid: int) -> tuple[str, bool] | None:
     """(array expression, transposed) when node `nid` is a rank-2 view of an operand/weight array that BLAS
@@ -45,8 +47,11 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str]) -> str:
         acc = outs[direct[0]] if direct else f"acc{j}"  # a product that is an output goes straight there
         if not direct:
             w.line(f"{acc} = np.empty(({m}, {n}), np.float32)")
-        w.line(f"gemm({a}, {b}, {acc}, {transposed})")
+        if m <= MATVEC_ROWS and transposed:
+            w.line(f"matvec({a}, {b}, {acc})")
+        else:
+            w.line(f"gemm({a}, {b}, {acc}, {transposed})")
         em.overrides[mm] = (lambda name: lambda idx: f"{name}[{idx[0]}, {idx[1]}]")(acc)
     written = {k for k, o in enumerate(g.outputs) if o in matmuls}
     emit_outputs(em, outs, only=[k for k in range(len(outs)) if k not in written])
-    return "gemm" if m > 1 else "gemv"
+    return "gemm" if m > MATVEC_ROWS else "matvec"

@@ -33,7 +33,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from backends.numba_cpu.blas import gemm
+from backends.numba_cpu.blas import gemm, matvec
 
 FASTMATH = {FASTMATH}
 """

@@ -60,6 +60,12 @@ class LlamaConfig:
         return cls(dim=2048, n_heads=32, n_kv_heads=4, hidden_dim=5632, max_seq_len=2048, n_layers=22)
 
     @classmethod
+    def llama2_7b(cls) -> LlamaConfig:
+        """Llama-2-7B (Touvron et al. 2023): the SN40L paper's fusion benchmark (§VI-A, Llama2-7B 4K).
+        One block is ~202M parameters (0.8 GB in float32): tracing it on the CPU is fine."""
+        return cls(dim=4096, n_heads=32, n_kv_heads=32, hidden_dim=11008, max_seq_len=4096, n_layers=32)
+
+    @classmethod
     def preset(cls, name: str) -> LlamaConfig:
         """The preset config called `name`; ValueError listing the valid names if there is none."""
         if name not in PRESETS:
@@ -71,6 +77,7 @@ PRESETS: dict[str, Callable[[], LlamaConfig]] = {
     "tiny": LlamaConfig.tiny,
     "stories15M": LlamaConfig.stories15M,
     "tinyllama_1b": LlamaConfig.tinyllama_1b,
+    "llama2_7b": LlamaConfig.llama2_7b,
 }
 
 
