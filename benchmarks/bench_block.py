@@ -32,7 +32,7 @@ from numba.core.errors import NumbaPerformanceWarning
 
 import fusec
 from fusec import benchtools
-from fusec.models.llama import LlamaBlock, LlamaConfig, example_inputs, init_weights
+from fusec.models.llama import PRESETS, LlamaBlock, LlamaConfig, example_inputs, init_weights
 from fusec.models.registry import decode_inputs
 
 IMPLEMENTATIONS = ("eager", "torch.compile", "fusec unfused", "fusec fused")
@@ -47,7 +47,7 @@ COLUMNS = [("implementation", "implementation", ""), ("case", "case", ""), ("med
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="tinyllama_1b", help="Llama preset (tiny, stories15M, tinyllama_1b)")
+    parser.add_argument("--preset", default="tinyllama_1b", choices=list(PRESETS), help="Llama block shape")
     parser.add_argument("--seq", type=int, default=256, help="prefill tokens (batch 1)")
     parser.add_argument("--past", type=int, default=512, help="past K/V tokens in the decode case")
     parser.add_argument("--repeat", type=int, default=10, help="timed runs per measurement (median)")
