@@ -4,7 +4,7 @@ reductions computed once per row, and P[i, :] . V accumulates into the output ro
 through their views: grouped-query heads and concatenated past/new K/V are index arithmetic."""
 from __future__ import annotations
 
-from backends.numba_cpu.codegen import emit_outputs
+from backends.numba_cpu.codegen import PARALLEL_MIN_ELEMENTS, emit_outputs
 from backends.numba_cpu.expr import Emitter, _broadcast
 
 
@@ -20,7 +20,8 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str]) -> st
     for d in batch:
         rows *= d
     w.line(f"obuf = np.empty(({', '.join(str(d) for d in o_shape)},), np.float32)")
-    with em.loop(f"for row in prange({rows})", ("row",)):
+    parallel = rows * tk * (depth + dv) >= PARALLEL_MIN_ELEMENTS * 4
+    with em.loop(f"for row in {'prange' if parallel else 'range'}({rows})", ("row",)):
         idx = []
         rest = rows
         for d in list(batch) + [tq]:

@@ -13,6 +13,7 @@ from backends.numba_cpu.writer import Writer
 from fusec.ir import Graph, Node
 
 REDUCE_OPS = ("sum", "amax", "amin", "argmax")
+PARALLEL_MIN_ELEMENTS = 1 << 14
 
 
 @dataclass
@@ -93,10 +94,12 @@ def emit_store(em: Emitter, nid: int, out: str, shape: tuple[int, ...], fixed: d
     total = 1
     for ax in outer:
         total *= shape[ax]
+    # waking the thread pool costs tens of microseconds: small loops run on the calling thread
+    parallel = total * shape[last] >= PARALLEL_MIN_ELEMENTS
     opened = []
     if outer:
         r = em.tmp("p")
-        loop = "prange" if total > 1 else "range"
+        loop = "prange" if total > 1 and parallel else "range"
         opened.append(em.loop(f"for {r} in {loop}({total})", (r,)))
         opened[-1].__enter__()
         stride = total
@@ -108,7 +111,7 @@ def emit_store(em: Emitter, nid: int, out: str, shape: tuple[int, ...], fixed: d
             em.w.var_level[var] = em.w.depth
             idx[ax] = var
     j = em.tmp("j")
-    loop = "range" if outer else "prange"
+    loop = "range" if outer or not parallel else "prange"
     opened.append(em.loop(f"for {j} in {loop}({shape[last]})", (j,)))
     opened[-1].__enter__()
     idx[last] = j
