@@ -43,7 +43,10 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str]) -> st
         w.line(f"prow = np.empty({tk}, np.float32)")
         with em.loop(f"for j2 in range({tk})", ("j2",)):
             w.line(f"prow[j2] = {em.value(p_id, bidx + (i, 'j2'))}")
-        w.line(f"orow = np.zeros({dv}, np.float32)")
+        # not np.zeros: under parallel=True Numba turns it into a parallel loop of its own, launched per row
+        w.line(f"orow = np.empty({dv}, np.float32)")
+        with em.loop(f"for e0 in range({dv})", ("e0",)):
+            w.line("orow[e0] = np.float32(0.0)")
         with em.loop(f"for j3 in range({tk})", ("j3",)):
             w.line("pj = prow[j3]")
             with em.loop(f"for e in range({dv})", ("e",)):
