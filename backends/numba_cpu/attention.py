@@ -1,14 +1,24 @@
-"""The `attention` kernel: for each query row, the score row S[i, :] = q_i . K^T is computed into a
-row buffer (an on-chip buffer on the RDU), the row region (scale, mask, softmax) runs over it with its
-reductions computed once per row, and P[i, :] . V accumulates into the output row. Q, K and V are read
-through their views: grouped-query heads and concatenated past/new K/V are index arithmetic."""
+"""The `attention` kernel, one query row per parallel iteration; Q, K and V are read through their views,
+so grouped-query heads and concatenated past/new K/V are index arithmetic, never copies.
+
+When the row region is a softmax of a score expression X (X = scale/mask of S = q.K^T), the row runs
+flash style: keys stream in blocks of the `kv` tile, a running max and sum rescale the output row once
+per block (online softmax), and nothing of size T x T exists anywhere. Any other row region (e.g. a
+guard for fully masked rows) runs with a row buffer of scores: reductions first, then P.V. Either way a
+constant mask that hides every key after a row-dependent limit (causal) bounds the key loop, so masked
+keys cost nothing.
+"""
 from __future__ import annotations
 
+import numpy as np
+
 from backends.numba_cpu.codegen import PARALLEL_MIN_ELEMENTS, emit_outputs
-from backends.numba_cpu.expr import Emitter, _broadcast
+from backends.numba_cpu.expr import Emitter, _broadcast, reshape_index
+
+DEFAULT_KV_BLOCK = 64
 
 
-def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str]) -> str:
+def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles: dict) -> str:
     g, w = em.g, em.w
     s_id, o_id = anchors
     qv, kv = g.nodes[s_id].args
@@ -19,11 +29,13 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str]) -> st
     rows = tq
     for d in batch:
         rows *= d
+    softmax = _softmax_operand(g, p_id)
+    x_row = softmax[0] if softmax else _first_max_operand(g)
+    limit = _causal_offset(g, x_row) if x_row is not None else None
     w.line(f"obuf = np.empty(({', '.join(str(d) for d in o_shape)},), np.float32)")
     parallel = rows * tk * (depth + dv) >= PARALLEL_MIN_ELEMENTS * 4
     with em.loop(f"for row in {'prange' if parallel else 'range'}({rows})", ("row",)):
-        idx = []
-        rest = rows
+        idx, rest = [], rows
         for d in list(batch) + [tq]:
             rest //= d
             var = em.tmp("b")
@@ -31,29 +43,128 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str]) -> st
             w.var_level[var] = w.depth
             idx.append(var)
         bidx, i = tuple(idx[:-1]), idx[-1]
-        w.line(f"srow = np.empty({tk}, np.float32)")
-        with em.loop(f"for j in range({tk})", ("j",)):
+        w.line(f"lim = min({tk}, {i} + {limit + 1})" if limit is not None else f"lim = {tk}")
+
+        def score(j: str) -> None:  # s = q_i . k_j
             w.line("s = np.float32(0.0)")
             with em.loop(f"for d in range({depth})", ("d",)):
                 q = em.value(qv, _broadcast(bidx, g.nodes[qv].shape[:-2]) + (i, "d"))
-                k = em.value(kv, _broadcast(bidx, g.nodes[kv].shape[:-2]) + ("d", "j"))
+                k = em.value(kv, _broadcast(bidx, g.nodes[kv].shape[:-2]) + ("d", j))
                 w.line(f"s += {q} * {k}")
-            w.line("srow[j] = s")
-        em.overrides[s_id] = lambda ix: f"srow[{ix[-1]}]"
-        w.line(f"prow = np.empty({tk}, np.float32)")
-        with em.loop(f"for j2 in range({tk})", ("j2",)):
-            w.line(f"prow[j2] = {em.value(p_id, bidx + (i, 'j2'))}")
-        # not np.zeros: under parallel=True Numba turns it into a parallel loop of its own, launched per row
-        w.line(f"orow = np.empty({dv}, np.float32)")
+
+        def accumulate(j: str, p: str) -> None:  # orow += p * v_j
+            with em.loop(f"for e in range({dv})", ("e",)):
+                v = em.value(vv, _broadcast(bidx, g.nodes[vv].shape[:-2]) + (j, "e"))
+                w.line(f"orow[e] += {p} * {v}")
+
+        w.line(f"orow = np.empty({dv}, np.float32)")  # not np.zeros: Numba would make that a parallel loop
         with em.loop(f"for e0 in range({dv})", ("e0",)):
             w.line("orow[e0] = np.float32(0.0)")
-        with em.loop(f"for j3 in range({tk})", ("j3",)):
-            w.line("pj = prow[j3]")
-            with em.loop(f"for e in range({dv})", ("e",)):
-                v = em.value(vv, _broadcast(bidx, g.nodes[vv].shape[:-2]) + ("j3", "e"))
-                w.line(f"orow[e] += pj * {v}")
+        if softmax is not None:
+            x_id, x_index = softmax
+            _online_softmax(em, s_id, x_id, x_index, bidx, i, tiles.get("kv", DEFAULT_KV_BLOCK), score, accumulate)
+        else:
+            _row_buffer(em, s_id, p_id, bidx, i, tk, score, accumulate)
         with em.loop(f"for e2 in range({dv})", ("e2",)):
-            w.line(f"obuf[{', '.join(bidx + (i, 'e2'))}] = orow[e2]")
+            w.line(f"obuf[{', '.join(bidx + (i, 'e2'))}] = orow[e2]{' / l' if softmax is not None else ''}")
     em.overrides[o_id] = lambda ix: f"obuf[{', '.join(ix)}]"
     emit_outputs(em, outs)
-    return "attention"
+    return "attention-online" if softmax is not None else "attention-rowbuffer"
+
+
+def _online_softmax(em: Emitter, s_id: int, x_id: int, x_index, bidx, i, block: int, score, accumulate) -> None:
+    """One pass over key blocks with a running max `m` and sum `l` (flash attention's recurrence)."""
+    w = em.w
+    w.line("m = np.float32(-np.inf)")
+    w.line("l = np.float32(0.0)")
+    w.line(f"xblk = np.empty({block}, np.float32)")
+    with em.loop(f"for j0 in range(0, lim, {block})", ("j0",)):
+        w.line(f"j1 = min(lim, j0 + {block})")
+        w.line("mb = np.float32(-np.inf)")
+        with em.loop("for j in range(j0, j1)", ("j",)):
+            score("j")
+            em.overrides[s_id] = lambda ix: "s"
+            w.line(f"x = {em.value(x_id, x_index(bidx + (i, 'j')))}")
+            del em.overrides[s_id]
+            w.line("xblk[j - j0] = x")
+            w.line("mb = max(mb, x)")
+        w.line("mn = max(m, mb)")
+        with em.loop("if mn > np.float32(-np.inf)", barrier=True):  # a block with only masked keys adds 0
+            w.line("scale = np.exp(m - mn)")
+            w.line("l = l * scale")
+            with em.loop("for e1 in range(orow.shape[0])", ("e1",)):  # a loop, not `orow *= scale`:
+                w.line("orow[e1] *= scale")                          # that would be a parallel loop
+            with em.loop("for j in range(j0, j1)", ("j",)):
+                w.line("p = np.exp(xblk[j - j0] - mn)")
+                w.line("l += p")
+                accumulate("j", "p")
+            w.line("m = mn")
+
+
+def _row_buffer(em: Emitter, s_id: int, p_id: int, bidx, i, tk: int, score, accumulate) -> None:
+    """Scores of the row into a buffer, the row region's reductions over it, then P.V."""
+    w = em.w
+    w.line(f"srow = np.empty({tk}, np.float32)")
+    with em.loop("for j in range(lim)", ("j",)):
+        score("j")
+        w.line("srow[j] = s")
+    em.overrides[s_id] = lambda ix: f"srow[{ix[-1]}]"
+    with em.loop("for j2 in range(lim)", ("j2",)):
+        w.line(f"pj = {em.value(p_id, bidx + (i, 'j2'))}")
+        accumulate("j2", "pj")
+    del em.overrides[s_id]
+
+
+def _softmax_operand(g, p_id: int):
+    """(X, index map) when P = exp(X - amax(X)) / sum(exp(X - amax(X))) over the last axis, seen through
+    reshapes (the index map takes an index of P to one of X), else None."""
+    index = lambda ix: ix  # noqa: E731
+    while g.nodes[p_id].op == "reshape":
+        outer, src = g.nodes[p_id], g.nodes[g.nodes[p_id].args[0]]
+        index = (lambda f, o, i: lambda ix: tuple(reshape_index(f(ix), o, i)))(index, outer.shape, src.shape)
+        p_id = outer.args[0]
+    p = g.nodes[p_id]
+    if p.op != "div":
+        return None
+    e_id, total_id = p.args
+    e, total = g.nodes[e_id], g.nodes[total_id]
+    last = len(p.shape) - 1
+    if e.op != "exp" or total.op != "sum" or total.args != (e_id,) or total.attr("axes") != (last,):
+        return None
+    sub = g.nodes[e.args[0]]
+    if sub.op != "sub":
+        return None
+    x_id, mx_id = sub.args
+    mx = g.nodes[mx_id]
+    if mx.op != "amax" or mx.args != (x_id,) or mx.attr("axes") != (last,) or not mx.attr("keepdim"):
+        return None
+    return (x_id, index) if g.nodes[x_id].shape == p.shape else None
+
+
+def _first_max_operand(g) -> int | None:
+    """The operand of the row region's first max over the last axis (the masked, scaled scores)."""
+    for n in g.nodes:
+        if n.op == "amax" and n.attr("axes") == (len(n.shape) - 1,) and g.nodes[n.args[0]].dtype != "bool":
+            return n.args[0]
+    return None
+
+
+def _causal_offset(g, x_id: int) -> int | None:
+    """`off` when X = where(mask, -inf, ...) with a constant mask hiding exactly the keys j > i + off of
+    every query row i (and nothing else), so the key loop can stop at i + off."""
+    x = g.nodes[x_id]
+    if x.op != "where":
+        return None
+    cond, fill = (g.nodes[a] for a in x.args[:2])
+    if fill.op != "const" or fill.attr("value") != float("-inf") or cond.op != "const":
+        return None
+    mask = np.asarray(g.tensors[cond.attr("key")]) if cond.attr("key") is not None else None
+    if mask is None or mask.ndim < 2 or mask.shape[-2] != x.shape[-2] or mask.shape[-1] != x.shape[-1]:
+        return None
+    mask = mask.reshape(-1, mask.shape[-2], mask.shape[-1])
+    if mask.shape[0] != 1:
+        return None
+    tq, tk = mask.shape[1:]
+    off = int(np.argmax(mask[0, 0])) - 1 if mask[0, 0].any() else tk - 1
+    want = np.arange(tk)[None, :] > (np.arange(tq)[:, None] + off)
+    return off if np.array_equal(mask[0], want) else None

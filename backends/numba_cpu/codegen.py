@@ -54,7 +54,7 @@ def generate(name: str, node: Node) -> KernelCode:
         anchors = node.attr("anchors") or ()
         if kind == "attention" and len(anchors) == 2:
             from backends.numba_cpu.attention import emit_attention
-            loop = emit_attention(em, anchors, outs)
+            loop = emit_attention(em, anchors, outs, dict(node.attr("tiles") or ()))
         elif matmuls and _is_gemm(body, matmuls):
             from backends.numba_cpu.gemm import emit_matmul
             loop = emit_matmul(em, matmuls, outs)
