@@ -25,19 +25,23 @@ Kinds (`kind` attr) say which loop nest runs the body; each kind's body has this
 - `pointwise`: elementwise, layout (reshape/permute/expand/slice/concat), `take` and source ops only.
   All outputs share one shape, the kernel's domain; views are index arithmetic, never copies.
 - `reduce`: a pointwise prologue, then reductions that all reduce the same `axes` of operands of one shape
-  (the domain) with keepdim=True, then a pointwise epilogue. Outputs are domain- or reduced-shaped.
+  (the domain) with the same keepdim (True for norms and softmax; a keepdim=False reduction drops the
+  axes from the reduced shape), then a pointwise epilogue. Outputs are domain- or reduced-shaped.
   RMSNorm, LayerNorm and softmax are one `reduce` kernel each.
 - `matmul`: one or more `matmul` nodes that share their left operand A (horizontal fusion: Q/K/V,
   gate/up); A may be computed by a row-wise prologue over its [M, K] domain (elementwise + reductions of
   the K axis, e.g. RMSNorm); each right operand is a weight (`param` through views) or an input; a
   pointwise epilogue (bias, activation, RoPE, SiLU*mul, residual add, layout) reads the products.
-- `attention`: S = matmul(Q, K^T) of views of inputs, a row region over S (scale, mask, softmax:
-  elementwise ops and reductions of the key axis), then O = matmul(P, V), then a pointwise epilogue.
+- `attention`: S = matmul(Q, K^T) of views of inputs (possibly scaled on load by splat constants, as
+  SDPA scales q and k by sqrt(scale)), a row region over S (scale, mask, softmax: elementwise ops and
+  at least one reduction of the key axis), then O = matmul(P, V), then a pointwise epilogue.
   Grouped-query heads and past/new K/V concatenation stay views (index arithmetic), never copies.
-- `op`: exactly one primitive op (the unfused program: every intermediate goes to memory).
+- `op`: exactly one primitive op on activations (the unfused program: every intermediate goes to
+  memory), plus the params and consts it reads and views of them (a weight read transposed in place).
 
 The `anchors` attr names body node ids that fix the loop nest: the matmul nodes for `matmul`, (S, O) for
-`attention`, the reductions for `reduce`.
+`attention`, the reductions for `reduce`, the op itself (when a matmul or reduction) for `op`; none for
+`pointwise`.
 """
 from __future__ import annotations
 

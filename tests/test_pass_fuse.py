@@ -10,13 +10,13 @@ import torch
 import torch.utils._pytree as pytree
 
 from backends.reference import run_graph
-from fusec.ir import Graph, verify
+from fusec.ir import Builder, Graph, TensorType, verify
 from fusec.models import LlamaConfig, load_model
 from fusec.opset import OPS
 from fusec.printer import format_graph, parse_graph
 from fusec.tracing import trace
-from passes.fuse import decide, describe, fuse, fusion_stats, unfuse
-from passes.fusion_rules import Plan, matmul_groups
+from passes.fuse import decide, describe, fuse, fusion_stats, matmul_groups, unfuse
+from passes.fusion_rules import Plan
 from passes.pipeline import run_pipeline
 
 RNG = np.random.default_rng(0)
@@ -35,6 +35,7 @@ def check(before: str, after: str) -> Graph:
     verify(graph)
     fused = fuse(graph)
     verify(fused)
+    assert_kernel_contract(fused)
     assert format_graph(fused) == dedent(after).strip()
     assert parse_graph(format_graph(fused), TENSORS) == fused
     assert format_graph(fuse(fused)) == format_graph(fused), "a second run changed the graph"
@@ -51,7 +52,30 @@ def kinds(graph: Graph) -> list[str]:
     return [kind for kind, _ in describe(graph)]
 
 
-# --- small graphs, golden text ----------------------------------------------------------------------------
+def assert_kernel_contract(graph: Graph) -> None:
+    """Only inputs, kernels and results outside; each body has its kind's form (fusec/kernels.py)."""
+    for n in graph.nodes:
+        assert n.op in ("input", "kernel", "result")
+        if n.op != "kernel":
+            continue
+        assert all(graph.nodes[a].op in ("input", "kernel", "result") for a in n.args)  # activations only
+        body, kind, anchors = n.attr("body"), n.attr("kind"), n.attr("anchors")
+        lattice = [OPS[b.op] for b in body.nodes]
+        ids = {k: tuple(i for i, x in enumerate(lattice) if x == k) for k in ("reduce", "matmul")}
+        if kind == "pointwise":
+            assert set(lattice) <= {"source", "elementwise", "layout", "gather"}
+            assert len({body.nodes[o].shape for o in body.outputs}) == 1
+        elif kind == "reduce":
+            assert "matmul" not in lattice and ids["reduce"] == anchors != ()
+            assert len({(body.nodes[body.nodes[r].args[0]].shape, body.nodes[r].attr("axes"),
+                         body.nodes[r].attr("keepdim")) for r in anchors}) == 1
+        elif kind == "matmul":  # horizontal: one left operand
+            assert ids["matmul"] == anchors != () and len({body.nodes[m].args[0] for m in anchors}) == 1
+        else:
+            assert kind == "attention" and ids["matmul"] == anchors and len(anchors) == 2
+
+
+# --- small graphs, golden text ---------------------------------------------------------------------------
 
 def test_an_elementwise_chain_and_its_returned_view_are_one_pointwise_kernel():
     check("""
@@ -242,6 +266,45 @@ def test_can_fuse_refuses_a_path_that_leaves_the_group_and_comes_back():
     assert describe(fused)[1][1] == {"sub": 1, "sum": 1}
 
 
+def test_an_epilogue_gives_the_next_norms_square_back_to_that_norm():
+    check("""
+        %0 = input {index=0, name="x"} : f32[2,8]
+        %1 = input {index=1, name="h"} : f32[2,4]
+        %2 = param {name="w"} : f32[4,8]
+        %3 = permute %2 {perm=[1,0]} : f32[8,4]
+        %4 = matmul %0, %3 : f32[2,4]
+        %5 = add %1, %4 : f32[2,4]
+        %6 = mul %5, %5 : f32[2,4]
+        %7 = sum %6 {axes=[1], keepdim=true} : f32[2,1]
+        %8 = rsqrt %7 : f32[2,1]
+        %9 = mul %5, %8 : f32[2,4]
+        return %9, %5
+    """, """
+        %0 = input {index=0, name="x"} : f32[2,8]
+        %1 = input {index=1, name="h"} : f32[2,4]
+        %2 = kernel %0, %1 {anchors=[3], kind="matmul", tiles=[]} : f32[2,4]
+          body {
+            %0 = input {index=0, name="a0"} : f32[2,8]
+            %1 = param {name="w"} : f32[4,8]
+            %2 = permute %1 {perm=[1,0]} : f32[8,4]
+            %3 = matmul %0, %2 : f32[2,4]
+            %4 = input {index=1, name="a1"} : f32[2,4]
+            %5 = add %4, %3 : f32[2,4]
+            return %5
+          }
+        %3 = kernel %2 {anchors=[2], kind="reduce", tiles=[]} : f32[2,4]
+          body {
+            %0 = input {index=0, name="a0"} : f32[2,4]
+            %1 = mul %0, %0 : f32[2,4]
+            %2 = sum %1 {axes=[1], keepdim=true} : f32[2,1]
+            %3 = rsqrt %2 : f32[2,1]
+            %4 = mul %0, %3 : f32[2,4]
+            return %4
+          }
+        return %3, %2
+    """)
+
+
 ATTENTION = """
     %0 = input {index=0, name="q"} : f32[2,4,8]
     %1 = input {index=1, name="k"} : f32[2,4,8]
@@ -348,13 +411,70 @@ def test_decide_puts_every_compute_node_in_exactly_one_group():
     assert [g.kind for g in plan.groups] == ["attention"]
 
 
-# --- models -----------------------------------------------------------------------------------------------
+def random_graph(seed: int) -> Graph:
+    """A random program over [4, 8] values: elementwise ops, row reductions, matmuls with weights and
+    activations, softmax attention, relayouts, masks, column reductions and returned views."""
+    rng = np.random.default_rng(seed)
+    b = Builder({"w": rng.standard_normal((8, 8)).astype(np.float32)})
+    values = [b.add("input", (), {"index": i, "name": f"x{i}"}, TensorType((4, 8), "f32"))
+              for i in range(rng.integers(1, 4))]
+    weight = b.add("param", (), {"name": "w"}, TensorType((8, 8), "f32"))
+    outputs = []
+    for _ in range(rng.integers(3, 20)):
+        x, y = (values[int(k)] for k in rng.integers(0, len(values), 2))
+        step = rng.integers(0, 9)
+        if step == 0:
+            v = b.add(["add", "mul", "sub", "max"][rng.integers(0, 4)], [x, y])
+        elif step == 1:
+            v = b.add(["exp", "neg", "tanh", "sigmoid"][rng.integers(0, 4)], [x])
+        elif step == 2:
+            red = b.add(["sum", "amax"][rng.integers(0, 2)], [x], {"axes": (1,), "keepdim": True})
+            v = b.add(["sub", "div", "mul"][rng.integers(0, 3)], [x, red])
+        elif step == 3:
+            rhs = b.add("permute", [weight], {"perm": (1, 0)}) if rng.random() < 0.5 else weight
+            v = b.add("matmul", [x, rhs])
+        elif step == 4:  # softmax(x y^T) z
+            s = b.add("matmul", [x, b.add("permute", [y], {"perm": (1, 0)})])
+            e = b.add("exp", [b.add("sub", [s, b.add("amax", [s], {"axes": (1,), "keepdim": True})])])
+            p = b.add("div", [e, b.add("sum", [e], {"axes": (1,), "keepdim": True})])
+            v = b.add("matmul", [p, values[int(rng.integers(0, len(values)))]])
+        elif step == 5:
+            v = b.add("reshape", [b.add("exp", [b.add("permute", [x], {"perm": (1, 0)})])], {"shape": (4, 8)})
+        elif step == 6:
+            v = b.add("where", [b.add("gt", [x, y]), x, b.const(float("-inf"), "f32")])
+        elif step == 7:
+            v = b.add("add", [x, b.add("sum", [x], {"axes": (0,), "keepdim": True})])
+        else:
+            half = b.add("slice", [x], {"axis": 1, "start": 0, "stop": 4, "step": 1})
+            v = b.add("concat", [half, b.add("neg", [half])], {"axis": 1})
+            if rng.random() < 0.3:
+                outputs.append(b.add("reshape", [v], {"shape": (32,)}))
+        values.append(v)
+    picks = rng.choice(len(values), size=min(3, len(values)), replace=False)
+    return b.finish(outputs + [values[int(k)] for k in picks])
+
+
+@pytest.mark.parametrize("seed", range(0, 400, 4))
+def test_random_programs_fuse_legally_and_compute_the_same(seed):
+    graph = random_graph(seed)
+    fused = fuse(graph)
+    verify(fused)
+    assert_kernel_contract(fused)
+    assert format_graph(fuse(fused)) == format_graph(fused)
+    inputs = random_inputs(graph, seed)
+    assert_same_outputs(graph, fused, inputs)
+    assert_same_outputs(graph, unfuse(graph), inputs)
+    assert_same_outputs(graph, fuse(unfuse(graph)), inputs)
+
+
+# --- models ----------------------------------------------------------------------------------------------
 
 def hf_layer(impl: str):
     transformers = pytest.importorskip("transformers")
     from transformers.models.llama import modeling_llama
     config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                                      intermediate_size=128, max_position_embeddings=128, attn_implementation=impl)
+                                      intermediate_size=128, max_position_embeddings=128,
+                                      attn_implementation=impl)
     torch.manual_seed(0)
     layer = modeling_llama.LlamaDecoderLayer(config, layer_idx=0).eval()
     x = torch.randn(2, 10, 64, generator=torch.Generator().manual_seed(1))
@@ -403,7 +523,7 @@ def eager(module, args, kwargs) -> np.ndarray:
 def test_llama_block_fuses_to_exactly_five_kernels(name):
     *_, fused = compiled(name)
     verify(fused)
-    assert {n.op for n in fused.nodes} <= {"input", "kernel", "result"}
+    assert_kernel_contract(fused)
     assert kinds(fused) == ["matmul", "attention", "matmul", "matmul", "matmul"]
     (qkv, ops_qkv), (_, ops_attn), (_, ops_out), (_, ops_ffn), (_, ops_down) = describe(fused)
     assert ops_qkv["matmul"] == 3 and ops_qkv["rsqrt"] == 1 and ops_qkv["concat"] == 2  # norm, Q/K/V, RoPE
@@ -477,6 +597,7 @@ def test_hf_causal_lm_with_two_layers_fuses_and_matches_eager():
     canonical = run_pipeline(trace(model, (ids,)).graph, until="canonical")
     fused = fuse(canonical)
     verify(fused)
+    assert_kernel_contract(fused)
     layer = ["matmul", "attention", "matmul", "matmul", "matmul"]
     assert kinds(fused) == ["pointwise"] + layer * 2 + ["matmul"]  # embedding, 2 blocks, norm + lm_head
     (got,) = run_graph(fused, [ids])
