@@ -66,8 +66,9 @@ def _stats_line(stats: dict) -> str:
             f"written to memory")
 
 
-def demo(spec: str) -> int:
-    """Trace the built-in block, print its IR summary, run it and report the error against PyTorch."""
+def demo(spec: str, bench_table: bool = True) -> int:
+    """Trace a built-in model, print its IR summary, run it on the reference and numba backends (fused
+    and unfused) against PyTorch eager, then print the benchmark table of the tiny block."""
     import time
 
     import torch
@@ -75,22 +76,29 @@ def demo(spec: str) -> int:
     import fusec
     from fusec.models import load_model
     module, inputs = load_model(spec)
-    start = time.perf_counter()
-    compiled = fusec.compile(module, inputs, backend="reference")
-    took = time.perf_counter() - start
-    g = compiled.graph
-    print(f"model      {spec}: {type(module).__name__}, inputs {', '.join(str(list(x.shape)) for x in inputs)}")
-    print(f"traced IR  {len(compiled.traced.graph.nodes)} nodes; after canonicalize {len(g.nodes)} nodes "
-          f"(compiled in {took:.2f} s)")
-    print("ops        " + ", ".join(f"{op} {n}" for op, n in g.ops().items()))
     with torch.no_grad():
         want = module(*inputs)
-    got = compiled(*inputs)
-    err = (got - want).abs().max().item()
     scale = max(want.abs().max().item(), 1e-30)
-    print(f"reference  max abs error vs PyTorch eager {err:.3e} (relative {err / scale:.3e})")
-    ok = err / scale <= 1e-4
+    print(f"model      {spec}: {type(module).__name__}, inputs {', '.join(str(list(x.shape)) for x in inputs)}")
+    ok = True
+    for label, backend, fuse in (("reference", "reference", True), ("numba unfused", "numba", False),
+                                 ("numba fused", "numba", True)):
+        start = time.perf_counter()
+        compiled = fusec.compile(module, inputs, backend=backend, fuse=fuse)
+        took = time.perf_counter() - start
+        if backend == "reference":
+            print(f"traced IR  {len(compiled.traced.graph.nodes)} nodes: " +
+                  ", ".join(f"{op} {n}" for op, n in compiled.traced.graph.ops().items()))
+        err = (compiled(*inputs) - want).abs().max().item()
+        ok &= err / scale <= 1e-4
+        print(f"{label:<14} {compiled.stats['kernels']:3d} kernels, {compiled.stats['intermediate_bytes']:>9,} "
+              f"bytes of intermediates, compiled in {took:5.2f} s, max error vs PyTorch {err:.2e} "
+              f"(relative {err / scale:.1e})")
     print("result     " + ("OK" if ok else "MISMATCH"))
+    if ok and bench_table:
+        print("\nbenchmark of the tiny block (fusec bench llama-block --seq 16 --past 16):")
+        bench("llama-block:tiny", ["--seq", "16", "--past", "16", "--repeat", "20", "--no-compile-time",
+                                   "--no-torch-compile", "--out", "bench_out/demo"])
     return 0 if ok else 1
 
 
@@ -106,13 +114,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-o", "--output", help="write to this file instead of standard output")
     m = sub.add_parser("demo", help="trace a built-in model, run it and compare with PyTorch")
     m.add_argument("model", nargs="?", default="llama-block")
+    m.add_argument("--no-bench", action="store_true", help="skip the benchmark table")
     sub.add_parser("models", help="list the built-in model names")
+    b = sub.add_parser("bench", help="fused vs unfused vs PyTorch eager vs torch.compile on a Llama block",
+                       add_help=False)
+    b.add_argument("model", nargs="?", default="llama-block:tinyllama_1b", help="llama-block[:PRESET]")
     return p
+
+
+def bench(spec: str, rest: list[str]) -> int:
+    """`fusec bench llama-block:PRESET [benchmark flags]` runs fusec/bench_block.py on that block."""
+    from fusec.bench_block import main as bench_main
+    name, _, preset = spec.partition(":")
+    if name != "llama-block":
+        raise FusecError(f"fusec bench runs Llama blocks: expected llama-block[:PRESET], got {spec!r}")
+    return bench_main(["--preset", preset or "tiny", *rest])
 
 
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if rest and args.command != "bench":
+        build_parser().parse_args(argv)  # reports the unknown arguments and exits
     try:
         if args.command == "dump":
             text = dump(args.model, args.stage, args.format, args.seq_len, fuse=not args.unfused)
@@ -122,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(text)
             return 0
+        if args.command == "bench":
+            return bench(args.model, rest)
         if args.command == "demo":
-            return demo(args.model)
+            return demo(args.model, bench_table=not args.no_bench)
         if args.command == "models":
             from fusec.models import list_models
             print("\n".join(list_models()))
