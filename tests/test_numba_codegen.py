@@ -144,3 +144,34 @@ def test_attention_grouped_query_heads_with_causal_mask():
     mms = tuple(i for i, n in enumerate(body_graph.nodes) if n.op == "matmul")
     g = one_kernel("attention", body, types, anchors_of=lambda b: mms)
     check(g, [RNG.standard_normal(tuple(x.shape), np.float32) for x in types], tol=1e-5)
+
+
+@pytest.mark.parametrize("pos", [0, 3, 9])
+def test_attention_key_loop_stops_at_a_runtime_position(pos):
+    """Decode: the mask `key_index > pos` with pos an input bounds the key loop at pos + 1."""
+    h, tk, d = 2, 10, 4
+    tensors = {"keys": np.arange(tk, dtype=np.int64).reshape(1, tk)}
+
+    def body(b, ins):
+        q, k, v, p = ins
+        s = b.add("matmul", [q, b.add("permute", [k], {"perm": (0, 2, 1)})])       # [h,1,tk]
+        key = b.add("const", (), {"key": "keys"}, TensorType((1, tk), "i64"))
+        masked = b.add("gt", [key, p])                                             # [1,tk]
+        s = b.add("where", [masked, b.const(float("-inf"), "f32"), s])
+        m = b.add("amax", [s], {"axes": (2,), "keepdim": True})
+        e = b.add("exp", [b.add("sub", [s, m])])
+        pr = b.add("div", [e, b.add("sum", [e], {"axes": (2,), "keepdim": True})])
+        return [b.add("matmul", [pr, v])]
+    types = [f32(h, 1, d), f32(h, tk, d), f32(h, tk, d), TensorType((1,), "i64")]
+    g = one_kernel("attention", body, types, tensors=tensors)
+    body_graph = g.nodes[[i for i, n in enumerate(g.nodes) if n.op == "kernel"][0]].attr("body")
+    mms = tuple(i for i, n in enumerate(body_graph.nodes) if n.op == "matmul")
+    g = one_kernel("attention", body, types, anchors_of=lambda b: mms, tensors=tensors)
+    inputs = [RNG.standard_normal((h, 1, d), np.float32), RNG.standard_normal((h, tk, d), np.float32),
+              RNG.standard_normal((h, tk, d), np.float32), np.array([pos], np.int64)]
+    inputs[1][:, pos + 1:] = np.nan  # keys after pos must never be read
+    inputs[2][:, pos + 1:] = np.nan
+    program = Program(g)
+    assert "lim = max(0, min(10," in program.source
+    want = run_graph(g, [x if i == 3 else np.nan_to_num(x) for i, x in enumerate(inputs)])
+    np.testing.assert_allclose(program.run(inputs)[0], want[0], rtol=1e-5, atol=1e-5)

@@ -30,8 +30,12 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
     for d in batch:
         rows *= d
     softmax = _softmax_operand(g, p_id)
-    x_row = softmax[0] if softmax else _first_max_operand(g)
-    limit = _causal_offset(g, x_row) if x_row is not None else None
+    if softmax is not None:
+        x_row, x_index = softmax
+    else:
+        x_row, x_index = _first_max_operand(g), (lambda ix: ix)
+        if x_row is not None and g.nodes[x_row].shape != s_shape:
+            x_row = None  # the key bound needs X's index; only worked out when X has S's shape
     w.line(f"obuf = np.empty(({', '.join(str(d) for d in o_shape)},), np.float32)")
     parallel = rows * tk * (depth + dv) >= PARALLEL_MIN_ELEMENTS * 4
     with em.loop(f"for row in {'prange' if parallel else 'range'}({rows})", ("row",)):
@@ -43,7 +47,8 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
             w.var_level[var] = w.depth
             idx.append(var)
         bidx, i = tuple(idx[:-1]), idx[-1]
-        w.line(f"lim = min({tk}, {i} + {limit + 1})" if limit is not None else f"lim = {tk}")
+        limit = _key_limit(em, x_row, x_index(bidx + (i, "0"))) if x_row is not None else None
+        w.line(f"lim = {limit}" if limit is not None else f"lim = {tk}")
 
         def score(j: str) -> None:  # s = q_i . k_j
             w.line("s = np.float32(0.0)")
@@ -149,22 +154,54 @@ def _first_max_operand(g) -> int | None:
     return None
 
 
-def _causal_offset(g, x_id: int) -> int | None:
-    """`off` when X = where(mask, -inf, ...) with a constant mask hiding exactly the keys j > i + off of
-    every query row i (and nothing else), so the key loop can stop at i + off."""
+def _key_limit(em: Emitter, x_id: int, row_idx: tuple[str, ...]) -> str | None:
+    """The number of keys a row can see, as an expression, when X = where(mask, -inf, ...) hides every key
+    after a row-dependent position: a constant causal mask (keys j > i + off), or a comparison of the key
+    index with a runtime value (`key > pos`: keys after the decode position). None when no bound is known."""
+    g = em.g
     x = g.nodes[x_id]
     if x.op != "where":
         return None
-    cond, fill = (g.nodes[a] for a in x.args[:2])
-    if fill.op != "const" or fill.attr("value") != float("-inf") or cond.op != "const":
+    cond_id, fill_id = x.args[:2]
+    cond, fill = g.nodes[cond_id], g.nodes[fill_id]
+    if fill.op != "const" or fill.attr("value") != float("-inf"):
         return None
+    tq, tk = x.shape[-2], x.shape[-1]
+    i = row_idx[-2]
+    if cond.op == "const":
+        off = _causal_offset(g, cond, tq, tk)
+        return None if off is None else f"min({tk}, {i} + {off + 1})"
+    if cond.op in ("gt", "lt", "ge", "le"):
+        a, b = cond.args
+        if cond.op in ("lt", "le"):  # b > a  is  a < b
+            a, b = b, a
+        if not _is_key_index(g, a, tk) or g.nodes[b].shape[-1:] not in ((), (1,)):
+            return None
+        rank = len(g.nodes[b].shape)
+        b_idx = tuple("0" if d == 1 else ix for d, ix in zip(g.nodes[b].shape, row_idx[len(row_idx) - rank:]))
+        bound = em.value(b, b_idx)
+        return f"max(0, min({tk}, int({bound}) {'+ 1' if cond.op in ('gt', 'lt') else ''}))"
+    return None
+
+
+def _is_key_index(g, nid: int, tk: int) -> bool:
+    """Node `nid` holds the key index j at every position (an iota or a constant arange on the last axis)."""
+    n = g.nodes[nid]
+    if n.shape[-1:] != (tk,) or any(d != 1 for d in n.shape[:-1]):
+        return False
+    if n.op == "iota":
+        return n.attr("axis") == len(n.shape) - 1 and n.attr("start", 0) == 0 and n.attr("step", 1) == 1
+    if n.op == "const" and n.attr("key") is not None:
+        return np.array_equal(np.asarray(g.tensors[n.attr("key")]).reshape(-1), np.arange(tk))
+    return False
+
+
+def _causal_offset(g, cond, tq: int, tk: int) -> int | None:
+    """`off` when a constant mask hides exactly the keys j > i + off of every query row i."""
     mask = np.asarray(g.tensors[cond.attr("key")]) if cond.attr("key") is not None else None
-    if mask is None or mask.ndim < 2 or mask.shape[-2] != x.shape[-2] or mask.shape[-1] != x.shape[-1]:
+    if mask is None or mask.ndim < 2 or mask.shape[-2:] != (tq, tk) or mask.size != tq * tk:
         return None
-    mask = mask.reshape(-1, mask.shape[-2], mask.shape[-1])
-    if mask.shape[0] != 1:
-        return None
-    tq, tk = mask.shape[1:]
-    off = int(np.argmax(mask[0, 0])) - 1 if mask[0, 0].any() else tk - 1
+    mask = mask.reshape(tq, tk)
+    off = int(np.argmax(mask[0])) - 1 if mask[0].any() else tk - 1
     want = np.arange(tk)[None, :] > (np.arange(tq)[:, None] + off)
-    return off if np.array_equal(mask[0], want) else None
+    return off if np.array_equal(mask, want) else None
