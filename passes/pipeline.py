@@ -17,6 +17,7 @@ from fusec.ir import Graph, verify
 from passes.canonicalize import (canonicalize, eliminate_common_subexpressions, eliminate_dead_code,
                                  fold_constants, simplify_algebra, simplify_views)
 from passes.fuse import fuse
+from passes.place import place
 from passes.tile import tile
 
 Pass = tuple[str, Callable[[Graph], Graph]]
@@ -46,16 +47,19 @@ def _fail(stage: str, name: str, ran: list[str], error: Exception) -> str:
     return f"pass {name!r} (stage {stage!r}) broke the IR: {error}\n  ({before})"
 
 
-def run_pipeline(graph: Graph, until: str | None = None, callback: Callback | None = None) -> Graph:
-    """Run the stages in order up to and including `until` (default: the last one).
+def run_pipeline(graph: Graph, until: str | None = None, callback: Callback | None = None,
+                 after: str | None = None) -> Graph:
+    """Run the stages in order up to and including `until` (default: the last one), starting after
+    stage `after` when given (the graph is then expected to be that stage's output).
 
     The input graph and the graph after every pass are verified; a broken one raises IRError naming the
     pass and the passes that ran before it. `callback(pass_name, graph)` runs after each pass.
     """
     names = list(STAGES)
     until = until or (names[-1] if names else None)
-    if until is not None and until not in STAGES:
-        raise FusecError(f"unknown stage {until!r}; the stages are {', '.join(names)}")
+    for name in (until, after):
+        if name is not None and name not in STAGES:
+            raise FusecError(f"unknown stage {name!r}; the stages are {', '.join(names)}")
     try:
         verify(graph)
     except IRError as e:
@@ -63,7 +67,10 @@ def run_pipeline(graph: Graph, until: str | None = None, callback: Callback | No
     if debug_level() >= 2:
         debug(2, f"--- input ({len(graph.nodes)} nodes)\n{graph!r}")
     ran: list[str] = []
-    for stage in names[: names.index(until) + 1] if until else ():
+    selected = names[: names.index(until) + 1] if until else []
+    if after is not None:
+        selected = selected[names.index(after) + 1:]
+    for stage in selected:
         for name, run in STAGES[stage]:
             start = time.perf_counter()
             try:
@@ -96,3 +103,4 @@ register_stage("canonical", (
 ))
 register_stage("fused", (("fuse", fuse),), after="canonical")
 register_stage("tiled", (("tile", tile),))
+register_stage("placed", (("place", place),), after="tiled")

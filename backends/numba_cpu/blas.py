@@ -10,6 +10,7 @@ import glob
 import os
 
 import llvmlite.binding as llvm
+from llvmlite import ir as llvm_ir
 import numpy as np
 from numba import njit, prange, types
 from numba.core import cgutils
@@ -85,3 +86,68 @@ def matvec(a, w, c):
                     for k in range(k_dim):
                         s += a[m, k] * w[n, k]
                     c[m, n] = s
+
+
+@intrinsic
+def _bits_as_f32(typingctx, bits):
+    """Reinterpret a uint32 as the float32 with the same bits."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llvm_ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+@njit(inline="always")
+def bf16(x):
+    """A bfloat16 value held in a uint16 (its top 16 bits of float32) widened to float32."""
+    return _bits_as_f32(np.uint32(x) << np.uint32(16))
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matvec_bf16(a, w, c):
+    """`matvec` with bfloat16 weights (uint16 storage), widened to float32 as they stream in."""
+    m_rows, k_dim = a.shape
+    n_dim = w.shape[0]
+    for blk in prange((n_dim + 3) // 4):
+        n0 = blk * 4
+        if n0 + 4 <= n_dim:
+            for m in range(m_rows):
+                s0 = np.float32(0.0)
+                s1 = np.float32(0.0)
+                s2 = np.float32(0.0)
+                s3 = np.float32(0.0)
+                for k in range(k_dim):
+                    x = a[m, k]
+                    s0 += x * bf16(w[n0, k])
+                    s1 += x * bf16(w[n0 + 1, k])
+                    s2 += x * bf16(w[n0 + 2, k])
+                    s3 += x * bf16(w[n0 + 3, k])
+                c[m, n0] = s0
+                c[m, n0 + 1] = s1
+                c[m, n0 + 2] = s2
+                c[m, n0 + 3] = s3
+        else:
+            for n in range(n0, n_dim):
+                for m in range(m_rows):
+                    s = np.float32(0.0)
+                    for k in range(k_dim):
+                        s += a[m, k] * bf16(w[n, k])
+                    c[m, n] = s
+
+
+@njit(parallel=True, cache=True)
+def _widen_rows(w, n0, n1, out):
+    for n in prange(n1 - n0):
+        for k in range(w.shape[1]):
+            out[n, k] = bf16(w[n0 + n, k])
+
+
+@njit(cache=True)
+def gemm_bf16(a, w, c):
+    """c = a @ w^T with bfloat16 weights w[N, K]: widen a block of weight rows, then one BLAS call each."""
+    n_dim, k_dim = w.shape
+    block = 256
+    tile = np.empty((min(block, n_dim), k_dim), np.float32)
+    for n0 in range(0, n_dim, block):
+        n1 = min(n_dim, n0 + block)
+        _widen_rows(w, n0, n1, tile)
+        gemm(a, tile[: n1 - n0], c[:, n0:n1], True)

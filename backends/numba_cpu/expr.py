@@ -154,7 +154,8 @@ class Emitter:
         if nid in self.overrides:
             return self.overrides[nid](idx)
         if nid in self.arrays:
-            return f"{self.arrays[nid]}[{', '.join(idx)}]" if idx else f"{self.arrays[nid]}[()]"
+            load = f"{self.arrays[nid]}[{', '.join(idx)}]" if idx else f"{self.arrays[nid]}[()]"
+            return f"bf16({load})" if n.dtype == "bf16" else load  # bf16 arrays arrive as uint16 bits
         op, dt = n.op, n.dtype
         T = NP.get(dt, "np.float32")
         one, zero = (literal(1, dt), literal(0, dt)) if dt != "bool" else ("1", "0")

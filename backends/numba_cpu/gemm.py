@@ -8,17 +8,22 @@ from backends.numba_cpu.expr import Emitter
 MATVEC_ROWS = 8  # up to this many rows of A, stream the weights in a parallel loop instead of calling BLAS
 
 
-def _array_view(em: Emitter, nid: int) -> tuple[str, bool] | None:
-    """(array expression, transposed) when node `nid` is a rank-2 view of an operand/weight array that BLAS
-    can read in place: the array itself, its transpose, or a reshape of a contiguous array."""
+def _array_view(em: Emitter, nid: int) -> tuple[str, bool, bool] | None:
+    """(array expression, transposed, bf16) when node `nid` is a rank-2 view of an operand/weight array
+    that BLAS (or the matrix-vector loop) can read in place: the array, its transpose, a reshape of a
+    contiguous input, or a bfloat16 weight widened by a cast (widened on the fly, never copied whole)."""
     g = em.g
     n = g.nodes[nid]
+    transposed = False
+    if n.op == "permute" and n.attr("perm") == (1, 0):
+        transposed, nid, n = True, n.args[0], g.nodes[n.args[0]]
+    widened = n.op == "cast" and n.dtype == "f32" and g.nodes[n.args[0]].dtype == "bf16"
+    if widened:
+        nid, n = n.args[0], g.nodes[n.args[0]]
     if nid in em.arrays:
-        return em.arrays[nid], False
-    if n.op == "permute" and n.attr("perm") == (1, 0) and n.args[0] in em.arrays:
-        return em.arrays[n.args[0]], True
-    if n.op == "reshape" and n.args[0] in em.arrays and g.nodes[n.args[0]].op == "input":
-        return f"{em.arrays[n.args[0]]}.reshape(({n.shape[0]}, {n.shape[1]}))", False
+        return em.arrays[nid], transposed, widened
+    if n.op == "reshape" and n.args[0] in em.arrays and g.nodes[n.args[0]].op == "input" and not transposed:
+        return f"{em.arrays[n.args[0]]}.reshape(({n.shape[0]}, {n.shape[1]}))", False, widened
     return None
 
 
@@ -27,7 +32,7 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str]) -> str:
     left = g.nodes[matmuls[0]].args[0]
     m, k = g.nodes[left].shape
     view = _array_view(em, left)
-    if view is None or view[1]:
+    if view is None or view[1] or view[2]:
         a = "abuf"
         w.line(f"abuf = np.empty(({m}, {k}), np.float32)")
         emit_store(em, left, a, (m, k))  # the prologue, e.g. RMSNorm, one row per parallel iteration
@@ -37,18 +42,20 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str]) -> str:
         right = g.nodes[mm].args[1]
         n = g.nodes[mm].shape[1]
         view = _array_view(em, right)
-        if view is None:
-            b, transposed = f"bbuf{j}", False
+        if view is None or (view[2] and not view[1]):
+            b, transposed, widened = f"bbuf{j}", False, False
             w.line(f"{b} = np.empty(({k}, {n}), np.float32)")
             emit_store(em, right, b, (k, n))
         else:
-            b, transposed = view
+            b, transposed, widened = view
         direct = [k for k, o in enumerate(g.outputs) if o == mm]
         acc = outs[direct[0]] if direct else f"acc{j}"  # a product that is an output goes straight there
         if not direct:
             w.line(f"{acc} = np.empty(({m}, {n}), np.float32)")
         if m <= MATVEC_ROWS and transposed:
-            w.line(f"matvec({a}, {b}, {acc})")
+            w.line(f"matvec{'_bf16' if widened else ''}({a}, {b}, {acc})")
+        elif widened:
+            w.line(f"gemm_bf16({a}, {b}, {acc})")
         else:
             w.line(f"gemm({a}, {b}, {acc}, {transposed})")
         em.overrides[mm] = (lambda name: lambda idx: f"{name}[{idx[0]}, {idx[1]}]")(acc)
