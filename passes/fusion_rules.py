@@ -47,10 +47,11 @@ class Plan:
         self.outputs = set(graph.outputs)
         self.groups: list[Group] = []
         self.group_of: dict[int, Group] = {}
-        self.copied = [False] * len(self.nodes)  # params, consts and views of them only
+        self.copied = [False] * len(self.nodes)  # params, consts and views (or casts) of them only
         self.anc = [0] * len(self.nodes)          # ancestors of each node, as a bitset
         for i, n in enumerate(self.nodes):
-            view = self.kind(i) == "layout"
+            # a view or a cast (a bf16 weight widened as it is read) of copied nodes is copied too
+            view = self.kind(i) == "layout" or n.op == "cast"
             self.copied[i] = n.op in COPIED or (view and all(self.copied[a] for a in n.args))
             for a in n.args:
                 self.anc[i] |= self.anc[a] | (1 << a)
