@@ -72,17 +72,19 @@ def _is_gemm(body: Graph, matmuls: list[int]) -> bool:
     return len(lefts) == 1 and all(len(body.nodes[a].shape) == 2 for m in matmuls for a in body.nodes[m].args)
 
 
-def emit_outputs(em: Emitter, outs: list[str], only: list[int] | None = None) -> None:
+def emit_outputs(em: Emitter, outs: list[str], only: list[int] | None = None, parallel: bool = True) -> None:
     """Write each output element by element: a parallel loop over all but the last axis (flattened)."""
     body = em.g
     for k, o in enumerate(body.outputs):
         if only is not None and k not in only:
             continue
-        emit_store(em, o, outs[k], body.nodes[o].shape)
+        emit_store(em, o, outs[k], body.nodes[o].shape, parallel=parallel)
 
 
-def emit_store(em: Emitter, nid: int, out: str, shape: tuple[int, ...], fixed: dict[int, str] | None = None) -> None:
-    """`out[idx] = value(nid, idx)` over `shape`; axes in `fixed` take the given index expression."""
+def emit_store(em: Emitter, nid: int, out: str, shape: tuple[int, ...], fixed: dict[int, str] | None = None,
+               parallel: bool = True) -> None:
+    """`out[idx] = value(nid, idx)` over `shape`; axes in `fixed` take the given index expression.
+    The outer loop is parallel when `parallel` and the loop nest is big enough to pay for the threads."""
     fixed = fixed or {}
     free = [ax for ax in range(len(shape)) if ax not in fixed and shape[ax] != 1]
     idx = ["0" if shape[ax] == 1 else fixed.get(ax, "") for ax in range(len(shape))]
@@ -95,7 +97,7 @@ def emit_store(em: Emitter, nid: int, out: str, shape: tuple[int, ...], fixed: d
     for ax in outer:
         total *= shape[ax]
     # waking the thread pool costs tens of microseconds: small loops run on the calling thread
-    parallel = total * shape[last] >= PARALLEL_MIN_ELEMENTS
+    parallel = parallel and total * shape[last] >= PARALLEL_MIN_ELEMENTS
     opened = []
     if outer:
         r = em.tmp("p")

@@ -31,11 +31,15 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str]) -> str:
     g, w = em.g, em.w
     left = g.nodes[matmuls[0]].args[0]
     m, k = g.nodes[left].shape
+    # BLAS runs the GEMM on its own threads, which keep spinning for a while after the call; parallel
+    # loops of ours around it would fight them for the cores, so the prologue and epilogue of a GEMM
+    # run on the calling thread (they are a few percent of its work). Matrix-vector work is all ours.
+    parallel = m <= MATVEC_ROWS
     view = _array_view(em, left)
     if view is None or view[1] or view[2]:
         a = "abuf"
         w.line(f"abuf = np.empty(({m}, {k}), np.float32)")
-        emit_store(em, left, a, (m, k))  # the prologue, e.g. RMSNorm, one row per parallel iteration
+        emit_store(em, left, a, (m, k), parallel=parallel)  # the prologue, e.g. RMSNorm
     else:
         a = view[0]
     for j, mm in enumerate(matmuls):
@@ -45,7 +49,7 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str]) -> str:
         if view is None or (view[2] and not view[1]):
             b, transposed, widened = f"bbuf{j}", False, False
             w.line(f"{b} = np.empty(({k}, {n}), np.float32)")
-            emit_store(em, right, b, (k, n))
+            emit_store(em, right, b, (k, n), parallel=parallel)
         else:
             b, transposed, widened = view
         direct = [k for k, o in enumerate(g.outputs) if o == mm]
@@ -60,5 +64,5 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str]) -> str:
             w.line(f"gemm({a}, {b}, {acc}, {transposed})")
         em.overrides[mm] = (lambda name: lambda idx: f"{name}[{idx[0]}, {idx[1]}]")(acc)
     written = {k for k, o in enumerate(g.outputs) if o in matmuls}
-    emit_outputs(em, outs, only=[k for k in range(len(outs)) if k not in written])
+    emit_outputs(em, outs, only=[k for k in range(len(outs)) if k not in written], parallel=parallel)
     return "gemm" if m > MATVEC_ROWS else "matvec"
