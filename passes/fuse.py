@@ -115,9 +115,12 @@ def _operand_closure(plan: Plan, roots: Iterable[int], inside: set[int]) -> set[
         if x in inside or x in closure or x in plan.group_of or plan.copied[x] or n.op == "input":
             continue
         live = [a for a in n.args if plan.nodes[a].op != "const" or plan.nodes[a].attr("value") is None]
+        if n.op == "where":  # a select of K/V rows by an index mask (decode's new row): as cheap to load
+            live = [a for a in n.args if not plan.copied[a]]
         if plan.kind(x) == "layout":
             stack.extend(live)
-        elif plan.kind(x) == "elementwise" and len(live) == 1 and not plan.escapes(x, inside | closure):
+        elif (plan.kind(x) == "elementwise" and (len(live) == 1 or n.op == "where")
+              and not plan.escapes(x, inside | closure)):
             closure.add(x)
             stack.extend(live)
     return closure

@@ -38,6 +38,9 @@ class Group:
         return self.kind == "fixed"  # an existing kernel node and its results: copied as they are
 
 
+SMALL_INDEX_EXPRESSION = 1 << 16  # elements
+
+
 class Plan:
     """The decide phase's state: the graph, its users and the groups decided so far."""
 
@@ -52,7 +55,8 @@ class Plan:
         for i, n in enumerate(self.nodes):
             # a view or a cast (a bf16 weight widened as it is read) of copied nodes is copied too
             view = self.kind(i) == "layout" or n.op == "cast"
-            self.copied[i] = n.op in COPIED or (view and all(self.copied[a] for a in n.args))
+            self.copied[i] = (n.op in COPIED or (view and all(self.copied[a] for a in n.args))
+                              or self._small_index_expression(i))
             for a in n.args:
                 self.anc[i] |= self.anc[a] | (1 << a)
         fixed = {u for i, n in enumerate(self.nodes) if n.op == "kernel" for u in [i] + self.users[i]}
@@ -60,6 +64,16 @@ class Plan:
         # views and weights whose value must exist in memory: returned, or read by an existing kernel
         self.pinned = {i for i, n in enumerate(self.nodes) if (self.copied[i] or self.kind(i) == "layout")
                        and (i in self.outputs or any(u in fixed for u in self.users[i]))}
+
+    def _small_index_expression(self, i: int) -> bool:
+        """A small elementwise function or lookup of index tables, weights and runtime inputs, like a decode
+        step's `key_index == pos` or its rotary row `cos[pos]`: recomputed where it is read (a compare or a
+        load per element) instead of being a kernel whose output every reader would load back."""
+        n = self.nodes[i]
+        if OPS[n.op] not in ("elementwise", "gather") or n.type.numel > SMALL_INDEX_EXPRESSION or not n.args:
+            return False
+        stored = [a for a in n.args if self.copied[a] and self.nodes[a].attr("value") is None]
+        return bool(stored) and all(self.copied[a] or self.nodes[a].op == "input" for a in n.args)
 
     # --- what a node is ---------------------------------------------------------------------------------
 
