@@ -78,6 +78,11 @@ PRESETS: dict[str, Callable[[], LlamaConfig]] = {
     "stories15M": LlamaConfig.stories15M,
     "tinyllama_1b": LlamaConfig.tinyllama_1b,
     "llama2_7b": LlamaConfig.llama2_7b,
+    # llama2.c's larger TinyStories models (Karpathy): whole-model generation benchmarks (fusec/generate.py).
+    "stories42M": lambda: LlamaConfig(dim=512, n_heads=8, n_kv_heads=8, hidden_dim=1376, max_seq_len=1024,
+                                      n_layers=8),
+    "stories110M": lambda: LlamaConfig(dim=768, n_heads=12, n_kv_heads=12, hidden_dim=2048, max_seq_len=1024,
+                                       n_layers=12),
 }
 
 

@@ -1,0 +1,304 @@
+"""Token generation with a compiled Llama: one prefill program per prompt length, one decode program for
+every position, and a static KV cache the generator owns.
+
+    gen = fusec.compile_generator(model, max_seq_len=256)      # a CausalLM or a transformers LlamaForCausalLM
+    ids = gen.generate(input_ids, max_new_tokens=64)           # greedy; temperature=0.8, seed=0 samples
+    gen.stats                                                  # programs compiled, tokens, seconds, tokens/s
+
+The decode program (`DecodeStep`) takes the position as a tensor, so it is compiled once per batch size
+and serves every position. It returns the new K/V rows; the generator writes them into its caches
+[n_layers, B, n_kv_heads, max_seq_len, head_dim] in place, one row per layer per step.
+`eager_generate` runs the same two programs in PyTorch eager: the reference the tests compare with.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fusec.models.causal_lm import CausalLM, DecodeStep, Prefill, cache_shape, decode_example, from_hf
+
+Program = Callable[..., tuple]                    # a compiled (or eager) Prefill / DecodeStep
+Compiler = Callable[[nn.Module, tuple], Program]  # (module, example inputs) -> program
+WEIGHTS = ("fp32", "bf16")
+
+
+def fusec_compiler(backend: str = "numba", weights: str = "fp32", fuse: bool = True) -> Compiler:
+    """A Compiler running `fusec.compile` with these options. `weights="bf16"` needs the compiler's
+    `weights=` option (NotImplementedError without it; bf16 is not emulated here)."""
+    import fusec
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, given {weights!r}")
+    options = {}
+    if weights != "fp32":
+        if "weights" not in inspect.signature(fusec.compile).parameters:
+            raise NotImplementedError("bf16 weights need the compiler's weights= option")
+        options["weights"] = weights
+
+    def compile_program(module: nn.Module, example: tuple) -> Program:
+        return fusec.compile(module, example, backend=backend, fuse=fuse, **options)
+
+    return compile_program
+
+
+def eager_compiler(module: nn.Module, example: tuple) -> Program:
+    """The module itself, run in PyTorch eager without autograd."""
+    def run(*args):
+        with torch.no_grad():
+            return module(*args)
+    return run
+
+
+def as_causal_lm(model: nn.Module) -> CausalLM:
+    """`model` if it is a CausalLM; a transformers LlamaForCausalLM mapped by `from_hf`; else TypeError."""
+    if isinstance(model, CausalLM):
+        return model
+    if getattr(getattr(model, "config", None), "model_type", None) == "llama":
+        return from_hf(model)
+    raise TypeError(f"expected a fusec CausalLM or a transformers LlamaForCausalLM, got {type(model).__name__}")
+
+
+class Generator:
+    """Generates tokens with a model's Prefill and DecodeStep programs, made by `compiler`.
+
+    Programs are compiled on first need and kept: prefill per (batch, prompt length or bucket), decode per
+    batch. The caches per batch size are allocated once and reused (stale rows are masked by position).
+    """
+
+    def __init__(self, model: CausalLM, max_seq_len: int, compiler: Compiler,
+                 prompt_buckets: Sequence[int] | None = None, name: str = "fusec"):
+        if not 1 <= max_seq_len <= model.config.max_seq_len:
+            raise ValueError(f"max_seq_len must be in 1..{model.config.max_seq_len} (the model's), "
+                             f"given {max_seq_len}")
+        self.model, self.max_seq_len, self.compiler, self.name = model, max_seq_len, compiler, name
+        self.prompt_buckets = sorted({b for b in (prompt_buckets or ()) if 1 <= b <= max_seq_len})
+        self._prefill: dict[tuple[int, int], Program] = {}
+        self._decode: dict[int, Program] = {}
+        self._caches: dict[int, tuple[Tensor, Tensor]] = {}
+        self._totals = _counters()
+        self.last: dict = {}  # the stats of the last `generate` call alone
+
+    @property
+    def stats(self) -> dict:
+        """Totals over this generator's life: compiles, compile_seconds, prompt_tokens, prefill_seconds,
+        tokens_generated, decode_steps, decode_tokens (steps x batch), decode_seconds, and the rates
+        prefill_tokens_per_s and decode_tokens_per_s."""
+        return _with_rates(self._totals)
+
+    # --- programs -------------------------------------------------------------------------------------
+
+    def _compile(self, module: nn.Module, example: tuple) -> Program:
+        start = time.perf_counter()
+        program = self.compiler(module, example)
+        self._totals["compiles"] += 1
+        self._totals["compile_seconds"] += time.perf_counter() - start
+        return program
+
+    def decode_program(self, batch: int = 1) -> Program:
+        """The decode program for `batch` sequences (compiled on first use)."""
+        if batch not in self._decode:
+            self._decode[batch] = self._compile(DecodeStep(self.model),
+                                                decode_example(self.model, batch, self.max_seq_len))
+        return self._decode[batch]
+
+    def prefill_length(self, prompt_len: int) -> int:
+        """The length the prefill of a `prompt_len`-token prompt runs at: the smallest bucket that holds
+        it, or `prompt_len` itself (no bucket given, or none large enough)."""
+        return next((b for b in self.prompt_buckets if b >= prompt_len), prompt_len)
+
+    def prefill_program(self, batch: int, length: int) -> Program:
+        """The prefill program for `batch` prompts run at `length` tokens (compiled on first use)."""
+        key = (batch, length)
+        if key not in self._prefill:
+            tokens = torch.zeros(batch, length, dtype=torch.int64)
+            if self.prompt_buckets:  # padded prompts: the logits row is an input
+                module, example = Prefill(self.model, length, "at"), (tokens, torch.zeros(1, dtype=torch.int64))
+            else:
+                module, example = Prefill(self.model, length), (tokens,)
+            self._prefill[key] = self._compile(module, example)
+        return self._prefill[key]
+
+    def caches(self, batch: int) -> tuple[Tensor, Tensor]:
+        """The (k, v) caches for `batch` sequences, [n_layers, batch, n_kv_heads, max_seq_len, head_dim]."""
+        if batch not in self._caches:
+            shape = cache_shape(self.model, batch, self.max_seq_len)
+            self._caches[batch] = (torch.zeros(shape), torch.zeros(shape))
+        return self._caches[batch]
+
+    # --- generation -----------------------------------------------------------------------------------
+
+    def generate(self, input_ids: Tensor | Sequence, max_new_tokens: int = 32, temperature: float = 0.0,
+                 seed: int | None = None, top_k: int | None = None, stop_token: int | None = None,
+                 return_logits: bool = False,
+                 on_token: Callable[[int, Tensor], None] | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """The prompt followed by up to `max_new_tokens` new tokens, int64 [B, T + new] ([T + new] for a
+        1-d prompt), like transformers' `generate`.
+
+        Greedy when `temperature == 0`; otherwise samples softmax(logits / temperature) (only the `top_k`
+        most likely tokens when given) with a torch.Generator seeded by `seed`. Stops early once every
+        sequence has produced `stop_token` (later tokens of a finished sequence are `stop_token`).
+        `return_logits=True` also returns the logits each new token was chosen from, [B, new, vocab].
+        `on_token(n, tokens)` is called after each of the n new tokens (tokens: [B]).
+        ValueError before anything runs if the prompt and the new tokens do not fit in max_seq_len.
+        """
+        input_ids = torch.as_tensor(input_ids)  # a list of ids is fine too
+        squeeze = input_ids.dim() == 1
+        ids = self._check_prompt(input_ids[None] if squeeze else input_ids, max_new_tokens, temperature)
+        batch, prompt_len = ids.shape
+        length = self.prefill_length(prompt_len)
+        compiled_before = dict(self._totals)
+        prefill, decode = self.prefill_program(batch, length), self.decode_program(batch)
+        k_cache, v_cache = self.caches(batch)
+        pick = _sampler(temperature, seed, top_k)
+        new, step_logits = [], []
+        run = _counters()
+        for key in ("compiles", "compile_seconds"):  # compiled for this call, before anything is timed
+            run[key] = self._totals[key] - compiled_before[key]
+
+        start = time.perf_counter()
+        if length == prompt_len and not self.prompt_buckets:
+            logits, k_all, v_all = prefill(ids)
+        else:
+            padded = torch.zeros(batch, length, dtype=torch.int64)
+            padded[:, :prompt_len] = ids
+            logits, k_all, v_all = prefill(padded, torch.tensor([prompt_len - 1]))
+        k_cache[:, :, :, :length] = k_all
+        v_cache[:, :, :, :length] = v_all
+        finished = torch.zeros(batch, dtype=torch.bool)
+        run.update(prompt_tokens=batch * prompt_len, prefill_seconds=time.perf_counter() - start)
+
+        start = time.perf_counter()
+        for step in range(max_new_tokens):
+            if return_logits:
+                step_logits.append(logits)
+            token = pick(logits)
+            if stop_token is not None:
+                token = torch.where(finished, stop_token, token)
+                finished |= token == stop_token
+            new.append(token)
+            if on_token is not None:
+                on_token(step + 1, token)
+            if step + 1 == max_new_tokens or bool(finished.all()):
+                break
+            pos = prompt_len + step
+            logits, k_new, v_new = decode(token.view(batch, 1), torch.tensor([pos]), k_cache, v_cache)
+            k_cache[:, :, :, pos] = k_new[:, :, :, 0]  # one row per layer, in place
+            v_cache[:, :, :, pos] = v_new[:, :, :, 0]
+            run["decode_steps"] += 1
+        run.update(tokens_generated=batch * len(new), decode_tokens=batch * run["decode_steps"],
+                   decode_seconds=time.perf_counter() - start)
+
+        self.last = _with_rates(run)
+        for key, value in run.items():
+            if key not in ("compiles", "compile_seconds"):  # counted by _compile already
+                self._totals[key] += value
+        out = torch.cat([ids, torch.stack(new, dim=1)], dim=1)
+        out = out[0] if squeeze else out
+        if return_logits:
+            logits_out = torch.stack(step_logits, dim=1)
+            return out, logits_out[0] if squeeze else logits_out
+        return out
+
+    def _check_prompt(self, ids: Tensor, max_new_tokens: int, temperature: float) -> Tensor:
+        if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+            raise ValueError(f"input_ids must be a non-empty int tensor [B, T] (or [T]), given "
+                             f"{getattr(ids, 'shape', type(ids).__name__)}")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must hold integer token ids, given {ids.dtype}")
+        vocab = self.model.config.vocab_size
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise ValueError(f"input_ids must be token ids in 0..{vocab - 1}, given values in "
+                             f"{int(ids.min())}..{int(ids.max())}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, given {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, given {temperature}")
+        total = ids.shape[1] + max_new_tokens
+        if total > self.max_seq_len:
+            raise ValueError(f"a {ids.shape[1]}-token prompt plus {max_new_tokens} new tokens reaches position "
+                             f"{total - 1}, past max_seq_len={self.max_seq_len} (positions 0.."
+                             f"{self.max_seq_len - 1}); shorten the prompt, generate fewer tokens, or compile "
+                             f"with a larger max_seq_len")
+        return ids.to(torch.int64)
+
+    def __repr__(self) -> str:
+        config = self.model.config
+        return (f"<{self.name} generator: Llama dim={config.dim} layers={config.n_layers} "
+                f"vocab={config.vocab_size}, max_seq_len={self.max_seq_len}, {self._totals['compiles']} "
+                f"program(s) compiled>")
+
+
+def _counters() -> dict:
+    return dict(compiles=0, compile_seconds=0.0, prompt_tokens=0, prefill_seconds=0.0, tokens_generated=0,
+                decode_steps=0, decode_tokens=0, decode_seconds=0.0)
+
+
+def _with_rates(counts: dict) -> dict:
+    """`counts` plus prefill_tokens_per_s (prompt tokens) and decode_tokens_per_s (the tokens decode steps
+    yield: all but each sequence's first, which comes from prefill)."""
+    def rate(n: float, seconds: float) -> float:
+        return n / seconds if seconds > 0 else 0.0
+    return dict(counts, prefill_tokens_per_s=rate(counts["prompt_tokens"], counts["prefill_seconds"]),
+                decode_tokens_per_s=rate(counts["decode_tokens"], counts["decode_seconds"]))
+
+
+def _sampler(temperature: float, seed: int | None, top_k: int | None) -> Callable[[Tensor], Tensor]:
+    """logits [B, vocab] -> next tokens [B]: argmax, or a seeded draw from the tempered distribution."""
+    if temperature == 0:
+        return lambda logits: logits.argmax(dim=-1)
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+
+    def sample(logits: Tensor) -> Tensor:
+        scaled = logits.double() / temperature
+        if top_k is not None and top_k < scaled.shape[-1]:
+            kth = scaled.topk(top_k, dim=-1).values[:, -1:]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        return torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=generator)[:, 0]
+
+    return sample
+
+
+def compile_generator(model: nn.Module, max_seq_len: int | None = None, weights: str = "fp32",
+                      backend: str = "numba", prompt_buckets: Sequence[int] | None = None,
+                      fuse: bool = True, batch: int = 1) -> Generator:
+    """A Generator running fusec-compiled programs of `model` (a `fusec.models.causal_lm.CausalLM` or a
+    transformers `LlamaForCausalLM`, whose weights are mapped into one).
+
+    `max_seq_len` (default the model's) sizes the static KV cache: prompt plus new tokens must fit.
+    `weights="bf16"` stores weights as bfloat16 (needs the compiler's `weights=` option). `backend` is a
+    fusec backend ("numba", "reference"). `prompt_buckets` (e.g. (16, 64, 256)) pads prompts on the right
+    to the next bucket so that few prefill programs serve every prompt; without it each prompt length
+    compiles its own. The decode program for `batch` is compiled here; nothing compiles while decoding.
+    """
+    causal_lm = as_causal_lm(model)
+    generator = Generator(causal_lm, max_seq_len or causal_lm.config.max_seq_len,
+                          fusec_compiler(backend, weights, fuse), prompt_buckets,
+                          name=f"fusec {backend} {weights}")
+    generator.decode_program(batch)
+    return generator
+
+
+def eager_generator(model: nn.Module, max_seq_len: int | None = None,
+                    compiler: Compiler = eager_compiler, name: str = "eager") -> Generator:
+    """A Generator running Prefill/DecodeStep through `compiler` (default: PyTorch eager, no compile)."""
+    causal_lm = as_causal_lm(model)
+    return Generator(causal_lm, max_seq_len or causal_lm.config.max_seq_len, compiler, name=name)
+
+
+def eager_generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int,
+                   max_seq_len: int | None = None) -> tuple[Tensor, Tensor]:
+    """Greedy decoding in PyTorch eager with a KV cache (the same Prefill/DecodeStep modules, uncompiled):
+    (ids [B, T + new], the logits each new token was chosen from [B, new, vocab])."""
+    generator = eager_generator(model, max_seq_len)
+    return generator.generate(input_ids, max_new_tokens=max_new_tokens, return_logits=True)
+
+
+__all__ = ["Generator", "compile_generator", "eager_compiler", "eager_generate", "eager_generator",
+           "fusec_compiler"]
