@@ -1,77 +1,240 @@
 """`fusec.compile`: trace a module, run the pass pipeline, hand the graph to a backend, and wrap the
-result in a callable with the module's signature that takes and returns torch tensors."""
+result in a callable with the module's signature that takes and returns torch tensors.
+
+The callable holds one compiled program per input signature (`Specialization`); `fusec.guards` says
+what a signature is and when a new one compiles, recompiles or is an error.
+"""
 from __future__ import annotations
 
+import threading
+import time
+import warnings
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
+from fusec.debug import DebugDump, Progress, debug
 from fusec.dtypes import to_torch
+from fusec.errors import FusecError
+from fusec.guards import describe_leaves, parse_dynamic, signature_key
 from fusec.ir import Graph, TensorType
 
 BACKENDS = ("numba", "reference")
+CACHE_LIMIT = 8  # programs compiled for new signatures (recompile=True) before new ones run eagerly
 
 
-class CompiledModule:
-    """A compiled program. Call it like the module; `.graph` is the final IR, `.source` generated code."""
+@dataclass(frozen=True)
+class Options:
+    backend: str = "numba"
+    fuse: bool = True
+    strict: bool = False
+    weights: str = "fp32"  # "bf16": matrices stored as bfloat16, widened to float32 in the kernels
 
-    def __init__(self, traced, graph: Graph, run: Callable, backend: str, source: str = "",
-                 stats: dict | None = None):
-        self.traced = traced
-        self.graph = graph
-        self.backend = backend
-        self.source = source
-        self.stats = stats or {}
-        self._run = run
 
-    def __call__(self, *args, **kwargs):
-        arrays = self._check_inputs(args, kwargs)
-        outs = self._run(arrays)
+@dataclass
+class Specialization:
+    """The program compiled for one input signature: traced IR, final graph, and the backend's run."""
+
+    traced: Any
+    graph: Graph
+    run: Callable[[list[np.ndarray]], list[np.ndarray]]
+    source: str = ""
+    stats: dict | None = None
+    program: Any = None  # the numba Program (None on the reference backend)
+
+    @property
+    def signature(self) -> str:
+        return ", ".join(f"{n}: {t}" for n, t in zip(self.traced.input_names, self.graph.input_types))
+
+    def call(self, leaves: list) -> Any:
+        outs = self.run([_array(x) for x in leaves if isinstance(x, torch.Tensor)])
         tensors = [torch.from_numpy(np.array(o)) for o in outs]  # owned copies: outputs may be views of weights
         return pytree.tree_unflatten(tensors, self.traced.out_spec)
 
-    def _check_inputs(self, args: tuple, kwargs: dict) -> list[np.ndarray]:
-        """Flatten the call's inputs like the traced ones; raise TypeError/ValueError on a mismatch."""
+
+def _array(x: torch.Tensor) -> np.ndarray:
+    """A NumPy view of an input tensor (the runtimes make it contiguous if it is not)."""
+    x = x.detach()
+    if x.is_conj() or x.is_neg():
+        x = x.resolve_conj().resolve_neg()
+    return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
+
+
+class CompiledModule:
+    """A compiled module. Call it like the module; `.graph` is the final IR, `.source` generated code.
+
+    The attributes describe the program compiled for the example inputs; `.specializations` lists every
+    program compiled so far (one per input signature, see `fusec.guards`)."""
+
+    def __init__(self, module: torch.nn.Module, first: Specialization, options: Options, key: tuple,
+                 dynamic: Any = None, recompile: bool = False, cache_limit: int = CACHE_LIMIT):
+        self.module = module
+        self.options = options
+        self.dynamic = parse_dynamic(dynamic, first.traced.input_names)
+        self.recompile = recompile
+        self.cache_limit = cache_limit
+        self.recompiles = 0  # programs compiled for signatures outside the dynamic dimensions
+        self._first = first
+        self._programs: dict[tuple, Specialization] = {key: first}
+        self._lock = threading.Lock()
+        self._warned = False
+
+    # -- the program of the example inputs ----------------------------------------------------------------
+    @property
+    def traced(self):
+        return self._first.traced
+
+    @property
+    def graph(self) -> Graph:
+        return self._first.graph
+
+    @property
+    def source(self) -> str:
+        return self._first.source
+
+    @property
+    def stats(self) -> dict:
+        return self._first.stats
+
+    @property
+    def program(self):
+        return self._first.program
+
+    @property
+    def backend(self) -> str:
+        return self.options.backend
+
+    @property
+    def specializations(self) -> list[Specialization]:
+        return list(self._programs.values())
+
+    def rdu_report(self, machine: Any = "sn40l", **options: Any) -> dict:
+        """The RDU model's estimate for this program on `machine` (`backends.rdu_model.report`; options
+        such as layers, tp, decode, dtype pass through), computed on first use and kept. Its placement is
+        `report["placement"]`, the graph's own when the "placed" stage made it for that machine."""
+        from backends.rdu_model import report, tokens_per_call
+        from passes.place import plan
+        cache = self.__dict__.setdefault("_rdu_reports", {})
+        key = (machine if isinstance(machine, str) else id(machine), tuple(sorted(options.items())))
+        if key not in cache:
+            own = self.graph.annotations.get("placement")
+            seed, dtype = options.get("seed", 0), options.get("dtype")
+            placement = (own if own is not None and own.machine.name == machine and own.seed == seed
+                         and own.dtype == dtype else plan(self.graph, machine, seed, dtype))
+            rest = {k: v for k, v in options.items() if k not in ("seed", "dtype", "tokens")}
+            tokens = options.get("tokens") or tokens_per_call(self.graph)
+            cache[key] = {**report(placement, placement.machine, tokens=tokens, **rest), "placement": placement}
+        return cache[key]
+
+    # -- calls --------------------------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
         leaves, spec = pytree.tree_flatten((args, kwargs))
+        key = signature_key(leaves, spec)
+        program = self._programs.get(key)
+        if program is None:
+            program = self._miss(args, kwargs, leaves, spec, key)
+            if program is None:
+                with torch.no_grad():
+                    return self.module(*args, **kwargs)
+        return program.call(leaves)
+
+    def _miss(self, args: tuple, kwargs: dict, leaves: list, spec: Any, key: tuple) -> Specialization | None:
+        """The program for a signature not seen yet: the first one when compatible, a new one for new
+        dynamic dimensions or (recompile=True) a new signature, None past the limit; else raise."""
+        error, fatal = self._mismatch(args, kwargs, leaves, spec)
+        if error is None and not self._dynamic_change(leaves):
+            self._programs[key] = self._first  # equal constants of another type (1 and 1.0)
+            return self._first
+        if fatal or (error is not None and not self.recompile):
+            raise error
+        with self._lock:
+            program = self._programs.get(key)
+            if program is not None:
+                return program
+            if error is not None:
+                if self.recompiles >= self.cache_limit:
+                    if not self._warned:
+                        self._warned = True
+                        warnings.warn(f"fusec: {self.name} was compiled for {self.cache_limit} other input "
+                                      f"signatures (cache_limit); calls with new signatures now run in "
+                                      f"PyTorch eager. Last one: {describe_leaves(leaves)} ({error})",
+                                      stacklevel=3)
+                    return None
+                self.recompiles += 1
+                debug(1, f"[fusec] recompiling {self.name} for ({describe_leaves(leaves)}): {error}")
+            try:
+                program = build(self.module, args, kwargs, self.options)
+            except FusecError as e:
+                if isinstance(error, TypeError):  # other arguments the module cannot take: say what differs
+                    raise error from e
+                raise
+            self._programs[key] = program
+            return program
+
+    def _dynamic_change(self, leaves: list) -> bool:
+        """Whether a tensor's shape differs from the first program's (only in dynamic dimensions, since
+        `_mismatch` found nothing else)."""
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        return any(tuple(x.shape) != t.shape for x, t in zip(tensors, self.graph.input_types))
+
+    def _mismatch(self, args: tuple, kwargs: dict, leaves: list, spec: Any) -> tuple[Exception | None, bool]:
+        """How a call differs from the first program's signature: (error, fatal). A fatal error is raised
+        even with recompile=True (a non-tensor, another device); dynamic dimensions are no error."""
         expected = self.traced.input_leaves
         if spec != self.traced.in_spec:
             n_tensors = sum(1 for x in expected if isinstance(x, str) and x == "tensor")
-            raise TypeError(f"compiled {self.name} expects {n_tensors} input tensor(s) like the example inputs "
-                            f"({self._signature()}); got {len(args)} positional and {len(kwargs)} keyword "
-                            f"argument(s): {_describe(args, kwargs)}")
-        arrays = []
+            return TypeError(f"compiled {self.name} expects {n_tensors} input tensor(s) like the example "
+                             f"inputs ({self._signature()}); got {len(args)} positional and {len(kwargs)} "
+                             f"keyword argument(s): {_describe(args, kwargs)}"), False
+        index = 0
         types = self.graph.input_types
         for leaf, want in zip(leaves, expected):
             if isinstance(want, str) and want == "tensor":
-                arrays.append(self._check_tensor(len(arrays), leaf, types[len(arrays)]))
+                found = self._check_tensor(index, leaf, types[index])
+                if found[0] is not None:
+                    return found
+                index += 1
             elif leaf != want:
-                raise ValueError(f"compiled {self.name} was traced with the constant {want!r} for this "
-                                 f"argument; got {leaf!r} (compile again for another value)")
-        return arrays
+                return ValueError(f"compiled {self.name} was traced with the constant {want!r} for this "
+                                  f"argument; got {leaf!r} (compile again for another value, or pass "
+                                  f"recompile=True)"), False
+        return None, False
 
-    def _check_tensor(self, i: int, x: Any, want: TensorType) -> np.ndarray:
+    def _check_tensor(self, i: int, x: Any, want: TensorType) -> tuple[Exception | None, bool]:
         name = self.traced.input_names[i]
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"input {i} ({name}) must be a torch.Tensor {want}, got {type(x).__name__}")
-        if x.dtype != to_torch(want.dtype):
-            raise TypeError(f"input {i} ({name}) must have dtype {to_torch(want.dtype)}, got {x.dtype}")
-        if tuple(x.shape) != want.shape:
-            raise ValueError(f"input {i} ({name}) must have shape {list(want.shape)}, got {list(x.shape)}")
+            return TypeError(f"input {i} ({name}) must be a torch.Tensor {want}, got {type(x).__name__}"), True
         if x.device.type != "cpu":
-            raise ValueError(f"input {i} ({name}) must be on the CPU, got {x.device}")
-        return x.detach().numpy()
+            return ValueError(f"input {i} ({name}) must be on the CPU, got {x.device}"), True
+        if x.layout != torch.strided:
+            return ValueError(f"input {i} ({name}) must be a dense (strided) tensor, got {x.layout}"), True
+        if x.dtype != to_torch(want.dtype):
+            return TypeError(f"input {i} ({name}) must have dtype {to_torch(want.dtype)}, got {x.dtype}"), False
+        shape = tuple(x.shape)
+        if len(shape) != want.rank or any(d != w and not self.dynamic.allows(i, ax, want.rank)
+                                          for ax, (d, w) in enumerate(zip(shape, want.shape))):
+            dynamic = self._dynamic_text(i, want.rank)
+            return ValueError(f"input {i} ({name}) must have shape {list(want.shape)}{dynamic}, got "
+                              f"{list(shape)}"), False
+        return None, False
+
+    def _dynamic_text(self, i: int, rank: int) -> str:
+        axes = sorted(a % rank for a in self.dynamic.dims.get(i, ()) if -rank <= a < rank)
+        return f" (dimensions {axes} may change)" if axes else ""
 
     @property
     def name(self) -> str:
         return self.traced.module_name
 
     def _signature(self) -> str:
-        return ", ".join(f"{n}: {t}" for n, t in zip(self.traced.input_names, self.graph.input_types))
+        return self._first.signature
 
     def __repr__(self) -> str:
-        return f"<fusec compiled {self.name} backend={self.backend} ({self._signature()})>"
+        more = f", {len(self._programs) - 1} more signature(s)" if len(self._programs) > 1 else ""
+        return f"<fusec compiled {self.name} backend={self.backend} ({self._signature()}){more}>"
 
 
 def _describe(args: tuple, kwargs: dict) -> str:
@@ -82,47 +245,126 @@ def _describe(args: tuple, kwargs: dict) -> str:
 
 
 def compile(module: torch.nn.Module, example_inputs: Any = (), example_kwargs: dict | None = None, *,
-            backend: str = "numba", fuse: bool = True) -> CompiledModule:
+            backend: str = "numba", fuse: bool = True, strict: bool = False, dynamic: Any = None,
+            recompile: bool = False, cache_limit: int = CACHE_LIMIT, weights: str = "fp32") -> CompiledModule:
     """Compile `module` for inputs like `example_inputs` (a tuple of positional inputs, or one tensor).
 
     `backend="numba"` (default) generates one JIT-compiled function per fused kernel; `"reference"` runs
     the IR op by op with NumPy. `fuse=False` gives the unfused program (one kernel per primitive op).
-    Returns a callable with the module's signature; it checks every call's inputs against the traced
-    ones (count, shape, dtype) and raises TypeError/ValueError naming what was expected and given.
-    """
-    import time
+    `weights="bf16"` stores weight matrices as bfloat16 (half the bytes to stream; accumulation stays
+    float32); the module's own parameters are not changed.
+    ATen ops fusec cannot lower run through PyTorch between the kernels; `strict=True` raises
+    `UnsupportedOpError` for them instead.
 
-    from fusec.tracing import trace
+    Returns a callable with the module's signature. Every call is checked against the signature it was
+    compiled for (structure, and per tensor rank, shape, dtype, device, layout; see `fusec.guards`):
+    - `dynamic`: dimensions that may change between calls, `{"x": {1}}` (by input name or position among
+      the tensor inputs) or True for all. Shapes stay static in the IR: a call with new sizes in these
+      dimensions compiles (once) a program for them, with no limit; the on-disk cache makes a size seen
+      in an earlier process quick to load.
+    - any other difference raises TypeError/ValueError naming what was expected and what was given, or,
+      with `recompile=True`, compiles a program for the new signature; past `cache_limit` such programs
+      it warns once and runs new signatures in PyTorch eager.
+    Non-contiguous inputs are accepted (copied to contiguous arrays). Calls from several threads are safe:
+    the numba program serializes them (its buffers belong to the program).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
+    from passes.weights import FORMATS
+    if weights not in FORMATS:
+        raise ValueError(f"unknown weight format {weights!r}; expected one of {', '.join(FORMATS)}")
+    options = Options(backend, fuse, strict, weights)
+    first = build(module, example_inputs, example_kwargs or {}, options)
+    key = signature_key(*pytree.tree_flatten((example_inputs, example_kwargs or {})))
+    return CompiledModule(module, first, options, key, dynamic, recompile, cache_limit)
+
+
+def build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options) -> Specialization:
+    """Trace, lower and compile `module` for exactly these inputs; run it once (JIT-compiling the kernels
+    or loading them from the cache)."""
+    from fusec.tracing import trace
     start = time.perf_counter()
-    traced = trace(module, example_inputs, example_kwargs)
-    graph = lower(traced.graph, fuse=fuse)
-    if backend == "reference":
+    traced = trace(module, args, kwargs, strict=options.strict)
+    dump = DebugDump.start(traced.module_name or "module")
+    if dump:
+        dump.traced(traced.graph, getattr(traced.fx_graph, "code", ""))
+    graph = lower(traced.graph, fuse=options.fuse, callback=dump.stage if dump else None, weights=options.weights)
+    stats = program_stats(graph)
+    if options.backend == "reference":
         from backends.reference import compile_graph
-        return CompiledModule(traced, graph, compile_graph(graph), backend, stats=program_stats(graph))
-    from backends.numba_cpu.runtime import Program
-    program = Program(graph)
-    compiled = CompiledModule(traced, graph, program.run, backend, program.source,
-                              {**program_stats(graph), "intermediate_bytes": program.intermediate_bytes})
-    compiled(*example_inputs, **(example_kwargs or {}))  # JIT-compile (or load from cache) every kernel now
-    compiled.stats["compile_seconds"] = time.perf_counter() - start
-    return compiled
+        spec = Specialization(traced, graph, compile_graph(graph), "", stats)
+    else:
+        from backends.numba_cpu.runtime import Program
+        program = Program(graph)
+        debug(3, f"--- generated code of {traced.module_name} ({len(program.steps)} kernels)\n{program.source}")
+        stats["intermediate_bytes"] = program.intermediate_bytes
+        spec = Specialization(traced, graph, program.run, program.source, stats, program)
+        steps = len(program.steps) + sum(len(v) for v in program.torch_steps.values())
+        progress = Progress(traced.module_name, steps)
+        leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        try:  # JIT-compile (or load from the cache) every kernel now
+            program.run([_array(x) for x in leaves], observe=lambda *_: progress.step())
+        finally:
+            progress.close()
+        stats["compile_seconds"] = time.perf_counter() - start
+    if dump:
+        dump.write("numba.py", spec.source or "# reference backend: no generated code")
+        dump.summary(summary(spec, options))
+    return spec
 
 
-def lower(graph: Graph, fuse: bool = True) -> Graph:
-    """The pass pipeline from traced IR to the graph a backend runs: fused and tiled, or unfused."""
-    from passes.pipeline import run_pipeline
+def lower(graph: Graph, fuse: bool = True, callback: Callable[[str, Graph], None] | None = None,
+          weights: str = "fp32") -> Graph:
+    """The pass pipeline from traced IR to the graph a backend runs: fused and tiled, or unfused.
+    `callback(pass_name, graph)` runs after every pass; `weights` picks the weights' storage format."""
+    from passes.pipeline import STAGES, run_pipeline
+    from passes.weights import store_weights
+    if weights != "fp32":
+        graph = store_weights(run_pipeline(graph, until="canonical", callback=callback), weights)
+        if callback:
+            callback("store_weights", graph)
+        if not fuse:
+            from passes.fuse import unfuse
+            from passes.tile import tile
+            return tile(unfuse(graph))
+        return run_pipeline(graph, callback=callback, after="canonical")
     if fuse:
-        return run_pipeline(graph)
+        stages = list(STAGES)
+        if "placed" in stages and any(n.op == "extern" for n in graph.nodes):
+            # torch fallbacks run on the host: such a program has no RDU placement
+            return run_pipeline(graph, until=stages[stages.index("placed") - 1], callback=callback)
+        return run_pipeline(graph, callback=callback)
     from passes.fuse import unfuse
     from passes.tile import tile
-    return tile(unfuse(run_pipeline(graph, until="canonical")))
+    graph = unfuse(run_pipeline(graph, until="canonical", callback=callback))
+    if callback:
+        callback("unfuse", graph)
+    graph = tile(graph)
+    if callback:
+        callback("tile", graph)
+    return graph
 
 
 def program_stats(graph: Graph) -> dict:
-    """Kernel launches per call and bytes of intermediate values (written by one kernel, read by another)."""
+    """Kernel launches per call, bytes of intermediate values (written by one kernel, read by another)
+    and ops run by PyTorch (`torch_ops`, see `fusec.fallback`)."""
     from passes.fuse import fusion_stats
-    return dict(fusion_stats(graph))
+    return {**fusion_stats(graph), "torch_ops": sum(1 for n in graph.nodes if n.op == "extern")}
+
+
+def summary(spec: Specialization, options: Options) -> dict:
+    """A JSON-able description of one compiled program (FUSEC_DEBUG_DIR's summary.json)."""
+    from passes.fuse import describe
+    program = spec.program
+    kernels = [{"kind": kind, "ops": ops} for kind, ops in describe(spec.graph)]
+    if program is not None:
+        for k, code in zip(kernels, program.codes):
+            k.update(name=code.name, loop=code.loop)
+    fallbacks = [{"target": n.attr("target"), "reason": n.attr("reason"), "origin": n.origin}
+                 for n in spec.graph.nodes if n.op == "extern"]
+    return {"module": spec.traced.module_name, "signature": spec.signature,
+            "options": {"backend": options.backend, "fuse": options.fuse, "strict": options.strict},
+            "kernels": kernels, "torch_fallbacks": fallbacks, "stats": spec.stats,
+            "cache_module": getattr(getattr(program, "module", None), "__name__", None)}
