@@ -50,7 +50,8 @@ def set_threads(n: int) -> int:
     # it from the same libgomp.
     numba.set_num_threads(numba_threads)
     torch.set_num_threads(n)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    # not NUMBA_NUM_THREADS: Numba re-reads it at every compile and refuses a value below its running pool
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(n)
     return numba_threads
 
