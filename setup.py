@@ -10,5 +10,7 @@ setup(
     install_requires=["torch>=2.6", "numpy", "numba", "llvmlite", "scipy"],
     extras_require={"test": ["pytest", "hypothesis", "transformers==4.57.6", "matplotlib"],
                     "bench": ["matplotlib"]},
-    entry_points={"console_scripts": ["fusec = fusec.cli:main"]},
+    entry_points={"console_scripts": ["fusec = fusec.cli:main"],
+                  # torch.compile(model, backend="fusec") finds the backend here, without importing fusec
+                  "torch_dynamo_backends": ["fusec = fusec.dynamo:fusec_backend"]},
 )

@@ -21,6 +21,8 @@ Semantics decisions, beyond "what NumPy does":
 - Results may be views of inputs, params or other results (`reshape`, `permute`, `slice`, read-only
   broadcast views from `expand` and `iota`); callers that need to own or write an output copy it.
 - A multi-output `kernel` evaluates to a tuple of arrays, which `result` indexes.
+- `extern` (an ATen op fusec has no lowering for) calls the op through PyTorch (`fusec.fallback`); it is
+  the only op whose definition is not NumPy.
 """
 from __future__ import annotations
 
@@ -223,6 +225,11 @@ def _result(node: Node, args: list, tensors: Mapping[str, Any]) -> np.ndarray:
     return outs[index]
 
 
+def _extern(node: Node, args: list, tensors: Mapping[str, Any]) -> np.ndarray:
+    from fusec.fallback import call_extern
+    return call_extern(node, args)
+
+
 def _unsupported_input(node: Node, args: list, tensors: Mapping[str, Any]) -> np.ndarray:
     raise FusecError("input: values of input nodes are supplied by the caller (run_graph), not computed")
 
@@ -249,6 +256,7 @@ _OPS: dict[str, OpFn] = {
     "take": _take,
     "kernel": _kernel,
     "result": _result,
+    "extern": _extern,
 }
 
 

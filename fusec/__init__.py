@@ -7,6 +7,8 @@
 from fusec import models
 from fusec.api import CompiledModule, compile
 from fusec.errors import FusecError, IRError, UnsupportedOpError
+from fusec.generate import compile_generator
 
 __version__ = "0.1.0"
-__all__ = ["CompiledModule", "FusecError", "IRError", "UnsupportedOpError", "compile", "models", "__version__"]
+__all__ = ["CompiledModule", "FusecError", "IRError", "UnsupportedOpError", "compile", "compile_generator", "models",
+           "__version__"]

@@ -1,8 +1,11 @@
-"""The `fusec` command line: dump the IR at any stage, run the demo, list models.
+"""The `fusec` command line: dump the IR at any stage, run the demo, list models, explain, check, cache.
 
     fusec dump llama-block --stage canonical
     fusec dump my_model.py:make_model --stage ir --format dot -o graph.dot
     fusec demo
+    fusec explain llama-block          # which ops fuse into which kernels, which run in PyTorch
+    fusec check llama-block --float64  # errors per output; bisects to the first wrong kernel
+    fusec cache info                   # or: fusec cache clear
 """
 from __future__ import annotations
 
@@ -34,6 +37,11 @@ def dump(spec: str, stage: str, fmt: str, seq_len: int | None = None, fuse: bool
     from passes.pipeline import run_pipeline
     if stage not in stage_names():
         raise FusecError(f"unknown stage {stage!r}; expected one of {', '.join(stage_names())}")
+    if stage == "placed" or fmt in ("svg", "png"):
+        from fusec.cli_rdu import dump_placed
+        if stage != "placed":
+            raise FusecError(f"--format {fmt} draws the placement: use --stage placed")
+        return dump_placed(spec, fmt, seq_len, fuse)
     module, inputs = load_model(spec, seq_len=seq_len)
     traced = trace(module, inputs)
     if stage == "fx":
@@ -108,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("dump", help="print a model's IR after a stage")
     d.add_argument("model", help="registry name (see `fusec models`) or path/to/file.py:factory")
     d.add_argument("--stage", default="canonical", help="one of: " + ", ".join(stage_names()))
-    d.add_argument("--format", default="text", choices=("text", "json", "dot"))
+    d.add_argument("--format", default="text", choices=("text", "json", "dot", "svg", "png"))
     d.add_argument("--seq-len", type=int, default=None, help="sequence length of the example input")
     d.add_argument("--unfused", action="store_true", help="show the unfused program (one kernel per op)")
     d.add_argument("-o", "--output", help="write to this file instead of standard output")
@@ -116,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("model", nargs="?", default="llama-block")
     m.add_argument("--no-bench", action="store_true", help="skip the benchmark table")
     sub.add_parser("models", help="list the built-in model names")
+    from fusec.cli_rdu import add_rdu_parser
+    add_rdu_parser(sub)
+    _add_debug_commands(sub)
     b = sub.add_parser("bench", help="fused vs unfused vs PyTorch eager vs torch.compile on a Llama block",
                        add_help=False)
     b.add_argument("model", nargs="?", default="llama-block:tinyllama_1b", help="llama-block[:PRESET]")
@@ -123,12 +134,56 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def bench(spec: str, rest: list[str]) -> int:
-    """`fusec bench llama-block:PRESET [benchmark flags]` runs fusec/bench_block.py on that block."""
+    """`fusec bench llama-block:PRESET [benchmark flags]` runs fusec/bench_block.py on that block;
+    `fusec bench generate MODEL [flags]` runs benchmarks/bench_generate.py (whole-model tokens/s)."""
+    if spec == "generate":
+        import importlib.util
+        from pathlib import Path
+        script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_generate.py"
+        if not script.is_file():
+            raise FusecError(f"fusec bench generate needs {script} (a source checkout of fusec)")
+        loaded = importlib.util.spec_from_file_location("fusec_bench_generate", script)
+        module = importlib.util.module_from_spec(loaded)
+        loaded.loader.exec_module(module)
+        return module.main(rest)
     from fusec.bench_block import main as bench_main
     name, _, preset = spec.partition(":")
     if name != "llama-block":
         raise FusecError(f"fusec bench runs Llama blocks: expected llama-block[:PRESET], got {spec!r}")
     return bench_main(["--preset", preset or "tiny", *rest])
+
+
+def _add_debug_commands(sub) -> None:
+    """`fusec explain`, `fusec check` and `fusec cache` (see fusec/explain.py, check.py, cache.py)."""
+    e = sub.add_parser("explain", help="which ops fuse into which kernels, which run in PyTorch and why (dry run)")
+    c = sub.add_parser("check", help="errors of fused, unfused, reference and PyTorch; bisect a mismatch")
+    for p in (e, c):
+        p.add_argument("model", help="registry name (see `fusec models`) or path/to/file.py:factory")
+        p.add_argument("--seq-len", type=int, default=None, help="sequence length of the example input")
+    c.add_argument("--float64", action="store_true", help="measure errors against PyTorch in float64")
+    c.add_argument("--tol", type=float, default=1e-4, help="largest error, scaled by the output's magnitude")
+    k = sub.add_parser("cache", help="the on-disk compile cache: where it is and how big, or clear it")
+    k.add_argument("action", choices=("info", "clear"))
+
+
+def _debug_command(args) -> int:
+    if args.command == "cache":
+        from fusec import cache
+        result = cache.info() if args.action == "info" else cache.clear()
+        verb = "" if args.action == "info" else "removed "
+        print(f"cache dir  {result['dir']}\n{verb}programs   {result['programs']} ({result['compiled']} "
+              f"with compiled code)\n{verb}size       {result['bytes'] / 2**20:.1f} MiB in {result['files']} files")
+        return 0
+    from fusec.models import load_model
+    module, inputs = load_model(args.model, seq_len=args.seq_len)
+    if args.command == "explain":
+        from fusec.explain import explain
+        print(explain(module, inputs))
+        return 0
+    from fusec.check import check
+    report = check(module, inputs, float64=args.float64, tol=args.tol)
+    print(report)
+    return 0 if report.ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,16 +194,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "dump":
             text = dump(args.model, args.stage, args.format, args.seq_len, fuse=not args.unfused)
+            if isinstance(text, bytes):  # --format png
+                from fusec.cli_rdu import write_bytes
+                return write_bytes(text, args.output)
             if args.output:
                 with open(args.output, "w") as f:
                     f.write(text + "\n")
             else:
                 print(text)
             return 0
+        if args.command == "rdu":
+            from fusec.cli_rdu import rdu_main
+            return rdu_main(args)
         if args.command == "bench":
             return bench(args.model, rest)
         if args.command == "demo":
             return demo(args.model, bench_table=not args.no_bench)
+        if args.command in ("explain", "check", "cache"):
+            return _debug_command(args)
         if args.command == "models":
             from fusec.models import list_models
             print("\n".join(list_models()))

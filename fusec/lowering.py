@@ -30,6 +30,7 @@ class Lowerer:
         self.out: Any = None  # FakeTensor (or tuple) torch.export recorded for the node being lowered
         self.origin = ""
         self.current = ""  # packet name of the op being lowered, e.g. "aten.mm"
+        self.strict = False  # True: an op without a lowering raises instead of falling back to torch
 
     # -- values ---------------------------------------------------------------------------------------
     def type(self, v: TV) -> TensorType:

@@ -1,8 +1,9 @@
 """The primitive op set: each op's kind and its type rule.
 
 Kinds form the lattice fusion decides over (TVM's idea): source < elementwise < layout < reduce < matmul <
-gather < kernel. Composite ATen ops are lowered to these by tracing; the NumPy reference backend defines
-what each op computes.
+gather < kernel; `extern` (an ATen op run by PyTorch, see `fusec.fallback`) is opaque: never fused.
+Composite ATen ops are lowered to these by tracing; the NumPy reference backend defines what each op
+computes.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ OPS: dict[str, str] = {
     "take": "gather",
     "kernel": "kernel",   # a fused kernel holding its subgraph (built by the fusion pass)
     "result": "kernel",   # output `index` of a multi-output kernel
+    "extern": "extern",   # an ATen op fusec cannot lower, run by PyTorch (fusec.fallback); never fused
 }
 
 
@@ -70,7 +72,7 @@ def infer(op: str, types: list[TensorType], attrs: dict[str, Any], declared: Ten
     if op not in OPS:
         raise IRError(f"unknown op {op!r}")
     k = OPS[op]
-    if k in ("source", "kernel"):
+    if k in ("source", "kernel", "extern"):
         if op == "iota":
             shape, axis = tuple(attrs["shape"]), attrs["axis"]
             _norm_axis(op, axis, len(shape))

@@ -5,8 +5,9 @@ lowered through the table in `fusec.lowering`. This is the only module that touc
 
 Constant subgraphs (masks from `arange`/comparisons, rotary tables from buffers and constant positions)
 are evaluated here with torch on their real values and enter the IR as constants, so any ATen op may
-appear in them; what depends on an input must lower to primitives or raise `UnsupportedOpError`.
-Parameters become `param` nodes referring to the module's own tensors (no copies).
+appear in them. An op that depends on an input and has no lowering (or whose lowering rejects its
+arguments) becomes an `extern` node run by PyTorch (`fusec.fallback`); with `strict=True` it raises
+`UnsupportedOpError` instead. Parameters become `param` nodes referring to the module's own tensors.
 """
 from __future__ import annotations
 
@@ -60,12 +61,13 @@ def export(module: torch.nn.Module, args: tuple, kwargs: dict | None = None):
         raise FusecError(f"torch.export could not capture {type(module).__name__}: {first}") from e
 
 
-def trace(module: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> Traced:
-    """Trace `module` on example inputs into fusec IR."""
+def trace(module: torch.nn.Module, args: tuple, kwargs: dict | None = None, strict: bool = False) -> Traced:
+    """Trace `module` on example inputs into fusec IR (`strict`: unsupported ops raise, see the module
+    docstring)."""
     if not isinstance(args, tuple):
         args = (args,)
     program = export(module, args, kwargs)
-    traced = lower_program(program, module)
+    traced = lower_program(program, module, strict)
     traced.module_name = type(module).__name__
     return traced
 
@@ -88,11 +90,12 @@ def _origin(node) -> str:
     return path or where or node.name
 
 
-def lower_program(program, module: torch.nn.Module) -> Traced:
+def lower_program(program, module: torch.nn.Module, strict: bool = False) -> Traced:
     from torch.export.graph_signature import InputKind
     sig = program.graph_signature
     b = Builder()
     cx = Lowerer(b)
+    cx.strict = strict
     env: dict[Any, Any] = {}
     state = dict(program.state_dict)
     state.update(getattr(program, "constants", {}) or {})
@@ -156,19 +159,69 @@ def _lower_node(cx: Lowerer, node, env: dict) -> Any:
     lower = LOWERINGS.get(name)
     cx.out, cx.origin, cx.current = val, _origin(node), name
     if lower is None:
-        raise UnsupportedOpError(str(target), cx.origin)
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("device", "layout", "pin_memory", "memory_format",
-                                                            "non_blocking")}
+        return _fallback(cx, target, args, kwargs, UnsupportedOpError(str(target), cx.origin), "no lowering")
+    call_kwargs = {k: v for k, v in kwargs.items() if k not in ("device", "layout", "pin_memory",
+                                                                 "memory_format", "non_blocking")}
     if name in ("aten._to_copy", "aten.to"):
-        kwargs = {}
+        call_kwargs = {}
     try:
-        result = lower(cx, *args, **kwargs)
+        result = lower(cx, *args, **call_kwargs)
+    except UnsupportedOpError as e:
+        return _fallback(cx, target, args, kwargs, e, f"the lowering does not support {_what(e)}", cause=e)
     except FusecError:
         raise
     except TypeError as e:
-        raise UnsupportedOpError(str(target), cx.origin, f"arguments not supported: {e}") from e
+        error = UnsupportedOpError(str(target), cx.origin, f"arguments not supported: {e}")
+        return _fallback(cx, target, args, kwargs, error, f"the lowering does not support {_what(error)}", e)
     _check_matches(cx, node, result, val)
     return result
+
+
+def _what(error: UnsupportedOpError) -> str:
+    """The op and detail of an UnsupportedOpError's message, without its prefix and origin."""
+    text = str(error).removeprefix("fusec does not support the op ")
+    return text.removesuffix(f", used at {error.origin}") if error.origin else text
+
+
+def _fallback(cx: Lowerer, target, args, kwargs: dict, error: UnsupportedOpError, reason: str,
+              cause: Exception | None = None) -> Any:
+    """One `extern` node per tensor the op returns (see `fusec.fallback`), or `error` when strict or
+    when the op cannot run as a fallback (a random op, an argument JSON cannot carry, an odd result)."""
+    from fusec.fallback import EXTERN, encode_call, is_random, qualified_name
+    if cx.strict:
+        raise error from cause
+    qualified = qualified_name(target)
+    why = ("random ops do not run as a torch fallback (a compiled program is deterministic)"
+           if qualified and is_random(target) else None if qualified else "not an ATen op")
+    if why:
+        raise UnsupportedOpError(str(target), cx.origin, why) from cause
+    operands: list[int] = []
+
+    def operand(x: Any) -> int | None:
+        if not isinstance(x, (TV, torch.Tensor)):
+            return None
+        operands.append(cx.tensor(x).id)  # a constant tensor becomes a const node
+        return len(operands) - 1
+
+    try:
+        spec = encode_call(tuple(args), kwargs, operand)
+    except TypeError as e:
+        raise UnsupportedOpError(str(target), cx.origin, str(e)) from e
+    leaves, out_spec = pytree.tree_flatten(cx.out)
+    results = []
+    for k, leaf in enumerate(leaves):
+        if not isinstance(leaf, torch.Tensor):
+            results.append(leaf)
+            continue
+        try:
+            ttype = TensorType(tuple(int(d) for d in leaf.shape), from_torch(leaf.dtype))
+        except FusecError as e:
+            raise UnsupportedOpError(str(target), cx.origin, f"it returns a {leaf.dtype} tensor") from e
+        attrs = {"target": qualified, "args": spec, "output": k, "reason": reason}
+        results.append(TV(cx.b.add(EXTERN, operands, attrs, ttype, origin=cx.origin)))
+    if not any(isinstance(r, TV) for r in results):
+        raise UnsupportedOpError(str(target), cx.origin, "it returns no tensor") from cause
+    return pytree.tree_unflatten(results, out_spec)
 
 
 def _packet_name(target) -> str:

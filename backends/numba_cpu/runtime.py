@@ -2,28 +2,26 @@
 and call the kernels in order.
 
 The generated module is written to the cache directory (`FUSEC_CACHE_DIR`, default ~/.cache/fusec) under
-a hash of its text, and imported from there; Numba's own on-disk cache (`cache=True`) sits beside it, so
-a second compile of the same program in a new process loads machine code instead of compiling.
+a hash of its text and of the versions and CPU it compiles for; Numba's own on-disk cache (`cache=True`)
+sits beside it, so a second compile of the same program in a new process loads machine code instead of
+compiling. `fusec.cache` verifies both before use and rebuilds what is damaged. Ops run by PyTorch
+(`extern`, `fusec.fallback`) are steps between the kernels.
 Intermediate buffers are allocated once per program and reused across calls (two values whose lifetimes
 do not overlap share storage); outputs are fresh arrays owned by the caller. Calls are serialized by a
 lock, because the intermediate buffers belong to the program, not to a call.
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import os
-import sys
-import tempfile
 import threading
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 
 from backends.numba_cpu.codegen import KernelCode, generate
 from fusec.dtypes import to_numpy
 from fusec.errors import FusecError
+from fusec.guards import check_indices, take_index_checks
 from fusec.ir import Graph
 
 FASTMATH = "{'reassoc', 'contract', 'nsz'}"  # vectorizable reductions; inf and nan keep their meaning
@@ -33,44 +31,24 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from backends.numba_cpu.blas import gemm, matvec
+from backends.numba_cpu.blas import bf16, gemm, gemm_bf16, matvec, matvec_bf16
 
 FASTMATH = {FASTMATH}
 """
 
 
-def cache_dir() -> str:
-    path = os.environ.get("FUSEC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fusec")
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, delete=True)
-        probe.close()
-        return path
-    except OSError as e:
-        fallback = os.path.join(tempfile.gettempdir(), f"fusec-{os.getuid()}")
-        warnings.warn(f"fusec: cache directory {path} is not writable ({e.strerror}); using {fallback}")
-        os.makedirs(fallback, exist_ok=True)
-        return fallback
+def cache_dir() -> str | None:
+    """The compile cache directory: FUSEC_CACHE_DIR (default ~/.cache/fusec), a temporary one when that is
+    not writable, None when nothing is (see `fusec.cache`)."""
+    from fusec.cache import writable_dir
+    return writable_dir()
 
 
 def load_module(source: str):
-    """Write `source` under its content hash (once) and import it."""
-    import numba
-    digest = hashlib.sha256((source + numba.__version__ + np.__version__).encode()).hexdigest()[:24]
-    name = f"fusec_gen_{digest}"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = os.path.join(cache_dir(), name + ".py")
-    if not os.path.exists(path):  # never rewrite: Numba's cache is keyed on the file's timestamp
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(source)
-        os.replace(tmp, path)
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """The module of generated `source`: written under a hash of its text and of the versions and CPU it
+    compiles for (once), verified and rebuilt when damaged, executed from the verified text (`fusec.cache`)."""
+    from fusec.cache import load_source
+    return load_source(source)
 
 
 @dataclass
@@ -90,15 +68,27 @@ class Program:
         kernels = [i for i, n in enumerate(graph.nodes) if n.op == "kernel"]
         self.codes: list[KernelCode] = [generate(f"k{j}", graph.nodes[i]) for j, i in enumerate(kernels)]
         self.source = HEADER + "\n\n" + "\n\n".join(c.source for c in self.codes)
-        module = load_module(self.source)
+        self.module = module = load_module(self.source)
         self.outputs_of = _kernel_outputs(graph)
         self.steps = [Step(getattr(module, code.name), i, list(graph.nodes[i].args),
                            [_weight(graph.tensors[p]) for p in code.params] +
                            [np.ascontiguousarray(graph.tensors[c]) for c in code.consts],
                            self.outputs_of[i])
                       for code, i in zip(self.codes, kernels)]
+        self.index_checks = [take_index_checks(graph.nodes[i]) for i in kernels]
+        # Torch fallbacks (`extern` nodes) run between kernels, before the kernel that follows them in the
+        # graph. The values they read are planned like outputs (fresh per call), so no later kernel
+        # reuses their buffer before they ran.
+        self.torch_steps: dict[int, list[int]] = {}
+        for i, n in enumerate(graph.nodes):
+            if n.op == "extern":
+                self.torch_steps.setdefault(sum(1 for k in kernels if k < i), []).append(i)
+        read = tuple(a for ids in self.torch_steps.values() for i in ids for a in graph.nodes[i].args)
+        self.graph = replace(graph, outputs=graph.outputs + read)
         self._plan()
+        self.graph = graph
         self._lock = threading.Lock()
+        self._loaded: set[int] = set()  # steps whose machine code is loaded (they ran once)
 
     def _plan(self) -> None:
         """Give every intermediate value a buffer; values whose lifetimes do not overlap share one.
@@ -135,13 +125,18 @@ class Program:
         self.intermediate_bytes = sum(g.nodes[v].type.nbytes for v in last_use if g.nodes[v].op == "kernel"
                                       or g.nodes[v].op == "result")
 
-    def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    def run(self, inputs: list[np.ndarray], observe: Callable | None = None) -> list[np.ndarray]:
+        """Run the program. Inputs are made contiguous (a copy only when they are not). Calls are
+        serialized by a lock: intermediate buffers belong to the program. `observe(node_id, args, outs)`
+        is called after every kernel and torch step (for `fusec check`; buffers are reused, so copy)."""
         g = self.graph
         with self._lock:
             values: dict[int, np.ndarray] = {}
             for i, x in zip(g.inputs, inputs):
                 values[i] = np.ascontiguousarray(x)
+            memo: dict = {}
             for s, step in enumerate(self.steps):
+                self._run_torch(s, values, memo, observe)
                 args = [self._value(values, v) for v in step.inputs]
                 outs = []
                 for k, v in enumerate(step.outputs):
@@ -152,8 +147,41 @@ class Program:
                     if v >= 0:
                         values[v] = buf
                     outs.append(buf)
-                step.fn(*args, *step.weights, *outs)
-            return [self._output(values, o) for o in g.outputs]
+                for k, bound, what in self.index_checks[s]:
+                    check_indices(args[k], bound, what)
+                self._call(s, step, args, outs)
+                if observe is not None:
+                    observe(step.kernel, args, outs)
+            self._run_torch(len(self.steps), values, memo, observe)
+            results = [self._output(values, o) for o in g.outputs]
+            if len(self._loaded) == len(self.steps) and not getattr(self, "_recorded", False):
+                self._recorded = True
+                from fusec.cache import recorded
+                recorded(self.module)  # checksums of the machine code that just ran
+            return results
+
+    def _call(self, s: int, step: Step, args: list, outs: list) -> None:
+        """Call a kernel; on its first call, a failure to load damaged cached code is repaired once."""
+        if s in self._loaded:
+            step.fn(*args, *step.weights, *outs)
+            return
+        try:
+            step.fn(*args, *step.weights, *outs)
+        except Exception as e:
+            from fusec.cache import recover
+            if not recover(self.module, step.fn.__name__, e):
+                raise
+            step.fn(*args, *step.weights, *outs)
+        self._loaded.add(s)
+
+    def _run_torch(self, s: int, values: dict, memo: dict, observe: Callable | None) -> None:
+        """The torch fallbacks scheduled before kernel step `s` (see `fusec.fallback`)."""
+        from fusec.fallback import call_extern
+        for i in self.torch_steps.get(s, ()):
+            args = [self._value(values, a) for a in self.graph.nodes[i].args]
+            values[i] = call_extern(self.graph.nodes[i], args, memo)
+            if observe is not None:
+                observe(i, args, [values[i]])
 
     def _output(self, values: dict, v: int) -> np.ndarray:
         x = self._value(values, v)
@@ -198,9 +226,8 @@ def _weight(t) -> np.ndarray:
     """A weight as a NumPy array sharing the module's storage."""
     if hasattr(t, "detach"):
         import torch
-        if t.dtype == torch.bfloat16:
-            raise FusecError("the numba backend does not run bf16 weights yet")
-        t = t.detach().numpy()
+        # bfloat16 travels as its bits (uint16); generated code widens it with `bf16()`
+        t = t.detach().view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.detach().numpy()
     if not t.flags.c_contiguous:
         raise FusecError(f"weight of shape {list(t.shape)} is not contiguous; fusec reads weights in place")
     return t

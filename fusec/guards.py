@@ -1,0 +1,143 @@
+"""Guards: what a compiled program checks before its generated code runs.
+
+The IR has static shapes, so a program is compiled for one *signature*: the structure of the call's
+arguments, and per tensor its shape, dtype, device and layout (per non-tensor leaf, its value).
+`fusec.api.CompiledModule` keeps one program per signature it has seen:
+
+- a call with a known signature runs that program;
+- a call differing only in dimensions marked dynamic compiles a program for the new shape, silently and
+  without limit (dynamic dimensions are a per-shape cache, not symbolic code);
+- any other difference is a `TypeError`/`ValueError` naming what was expected and what was given, or,
+  with `recompile=True`, a new program (at most `cache_limit` of them; past it, a warning, and new
+  signatures run in PyTorch eager);
+- inputs on another device, or not strided, are always an error; non-contiguous inputs are fine (the
+  runtimes copy them to contiguous arrays first).
+
+Inside a program, index tensors fed to a gather (`take`, from `embedding`/`index_select`/`index`) are
+range-checked before the kernel reads through them, so a bad token id is an IndexError, never an
+out-of-bounds read (indices computed inside the same fused kernel are not checked).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from fusec.ir import Graph, Node
+
+VIEWS = ("reshape", "permute", "expand")  # views that keep every index value (a slice drops some)
+
+# --- signatures ----------------------------------------------------------------------------------------
+
+
+def leaf_key(x: Any) -> tuple:
+    """The part of a signature one flattened argument contributes."""
+    import torch
+    if isinstance(x, torch.Tensor):
+        return ("tensor", tuple(x.shape), x.dtype, x.device.type, x.layout)
+    try:
+        hash(x)
+        return ("value", type(x).__name__, x)
+    except TypeError:
+        return ("value", type(x).__name__, repr(x))
+
+
+def signature_key(leaves: list, spec: Any) -> tuple:
+    return (spec, tuple(leaf_key(x) for x in leaves))
+
+
+def describe_leaves(leaves: list) -> str:
+    import torch
+
+    from fusec.dtypes import from_torch
+    parts = []
+    for x in leaves:
+        if isinstance(x, torch.Tensor):
+            try:
+                parts.append(f"{from_torch(x.dtype)}[{','.join(str(d) for d in x.shape)}]")
+            except Exception:
+                parts.append(f"{x.dtype}{list(x.shape)}")
+        else:
+            parts.append(repr(x))
+    return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Dynamic:
+    """Which dimensions of which tensor inputs (by position among the tensor inputs) may change."""
+
+    dims: Mapping[int, frozenset[int]]
+    every: bool = False  # every dimension of every tensor input
+
+    def allows(self, tensor_index: int, axis: int, rank: int) -> bool:
+        if self.every:
+            return True
+        return axis in self.dims.get(tensor_index, ()) or axis - rank in self.dims.get(tensor_index, ())
+
+
+def parse_dynamic(dynamic: Any, input_names: list[str]) -> Dynamic:
+    """`dynamic` as given to `fusec.compile`: None, True (every dimension), or a mapping from an input's
+    name (as traced: the forward argument's name) or position among the tensor inputs to the dimensions
+    that may change, e.g. `{"x": {1}}` or `{0: [1]}`."""
+    if dynamic is None or dynamic is False:
+        return Dynamic({})
+    if dynamic is True:
+        return Dynamic({}, every=True)
+    if not isinstance(dynamic, Mapping):
+        raise TypeError(f"dynamic must be None, True or a mapping of input name to dimensions, got "
+                        f"{type(dynamic).__name__}")
+    dims: dict[int, frozenset[int]] = {}
+    for key, axes in dynamic.items():
+        if isinstance(key, int) and 0 <= key < len(input_names):
+            index = key
+        elif key in input_names:
+            index = input_names.index(key)
+        else:
+            raise ValueError(f"dynamic names the input {key!r}, but the tensor inputs are "
+                             f"{', '.join(map(repr, input_names)) or 'none'} (or their positions)")
+        axes = [axes] if isinstance(axes, int) else list(axes)
+        if not all(isinstance(a, int) for a in axes):
+            raise TypeError(f"dynamic[{key!r}] must be dimension numbers, got {axes!r}")
+        dims[index] = frozenset(axes)
+    return Dynamic(dims)
+
+
+# --- gathers -------------------------------------------------------------------------------------------
+
+def take_index_checks(kernel: Node) -> list[tuple[int, int, str]]:
+    """(operand position, bound, what) for each operand of `kernel` that a `take` in its body uses as
+    indices (directly or through views): its values must lie in [0, bound)."""
+    body: Graph | None = kernel.attr("body")
+    if body is None:
+        return []
+    checks = []
+    for n in body.nodes:
+        if n.op != "take":
+            continue
+        idx = n.args[1]
+        while body.nodes[idx].op in VIEWS:
+            idx = body.nodes[idx].args[0]
+        src = body.nodes[idx]
+        if src.op == "input":
+            axis = n.attr("axis") % body.nodes[n.args[0]].type.rank
+            bound = body.nodes[n.args[0]].shape[axis]
+            where = f" from {n.origin}" if n.origin else ""
+            checks.append((src.attr("index"), bound, f"gather along an axis of size {bound}{where}"))
+    return sorted(set(checks))
+
+
+def check_indices(x: np.ndarray, bound: int, what: str) -> None:
+    """Raise IndexError (as the reference backend's TakeIndexError) if an index lies outside [0, bound)."""
+    if x.size == 0:
+        return
+    lo, hi = x.min(), x.max()
+    if lo < 0 or hi >= bound:
+        from backends.reference import TakeIndexError
+        bad = lo if lo < 0 else hi
+        raise TakeIndexError(f"index {int(bad)} is out of range for a {what} (indices must be in [0, {bound}))")
+
+
+def tensor_leaves(leaves: Iterable[Any]) -> list:
+    import torch
+    return [x for x in leaves if isinstance(x, torch.Tensor)]

@@ -1,0 +1,211 @@
+"""The on-disk compile cache: keys, damage (corrupt, truncated, deleted files) detected and rebuilt with a
+warning, two processes compiling at once, unwritable directories, and `fusec cache {info,clear}`."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+
+import fusec.cache as cache
+from backends.numba_cpu.runtime import Program
+from backends.reference import run_graph
+from fusec.api import lower
+from fusec.printer import parse_graph
+
+pytestmark = pytest.mark.filterwarnings("ignore::numba.NumbaPerformanceWarning")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT = """
+%0 = input {index=0, name="x"} : f32[4,8]
+%1 = exp %0 : f32[4,8]
+%2 = sum %1 {axes=[1], keepdim=true} : f32[4,1]
+%3 = div %1, %2 : f32[4,8]
+%4 = tanh %3 : f32[4,8]
+%5 = amax %4 {axes=[0], keepdim=false} : f32[8]
+return %4, %5
+"""
+X = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+GRAPH = lower(parse_graph(TEXT))
+WANT = run_graph(parse_graph(TEXT), [X])
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    path = tmp_path / "cache"
+    monkeypatch.setenv("FUSEC_CACHE_DIR", str(path))
+    return path
+
+
+def load_and_run() -> Program:
+    """A Program built as a new process would: not from this process's module table."""
+    for name in [n for n in sys.modules if n.startswith(cache.PREFIX)]:
+        del sys.modules[name]
+    program = Program(GRAPH)
+    got = program.run([X])
+    for g, w in zip(got, WANT):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    return program
+
+
+def hits(program: Program) -> int:
+    return sum(sum(step.fn.stats.cache_hits.values()) for step in program.steps)
+
+
+def files(cache_dir, suffix: str) -> list:
+    return sorted(p for p in (cache_dir / "__pycache__").glob(f"{cache.PREFIX}*{suffix}"))
+
+
+def no_fusec_warnings():
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    warnings.filterwarnings("error", message="fusec")
+    return ctx
+
+
+def test_second_load_uses_numba_cache_and_records_checksums(cache_dir):
+    first = load_and_run()
+    name = first.module.__name__
+    assert (cache_dir / f"{name}.py").read_text() == first.source
+    assert files(cache_dir, ".nbi") and files(cache_dir, ".nbc")
+    assert (cache_dir / f"{name}.manifest.json").exists()
+    ctx = no_fusec_warnings()
+    try:
+        again = load_and_run()
+    finally:
+        ctx.__exit__(None, None, None)
+    assert hits(again) == len(again.steps)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncate", "empty"])
+def test_damaged_generated_module_is_rebuilt_with_a_warning(cache_dir, damage):
+    first = load_and_run()
+    path = cache_dir / f"{first.module.__name__}.py"
+    text = path.read_text()
+    path.write_text({"garbage": "def k0(:\n  ???", "truncate": text[: len(text) // 2], "empty": ""}[damage])
+    with pytest.warns(UserWarning, match="truncated or corrupted"):
+        again = load_and_run()
+    assert path.read_text() == again.source
+
+
+@pytest.mark.parametrize("which, damage", [(".nbc", "flip"), (".nbc", "truncate"), (".nbi", "truncate"),
+                                           (".nbi", "garbage"), (".nbc", "empty")])
+def test_damaged_numba_cache_is_discarded_with_a_warning(cache_dir, which, damage):
+    load_and_run()
+    path = files(cache_dir, which)[0]
+    data = path.read_bytes()
+    middle = len(data) // 2
+    path.write_bytes({"flip": data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:],
+                      "truncate": data[:middle], "garbage": b"\x80\x04garbage" * 10, "empty": b""}[damage])
+    with pytest.warns(UserWarning, match="damaged"):
+        again = load_and_run()
+    assert hits(again) == 0  # recompiled, not loaded from the damaged files
+    ctx = no_fusec_warnings()
+    try:
+        assert hits(load_and_run()) == len(again.steps)  # and cached again
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def test_unrecorded_damaged_file_is_found_by_unpickling(cache_dir):
+    first = load_and_run()
+    os.unlink(cache_dir / f"{first.module.__name__}.manifest.json")
+    files(cache_dir, ".nbc")[0].write_bytes(b"not a pickle")
+    with pytest.warns(UserWarning, match="damaged"):
+        load_and_run()
+
+
+def test_failure_loading_cached_code_is_repaired_on_first_call(cache_dir, monkeypatch):
+    load_and_run()
+    monkeypatch.setattr(cache, "verify_numba_files", lambda directory, name: True)  # let the damage through
+    for path in files(cache_dir, ".nbi"):
+        path.write_bytes(path.read_bytes()[:40])
+    with pytest.warns(UserWarning, match="loading the cached code"):
+        load_and_run()
+
+
+@pytest.mark.parametrize("what", ["pycache", "source", "manifest"])
+def test_deleted_files_are_rebuilt_silently(cache_dir, what):
+    import shutil
+    first = load_and_run()
+    name = first.module.__name__
+    if what == "pycache":
+        shutil.rmtree(cache_dir / "__pycache__")
+    else:
+        os.unlink(cache_dir / (f"{name}.py" if what == "source" else f"{name}.manifest.json"))
+    ctx = no_fusec_warnings()
+    try:
+        load_and_run()
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def test_key_covers_versions_and_cpu(monkeypatch):
+    key = cache.environment_key()
+    for part in ("fusec", "numba", "llvmlite", "numpy", "torch", "python", "cpu"):
+        assert part in key
+    name = cache.module_name("source")
+    monkeypatch.setattr(cache, "environment_key", lambda: key + " other cpu")
+    assert cache.module_name("source") != name
+
+
+def test_unwritable_directory_falls_back_to_temp_then_memory(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("FUSEC_CACHE_DIR", str(blocker / "cache"))  # under a file: never writable
+    monkeypatch.setattr(cache.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    with pytest.warns(UserWarning, match="not writable"):
+        program = load_and_run()
+    assert program.module.__file__.startswith(str(tmp_path / "tmp"))
+    monkeypatch.setattr(cache.tempfile, "gettempdir", lambda: str(blocker / "tmp"))
+    with pytest.warns(UserWarning, match="in memory"):
+        program = load_and_run()
+    assert program.module.__file__.startswith("<fusec")
+
+
+WORKER = textwrap.dedent("""
+    import sys, warnings
+    import numpy as np
+    sys.path.insert(0, {root!r})
+    sys.path.insert(0, {tests!r})
+    warnings.filterwarnings("error", message="fusec")
+    from test_cache import GRAPH, X
+    from backends.numba_cpu.runtime import Program
+    out = Program(GRAPH).run([X])
+    print(float(np.asarray(out[0], np.float64).sum()), float(np.asarray(out[1], np.float64).sum()))
+""")
+
+
+def test_two_processes_compiling_the_same_program_at_once(cache_dir):
+    script = WORKER.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
+    env = {**os.environ, "FUSEC_CACHE_DIR": str(cache_dir), "PYTHONWARNINGS": "ignore::FutureWarning"}
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env, cwd=ROOT) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert outs[0][0] == outs[1][0]
+    ctx = no_fusec_warnings()
+    try:
+        again = load_and_run()
+        assert hits(again) == len(again.steps)  # one of them compiled, the other loaded or compiled too
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def test_info_and_clear(cache_dir):
+    load_and_run()
+    info = cache.info()
+    assert info["dir"] == str(cache_dir)
+    assert info["programs"] == 1 and info["compiled"] == 1 and info["bytes"] > 0
+    env = {**os.environ, "FUSEC_CACHE_DIR": str(cache_dir)}
+    fusec_cli = [sys.executable, "-m", "fusec"]
+    out = subprocess.run(fusec_cli + ["cache", "info"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 0 and str(cache_dir) in out.stdout and "programs   1" in out.stdout
+    out = subprocess.run(fusec_cli + ["cache", "clear"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 0 and "removed programs   1" in out.stdout
+    assert cache.info()["programs"] == 0 and cache.info()["files"] == 0
