@@ -6,9 +6,8 @@ with NaN, +-Inf and zeros sprinkled in, fuses and tiles it, runs it with Numba a
 with the reference backend on the unfused graph (NaN where NaN, equal infinities). Batching several
 expressions into one program keeps the Numba compile cost per random expression low.
 
-Known Numba-codegen bugs (the `test_known_bug_*` repros below, xfail until fixed) are steered around so
-the fuzz keeps finding new ones: divisors are kept away from zero, NaN is replaced before `amax`/`amin`/
-`argmax`, binary `max`/`min` and `x - x` are not generated and `pow` never takes the exponent 0.5.
+Bugs it found are kept below as minimal IR (`test_fixed_*`); the one still open (`test_known_bug_*`, xfail)
+is steered around so the fuzz keeps finding new ones: `x - x` is not generated.
 """
 from __future__ import annotations
 
@@ -31,8 +30,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::numba.NumbaPerformanceWarning")
 EXPRS = 4           # random expressions per graph (per compiled program)
 SHAPES = [(5,), (3, 4), (2, 3, 4), (3, 1), (1, 6)]
 UNARY = ["neg", "exp", "log", "sqrt", "sin", "cos", "tanh", "sigmoid", "abs", "erf", "relu", "floor"]
-SAFE_DIVISION = ["div", "reciprocal", "rsqrt"]  # divisors made >= 1 (see the known division bug)
-BINARY = ["add", "sub", "mul", "pow"]  # no max/min: see test_known_bug_binary_max_drops_nan
+DIVISION = ["div", "reciprocal", "rsqrt"]
+BINARY = ["add", "sub", "mul", "pow", "max", "min"]
 ELEMENTWISE = ("unary", "binary", "divide", "where", "cast")
 # No shrinking: every shrink step compiles a program (minutes); the failing graph is printed whole instead.
 SETTINGS = dict(deadline=None, database=None, suppress_health_check=list(HealthCheck),
@@ -79,11 +78,9 @@ class RandomGraph:
         return self.b.add(op, [v, w] if self.choose(2) else [w, v])
 
     def _divide(self, v, pool):
-        op = self.pick(SAFE_DIVISION)
-        one = self.b.const(1.0, "f32")
+        op = self.pick(DIVISION)  # divisors include zeros: inf and nan as in torch
         w = self.pick([w for w in pool if _broadcasts(self.b.type(w).shape, self.b.type(v).shape)])
-        safe = self.b.add("add", [self.b.add("abs", [w]), one])  # >= 1, or NaN/Inf
-        return self.b.add("div", [v, safe]) if op == "div" else self.b.add(op, [safe])
+        return self.b.add("div", [v, w]) if op == "div" else self.b.add(op, [w])
 
     def _where(self, v, pool):
         w = self.pick([w for w in pool if self.b.type(w).shape == self.b.type(v).shape])
@@ -99,20 +96,14 @@ class RandomGraph:
         if t.rank == 0:
             return None
         op = self.pick(["sum", "amax", "amin"])
-        if op != "sum":
-            v = self._no_nan(v)
         return self.b.add(op, [v], {"axes": (self.choose(t.rank),), "keepdim": bool(self.choose(2))})
 
     def _argmax(self, v, pool):
         t = self.b.type(v)
         if t.rank == 0:
             return None
-        index = self.b.add("argmax", [self._no_nan(v)], {"axes": (self.choose(t.rank),), "keepdim": True})
+        index = self.b.add("argmax", [v], {"axes": (self.choose(t.rank),), "keepdim": True})
         return self.b.add("cast", [index], {"dtype": "f32"})
-
-    def _no_nan(self, v):
-        """NaN -> 0 (see test_known_bug_amax_drops_nan and _argmax_ignores_nan)."""
-        return self.b.add("where", [self.b.add("eq", [v, v]), v, self.b.const(0.0, "f32")])
 
     def _view(self, v, pool):
         t = self.b.type(v)
@@ -206,31 +197,22 @@ def _run_both(text: str, *inputs: np.ndarray) -> None:
 F = np.float32
 
 
-@pytest.mark.xfail(strict=True, raises=ZeroDivisionError,
-                   reason="numba codegen: njit's default error_model='python' raises on float division by zero "
-                          "(torch gives inf/nan); div, reciprocal and rsqrt")
-def test_known_bug_division_by_zero():
+def test_fixed_division_by_zero():
     _run_both('%0 = input {index=0, name="x"} : f32[2]\n%1 = input {index=1, name="y"} : f32[2]\n'
               '%2 = div %0, %1 : f32[2]\nreturn %2', F([1, 1]), F([0, 2]))
 
 
-@pytest.mark.xfail(strict=True, reason="numba codegen: amax/amin reductions drop NaN (`max(acc, v)` keeps acc); "
-                                       "torch.amax propagates NaN")
-def test_known_bug_amax_drops_nan():
+def test_fixed_amax_drops_nan():
     _run_both('%0 = input {index=0, name="x"} : f32[1,3]\n%1 = amax %0 {axes=[1], keepdim=true} : f32[1,1]\n'
               'return %1', F([[1, np.nan, 3]]))
 
 
-@pytest.mark.xfail(strict=True, reason="numba codegen: binary max/min render as Python max(a, b), which drops a "
-                                       "NaN in b; torch.maximum/minimum propagate NaN")
-def test_known_bug_binary_max_drops_nan():
+def test_fixed_binary_max_drops_nan():
     _run_both('%0 = input {index=0, name="x"} : f32[2]\n%1 = input {index=1, name="y"} : f32[2]\n'
               '%2 = max %0, %1 : f32[2]\nreturn %2', F([1, np.nan]), F([np.nan, 1]))
 
 
-@pytest.mark.xfail(strict=True, reason="numba codegen: argmax ignores NaN (`if v > best`); torch/NumPy return "
-                                       "the first NaN's index")
-def test_known_bug_argmax_ignores_nan():
+def test_fixed_argmax_ignores_nan():
     _run_both('%0 = input {index=0, name="x"} : f32[1,3]\n%1 = argmax %0 {axes=[1], keepdim=true} : i64[1,1]\n'
               'return %1', F([[1, np.nan, 3]]))
 
@@ -242,16 +224,12 @@ def test_known_bug_self_subtraction():
               '%2 = sum %1 {axes=[1], keepdim=true} : f32[1,1]\nreturn %2', F([[-np.inf, 1, 2]]))
 
 
-@pytest.mark.xfail(strict=True, reason="numba codegen: pow(x, 0.5) is C pow (pow(-inf, 0.5) = inf); torch "
-                                       "computes it as sqrt (nan)")
-def test_known_bug_pow_half_of_negative_infinity():
+def test_fixed_pow_half_of_negative_infinity():
     _run_both('%0 = input {index=0, name="x"} : f32[2]\n%1 = const {value=0.5} : f32[]\n'
               '%2 = pow %0, %1 : f32[2]\nreturn %2', F([-np.inf, 4]))
 
 
-@pytest.mark.xfail(strict=True, reason="numba codegen: an f64 matmul takes the BLAS path, which calls float32 "
-                                       "sgemm on float64 arrays (garbage)")
-def test_known_bug_f64_matmul():
+def test_fixed_f64_matmul():
     rng = np.random.default_rng(0)
     _run_both('%0 = input {index=0, name="x"} : f64[4,8]\n%1 = input {index=1, name="w"} : f64[8,8]\n'
               '%2 = matmul %0, %1 : f64[4,8]\nreturn %2', rng.standard_normal((4, 8)), rng.standard_normal((8, 8)))

@@ -55,7 +55,7 @@ def gemm(a, b, c, b_transposed):
            _ptr(a), a.strides[0] // 4, _ptr(b), b.strides[0] // 4, np.float32(0.0), _ptr(c), c.strides[0] // 4)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True)  # vectorized sums; NaN and inf keep their meaning
 def matvec(a, w, c):
     """c[M, N] = a[M, K] @ w[N, K]^T for a few rows M (decode): each weight row is streamed from memory
     once, four at a time, by the parallel loop; BLAS spends its time on packing at these shapes."""
@@ -102,7 +102,7 @@ def bf16(x):
     return _bits_as_f32(np.uint32(x) << np.uint32(16))
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True)  # vectorized sums; NaN and inf keep their meaning
 def matvec_bf16(a, w, c):
     """`matvec` with bfloat16 weights (uint16 storage), widened to float32 as they stream in."""
     m_rows, k_dim = a.shape

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from backends.numba_cpu.expr import Emitter, literal
 from backends.numba_cpu.writer import Writer
+from fusec.errors import FusecError
 from fusec.ir import Graph, Node
 
 REDUCE_OPS = ("sum", "amax", "amin", "argmax")
@@ -28,6 +29,8 @@ class KernelCode:
 def generate(name: str, node: Node) -> KernelCode:
     """Numba source of kernel `node` (op `kernel`), as a function called `name`."""
     body: Graph = node.attr("body")
+    if any(n.dtype == "f16" for n in body.nodes):
+        raise FusecError("the numba backend has no float16 arithmetic; use backend='reference' or float32")
     w = Writer()
     arrays, params, consts = {}, [], []
     inputs = body.inputs
@@ -47,7 +50,8 @@ def generate(name: str, node: Node) -> KernelCode:
     w.line(f"# kernel {name}: kind={kind}")
     if params:
         w.line("# weights: " + ", ".join(f"w{k}={p}" for k, p in enumerate(params)))
-    w.line("@njit(parallel=True, fastmath=FASTMATH, cache=True)")
+    # error_model="numpy": x / 0 is inf or nan as in torch, not a ZeroDivisionError
+    w.line('@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)')
     with w.block(f"def {name}({', '.join(args)})", barrier=True):  # nothing hoists out of the function
         em = Emitter(body, w, arrays)
         matmuls = [i for i, n in enumerate(body.nodes) if n.op == "matmul"]
@@ -67,9 +71,10 @@ def generate(name: str, node: Node) -> KernelCode:
 
 
 def _is_gemm(body: Graph, matmuls: list[int]) -> bool:
-    """Rank-2 matmuls sharing their left operand: the BLAS path (others run as scalar loops)."""
+    """Rank-2 float32 matmuls sharing their left operand: the BLAS path (others run as scalar loops)."""
     lefts = {body.nodes[m].args[0] for m in matmuls}
-    return len(lefts) == 1 and all(len(body.nodes[a].shape) == 2 for m in matmuls for a in body.nodes[m].args)
+    return (len(lefts) == 1 and all(body.nodes[m].dtype == "f32" for m in matmuls)
+            and all(len(body.nodes[a].shape) == 2 for m in matmuls for a in body.nodes[m].args))
 
 
 def emit_outputs(em: Emitter, outs: list[str], only: list[int] | None = None, parallel: bool = True) -> None:

@@ -25,7 +25,9 @@ UNARY = {"neg": "(-{0})", "exp": "np.exp({0})", "log": "np.log({0})", "sqrt": "n
          "sigmoid": "({one} / ({one} + np.exp(-{0})))", "relu": "max({0}, {zero})",
          "erf": "{T}(math.erf({0}))"}
 BINARY = {"add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})", "div": "({0} / {1})",
-          "pow": "({0} ** {1})", "max": "max({0}, {1})", "min": "min({0}, {1})", "and": "({0} & {1})",
+          # max/min propagate NaN from either side, like torch.maximum/minimum (Python's max would not)
+          "pow": "({0} ** {1})", "max": "({0} if {0} >= {1} or {0} != {0} else {1})",
+          "min": "({0} if {0} <= {1} or {0} != {0} else {1})", "and": "({0} & {1})",
           "or": "({0} | {1})", "eq": "({0} == {1})", "ne": "({0} != {1})", "lt": "({0} < {1})",
           "le": "({0} <= {1})", "gt": "({0} > {1})", "ge": "({0} >= {1})"}
 
@@ -171,6 +173,8 @@ class Emitter:
             exponent = self.g.nodes[n.args[1]]
             if op == "pow" and exponent.op == "const" and exponent.attr("value") == 2:
                 return f"({a} * {a})"
+            if op == "pow" and exponent.op == "const" and exponent.attr("value") == 0.5:
+                return f"np.sqrt({a})"  # as torch does: pow(-inf, 0.5) is nan, not C pow's inf
             return BINARY[op].format(a, b)
         if op == "where":
             c, a, b = (self.operand(nid, x, idx) for x in n.args)
@@ -260,14 +264,15 @@ class Emitter:
             v = self.value(n.args[0], operand_idx)
             if n.op == "sum":
                 self.w.line(f"{acc} += {v}")
-            elif n.op == "argmax":
-                self.w.line(f"if {v} > {best}:")
+            elif n.op == "argmax":  # the first NaN wins, as in torch
+                self.w.line(f"if {v} > {best} or ({v} != {v} and {best} == {best}):")
                 self.w.line(f"    {best} = {v}")
                 self.w.line(f"    {acc} = np.int64({axes_vars[0]})")
             elif sdt == "bool":
                 self.w.line(f"{acc} = {acc} {'or' if n.op == 'amax' else 'and'} {v}")
-            else:
-                self.w.line(f"{acc} = {'max' if n.op == 'amax' else 'min'}({acc}, {v})")
+            else:  # NaN propagates, as in torch.amax/amin
+                cmp = ">" if n.op == "amax" else "<"
+                self.w.line(f"{acc} = {v} if {v} {cmp} {acc} or {v} != {v} else {acc}")
         for blk in reversed(blocks):
             blk.__exit__(None, None, None)
         assert self.w.depth == depth
