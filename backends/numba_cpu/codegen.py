@@ -67,7 +67,10 @@ def generate(name: str, node: Node) -> KernelCode:
         else:
             loop = "pointwise"
             emit_outputs(em, outs)
-    return KernelCode(name, w.text(), params, consts, loop)
+    source = w.text()
+    if "prange(" not in source:  # a kernel of small loops runs on the calling thread: say so to Numba
+        source = source.replace("@njit(parallel=True,", "@njit(parallel=False,", 1)
+    return KernelCode(name, source, params, consts, loop)
 
 
 def _is_gemm(body: Graph, matmuls: list[int]) -> bool:
