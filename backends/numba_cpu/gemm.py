@@ -5,7 +5,9 @@ from __future__ import annotations
 from backends.numba_cpu.codegen import emit_outputs, emit_store
 from backends.numba_cpu.expr import Emitter
 
-MATVEC_ROWS = 8  # up to this many rows of A, stream the weights in a parallel loop instead of calling BLAS
+MATVEC_ROWS = 64  # up to this many rows of A, stream the weights in our parallel loop instead of calling BLAS:
+# BLAS threads keep spinning after a call and slow the parallel loops of the next kernels (measured: a
+# 50 us attention kernel took 5 ms after a 32-row sgemm), which only a large GEMM pays back
 
 
 def _array_view(em: Emitter, nid: int) -> tuple[str, bool, bool] | None:
