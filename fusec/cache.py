@@ -84,8 +84,17 @@ def environment_key() -> str:
     features = numba.config.CPU_FEATURES or binding.get_host_cpu_features().flatten()
     parts = [f"fusec {version('fusec')}", f"numba {numba.__version__}", f"llvmlite {llvmlite.__version__}",
              f"numpy {numpy.__version__}", f"torch {version('torch')}", f"python {platform.python_version()}",
-             f"cpu {cpu} {features}"]
+             f"cpu {cpu} {features}", f"kernels {_library_digest()}"]
     return "\n".join(parts)
+
+
+def _library_digest() -> str:
+    """A hash of the Numba functions generated code calls (backends/numba_cpu/blas.py): Numba's cache of a
+    generated module embeds their machine code and does not notice when they change, so a changed
+    library must mean new module names (a stale one crashed with a segmentation fault)."""
+    from backends.numba_cpu import blas
+    with open(blas.__file__, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
 def module_name(source: str) -> str:
