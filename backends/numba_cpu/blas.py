@@ -104,7 +104,10 @@ def bf16(x):
 
 @njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True)  # vectorized sums; NaN and inf keep their meaning
 def matvec_bf16(a, w, c):
-    """`matvec` with bfloat16 weights (uint16 storage), widened to float32 as they stream in."""
+    """`matvec` with bfloat16 weights (uint16 storage), widened to float32 as they stream in.
+
+    A copy of `matvec` but for the load: passing the load as a function argument makes Numba refuse to
+    cache it (and it measured slower), so the two loops are written out."""
     m_rows, k_dim = a.shape
     n_dim = w.shape[0]
     for blk in prange((n_dim + 3) // 4):
