@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from backends.numba_cpu.expr import Emitter, literal
+from backends.numba_cpu.expr import Emitter
 from backends.numba_cpu.writer import Writer
 from fusec.errors import FusecError
 from fusec.ir import Graph, Node
