@@ -155,10 +155,10 @@ def assert_same(graph: Graph, inputs: list[np.ndarray], unfused: bool = False) -
     programs = [(run_pipeline(graph, until="tiled"), inputs)]
     if unfused:
         programs.append((unfuse(run_pipeline(graph, until="canonical")), [_strided(x) for x in inputs]))
-    for program, given in programs:
+    for program, program_inputs in programs:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            got = Program(program).run(given)
+            got = Program(program).run(program_inputs)
         for k, (g, w) in enumerate(zip(got, want)):
             assert g.shape == w.shape and g.dtype == w.dtype, f"output {k}"
             np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-4, equal_nan=True, err_msg=f"output {k}")

@@ -17,7 +17,6 @@ import fusec
 from fusec.models import LlamaBlock, LlamaConfig, example_inputs
 from fusec.models.llama import init_weights
 from fusec.api import lower
-from passes.pipeline import run_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPARE_OPS = ("eq", "ne", "lt", "le", "gt", "ge")
