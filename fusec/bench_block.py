@@ -22,13 +22,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from numba.core.errors import NumbaPerformanceWarning
 
 import fusec
 from fusec import benchtools
@@ -369,9 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child_compile:
         return child_compile(args)
-    with warnings.catch_warnings():
-        # The generated kernels' "parallel=True but nothing to parallelise" notes would bury the table.
-        warnings.filterwarnings("ignore", category=NumbaPerformanceWarning)
+    with benchtools.quiet_warnings():
         report = run(args)
     print_report(report)
     write_outputs(report, Path(args.out))

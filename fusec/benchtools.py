@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
+from contextlib import contextmanager
 import statistics
 import time
 from pathlib import Path
@@ -192,3 +194,14 @@ def write_bar_chart(path: str | Path, groups: dict[str, dict[str, float]], ylabe
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+@contextmanager
+def quiet_warnings():
+    """Silence what would bury a benchmark table: Numba's "parallel=True but nothing to parallelise" notes
+    on generated kernels and torch's deprecation notices."""
+    from numba.core.errors import NumbaPerformanceWarning
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=NumbaPerformanceWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        yield

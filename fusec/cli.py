@@ -161,17 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def bench(spec: str, rest: list[str]) -> int:
     """`fusec bench llama-block:PRESET [benchmark flags]` runs fusec/bench_block.py on that block;
-    `fusec bench generate MODEL [flags]` runs benchmarks/bench_generate.py (whole-model tokens/s)."""
+    `fusec bench generate MODEL [flags]` runs fusec/bench_generate.py (whole-model tokens/s)."""
     if spec == "generate":
-        import importlib.util
-        from pathlib import Path
-        script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_generate.py"
-        if not script.is_file():
-            raise FusecError(f"fusec bench generate needs {script} (a source checkout of fusec)")
-        loaded = importlib.util.spec_from_file_location("fusec_bench_generate", script)
-        module = importlib.util.module_from_spec(loaded)
-        loaded.loader.exec_module(module)
-        return module.main(rest)
+        from fusec.bench_generate import main as generate_main
+        return generate_main(rest)
     from fusec.bench_block import main as bench_main
     name, _, preset = spec.partition(":")
     if name != "llama-block":
