@@ -51,7 +51,10 @@ class Specialization:
 
     def call(self, leaves: list) -> Any:
         outs = self.run([_array(x) for x in leaves if isinstance(x, torch.Tensor)])
-        tensors = [torch.from_numpy(np.array(o)) for o in outs]  # owned copies: outputs may be views of weights
+        # the numba program already returns arrays it allocated for this call (Program._output); the
+        # reference backend may return views of weights or inputs, so those are copied
+        owned = self.program is not None
+        tensors = [torch.from_numpy(o if owned else np.array(o)) for o in outs]
         return pytree.tree_unflatten(tensors, self.traced.out_spec)
 
 
