@@ -213,7 +213,7 @@ def _take(node: Node, args: list, tensors: Mapping[str, Any]) -> np.ndarray:
 
 def _kernel(node: Node, args: list, tensors: Mapping[str, Any]) -> Value:
     body: Graph = node.attr("body")
-    outs = _run(body, args, ChainMap(body.tensors, tensors))  # type: ignore[arg-type]
+    outs = _run(body, args, ChainMap(tensors, body.tensors))  # type: ignore[arg-type]  # outer first: bound weights
     return outs[0] if len(outs) == 1 else tuple(outs)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -48,6 +48,16 @@ class Specialization:
     @property
     def signature(self) -> str:
         return ", ".join(f"{n}: {t}" for n, t in zip(self.traced.input_names, self.graph.input_types))
+
+    def bind_weights(self, tensors: Any) -> None:
+        """Run on `tensors` ({parameter name: tensor}) instead of the compiled-in weights; no recompile."""
+        if self.program is not None:
+            self.program.bind_weights(tensors)
+            return
+        from backends.reference import compile_graph
+        from fusec.binding import check_weights
+        self.graph = replace(self.graph, tensors={**self.graph.tensors, **check_weights(self.graph, tensors)})
+        self.run = compile_graph(self.graph)
 
     def call(self, leaves: list) -> Any:
         outs = self.run([_array(x) for x in leaves if isinstance(x, torch.Tensor)])
@@ -113,6 +123,24 @@ class CompiledModule:
     @property
     def specializations(self) -> list[Specialization]:
         return list(self._programs.values())
+
+    def weight_types(self) -> dict:
+        """{parameter name: TensorType} of the weights the program reads (`bind_weights` takes these)."""
+        from fusec.binding import weight_types
+        return weight_types(self.graph)
+
+    def bind_weights(self, tensors: Any) -> None:
+        """Run every compiled signature on `tensors` ({parameter name: tensor}, the names and types of
+        `weight_types()`; bf16 where compiled with weights="bf16") instead of the module's own weights.
+        The kernels take weights as arguments, so nothing recompiles: swapping weights costs a check per
+        tensor. Signatures compiled later still start from the module's weights. WeightBindingError
+        (a ValueError) names every missing or mismatched weight, and nothing changes."""
+        from fusec.binding import check_weights
+        for program in self._programs.values():
+            check_weights(program.graph, tensors)
+        with self._lock:
+            for program in self._programs.values():
+                program.bind_weights(tensors)
 
     def rdu_report(self, machine: Any = "sn40l", **options: Any) -> dict:
         """The RDU model's estimate for this program on `machine` (`backends.rdu_model.report`; options

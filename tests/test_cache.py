@@ -209,3 +209,28 @@ def test_info_and_clear(cache_dir):
     out = subprocess.run(fusec_cli + ["cache", "clear"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert out.returncode == 0 and "removed programs   1" in out.stdout
     assert cache.info()["programs"] == 0 and cache.info()["files"] == 0
+
+
+SERIAL_CALLS_PARALLEL = """
+import sys
+import torch
+sys.path.insert(0, {root!r})
+import fusec
+from fusec.models.llama import LlamaBlock, LlamaConfig
+torch.manual_seed(0)
+block = LlamaBlock(LlamaConfig.preset("tiny")).eval()
+x = torch.randn(1, 8, block.config.dim)
+print(float((fusec.compile(block, (x,))(x) - block(x)).abs().max()) < 1e-4)
+"""
+
+
+def test_cached_serial_kernel_calling_parallel_matvec_runs_in_a_new_process(cache_dir):
+    """A kernel with no parallel loop of its own calls the parallel matvec; loaded from the cache in a
+    new process it used to segfault, because nothing had started Numba's threading layer."""
+    env = {**os.environ, "FUSEC_CACHE_DIR": str(cache_dir)}  # (ignoring warnings hid the crash)
+    env.pop("PYTHONWARNINGS", None)
+    for _ in range(2):  # compiles, then loads from the cache
+        out = subprocess.run([sys.executable, "-c", SERIAL_CALLS_PARALLEL.format(root=ROOT)], capture_output=True,
+                             text=True, env=env, cwd=ROOT, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.stdout.strip() == "True"

@@ -15,6 +15,12 @@ import numpy as np
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+from numba.np.ufunc.parallel import _launch_threads
+
+# A kernel without a parallel loop of its own may call a parallel one here (matvec). Loaded from Numba's
+# cache, such a kernel does not start the threading layer, and the first parallel region would then
+# jump through null pointers (a segfault): start it now, before any cached kernel can run.
+_launch_threads()
 
 
 def _find_sgemm() -> str:

@@ -70,8 +70,10 @@ class Program:
         self.source = HEADER + "\n\n" + "\n\n".join(c.source for c in self.codes)
         self.module = module = load_module(self.source)
         self.outputs_of = _kernel_outputs(graph)
+        self.weights = {n.attr("name"): _weight(graph.tensors[n.attr("name")]) for n in graph.walk()
+                        if n.op == "param"}
         self.steps = [Step(getattr(module, code.name), i, list(graph.nodes[i].args),
-                           [_weight(graph.tensors[p]) for p in code.params] +
+                           [self.weights[p] for p in code.params] +
                            [np.ascontiguousarray(graph.tensors[c]) for c in code.consts],
                            self.outputs_of[i])
                       for code, i in zip(self.codes, kernels)]
@@ -124,6 +126,22 @@ class Program:
                     free.append(storage_of.pop(r))
         self.intermediate_bytes = sum(g.nodes[v].type.nbytes for v in last_use if g.nodes[v].op == "kernel"
                                       or g.nodes[v].op == "result")
+
+    def bind_weights(self, tensors) -> None:
+        """Run on `tensors` ({parameter name: tensor or array}, see `fusec.binding.check_weights`) from the
+        next call on, instead of the weights the program was compiled with. Nothing recompiles: the
+        kernels take weights as arguments, and binding only swaps the arrays passed to them. Waits for a
+        running call to finish."""
+        from fusec.binding import check_weights
+        arrays = {name: _weight(t) for name, t in check_weights(self.graph, tensors).items()}
+        read_only = [name for name, a in arrays.items() if not a.flags.writeable]
+        if read_only:  # a read-only array is another Numba type: every kernel would compile again
+            raise FusecError(f"weights must be writable arrays (read-only ones would recompile every kernel), "
+                             f"given read-only: {', '.join(read_only[:4])}")
+        with self._lock:
+            self.weights = arrays
+            for code, step in zip(self.codes, self.steps):
+                step.weights[:len(code.params)] = [arrays[p] for p in code.params]
 
     def run(self, inputs: list[np.ndarray], observe: Callable | None = None) -> list[np.ndarray]:
         """Run the program. Inputs are made contiguous (a copy only when they are not). Calls are
@@ -195,7 +213,7 @@ class Program:
         if n.op == "reshape":
             values[v] = self._value(values, n.args[0]).reshape(n.shape)
         elif n.op == "param":
-            values[v] = _weight(self.graph.tensors[n.attr("name")])
+            values[v] = self.weights[n.attr("name")]
         elif n.op == "const":
             values[v] = (np.asarray(self.graph.tensors[n.attr("key")]) if n.attr("key") is not None
                          else np.full(n.shape, n.attr("value"), to_numpy(n.dtype)))
@@ -223,7 +241,7 @@ def _kernel_outputs(g: Graph) -> dict[int, list[int]]:
 
 
 def _weight(t) -> np.ndarray:
-    """A weight as a NumPy array sharing the module's storage."""
+    """A weight as a NumPy array sharing the module's storage (a NumPy array is taken as it is)."""
     if hasattr(t, "detach"):
         import torch
         # bfloat16 travels as its bits (uint16); generated code widens it with `bf16()`
