@@ -79,6 +79,7 @@ class Generator:
         self._decode: dict[int, Program] = {}
         self._caches: dict[int, tuple[Tensor, Tensor]] = {}
         self._totals = _counters()
+        self._bound: dict | None = None  # weights bound in place of the model's own (`bind_weights`)
         self.last: dict = {}  # the stats of the last `generate` call alone
 
     @property
@@ -93,9 +94,30 @@ class Generator:
     def _compile(self, module: nn.Module, example: tuple) -> Program:
         start = time.perf_counter()
         program = self.compiler(module, example)
+        if self._bound is not None:
+            _bind(program, self._bound)
         self._totals["compiles"] += 1
         self._totals["compile_seconds"] += time.perf_counter() - start
         return program
+
+    def weight_types(self) -> dict:
+        """{parameter name of the model: TensorType} of the weights the programs read (bf16 matrices with
+        weights="bf16"): what `bind_weights` takes."""
+        types = _program_weights(self.decode_program(1)).weight_types()
+        return {name.removeprefix(PREFIX): t for name, t in types.items()}
+
+    def bind_weights(self, tensors: dict) -> None:
+        """Generate with `tensors` ({parameter name of the model: tensor}, see `weight_types`) instead of
+        the model's own weights, in every program compiled so far or later. Nothing recompiles: the
+        programs take weights as arguments. This is how experts of one architecture share a generator."""
+        bound = {PREFIX + name: t for name, t in tensors.items()}
+        programs = [*self._prefill.values(), *self._decode.values()]
+        for program in programs:  # check them all before changing any
+            from fusec.binding import check_weights
+            check_weights(_program_weights(program).graph, bound)
+        for program in programs:
+            _bind(program, bound)
+        self._bound = bound
 
     def decode_program(self, batch: int = 1) -> Program:
         """The decode program for `batch` sequences (compiled on first use)."""
@@ -229,6 +251,21 @@ class Generator:
         return (f"<{self.name} generator: Llama dim={config.dim} layers={config.n_layers} "
                 f"vocab={config.vocab_size}, max_seq_len={self.max_seq_len}, {self._totals['compiles']} "
                 f"program(s) compiled>")
+
+
+PREFIX = "model."  # Prefill and DecodeStep hold the model as `self.model`
+
+
+def _program_weights(program: Program):
+    """The compiled module behind a program, which can bind weights; TypeError for an eager program."""
+    if not hasattr(program, "bind_weights"):
+        raise TypeError("only fusec-compiled programs take weights as arguments; this generator runs "
+                        f"{type(program).__name__}")
+    return program
+
+
+def _bind(program: Program, bound: dict) -> None:
+    _program_weights(program).bind_weights(bound)
 
 
 def _counters() -> dict:

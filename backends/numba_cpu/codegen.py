@@ -51,7 +51,7 @@ def generate(name: str, node: Node) -> KernelCode:
     if params:
         w.line("# weights: " + ", ".join(f"w{k}={p}" for k, p in enumerate(params)))
     # error_model="numpy": x / 0 is inf or nan as in torch, not a ZeroDivisionError
-    w.line('@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)')
+    w.line('@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)')
     with w.block(f"def {name}({', '.join(args)})", barrier=True):  # nothing hoists out of the function
         em = Emitter(body, w, arrays)
         matmuls = [i for i, n in enumerate(body.nodes) if n.op == "matmul"]

@@ -1,0 +1,158 @@
+"""A pool of experts served on one machine: one compiled generator per architecture, one weight store.
+
+Experts of one architecture share a `fusec.generate.Generator`: its prefill and decode programs are
+compiled once (from the first expert of that architecture) and take weights as arguments, so switching
+experts binds another expert's resident tensors and never recompiles. A request pins its expert in the
+store (`WeightStore.use`), binds it if another expert is bound, and generates; requests to one
+architecture run one at a time (the generator owns its KV cache), requests to different ones in parallel.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from typing import Any, Mapping
+
+from fusec.coe.experts import Architecture, ExpertError, as_expert, conform, nbytes, program_names
+from fusec.coe.store import Policy, WeightStore
+from fusec.generate import Generator, compile_generator
+
+
+class ArchitectureSlot:
+    """The generator of one architecture, the expert bound to it, and the lock its requests take."""
+
+    def __init__(self, generator: Generator, arch: Architecture):
+        self.generator, self.arch = generator, arch
+        self.types = generator.weight_types()
+        self.names = program_names(arch, self.types)
+        self.bound: str | None = None
+        self.lock = threading.Lock()
+
+
+class ExpertPool:
+    """Experts `{name: safetensors path or Llama model}` served with at most `hbm_bytes` of resident weights.
+
+    Experts whose file is missing or damaged are left out with a warning (`unavailable` says why);
+    a request for one raises ExpertError naming it, and the others keep serving.
+    """
+
+    def __init__(self, experts: Mapping[str, Any], hbm_bytes: int, weights: str = "bf16", max_seq_len: int = 256,
+                 prompt_buckets: tuple[int, ...] | None = (16, 32, 64, 128), policy: str | Policy = "lru",
+                 backend: str = "numba"):
+        if not experts:
+            raise ValueError("a pool needs at least one expert, given none")
+        self.experts, self.unavailable = {}, {}
+        for name, source in experts.items():
+            try:
+                self.experts[name] = as_expert(name, source)
+            except ExpertError as e:
+                self.unavailable[name] = str(e)
+                warnings.warn(f"fusec CoE: {e}; serving without it", stacklevel=2)
+        self.options = dict(weights=weights, max_seq_len=max_seq_len, prompt_buckets=prompt_buckets,
+                            backend=backend)
+        self.slots: dict[Architecture, ArchitectureSlot] = {}
+        self._sizes: dict[str, int] = {}
+        self._compile_lock = threading.Lock()
+        self.store = WeightStore(hbm_bytes, self.load_expert, self.expert_bytes, policy)
+        self.switches, self.switch_seconds = 0, []
+
+    # --- experts and their weights ---------------------------------------------------------------------
+
+    def expert(self, name: str):
+        if name in self.unavailable:
+            raise ExpertError(name, f"unavailable ({self.unavailable[name]})")
+        if name not in self.experts:
+            raise KeyError(f"no expert named {name!r}; experts: {', '.join(sorted(self.experts))}")
+        return self.experts[name]
+
+    def slot(self, arch: Architecture) -> ArchitectureSlot:
+        """The architecture's generator, compiled on first need from the first expert that needs it."""
+        with self._compile_lock:
+            if arch not in self.slots:
+                template = next(e for e in self.experts.values() if e.architecture == arch)
+                model = template.model if hasattr(template, "model") else _model_of(template)
+                o = self.options
+                generator = compile_generator(model, o["max_seq_len"], o["weights"], o["backend"], o["prompt_buckets"])
+                self.slots[arch] = ArchitectureSlot(generator, arch)
+            return self.slots[arch]
+
+    def load_expert(self, name: str) -> tuple[dict, int]:
+        """Read an expert from its DDR tier and convert it to its program's weights: (weights, bytes)."""
+        expert = self.expert(name)
+        slot = self.slot(expert.architecture)
+        weights = conform(name, expert.load(), slot.types, slot.names)
+        return weights, nbytes(weights)
+
+    def expert_bytes(self, name: str) -> int:
+        """Resident size of an expert, before it is loaded: its program's weights at their dtypes (the
+        size of a read file's buffer when its tensors are already in those dtypes)."""
+        if name not in self._sizes:
+            expert = self.expert(name)
+            slot = self.slot(expert.architecture)
+            sizes = {slot.names[n]: t.numel * (2 if t.dtype == "bf16" else 4) for n, t in slot.types.items()}
+            data = getattr(expert, "data_bytes", 0)
+            self._sizes[name] = max(data, sum(sizes.values())) if data else sum(sizes.values())
+        return self._sizes[name]
+
+    # --- requests --------------------------------------------------------------------------------------
+
+    def generate(self, name: str, prompt_ids, max_new_tokens: int = 32, **options) -> dict:
+        """Generate with expert `name`: {tokens, expert, outcome (see `WeightStore.use`), switched, switch_seconds, generate_seconds,
+        new_tokens}. `switch_seconds` is the time from the request to the expert's weights bound: the
+        load on a miss, the wait on a prefetch in flight, the binding."""
+        expert = self.expert(name)
+        slot = self.slot(expert.architecture)
+        start = time.perf_counter()
+        with self.store.use(name) as (resident, outcome), slot.lock:
+            switched = slot.bound != name
+            if switched:
+                slot.generator.bind_weights(resident.weights)
+                slot.bound = name
+            ready = time.perf_counter()
+            tokens = slot.generator.generate(prompt_ids, max_new_tokens=max_new_tokens, **options)
+            done = time.perf_counter()
+        if switched:
+            self.switches += 1
+            self.switch_seconds.append(ready - start)
+        return dict(tokens=tokens, expert=name, outcome=outcome, switched=switched, switch_seconds=ready - start,
+                    generate_seconds=done - ready, new_tokens=int(tokens.shape[-1]) - _prompt_len(prompt_ids))
+
+    def prefetch(self, name: str) -> bool:
+        """Start loading an expert in the background (see `WeightStore.prefetch`)."""
+        if name not in self.experts:
+            return False
+        return self.store.prefetch(name)
+
+    def store_stats(self) -> dict:
+        """The weight store's figures (see `CoE.stats`)."""
+        return store_summary(self.store)
+
+    def warm(self) -> None:
+        """Compile every architecture's programs now (the first request would otherwise)."""
+        for arch in {e.architecture for e in self.experts.values()}:
+            self.slot(arch)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def store_summary(store: WeightStore) -> dict:
+    import numpy as np
+    s = store.stats
+    loads = s.load_seconds
+    return dict(loads=s.loads, load_p50_s=float(np.percentile(loads, 50)) if loads else None,
+                load_p99_s=float(np.percentile(loads, 99)) if loads else None, evictions=s.evictions,
+                prefetches=s.prefetches, prefetches_used=s.prefetches_used, prefetches_skipped=s.prefetches_skipped,
+                load_failures=s.failures, resident_experts=len(store.resident), resident_bytes=store.resident_bytes,
+                peak_bytes=s.peak_bytes, hbm_bytes=store.hbm_bytes)
+
+
+def _model_of(expert):
+    """A CausalLM holding a file expert's weights (float32): the template its architecture compiles from."""
+    from fusec.models.causal_lm import load_hf_weights
+    return load_hf_weights(expert.architecture.config, expert.architecture.tied, expert.load())
+
+
+def _prompt_len(prompt_ids) -> int:
+    shape = getattr(prompt_ids, "shape", None)
+    return int(shape[-1]) if shape is not None else len(prompt_ids)
