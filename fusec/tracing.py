@@ -12,6 +12,7 @@ arguments) becomes an `extern` node run by PyTorch (`fusec.fallback`); with `str
 from __future__ import annotations
 
 import operator
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,12 +62,16 @@ def export(module: torch.nn.Module, args: tuple, kwargs: dict | None = None):
         raise FusecError(f"torch.export could not capture {type(module).__name__}: {first}") from e
 
 
+_EXPORT_LOCK = threading.Lock()
+
+
 def trace(module: torch.nn.Module, args: tuple, kwargs: dict | None = None, strict: bool = False) -> Traced:
     """Trace `module` on example inputs into fusec IR (`strict`: unsupported ops raise, see the module
     docstring)."""
     if not isinstance(args, tuple):
         args = (args,)
-    program = export(module, args, kwargs)
+    with _EXPORT_LOCK:  # torch.export keeps global state: two threads exporting at once break each other
+        program = export(module, args, kwargs)
     traced = lower_program(program, module, strict)
     traced.module_name = type(module).__name__
     return traced

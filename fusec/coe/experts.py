@@ -132,14 +132,14 @@ class ModuleExpert:
 
 
 def as_expert(name: str, source) -> FileExpert | ModuleExpert:
-    """An expert from a file path or a model; ExpertError naming the expert for anything else."""
+    """An expert from a file path or a model (ExpertError for an unusable file, TypeError for anything else)."""
     if isinstance(source, (FileExpert, ModuleExpert)):
         return source
     if isinstance(source, (str, os.PathLike)):
         return FileExpert(name, source)
     if isinstance(source, nn.Module):
         return ModuleExpert(name, source)
-    raise ExpertError(name, f"expected a safetensors path or a Llama model, given {type(source).__name__}")
+    raise TypeError(f"expert {name!r}: expected a safetensors path or a Llama model, given {type(source).__name__}")
 
 
 def read_header(name: str, path: Path) -> tuple[dict, int]:

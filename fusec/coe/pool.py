@@ -84,14 +84,18 @@ class ExpertPool:
         return weights, nbytes(weights)
 
     def expert_bytes(self, name: str) -> int:
-        """Resident size of an expert, before it is loaded: its program's weights at their dtypes (the
-        size of a read file's buffer when its tensors are already in those dtypes)."""
+        """Resident size of an expert, known before it is loaded: a file's data section (read whole) plus
+        the tensors converted to the program's dtypes; a model's weights at the program's dtypes."""
         if name not in self._sizes:
             expert = self.expert(name)
             slot = self.slot(expert.architecture)
-            sizes = {slot.names[n]: t.numel * (2 if t.dtype == "bf16" else 4) for n, t in slot.types.items()}
-            data = getattr(expert, "data_bytes", 0)
-            self._sizes[name] = max(data, sum(sizes.values())) if data else sum(sizes.values())
+            entries = getattr(expert, "entries", None)
+            size = expert.data_bytes if entries else 0
+            for param, t in slot.types.items():
+                stored = entries[slot.names[param]]["dtype"] if entries else None
+                if stored != ("BF16" if t.dtype == "bf16" else "F32"):
+                    size += t.numel * (2 if t.dtype == "bf16" else 4)
+            self._sizes[name] = size
         return self._sizes[name]
 
     # --- requests --------------------------------------------------------------------------------------
