@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="fused vs unfused vs PyTorch eager vs torch.compile on a Llama block",
                        add_help=False)
     b.add_argument("model", nargs="?", default="llama-block:tinyllama_1b", help="llama-block[:PRESET]")
+    co = sub.add_parser("coe", help="Composition of Experts: `fusec coe bench [--help]` runs its benchmark",
+                        add_help=False)
+    co.add_argument("action", choices=("bench",))
     return p
 
 
@@ -208,7 +211,7 @@ def _debug_command(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     args, rest = build_parser().parse_known_args(argv)
-    if rest and args.command != "bench":
+    if rest and args.command not in ("bench", "coe"):
         build_parser().parse_args(argv)  # reports the unknown arguments and exits
     try:
         if args.command == "dump":
@@ -227,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
             return rdu_main(args)
         if args.command == "bench":
             return bench(args.model, rest)
+        if args.command == "coe":
+            from fusec.coe.bench import main as coe_bench
+            return coe_bench(rest)
         if args.command == "demo":
             return demo(args.model, bench_table=not args.no_bench)
         if args.command in ("explain", "check", "cache"):

@@ -13,6 +13,7 @@ dtypes it was compiled for (bf16 matrices with weights="bf16"; small weights flo
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from dataclasses import astuple, dataclass
@@ -36,8 +37,11 @@ class ExpertError(FusecError, RuntimeError):
     The message names the expert; the other experts keep serving."""
 
     def __init__(self, expert: str, problem: str):
-        self.expert = expert
+        self.expert, self.problem = expert, problem
         super().__init__(f"expert {expert!r}: {problem}")
+
+    def __reduce__(self):  # picklable (Ray sends it from an actor to the driver)
+        return type(self), (self.expert, self.problem)
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,8 +96,10 @@ class FileExpert:
                                     f"describes {self.data_start + self.data_bytes}")
 
     def load(self) -> dict[str, Tensor]:
-        """The tensors by Hugging Face name, views of one freshly read, writable buffer."""
-        buffer = np.empty(self.data_bytes, np.uint8)
+        """The tensors by Hugging Face name, views of one freshly read, writable buffer. The buffer is an
+        anonymous mapping of its own, returned to the system when the last view goes (malloc would keep
+        buffers under its mmap threshold, 32 MiB, in its heap after eviction)."""
+        buffer = np.frombuffer(mmap.mmap(-1, max(self.data_bytes, 1)), np.uint8)[:self.data_bytes]
         try:
             with open(self.path, "rb") as f:
                 f.seek(self.data_start)

@@ -26,6 +26,7 @@ class ArchitectureSlot:
         self.types = generator.weight_types()
         self.names = program_names(arch, self.types)
         self.bound: str | None = None
+        self.bound_weights: dict | None = None  # the resident tensors bound (kept alive by the binding)
         self.lock = threading.Lock()
 
 
@@ -109,9 +110,9 @@ class ExpertPool:
         start = time.perf_counter()
         with self.store.use(name) as (resident, outcome), slot.lock:
             switched = slot.bound != name
-            if switched:
+            if slot.bound_weights is not resident.weights:  # another expert, or this one loaded anew
                 slot.generator.bind_weights(resident.weights)
-                slot.bound = name
+                slot.bound, slot.bound_weights = name, resident.weights
             ready = time.perf_counter()
             tokens = slot.generator.generate(prompt_ids, max_new_tokens=max_new_tokens, **options)
             done = time.perf_counter()
@@ -130,6 +131,13 @@ class ExpertPool:
     def store_stats(self) -> dict:
         """The weight store's figures (see `CoE.stats`)."""
         return store_summary(self.store)
+
+    def reset_stats(self) -> None:
+        self.store.reset_stats()
+        self.switches, self.switch_seconds = 0, []
+
+    def evict_all(self) -> None:
+        self.store.evict_all()
 
     def warm(self) -> None:
         """Compile every architecture's programs now (the first request would otherwise)."""

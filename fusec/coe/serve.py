@@ -138,6 +138,15 @@ class CoE:
             route_confidence_mean=float(np.mean(confidences)) if confidences else None,
             requests_by_expert=by_expert, **store)
 
+    def reset_stats(self, evict: bool = False) -> None:
+        """Forget the requests answered so far (and, with `evict`, every resident expert): benchmarks
+        call it after warming up."""
+        if evict:
+            self.pool.evict_all()
+        self.pool.reset_stats()
+        with self._lock:
+            self._requests, self._seconds = [], 0.0
+
     def close(self) -> None:
         self.pool.close()
 

@@ -242,6 +242,11 @@ class WeightStore:
             self.stats.evictions += 1
         return True
 
+    def reset_stats(self) -> None:
+        """Start counting anew (residency is kept); benchmarks call it after warming up."""
+        with self._cond:
+            self.stats = StoreStats(peak_bytes=self.resident_bytes)
+
     def evict_all(self) -> None:
         """Drop every unpinned expert (tests, benchmarks)."""
         with self._cond:
