@@ -201,3 +201,21 @@ def test_generate_many_prefetches_the_next_expert(expert_files, expert_bytes):
 
 def test_fusec_exposes_coe():
     assert fusec.CoE is CoE
+
+
+def test_the_benchmark_smoke_run_reports_every_figure(tmp_path, capsys):
+    """`fusec coe bench --smoke` end to end (no timing is asserted: the figures only have to exist)."""
+    from fusec.cli import main
+    assert main(["coe", "bench", "--smoke", "--dir", str(tmp_path), "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    for line in ("fusec CoE tokens/s", "naive (fresh PyTorch model per request)", "switch time p50 / p99",
+                 "hit rate", "process memory growth", "SN40L node (8 sockets)", "DGX H100", "this CPU (measured)"):
+        assert line in out
+    import json
+    result = json.loads((tmp_path / "r.json").read_text())
+    m = result["measured"]
+    assert m["requests"] == 8 and m["tokens_per_s"] > 0 and m["naive_tokens_per_s"] > 0
+    assert m["peak_resident_bytes"] <= m["hbm_bytes"]
+    assert sum(m["outcomes"].values()) == 8
+    assert main(["coe", "bench", "--experts", "2", "--hbm-experts", "3"]) == 1
+    assert "--hbm-experts (3) cannot exceed --experts (2)" in capsys.readouterr().err

@@ -152,7 +152,7 @@ def run(experts: int = 150, hbm_experts: int = 20, requests: int = 200, tokens: 
     log(f"stream: {requests} requests over {len(set(wanted))} experts (Zipf {zipf}), {tokens} new tokens each")
     with PeakRSS() as rss:
         results = coe.generate_many(stream, max_new_tokens=tokens)
-    stats = coe.stats
+    stats, tiers = coe.stats, coe.tiers()
     coe.close()
 
     gen = [r.generate_seconds for r in results]
@@ -167,7 +167,8 @@ def run(experts: int = 150, hbm_experts: int = 20, requests: int = 200, tokens: 
         routing_accuracy=float(np.mean([r.expert == w for r, w in zip(results, intended)])),
         route_confidence_mean=stats["route_confidence_mean"],
         expert_bytes=one, hbm_bytes=budget, peak_resident_bytes=stats["peak_bytes"],
-        rss_growth_bytes=rss.peak - rss.start, threads=threads)
+        rss_growth_bytes=rss.peak - rss.start, threads=threads, ddr_bytes=tiers["ddr_bytes"],
+        sram_bytes=next(iter(tiers["sram_bytes"].values()), None))
     measured["switch_fraction_p50"] = (stats["switch_p50_s"] or 0) / per_request_gen
     measured["switch_fraction_p99"] = (stats["switch_p99_s"] or 0) / per_request_gen
     measured["memory_ok"] = measured["rss_growth_bytes"] <= budget + one
@@ -213,7 +214,9 @@ def format_report(result: dict) -> str:
              value=f"{m['loads']}; {m['evictions']}; {m['prefetches']} ({m['prefetches_used']})"),
         dict(what="routing accuracy; mean confidence",
              value=f"{m['routing_accuracy']:.1%}; {m['route_confidence_mean']:.2f}"),
-        dict(what="expert size; HBM budget (MiB)", value=f"{m['expert_bytes'] / 2**20:.1f}; {m['hbm_bytes'] / 2**20:.0f}"),
+        dict(what="tiers: DDR (all experts); HBM budget; SRAM working set, modelled (MiB)",
+             value=f"{m['ddr_bytes'] / 2**20:.0f}; {m['hbm_bytes'] / 2**20:.0f}; {(m['sram_bytes'] or 0) / 2**20:.1f}"),
+        dict(what="expert size (MiB)", value=f"{m['expert_bytes'] / 2**20:.1f}"),
         dict(what="peak resident; process memory growth (MiB)",
              value=f"{m['peak_resident_bytes'] / 2**20:.0f}; {m['rss_growth_bytes'] / 2**20:.0f} "
                    f"({'within' if m['memory_ok'] else 'OVER'} budget + one expert)"),

@@ -132,6 +132,18 @@ class ExpertPool:
         """The weight store's figures (see `CoE.stats`)."""
         return store_summary(self.store)
 
+    def tiers(self) -> dict:
+        """The three tiers in bytes: DDR (every available expert's file or model), HBM (resident, and the
+        budget), SRAM (per architecture, modelled: the largest on-chip working set of its decode program's
+        sections as placed on SN40L, stage buffers double-buffered; weights stream through it)."""
+        sram = {}
+        for arch, slot in self.slots.items():
+            placement = slot.generator.decode_program(1).graph.annotations.get("placement")
+            sram[str(arch)] = sram_working_set(placement) if placement is not None else None
+        ddr = sum(getattr(e, "data_bytes", 0) or self.expert_bytes(n) for n, e in self.experts.items())
+        return dict(ddr_bytes=ddr, hbm_bytes=self.store.hbm_bytes, hbm_resident_bytes=self.store.resident_bytes,
+                    sram_bytes=sram)
+
     def reset_stats(self) -> None:
         self.store.reset_stats()
         self.switches, self.switch_seconds = 0, []
@@ -146,6 +158,14 @@ class ExpertPool:
 
     def close(self) -> None:
         self.store.close()
+
+
+def sram_working_set(placement) -> int:
+    """Bytes of PMU buffers in use at once: the fullest section of a placed program."""
+    per_section: dict[int, int] = {}
+    for buffer in placement.buffers:
+        per_section[buffer.section] = per_section.get(buffer.section, 0) + buffer.capacity
+    return max(per_section.values(), default=0)
 
 
 def store_summary(store: WeightStore) -> dict:

@@ -138,6 +138,10 @@ class CoE:
             route_confidence_mean=float(np.mean(confidences)) if confidences else None,
             requests_by_expert=by_expert, **store)
 
+    def tiers(self) -> dict:
+        """Bytes in each tier: DDR (all experts), HBM (resident and budget), SRAM (modelled working set)."""
+        return self.pool.tiers()
+
     def reset_stats(self, evict: bool = False) -> None:
         """Forget the requests answered so far (and, with `evict`, every resident expert): benchmarks
         call it after warming up."""
