@@ -8,7 +8,7 @@ holds up to `workers * hbm_bytes`) and its own compiled programs. The driver rou
 request to the actor that holds the expert; requests to different actors run in parallel (each calling
 thread waits on its own `ray.get`). Placement (`RayPools.placement`) balances bytes, largest expert
 first to the lightest actor, and keeps the experts of one architecture on one actor while that actor
-stays under its fair share, so an architecture is compiled on as few actors as possible.
+stays near its fair share, so an architecture is compiled on as few actors as possible.
 
 Experts given as paths are sent as paths: each actor opens its own files, so on a cluster the files must
 be on shared storage, at the same path on every node. Experts given as models are sent by value (their
@@ -19,15 +19,16 @@ every node (this module puts its root on the actors' PYTHONPATH).
 On a cluster: `ray start --head` on one node, `ray start --address=HEAD:6379` on the others, then in the
 driver `fusec.CoE(router, experts, hbm_bytes=..., cluster="ray", ray_address="auto", workers=N)` (or
 `ray_address="HEAD:6379"`, or `"ray://HEAD:10001"` through Ray Client). With `ray_address=None` and Ray
-not yet initialized, a local Ray instance with `workers` CPUs is started, and `close()` shuts it down.
+not yet initialized, a local Ray instance with a CPU per actor is started, and `close()` shuts it down.
 """
 from __future__ import annotations
 
 import os
 import statistics
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -49,7 +50,8 @@ class PoolActor:
     def __init__(self, experts: dict, threads: int, pool_options: dict):
         from fusec.benchtools import set_threads
         from fusec.coe.pool import ExpertPool
-        set_threads(threads)  # this process's CPU share, so that the actors of a node do not oversubscribe it
+        # this process's CPU share, so that the actors of a node do not oversubscribe it
+        self.numba_threads = set_threads(threads)
         with warnings.catch_warnings():  # the driver warns about unavailable experts
             warnings.simplefilter("ignore")
             self.pool = ExpertPool(experts, **pool_options)
@@ -58,6 +60,8 @@ class PoolActor:
         return list(self.pool.experts), dict(self.pool.unavailable)
 
     def generate(self, name: str, prompt_ids, max_new_tokens: int, options: dict) -> dict:
+        import numba
+        numba.set_num_threads(self.numba_threads)  # numba's count is per thread; the actor's calls run on several
         out = self.pool.generate(name, prompt_ids, max_new_tokens, **options)
         return {**out, "tokens": out["tokens"].tolist()}
 
@@ -68,11 +72,8 @@ class PoolActor:
         from fusec.coe.pool import store_summary
         return {**store_summary(self.pool.store), "load_seconds": list(self.pool.store.stats.load_seconds)}
 
-    def warm(self) -> None:
-        self.pool.warm()
-
-    def close(self) -> None:
-        self.pool.close()
+    def call(self, method: str):  # warm, tiers, reset_stats, evict_all, close
+        return getattr(self.pool, method)()
 
 
 class RayPools:
@@ -80,11 +81,14 @@ class RayPools:
 
     `address` joins a running cluster ("auto", "HOST:6379", "ray://HOST:10001"); None starts a local
     instance unless Ray is initialized already. `cpus_per_worker` is each actor's CPU reservation and
-    thread count. `pool_options` are ExpertPool's (weights, max_seq_len, prompt_buckets, policy, backend).
+    thread count; actors not started within `start_timeout` seconds raise TimeoutError (too few free
+    CPUs). `pool_options` are ExpertPool's (weights, max_seq_len, prompt_buckets, policy, backend); a
+    policy object is copied to each actor.
     """
 
     def __init__(self, experts: Mapping[str, Any], workers: int = 2, address: str | None = None, *,
-                 hbm_bytes: int, cpus_per_worker: int = 1, runtime_env: dict | None = None, **pool_options):
+                 hbm_bytes: int, cpus_per_worker: int = 1, runtime_env: dict | None = None,
+                 start_timeout: float = 300.0, **pool_options):
         if ray is None:
             raise ImportError("cluster='ray' needs Ray: pip install 'ray==2.60.0'")
         if not isinstance(workers, int) or workers < 1:
@@ -107,7 +111,12 @@ class RayPools:
             for worker in range(max(self.placement.values()) + 1):
                 share = {name: _sendable(experts[name]) for name, w in self.placement.items() if w == worker}
                 self.actors.append(remote.remote(share, cpus_per_worker, options))
-            described = ray.get([a.describe.remote() for a in self.actors])
+            described = ray.get([a.describe.remote() for a in self.actors], timeout=start_timeout)
+        except ray.exceptions.GetTimeoutError:
+            count, free = len(self.actors), ray.available_resources().get("CPU", 0)
+            self.close()
+            raise TimeoutError(f"fusec CoE: {count} Ray actors of {cpus_per_worker} CPU each did not start in "
+                               f"{start_timeout:g} s; the cluster has {free:g} CPUs free") from None
         except BaseException:
             self.close()
             raise
@@ -135,8 +144,8 @@ class RayPools:
                 raise e.cause from e
             raise
         except ray.exceptions.RayActorError as e:
-            about = f" serving expert {name!r}" if name else ""
-            raise RuntimeError(f"fusec CoE: Ray worker {worker}{about} died: {e}") from e
+            about = f" {worker} serving expert {name!r}" if name else ""
+            raise RuntimeError(f"fusec CoE: a Ray worker{about} died: {e}") from e
 
     def generate(self, name: str, prompt_ids, max_new_tokens: int = 32, **options) -> dict:
         """ExpertPool.generate on the actor that holds `name`: the same keys, tokens a torch int64 tensor."""
@@ -161,9 +170,29 @@ class RayPools:
         total = {key: sum(w[key] for w in per) for key in COUNTS}
         return dict(total, load_p50_s=_percentile(loads, 50), load_p99_s=_percentile(loads, 99), workers=per)
 
+    def _all(self, method: str) -> list:
+        """ExpertPool.`method`() on every actor, in parallel."""
+        return self._get([a.call.remote(method) for a in self.actors])
+
     def warm(self) -> None:
         """Compile every actor's programs now, the actors in parallel."""
-        self._get([a.warm.remote() for a in self.actors])
+        self._all("warm")
+
+    def reset_stats(self) -> None:
+        self._all("reset_stats")
+
+    def evict_all(self) -> None:
+        self._all("evict_all")
+
+    def tiers(self) -> dict:
+        """ExpertPool.tiers summed over the actors (SRAM per architecture: the largest), and `workers`."""
+        per = self._all("tiers")
+        sram = {}
+        for w in per:
+            for arch, size in w["sram_bytes"].items():
+                sram[arch] = size if sram.get(arch) is None else max(sram[arch], size or 0)
+        total = {key: sum(w[key] for w in per) for key in ("ddr_bytes", "hbm_bytes", "hbm_resident_bytes")}
+        return dict(total, sram_bytes=sram, workers=per)
 
     def close(self) -> None:
         """Stop the actors, and Ray if this object started it. Safe to call twice."""
@@ -182,9 +211,10 @@ class RayPools:
 
 
 def place(experts: Mapping[str, Any], workers: int) -> dict[str, int]:
-    """{expert: worker index}: largest first, to an actor already holding its architecture while that
-    actor stays within the fair share (total / workers), else to the lightest actor. Only as many actors
-    as experts are used. Experts the driver cannot open (files it cannot see) count as a typical size."""
+    """{expert: worker index}: largest first, to an actor already holding its architecture if that
+    actor stays within the fair share (total / workers) give or take half the expert, else to the lightest
+    actor. Only as many actors as experts are used. Experts the driver cannot open (files it cannot see)
+    count as a typical size."""
     sizes, archs = {}, {}
     for name, source in experts.items():
         try:
@@ -201,7 +231,7 @@ def place(experts: Mapping[str, Any], workers: int) -> dict[str, int]:
     placement = {}
     for name in sorted(experts, key=lambda e: (-sizes[e], str(archs.get(e, "")), e)):
         arch = archs.get(name)
-        same = [w for w in range(n) if arch is not None and arch in held[w] and load[w] + sizes[name] <= fair]
+        same = [w for w in range(n) if arch is not None and arch in held[w] and load[w] + sizes[name] / 2 <= fair]
         worker = min(same or range(n), key=lambda w: load[w])
         placement[name] = worker
         load[worker] += sizes[name]
