@@ -24,8 +24,14 @@ class WeightBindingError(FusecError, ValueError):
 
 
 def weight_types(graph: Graph) -> dict[str, TensorType]:
-    """{parameter name: type} of every weight `graph` reads (bf16 after the weight-storage pass)."""
-    return {n.attr("name"): n.type for n in graph.walk() if n.op == "param"}
+    """{parameter name: type} of every weight `graph` reads (bf16 after the weight-storage pass); kept in
+    the graph's annotations, since binding asks for it at every expert switch."""
+    types = graph.annotations.get("weight_types")
+    if types is None:
+        types = {n.attr("name"): n.type for n in graph.walk() if n.op == "param"}
+        if isinstance(graph.annotations, dict):
+            graph.annotations["weight_types"] = types
+    return types
 
 
 def check_weights(graph: Graph, tensors: Mapping[str, Any]) -> dict[str, Any]:
