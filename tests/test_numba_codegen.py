@@ -175,3 +175,71 @@ def test_attention_key_loop_stops_at_a_runtime_position(pos):
     assert "lim = max(0, min(10," in program.source
     want = run_graph(g, [x if i == 3 else np.nan_to_num(x) for i, x in enumerate(inputs)])
     np.testing.assert_allclose(program.run(inputs)[0], want[0], rtol=1e-5, atol=1e-5)
+
+
+
+# --- values indexed by a value loaded inside a loop (an embedding row per reduced position) ---------------
+
+def _embedding_bag(form: str):
+    """Mean of the embedding rows of the first `length` tokens. The row number is loaded inside the loop
+    over positions, so the row lookup must stay in that loop (it was hoisted above it: `t4` undefined)."""
+    import torch
+
+    class EmbeddingBag(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(100, 8)
+
+        def forward(self, tokens, length):            # tokens [1, 16] int64, length [1] int64
+            mask = (torch.arange(16) < length).float()  # [16]
+            e = self.emb(tokens)                          # [1, 16, 8]
+            if form == "sum":
+                bag = (e * mask[None, :, None]).sum(1)
+            elif form == "matmul":                        # rank 2: the BLAS path
+                bag = mask @ e[0]
+            else:                                         # batched: the scalar matmul loop over positions
+                bag = (mask[None, None, :] @ e)[:, 0]
+            return bag / length.float()
+    return EmbeddingBag().eval()
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+@pytest.mark.parametrize("form", ["sum", "matmul", "batched-matmul"])
+def test_embedding_rows_read_inside_the_reduction_loop(form):
+    import torch
+
+    import fusec
+    torch.manual_seed(0)
+    model = _embedding_bag(form)
+    tokens = torch.randint(0, 100, (1, 16))
+    compiled = fusec.compile(model, (tokens, torch.tensor([5])), backend="numba", strict=True)
+    for length in (1, 5, 16):
+        torch.testing.assert_close(compiled(tokens, torch.tensor([length])), model(tokens, torch.tensor([length])))
+    if form == "sum":  # the row lookup sits in the loop over positions, the invariant length load before all loops
+        lines = compiled.source.splitlines()
+        loop = next(i for i, line in enumerate(lines) if line.lstrip().startswith("for r"))
+        lookup = next(i for i, line in enumerate(lines) if "= w0[" in line)
+        assert lookup > loop and _indent(lines[lookup]) > _indent(lines[loop])
+        kernel = max(i for i, line in enumerate(lines[:lookup]) if line.startswith("def "))
+        load = next(i for i, line in enumerate(lines) if i > kernel and line.strip().endswith("= a1[0]"))
+        first_loop = next(i for i, line in enumerate(lines) if i > kernel and line.lstrip().startswith("for "))
+        assert load < first_loop and _indent(lines[load]) == 4
+
+
+def test_single_token_attention_keeps_the_score_in_the_key_loop():
+    """One query, one key: the key index is 0 in every index, so only the variable the score override reads
+    (`s`, assigned in the key loop) says where the scaled score may go (it was hoisted: `s` undefined)."""
+    import torch
+
+    import fusec
+    from fusec.models.llama import LlamaBlock, LlamaConfig
+    torch.manual_seed(0)
+    config = LlamaConfig(dim=64, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=97, max_seq_len=16, n_layers=1)
+    block = LlamaBlock(config).eval()
+    x = torch.randn(1, 1, config.dim)
+    compiled = fusec.compile(block, (x,), backend="numba", strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), block(x), rtol=1e-4, atol=1e-4)

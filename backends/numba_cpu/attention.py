@@ -37,6 +37,7 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
         if x_row is not None and g.nodes[x_row].shape != s_shape:
             x_row = None  # the key bound needs X's index; only worked out when X has S's shape
     w.line(f"obuf = np.empty(({', '.join(str(d) for d in o_shape)},), np.float32)")
+    w.define("obuf")
     parallel = rows * tk * (depth + dv) >= PARALLEL_MIN_ELEMENTS * 4
     with em.loop(f"for row in {'prange' if parallel else 'range'}({rows})", ("row",)):
         idx, rest = [], rows
@@ -44,7 +45,7 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
             rest //= d
             var = em.tmp("b")
             w.line(f"{var} = (row // {rest}) % {d}" if rest > 1 else f"{var} = row % {d}")
-            w.var_level[var] = w.depth
+            w.define(var)
             idx.append(var)
         bidx, i = tuple(idx[:-1]), idx[-1]
         limit = _key_limit(em, x_row, x_index(bidx + (i, "0"))) if x_row is not None else None
@@ -52,6 +53,7 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
 
         def score(j: str) -> None:  # s = q_i . k_j
             w.line("s = np.float32(0.0)")
+            w.define("s")  # the override of S reads it: what depends on S stays in this key loop
             with em.loop(f"for d in range({depth})", ("d",)):
                 q = em.value(qv, _broadcast(bidx, g.nodes[qv].shape[:-2]) + (i, "d"))
                 k = em.value(kv, _broadcast(bidx, g.nodes[kv].shape[:-2]) + ("d", j))
@@ -110,6 +112,7 @@ def _row_buffer(em: Emitter, s_id: int, p_id: int, bidx, i, tk: int, score, accu
     """Scores of the row into a buffer, the row region's reductions over it, then P.V."""
     w = em.w
     w.line(f"srow = np.empty({tk}, np.float32)")
+    w.define("srow")
     with em.loop("for j in range(lim)", ("j",)):
         score("j")
         w.line("srow[j] = s")

@@ -118,7 +118,7 @@ def emit_store(em: Emitter, nid: int, out: str, shape: tuple[int, ...], fixed: d
             var = em.tmp("i")
             expr = f"({r} // {stride})" if stride > 1 else r
             em.w.line(f"{var} = {expr} % {shape[ax]}" if ax != outer[0] else f"{var} = {expr}")
-            em.w.var_level[var] = em.w.depth
+            em.w.define(var)
             idx[ax] = var
     j = em.tmp("j")
     loop = "range" if outer or not parallel else "prange"

@@ -6,6 +6,11 @@ index arithmetic: `permute` reorders the index, `expand` pins broadcast axes to 
 shifts, `reshape` re-linearizes, `concat` branches; nothing is copied. Reductions become loops over the
 reduced axes at the point of first use, and every value is memoized per index, so a caller that asks for
 a row's reductions before looping over the row computes each of them once.
+
+Each value is written at the outermost loop level where everything it reads is defined (loop-invariant
+code motion): the loop variables and temporaries named in its index (a `take` indexes by a loaded value,
+e.g. `w0[t4, j1]` with `t4 = a1[0, r2]` loaded inside the loop over r2), and the variables that the
+overrides it depends on read (an attention score `s` computed inside the key loop).
 """
 from __future__ import annotations
 
@@ -100,7 +105,12 @@ def _expand_ones(non_one: list[str], in_shape: tuple[int, ...]) -> list[str]:
     return [("0" if d == 1 else next(it)) for d in in_shape]
 
 
-_NAME = re.compile(r"[A-Za-z_][A-Za-z_0-9]*")
+# a variable name in generated code: not an attribute (np.exp) nor the exponent of a literal (1e-05)
+_NAME = re.compile(r"(?<![\w.])[A-Za-z_][A-Za-z_0-9]*")
+
+
+def _names(text: str) -> set[str]:
+    return set(_NAME.findall(text))
 
 
 class Emitter:
@@ -114,6 +124,7 @@ class Emitter:
         self.overrides = overrides or {}
         self.memo: dict[tuple[int, tuple[str, ...]], tuple[str, int]] = {}
         self.count = 0
+        self._under: dict[tuple[int, frozenset], frozenset] = {}  # overrides a node's value depends on
 
     def tmp(self, prefix: str = "t") -> str:
         self.count += 1
@@ -134,15 +145,50 @@ class Emitter:
         key = (nid, idx)
         if key in self.memo:
             return self.memo[key][0]
-        level = self.w.level_of(set(_NAME.findall(" ".join(idx))))
+        # no shallower than the deepest definition of anything the value reads: the loop variables and
+        # temporaries of its index, and what the overrides below it read (their index aside)
+        level = max(self.w.level_of(_names(" ".join(idx))), self._override_level(nid))
         with self.w.at(level):
+            level = self.w.depth  # (never above the floor)
             expr = self._render(nid, idx)
+            deepest = self.w.level_of(_names(expr))
+            if deepest > level:  # an operand was placed deeper than its index said: a bug of this module
+                raise AssertionError(f"numba codegen: {expr} needs level {deepest}, placed at {level}")
             if not _is_atom(expr):
                 var = self.tmp()
                 self.w.line(f"{var} = {expr}")
+                self.w.define(var)
                 expr = var
         self.memo[key] = (expr, level)
         return expr
+
+    def _override_level(self, nid: int) -> int:
+        """The deepest level at which a variable read by an override that `nid`'s value depends on is
+        defined (an override's expression may read a variable its index does not name, e.g. `s`)."""
+        if not self.overrides:
+            return 0
+        names: set[str] = set()
+        for o in self._overrides_under(nid):
+            rank = len(self.g.nodes[o].shape)
+            names |= _names(self.overrides[o](("0",) * rank))
+        return self.w.level_of(names)
+
+    def _overrides_under(self, nid: int) -> frozenset:
+        """The overridden nodes among `nid` and its operands, transitively (not through an override)."""
+        key = (nid, frozenset(self.overrides))
+        if key not in self._under:
+            found, seen, todo = set(), set(), [nid]
+            while todo:
+                n = todo.pop()
+                if n in seen:
+                    continue
+                seen.add(n)
+                if n in self.overrides:
+                    found.add(n)
+                elif n not in self.arrays:
+                    todo.extend(self.g.nodes[n].args)
+            self._under[key] = frozenset(found)
+        return self._under[key]
 
     def operand(self, nid: int, arg: int, idx: tuple[str, ...]) -> str:
         """Value of operand `arg` of node `nid` at `idx`, broadcasting it to `nid`'s shape."""
@@ -217,6 +263,7 @@ class Emitter:
         n = self.g.nodes[nid]
         ax = n.attr("axis")
         var = self.tmp("cat")
+        self.w.define(var)
         start = 0
         for k, arg in enumerate(n.args):
             size = self.g.nodes[arg].shape[ax]
@@ -252,8 +299,10 @@ class Emitter:
         sdt = self.g.nodes[n.args[0]].dtype
         best = self.tmp("best") if n.op == "argmax" else ""
         self.w.line(f"{acc} = {_init(n.op, dt, sdt)}")
+        self.w.define(acc)  # (an argmax may index a take)
         if best:
             self.w.line(f"{best} = {_init('amax', sdt, sdt)}")
+            self.w.define(best)
         saved, depth = dict(self.memo), self.w.depth
         blocks = [self.loop(f"for {v} in range({size})", (v,)) for v, size in loops]
         for blk in blocks:

@@ -5,6 +5,10 @@ loops (a row's sum, a constant, a reciprocal) is written at the outermost level 
 the loop it would otherwise be recomputed in. That is loop-invariant code motion by construction: the
 writer keeps the tree of open blocks and inserts a statement at level L just before the block that is
 open inside level L.
+
+The level of a statement is the deepest level at which anything it reads is defined: loop variables
+(bound by `block`) and every variable written inside a loop (registered with `define`, e.g. a row index
+or an embedding row number loaded inside a reduction loop). A name is forgotten when its block closes.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ class Block:
         self.header = header
         self.items: list = []          # lines (str) and nested Blocks
         self.open_child: Block | None = None
+        self.names: list[str] = []     # variables defined at this level (see Writer.define)
 
     def insert(self, item) -> None:
         """Append, but before the child block that is still open (statements there come first)."""
@@ -66,7 +71,7 @@ class Writer:
         parent.open_child = child
         self.stack.append(child)
         for v in binds:
-            self.var_level[v] = self.depth
+            self.define(v)
         old_floor = self.floor
         if barrier:
             self.floor = self.depth
@@ -74,10 +79,19 @@ class Writer:
             yield
         finally:
             self.floor = old_floor
-            for v in binds:
-                self.var_level.pop(v, None)
+            level = self.depth
+            for v in child.names:  # defined in the block: out of scope after it
+                if self.var_level.get(v) == level:
+                    del self.var_level[v]
             self.stack.pop()
             parent.open_child = previous
+
+    def define(self, name: str, level: int | None = None) -> None:
+        """Record that `name` is assigned at `level` (default: the innermost open level), so that a
+        statement reading it is never placed above it. The name is forgotten when that block closes."""
+        level = self.depth if level is None else level
+        self.var_level[name] = level
+        self.stack[level].names.append(name)
 
     @contextmanager
     def at(self, level: int):
@@ -90,7 +104,9 @@ class Writer:
         finally:
             self.stack = saved
 
-    def level_of(self, names: set[str]) -> int:
+    def level_of(self, names) -> int:
+        """The outermost level where an expression reading `names` is valid: the deepest level at which
+        one of them is defined (loop variables and `define`d variables), never above the floor."""
         return max([self.floor] + [self.var_level[n] for n in names if n in self.var_level])
 
     def text(self) -> str:
