@@ -156,27 +156,13 @@ class EmbeddingBagRouter(nn.Module):
         self.embedding = nn.Embedding(vocab_size, dim)
         self.classifier = nn.Linear(dim, n_experts)
 
-    def logits(self, tokens: torch.Tensor, length: torch.Tensor, unrolled: bool = True) -> torch.Tensor:
-        """[B, n_experts] logits: the masked mean embedding through the linear layer.
-
-        `unrolled=True` (`forward`, so what fusec compiles) sums over positions in a Python loop, not as
-        `(emb * mask[..., None]).sum(1)`: for that, fusec's numba codegen hoists the embedding row load out
-        of the loop over positions although the row index is loaded inside it, and the kernel fails to
-        compile ("Variable 't4' is not defined"). Unrolled, each position is a constant and the load is
-        right; the work is the same (max_len x dim), and unlike a one-hot formulation (max_len x
-        vocab_size) it does not grow with the vocabulary. `unrolled=False`, the same sum vectorized, is for
-        training: autograd through max_len slices of [B, max_len, dim] moves max_len times the bytes.
-        """
+    def logits(self, tokens: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        """[B, n_experts] logits: the masked mean embedding through the linear layer."""
         positions = torch.arange(self.max_len)
         mask = (positions.unsqueeze(0) < length.unsqueeze(1)).to(torch.float32)
         weights = mask / length.unsqueeze(1).to(torch.float32)       # [B, max_len]: 1/length or 0
         embedded = self.embedding(tokens)                             # [B, max_len, dim]
-        if not unrolled:
-            return self.classifier((embedded * weights.unsqueeze(-1)).sum(dim=1))
-        mean = embedded[:, 0] * weights[:, 0:1]
-        for p in range(1, self.max_len):
-            mean = mean + embedded[:, p] * weights[:, p:p + 1]
-        return self.classifier(mean)
+        return self.classifier((embedded * weights.unsqueeze(-1)).sum(dim=1))
 
     def forward(self, tokens: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.logits(tokens, length), dim=-1)
@@ -287,14 +273,14 @@ def train_router(prompts: Sequence[Sequence[int]], labels: Sequence[str], vocab_
             optimizer = torch.optim.Adam(module.parameters(), lr=lr)
             for _ in range(epochs):
                 optimizer.zero_grad()
-                loss = nn.functional.cross_entropy(module.logits(tokens, lengths, unrolled=False), targets)
+                loss = nn.functional.cross_entropy(module.logits(tokens, lengths), targets)
                 loss.backward()
                 optimizer.step()
     finally:
         torch.set_num_threads(threads)
     seconds = time.perf_counter() - start
     with torch.no_grad():
-        accuracy = (module.logits(tokens, lengths, unrolled=False).argmax(dim=-1) == targets).float().mean().item()
+        accuracy = (module.logits(tokens, lengths).argmax(dim=-1) == targets).float().mean().item()
     router = CompiledRouter(module, experts, backend)
     router.training_accuracy, router.training_seconds = accuracy, seconds
     return router
