@@ -124,6 +124,13 @@ class CompiledModule:
     def specializations(self) -> list[Specialization]:
         return list(self._programs.values())
 
+    def run_arrays(self, arrays: list) -> list:
+        """Run the program of the example inputs on NumPy arrays of exactly its signature (the tensor
+        inputs in order), returning NumPy arrays: no guard checks and no torch conversions, for callers
+        that build their inputs themselves at every step (the generator's decode loop). Index bounds are
+        still checked inside the program."""
+        return self._first.run(arrays)
+
     def weight_types(self) -> dict:
         """{parameter name: TensorType} of the weights the program reads (`bind_weights` takes these)."""
         from fusec.binding import weight_types

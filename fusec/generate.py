@@ -16,6 +16,7 @@ import inspect
 import time
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -175,6 +176,7 @@ class Generator:
         prefill, decode = self.prefill_program(batch, length), self.decode_program(batch)
         k_cache, v_cache = self.caches(batch)
         pick = _sampler(temperature, seed, top_k)
+        decode_step = _decode_stepper(decode, k_cache, v_cache)
         new, step_logits = [], []
         run = _counters()
         for key in ("compiles", "compile_seconds"):  # compiled for this call, before anything is timed
@@ -205,10 +207,7 @@ class Generator:
                 on_token(step + 1, token)
             if step + 1 == max_new_tokens or bool(finished.all()):
                 break
-            pos = prompt_len + step
-            logits, k_new, v_new = decode(token.view(batch, 1), torch.tensor([pos]), k_cache, v_cache)
-            k_cache[:, :, :, pos] = k_new[:, :, :, 0]  # one row per layer, in place
-            v_cache[:, :, :, pos] = v_new[:, :, :, 0]
+            logits = decode_step(token, prompt_len + step)
             run["decode_steps"] += 1
         run.update(tokens_generated=batch * len(new), decode_tokens=batch * run["decode_steps"],
                    decode_seconds=time.perf_counter() - start)
@@ -251,6 +250,31 @@ class Generator:
         return (f"<{self.name} generator: Llama dim={config.dim} layers={config.n_layers} "
                 f"vocab={config.vocab_size}, max_seq_len={self.max_seq_len}, {self._totals['compiles']} "
                 f"program(s) compiled>")
+
+
+def _decode_stepper(decode: Program, k_cache: Tensor, v_cache: Tensor) -> Callable[[Tensor, int], Tensor]:
+    """(token [B], pos) -> logits [B, vocab]: one decode step, its new K/V rows written into the caches in
+    place. A fusec program runs on NumPy views of one set of input arrays (`run_arrays`: the inputs have
+    its signature by construction, so the guards are skipped); anything else runs as a torch callable."""
+    batch = k_cache.shape[1]
+    if not hasattr(decode, "run_arrays"):
+        def torch_step(token: Tensor, pos: int) -> Tensor:
+            logits, k_new, v_new = decode(token.view(batch, 1), torch.tensor([pos]), k_cache, v_cache)
+            k_cache[:, :, :, pos] = k_new[:, :, :, 0]  # one row per layer, in place
+            v_cache[:, :, :, pos] = v_new[:, :, :, 0]
+            return logits
+        return torch_step
+    token_in, pos_in = np.zeros((batch, 1), np.int64), np.zeros(1, np.int64)
+    k_np, v_np = k_cache.numpy(), v_cache.numpy()
+
+    def array_step(token: Tensor, pos: int) -> Tensor:
+        token_in[:, 0] = token.numpy()
+        pos_in[0] = pos
+        logits, k_new, v_new = decode.run_arrays([token_in, pos_in, k_np, v_np])
+        k_np[:, :, :, pos] = k_new[:, :, :, 0]
+        v_np[:, :, :, pos] = v_new[:, :, :, 0]
+        return torch.from_numpy(logits)
+    return array_step
 
 
 PREFIX = "model."  # Prefill and DecodeStep hold the model as `self.model`
