@@ -54,7 +54,14 @@ class ExpertPool:
         self.slots: dict[Architecture, ArchitectureSlot] = {}
         self._sizes: dict[str, int] = {}
         self._compile_lock = threading.Lock()
-        self.store = WeightStore(hbm_bytes, self.load_expert, self.expert_bytes, policy)
+        self.store = WeightStore(hbm_bytes, self.load_expert, self.expert_bytes, policy, self._recycle)
+        # The buffers of file experts by name, and at most one of an evicted expert, which the next load
+        # of the same size reads into: the store made room for that load by evicting it, so the memory is
+        # in the budget. Nothing runs on an evicted expert's weights: a request binds the weights of the
+        # resident expert it pinned whenever they are not the ones bound.
+        self._buffers: dict[str, Any] = {}
+        self._spare = None
+        self._spare_lock = threading.Lock()
         self.switches, self.switch_seconds = 0, []
 
     # --- experts and their weights ---------------------------------------------------------------------
@@ -81,8 +88,23 @@ class ExpertPool:
         """Read an expert from its DDR tier and convert it to its program's weights: (weights, bytes)."""
         expert = self.expert(name)
         slot = self.slot(expert.architecture)
-        weights = conform(name, expert.load(), slot.types, slot.names)
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        tensors = expert.load(spare)
+        weights = conform(name, tensors, slot.types, slot.names)
+        if getattr(expert, "data_bytes", None):
+            with self._spare_lock:
+                self._buffers[name] = next(iter(tensors.values())).untyped_storage()
         return weights, nbytes(weights)
+
+    def _recycle(self, name: str) -> None:
+        """An expert was evicted: keep its buffer for the next load (see __init__)."""
+        storage = self._buffers.pop(name, None)
+        if storage is not None:
+            import numpy as np
+            import torch
+            with self._spare_lock:
+                self._spare = torch.empty(0, dtype=torch.uint8).set_(storage).numpy().view(np.uint8)
 
     def expert_bytes(self, name: str) -> int:
         """Resident size of an expert, known before it is loaded: a file's data section (read whole) plus

@@ -118,13 +118,14 @@ class StoreStats:
 
 class WeightStore:
     """Resident expert weights under `hbm_bytes`. `load(name) -> (weights, nbytes)` reads an expert
-    (from the DDR tier); `size(name)` is its resident size, known before loading."""
+    (from the DDR tier); `size(name)` is its resident size, known before loading; `evicted(name)` hears
+    of every eviction (called holding the store's lock), so that its memory can be reused."""
 
     def __init__(self, hbm_bytes: int, load: Callable[[str], tuple[dict, int]], size: Callable[[str], int],
-                 policy: str | Policy = "lru"):
+                 policy: str | Policy = "lru", evicted: Callable[[str], None] | None = None):
         if not isinstance(hbm_bytes, int) or hbm_bytes <= 0:
             raise ValueError(f"hbm_bytes must be a positive number of bytes, given {hbm_bytes!r}")
-        self.hbm_bytes, self._load, self._size = hbm_bytes, load, size
+        self.hbm_bytes, self._load, self._size, self._evicted = hbm_bytes, load, size, evicted
         self.policy = make_policy(policy)
         self.resident: dict[str, Resident] = {}
         self.loading: dict[str, Future] = {}
@@ -240,6 +241,8 @@ class WeightStore:
             del self.resident[victim]
             self.policy.evicted(victim)
             self.stats.evictions += 1
+            if self._evicted is not None:
+                self._evicted(victim)
         return True
 
     def reset_stats(self) -> None:
