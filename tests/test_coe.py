@@ -4,8 +4,6 @@ concurrent requests are safe; prefetch loads the next expert; switching never re
 from __future__ import annotations
 
 import os
-import threading
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,30 +11,23 @@ import torch
 import fusec
 from fusec.coe import LFU, CoE, ExpertError, save_expert
 from fusec.coe.experts import FileExpert
-from fusec.generate import compile_generator
-from fusec.models.causal_lm import load_safetensors, random_model
+from fusec.models.causal_lm import random_model
 from fusec.models.llama import LlamaConfig
+
+from coe_common import CONFIG, OPTIONS, PROMPT, ByFirstToken, ask_concurrently, run_alone
+from coe_common import prompt_for as common_prompt_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::numba.NumbaPerformanceWarning")
 
-CONFIG = LlamaConfig(dim=64, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=64, vocab_size=256, n_layers=2)
 NAMES = ("math", "code", "poetry", "law", "chat")
-PROMPT = [3, 17, 42, 7, 99]
-OPTIONS = dict(max_seq_len=64, prompt_buckets=(16, 32))
 
 
-class ByFirstToken:
-    """Routes by the prompt's first token: token i goes to NAMES[i % len(NAMES)]."""
-
-    def __init__(self, experts=NAMES):
-        self.experts = experts
-
-    def route(self, ids):
-        return SimpleNamespace(expert=NAMES[int(ids[0]) % len(NAMES)], confidence=1.0)
+def router(experts=None) -> ByFirstToken:
+    return ByFirstToken(NAMES, experts)
 
 
 def prompt_for(name: str) -> list[int]:
-    return [NAMES.index(name)] + PROMPT
+    return common_prompt_for(name, NAMES)
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +45,11 @@ def expert_bytes(expert_files):
 
 
 def alone(path, prompt, tokens=12):
-    """The expert run by itself: its file loaded as a model, compiled on its own."""
-    generator = compile_generator(load_safetensors(path), 64, weights="bf16", prompt_buckets=(16, 32))
-    return generator.generate(prompt, max_new_tokens=tokens)
+    return run_alone(path, prompt, tokens)
 
 
 def test_tokens_equal_the_chosen_expert_run_alone_and_switching_never_recompiles(expert_files, expert_bytes):
-    coe = CoE(ByFirstToken(), expert_files, hbm_bytes=3 * expert_bytes, **OPTIONS)
+    coe = CoE(router(), expert_files, hbm_bytes=3 * expert_bytes, **OPTIONS)
     order = ["math", "code", "poetry", "math", "law", "chat", "code"]
     results = [coe.generate(prompt_for(name), max_new_tokens=12) for name in order]
     assert [r.expert for r in results] == order
@@ -81,7 +70,7 @@ def test_tokens_equal_the_chosen_expert_run_alone_and_switching_never_recompiles
 
 def test_module_experts_and_fp32_weights_match_eager_generation():
     models = {name: random_model(CONFIG, seed=10 + i) for i, name in enumerate(NAMES)}
-    coe = CoE(ByFirstToken(), models, hbm_bytes=1 << 30, weights="fp32", **OPTIONS)
+    coe = CoE(router(), models, hbm_bytes=1 << 30, weights="fp32", **OPTIONS)
     for name in ("poetry", "chat"):
         from fusec.generate import eager_generate
         want, _ = eager_generate(models[name], torch.tensor([prompt_for(name)]), 8, max_seq_len=64)
@@ -159,27 +148,14 @@ def test_files_of_the_wrong_shape_or_without_config_are_refused(tmp_path):
     with pytest.raises(TypeError, match="expert 'odd': expected a safetensors path or a Llama model, given int"):
         CoE(None, {"odd": 3}, hbm_bytes=1 << 30)
     with pytest.raises(ValueError, match="the router can choose experts that are not given: code"):
-        CoE(ByFirstToken(), {"math": path}, hbm_bytes=1 << 30)
+        CoE(router(), {"math": path}, hbm_bytes=1 << 30)
 
 
 def test_concurrent_requests_give_the_serial_answers(expert_files, expert_bytes):
-    coe = CoE(ByFirstToken(), expert_files, hbm_bytes=5 * expert_bytes // 2, **OPTIONS)
+    coe = CoE(router(), expert_files, hbm_bytes=5 * expert_bytes // 2, **OPTIONS)
     names = ["math", "code", "poetry", "law", "chat"] * 2
     want = {name: alone(expert_files[name], prompt_for(name), 6) for name in NAMES}
-    got, errors = {}, []
-
-    def ask(i, name):
-        try:
-            got[i] = coe.generate(prompt_for(name), max_new_tokens=6)
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=ask, args=(i, n)) for i, n in enumerate(names)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    got = ask_concurrently(coe, names, prompt_for, 6)
     for i, name in enumerate(names):
         assert got[i].expert == name and torch.equal(got[i].tokens, want[name])
     assert coe.stats["peak_bytes"] <= coe.stats["hbm_bytes"]
@@ -187,7 +163,7 @@ def test_concurrent_requests_give_the_serial_answers(expert_files, expert_bytes)
 
 def test_generate_many_prefetches_the_next_expert(expert_files, expert_bytes):
     untied = {name: expert_files[name] for name in NAMES[2:]}
-    coe = CoE(ByFirstToken(tuple(untied)), untied, hbm_bytes=4 * expert_bytes, **OPTIONS)  # all three fit
+    coe = CoE(router(tuple(untied)), untied, hbm_bytes=4 * expert_bytes, **OPTIONS)  # all three fit
     coe.pool.warm()
     prompts = [prompt_for(n) for n in ["poetry", "law", "chat", "poetry"]]
     results = coe.generate_many(prompts, max_new_tokens=6)

@@ -4,7 +4,6 @@ workers and each keeps to its budget; a missing or damaged file names the expert
 serving; concurrent requests give the serial answers; close() shuts down the Ray it started."""
 from __future__ import annotations
 
-import threading
 import warnings
 from types import SimpleNamespace
 
@@ -16,28 +15,23 @@ ray = pytest.importorskip("ray")
 from fusec.coe import CoE, ExpertError, save_expert
 from fusec.coe.cluster import RayPools, place
 from fusec.coe.experts import FileExpert
-from fusec.generate import compile_generator
-from fusec.models.causal_lm import load_safetensors, random_model
-from fusec.models.llama import LlamaConfig
+from fusec.models.causal_lm import random_model
+
+import coe_common as common
+from coe_common import CONFIG, OPTIONS, PROMPT, run_alone
 
 pytestmark = pytest.mark.filterwarnings("ignore::numba.NumbaPerformanceWarning")
 
-CONFIG = LlamaConfig(dim=64, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=64, vocab_size=256, n_layers=2)
 NAMES = ("math", "code", "poetry", "law")
-PROMPT = [3, 17, 42, 7, 99]
-OPTIONS = dict(max_seq_len=64, prompt_buckets=(16, 32))
 TOKENS = 8
 
 
-class ByFirstToken:
-    experts = NAMES
-
-    def route(self, ids):
-        return SimpleNamespace(expert=NAMES[int(ids[0]) % len(NAMES)], confidence=1.0)
+def ByFirstToken() -> common.ByFirstToken:  # noqa: N802 - reads like the class it makes
+    return common.ByFirstToken(NAMES)
 
 
 def prompt_for(name: str) -> list[int]:
-    return [NAMES.index(name)] + PROMPT
+    return common.prompt_for(name, NAMES)
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +45,7 @@ def expert_files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def want(expert_files):
     """Each expert's answer run alone: its file loaded as a model, compiled on its own."""
-    out = {}
-    for name, path in expert_files.items():
-        generator = compile_generator(load_safetensors(path), 64, weights="bf16", prompt_buckets=(16, 32))
-        out[name] = generator.generate(prompt_for(name), max_new_tokens=TOKENS)
-    return out
+    return {name: run_alone(path, prompt_for(name), TOKENS) for name, path in expert_files.items()}
 
 
 @pytest.fixture(scope="module")
@@ -135,20 +125,7 @@ def test_missing_and_damaged_files_name_the_expert_and_the_others_keep_serving(c
 def test_concurrent_requests_to_both_workers_give_the_serial_answers(cluster, want):
     coe = cluster.coe
     names = list(NAMES) * 2
-    got, errors = {}, []
-
-    def ask(i, name):
-        try:
-            got[i] = coe.generate(prompt_for(name), max_new_tokens=TOKENS)
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=ask, args=(i, n)) for i, n in enumerate(names)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    got = common.ask_concurrently(coe, names, prompt_for, TOKENS)
     for i, name in enumerate(names):
         assert got[i].expert == name and torch.equal(got[i].tokens, want[name]), name
     assert all(w["peak_bytes"] <= w["hbm_bytes"] for w in coe.stats["workers"])
