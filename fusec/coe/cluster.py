@@ -98,7 +98,9 @@ class RayPools:
         self.placement = place(experts, workers)
         self.started_ray = False
         if not ray.is_initialized():
-            local = dict(num_cpus=workers * cpus_per_worker, include_dashboard=False) if address is None else {}
+            # RAY_ADDRESS joins a running cluster, like address= (which refuses num_cpus)
+            joining = address is not None or os.environ.get("RAY_ADDRESS")
+            local = {} if joining else dict(num_cpus=workers * cpus_per_worker, include_dashboard=False)
             ray.init(address=address, log_to_driver=False, ignore_reinit_error=True, **local)
             self.started_ray = True
         if runtime_env is None:
