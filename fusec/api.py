@@ -125,10 +125,8 @@ class CompiledModule:
         return list(self._programs.values())
 
     def run_arrays(self, arrays: list) -> list:
-        """Run the program of the example inputs on NumPy arrays of exactly its signature (the tensor
-        inputs in order), returning NumPy arrays: no guard checks and no torch conversions, for callers
-        that build their inputs themselves at every step (the generator's decode loop). Index bounds are
-        still checked inside the program."""
+        """The example inputs' program on NumPy arrays of exactly its signature: no guards, no torch
+        conversions (the generator's decode loop builds its inputs itself); index bounds are still checked."""
         return self._first.run(arrays)
 
     def weight_types(self) -> dict:
@@ -137,11 +135,9 @@ class CompiledModule:
         return weight_types(self.graph)
 
     def bind_weights(self, tensors: Any) -> None:
-        """Run every compiled signature on `tensors` ({parameter name: tensor}, the names and types of
-        `weight_types()`; bf16 where compiled with weights="bf16") instead of the module's own weights.
-        The kernels take weights as arguments, so nothing recompiles: swapping weights costs a check per
-        tensor. Signatures compiled later still start from the module's weights. WeightBindingError
-        (a ValueError) names every missing or mismatched weight, and nothing changes."""
+        """Run every compiled signature on `tensors` ({name: tensor} as in `weight_types()`) instead of the
+        module's weights. Kernels take weights as arguments: nothing recompiles. Signatures compiled later
+        start from the module's weights. WeightBindingError names every misfit, and nothing changes."""
         from fusec.binding import check_weights
         for program in self._programs.values():
             check_weights(program.graph, tensors)
