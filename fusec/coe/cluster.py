@@ -98,6 +98,7 @@ class RayPools:
         self.placement = place(experts, workers)
         self.started_ray = False
         if not ray.is_initialized():
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a library does not report usage unasked
             # RAY_ADDRESS joins a running cluster, like address= (which refuses num_cpus)
             joining = address is not None or os.environ.get("RAY_ADDRESS")
             local = {} if joining else dict(num_cpus=workers * cpus_per_worker, include_dashboard=False)
