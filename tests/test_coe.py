@@ -195,3 +195,13 @@ def test_the_benchmark_smoke_run_reports_every_figure(tmp_path, capsys):
     assert sum(m["outcomes"].values()) == 8
     assert main(["coe", "bench", "--experts", "2", "--hbm-experts", "3"]) == 1
     assert "--hbm-experts (3) cannot exceed --experts (2)" in capsys.readouterr().err
+
+
+def test_a_prefetch_does_not_evict_an_expert_prefetched_for_an_earlier_request(expert_files, expert_bytes):
+    """Under LFU a prefetched expert, not accessed yet, would be the first victim of the next prefetch."""
+    untied = {name: expert_files[name] for name in NAMES[2:]}
+    coe = CoE(router(tuple(untied)), untied, hbm_bytes=5 * expert_bytes // 2, policy="lfu", **OPTIONS)
+    coe.pool.warm()
+    results = coe.generate_many([prompt_for(n) for n in ["poetry"] * 3 + ["law", "chat"]], max_new_tokens=2)
+    assert [r.outcome for r in results] == ["miss", "hit", "hit", "prefetched", "prefetched"]
+    assert coe.stats["prefetches"] == coe.stats["prefetches_used"] == 2

@@ -231,7 +231,9 @@ class WeightStore:
         if size > self.hbm_bytes:
             raise ValueError(f"an expert of {size} bytes does not fit hbm_bytes={self.hbm_bytes}")
         while self.resident_bytes + self._loading_bytes() + size > self.hbm_bytes:
-            candidates = [n for n, r in self.resident.items() if r.pins == 0]
+            # a prefetch never evicts another prefetched expert before its request used it (under LFU that
+            # one, never accessed yet, would otherwise always be the victim)
+            candidates = [n for n, r in self.resident.items() if r.pins == 0 and (wait or not r.prefetched)]
             if not candidates:
                 if not wait:
                     return False
