@@ -105,8 +105,6 @@ def test_a_custom_policy_object_and_bad_policies(expert_files, expert_bytes):
         CoE(None, expert_files, hbm_bytes=1 << 30, policy="fifo")
     with pytest.raises(TypeError, match="needs the methods accessed, admitted, evicted, victim"):
         CoE(None, expert_files, hbm_bytes=1 << 30, policy=object())
-    with pytest.raises(ValueError, match="prefetch must be one of 'steps', 'thread', True, False, None, given 'eager'"):
-        CoE(None, expert_files, hbm_bytes=1 << 30, prefetch="eager")
     with pytest.raises(ValueError, match="hbm_bytes must be a positive number of bytes, given -1"):
         CoE(None, expert_files, hbm_bytes=-1)
 
@@ -163,10 +161,9 @@ def test_concurrent_requests_give_the_serial_answers(expert_files, expert_bytes)
     assert coe.stats["peak_bytes"] <= coe.stats["hbm_bytes"]
 
 
-@pytest.mark.parametrize("prefetch", ["steps", "thread"])
-def test_generate_many_prefetches_the_next_expert(expert_files, expert_bytes, prefetch):
+def test_generate_many_prefetches_the_next_expert(expert_files, expert_bytes):
     untied = {name: expert_files[name] for name in NAMES[2:]}
-    coe = CoE(router(tuple(untied)), untied, hbm_bytes=4 * expert_bytes, prefetch=prefetch, **OPTIONS)  # all fit
+    coe = CoE(router(tuple(untied)), untied, hbm_bytes=4 * expert_bytes, **OPTIONS)  # all three fit
     coe.pool.warm()
     prompts = [prompt_for(n) for n in ["poetry", "law", "chat", "poetry"]]
     results = coe.generate_many(prompts, max_new_tokens=6)

@@ -110,7 +110,7 @@ def naive_baseline(paths: list[Path], prompts: list, tokens: int, max_seq_len: i
 
 
 def run(experts: int = 150, hbm_experts: int = 20, requests: int = 200, tokens: int = 64, baseline_requests: int = 12,
-        preset: str = "stories15M", zipf: float = 1.1, policy: str = "lru", prefetch: str | bool = "steps",
+        preset: str = "stories15M", zipf: float = 1.1, policy: str = "lru", prefetch: bool = True,
         folder: Path = DEFAULT_DIR, max_seq_len: int = 256, buckets: tuple = (16, 32, 64, 128),
         threads: int | None = None, seed: int = 0, log=print) -> dict:
     """The whole benchmark; returns every figure (see the module docstring)."""
@@ -222,7 +222,7 @@ def format_report(result: dict) -> str:
                    f"({'within' if m['memory_ok'] else 'OVER'} budget + one expert)"),
     ]
     head = (f"{c['experts']} x {c['preset']} experts (bf16), HBM budget {c['hbm_experts']} experts, "
-            f"{m['requests']} requests (Zipf {c['zipf']}), {c['policy']}, prefetch {c['prefetch'] or 'off'}, "
+            f"{m['requests']} requests (Zipf {c['zipf']}), {c['policy']}, prefetch {'on' if c['prefetch'] else 'off'}, "
             f"{m['threads']} threads")
     table = format_table(rows, [("what", "measure", ""), ("value", "value", "")])
     return f"{head}\n{table}\n\nRDU model of switching (same expert size; miss rate as measured):\n{rdu_table(result['rdu'])}"
@@ -238,8 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="stories15M")
     p.add_argument("--zipf", type=float, default=1.1, help="popularity exponent")
     p.add_argument("--policy", default="lru", choices=("lru", "lfu"))
-    p.add_argument("--prefetch", choices=("steps", "thread", "off"), default="steps",
-                   help="load the next expert a slice per decode step, in a thread, or not at all")
+    p.add_argument("--no-prefetch", action="store_true")
     p.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="where the expert files are written")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--smoke", action="store_true", help="a few tiny experts: checks the benchmark runs")
@@ -255,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     if options["hbm_experts"] > options["experts"]:
         raise ValueError(f"--hbm-experts ({options['hbm_experts']}) cannot exceed --experts ({options['experts']})")
     with quiet_warnings():
-        result = run(**options, zipf=args.zipf, policy=args.policy, prefetch=False if args.prefetch == "off" else args.prefetch, folder=args.dir,
+        result = run(**options, zipf=args.zipf, policy=args.policy, prefetch=not args.no_prefetch, folder=args.dir,
                      threads=args.threads)
     print(format_report(result))
     if args.json:

@@ -100,22 +100,12 @@ class FileExpert:
         (an evicted expert's, of the same size: memory already mapped in is four times quicker to fill
         than new pages) or a new anonymous mapping, returned to the system when the last view goes
         (malloc would keep buffers under its mmap threshold, 32 MiB, in its heap after eviction)."""
-        return drain(self.load_steps(buffer))
-
-    def load_steps(self, buffer: np.ndarray | None = None, chunk: int = 1 << 19):
-        """`load` as a generator that yields after each `chunk` bytes read and returns the tensors."""
         if buffer is None or buffer.nbytes != self.data_bytes:
             buffer = np.frombuffer(mmap.mmap(-1, max(self.data_bytes, 1)), np.uint8)[:self.data_bytes]
-        view, got = memoryview(buffer), 0
         try:
             with open(self.path, "rb") as f:
                 f.seek(self.data_start)
-                while got < self.data_bytes:
-                    read = f.readinto(view[got:got + chunk])
-                    if not read:
-                        break
-                    got += read
-                    yield
+                got = f.readinto(memoryview(buffer))
         except OSError as e:
             raise ExpertError(self.name, f"cannot read {self.path}: {e}") from None
         if got != self.data_bytes:
@@ -148,15 +138,6 @@ class ModuleExpert:
 
     def __repr__(self) -> str:
         return f"ModuleExpert({self.name!r}, {self.architecture})"
-
-
-def drain(steps):
-    """Run a generator to its end and return what it returns."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
 
 
 def as_expert(name: str, source) -> FileExpert | ModuleExpert:

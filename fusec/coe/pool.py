@@ -13,7 +13,7 @@ import time
 import warnings
 from typing import Any, Mapping
 
-from fusec.coe.experts import Architecture, ExpertError, as_expert, conform, drain, nbytes, program_names
+from fusec.coe.experts import Architecture, ExpertError, as_expert, conform, nbytes, program_names
 from fusec.coe.store import Policy, WeightStore
 from fusec.generate import Generator, compile_generator
 
@@ -54,7 +54,7 @@ class ExpertPool:
         self.slots: dict[Architecture, ArchitectureSlot] = {}
         self._sizes: dict[str, int] = {}
         self._compile_lock = threading.Lock()
-        self.store = WeightStore(hbm_bytes, self.load_steps, self.expert_bytes, policy, self._recycle)
+        self.store = WeightStore(hbm_bytes, self.load_expert, self.expert_bytes, policy, self._recycle)
         # The buffers of file experts by name, and at most one of an evicted expert, which the next load
         # of the same size reads into: the store made room for that load by evicting it, so the memory is
         # in the budget. Nothing runs on an evicted expert's weights: a request binds the weights of the
@@ -86,18 +86,11 @@ class ExpertPool:
 
     def load_expert(self, name: str) -> tuple[dict, int]:
         """Read an expert from its DDR tier and convert it to its program's weights: (weights, bytes)."""
-        return drain(self.load_steps(name))
-
-    def load_steps(self, name: str):
-        """`load_expert` as a generator that yields between slices of the file's read (see the store)."""
         expert = self.expert(name)
         slot = self.slot(expert.architecture)
         with self._spare_lock:
             spare, self._spare = self._spare, None
-        if hasattr(expert, "load_steps"):
-            tensors = yield from expert.load_steps(spare)
-        else:
-            tensors = expert.load(spare)
+        tensors = expert.load(spare)
         weights = conform(name, tensors, slot.types, slot.names)
         if getattr(expert, "data_bytes", None):
             with self._spare_lock:
@@ -152,16 +145,10 @@ class ExpertPool:
                     generate_seconds=done - ready, new_tokens=int(tokens.shape[-1]) - _prompt_len(prompt_ids))
 
     def prefetch(self, name: str) -> bool:
-        """Start loading an expert in a background thread (see `WeightStore.prefetch`)."""
+        """Start loading an expert in the background (see `WeightStore.prefetch`)."""
         if name not in self.experts:
             return False
         return self.store.prefetch(name)
-
-    def prefetch_in_steps(self, name: str):
-        """An iterator loading an expert a slice per `next()`, or None (see `WeightStore.prefetch_in_steps`)."""
-        if name not in self.experts:
-            return None
-        return self.store.prefetch_in_steps(name)
 
     def store_stats(self) -> dict:
         """The weight store's figures (see `CoE.stats`)."""

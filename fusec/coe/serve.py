@@ -23,7 +23,6 @@ from torch import Tensor
 from fusec.coe.pool import ExpertPool
 
 HIT_OUTCOMES = ("hit", "prefetched")  # the expert was resident when its request came
-PREFETCH = ("steps", "thread", True, False, None)
 
 
 @dataclass
@@ -45,18 +44,14 @@ class CoE:
 
     `weights` ("bf16" default, or "fp32") is the resident format; `policy` ("lru", "lfu" or an object,
     see `fusec.coe.store.Policy`) chooses evictions; `prefetch` loads the next request's expert during
-    the current one's generation in `generate_many`: "steps" (default, or True) a slice per decode step
-    on the generating thread, "thread" in a background thread (better with cores to spare: on two
-    cores it slows the generation it overlaps), False not at all. `cluster="ray"` serves the experts from
+    the current one's generation in `generate_many`. `cluster="ray"` serves the experts from
     `workers` Ray actors (`ray_address` to join a running cluster; see `fusec.coe.cluster`).
     """
 
     def __init__(self, router, experts: Mapping[str, Any], hbm_bytes: int, *, weights: str = "bf16",
                  max_seq_len: int = 256, prompt_buckets: Sequence[int] | None = (16, 32, 64, 128),
-                 policy: Any = "lru", prefetch: bool | str = "steps", cluster: str | None = None, workers: int = 2,
+                 policy: Any = "lru", prefetch: bool = True, cluster: str | None = None, workers: int = 2,
                  ray_address: str | None = None, backend: str = "numba"):
-        if prefetch not in PREFETCH:
-            raise ValueError(f"prefetch must be one of {', '.join(map(repr, PREFETCH))}, given {prefetch!r}")
         if router is not None:
             unknown = [e for e in getattr(router, "experts", ()) if e not in experts]
             if unknown:
@@ -72,8 +67,7 @@ class CoE:
             self.pool = RayPools(experts, workers=workers, address=ray_address, **options)
         else:
             raise ValueError(f"cluster must be None (this process) or 'ray', given {cluster!r}")
-        self.router = router
-        self.prefetch_mode = "steps" if prefetch is True else prefetch
+        self.router, self.prefetch_next = router, prefetch
         self._lock = threading.Lock()
         self._requests: list[CoEResult] = []
         self._seconds = 0.0
@@ -99,39 +93,15 @@ class CoE:
         return self._answer(prompt_ids, route, expert or route.expert, max_new_tokens, options)
 
     def generate_many(self, prompts: Sequence, max_new_tokens: int = 32, **options) -> list[CoEResult]:
-        """Answer `prompts` in order, routing each before the previous one generates, so that the next
-        expert loads meanwhile (when it fits without evicting the one in use): with prefetch="steps" a
-        slice of the file per decode step of the current request, on the generating thread; with
-        "thread" in a background thread."""
+        """Answer `prompts` in order, routing each before the previous one generates so that the next
+        expert loads in the background (when it fits without evicting the one in use)."""
         routes = [self.route(p) for p in prompts]
         results = []
         for i, (prompt, route) in enumerate(zip(prompts, routes)):
-            upcoming = routes[i + 1].expert if i + 1 < len(routes) else route.expert
-            loading = self._prefetch(upcoming) if upcoming != route.expert else None
-            step_options = dict(options)
-            if loading is not None:
-                user_hook = options.get("on_token")
-
-                def on_token(n, tokens, user_hook=user_hook, loading=loading):
-                    next(loading, None)
-                    if user_hook is not None:
-                        user_hook(n, tokens)
-                step_options["on_token"] = on_token
-            try:
-                results.append(self._answer(prompt, route, route.expert, max_new_tokens, step_options))
-            finally:
-                for _ in loading or ():  # what the decode steps left of the load
-                    pass
+            if self.prefetch_next and i + 1 < len(routes) and routes[i + 1].expert != route.expert:
+                self.pool.prefetch(routes[i + 1].expert)
+            results.append(self._answer(prompt, route, route.expert, max_new_tokens, options))
         return results
-
-    def _prefetch(self, expert: str):
-        """Start loading `expert` as `prefetch` says: an iterator to drive a slice at a time ("steps"),
-        or None (a background thread took it, or nothing to do)."""
-        if self.prefetch_mode == "steps" and hasattr(self.pool, "prefetch_in_steps"):
-            return self.pool.prefetch_in_steps(expert)
-        if self.prefetch_mode:
-            self.pool.prefetch(expert)
-        return None
 
     def _answer(self, prompt_ids, route, expert: str, max_new_tokens: int, options: dict) -> CoEResult:
         start = time.perf_counter()

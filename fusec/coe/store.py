@@ -117,15 +117,15 @@ class StoreStats:
 
 
 class WeightStore:
-    """Resident expert weights under `hbm_bytes`. `load(name)` reads an expert (from the DDR tier) as a
-    generator that yields between slices of the work and returns (weights, nbytes); `size(name)` is its resident size, known before loading; `evicted(name)` hears
+    """Resident expert weights under `hbm_bytes`. `load(name) -> (weights, nbytes)` reads an expert
+    (from the DDR tier); `size(name)` is its resident size, known before loading; `evicted(name)` hears
     of every eviction (called holding the store's lock), so that its memory can be reused."""
 
-    def __init__(self, hbm_bytes: int, load: Callable[[str], Iterator[None]], size: Callable[[str], int],
+    def __init__(self, hbm_bytes: int, load: Callable[[str], tuple[dict, int]], size: Callable[[str], int],
                  policy: str | Policy = "lru", evicted: Callable[[str], None] | None = None):
         if not isinstance(hbm_bytes, int) or hbm_bytes <= 0:
             raise ValueError(f"hbm_bytes must be a positive number of bytes, given {hbm_bytes!r}")
-        self.hbm_bytes, self._load_steps, self._size, self._evicted = hbm_bytes, load, size, evicted
+        self.hbm_bytes, self._load, self._size, self._evicted = hbm_bytes, load, size, evicted
         self.policy = make_policy(policy)
         self.resident: dict[str, Resident] = {}
         self.loading: dict[str, Future] = {}
@@ -150,32 +150,18 @@ class WeightStore:
                 self._cond.notify_all()
 
     def prefetch(self, name: str) -> bool:
-        """Start loading `name` in a background thread; False when it is resident, being loaded, or would
-        not fit without evicting an expert in use."""
-        future = self._reserve(name)
-        if future is None:
-            return False
-        self._loader.submit(self._fill, name, future, True)
-        return True
-
-    def prefetch_in_steps(self, name: str) -> Iterator[None] | None:
-        """Reserve room for `name` like `prefetch` and return an iterator that loads it a slice per `next()`,
-        for the caller to drive between its own work (the decode steps of the request before it): the load
-        overlaps generation without a thread competing for the cores. The caller must exhaust it (the
-        expert is admitted then; requests for it wait until then). None when `prefetch` would be False."""
-        future = self._reserve(name)
-        return None if future is None else self._fill_steps(name, future, True)
-
-    def _reserve(self, name: str) -> Future | None:
+        """Start loading `name` in the background; False when it is resident, being loaded, or would not
+        fit without evicting an expert in use."""
         with self._cond:
             if name in self.resident or name in self.loading:
-                return None
+                return False
             if not self._make_room(self._size(name), wait=False):
                 self.stats.prefetches_skipped += 1
-                return None
+                return False
             self.stats.prefetches += 1
             future = self.loading[name] = Future()
-            return future
+        self._loader.submit(self._fill, name, future, True)
+        return True
 
     def _acquire(self, name: str) -> tuple[Resident, str]:
         self._size(name)  # known before the lock is taken (it may compile the expert's program)
@@ -215,25 +201,9 @@ class WeightStore:
 
     def _fill(self, name: str, future: Future, prefetched: bool) -> None:
         """Load `name` (room was made for it) and admit it; failures reach whoever waits on `future`."""
-        for _ in self._fill_steps(name, future, prefetched):
-            pass
-
-    def _fill_steps(self, name: str, future: Future, prefetched: bool) -> Iterator[None]:
-        """`_fill` a slice per `next()` (the load's own slices; see `prefetch_in_steps`). Only the time spent
-        in the slices counts as the load's time."""
-        busy = 0.0
+        start = time.perf_counter()
         try:
-            steps = self._load_steps(name)
-            while True:
-                start = time.perf_counter()
-                try:
-                    next(steps)
-                except StopIteration as done:
-                    weights, nbytes = done.value
-                    break
-                finally:
-                    busy += time.perf_counter() - start
-                yield
+            weights, nbytes = self._load(name)
         except Exception as e:
             with self._cond:
                 self.loading.pop(name, None)
@@ -241,12 +211,13 @@ class WeightStore:
                 self._cond.notify_all()
             future.set_exception(e if isinstance(e, ExpertError) else ExpertError(name, f"failed to load: {e}"))
             return
+        seconds = time.perf_counter() - start
         with self._cond:
-            self.resident[name] = Resident(name, weights, nbytes, busy, prefetched)
+            self.resident[name] = Resident(name, weights, nbytes, seconds, prefetched)
             self.loading.pop(name, None)
             self.policy.admitted(name)
             self.stats.loads += 1
-            self.stats.load_seconds.append(busy)
+            self.stats.load_seconds.append(seconds)
             self.stats.peak_bytes = max(self.stats.peak_bytes, self.resident_bytes + self._loading_bytes())
             self._cond.notify_all()
         future.set_result(None)
