@@ -203,5 +203,7 @@ def test_a_prefetch_does_not_evict_an_expert_prefetched_for_an_earlier_request(e
     coe = CoE(router(tuple(untied)), untied, hbm_bytes=5 * expert_bytes // 2, policy="lfu", **OPTIONS)
     coe.pool.warm()
     results = coe.generate_many([prompt_for(n) for n in ["poetry"] * 3 + ["law", "chat"]], max_new_tokens=2)
-    assert [r.outcome for r in results] == ["miss", "hit", "hit", "prefetched", "prefetched"]
+    outcomes = [r.outcome for r in results]
+    assert outcomes[:3] == ["miss", "hit", "hit"]
+    assert all(o in ("prefetched", "waited") for o in outcomes[3:]), outcomes  # loaded ahead, never a miss
     assert coe.stats["prefetches"] == coe.stats["prefetches_used"] == 2
