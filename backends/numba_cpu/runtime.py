@@ -91,7 +91,7 @@ class Program:
         self.graph = graph
         self._lock = threading.Lock()
         self._loaded: set[int] = set()  # steps whose machine code is loaded (they ran once)
-        self._fast_plan()
+        self._plan_steps()
 
     def _plan(self) -> None:
         """Give every intermediate value a buffer; values whose lifetimes do not overlap share one.
@@ -143,33 +143,27 @@ class Program:
             self.weights = arrays
             for code, step in zip(self.codes, self.steps):
                 step.weights[:len(code.params)] = [arrays[p] for p in code.params]
-            self._fast_plan()
+            self._plan_steps()
 
     def run(self, inputs: list[np.ndarray], observe: Callable | None = None) -> list[np.ndarray]:
         """Run the program. Inputs are made contiguous (a copy only when they are not). Calls are
         serialized by a lock: intermediate buffers belong to the program. `observe(node_id, args, outs)`
         is called after every kernel and torch step (for `fusec check`; buffers are reused, so copy)."""
         g = self.graph
-        if observe is None and not self.torch_steps and len(self._loaded) == len(self.steps):
-            return self._run_fast(inputs)
         with self._lock:
-            values: dict[int, np.ndarray] = {}
-            for i, x in zip(g.inputs, inputs):
-                values[i] = np.ascontiguousarray(x)
+            values = {i: np.ascontiguousarray(x) for i, x in zip(g.inputs, inputs)}
             memo: dict = {}
-            for s, step in enumerate(self.steps):
+            for s, (step, (arg_plan, out_plan, checks)) in enumerate(zip(self.steps, self._plans)):
                 self._run_torch(s, values, memo, observe)
-                args = [self._value(values, v) for v in step.inputs]
+                args = [x if fixed else values[x] if x in values else self._value(values, x) for fixed, x in arg_plan]
                 outs = []
-                for k, v in enumerate(step.outputs):
-                    buf = self.buffers.get((s, k))
-                    if buf is None:
-                        t = g.nodes[v].type
-                        buf = np.empty(t.shape, to_numpy(t.dtype))
+                for buf, shape, dtype, v in out_plan:
+                    if buf is None:  # a graph output: the caller's, fresh per call
+                        buf = np.empty(shape, dtype)
                     if v >= 0:
                         values[v] = buf
                     outs.append(buf)
-                for k, bound, what in self.index_checks[s]:
+                for k, bound, what in checks:
                     check_indices(args[k], bound, what)
                 self._call(s, step, args, outs)
                 if observe is not None:
@@ -182,9 +176,10 @@ class Program:
                 recorded(self.module)  # checksums of the machine code that just ran
             return results
 
-    def _fast_plan(self) -> None:
-        """What `_run_fast` needs per step, resolved once: the arrays that are the same on every call
-        (weights, constants, planned buffers and reshapes of them) and how to get the others."""
+    def _plan_steps(self) -> None:
+        """What `run` needs per step, resolved once (the bookkeeping is a fifth of a small decode step's
+        time otherwise): the arrays that are the same on every call (weights, constants, planned buffers
+        and reshapes of them), how to get the others, and each output's buffer or type."""
         g, static = self.graph, {}
         for (s, k), buf in self.buffers.items():
             if self.steps[s].outputs[k] >= 0:
@@ -192,7 +187,7 @@ class Program:
         for i, n in enumerate(g.nodes):
             if n.op in ("param", "const") or (n.op == "reshape" and n.args[0] in static):
                 static[i] = self._value(static, i)
-        self._fast = []
+        self._plans = []
         for s, step in enumerate(self.steps):
             args = [(True, static[v]) if v in static else (False, v) for v in step.inputs]
             outs = []
@@ -200,27 +195,7 @@ class Program:
                 t = g.nodes[step.kernel].attr("body")
                 t = t.nodes[t.outputs[k]].type
                 outs.append((self.buffers.get((s, k)), t.shape, to_numpy(t.dtype), v))
-            self._fast.append((args, outs, self.index_checks[s]))
-
-    def _run_fast(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        """`run` once every kernel is loaded, with no torch steps and no observer: the same work with the
-        per-step bookkeeping resolved in advance (it is a fifth of a small decode step's time otherwise)."""
-        g = self.graph
-        with self._lock:
-            values = {i: np.ascontiguousarray(x) for i, x in zip(g.inputs, inputs)}
-            for step, (arg_plan, out_plan, checks) in zip(self.steps, self._fast):
-                args = [x if fixed else values[x] if x in values else self._value(values, x) for fixed, x in arg_plan]
-                outs = []
-                for buf, shape, dtype, v in out_plan:
-                    if buf is None:
-                        buf = np.empty(shape, dtype)
-                    if v >= 0:
-                        values[v] = buf
-                    outs.append(buf)
-                for k, bound, what in checks:
-                    check_indices(args[k], bound, what)
-                step.fn(*args, *step.weights, *outs)
-            return [self._output(values, o) for o in g.outputs]
+            self._plans.append((args, outs, self.index_checks[s]))
 
     def _call(self, s: int, step: Step, args: list, outs: list) -> None:
         """Call a kernel; on its first call, a failure to load damaged cached code is repaired once."""
