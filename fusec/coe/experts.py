@@ -95,13 +95,17 @@ class FileExpert:
             raise ExpertError(name, f"{self.path} is truncated: {self.path.stat().st_size} bytes, the header "
                                     f"describes {self.data_start + self.data_bytes}")
 
+    def new_buffer(self) -> np.ndarray:
+        """A writable buffer the size of the data section, for `load`."""
+        return np.frombuffer(mmap.mmap(-1, max(self.data_bytes, 1)), np.uint8)[:self.data_bytes]
+
     def load(self, buffer: np.ndarray | None = None) -> dict[str, Tensor]:
         """The tensors by Hugging Face name, views of one buffer the data section is read into: `buffer`
         (an evicted expert's, of the same size: memory already mapped in is four times quicker to fill
         than new pages) or a new anonymous mapping, returned to the system when the last view goes
         (malloc would keep buffers under its mmap threshold, 32 MiB, in its heap after eviction)."""
         if buffer is None or buffer.nbytes != self.data_bytes:
-            buffer = np.frombuffer(mmap.mmap(-1, max(self.data_bytes, 1)), np.uint8)[:self.data_bytes]
+            buffer = self.new_buffer()
         try:
             with open(self.path, "rb") as f:
                 f.seek(self.data_start)
@@ -130,8 +134,8 @@ class ModuleExpert:
         self.architecture = Architecture(self.model.config, self.model.tie_embeddings)
         self.path = None
 
-    def load(self, buffer: np.ndarray | None = None) -> dict[str, Tensor]:
-        """The model's own tensors (`buffer` is not used: nothing is read)."""
+    def load(self) -> dict[str, Tensor]:
+        """The model's own tensors (nothing is read)."""
         params = dict(self.model.named_parameters(remove_duplicate=False))
         return {theirs: params[ours].detach() for ours, theirs in
                 hf_names(self.architecture.config, self.architecture.tied).items()}

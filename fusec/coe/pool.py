@@ -13,7 +13,7 @@ import time
 import warnings
 from typing import Any, Mapping
 
-from fusec.coe.experts import Architecture, ExpertError, as_expert, conform, nbytes, program_names
+from fusec.coe.experts import Architecture, ExpertError, FileExpert, as_expert, conform, nbytes, program_names
 from fusec.coe.store import Policy, WeightStore
 from fusec.generate import Generator, compile_generator
 
@@ -88,23 +88,24 @@ class ExpertPool:
         """Read an expert from its DDR tier and convert it to its program's weights: (weights, bytes)."""
         expert = self.expert(name)
         slot = self.slot(expert.architecture)
-        with self._spare_lock:
-            spare, self._spare = self._spare, None
-        tensors = expert.load(spare)
-        weights = conform(name, tensors, slot.types, slot.names)
-        if getattr(expert, "data_bytes", None):
+        if not isinstance(expert, FileExpert):
+            tensors = expert.load()
+        else:
             with self._spare_lock:
-                self._buffers[name] = next(iter(tensors.values())).untyped_storage()
+                spare, self._spare = self._spare, None
+            buffer = spare if spare is not None and spare.nbytes == expert.data_bytes else expert.new_buffer()
+            tensors = expert.load(buffer)
+            with self._spare_lock:
+                self._buffers[name] = buffer
+        weights = conform(name, tensors, slot.types, slot.names)
         return weights, nbytes(weights)
 
     def _recycle(self, name: str) -> None:
         """An expert was evicted: keep its buffer for the next load (see __init__)."""
-        storage = self._buffers.pop(name, None)
-        if storage is not None:
-            import numpy as np
-            import torch
-            with self._spare_lock:
-                self._spare = torch.empty(0, dtype=torch.uint8).set_(storage).numpy().view(np.uint8)
+        with self._spare_lock:
+            buffer = self._buffers.pop(name, None)
+            if buffer is not None:
+                self._spare = buffer
 
     def expert_bytes(self, name: str) -> int:
         """Resident size of an expert, known before it is loaded: a file's data section (read whole) plus
