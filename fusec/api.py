@@ -350,35 +350,12 @@ def build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options) 
 
 
 def lower(graph: Graph, fuse: bool = True, callback: Callable[[str, Graph], None] | None = None,
-          weights: str = "fp32") -> Graph:
-    """The pass pipeline from traced IR to the graph a backend runs: fused and tiled, or unfused.
-    `callback(pass_name, graph)` runs after every pass; `weights` picks the weights' storage format."""
-    from passes.pipeline import STAGES, run_pipeline
-    from passes.weights import store_weights
-    if weights != "fp32":
-        graph = store_weights(run_pipeline(graph, until="canonical", callback=callback), weights)
-        if callback:
-            callback("store_weights", graph)
-        if not fuse:
-            from passes.fuse import unfuse
-            from passes.tile import tile
-            return tile(unfuse(graph))
-        return run_pipeline(graph, callback=callback, after="canonical")
-    if fuse:
-        stages = list(STAGES)
-        if "placed" in stages and any(n.op == "extern" for n in graph.nodes):
-            # torch fallbacks run on the host: such a program has no RDU placement
-            return run_pipeline(graph, until=stages[stages.index("placed") - 1], callback=callback)
-        return run_pipeline(graph, callback=callback)
-    from passes.fuse import unfuse
-    from passes.tile import tile
-    graph = unfuse(run_pipeline(graph, until="canonical", callback=callback))
-    if callback:
-        callback("unfuse", graph)
-    graph = tile(graph)
-    if callback:
-        callback("tile", graph)
-    return graph
+          weights: str = "fp32", target: str = "cpu") -> Graph:
+    """The pass pipeline from traced IR to the graph a backend runs (`passes.pipeline.TARGETS`): fused
+    or unfused, tiled, and placed on the chip for the "rdu" target. `callback(pass_name, graph)` runs
+    after every pass; `weights` picks the weights' storage format."""
+    from passes.pipeline import run_pipeline, target_for
+    return run_pipeline(graph, callback=callback, target=target_for(target, fuse), weights=weights)
 
 
 def program_stats(graph: Graph) -> dict:

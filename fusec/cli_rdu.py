@@ -59,10 +59,7 @@ def _traced(spec: str, seq_len: int | None, decode_past: int | None):
 def _place(traced, fuse: bool, machine: str, seed: int, dtype: str | None):
     from fusec.api import lower
     from passes.place import place
-    graph = lower(traced, fuse=fuse)
-    if fuse and machine == "sn40l" and seed == 0 and dtype is None:
-        return graph  # the pipeline's own "placed" stage
-    return place(graph, machine, seed, dtype)
+    return place(lower(traced, fuse=fuse), machine, seed, dtype)
 
 
 def add_rdu_parser(subparsers) -> argparse.ArgumentParser:

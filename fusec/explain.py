@@ -92,12 +92,11 @@ def explain(module: Any, example_inputs: Any = (), example_kwargs: dict | None =
     """Trace `module` and run the passes up to tiling (no code generation); see the module docstring."""
     from fusec.api import lower
     from fusec.tracing import trace
-    from passes.pipeline import STAGES, run_pipeline
+    from passes.pipeline import run_pipeline
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     traced = trace(module, example_inputs, example_kwargs)
-    until = "tiled" if "tiled" in STAGES else None
-    fused = run_pipeline(traced.graph, until=until)
+    fused = run_pipeline(traced.graph, target="cpu")
     unfused = lower(traced.graph, fuse=False)
     signature = ", ".join(f"{n}: {t}" for n, t in zip(traced.input_names, traced.graph.input_types))
     return explain_graph(traced.graph, fused, unfused, traced.module_name, signature)

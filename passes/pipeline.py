@@ -1,14 +1,20 @@
 """The compiler pipeline: named stages of named passes, run in order, the graph verified after each pass.
 
     STAGES = {"canonical": (("dce", eliminate_dead_code), ("cse", ...), ...), "fused": (...), ...}
+    TARGETS = {"cpu": ("canonical", "weights", "fused", "tiled"), ..., "rdu": (..., "tiled", "placed")}
 
-Later stages join with `register_stage("fused", passes, after="canonical")`. `run_pipeline(graph,
-until="canonical")` runs every stage up to and including `until`. FUSEC_DEBUG=1 prints each pass with its
-time and node count, FUSEC_DEBUG=2 also the IR after it (see `fusec.debug`).
+A target is the list of stages its backend needs: the CPU (Numba and reference backends) stops at the
+tiled program; the RDU target also places it on the chip (`placed`), which only `fusec dump --stage
+placed`, `fusec rdu` and the RDU model ask for. `run_pipeline(graph, until="canonical", target="cpu")`
+runs the target's stages up to and including `until`. The `weights` stage stores weights in another format
+(`weights="bf16"`) and is skipped for fp32. Later stages join with `register_stage("fused", passes,
+after="canonical")` (a registered stage outside every target runs when no target is given).
+FUSEC_DEBUG=1 prints each pass with its time and node count, FUSEC_DEBUG=2 also the IR after it.
 """
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Callable, Sequence
 
 from fusec.debug import debug, debug_level
@@ -16,14 +22,40 @@ from fusec.errors import FusecError, IRError
 from fusec.ir import Graph, verify
 from passes.canonicalize import (canonicalize, eliminate_common_subexpressions, eliminate_dead_code,
                                  fold_constants, simplify_algebra, simplify_views)
-from passes.fuse import fuse
+from passes.fuse import fuse, unfuse
 from passes.place import place
 from passes.tile import tile
+from passes.weights import store_weights
 
 Pass = tuple[str, Callable[[Graph], Graph]]
 Callback = Callable[[str, Graph], None]  # called after every pass with its name and the verified graph
 
 STAGES: dict[str, tuple[Pass, ...]] = {}
+
+# The stages each target runs, in order. Variants of one stage (fused/unfused) are alternatives: a run with
+# no target takes every registered stage but the alternatives (`unfused`).
+TARGETS: dict[str, tuple[str, ...]] = {
+    "cpu": ("canonical", "weights", "fused", "tiled"),
+    "cpu-unfused": ("canonical", "weights", "unfused", "tiled"),
+    "rdu": ("canonical", "weights", "fused", "tiled", "placed"),
+    "rdu-unfused": ("canonical", "weights", "unfused", "tiled", "placed"),
+}
+ALTERNATIVES = ("unfused",)
+
+
+def target_for(target: str, fuse: bool = True) -> str:
+    """The target name of `target` ("cpu" or "rdu") fused or unfused."""
+    name = target if fuse else f"{target}-unfused"
+    if name not in TARGETS:
+        raise FusecError(f"unknown target {target!r}; expected one of cpu, rdu")
+    return name
+
+
+def _stage_passes(stage: str, weights: str) -> tuple[Pass, ...]:
+    """The passes of `stage`; the weights stage takes its format from the run."""
+    if stage == "weights":
+        return () if weights == "fp32" else (("store_weights", partial(store_weights, weights=weights)),)
+    return STAGES[stage]
 
 
 def register_stage(name: str, passes: Sequence[Pass], after: str | None = None) -> None:
@@ -48,17 +80,20 @@ def _fail(stage: str, name: str, ran: list[str], error: Exception) -> str:
 
 
 def run_pipeline(graph: Graph, until: str | None = None, callback: Callback | None = None,
-                 after: str | None = None) -> Graph:
-    """Run the stages in order up to and including `until` (default: the last one), starting after
-    stage `after` when given (the graph is then expected to be that stage's output).
+                 after: str | None = None, target: str | None = None, weights: str = "fp32") -> Graph:
+    """Run the stages of `target` (see TARGETS; default: every registered stage but the alternatives) in
+    order up to and including `until` (default: the last one), starting after stage `after` when given
+    (the graph is then expected to be that stage's output). `weights` is the weights' storage format.
 
     The input graph and the graph after every pass are verified; a broken one raises IRError naming the
     pass and the passes that ran before it. `callback(pass_name, graph)` runs after each pass.
     """
-    names = list(STAGES)
+    if target is not None and target not in TARGETS:
+        raise FusecError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
+    names = list(TARGETS[target]) if target else [n for n in STAGES if n not in ALTERNATIVES]
     until = until or (names[-1] if names else None)
     for name in (until, after):
-        if name is not None and name not in STAGES:
+        if name is not None and name not in names:
             raise FusecError(f"unknown stage {name!r}; the stages are {', '.join(names)}")
     try:
         verify(graph)
@@ -71,7 +106,7 @@ def run_pipeline(graph: Graph, until: str | None = None, callback: Callback | No
     if after is not None:
         selected = selected[names.index(after) + 1:]
     for stage in selected:
-        for name, run in STAGES[stage]:
+        for name, run in _stage_passes(stage, weights):
             start = time.perf_counter()
             try:
                 graph = run(graph)
@@ -101,6 +136,8 @@ register_stage("canonical", (
     ("simplify_views", simplify_views),
     ("canonicalize", canonicalize),
 ))
-register_stage("fused", (("fuse", fuse),), after="canonical")
+register_stage("weights", ())  # filled per run from its `weights` (see _stage_passes)
+register_stage("fused", (("fuse", fuse),))
+register_stage("unfused", (("unfuse", unfuse),))
 register_stage("tiled", (("tile", tile),))
-register_stage("placed", (("place", place),), after="tiled")
+register_stage("placed", (("place", place),))

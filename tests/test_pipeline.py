@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 
 from fusec import debug
+from fusec.api import lower
 from fusec.errors import FusecError, IRError
 from fusec.ir import Graph, TensorType
 from fusec.printer import format_graph, parse_graph
@@ -137,3 +138,22 @@ def test_debug_is_quiet_by_default_and_rejects_garbage(monkeypatch, capsys):
     monkeypatch.setenv("FUSEC_DEBUG", "verbose")
     with pytest.raises(FusecError, match="FUSEC_DEBUG must be an integer"):
         debug.debug_level()
+
+
+def test_the_cpu_target_never_places(monkeypatch, capsys):
+    """The RDU placement is an analysis for another target: a CPU compile does not run it."""
+    monkeypatch.setenv("FUSEC_DEBUG", "1")
+    graph = lower(parse_graph(SOURCE))
+    err = capsys.readouterr().err
+    assert "placement" not in graph.annotations and "placed/" not in err and "tiled/tile" in err
+    placed = lower(parse_graph(SOURCE), target="rdu")
+    assert "placement" in placed.annotations and "placed/place" in capsys.readouterr().err
+
+
+def test_unfused_and_weight_formats_are_stages_of_one_description(capsys, monkeypatch):
+    monkeypatch.setenv("FUSEC_DEBUG", "1")
+    lower(parse_graph(SOURCE), fuse=False, weights="bf16")
+    err = capsys.readouterr().err
+    assert "unfused/unfuse" in err and "weights/store_weights" in err and "fused/fuse " not in err
+    with pytest.raises(FusecError, match="unknown target 'gpu'"):
+        lower(parse_graph(SOURCE), target="gpu")

@@ -17,7 +17,7 @@ from fusec.machines import get_machine
 from fusec.models import load_model
 from fusec.placement import TIERS, Placement, Tensor, placement_of
 from fusec.tracing import trace
-from passes.pipeline import STAGES
+from passes.pipeline import STAGES, TARGETS
 from passes.place import partition, place, plan, proportional, verify_placement
 from passes.placement_memory import allocate
 
@@ -32,7 +32,7 @@ def traced():
 
 @pytest.fixture(scope="module")
 def graphs(traced):
-    return {"fused": lower(traced, fuse=True), "unfused": lower(traced, fuse=False)}
+    return {"fused": lower(traced, fuse=True, target="rdu"), "unfused": lower(traced, fuse=False, target="rdu")}
 
 
 @pytest.fixture(scope="module")
@@ -137,10 +137,11 @@ def test_place_keeps_the_nodes_and_a_second_run_changes_nothing(graphs):
     assert again == placed and placement_of(again) == placement_of(placed)
 
 
-def test_the_placed_stage_runs_after_tiled():
-    names = list(STAGES)
-    assert names.index("placed") == names.index("tiled") + 1
+def test_the_placed_stage_runs_after_tiled_for_the_rdu_only():
+    for target in ("rdu", "rdu-unfused"):
+        assert TARGETS[target][-2:] == ("tiled", "placed")
     assert [name for name, _ in STAGES["placed"]] == ["place"]
+    assert all("placed" not in TARGETS[t] for t in ("cpu", "cpu-unfused"))
 
 
 def test_the_pipeline_graph_carries_a_placement_for_sn40l(graphs):
@@ -148,9 +149,9 @@ def test_the_pipeline_graph_carries_a_placement_for_sn40l(graphs):
     assert isinstance(p, Placement) and p.machine.name == "sn40l" and p.seed == 0
 
 
-def test_a_graph_without_placement_says_how_to_get_one(graphs):
+def test_a_graph_without_placement_says_how_to_get_one(traced):
     with pytest.raises(FusecError, match="placed"):
-        placement_of(graphs["unfused"])
+        placement_of(lower(traced))  # the CPU target does not place
 
 
 def test_a_cpu_is_not_a_placement_target(graphs):
@@ -378,7 +379,8 @@ def test_cli_routes_the_placed_stage_and_the_drawing_formats(tmp_path, capsys):
 def test_a_placed_program_runs_in_section_order_and_matches_eager():
     module, inputs = load_model("llama-block")
     compiled = fusec.compile(module, inputs)
-    p = placement_of(compiled.graph)
+    assert "placement" not in compiled.graph.annotations  # a CPU compile does not place
+    p = plan(compiled.graph, "sn40l")
     assert [step.kernel for step in compiled.program.steps] == [k for s in p.sections for k in s.kernels]
     with torch.no_grad():
         want = module(*inputs)

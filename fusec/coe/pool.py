@@ -16,6 +16,7 @@ from typing import Any, Mapping
 from fusec.coe.experts import Architecture, ExpertError, FileExpert, as_expert, conform, nbytes, program_names
 from fusec.coe.store import Policy, WeightStore
 from fusec.generate import Generator, compile_generator
+from passes.place import plan
 
 
 class ArchitectureSlot:
@@ -61,6 +62,7 @@ class ExpertPool:
         # resident expert it pinned whenever they are not the ones bound.
         self._buffers: dict[str, Any] = {}
         self._spare = None
+        self._sram: dict = {}  # architecture -> modelled SRAM working set (see `tiers`)
         self._spare_lock = threading.Lock()
         self.switches, self.switch_seconds = 0, []
 
@@ -161,8 +163,9 @@ class ExpertPool:
         sections as placed on SN40L, stage buffers double-buffered; weights stream through it)."""
         sram = {}
         for arch, slot in self.slots.items():
-            placement = slot.generator.decode_program(1).graph.annotations.get("placement")
-            sram[str(arch)] = sram_working_set(placement) if placement is not None else None
+            if arch not in self._sram:  # placing the program on the chip is an analysis: done once, on request
+                self._sram[arch] = sram_working_set(plan(slot.generator.decode_program(1).graph, "sn40l"))
+            sram[str(arch)] = self._sram[arch]
         ddr = sum(getattr(e, "data_bytes", 0) or self.expert_bytes(n) for n, e in self.experts.items())
         return dict(ddr_bytes=ddr, hbm_bytes=self.store.hbm_bytes, hbm_resident_bytes=self.store.resident_bytes,
                     sram_bytes=sram)
