@@ -157,3 +157,26 @@ def test_unfused_and_weight_formats_are_stages_of_one_description(capsys, monkey
     assert "unfused/unfuse" in err and "weights/store_weights" in err and "fused/fuse " not in err
     with pytest.raises(FusecError, match="unknown target 'gpu'"):
         lower(parse_graph(SOURCE), target="gpu")
+
+
+def test_bf16_weights_with_a_torch_fallback_compile_and_match_eager():
+    """Once the CPU compile placed its program, and a program with fallbacks has no RDU placement."""
+    import torch
+
+    import fusec
+
+    class FloorAfterLinear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(64, 128)
+
+        def forward(self, x):
+            return torch.div(self.linear(x), 0.5, rounding_mode="floor")
+
+    module, x = FloorAfterLinear().eval(), torch.randn(4, 64)
+    compiled = fusec.compile(module, (x,), weights="bf16")
+    assert compiled.stats["torch_ops"] == 1
+    with torch.no_grad():
+        want = torch.div(torch.nn.functional.linear(x, module.linear.weight.bfloat16().float(),
+                                                    module.linear.bias), 0.5, rounding_mode="floor")
+    assert (compiled(x) - want).abs().max().item() <= 1.0  # floor may step at a rounding boundary
