@@ -33,6 +33,9 @@ def untrusted(path: str) -> str | None:
     uid = current_uid()
     if uid is None:
         return None
+    why = _symlinks(os.path.abspath(path), uid)
+    if why:
+        return why
     path = os.path.realpath(path)
     st = os.stat(path)
     if not stat.S_ISDIR(st.st_mode):
@@ -49,6 +52,23 @@ def untrusted(path: str) -> str | None:
         if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
             return f"{path} above it is writable by others (mode {st.st_mode & 0o7777:04o})"
         parent = os.path.dirname(path)
+    return None
+
+
+def _symlinks(path: str, uid: int) -> str | None:
+    """The directories checked are the real ones; a symbolic link on the way there must be one only this
+    user or root can change: owned by one of them, in a directory others cannot write (or sticky)."""
+    parts = path.split(os.sep)
+    for k in range(2, len(parts) + 1):
+        link = os.sep.join(parts[:k])
+        st = os.lstat(link)
+        if not stat.S_ISLNK(st.st_mode):
+            continue
+        if st.st_uid not in (uid, 0):
+            return f"the link {link} on its path is owned by uid {st.st_uid}, not by you (uid {uid}) or root"
+        above = os.stat(os.path.dirname(link))
+        if above.st_mode & 0o022 and not above.st_mode & stat.S_ISVTX:
+            return f"the link {link} on its path is in a directory writable by others"
     return None
 
 

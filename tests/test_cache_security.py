@@ -152,6 +152,24 @@ def test_directory_under_a_directory_others_can_write_is_refused(tmp_path, temp_
     assert program.module.__file__.startswith(str(temp_root))
 
 
+@pytest.mark.parametrize("owner", ["us", "other"])
+def test_link_to_the_directory_only_trusted_when_others_cannot_change_it(tmp_path, temp_root, monkeypatch, owner):
+    real, sticky = tmp_path / "real", tmp_path / "sticky"
+    real.mkdir(mode=0o700)
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)  # like /tmp: others cannot replace a link we own there
+    (sticky / "cache").symlink_to(real)
+    if owner == "other":
+        os.lchown(sticky / "cache", OTHER_UID, -1)
+    monkeypatch.setenv("FUSEC_CACHE_DIR", str(sticky / "cache"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        program = load_and_run()
+    refused = [w for w in caught if "link" in str(w.message) and "owned by uid" in str(w.message)]
+    assert bool(refused) == (owner == "other")
+    assert program.module.__file__.startswith(str(sticky / "cache")) == (owner == "us")
+
+
 def test_fallback_directory_created_by_another_user_is_refused(tmp_path, temp_root, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
