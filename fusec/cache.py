@@ -1,20 +1,31 @@
-"""The on-disk compile cache of the Numba backend: where it is, what its keys cover, and how it survives
-damage and concurrency.
+"""The on-disk compile cache of the Numba backend: where it is, what its keys cover, what it trusts, and
+how it survives damage and concurrency.
 
 One generated module per program, `fusec_gen_<key>.py`, where the key hashes the generated source (which
 holds the graph's ops, shapes, dtypes and options) with the versions of fusec, Numba, llvmlite, NumPy,
 torch and Python and the host CPU's name and features. Numba's own cache (`cache=True`) keeps the machine
-code beside it in `__pycache__/fusec_gen_<key>.<kernel>-<line>.pyXY.{nbi,nbc}`.
+code in `fusec_gen_<key>.<kernel>-<line>.pyXY.{nbi,nbc}`, in `__pycache__` beside it or wherever Numba's
+locators say (NUMBA_CACHE_DIR: `<it>/<dir name>_<hash of dir>/`; see `numba_dir`).
 
+- Trust: Numba's files are pickles, and loading a pickle runs the code it names. So a Numba file is
+  loaded only when it matches the checksum fusec recorded (`<name>.manifest.json`) after the kernels it
+  holds ran; fusec itself only hashes them, never unpickles one. A file with no record is deleted and compiled again
+  (quietly: an interrupted compile, one still running in another process, or a lost manifest leave such
+  files); a file whose checksum differs is damage (a warning). A record is evidence only when nobody else
+  could have written it: the cache directory, and Numba's, must be owned by this user and writable by no
+  one else, the directories above them too (or sticky), as ssh requires of ~/.ssh (`fusec.cache_trust`).
+  One that is not is refused with a warning naming it and why; a new one is created 0700.
 - Damage: before a module is used, its `.py` must equal the source it names and its Numba files must
-  match the checksums recorded after their first successful run (`<name>.manifest.json`), or, when not
-  recorded yet, unpickle cleanly. Anything else is discarded with a warning and rebuilt. The module is
-  executed from the verified source in memory, never from a `.pyc`.
-- Concurrency: the `.py` is written once, under an advisory file lock, through a temporary file and
-  `os.replace`; Numba writes its files the same way, so processes compiling the same program at once
-  each see either no file or a whole one.
-- An unwritable directory: the cache moves to a per-user temporary directory, and when that fails too,
-  programs compile in memory without Numba's cache; each with a warning.
+  match their checksums; anything else is discarded (with a warning) and rebuilt. The module is executed
+  from the verified source in memory, never from a `.pyc`.
+- Concurrency: the `.py` is written once, under an advisory file lock (0600, taken within
+  `cache_trust.LOCK_TIMEOUT` or given up: a warning and an in-memory compile), through a temporary file
+  and `os.replace`; Numba writes its files the same way, so processes compiling the same program at once
+  each see either no file or a whole one. Threads of one process build a module once, and see it only
+  once whole.
+- A directory that cannot be used: the cache moves to a per-user temporary directory
+  (`<tmp>/fusec-<uid>`, under the same rules), and when that cannot be used either, programs compile in
+  memory without Numba's cache; each with a warning.
 """
 from __future__ import annotations
 
@@ -167,7 +178,7 @@ def purge(directory: str, ndir: str, name: str, function: str = "*", source: boo
 
 def verify_numba_files(directory: str, ndir: str, name: str) -> bool:
     """Keep Numba's files of `name` only when every one matches the checksum recorded after its kernels
-    ran. A file is never read otherwise (they are pickles: loading runs code): a mismatch is damage,
+    ran; none is unpickled to check it (they are pickles: loading runs code). A mismatch is damage,
     discarded with a warning; files with no record (a compile interrupted before its first run, or
     still running in another process, or a lost manifest) are discarded quietly and compiled again.
     Returns whether they were kept."""
