@@ -9,9 +9,9 @@ locators say (NUMBA_CACHE_DIR: `<it>/<dir name>_<hash of dir>/`; see `numba_dir`
 
 - Trust: Numba's files are pickles, and loading a pickle runs the code it names. So a Numba file is
   loaded only when it matches the checksum fusec recorded (`<name>.manifest.json`) after the kernels it
-  holds ran; fusec itself only hashes them, never unpickles one. A file with no record is deleted and compiled again
-  (quietly: an interrupted compile, one still running in another process, or a lost manifest leave such
-  files); a file whose checksum differs is damage (a warning). A record is evidence only when nobody else
+  holds ran; fusec itself only hashes them, never unpickles one. A file with no record is deleted and
+  compiled again (quietly: an interrupted compile, one still running in another process, or a lost
+  manifest leave such files); a file whose checksum differs is damage (a warning). A record is evidence only when nobody else
   could have written it: the cache directory, and Numba's, must be owned by this user and writable by no
   one else, the directories above them too (or sticky), as ssh requires of ~/.ssh (`fusec.cache_trust`).
   One that is not is refused with a warning naming it and why; a new one is created 0700.
