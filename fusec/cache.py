@@ -11,10 +11,11 @@ locators say (NUMBA_CACHE_DIR: `<it>/<dir name>_<hash of dir>/`; see `numba_dir`
   loaded only when it matches the checksum fusec recorded (`<name>.manifest.json`) after the kernels it
   holds ran; fusec itself only hashes them, never unpickles one. A file with no record is deleted and
   compiled again (quietly: an interrupted compile, one still running in another process, or a lost
-  manifest leave such files); a file whose checksum differs is damage (a warning). A record is evidence only when nobody else
-  could have written it: the cache directory, and Numba's, must be owned by this user and writable by no
-  one else, the directories above them too (or sticky), as ssh requires of ~/.ssh (`fusec.cache_trust`).
-  One that is not is refused with a warning naming it and why; a new one is created 0700.
+  manifest leave such files); a file whose checksum differs is damage (a warning). A record is evidence
+  only when nobody else could have written it: the cache directory, and Numba's, must be owned by this
+  user and writable by no one else, the directories above them too (or sticky), as ssh requires of
+  ~/.ssh (`fusec.cache_trust`). One that is not is refused with a warning naming it and why; a new one
+  is created 0700.
 - Damage: before a module is used, its `.py` must equal the source it names and its Numba files must
   match their checksums; anything else is discarded (with a warning) and rebuilt. The module is executed
   from the verified source in memory, never from a `.pyc`.
