@@ -1,20 +1,32 @@
-"""The on-disk compile cache of the Numba backend: where it is, what its keys cover, and how it survives
-damage and concurrency.
+"""The on-disk compile cache of the Numba backend: where it is, what its keys cover, what it trusts, and
+how it survives damage and concurrency.
 
 One generated module per program, `fusec_gen_<key>.py`, where the key hashes the generated source (which
 holds the graph's ops, shapes, dtypes and options) with the versions of fusec, Numba, llvmlite, NumPy,
 torch and Python and the host CPU's name and features. Numba's own cache (`cache=True`) keeps the machine
-code beside it in `__pycache__/fusec_gen_<key>.<kernel>-<line>.pyXY.{nbi,nbc}`.
+code in `fusec_gen_<key>.<kernel>-<line>.pyXY.{nbi,nbc}`, in `__pycache__` beside it or wherever Numba's
+locators say (NUMBA_CACHE_DIR: `<it>/<dir name>_<hash of dir>/`; see `numba_dir`).
 
+- Trust: Numba's files are pickles, and loading a pickle runs the code it names. So a Numba file is
+  loaded only when it matches the checksum fusec recorded (`<name>.manifest.json`) after the kernels it
+  holds ran; fusec itself only hashes them, never unpickles one. A file with no record is deleted and
+  compiled again (quietly: an interrupted compile, one still running in another process, or a lost
+  manifest leave such files); a file whose checksum differs is damage (a warning). A record is evidence
+  only when nobody else could have written it: the cache directory, and Numba's, must be owned by this
+  user and writable by no one else, the directories above them too (or sticky), as ssh requires of
+  ~/.ssh (`fusec.cache_trust`). One that is not is refused with a warning naming it and why; a new one
+  is created 0700.
 - Damage: before a module is used, its `.py` must equal the source it names and its Numba files must
-  match the checksums recorded after their first successful run (`<name>.manifest.json`), or, when not
-  recorded yet, unpickle cleanly. Anything else is discarded with a warning and rebuilt. The module is
-  executed from the verified source in memory, never from a `.pyc`.
-- Concurrency: the `.py` is written once, under an advisory file lock, through a temporary file and
-  `os.replace`; Numba writes its files the same way, so processes compiling the same program at once
-  each see either no file or a whole one.
-- An unwritable directory: the cache moves to a per-user temporary directory, and when that fails too,
-  programs compile in memory without Numba's cache; each with a warning.
+  match their checksums; anything else is discarded (with a warning) and rebuilt. The module is executed
+  from the verified source in memory, never from a `.pyc`.
+- Concurrency: the `.py` is written once, under an advisory file lock (0600, taken within
+  `cache_trust.LOCK_TIMEOUT` or given up: a warning and an in-memory compile), through a temporary file
+  and `os.replace`; Numba writes its files the same way, so processes compiling the same program at once
+  each see either no file or a whole one. Threads of one process build a module once, and see it only
+  once whole.
+- A directory that cannot be used: the cache moves to a per-user temporary directory
+  (`<tmp>/fusec-<uid>`, under the same rules), and when that cannot be used either, programs compile in
+  memory without Numba's cache; each with a warning.
 """
 from __future__ import annotations
 
@@ -24,14 +36,15 @@ import glob
 import hashlib
 import json
 import os
-import pickle
 import sys
 import tempfile
+import threading
 import types
 import warnings
 
+from fusec.cache_trust import LOCK_NAME, CacheLocked, locked, unusable, untrusted
+
 PREFIX = "fusec_gen_"
-LOCK_NAME = ".fusec.lock"
 
 
 def default_dir() -> str:
@@ -39,29 +52,32 @@ def default_dir() -> str:
     return os.environ.get("FUSEC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fusec")
 
 
-def _writable(path: str) -> bool:
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path):
-            pass
-        return True
-    except OSError:
-        return False
+def _fallback() -> str:
+    return os.path.join(tempfile.gettempdir(), f"fusec-{os.getuid() if hasattr(os, 'getuid') else 'user'}")
+
+
+def choose_dir() -> tuple[str | None, list[str]]:
+    """The cache directory in use and why the ones before it were not: the configured one, else a
+    per-user temporary one, else None (compile in memory). Each must be writable and trusted
+    (`fusec.cache_trust`); a missing one is created private (0700)."""
+    refused = []
+    for path in (default_dir(), _fallback()):
+        why = unusable(path)
+        if why is None:
+            return path, refused
+        refused.append(f"{path}: {why}")
+    return None, refused
 
 
 def writable_dir() -> str | None:
-    """The cache directory to use: the configured one when writable, else a per-user temporary one
-    (with a warning), else None: compile in memory (with a warning)."""
-    path = default_dir()
-    if _writable(path):
-        return path
-    fallback = os.path.join(tempfile.gettempdir(), f"fusec-{os.getuid()}")
-    if _writable(fallback):
-        warnings.warn(f"fusec: cache directory {path} is not writable; using {fallback}", stacklevel=3)
-        return fallback
-    warnings.warn(f"fusec: neither {path} nor {fallback} is writable; compiling in memory, without a "
-                  "compile cache", stacklevel=3)
-    return None
+    """The cache directory to use (`choose_dir`), warning when it is not the configured one."""
+    path, refused = choose_dir()
+    if refused and path is not None:
+        warnings.warn(f"fusec: not using the cache directory {refused[0]}; using {path}", stacklevel=3)
+    elif path is None:
+        warnings.warn(f"fusec: no usable compile cache directory ({'; '.join(refused)}); compiling in memory, "
+                      "without a compile cache", stacklevel=3)
+    return path
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,22 +118,6 @@ def module_name(source: str) -> str:
     return PREFIX + digest
 
 
-@contextlib.contextmanager
-def locked(directory: str):
-    """An advisory lock on the cache directory (fcntl; a no-op where that does not exist)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    with open(os.path.join(directory, LOCK_NAME), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _write_atomic(path: str, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
     try:
@@ -132,9 +132,24 @@ def _write_atomic(path: str, data: bytes) -> None:
 
 # --- Numba's files -------------------------------------------------------------------------------------
 
-def numba_files(directory: str, name: str, function: str = "*") -> list[str]:
-    """Numba's index and data files for module `name` (one kernel function, or all)."""
-    base = os.path.join(directory, "__pycache__", f"{name}.{function}-")
+def numba_dir(py_file: str) -> str | None:
+    """Where Numba keeps the cache files of functions defined in files beside the existing `py_file`,
+    asked of Numba's own locators: NUMBA_CACHE_DIR (`<it>/<dir name>_<hash of dir>`), `__pycache__`, or
+    Numba's per-user directory when that is not writable. None when Numba cannot cache them."""
+    from numba.core.caching import CompileResultCacheImpl
+
+    def probe():
+        pass
+    probe.__code__ = probe.__code__.replace(co_filename=py_file)
+    try:
+        return CompileResultCacheImpl(probe).locator.get_cache_path()
+    except RuntimeError:  # no locator found
+        return None
+
+
+def numba_files(ndir: str, name: str, function: str = "*") -> list[str]:
+    """Numba's index and data files for module `name` in `ndir` (one kernel function, or all)."""
+    base = os.path.join(ndir, f"{name}.{function}-")
     return sorted(glob.glob(base + "*.nbi") + glob.glob(base + "*.nbc"))
 
 
@@ -147,26 +162,9 @@ def _sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def _unpickles(path: str) -> bool:
-    """A structural check of one Numba file: an index is a pickled version then a pickled pair; a data
-    file is one pickle."""
-    try:
-        with open(path, "rb") as f:
-            if path.endswith(".nbi"):
-                pickle.load(f)
-                stamp, overloads = pickle.loads(f.read())
-                return isinstance(overloads, dict)
-            pickle.loads(f.read())
-            return True
-    except FileNotFoundError:
-        return True  # removed meanwhile: Numba recompiles
-    except Exception:
-        return False
-
-
-def purge(directory: str, name: str, function: str = "*", source: bool = False) -> int:
+def purge(directory: str, ndir: str, name: str, function: str = "*", source: bool = False) -> int:
     """Remove Numba's files of module `name` (and its manifest; with `source`, the `.py` too)."""
-    paths = numba_files(directory, name, function)
+    paths = numba_files(ndir, name, function)
     paths.append(_manifest_path(directory, name))
     paths += glob.glob(os.path.join(directory, "__pycache__", f"{name}.*.pyc"))
     if source:
@@ -179,9 +177,12 @@ def purge(directory: str, name: str, function: str = "*", source: bool = False) 
     return removed
 
 
-def verify_numba_files(directory: str, name: str) -> bool:
-    """Check Numba's files of `name` against the manifest (or unpickle them when unrecorded); on a bad
-    file, discard all of the module's Numba files with a warning. Returns whether they were kept."""
+def verify_numba_files(directory: str, ndir: str, name: str) -> bool:
+    """Keep Numba's files of `name` only when every one matches the checksum recorded after its kernels
+    ran; none is unpickled to check it (they are pickles: loading runs code). A mismatch is damage,
+    discarded with a warning; files with no record (a compile interrupted before its first run, or
+    still running in another process, or a lost manifest) are discarded quietly and compiled again.
+    Returns whether they were kept."""
     try:
         with open(_manifest_path(directory, name)) as f:
             recorded = json.load(f)
@@ -190,74 +191,103 @@ def verify_numba_files(directory: str, name: str) -> bool:
     except FileNotFoundError:
         recorded = {}
     except (OSError, ValueError) as e:
-        return _discard(directory, name, f"its manifest is unreadable ({e})")
-    for path in numba_files(directory, name):
+        return _discard(directory, ndir, name, f"its manifest is unreadable ({e})")
+    present = numba_files(ndir, name)
+    for path in present:
         want = recorded.get(os.path.basename(path))
         try:
-            bad = (_sha256(path) != want) if want else not _unpickles(path)
+            if want is not None and _sha256(path) != want:
+                return _discard(directory, ndir, name, f"{os.path.basename(path)} is truncated or corrupted")
         except FileNotFoundError:
             continue
-        if bad:
-            return _discard(directory, name, f"{os.path.basename(path)} is truncated or corrupted")
+    if any(os.path.basename(p) not in recorded for p in present):
+        purge(directory, ndir, name)
+        return False
     return True
 
 
-def _discard(directory: str, name: str, why: str) -> bool:
-    warnings.warn(f"fusec: the compile cache of {name} in {directory} is damaged ({why}); discarding it "
-                  "and compiling again", stacklevel=4)
-    purge(directory, name)
+def _discard(directory: str, ndir: str, name: str, why: str) -> bool:
+    warnings.warn(f"fusec: the compile cache of {name} in {ndir} is damaged ({why}); discarding it "
+                  "and compiling again", stacklevel=5)
+    purge(directory, ndir, name)
     return False
 
 
-def record_manifest(directory: str, name: str) -> None:
+def record_manifest(directory: str, ndir: str, name: str) -> None:
     """Record the checksums of Numba's files of `name`, after a run that used them succeeded."""
     try:
         with locked(directory):
-            sums = {os.path.basename(p): _sha256(p) for p in numba_files(directory, name)}
+            sums = {os.path.basename(p): _sha256(p) for p in numba_files(ndir, name)}
             _write_atomic(_manifest_path(directory, name), json.dumps(sums, indent=1).encode())
     except OSError:
-        pass  # an unrecorded cache is still checked structurally
+        pass  # unrecorded files are compiled again by the next process
 
 
 # --- loading a generated module -------------------------------------------------------------------------
 
+_name_locks_lock = threading.Lock()
+_name_locks: dict[str, threading.Lock] = {}
+
+
 def load_source(source: str) -> types.ModuleType:
     """The module for generated `source`: from this process, from the cache (verified, rebuilt when
-    damaged), or compiled in memory when no cache directory is writable."""
+    damaged), or compiled in memory when no cache directory can be used. Threads asking for the same
+    module at once build it once; it is in `sys.modules` only once whole."""
     name = module_name(source)
-    if name in sys.modules:
-        return sys.modules[name]
-    directory = writable_dir()
-    path = None
-    if directory is not None:
-        try:
-            path = os.path.join(directory, name + ".py")
-            with locked(directory):
-                _ensure_source(directory, name, path, source)
-                verify_numba_files(directory, name)
-        except OSError as e:
-            warnings.warn(f"fusec: cannot write the compile cache in {directory} ({e}); compiling in memory",
-                          stacklevel=3)
-            path = None
-    module = types.ModuleType(name)
-    if path is None:  # no file for Numba to key its cache on
-        source = source.replace("cache=True", "cache=False")
-        module.__file__ = f"<fusec {name}>"
-    else:
-        module.__file__ = path
-    module.__fusec_cache__ = (directory, name) if path else None
-    code = compile(source, module.__file__, "exec")  # the verified text, never a .pyc
-    sys.modules[name] = module
-    try:
-        exec(code, module.__dict__)
-    except BaseException:
-        del sys.modules[name]
-        raise
+    module = sys.modules.get(name)
+    if module is None:
+        with _name_locks_lock:
+            lock = _name_locks.setdefault(name, threading.Lock())
+        with lock:
+            module = sys.modules.get(name)
+            if module is None:
+                module = _build(name, source)
+                sys.modules[name] = module
     return module
 
 
-def _ensure_source(directory: str, name: str, path: str, source: str) -> None:
-    """Write `source` at `path` unless the file already holds exactly it; a differing file is damage."""
+def _build(name: str, source: str) -> types.ModuleType:
+    where = _cache_place(name, source)
+    module = types.ModuleType(name)
+    if where is None:  # no file for Numba to key its cache on
+        source = source.replace("cache=True", "cache=False")
+        module.__file__ = f"<fusec {name}>"
+    else:
+        module.__file__ = os.path.join(where[0], name + ".py")
+    module.__fusec_cache__ = (*where, name) if where else None
+    exec(compile(source, module.__file__, "exec"), module.__dict__)  # the verified text, never a .pyc
+    return module
+
+
+def _cache_place(name: str, source: str) -> tuple[str, str] | None:
+    """(cache directory, Numba's directory) holding `name`'s verified source and Numba files, or None
+    (with a warning) to compile in memory."""
+    directory = writable_dir()
+    if directory is None:
+        return None
+    try:
+        with locked(directory):
+            os.makedirs(os.path.join(directory, "__pycache__"), mode=0o700, exist_ok=True)
+            ndir = numba_dir(os.path.join(directory, LOCK_NAME))  # any file there: Numba keys on its directory
+            why = "Numba cannot cache there" if ndir is None else untrusted(ndir)
+            if why:
+                warnings.warn(f"fusec: not using Numba's cache directory {ndir} for {directory}: {why}; "
+                              "compiling in memory", stacklevel=5)
+                return None
+            _ensure_source(directory, ndir, name, source)
+            verify_numba_files(directory, ndir, name)
+        return directory, ndir
+    except CacheLocked as e:
+        warnings.warn(f"fusec: {e}; compiling in memory", stacklevel=5)
+    except OSError as e:
+        warnings.warn(f"fusec: cannot write the compile cache in {directory} ({e}); compiling in memory",
+                      stacklevel=5)
+    return None
+
+
+def _ensure_source(directory: str, ndir: str, name: str, source: str) -> None:
+    """Write `source` as `name`.py unless the file already holds exactly it; a differing file is damage."""
+    path = os.path.join(directory, name + ".py")
     try:
         with open(path, encoding="utf-8") as f:
             if f.read() == source:
@@ -269,8 +299,8 @@ def _ensure_source(directory: str, name: str, path: str, source: str) -> None:
         damaged = True
     if damaged:
         warnings.warn(f"fusec: the cached module {path} is truncated or corrupted; writing it again and "
-                      "discarding its compiled code", stacklevel=4)
-    purge(directory, name)  # Numba files of an older or damaged .py are stale
+                      "discarding its compiled code", stacklevel=6)
+    purge(directory, ndir, name)  # Numba files of an older or damaged .py are stale
     _write_atomic(path, source.encode("utf-8"))
 
 
@@ -278,11 +308,11 @@ def recover(module: types.ModuleType, function: str, error: BaseException) -> bo
     """After kernel `function` of `module` failed on its first call: if Numba has cache files for it
     (a damaged cache can fail while loading), discard them with a warning and return True (retry)."""
     where = getattr(module, "__fusec_cache__", None)
-    if not where or not numba_files(where[0], where[1], function):
+    if not where or not numba_files(where[1], where[2], function):
         return False
-    warnings.warn(f"fusec: loading the cached code of {function} in {where[1]} failed "
+    warnings.warn(f"fusec: loading the cached code of {function} in {where[2]} failed "
                   f"({type(error).__name__}: {error}); discarding it and compiling again", stacklevel=3)
-    purge(where[0], where[1], function)
+    purge(*where, function)
     return True
 
 
@@ -295,33 +325,49 @@ def recorded(module: types.ModuleType) -> None:
 
 # --- the `fusec cache` command ------------------------------------------------------------------------
 
+def _numba_dirs(directory: str) -> list[str]:
+    """Where Numba's files of the programs in `directory` may be: `__pycache__`, and where Numba puts
+    them now (NUMBA_CACHE_DIR)."""
+    dirs = [os.path.join(directory, "__pycache__")]
+    lock = os.path.join(directory, LOCK_NAME)
+    ndir = numba_dir(lock) if os.path.exists(lock) else None
+    return dirs + [ndir] if ndir and os.path.realpath(ndir) != os.path.realpath(dirs[0]) else dirs
+
+
 def _entries(directory: str) -> list[str]:
     files = glob.glob(os.path.join(directory, PREFIX + "*"))
-    files += glob.glob(os.path.join(directory, "__pycache__", PREFIX + "*"))
+    for ndir in _numba_dirs(directory):
+        files += glob.glob(os.path.join(ndir, PREFIX + "*"))
     return [f for f in files if os.path.isfile(f)]
 
 
 def info(directory: str | None = None) -> dict:
-    """The cache directory, the number of cached programs and their total size (Numba's files included)."""
-    directory = directory or default_dir()
-    files = _entries(directory) if os.path.isdir(directory) else []
+    """The cache directory in use (and why others were not used), Numba's directories, the number of
+    cached programs and their total size (Numba's files included)."""
+    refused: list[str] = []
+    if directory is None:
+        directory, refused = choose_dir()
+    if directory is None or not os.path.isdir(directory):
+        return {"dir": directory, "refused": refused, "numba_dirs": [], "programs": 0, "compiled": 0, "files": 0,
+                "bytes": 0}
+    files = _entries(directory)
     programs = [f for f in files if os.path.dirname(f) == directory and f.endswith(".py")]
     compiled = {os.path.basename(f).split(".")[0] for f in files if f.endswith(".nbi")}
     size = 0
     for f in files:
         with contextlib.suppress(OSError):
             size += os.path.getsize(f)
-    return {"dir": directory, "programs": len(programs), "compiled": len(compiled), "files": len(files),
-            "bytes": size}
+    return {"dir": directory, "refused": refused, "numba_dirs": _numba_dirs(directory), "programs": len(programs),
+            "compiled": len(compiled), "files": len(files), "bytes": size}
 
 
 def clear(directory: str | None = None) -> dict:
-    """Remove every cached program (and Numba's files of them); returns what was removed."""
-    directory = directory or default_dir()
+    """Remove every cached program (and Numba's files of them) from the directory in use; returns what
+    was removed."""
     before = info(directory)
-    if os.path.isdir(directory):
-        with locked(directory):
-            for f in _entries(directory):
+    if before["files"]:
+        with locked(before["dir"]):
+            for f in _entries(before["dir"]):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(f)
     return before

@@ -193,8 +193,13 @@ def _debug_command(args) -> int:
         from fusec import cache
         result = cache.info() if args.action == "info" else cache.clear()
         verb = "" if args.action == "info" else "removed "
-        print(f"cache dir  {result['dir']}\n{verb}programs   {result['programs']} ({result['compiled']} "
-              f"with compiled code)\n{verb}size       {result['bytes'] / 2**20:.1f} MiB in {result['files']} files")
+        print(f"cache dir  {result['dir'] or 'none: programs compile in memory'}")
+        for refused in result["refused"]:  # the directories not used, and why
+            print(f"           (not {refused})")
+        for ndir in result["numba_dirs"][1:]:
+            print(f"numba dir  {ndir} (NUMBA_CACHE_DIR)")
+        print(f"{verb}programs   {result['programs']} ({result['compiled']} with compiled code)\n"
+              f"{verb}size       {result['bytes'] / 2**20:.1f} MiB in {result['files']} files")
         return 0
     from fusec.models import load_model
     module, inputs = load_model(args.model, seq_len=args.seq_len)

@@ -111,17 +111,19 @@ def test_damaged_numba_cache_is_discarded_with_a_warning(cache_dir, which, damag
         ctx.__exit__(None, None, None)
 
 
-def test_unrecorded_damaged_file_is_found_by_unpickling(cache_dir):
+def test_unrecorded_file_is_discarded_unread(cache_dir, monkeypatch):
     first = load_and_run()
     os.unlink(cache_dir / f"{first.module.__name__}.manifest.json")
     files(cache_dir, ".nbc")[0].write_bytes(b"not a pickle")
-    with pytest.warns(UserWarning, match="damaged"):
-        load_and_run()
+    read = []
+    monkeypatch.setattr(cache, "_sha256", lambda path: read.append(path))
+    assert not cache.verify_numba_files(str(cache_dir), str(cache_dir / "__pycache__"), first.module.__name__)
+    assert not read and not files(cache_dir, ".nbc") and not files(cache_dir, ".nbi")
 
 
 def test_failure_loading_cached_code_is_repaired_on_first_call(cache_dir, monkeypatch):
     load_and_run()
-    monkeypatch.setattr(cache, "verify_numba_files", lambda directory, name: True)  # let the damage through
+    monkeypatch.setattr(cache, "verify_numba_files", lambda *where: True)  # let the damage through
     for path in files(cache_dir, ".nbi"):
         path.write_bytes(path.read_bytes()[:40])
     with pytest.warns(UserWarning, match="loading the cached code"):
@@ -161,6 +163,7 @@ def test_unwritable_directory_falls_back_to_temp_then_memory(tmp_path, monkeypat
     with pytest.warns(UserWarning, match="not writable"):
         program = load_and_run()
     assert program.module.__file__.startswith(str(tmp_path / "tmp"))
+    assert os.stat(tmp_path / "tmp" / f"fusec-{os.getuid()}").st_mode & 0o777 == 0o700
     monkeypatch.setattr(cache.tempfile, "gettempdir", lambda: str(blocker / "tmp"))
     with pytest.warns(UserWarning, match="in memory"):
         program = load_and_run()

@@ -38,8 +38,9 @@ FASTMATH = {FASTMATH}
 
 
 def cache_dir() -> str | None:
-    """The compile cache directory: FUSEC_CACHE_DIR (default ~/.cache/fusec), a temporary one when that is
-    not writable, None when nothing is (see `fusec.cache`)."""
+    """The compile cache directory: FUSEC_CACHE_DIR (default ~/.cache/fusec), a per-user temporary one when
+    that is not writable or not trusted (others can write or own it), None when neither can be used
+    (see `fusec.cache`)."""
     from fusec.cache import writable_dir
     return writable_dir()
 
