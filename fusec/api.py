@@ -44,13 +44,30 @@ class Specialization:
     source: str = ""
     stats: dict | None = None
     program: Any = None  # the numba Program (None on the reference backend)
+    follow: Any = None   # fusec.binding.Follow: the module's parameters, rebound when replaced; None once bound
 
     @property
     def signature(self) -> str:
         return ", ".join(f"{n}: {t}" for n, t in zip(self.traced.input_names, self.graph.input_types))
 
     def bind_weights(self, tensors: Any) -> None:
-        """Run on `tensors` ({parameter name: tensor}) instead of the compiled-in weights; no recompile."""
+        """Run on `tensors` ({parameter name: tensor}) instead of the module's weights from now on (they no
+        longer follow the module's parameters); no recompile."""
+        follow = self.follow
+        if follow is None:
+            self._bind(tensors)
+            return
+        with follow.lock:  # not while a call rebinds the module's own
+            self.follow = None
+            self._bind(tensors)
+
+    def follow_module(self) -> None:
+        """Rebind the module's parameters if they were replaced since the last call (see `Follow`)."""
+        follow = self.follow
+        if follow is not None and follow.changed():
+            follow.refresh(self.graph, lambda tensors: self.follow is follow and self._bind(tensors))
+
+    def _bind(self, tensors: Any) -> None:
         if self.program is not None:
             self.program.bind_weights(tensors)
             return
@@ -60,6 +77,7 @@ class Specialization:
         self.run = compile_graph(self.graph)
 
     def call(self, leaves: list) -> Any:
+        self.follow_module()
         outs = self.run([_array(x) for x in leaves if isinstance(x, torch.Tensor)])
         # the numba program already returns arrays it allocated for this call (Program._output); the
         # reference backend may return views of weights or inputs, so those are copied
@@ -127,6 +145,7 @@ class CompiledModule:
     def run_arrays(self, arrays: list) -> list:
         """The example inputs' program on NumPy arrays of exactly its signature: no guards, no torch
         conversions (the generator's decode loop builds its inputs itself); index bounds are still checked."""
+        self._first.follow_module()
         return self._first.run(arrays)
 
     def weight_types(self) -> dict:
@@ -343,6 +362,8 @@ def build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options) 
         finally:
             progress.close()
         stats["compile_seconds"] = time.perf_counter() - start
+    from fusec.binding import Follow, weight_types
+    spec.follow = Follow(module, list(weight_types(graph)))
     if dump:
         dump.write("numba.py", spec.source or "# reference backend: no generated code")
         dump.summary(summary(spec, options))

@@ -7,7 +7,9 @@ Constant subgraphs (masks from `arange`/comparisons, rotary tables from buffers 
 are evaluated here with torch on their real values and enter the IR as constants, so any ATen op may
 appear in them. An op that depends on an input and has no lowering (or whose lowering rejects its
 arguments) becomes an `extern` node run by PyTorch (`fusec.fallback`); with `strict=True` it raises
-`UnsupportedOpError` instead. Parameters become `param` nodes referring to the module's own tensors.
+`UnsupportedOpError` instead. Parameters become `param` nodes referring to the module's own tensors
+(the program follows them, `fusec.binding.Follow`); buffers and constant tensors are copied when traced, so
+the program keeps their traced values and never reads the module's memory for them.
 """
 from __future__ import annotations
 
@@ -123,7 +125,9 @@ def lower_program(program, module: torch.nn.Module, strict: bool = False) -> Tra
             ttype = TensorType(tuple(tensor.shape), from_torch(tensor.dtype))
             env[node] = TV(b.add("param", (), {"name": spec.target}, ttype))
         elif spec.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
-            env[node] = state[spec.target]  # a constant: folded where used
+            # a constant: folded where used. A copy, so that the program never reads the module's own
+            # memory (share_memory() frees it), and a buffer keeps its value as traced
+            env[node] = state[spec.target].detach().clone()
         else:
             raise UnsupportedOpError(f"input kind {spec.kind.name}", node.name)
     for node in program.graph.nodes:
