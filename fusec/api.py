@@ -19,7 +19,7 @@ import torch.utils._pytree as pytree
 from fusec.debug import DebugDump, Progress, debug
 from fusec.dtypes import to_torch
 from fusec.errors import FusecError
-from fusec.guards import describe_leaves, parse_dynamic, signature_key
+from fusec.guards import describe_leaves, parse_dynamic, same_constant, signature_key
 from fusec.ir import Graph, TensorType
 
 BACKENDS = ("numba", "reference")
@@ -83,6 +83,10 @@ class Specialization:
         # reference backend may return views of weights or inputs, so those are copied
         owned = self.program is not None
         tensors = [torch.from_numpy(o if owned else np.array(o)) for o in outs]
+        constants = self.traced.output_constants
+        if constants:  # non-tensor outputs (None, numbers) are the traced constants, as eager returns them
+            it = iter(tensors)
+            tensors = [constants[k] if k in constants else next(it) for k in range(len(outs) + len(constants))]
         return pytree.tree_unflatten(tensors, self.traced.out_spec)
 
 
@@ -112,6 +116,7 @@ class CompiledModule:
         self._programs: dict[tuple, Specialization] = {key: first}
         self._lock = threading.Lock()
         self._warned = False
+        self._kwarg_order = _kwarg_order(first.traced.in_spec)
 
     # -- the program of the example inputs ----------------------------------------------------------------
     @property
@@ -184,6 +189,8 @@ class CompiledModule:
 
     # -- calls --------------------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
+        if len(kwargs) > 1 and tuple(kwargs) != self._kwarg_order and set(kwargs) == set(self._kwarg_order):
+            kwargs = {k: kwargs[k] for k in self._kwarg_order}  # keywords in any order, as in Python
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key = signature_key(leaves, spec)
         program = self._programs.get(key)
@@ -199,10 +206,12 @@ class CompiledModule:
         dynamic dimensions or (recompile=True) a new signature, None past the limit; else raise."""
         error, fatal = self._mismatch(args, kwargs, leaves, spec)
         if error is None and not self._dynamic_change(leaves):
-            self._programs[key] = self._first  # equal constants of another type (1 and 1.0)
+            self._programs[key] = self._first  # a key that differs where the guards do not (NaN != NaN)
             return self._first
         if fatal or (error is not None and not self.recompile):
             raise error
+        if any(isinstance(x, torch.Tensor) and x.numel() == 0 for x in leaves):
+            return None  # an empty batch: eager gives its (empty) result; no program is compiled for it
         with self._lock:
             program = self._programs.get(key)
             if program is not None:
@@ -250,9 +259,10 @@ class CompiledModule:
                 if found[0] is not None:
                     return found
                 index += 1
-            elif leaf != want:
-                return ValueError(f"compiled {self.name} was traced with the constant {want!r} for this "
-                                  f"argument; got {leaf!r} (compile again for another value, or pass "
+            elif not same_constant(leaf, want):
+                return ValueError(f"compiled {self.name} was traced with the constant {want!r} "
+                                  f"({type(want).__name__}) for this argument; got {leaf!r} "
+                                  f"({type(leaf).__name__}) (compile again for another value, or pass "
                                   f"recompile=True)"), False
         return None, False
 
@@ -288,6 +298,15 @@ class CompiledModule:
     def __repr__(self) -> str:
         more = f", {len(self._programs) - 1} more signature(s)" if len(self._programs) > 1 else ""
         return f"<fusec compiled {self.name} backend={self.backend} ({self._signature()}){more}>"
+
+
+def _kwarg_order(in_spec: Any) -> tuple:
+    """The keyword arguments' names in the order of the traced call (the pytree spec of (args, kwargs))."""
+    try:
+        kwargs = in_spec.children_specs[1]
+        return tuple(kwargs.context) if kwargs.type is dict else ()
+    except (AttributeError, IndexError, TypeError):
+        return ()
 
 
 def _describe(args: tuple, kwargs: dict) -> str:
@@ -329,6 +348,12 @@ def compile(module: torch.nn.Module, example_inputs: Any = (), example_kwargs: d
     if weights not in FORMATS:
         raise ValueError(f"unknown weight format {weights!r}; expected one of {', '.join(FORMATS)}")
     options = Options(backend, fuse, strict, weights)
+    tensors = [x for x in pytree.tree_leaves((example_inputs, example_kwargs or {})) if isinstance(x, torch.Tensor)]
+    empty = next((i for i, x in enumerate(tensors) if x.numel() == 0), None)
+    if empty is not None:
+        raise ValueError(f"fusec.compile needs non-empty example inputs; input {empty} has shape "
+                         f"{list(tensors[empty].shape)}. Compile with a non-empty example (calls with an "
+                         f"empty batch, in a dynamic dimension, then run in PyTorch eager)")
     first = build(module, example_inputs, example_kwargs or {}, options)
     key = signature_key(*pytree.tree_flatten((example_inputs, example_kwargs or {})))
     return CompiledModule(module, first, options, key, dynamic, recompile, cache_limit)

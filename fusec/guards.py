@@ -43,6 +43,18 @@ def leaf_key(x: Any) -> tuple:
         return ("value", type(x).__name__, repr(x))
 
 
+def same_constant(given: Any, traced: Any) -> bool:
+    """Whether a non-tensor argument equals the constant a program was traced with: same type and value
+    (True, 1 and 1.0 compare equal but trace differently: `x[True]` adds a dimension, `x.long() * 2.0` is
+    float); NaN matches NaN."""
+    if type(given) is not type(traced):
+        return False
+    try:
+        return bool(given == traced) or (given != given and traced != traced)
+    except Exception:  # a value whose == is not a truth value
+        return given is traced
+
+
 def signature_key(leaves: list, spec: Any) -> tuple:
     return (spec, tuple(leaf_key(x) for x in leaves))
 

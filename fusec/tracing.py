@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import operator
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,6 +44,7 @@ class Traced:
     input_leaves: list     # per flat input leaf: "tensor" or the constant the trace specialized on
     input_names: list[str]
     module_name: str = ""
+    output_constants: dict = field(default_factory=dict)  # flat output position -> a non-tensor output
 
 
 def export(module: torch.nn.Module, args: tuple, kwargs: dict | None = None):
@@ -135,17 +136,20 @@ def lower_program(program, module: torch.nn.Module, strict: bool = False) -> Tra
             env[node] = _lower_node(cx, node, env)
         elif node.op == "output":
             flat = list(pytree.tree_leaves(node.args[0]))
-    outputs = []
-    for spec, out in zip(sig.output_specs, flat):
+    outputs, constants = [], {}
+    for k, (spec, out) in enumerate(zip(sig.output_specs, flat)):
         if spec.kind.name != "USER_OUTPUT":
             raise UnsupportedOpError(f"output kind {spec.kind.name} (in-place update of a buffer)", out.name)
-        value = env[out]
-        outputs.append(cx.tensor(value).id)
+        value = env[out] if isinstance(out, torch.fx.Node) else out
+        if isinstance(value, (TV, torch.Tensor)):
+            outputs.append(cx.tensor(value).id)
+        else:  # None, a number, a string: returned as traced
+            constants[k] = value
     graph = b.finish(outputs)
     in_leaves = pytree.tree_leaves(program.example_inputs) if program.example_inputs else []
     leaves = ["tensor" if isinstance(x, torch.Tensor) else x for x in in_leaves]
     return Traced(graph, program.graph_module, program.call_spec.in_spec, program.call_spec.out_spec,
-                  leaves, input_names)
+                  leaves, input_names, output_constants=constants)
 
 
 def _is_const(x: Any) -> bool:
