@@ -303,7 +303,7 @@ class CompiledModule:
 def _kwarg_order(in_spec: Any) -> tuple:
     """The keyword arguments' names in the order of the traced call (the pytree spec of (args, kwargs))."""
     try:
-        kwargs = in_spec.children_specs[1]
+        kwargs = in_spec.child(1)
         return tuple(kwargs.context) if kwargs.type is dict else ()
     except (AttributeError, IndexError, TypeError):
         return ()

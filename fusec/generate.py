@@ -13,7 +13,9 @@ and serves every position. It returns the new K/V rows; the generator writes the
 from __future__ import annotations
 
 import inspect
+import threading
 import time
+from contextlib import contextmanager
 from typing import Callable, Sequence
 
 import numpy as np
@@ -82,6 +84,8 @@ class Generator:
         self._totals = _counters()
         self._bound: dict | None = None  # weights bound in place of the model's own (`bind_weights`)
         self.last: dict = {}  # the stats of the last `generate` call alone
+        self._lock = threading.Lock()  # one generate at a time (`_exclusive`)
+        self._owner: int | None = None  # the thread inside generate
 
     @property
     def stats(self) -> dict:
@@ -112,13 +116,14 @@ class Generator:
         the model's own weights, in every program compiled so far or later. Nothing recompiles: the
         programs take weights as arguments. This is how experts of one architecture share a generator."""
         bound = {PREFIX + name: t for name, t in tensors.items()}
-        programs = [*self._prefill.values(), *self._decode.values()]
-        for program in programs:  # check them all before changing any
-            from fusec.binding import check_weights
-            check_weights(_program_weights(program).graph, bound)
-        for program in programs:
-            _bind(program, bound)
-        self._bound = bound
+        with self._exclusive("bind_weights"):  # not in the middle of a generation
+            programs = [*self._prefill.values(), *self._decode.values()]
+            for program in programs:  # check them all before changing any
+                from fusec.binding import check_weights
+                check_weights(_program_weights(program).graph, bound)
+            for program in programs:
+                _bind(program, bound)
+            self._bound = bound
 
     def decode_program(self, batch: int = 1) -> Program:
         """The decode program for `batch` sequences (compiled on first use)."""
@@ -166,7 +171,29 @@ class Generator:
         `return_logits=True` also returns the logits each new token was chosen from, [B, new, vocab].
         `on_token(n, tokens)` is called after each of the n new tokens (tokens: [B]).
         ValueError before anything runs if the prompt and the new tokens do not fit in max_seq_len.
+        Calls from several threads are serialized (the KV cache belongs to the generator).
         """
+        with self._exclusive("generate"):
+            return self._generate(input_ids, max_new_tokens, temperature, seed, top_k, stop_token,
+                                  return_logits, on_token)
+
+    @contextmanager
+    def _exclusive(self, what: str):
+        """One generate (or weight binding) at a time: the KV caches and the bound weights are shared state.
+        Re-entering from the same thread (an `on_token` callback) would deadlock: RuntimeError instead."""
+        if self._owner == threading.get_ident():
+            raise RuntimeError(f"{what} was called from inside this generator's own generate (an on_token "
+                               f"callback); it shares the KV cache: call it after generate returns, or use "
+                               f"another generator")
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._owner = None
+
+    def _generate(self, input_ids, max_new_tokens, temperature, seed, top_k, stop_token, return_logits,
+                  on_token):
         input_ids = torch.as_tensor(input_ids)  # a list of ids is fine too
         squeeze = input_ids.dim() == 1
         ids = self._check_prompt(input_ids[None] if squeeze else input_ids, max_new_tokens, temperature)

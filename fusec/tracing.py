@@ -13,6 +13,7 @@ the program keeps their traced values and never reads the module's memory for th
 """
 from __future__ import annotations
 
+import copy
 import operator
 import threading
 from dataclasses import dataclass, field
@@ -74,10 +75,31 @@ def trace(module: torch.nn.Module, args: tuple, kwargs: dict | None = None, stri
     if not isinstance(args, tuple):
         args = (args,)
     with _EXPORT_LOCK:  # torch.export keeps global state: two threads exporting at once break each other
-        program = export(module, args, kwargs)
+        program = export(module_tree_copy(module), args, kwargs)
     traced = lower_program(program, module, strict)
     traced.module_name = type(module).__name__
     return traced
+
+
+def module_tree_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `module`'s tree of submodules holding the very same parameter and buffer tensors.
+
+    torch.export swaps a module's parameters for fake tensors while it traces (and patches attributes):
+    tracing this copy leaves the user's modules untouched, so another thread can keep calling them in
+    eager meanwhile. The parameter names, and the tensors the program reads and follows, are the same."""
+    copies: dict[int, torch.nn.Module] = {}
+
+    def copy_of(m: torch.nn.Module) -> torch.nn.Module:
+        if id(m) not in copies:  # a submodule used twice stays one module
+            twin = copies[id(m)] = copy.copy(m)  # a new object with a shallow copy of the attributes
+            twin._parameters = dict(m._parameters)
+            twin._buffers = dict(m._buffers)
+            twin._modules = {k: None if c is None else copy_of(c) for k, c in m._modules.items()}
+            for name, value in vars(m).items():  # hooks registered while tracing stay on the copy too
+                if "hook" in name and isinstance(value, dict):
+                    setattr(twin, name, copy.copy(value))
+        return copies[id(m)]
+    return copy_of(module)
 
 
 def _origin(node) -> str:
