@@ -170,7 +170,8 @@ class Generator:
         sequence has produced `stop_token` (later tokens of a finished sequence are `stop_token`).
         `return_logits=True` also returns the logits each new token was chosen from, [B, new, vocab].
         `on_token(n, tokens)` is called after each of the n new tokens (tokens: [B]).
-        ValueError before anything runs if the prompt and the new tokens do not fit in max_seq_len.
+        ValueError before anything runs if the prompt and the new tokens do not fit: every token but the
+        last new one takes a cache row, so together they may be max_seq_len + 1.
         Calls from several threads are serialized (the KV cache belongs to the generator).
         """
         with self._exclusive("generate"):
@@ -196,7 +197,7 @@ class Generator:
                   on_token):
         input_ids = torch.as_tensor(input_ids)  # a list of ids is fine too
         squeeze = input_ids.dim() == 1
-        ids = self._check_prompt(input_ids[None] if squeeze else input_ids, max_new_tokens, temperature)
+        ids = self._check_prompt(input_ids[None] if squeeze else input_ids, max_new_tokens, temperature, top_k)
         batch, prompt_len = ids.shape
         length = self.prefill_length(prompt_len)
         compiled_before = dict(self._totals)
@@ -250,7 +251,7 @@ class Generator:
             return out, logits_out[0] if squeeze else logits_out
         return out
 
-    def _check_prompt(self, ids: Tensor, max_new_tokens: int, temperature: float) -> Tensor:
+    def _check_prompt(self, ids: Tensor, max_new_tokens: int, temperature: float, top_k: int | None) -> Tensor:
         if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
             raise ValueError(f"input_ids must be a non-empty int tensor [B, T] (or [T]), given "
                              f"{getattr(ids, 'shape', type(ids).__name__)}")
@@ -264,12 +265,17 @@ class Generator:
             raise ValueError(f"max_new_tokens must be at least 1, given {max_new_tokens}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, given {temperature}")
-        total = ids.shape[1] + max_new_tokens
-        if total > self.max_seq_len:
-            raise ValueError(f"a {ids.shape[1]}-token prompt plus {max_new_tokens} new tokens reaches position "
-                             f"{total - 1}, past max_seq_len={self.max_seq_len} (positions 0.."
-                             f"{self.max_seq_len - 1}); shorten the prompt, generate fewer tokens, or compile "
-                             f"with a larger max_seq_len")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive number of tokens (or None for all), given {top_k!r}")
+        # every token but the last new one goes through the model into a cache row (the last is chosen
+        # from the logits of the one before): prompt and new tokens may be max_seq_len + 1 together
+        prompt_len, last = ids.shape[1], ids.shape[1] + max_new_tokens - 2
+        if prompt_len > self.max_seq_len or last >= self.max_seq_len:
+            what = (f"a {prompt_len}-token prompt" if prompt_len > self.max_seq_len else
+                    f"a {prompt_len}-token prompt plus {max_new_tokens} new tokens needs cache position {last}")
+            raise ValueError(f"{what}, past max_seq_len={self.max_seq_len} (cache positions 0.."
+                             f"{self.max_seq_len - 1}; prompt + new tokens may be max_seq_len + 1); shorten "
+                             f"the prompt, generate fewer tokens, or compile with a larger max_seq_len")
         return ids.to(torch.int64)
 
     def __repr__(self) -> str:
