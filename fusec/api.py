@@ -17,10 +17,9 @@ import torch
 import torch.utils._pytree as pytree
 
 from fusec.debug import DebugDump, Progress, debug
-from fusec.dtypes import to_torch
 from fusec.errors import FusecError
-from fusec.guards import describe_leaves, parse_dynamic, same_constant, signature_key
-from fusec.ir import Graph, TensorType
+from fusec.guards import describe_leaves, kwarg_order, mismatch, parse_dynamic, signature_key
+from fusec.ir import Graph
 
 BACKENDS = ("numba", "reference")
 CACHE_LIMIT = 8  # programs compiled for new signatures (recompile=True) before new ones run eagerly
@@ -116,7 +115,7 @@ class CompiledModule:
         self._programs: dict[tuple, Specialization] = {key: first}
         self._lock = threading.Lock()
         self._warned = False
-        self._kwarg_order = _kwarg_order(first.traced.in_spec)
+        self._kwarg_order = kwarg_order(first.traced.in_spec)
 
     # -- the program of the example inputs ----------------------------------------------------------------
     @property
@@ -243,50 +242,8 @@ class CompiledModule:
         return any(tuple(x.shape) != t.shape for x, t in zip(tensors, self.graph.input_types))
 
     def _mismatch(self, args: tuple, kwargs: dict, leaves: list, spec: Any) -> tuple[Exception | None, bool]:
-        """How a call differs from the first program's signature: (error, fatal). A fatal error is raised
-        even with recompile=True (a non-tensor, another device); dynamic dimensions are no error."""
-        expected = self.traced.input_leaves
-        if spec != self.traced.in_spec:
-            n_tensors = sum(1 for x in expected if isinstance(x, str) and x == "tensor")
-            return TypeError(f"compiled {self.name} expects {n_tensors} input tensor(s) like the example "
-                             f"inputs ({self._signature()}); got {len(args)} positional and {len(kwargs)} "
-                             f"keyword argument(s): {_describe(args, kwargs)}"), False
-        index = 0
-        types = self.graph.input_types
-        for leaf, want in zip(leaves, expected):
-            if isinstance(want, str) and want == "tensor":
-                found = self._check_tensor(index, leaf, types[index])
-                if found[0] is not None:
-                    return found
-                index += 1
-            elif not same_constant(leaf, want):
-                return ValueError(f"compiled {self.name} was traced with the constant {want!r} "
-                                  f"({type(want).__name__}) for this argument; got {leaf!r} "
-                                  f"({type(leaf).__name__}) (compile again for another value, or pass "
-                                  f"recompile=True)"), False
-        return None, False
-
-    def _check_tensor(self, i: int, x: Any, want: TensorType) -> tuple[Exception | None, bool]:
-        name = self.traced.input_names[i]
-        if not isinstance(x, torch.Tensor):
-            return TypeError(f"input {i} ({name}) must be a torch.Tensor {want}, got {type(x).__name__}"), True
-        if x.device.type != "cpu":
-            return ValueError(f"input {i} ({name}) must be on the CPU, got {x.device}"), True
-        if x.layout != torch.strided:
-            return ValueError(f"input {i} ({name}) must be a dense (strided) tensor, got {x.layout}"), True
-        if x.dtype != to_torch(want.dtype):
-            return TypeError(f"input {i} ({name}) must have dtype {to_torch(want.dtype)}, got {x.dtype}"), False
-        shape = tuple(x.shape)
-        if len(shape) != want.rank or any(d != w and not self.dynamic.allows(i, ax, want.rank)
-                                          for ax, (d, w) in enumerate(zip(shape, want.shape))):
-            dynamic = self._dynamic_text(i, want.rank)
-            return ValueError(f"input {i} ({name}) must have shape {list(want.shape)}{dynamic}, got "
-                              f"{list(shape)}"), False
-        return None, False
-
-    def _dynamic_text(self, i: int, rank: int) -> str:
-        axes = sorted(a % rank for a in self.dynamic.dims.get(i, ()) if -rank <= a < rank)
-        return f" (dimensions {axes} may change)" if axes else ""
+        return mismatch(self.traced, self.graph.input_types, self.dynamic, self._signature(), args, kwargs,
+                        leaves, spec)
 
     @property
     def name(self) -> str:
@@ -298,22 +255,6 @@ class CompiledModule:
     def __repr__(self) -> str:
         more = f", {len(self._programs) - 1} more signature(s)" if len(self._programs) > 1 else ""
         return f"<fusec compiled {self.name} backend={self.backend} ({self._signature()}){more}>"
-
-
-def _kwarg_order(in_spec: Any) -> tuple:
-    """The keyword arguments' names in the order of the traced call (the pytree spec of (args, kwargs))."""
-    try:
-        kwargs = in_spec.child(1)
-        return tuple(kwargs.context) if kwargs.type is dict else ()
-    except (AttributeError, IndexError, TypeError):
-        return ()
-
-
-def _describe(args: tuple, kwargs: dict) -> str:
-    def one(x):
-        return f"{x.dtype}{list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-    parts = [one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()]
-    return ", ".join(parts) or "nothing"
 
 
 def compile(module: torch.nn.Module, example_inputs: Any = (), example_kwargs: dict | None = None, *,

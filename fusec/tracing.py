@@ -87,6 +87,8 @@ def module_tree_copy(module: torch.nn.Module) -> torch.nn.Module:
     torch.export swaps a module's parameters for fake tensors while it traces (and patches attributes):
     tracing this copy leaves the user's modules untouched, so another thread can keep calling them in
     eager meanwhile. The parameter names, and the tensors the program reads and follows, are the same."""
+    if not isinstance(module, torch.nn.Module):
+        return module  # `export` says what it expects
     copies: dict[int, torch.nn.Module] = {}
 
     def copy_of(m: torch.nn.Module) -> torch.nn.Module:
