@@ -278,8 +278,17 @@ def compile(module: torch.nn.Module, example_inputs: Any = (), example_kwargs: d
     - any other difference raises TypeError/ValueError naming what was expected and what was given, or,
       with `recompile=True`, compiles a program for the new signature; past `cache_limit` such programs
       it warns once and runs new signatures in PyTorch eager.
-    Non-contiguous inputs are accepted (copied to contiguous arrays). Calls from several threads are safe:
-    the numba program serializes them (its buffers belong to the program).
+    Non-tensor arguments are constants of the program, matched by type and value (2 and 2.0 differ);
+    keyword arguments may come in any order; non-tensor outputs (None, numbers) are returned as traced.
+    Calls with an empty tensor (a 0 in a dynamic dimension) run in PyTorch eager; empty example inputs
+    are a ValueError. Non-contiguous inputs are accepted (copied to contiguous arrays). Calls from
+    several threads are safe: the numba program serializes them (its buffers belong to the program).
+    The module is traced through a copy of its module tree, so it stays usable from other threads.
+
+    The program reads the module's parameters in place (in-place updates show at once) and follows them:
+    a parameter replaced after compiling (`load_state_dict(assign=True)`, a new Parameter, `.data = `,
+    `share_memory()`) is rebound before the next call, without recompiling; one of another shape or dtype
+    is a WeightBindingError. Buffers are constants, copied when traced. `bind_weights` stops the following.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
