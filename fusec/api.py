@@ -17,10 +17,9 @@ import torch
 import torch.utils._pytree as pytree
 
 from fusec.debug import DebugDump, Progress, debug
-from fusec.dtypes import to_torch
 from fusec.errors import FusecError
-from fusec.guards import describe_leaves, parse_dynamic, signature_key
-from fusec.ir import Graph, TensorType
+from fusec.guards import describe_leaves, kwarg_order, mismatch, parse_dynamic, signature_key
+from fusec.ir import Graph
 
 BACKENDS = ("numba", "reference")
 CACHE_LIMIT = 8  # programs compiled for new signatures (recompile=True) before new ones run eagerly
@@ -44,13 +43,30 @@ class Specialization:
     source: str = ""
     stats: dict | None = None
     program: Any = None  # the numba Program (None on the reference backend)
+    follow: Any = None   # fusec.binding.Follow: the module's parameters, rebound when replaced; None once bound
 
     @property
     def signature(self) -> str:
         return ", ".join(f"{n}: {t}" for n, t in zip(self.traced.input_names, self.graph.input_types))
 
     def bind_weights(self, tensors: Any) -> None:
-        """Run on `tensors` ({parameter name: tensor}) instead of the compiled-in weights; no recompile."""
+        """Run on `tensors` ({parameter name: tensor}) instead of the module's weights from now on (they no
+        longer follow the module's parameters); no recompile."""
+        follow = self.follow
+        if follow is None:
+            self._bind(tensors)
+            return
+        with follow.lock:  # not while a call rebinds the module's own
+            self.follow = None
+            self._bind(tensors)
+
+    def follow_module(self) -> None:
+        """Rebind the module's parameters if they were replaced since the last call (see `Follow`)."""
+        follow = self.follow
+        if follow is not None and follow.changed():
+            follow.refresh(self.graph, lambda tensors: self.follow is follow and self._bind(tensors))
+
+    def _bind(self, tensors: Any) -> None:
         if self.program is not None:
             self.program.bind_weights(tensors)
             return
@@ -60,11 +76,16 @@ class Specialization:
         self.run = compile_graph(self.graph)
 
     def call(self, leaves: list) -> Any:
+        self.follow_module()
         outs = self.run([_array(x) for x in leaves if isinstance(x, torch.Tensor)])
         # the numba program already returns arrays it allocated for this call (Program._output); the
         # reference backend may return views of weights or inputs, so those are copied
         owned = self.program is not None
         tensors = [torch.from_numpy(o if owned else np.array(o)) for o in outs]
+        constants = self.traced.output_constants
+        if constants:  # non-tensor outputs (None, numbers) are the traced constants, as eager returns them
+            it = iter(tensors)
+            tensors = [constants[k] if k in constants else next(it) for k in range(len(outs) + len(constants))]
         return pytree.tree_unflatten(tensors, self.traced.out_spec)
 
 
@@ -94,6 +115,7 @@ class CompiledModule:
         self._programs: dict[tuple, Specialization] = {key: first}
         self._lock = threading.Lock()
         self._warned = False
+        self._kwarg_order = kwarg_order(first.traced.in_spec)
 
     # -- the program of the example inputs ----------------------------------------------------------------
     @property
@@ -127,6 +149,7 @@ class CompiledModule:
     def run_arrays(self, arrays: list) -> list:
         """The example inputs' program on NumPy arrays of exactly its signature: no guards, no torch
         conversions (the generator's decode loop builds its inputs itself); index bounds are still checked."""
+        self._first.follow_module()
         return self._first.run(arrays)
 
     def weight_types(self) -> dict:
@@ -165,6 +188,8 @@ class CompiledModule:
 
     # -- calls --------------------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
+        if len(kwargs) > 1 and tuple(kwargs) != self._kwarg_order and set(kwargs) == set(self._kwarg_order):
+            kwargs = {k: kwargs[k] for k in self._kwarg_order}  # keywords in any order, as in Python
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key = signature_key(leaves, spec)
         program = self._programs.get(key)
@@ -180,10 +205,12 @@ class CompiledModule:
         dynamic dimensions or (recompile=True) a new signature, None past the limit; else raise."""
         error, fatal = self._mismatch(args, kwargs, leaves, spec)
         if error is None and not self._dynamic_change(leaves):
-            self._programs[key] = self._first  # equal constants of another type (1 and 1.0)
+            self._programs[key] = self._first  # a key that differs where the guards do not (NaN != NaN)
             return self._first
         if fatal or (error is not None and not self.recompile):
             raise error
+        if any(isinstance(x, torch.Tensor) and x.numel() == 0 for x in leaves):
+            return None  # an empty batch: eager gives its (empty) result; no program is compiled for it
         with self._lock:
             program = self._programs.get(key)
             if program is not None:
@@ -215,49 +242,8 @@ class CompiledModule:
         return any(tuple(x.shape) != t.shape for x, t in zip(tensors, self.graph.input_types))
 
     def _mismatch(self, args: tuple, kwargs: dict, leaves: list, spec: Any) -> tuple[Exception | None, bool]:
-        """How a call differs from the first program's signature: (error, fatal). A fatal error is raised
-        even with recompile=True (a non-tensor, another device); dynamic dimensions are no error."""
-        expected = self.traced.input_leaves
-        if spec != self.traced.in_spec:
-            n_tensors = sum(1 for x in expected if isinstance(x, str) and x == "tensor")
-            return TypeError(f"compiled {self.name} expects {n_tensors} input tensor(s) like the example "
-                             f"inputs ({self._signature()}); got {len(args)} positional and {len(kwargs)} "
-                             f"keyword argument(s): {_describe(args, kwargs)}"), False
-        index = 0
-        types = self.graph.input_types
-        for leaf, want in zip(leaves, expected):
-            if isinstance(want, str) and want == "tensor":
-                found = self._check_tensor(index, leaf, types[index])
-                if found[0] is not None:
-                    return found
-                index += 1
-            elif leaf != want:
-                return ValueError(f"compiled {self.name} was traced with the constant {want!r} for this "
-                                  f"argument; got {leaf!r} (compile again for another value, or pass "
-                                  f"recompile=True)"), False
-        return None, False
-
-    def _check_tensor(self, i: int, x: Any, want: TensorType) -> tuple[Exception | None, bool]:
-        name = self.traced.input_names[i]
-        if not isinstance(x, torch.Tensor):
-            return TypeError(f"input {i} ({name}) must be a torch.Tensor {want}, got {type(x).__name__}"), True
-        if x.device.type != "cpu":
-            return ValueError(f"input {i} ({name}) must be on the CPU, got {x.device}"), True
-        if x.layout != torch.strided:
-            return ValueError(f"input {i} ({name}) must be a dense (strided) tensor, got {x.layout}"), True
-        if x.dtype != to_torch(want.dtype):
-            return TypeError(f"input {i} ({name}) must have dtype {to_torch(want.dtype)}, got {x.dtype}"), False
-        shape = tuple(x.shape)
-        if len(shape) != want.rank or any(d != w and not self.dynamic.allows(i, ax, want.rank)
-                                          for ax, (d, w) in enumerate(zip(shape, want.shape))):
-            dynamic = self._dynamic_text(i, want.rank)
-            return ValueError(f"input {i} ({name}) must have shape {list(want.shape)}{dynamic}, got "
-                              f"{list(shape)}"), False
-        return None, False
-
-    def _dynamic_text(self, i: int, rank: int) -> str:
-        axes = sorted(a % rank for a in self.dynamic.dims.get(i, ()) if -rank <= a < rank)
-        return f" (dimensions {axes} may change)" if axes else ""
+        return mismatch(self.traced, self.graph.input_types, self.dynamic, self._signature(), args, kwargs,
+                        leaves, spec)
 
     @property
     def name(self) -> str:
@@ -269,13 +255,6 @@ class CompiledModule:
     def __repr__(self) -> str:
         more = f", {len(self._programs) - 1} more signature(s)" if len(self._programs) > 1 else ""
         return f"<fusec compiled {self.name} backend={self.backend} ({self._signature()}){more}>"
-
-
-def _describe(args: tuple, kwargs: dict) -> str:
-    def one(x):
-        return f"{x.dtype}{list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-    parts = [one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()]
-    return ", ".join(parts) or "nothing"
 
 
 def compile(module: torch.nn.Module, example_inputs: Any = (), example_kwargs: dict | None = None, *,
@@ -299,8 +278,17 @@ def compile(module: torch.nn.Module, example_inputs: Any = (), example_kwargs: d
     - any other difference raises TypeError/ValueError naming what was expected and what was given, or,
       with `recompile=True`, compiles a program for the new signature; past `cache_limit` such programs
       it warns once and runs new signatures in PyTorch eager.
-    Non-contiguous inputs are accepted (copied to contiguous arrays). Calls from several threads are safe:
-    the numba program serializes them (its buffers belong to the program).
+    Non-tensor arguments are constants of the program, matched by type and value (2 and 2.0 differ);
+    keyword arguments may come in any order; non-tensor outputs (None, numbers) are returned as traced.
+    Calls with an empty tensor (a 0 in a dynamic dimension) run in PyTorch eager; empty example inputs
+    are a ValueError. Non-contiguous inputs are accepted (copied to contiguous arrays). Calls from
+    several threads are safe: the numba program serializes them (its buffers belong to the program).
+    The module is traced through a copy of its module tree, so it stays usable from other threads.
+
+    The program reads the module's parameters in place (in-place updates show at once) and follows them:
+    a parameter replaced after compiling (`load_state_dict(assign=True)`, a new Parameter, `.data = `,
+    `share_memory()`) is rebound before the next call, without recompiling; one of another shape or dtype
+    is a WeightBindingError. Buffers are constants, copied when traced. `bind_weights` stops the following.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
@@ -310,6 +298,12 @@ def compile(module: torch.nn.Module, example_inputs: Any = (), example_kwargs: d
     if weights not in FORMATS:
         raise ValueError(f"unknown weight format {weights!r}; expected one of {', '.join(FORMATS)}")
     options = Options(backend, fuse, strict, weights)
+    tensors = [x for x in pytree.tree_leaves((example_inputs, example_kwargs or {})) if isinstance(x, torch.Tensor)]
+    empty = next((i for i, x in enumerate(tensors) if x.numel() == 0), None)
+    if empty is not None:
+        raise ValueError(f"fusec.compile needs non-empty example inputs; input {empty} has shape "
+                         f"{list(tensors[empty].shape)}. Compile with a non-empty example (calls with an "
+                         f"empty batch, in a dynamic dimension, then run in PyTorch eager)")
     first = build(module, example_inputs, example_kwargs or {}, options)
     key = signature_key(*pytree.tree_flatten((example_inputs, example_kwargs or {})))
     return CompiledModule(module, first, options, key, dynamic, recompile, cache_limit)
@@ -343,6 +337,8 @@ def build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options) 
         finally:
             progress.close()
         stats["compile_seconds"] = time.perf_counter() - start
+    from fusec.binding import Follow, weight_types
+    spec.follow = Follow(module, list(weight_types(graph)))
     if dump:
         dump.write("numba.py", spec.source or "# reference backend: no generated code")
         dump.summary(summary(spec, options))

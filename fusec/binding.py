@@ -55,3 +55,90 @@ def check_weights(graph: Graph, tensors: Mapping[str, Any]) -> dict[str, Any]:
         shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
         raise WeightBindingError(f"weights do not fit this program ({len(problems)} problem(s)): {shown}")
     return chosen
+
+
+class Follow:
+    """The module parameters a compiled program reads, as it last bound them, so that the program follows
+    the module like eager does: a parameter replaced since (`load_state_dict(assign=True)`, a new
+    Parameter or submodule, `param.data = ...`, `share_memory()`, which frees the old memory) is rebound
+    before the next call, without recompiling. In-place updates need nothing: weights are read in place.
+
+    `changed()` is the per-call check, a dictionary lookup and a data pointer per parameter (plus one
+    lookup per submodule on their paths): a few microseconds for a small model."""
+
+    def __init__(self, module: Any, names: list[str]):
+        import threading
+        self.module, self.names = module, list(names)
+        self.lock = threading.Lock()
+        self._record()
+
+    def _record(self) -> None:
+        """Remember how each parameter is reached now: the submodule dictionaries on its path with the
+        child each holds, and the parameter dictionary with the tensor and its data pointer."""
+        edges, entries = {}, []
+        for name in self.names:
+            *path, attr = name.split(".")
+            owner = self.module
+            for key in path:
+                child = getattr(owner, "_modules", {}).get(key)
+                if child is None:
+                    break
+                edges[id(owner), key] = (owner._modules, key, child)
+                owner = child
+            else:
+                params = getattr(owner, "_parameters", {})
+                if isinstance(params.get(attr), _tensor_type()):  # else not followed (not a Parameter)
+                    entries.append((params, attr, params[attr], params[attr].data_ptr()))
+        self.edges, self.entries = list(edges.values()), entries
+
+    def changed(self) -> bool:
+        for modules, key, child in self.edges:
+            if modules.get(key) is not child:
+                return True
+        for params, attr, tensor, ptr in self.entries:
+            t = params.get(attr)
+            if t is not tensor or t.data_ptr() != ptr:
+                return True
+        return False
+
+    def current(self, graph: Graph) -> dict[str, Any]:
+        """{name: the module's tensor now} in the form `graph` reads it (float32 weights the program keeps
+        as bfloat16 are converted), checked like `check_weights`; WeightBindingError when a parameter is
+        gone or changed its shape or dtype (compile again for those)."""
+        import torch
+        types, found, missing = weight_types(graph), {}, []
+        for name in self.names:
+            try:
+                t = self.module.get_parameter(name)
+            except AttributeError:
+                try:  # a plain tensor attribute in its place is fine too
+                    *path, attr = name.split(".")
+                    t = getattr(self.module.get_submodule(".".join(path)), attr)
+                except AttributeError:
+                    t = None
+            if not isinstance(t, torch.Tensor):
+                missing.append(name)
+                continue
+            if types[name].dtype == "bf16" and t.dtype == torch.float32:
+                t = t.detach().to(torch.bfloat16)
+            found[name] = t
+        try:
+            if missing:
+                raise WeightBindingError(f"{', '.join(missing[:4])}: no longer a tensor of the module")
+            return check_weights(graph, found)
+        except WeightBindingError as e:
+            raise WeightBindingError(f"a parameter of the module changed since it was compiled, and the "
+                                     f"compiled program cannot take it (compile the module again): {e}") from None
+
+    def refresh(self, graph: Graph, bind: Any) -> None:
+        """If the module's parameters changed, `bind(current tensors)` and remember them (once, under the
+        lock, when several threads notice the change together)."""
+        with self.lock:
+            if self.changed():
+                bind(self.current(graph))
+                self._record()
+
+
+def _tensor_type():
+    import torch
+    return torch.Tensor

@@ -13,7 +13,9 @@ and serves every position. It returns the new K/V rows; the generator writes the
 from __future__ import annotations
 
 import inspect
+import threading
 import time
+from contextlib import contextmanager
 from typing import Callable, Sequence
 
 import numpy as np
@@ -82,6 +84,8 @@ class Generator:
         self._totals = _counters()
         self._bound: dict | None = None  # weights bound in place of the model's own (`bind_weights`)
         self.last: dict = {}  # the stats of the last `generate` call alone
+        self._lock = threading.Lock()  # one generate at a time (`_exclusive`)
+        self._owner: int | None = None  # the thread inside generate
 
     @property
     def stats(self) -> dict:
@@ -112,13 +116,14 @@ class Generator:
         the model's own weights, in every program compiled so far or later. Nothing recompiles: the
         programs take weights as arguments. This is how experts of one architecture share a generator."""
         bound = {PREFIX + name: t for name, t in tensors.items()}
-        programs = [*self._prefill.values(), *self._decode.values()]
-        for program in programs:  # check them all before changing any
-            from fusec.binding import check_weights
-            check_weights(_program_weights(program).graph, bound)
-        for program in programs:
-            _bind(program, bound)
-        self._bound = bound
+        with self._exclusive("bind_weights"):  # not in the middle of a generation
+            programs = [*self._prefill.values(), *self._decode.values()]
+            for program in programs:  # check them all before changing any
+                from fusec.binding import check_weights
+                check_weights(_program_weights(program).graph, bound)
+            for program in programs:
+                _bind(program, bound)
+            self._bound = bound
 
     def decode_program(self, batch: int = 1) -> Program:
         """The decode program for `batch` sequences (compiled on first use)."""
@@ -165,11 +170,34 @@ class Generator:
         sequence has produced `stop_token` (later tokens of a finished sequence are `stop_token`).
         `return_logits=True` also returns the logits each new token was chosen from, [B, new, vocab].
         `on_token(n, tokens)` is called after each of the n new tokens (tokens: [B]).
-        ValueError before anything runs if the prompt and the new tokens do not fit in max_seq_len.
+        ValueError before anything runs if the prompt and the new tokens do not fit: every token but the
+        last new one takes a cache row, so together they may be max_seq_len + 1.
+        Calls from several threads are serialized (the KV cache belongs to the generator).
         """
+        with self._exclusive("generate"):
+            return self._generate(input_ids, max_new_tokens, temperature, seed, top_k, stop_token,
+                                  return_logits, on_token)
+
+    @contextmanager
+    def _exclusive(self, what: str):
+        """One generate (or weight binding) at a time: the KV caches and the bound weights are shared state.
+        Re-entering from the same thread (an `on_token` callback) would deadlock: RuntimeError instead."""
+        if self._owner == threading.get_ident():
+            raise RuntimeError(f"{what} was called from inside this generator's own generate (an on_token "
+                               f"callback); it shares the KV cache: call it after generate returns, or use "
+                               f"another generator")
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._owner = None
+
+    def _generate(self, input_ids, max_new_tokens, temperature, seed, top_k, stop_token, return_logits,
+                  on_token):
         input_ids = torch.as_tensor(input_ids)  # a list of ids is fine too
         squeeze = input_ids.dim() == 1
-        ids = self._check_prompt(input_ids[None] if squeeze else input_ids, max_new_tokens, temperature)
+        ids = self._check_prompt(input_ids[None] if squeeze else input_ids, max_new_tokens, temperature, top_k)
         batch, prompt_len = ids.shape
         length = self.prefill_length(prompt_len)
         compiled_before = dict(self._totals)
@@ -223,7 +251,7 @@ class Generator:
             return out, logits_out[0] if squeeze else logits_out
         return out
 
-    def _check_prompt(self, ids: Tensor, max_new_tokens: int, temperature: float) -> Tensor:
+    def _check_prompt(self, ids: Tensor, max_new_tokens: int, temperature: float, top_k: int | None) -> Tensor:
         if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
             raise ValueError(f"input_ids must be a non-empty int tensor [B, T] (or [T]), given "
                              f"{getattr(ids, 'shape', type(ids).__name__)}")
@@ -237,12 +265,17 @@ class Generator:
             raise ValueError(f"max_new_tokens must be at least 1, given {max_new_tokens}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, given {temperature}")
-        total = ids.shape[1] + max_new_tokens
-        if total > self.max_seq_len:
-            raise ValueError(f"a {ids.shape[1]}-token prompt plus {max_new_tokens} new tokens reaches position "
-                             f"{total - 1}, past max_seq_len={self.max_seq_len} (positions 0.."
-                             f"{self.max_seq_len - 1}); shorten the prompt, generate fewer tokens, or compile "
-                             f"with a larger max_seq_len")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive number of tokens (or None for all), given {top_k!r}")
+        # every token but the last new one goes through the model into a cache row (the last is chosen
+        # from the logits of the one before): prompt and new tokens may be max_seq_len + 1 together
+        prompt_len, last = ids.shape[1], ids.shape[1] + max_new_tokens - 2
+        if prompt_len > self.max_seq_len or last >= self.max_seq_len:
+            what = (f"a {prompt_len}-token prompt" if prompt_len > self.max_seq_len else
+                    f"a {prompt_len}-token prompt plus {max_new_tokens} new tokens needs cache position {last}")
+            raise ValueError(f"{what}, past max_seq_len={self.max_seq_len} (cache positions 0.."
+                             f"{self.max_seq_len - 1}; prompt + new tokens may be max_seq_len + 1); shorten "
+                             f"the prompt, generate fewer tokens, or compile with a larger max_seq_len")
         return ids.to(torch.int64)
 
     def __repr__(self) -> str:

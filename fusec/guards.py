@@ -43,8 +43,85 @@ def leaf_key(x: Any) -> tuple:
         return ("value", type(x).__name__, repr(x))
 
 
+def same_constant(given: Any, traced: Any) -> bool:
+    """Whether a non-tensor argument equals the constant a program was traced with: same type and value
+    (True, 1 and 1.0 compare equal but trace differently: `x[True]` adds a dimension, `x.long() * 2.0` is
+    float); NaN matches NaN."""
+    if type(given) is not type(traced):
+        return False
+    try:
+        return bool(given == traced) or (given != given and traced != traced)
+    except Exception:  # a value whose == is not a truth value
+        return given is traced
+
+
 def signature_key(leaves: list, spec: Any) -> tuple:
     return (spec, tuple(leaf_key(x) for x in leaves))
+
+
+def kwarg_order(in_spec: Any) -> tuple:
+    """The keyword arguments' names in the order of the traced call (the pytree spec of (args, kwargs)):
+    calls with the same keywords in another order are put in this one (order does not matter in Python)."""
+    try:
+        kwargs = in_spec.child(1)
+        return tuple(kwargs.context) if kwargs.type is dict else ()
+    except (AttributeError, IndexError, TypeError):
+        return ()
+
+
+def mismatch(traced: Any, types: list, dynamic: "Dynamic", signature: str, args: tuple, kwargs: dict,
+             leaves: list, spec: Any) -> tuple[Exception | None, bool]:
+    """How a call differs from a program's signature (`traced` and its input `types`): (error, fatal). A
+    fatal error is raised even with recompile=True (a non-tensor, another device); dimensions `dynamic`
+    allows are no error."""
+    name, expected = traced.module_name, traced.input_leaves
+    if spec != traced.in_spec:
+        n_tensors = sum(1 for x in expected if isinstance(x, str) and x == "tensor")
+        return TypeError(f"compiled {name} expects {n_tensors} input tensor(s) like the example inputs "
+                         f"({signature}); got {len(args)} positional and {len(kwargs)} keyword argument(s): "
+                         f"{_describe(args, kwargs)}"), False
+    index = 0
+    for leaf, want in zip(leaves, expected):
+        if isinstance(want, str) and want == "tensor":
+            found = _check_tensor(index, traced.input_names[index], leaf, types[index], dynamic)
+            if found[0] is not None:
+                return found
+            index += 1
+        elif not same_constant(leaf, want):
+            return ValueError(f"compiled {name} was traced with the constant {want!r} ({type(want).__name__}) "
+                              f"for this argument; got {leaf!r} ({type(leaf).__name__}) (compile again for "
+                              f"another value, or pass recompile=True)"), False
+    return None, False
+
+
+def _check_tensor(i: int, name: str, x: Any, want: Any, dynamic: "Dynamic") -> tuple[Exception | None, bool]:
+    import torch
+
+    from fusec.dtypes import to_torch
+    if not isinstance(x, torch.Tensor):
+        return TypeError(f"input {i} ({name}) must be a torch.Tensor {want}, got {type(x).__name__}"), True
+    if x.device.type != "cpu":
+        return ValueError(f"input {i} ({name}) must be on the CPU, got {x.device}"), True
+    if x.layout != torch.strided:
+        return ValueError(f"input {i} ({name}) must be a dense (strided) tensor, got {x.layout}"), True
+    if x.dtype != to_torch(want.dtype):
+        return TypeError(f"input {i} ({name}) must have dtype {to_torch(want.dtype)}, got {x.dtype}"), False
+    shape = tuple(x.shape)
+    if len(shape) != want.rank or any(d != w and not dynamic.allows(i, ax, want.rank)
+                                      for ax, (d, w) in enumerate(zip(shape, want.shape))):
+        axes = sorted(a % want.rank for a in dynamic.dims.get(i, ()) if -want.rank <= a < want.rank)
+        may = f" (dimensions {axes} may change)" if axes else ""
+        return ValueError(f"input {i} ({name}) must have shape {list(want.shape)}{may}, got {list(shape)}"), False
+    return None, False
+
+
+def _describe(args: tuple, kwargs: dict) -> str:
+    import torch
+
+    def one(x):
+        return f"{x.dtype}{list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+    parts = [one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()]
+    return ", ".join(parts) or "nothing"
 
 
 def describe_leaves(leaves: list) -> str:

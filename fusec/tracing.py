@@ -7,13 +7,16 @@ Constant subgraphs (masks from `arange`/comparisons, rotary tables from buffers 
 are evaluated here with torch on their real values and enter the IR as constants, so any ATen op may
 appear in them. An op that depends on an input and has no lowering (or whose lowering rejects its
 arguments) becomes an `extern` node run by PyTorch (`fusec.fallback`); with `strict=True` it raises
-`UnsupportedOpError` instead. Parameters become `param` nodes referring to the module's own tensors.
+`UnsupportedOpError` instead. Parameters become `param` nodes referring to the module's own tensors
+(the program follows them, `fusec.binding.Follow`); buffers and constant tensors are copied when traced, so
+the program keeps their traced values and never reads the module's memory for them.
 """
 from __future__ import annotations
 
+import copy
 import operator
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,6 +45,7 @@ class Traced:
     input_leaves: list     # per flat input leaf: "tensor" or the constant the trace specialized on
     input_names: list[str]
     module_name: str = ""
+    output_constants: dict = field(default_factory=dict)  # flat output position -> a non-tensor output
 
 
 def export(module: torch.nn.Module, args: tuple, kwargs: dict | None = None):
@@ -71,10 +75,33 @@ def trace(module: torch.nn.Module, args: tuple, kwargs: dict | None = None, stri
     if not isinstance(args, tuple):
         args = (args,)
     with _EXPORT_LOCK:  # torch.export keeps global state: two threads exporting at once break each other
-        program = export(module, args, kwargs)
+        program = export(module_tree_copy(module), args, kwargs)
     traced = lower_program(program, module, strict)
     traced.module_name = type(module).__name__
     return traced
+
+
+def module_tree_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `module`'s tree of submodules holding the very same parameter and buffer tensors.
+
+    torch.export swaps a module's parameters for fake tensors while it traces (and patches attributes):
+    tracing this copy leaves the user's modules untouched, so another thread can keep calling them in
+    eager meanwhile. The parameter names, and the tensors the program reads and follows, are the same."""
+    if not isinstance(module, torch.nn.Module):
+        return module  # `export` says what it expects
+    copies: dict[int, torch.nn.Module] = {}
+
+    def copy_of(m: torch.nn.Module) -> torch.nn.Module:
+        if id(m) not in copies:  # a submodule used twice stays one module
+            twin = copies[id(m)] = copy.copy(m)  # a new object with a shallow copy of the attributes
+            twin._parameters = dict(m._parameters)
+            twin._buffers = dict(m._buffers)
+            twin._modules = {k: None if c is None else copy_of(c) for k, c in m._modules.items()}
+            for name, value in vars(m).items():  # hooks registered while tracing stay on the copy too
+                if "hook" in name and isinstance(value, dict):
+                    setattr(twin, name, copy.copy(value))
+        return copies[id(m)]
+    return copy_of(module)
 
 
 def _origin(node) -> str:
@@ -123,7 +150,9 @@ def lower_program(program, module: torch.nn.Module, strict: bool = False) -> Tra
             ttype = TensorType(tuple(tensor.shape), from_torch(tensor.dtype))
             env[node] = TV(b.add("param", (), {"name": spec.target}, ttype))
         elif spec.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
-            env[node] = state[spec.target]  # a constant: folded where used
+            # a constant: folded where used. A copy, so that the program never reads the module's own
+            # memory (share_memory() frees it), and a buffer keeps its value as traced
+            env[node] = state[spec.target].detach().clone()
         else:
             raise UnsupportedOpError(f"input kind {spec.kind.name}", node.name)
     for node in program.graph.nodes:
@@ -131,17 +160,20 @@ def lower_program(program, module: torch.nn.Module, strict: bool = False) -> Tra
             env[node] = _lower_node(cx, node, env)
         elif node.op == "output":
             flat = list(pytree.tree_leaves(node.args[0]))
-    outputs = []
-    for spec, out in zip(sig.output_specs, flat):
+    outputs, constants = [], {}
+    for k, (spec, out) in enumerate(zip(sig.output_specs, flat)):
         if spec.kind.name != "USER_OUTPUT":
             raise UnsupportedOpError(f"output kind {spec.kind.name} (in-place update of a buffer)", out.name)
-        value = env[out]
-        outputs.append(cx.tensor(value).id)
+        value = env[out] if isinstance(out, torch.fx.Node) else out
+        if isinstance(value, (TV, torch.Tensor)):
+            outputs.append(cx.tensor(value).id)
+        else:  # None, a number, a string: returned as traced
+            constants[k] = value
     graph = b.finish(outputs)
     in_leaves = pytree.tree_leaves(program.example_inputs) if program.example_inputs else []
     leaves = ["tensor" if isinstance(x, torch.Tensor) else x for x in in_leaves]
     return Traced(graph, program.graph_module, program.call_spec.in_spec, program.call_spec.out_spec,
-                  leaves, input_names)
+                  leaves, input_names, output_constants=constants)
 
 
 def _is_const(x: Any) -> bool:

@@ -170,13 +170,36 @@ def test_no_recompilation_during_generation(gen):
 
 
 def test_positions_past_max_seq_len_raise_before_running(gen):
+    """Every token but the last new one goes through the model and into the cache: prompt + new tokens may
+    be max_seq_len + 1 (the last token comes from the logits of position max_seq_len - 1), not more."""
     before = gen.stats
-    with pytest.raises(ValueError, match=r"reaches position 128, past max_seq_len=128"):
-        gen.generate(prompt(), max_new_tokens=TINY.max_seq_len - PROMPT_LEN + 1)
-    with pytest.raises(ValueError, match="past max_seq_len"):
-        gen.generate(prompt(length=TINY.max_seq_len), max_new_tokens=1)
+    with pytest.raises(ValueError, match=r"cache position 128, past max_seq_len=128"):
+        gen.generate(prompt(), max_new_tokens=TINY.max_seq_len - PROMPT_LEN + 2)
+    with pytest.raises(ValueError, match=r"cache position 128, past max_seq_len=128"):
+        gen.generate(prompt(length=TINY.max_seq_len), max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"129-token prompt.*past max_seq_len=128"):
+        gen.generate(prompt(length=TINY.max_seq_len + 1), max_new_tokens=1)
     assert gen.stats == before  # nothing compiled, nothing ran
     assert gen.generate(prompt(), max_new_tokens=TINY.max_seq_len - PROMPT_LEN).shape[1] == TINY.max_seq_len
+
+
+def test_a_full_length_prompt_still_gives_its_one_new_token(model):
+    """A prompt of exactly max_seq_len tokens: its next token comes from the prompt pass (no cache row for
+    it is needed); so do the last of a prompt + new tokens that end at max_seq_len + 1."""
+    gen = compile_generator(model, max_seq_len=12, backend="reference")
+    ids = prompt(length=12)
+    got, logits = gen.generate(ids, max_new_tokens=1, return_logits=True)
+    want, want_logits = eager_generate(model, ids, max_new_tokens=1, max_seq_len=12)
+    assert got.shape == (1, 13) and torch.equal(got, want)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+    got = gen.generate(prompt(length=4), max_new_tokens=9)  # cache positions 0..11
+    assert got.shape == (1, 13) and torch.equal(got, eager_generate(model, prompt(length=4), 9, 12)[0])
+
+
+@pytest.mark.parametrize("top_k", [0, -3, 2.5])
+def test_top_k_must_be_a_positive_count(gen, top_k):
+    with pytest.raises(ValueError, match=f"top_k must be a positive.*{top_k}"):
+        gen.generate(prompt(), max_new_tokens=3, temperature=0.8, seed=0, top_k=top_k)
 
 
 def test_bad_prompts_are_clear_errors(gen):

@@ -181,3 +181,92 @@ def test_dynamic_true_allows_every_dimension(module):
     x = torch.randn(1, 2, 8)
     torch.testing.assert_close(compiled(x), eager(module, x))
     assert compiled.recompiles == 0
+
+
+# --- constants are guarded by type and value ------------------------------------------------------------
+
+class Times(torch.nn.Module):
+    def forward(self, x, n):
+        return x.long() * n
+
+
+class Pick(torch.nn.Module):
+    def forward(self, x, i):
+        return x[i]
+
+
+@pytest.mark.parametrize("backend", ["numba", "reference"])
+def test_equal_constants_of_another_type_are_another_signature(backend):
+    x = torch.arange(6.0).reshape(2, 3)
+    times = fusec.compile(Times(), (x, 2), backend=backend)
+    with pytest.raises(ValueError, match=r"constant 2 \(int\).*2\.0 \(float\)"):
+        times(x, 2.0)
+    pick = fusec.compile(Pick(), (x, 1), backend=backend)
+    with pytest.raises(ValueError, match=r"constant 1 \(int\).*True \(bool\)"):
+        pick(x, True)
+    pick = fusec.compile(Pick(), (x, 1), backend=backend, recompile=True)
+    times = fusec.compile(Times(), (x, 2), backend=backend, recompile=True)
+    for compiled, module, arg in ((times, Times(), 2.0), (pick, Pick(), True), (pick, Pick(), 1)):
+        got, want = compiled(x, arg), eager(module, x, arg)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want)
+
+
+# --- keyword arguments, outputs that are not tensors, empty batches -------------------------------------
+
+class Affine(torch.nn.Module):
+    def forward(self, x, *, a, b):
+        return x * a + b
+
+
+@pytest.mark.parametrize("example_order", ["ab", "ba"])
+def test_keyword_arguments_in_any_order(example_order):
+    x, a, b = torch.randn(3), torch.randn(3), torch.randn(3)
+    example = {"a": a, "b": b} if example_order == "ab" else {"b": b, "a": a}
+    compiled = fusec.compile(Affine(), (x,), example)
+    want = x * a + b
+    torch.testing.assert_close(compiled(x, a=a, b=b), want)
+    torch.testing.assert_close(compiled(x, b=b, a=a), want)
+    with pytest.raises(TypeError, match="keyword"):
+        compiled(x, a=a, c=b)
+
+
+class Returns(torch.nn.Module):
+    def __init__(self, what):
+        super().__init__()
+        self.what = what
+
+    def forward(self, x):
+        y = x * 2.0
+        return {"none": lambda: None, "int": lambda: 3, "mixed": lambda: (y, None, 2, {"t": x + 1, "s": 1.5}),
+                "only_constants": lambda: (None, 4)}[self.what]()
+
+
+@pytest.mark.parametrize("backend", ["numba", "reference"])
+@pytest.mark.parametrize("what", ["none", "int", "mixed", "only_constants"])
+def test_outputs_that_are_not_tensors_pass_through_like_eager(backend, what):
+    x = torch.randn(4)
+    module = Returns(what)
+    got, want = fusec.compile(module, (x,), backend=backend)(x), eager(module, x)
+    assert type(got) is type(want)
+    if what == "mixed":
+        torch.testing.assert_close(got[0], want[0])
+        assert got[1:3] == want[1:3] and got[3]["s"] == 1.5
+        torch.testing.assert_close(got[3]["t"], want[3]["t"])
+    else:
+        assert got == want
+
+
+def test_empty_batch_gives_eager_result_or_clear_error(module):
+    empty = torch.randn(0, 5, 8)
+    compiled = fusec.compile(module, (torch.randn(2, 5, 8),), dynamic={"x": {0}})
+    got = compiled(empty)
+    assert got.shape == (0, 5, 8)
+    static = fusec.compile(module, (torch.randn(2, 5, 8),))
+    with pytest.raises(ValueError, match=r"\[0, 5, 8\]"):
+        static(empty)
+    with pytest.raises(ValueError, match="empty"):
+        fusec.compile(module, (empty,))
+    lin = torch.nn.Linear(4, 3)
+    compiled = fusec.compile(lin, (torch.randn(2, 4),), recompile=True)
+    assert compiled(torch.randn(0, 4)).shape == (0, 3)
