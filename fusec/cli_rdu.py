@@ -60,8 +60,8 @@ def _place(traced, fuse: bool, machine: str, seed: int, dtype: str | None):
     from fusec.api import lower
     from passes.place import place
     graph = lower(traced, fuse=fuse)
-    if fuse and machine == "sn40l" and seed == 0 and dtype is None:
-        return graph  # the pipeline's own "placed" stage
+    if fuse and machine == "sn40l" and seed == 0 and dtype is None and "placement" in graph.annotations:
+        return graph  # the pipeline's own "placed" stage (which leaves a program with fallbacks unplaced)
     return place(graph, machine, seed, dtype)
 
 

@@ -17,7 +17,7 @@ from fusec.ir import Graph, verify
 from passes.canonicalize import (canonicalize, eliminate_common_subexpressions, eliminate_dead_code,
                                  fold_constants, simplify_algebra, simplify_views)
 from passes.fuse import fuse
-from passes.place import place
+from passes.place import place_stage
 from passes.tile import tile
 
 Pass = tuple[str, Callable[[Graph], Graph]]
@@ -103,4 +103,4 @@ register_stage("canonical", (
 ))
 register_stage("fused", (("fuse", fuse),), after="canonical")
 register_stage("tiled", (("tile", tile),))
-register_stage("placed", (("place", place),), after="tiled")
+register_stage("placed", (("place", place_stage),), after="tiled")

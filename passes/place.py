@@ -39,6 +39,15 @@ def place(graph: Graph, machine: Machine | str = "sn40l", seed: int = 0, dtype: 
     return Graph(graph.nodes, graph.outputs, graph.tensors, {**graph.annotations, "placement": placement})
 
 
+def place_stage(graph: Graph) -> Graph:
+    """The pipeline's "placed" stage: `place` on the default machine, except that a program with torch
+    fallbacks (`extern` nodes run on the host) is returned unplaced, so a CPU compile (which runs every
+    stage) does not fail on it; asking for its placement (`place`, `plan`, `fusec rdu`) raises IRError."""
+    if any(n.op == "extern" for n in graph.nodes):
+        return graph
+    return place(graph)
+
+
 def make_place_pass(machine: Machine | str, seed: int = 0, dtype: str | None = None) -> Callable[[Graph], Graph]:
     """`place` for another machine, seed or dtype, as a Graph -> Graph pass."""
     m = get_machine(machine)
