@@ -44,13 +44,14 @@ COLUMNS = [("implementation", "implementation", ""), ("case", "case", ""), ("med
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from fusec.cli import nonnegative_int, positive_int
+    parser = argparse.ArgumentParser(prog="fusec bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tinyllama_1b", choices=list(PRESETS), help="Llama block shape")
-    parser.add_argument("--seq", type=int, default=256, help="prefill tokens (batch 1)")
-    parser.add_argument("--past", type=int, default=512, help="past K/V tokens in the decode case")
-    parser.add_argument("--repeat", type=int, default=10, help="timed runs per measurement (median)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
-    parser.add_argument("--threads", type=int, default=2, help="threads for torch and numba alike")
+    parser.add_argument("--seq", type=positive_int, default=256, help="prefill tokens (batch 1)")
+    parser.add_argument("--past", type=nonnegative_int, default=512, help="past K/V tokens in the decode case")
+    parser.add_argument("--repeat", type=positive_int, default=10, help="timed runs per measurement (median)")
+    parser.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed runs before timing")
+    parser.add_argument("--threads", type=positive_int, default=2, help="threads for torch and numba alike")
     parser.add_argument("--backend", default="numba", help="fusec backend (falls back to reference)")
     parser.add_argument("--out", default="bench_out", help="directory for bench_block.json and .png")
     parser.add_argument("--cache-dir", help="FUSEC_CACHE_DIR to use and keep (default: a fresh temporary "

@@ -46,21 +46,22 @@ COLUMNS = [("model", "model", ""), ("implementation", "implementation", ""), ("n
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from fusec.cli import nonnegative_int, positive_int
     parser = argparse.ArgumentParser(prog="fusec bench generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="*", help="presets (" + ", ".join(PRESETS) + ") or safetensors "
                         "files / Hugging Face model directories; default: " + ", ".join(DEFAULT_MODELS))
     parser.add_argument("--preset", nargs="+", default=[], choices=list(PRESETS), help="presets, as above")
-    parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (random ids)")
-    parser.add_argument("--new-tokens", type=int, default=256, help="tokens to generate")
-    parser.add_argument("--max-seq-len", type=int, help="KV cache rows (default: prompt plus new tokens)")
-    parser.add_argument("--batch", type=int, default=1, help="sequences generated at once")
-    parser.add_argument("--threads", type=int, default=2, help="threads for torch and numba alike")
-    parser.add_argument("--repeat", type=int, default=3, help="timed prefill runs (median)")
+    parser.add_argument("--prompt-len", type=positive_int, default=32, help="prompt tokens (random ids)")
+    parser.add_argument("--new-tokens", type=positive_int, default=256, help="tokens to generate")
+    parser.add_argument("--max-seq-len", type=positive_int, help="KV cache rows (default: prompt plus new tokens)")
+    parser.add_argument("--batch", type=positive_int, default=1, help="sequences generated at once")
+    parser.add_argument("--threads", type=positive_int, default=2, help="threads for torch and numba alike")
+    parser.add_argument("--repeat", type=positive_int, default=3, help="timed prefill runs (median)")
     parser.add_argument("--impl", nargs="+", default=list(IMPL_FLAGS), choices=list(IMPL_FLAGS),
                         help="implementations to run (eager always runs: it is the reference)")
     parser.add_argument("--backend", default="numba", help="fusec backend")
     parser.add_argument("--no-torch-compile", action="store_true", help="skip torch.compile (inductor)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the random weights and prompt")
     parser.add_argument("--out", default="bench_out", help="directory for bench_generate.json and .png")
     return parser.parse_args(argv)
 

@@ -10,10 +10,45 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import warnings
 
 from fusec.errors import FusecError
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, given {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (argparse names the flag in its error)."""
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, given {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """An argparse type: an integer of at least 0."""
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 0, given {value}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """An argparse type: a finite number of at least 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, given {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number of at least 0, given {text}")
+    return value
 
 
 def _frontend_stages() -> list[str]:
@@ -143,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("model", help="registry name (see `fusec models`) or path/to/file.py:factory")
     d.add_argument("--stage", default="canonical", help="one of: " + ", ".join(stage_names()))
     d.add_argument("--format", default="text", choices=("text", "json", "dot", "svg", "png"))
-    d.add_argument("--seq-len", type=int, default=None, help="sequence length of the example input")
+    d.add_argument("--seq-len", type=positive_int, default=None, help="sequence length of the example input")
     d.add_argument("--unfused", action="store_true", help="show the unfused program (one kernel per op)")
     d.add_argument("-o", "--output", help="write to this file instead of standard output")
     m = sub.add_parser("demo", help="trace a built-in model, run it and compare with PyTorch")
@@ -157,8 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     b.add_argument("model", nargs="?", default="llama-block:tinyllama_1b", help="llama-block[:PRESET]")
     co = sub.add_parser("coe", help="Composition of Experts: `fusec coe bench [--help]` runs its benchmark",
-                        add_help=False)
-    co.add_argument("action", choices=("bench",))
+                        add_help=False)  # `fusec coe bench --help` is the benchmark's own help
+    co.add_argument("action", nargs="?", choices=("bench",), help="bench: the CoE benchmark (see its --help)")
+    p.commands = sub.choices  # {command: its parser}: `fusec coe --help` prints the one of coe
     return p
 
 
@@ -181,9 +217,9 @@ def _add_debug_commands(sub) -> None:
     c = sub.add_parser("check", help="errors of fused, unfused, reference and PyTorch; bisect a mismatch")
     for p in (e, c):
         p.add_argument("model", help="registry name (see `fusec models`) or path/to/file.py:factory")
-        p.add_argument("--seq-len", type=int, default=None, help="sequence length of the example input")
+        p.add_argument("--seq-len", type=positive_int, default=None, help="sequence length of the example input")
     c.add_argument("--float64", action="store_true", help="measure errors against PyTorch in float64")
-    c.add_argument("--tol", type=float, default=1e-4, help="largest error, scaled by the output's magnitude")
+    c.add_argument("--tol", type=nonnegative_float, default=1e-4, help="largest error, scaled by the output's magnitude")
     k = sub.add_parser("cache", help="the on-disk compile cache: where it is and how big, or clear it")
     k.add_argument("action", choices=("info", "clear"))
 
@@ -236,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             return bench(args.model, rest)
         if args.command == "coe":
+            if args.action is None:  # `fusec coe --help`, or no action
+                coe_parser = build_parser().commands["coe"]
+                if rest and rest[0] in ("-h", "--help"):
+                    coe_parser.print_help()
+                    return 0
+                coe_parser.error("expected an action: bench (`fusec coe bench --help` shows its options)")
             from fusec.coe.bench import main as coe_bench
             return coe_bench(rest)
         if args.command == "demo":

@@ -11,8 +11,9 @@ the graph module, core-ATen decompositions) on the first call, for the shapes of
   weights. A call with other parameter objects (another instance of the same module) compiles again.
 - Shapes: Dynamo guards its graphs; fusec keeps one program per input shape it sees (`dynamic=True`),
   so Dynamo's dynamic shapes work, one compiled program per concrete size.
-- A graph fusec cannot compile (torch.export fails on it) runs in PyTorch eager, with a warning; ops
-  without a lowering run through PyTorch inside the fusec program as usual.
+- A graph fusec cannot compile (torch.export fails on it, or fusec itself fails) runs in PyTorch eager,
+  with a warning naming the error; ops without a lowering run through PyTorch inside the fusec program as
+  usual.
 
 Options: `torch.compile(model, backend="fusec", options={"fuse": False, "backend": "reference",
 "strict": True})`.
@@ -128,11 +129,12 @@ class DynamoGraph:
                                          strict=self.options.get("strict", False), dynamic=True,
                                          recompile=True,
                                          cache_limit=self.options.get("cache_limit", CACHE_LIMIT))
-            except FusecError as e:
+            except Exception as e:  # noqa: BLE001 - an internal error too: eager still gives the right answer
                 if isinstance(e, UnsupportedOpError) and self.options.get("strict"):
                     raise
+                what = e if isinstance(e, FusecError) else f"{type(e).__name__}: {e} (a fusec bug: please report it)"
                 warnings.warn(f"fusec could not compile a graph torch.compile captured; it runs in PyTorch "
-                              f"eager: {e}", stacklevel=3)
+                              f"eager: {what}", stacklevel=3)
                 self._eager = True
                 return None
             if len(self._compiled) >= 8:  # parameter sets seen before: keep a few

@@ -13,7 +13,7 @@ existing kernel) is *pinned*: some kernel writes it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from heapq import heappop, heappush
+from heapq import heapify, heappop, heappush
 from typing import Callable, Iterable
 
 from fusec.ir import Graph
@@ -193,9 +193,13 @@ class Plan:
     def ordered_groups(self) -> list[Group]:
         """The groups in an order where every kernel comes after the kernels it reads (Kahn's algorithm)."""
         index = {id(g): k for k, g in enumerate(self.groups)}
-        deps = {id(g): {id(self.group_of[e]) for m in g.members for e in self.operands(m)
+        # `operands` leaves weights out (bodies copy them), but a pinned weight is written by its own
+        # kernel, and a fixed node (an extern reading a conv weight) reads that value from the outer graph
+        deps = {id(g): {id(self.group_of[e]) for m in g.members
+                        for e in self.operands(m) | set(self.nodes[m].args)
                         if e in self.group_of and self.group_of[e] is not g} for g in self.groups}
         ready = [(min(g.members), index[id(g)]) for g in self.groups if not deps[id(g)]]
+        heapify(ready)
         order: list[Group] = []
         while ready:
             _, k = heappop(ready)

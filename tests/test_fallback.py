@@ -167,3 +167,109 @@ def test_fallback_on_a_constant_is_still_folded():
     from test_errors import ScanOfBuffer  # cumsum of a buffer: evaluated at trace time, not a fallback
     compiled = fusec.compile(ScanOfBuffer(), (torch.randn(2, 8),))
     assert compiled.stats["torch_ops"] == 0
+
+
+# --- fallbacks that read weights -------------------------------------------------------------------------
+
+class DivByWeight(torch.nn.Module):
+    """The README's fallback example with a parameter operand: floor division by a weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, x):
+        return torch.div(x * 3.0, self.w, rounding_mode="floor") + 1.0
+
+
+class Conv1dReLU(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(4, 6, 3)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x))
+
+
+class Conv2dScaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x * 0.5) * 2.0 + 1.0
+
+
+WEIGHT_CASES = {
+    "div_by_weight": (DivByWeight, lambda: (torch.randn(4, 8),)),
+    "conv1d": (Conv1dReLU, lambda: (torch.randn(2, 4, 10),)),
+    "conv2d": (Conv2dScaled, lambda: (torch.randn(1, 3, 6, 6),)),
+}
+
+
+@pytest.mark.parametrize("backend, fuse, weights", [
+    ("numba", True, "fp32"), ("numba", False, "fp32"), ("reference", True, "fp32"), ("reference", False, "fp32"),
+    ("numba", True, "bf16"), ("numba", False, "bf16")])
+@pytest.mark.parametrize("case", sorted(WEIGHT_CASES))
+def test_fallback_reading_a_weight_matches_eager(case, backend, fuse, weights):
+    make, inputs = WEIGHT_CASES[case]
+    module = make().eval()
+    if weights == "bf16":  # the eager baseline sees the weights fusec stores (bf16, widened when read)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(p.to(torch.bfloat16).float())
+    example = inputs()
+    compiled = fusec.compile(module, example, backend=backend, fuse=fuse, weights=weights)
+    assert compiled.stats["torch_ops"] >= 1
+    for args in (example, inputs()):
+        with torch.no_grad():
+            want = module(*args)
+        torch.testing.assert_close(compiled(*args), want, rtol=1e-5, atol=1e-5)
+
+
+def test_explain_and_check_of_a_conv_model():
+    from fusec.check import check
+    from fusec.explain import explain
+    module, (x,) = Conv1dReLU().eval(), WEIGHT_CASES["conv1d"][1]()
+    info = explain(module, (x,))
+    assert [f.target for f in info.fallbacks] == ["aten.convolution.default"]
+    assert check(module, (x,)).ok
+
+
+def test_torch_compile_of_a_conv_model_gives_eager_result():
+    import warnings
+    module, (x,) = Conv1dReLU().eval(), WEIGHT_CASES["conv1d"][1]()
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend="fusec")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # compiled by fusec, not run eagerly with a warning
+        got = compiled(x)
+        want = module(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_torch_compile_runs_eagerly_with_a_warning_when_fusec_fails(monkeypatch):
+    module, (x,) = Conv1dReLU().eval(), WEIGHT_CASES["conv1d"][1]()
+
+    def broken(*args, **kwargs):  # an internal error, not a FusecError
+        raise KeyError(0)
+    monkeypatch.setattr(fusec, "compile", broken)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend="fusec")
+    with torch.no_grad(), pytest.warns(UserWarning, match="KeyError"):
+        got = compiled(x)
+    with torch.no_grad():
+        torch.testing.assert_close(got, module(x), rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
+def test_rdu_placement_of_a_program_with_fallbacks_names_the_fallback(tmp_path, capsys):
+    from fusec.cli import main
+    (tmp_path / "conv_model.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Conv1d(4, 6, 3), (torch.randn(2, 4, 10),)\n")
+    assert main(["dump", f"{tmp_path}/conv_model.py:make", "--stage", "placed"]) == 1
+    assert "torch fallback" in capsys.readouterr().err

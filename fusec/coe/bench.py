@@ -229,18 +229,19 @@ def format_report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fusec.cli import nonnegative_float, nonnegative_int, positive_int
     p = argparse.ArgumentParser(prog="fusec coe bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--experts", type=int, default=150)
-    p.add_argument("--hbm-experts", type=int, default=20, help="HBM budget, in experts")
-    p.add_argument("--requests", type=int, default=200)
-    p.add_argument("--tokens", type=int, default=64, help="new tokens per request")
-    p.add_argument("--baseline-requests", type=int, default=12, help="requests the naive baseline runs")
+    p.add_argument("--experts", type=positive_int, default=150)
+    p.add_argument("--hbm-experts", type=positive_int, default=20, help="HBM budget, in experts")
+    p.add_argument("--requests", type=positive_int, default=200)
+    p.add_argument("--tokens", type=positive_int, default=64, help="new tokens per request")
+    p.add_argument("--baseline-requests", type=nonnegative_int, default=12, help="requests the naive baseline runs")
     p.add_argument("--preset", default="stories15M")
-    p.add_argument("--zipf", type=float, default=1.1, help="popularity exponent")
+    p.add_argument("--zipf", type=nonnegative_float, default=1.1, help="popularity exponent")
     p.add_argument("--policy", default="lru", choices=("lru", "lfu"))
     p.add_argument("--no-prefetch", action="store_true")
     p.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="where the expert files are written")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--smoke", action="store_true", help="a few tiny experts: checks the benchmark runs")
     p.add_argument("--json", type=Path, default=None, help="also write every figure to this file")
     args = p.parse_args(argv)

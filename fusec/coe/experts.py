@@ -4,8 +4,9 @@ An expert is a Llama causal LM of some architecture (config and tied embeddings)
 a safetensors file (`FileExpert`: one file per expert, in the Hugging Face layout `save_safetensors`
 writes, the config in the file's metadata) or from a model in memory (`ModuleExpert`). Registering a file
 reads only its header, which is checked against the architecture; the tensors are read when the weight
-store loads the expert, with one read of the data section into one buffer (the read releases the GIL,
-so a background load overlaps generation), and viewed as tensors without another copy.
+store loads the expert (the header read again: see `FileExpert`), with one read of the data section into
+one buffer (the read releases the GIL, so a background load overlaps generation), and viewed as tensors
+without another copy.
 
 `conform` turns an expert's tensors into what a compiled program reads: its parameter names, and the
 dtypes it was compiled for (bf16 matrices with weights="bf16"; small weights float32).
@@ -13,6 +14,7 @@ dtypes it was compiled for (bf16 matrices with weights="bf16"; small weights flo
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -25,7 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from fusec.errors import FusecError
-from fusec.models.causal_lm import CONFIG_KEY, CausalLM, config_from_hf, config_to_hf, from_hf, hf_names
+from fusec.models.causal_lm import (CONFIG_KEY, HF_NAMES, CausalLM, config_from_hf, config_to_hf, from_hf,
+                                    hf_names)
 from fusec.models.llama import LlamaConfig
 
 DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16, "F64": torch.float64}
@@ -76,24 +79,20 @@ def expected_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
 
 
 class FileExpert:
-    """An expert in a safetensors file. The header is read and checked now; the data when `load` runs."""
+    """An expert in a safetensors file. The header is read and checked now; the data when `load` runs.
+
+    Every `load` reads the header again (a few KB) before the data. A file rewritten since it was
+    registered is read by its new header when that header still describes the same tensors (names,
+    dtypes, shapes, and a data section of the same size: only where it starts or where each tensor sits
+    differ, as when the metadata changed); a file holding other tensors raises ExpertError naming the
+    expert (make a new CoE to serve it: its programs and the weight budget were sized for the registered
+    file). Writing the registered file back makes the expert serve again.
+    """
 
     def __init__(self, name: str, path: str | os.PathLike):
         self.name, self.path = name, Path(path)
-        header, self.data_start = read_header(name, self.path)
-        meta = header.pop("__metadata__", None) or {}
-        if CONFIG_KEY not in meta:
-            raise ExpertError(name, f"{self.path} records no model config in its metadata (write expert files "
-                                    f"with fusec.models.causal_lm.save_safetensors)")
-        try:
-            self.architecture = Architecture(*config_from_hf(json.loads(meta[CONFIG_KEY])))
-        except (ValueError, KeyError, TypeError) as e:
-            raise ExpertError(name, f"{self.path} has an unusable config: {e}") from None
-        self.entries = header
-        self.data_bytes = check_entries(name, self.path, header, self.architecture)
-        if self.data_start + self.data_bytes > self.path.stat().st_size:
-            raise ExpertError(name, f"{self.path} is truncated: {self.path.stat().st_size} bytes, the header "
-                                    f"describes {self.data_start + self.data_bytes}")
+        with _open(name, self.path) as f:
+            self._raw, self.architecture, self.entries, self.data_start, self.data_bytes = _parse(name, self.path, f)
 
     def new_buffer(self) -> np.ndarray:
         """A writable buffer the size of the data section, for `load`."""
@@ -106,17 +105,35 @@ class FileExpert:
         (malloc would keep buffers under its mmap threshold, 32 MiB, in its heap after eviction)."""
         if buffer is None or buffer.nbytes != self.data_bytes:
             buffer = self.new_buffer()
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.data_start)
+        with _open(self.name, self.path) as f:
+            self._check_unchanged(f)
+            f.seek(self.data_start)
+            try:
                 got = f.readinto(memoryview(buffer))
-        except OSError as e:
-            raise ExpertError(self.name, f"cannot read {self.path}: {e}") from None
+            except OSError as e:
+                raise ExpertError(self.name, f"cannot read {self.path}: {e}") from None
         if got != self.data_bytes:
             raise ExpertError(self.name, f"{self.path} is truncated: read {got} of {self.data_bytes} data bytes")
         whole = torch.from_numpy(buffer)
         return {key: whole[start:end].view(DTYPES[e["dtype"]]).view(e["shape"])
                 for key, e in self.entries.items() for start, end in [e["data_offsets"]]}
+
+    def _check_unchanged(self, f) -> None:
+        """Re-read the header of open file `f`; take a rewritten file's new offsets or refuse it (see the
+        class docstring)."""
+        size = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))[0]
+        if size == len(self._raw) and f.read(size) == self._raw:
+            return
+        f.seek(0)
+        raw, arch, entries, data_start, data_bytes = _parse(self.name, self.path, f)
+        layout = {k: (e["dtype"], e["shape"]) for k, e in self.entries.items()}
+        same = {k: (e["dtype"], e["shape"]) for k, e in entries.items()} == layout and data_bytes == self.data_bytes
+        if arch != self.architecture or not same:
+            raise ExpertError(self.name, f"{self.path} was rewritten after it was registered and now holds other "
+                                         f"tensors ({arch}, {data_bytes} data bytes; registered: "
+                                         f"{self.architecture}, {self.data_bytes} bytes; or other dtypes): "
+                                         f"make a new CoE to serve it")
+        self._raw, self.entries, self.data_start, self.data_bytes = raw, entries, data_start, data_bytes
 
     def __repr__(self) -> str:
         return f"FileExpert({self.name!r}, {str(self.path)!r}, {self.architecture})"
@@ -155,47 +172,114 @@ def as_expert(name: str, source) -> FileExpert | ModuleExpert:
     raise TypeError(f"expert {name!r}: expected a safetensors path or a Llama model, given {type(source).__name__}")
 
 
-def read_header(name: str, path: Path) -> tuple[dict, int]:
-    """(the JSON header, the offset of the data section) of a safetensors file."""
+def _open(name: str, path: Path):
+    """`path` opened for reading; ExpertError naming the expert when it cannot be."""
     try:
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise ExpertError(name, f"{path} is not a safetensors file (only {len(prefix)} bytes)")
-            (size,) = struct.unpack("<Q", prefix)
-            if size > HEADER_LIMIT:
-                raise ExpertError(name, f"{path} is not a safetensors file (header size {size})")
-            text = f.read(size)
+        return open(path, "rb")
     except FileNotFoundError:
         raise ExpertError(name, f"file {path} does not exist") from None
     except OSError as e:
         raise ExpertError(name, f"cannot read {path}: {e}") from None
+
+
+def _parse(name: str, path: Path, f) -> tuple[bytes, Architecture, dict, int, int]:
+    """(the raw header, the architecture, the tensor entries, the data section's offset and size) of the
+    expert file open as `f`, every field checked. Sizes are checked against the file's size before any
+    work that grows with them (a config claiming a million layers costs nothing)."""
+    file_size = os.fstat(f.fileno()).st_size
+    raw, header, data_start = read_header(name, path, f)
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or CONFIG_KEY not in meta:
+        raise ExpertError(name, f"{path} records no model config in its metadata (write expert files "
+                                f"with fusec.models.causal_lm.save_safetensors)")
     try:
-        header = json.loads(text)
+        arch = Architecture(*config_from_hf(json.loads(meta[CONFIG_KEY])))
+    except (ValueError, KeyError, TypeError, ArithmeticError) as e:
+        raise ExpertError(name, f"{path} has an unusable config: {e}") from None
+    check_config(name, path, arch, len(header), file_size - data_start)
+    data_bytes = check_entries(name, path, header, arch, file_size - data_start)
+    return raw, arch, header, data_start, data_bytes
+
+
+def read_header(name: str, path: Path, f) -> tuple[bytes, dict, int]:
+    """(the raw JSON header, the header, the offset of the data section) of the safetensors file open as
+    `f`, read from its start."""
+    try:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ExpertError(name, f"{path} is not a safetensors file (only {len(prefix)} bytes)")
+        (size,) = struct.unpack("<Q", prefix)
+        if size > HEADER_LIMIT:
+            raise ExpertError(name, f"{path} is not a safetensors file (header size {size})")
+        raw = f.read(size)
+    except OSError as e:
+        raise ExpertError(name, f"cannot read {path}: {e}") from None
+    try:
+        header = json.loads(raw)
         if not isinstance(header, dict):
             raise ValueError("not an object")
     except (ValueError, UnicodeDecodeError) as e:
         raise ExpertError(name, f"{path} has a damaged safetensors header ({e})") from None
-    return header, 8 + size
+    return raw, header, 8 + size
 
 
-def check_entries(name: str, path: Path, header: dict, arch: Architecture) -> int:
-    """The data section's size, after checking every tensor's name, dtype, shape and extent."""
-    want = expected_shapes(arch)
+CONFIG_INTS = ("dim", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len", "vocab_size", "n_layers")
+
+
+def check_config(name: str, path: Path, arch: Architecture, entries: int, data_size: int) -> None:
+    """The config's sizes are positive integers, each a tensor extent within the `data_size` bytes the
+    file holds after its header, and they imply as many tensors as the header lists (computed, not
+    enumerated: the file's size bounds the work that follows)."""
+    c = arch.config
+    bad = {k: getattr(c, k) for k in CONFIG_INTS if type(getattr(c, k)) is not int or getattr(c, k) <= 0}
+    if bad:
+        raise ExpertError(name, f"{path} has an unusable config: expected positive integers, given {bad}")
+    bad = {k: getattr(c, k) for k in ("norm_eps", "rope_theta")
+           if type(getattr(c, k)) not in (int, float) or not math.isfinite(getattr(c, k))}
+    if bad:
+        raise ExpertError(name, f"{path} has an unusable config: expected finite numbers, given {bad}")
+    extents = {"hidden_size": c.dim, "intermediate_size": c.hidden_dim, "vocab_size": c.vocab_size}
+    big = {k: v for k, v in extents.items() if v * min(t.itemsize for t in DTYPES.values()) > data_size}
+    if big:
+        raise ExpertError(name, f"{path} does not hold a model of its config: {big} imply tensors larger than "
+                                f"the {data_size} bytes the file holds after its header")
+    per_layer = sum("{i}" in ours for ours, _ in HF_NAMES)
+    tensors = c.n_layers * per_layer + sum("{i}" not in ours for ours, _ in HF_NAMES) - (1 if arch.tied else 0)
+    if tensors != entries:
+        raise ExpertError(name, f"{path} does not hold a model of its config: num_hidden_layers={c.n_layers} "
+                                f"implies {tensors} tensors, the header lists {entries}")
+
+
+def check_entries(name: str, path: Path, header: dict, arch: Architecture, data_size: int) -> int:
+    """The data section's size, after checking every tensor's name, dtype, shape and extent (within the
+    `data_size` bytes the file holds after its header)."""
+    try:
+        want = expected_shapes(arch)
+    except (RuntimeError, OverflowError, ValueError, TypeError, MemoryError) as e:  # sizes past int64
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__  # torch appends a C++ backtrace
+        raise ExpertError(name, f"{path} does not hold a model of its config ({arch}): {first}") from None
     missing, unexpected = sorted(set(want) - set(header)), sorted(set(header) - set(want))
     if missing or unexpected:
         raise ExpertError(name, f"{path} does not hold a model of {arch}: missing {missing[:3]}, "
                                 f"unexpected {unexpected[:3]}")
     end = 0
     for key, entry in header.items():
-        dtype, shape, (start, stop) = entry.get("dtype"), tuple(entry.get("shape", ())), entry.get("data_offsets")
-        if dtype not in DTYPES:
-            raise ExpertError(name, f"{path}: {key} has dtype {dtype}, expected one of {', '.join(DTYPES)}")
-        if shape != want[key]:
-            raise ExpertError(name, f"{path}: {key} has shape {list(shape)}, expected {list(want[key])}")
+        if not isinstance(entry, dict):
+            raise ExpertError(name, f"{path}: {key} is described by {type(entry).__name__}, expected an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise ExpertError(name, f"{path}: {key} has dtype {dtype!r}, expected one of {', '.join(DTYPES)}")
+        if not isinstance(shape, list) or not all(type(d) is int for d in shape) or tuple(shape) != want[key]:
+            raise ExpertError(name, f"{path}: {key} has shape {shape!r}, expected {list(want[key])}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise ExpertError(name, f"{path}: {key} has data_offsets {offsets!r}, expected [start, stop]")
+        start, stop = offsets
         nbytes = int(np.prod(shape)) * DTYPES[dtype].itemsize
         if stop - start != nbytes or start < 0:
             raise ExpertError(name, f"{path}: {key} spans bytes {start}..{stop}, expected {nbytes} bytes")
+        if stop > data_size:
+            raise ExpertError(name, f"{path} is truncated: {key} ends at data byte {stop}, the file holds "
+                                    f"{data_size} after its header")
         end = max(end, stop)
     return end
 
