@@ -63,21 +63,22 @@ def _place(traced, fuse: bool, machine: str, seed: int, dtype: str | None):
 
 
 def add_rdu_parser(subparsers) -> argparse.ArgumentParser:
+    from fusec.cli import nonnegative_int, positive_int
     r = subparsers.add_parser("rdu", help="estimate a model's time on an RDU (the analytical model)")
     r.add_argument("model", help="registry name (see `fusec models`) or path/to/file.py:factory")
     r.add_argument("--machine", default="sn40l", help="sn40l, plasticine, test_grid or a .json/.toml file")
     r.add_argument("--unfused", action="store_true", help="the unfused program (one kernel per op)")
     r.add_argument("--compare", action="store_true", help="report fused and unfused and their ratio")
     r.add_argument("--decode", action="store_true", help="one decode step (1 new token after --past tokens)")
-    r.add_argument("--seq-len", type=int, default=None, help="prefill tokens of the example input")
-    r.add_argument("--past", type=int, default=None, help="past tokens for --decode (default: max_seq_len - 1)")
-    r.add_argument("--layers", type=int, default=None,
+    r.add_argument("--seq-len", type=positive_int, default=None, help="prefill tokens of the example input")
+    r.add_argument("--past", type=nonnegative_int, default=None, help="past tokens for --decode (default: max_seq_len - 1)")
+    r.add_argument("--layers", type=positive_int, default=None,
                    help="calls of the block per model call (default: the preset's n_layers, else 1)")
-    r.add_argument("--tp", type=int, default=1, help="tensor-parallel sockets")
+    r.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel sockets")
     r.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="count float tensors at this size (auto: bf16 on sn40l, else as traced)")
     r.add_argument("--orchestration", default="software", choices=("software", "hardware"))
-    r.add_argument("--seed", type=int, default=0, help="seed of the placement's annealing")
+    r.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the placement's annealing")
     r.add_argument("--format", default="text", choices=("text", "json"))
     r.add_argument("--stages", action="store_true", help="always print the per-stage tables")
     r.add_argument("-o", "--output", help="write to this file instead of standard output")
@@ -97,7 +98,8 @@ def rdu_main(args: argparse.Namespace) -> int:
     past = None
     if args.decode:
         past = args.past if args.past is not None else config.max_seq_len - 1 if config is not None else 0
-    layers = args.layers or (getattr(config, "n_layers", 1) if args.model.startswith("llama-block") else 1)
+    layers = args.layers if args.layers is not None else (
+        getattr(config, "n_layers", 1) if args.model.startswith("llama-block") else 1)
     variants = [True, False] if args.compare else [not args.unfused]
     traced = _traced(args.model, args.seq_len, past)
     reports = {}
