@@ -56,7 +56,9 @@ def generate(name: str, node: Node) -> KernelCode:
         em = Emitter(body, w, arrays)
         matmuls = [i for i, n in enumerate(body.nodes) if n.op == "matmul"]
         anchors = node.attr("anchors") or ()
-        if kind == "attention" and len(anchors) == 2:
+        # a bf16 attention runs the generic loops, which round every op to bf16 as eager does (the
+        # flash loop keeps its scores and running sums in float32)
+        if kind == "attention" and len(anchors) == 2 and all(body.nodes[a].dtype == "f32" for a in anchors):
             from backends.numba_cpu.attention import emit_attention
             loop = emit_attention(em, anchors, outs, dict(node.attr("tiles") or ()))
         elif matmuls and _is_gemm(body, matmuls):

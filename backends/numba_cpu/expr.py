@@ -18,7 +18,10 @@ import re
 from contextlib import contextmanager
 from typing import Callable
 
+import numpy as np
+
 from backends.numba_cpu.writer import Writer
+from fusec.dtypes import round_bf16
 from fusec.ir import Graph
 
 NP = {"f32": "np.float32", "f64": "np.float64", "f16": "np.float16", "i64": "np.int64", "i32": "np.int32",
@@ -36,12 +39,17 @@ BINARY = {"add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})", "div
           "or": "({0} | {1})", "eq": "({0} == {1})", "ne": "({0} != {1})", "lt": "({0} < {1})",
           "le": "({0} <= {1})", "gt": "({0} > {1})", "ge": "({0} >= {1})"}
 
+# ops whose bf16 result is computed in float32 and must be rounded to bf16
+ROUNDED = frozenset(UNARY) | frozenset(BINARY) | {"cast", "iota", "sum", "matmul"}
+
 
 def literal(value, dtype: str) -> str:
     """A typed literal, so float32 code never promotes to float64."""
     if dtype == "bool":
         return "True" if value else "False"
     if dtype in ("f32", "f64", "f16", "bf16"):
+        if dtype == "bf16":  # the constant as a bf16 node holds it (the reference backend rounds it too)
+            value = float(round_bf16(np.array([value], np.float32))[0])
         text = {float("inf"): "np.inf", float("-inf"): "-np.inf"}.get(float(value))
         if text is None:
             text = "np.nan" if value != value else repr(float(value))
@@ -200,10 +208,18 @@ class Emitter:
     def _render(self, nid: int, idx: tuple[str, ...]) -> str:
         n = self.g.nodes[nid]
         if nid in self.overrides:
-            return self.overrides[nid](idx)
+            expr = self.overrides[nid](idx)
+            return f"rbf16({expr})" if n.dtype == "bf16" and n.op in ROUNDED else expr
         if nid in self.arrays:
             load = f"{self.arrays[nid]}[{', '.join(idx)}]" if idx else f"{self.arrays[nid]}[()]"
-            return f"bf16({load})" if n.dtype == "bf16" else load  # bf16 arrays arrive as uint16 bits
+            return f"load_bf16({load})" if n.dtype == "bf16" else load  # bits (weights) or float32
+        expr = self._compute(nid, idx)
+        # a bf16 result is computed in float32 and rounded to bf16, op by op, as torch eager and the
+        # reference backend do (views, `where`, amax/amin only pass bf16 values on)
+        return f"rbf16({expr})" if n.dtype == "bf16" and n.op in ROUNDED else expr
+
+    def _compute(self, nid: int, idx: tuple[str, ...]) -> str:
+        n = self.g.nodes[nid]
         op, dt = n.op, n.dtype
         T = NP.get(dt, "np.float32")
         one, zero = (literal(1, dt), literal(0, dt)) if dt != "bool" else ("1", "0")

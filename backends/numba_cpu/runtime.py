@@ -31,7 +31,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from backends.numba_cpu.blas import bf16, gemm, gemm_bf16, matvec, matvec_bf16
+from backends.numba_cpu.blas import bf16, gemm, gemm_bf16, load_bf16, matvec, matvec_bf16, rbf16
 
 FASTMATH = {FASTMATH}
 """
