@@ -41,6 +41,7 @@ BINARY = {"add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})", "div
 
 # ops whose bf16 result is computed in float32 and must be rounded to bf16
 ROUNDED = frozenset(UNARY) | frozenset(BINARY) | {"cast", "iota", "sum", "matmul"}
+NARROW_INTS = ("i32", "i16", "i8", "u8")
 
 
 def literal(value, dtype: str) -> str:
@@ -208,15 +209,11 @@ class Emitter:
     def _render(self, nid: int, idx: tuple[str, ...]) -> str:
         n = self.g.nodes[nid]
         if nid in self.overrides:
-            expr = self.overrides[nid](idx)
-            return f"rbf16({expr})" if n.dtype == "bf16" and n.op in ROUNDED else expr
+            return _narrowed(n.op, n.dtype, self.overrides[nid](idx))
         if nid in self.arrays:
             load = f"{self.arrays[nid]}[{', '.join(idx)}]" if idx else f"{self.arrays[nid]}[()]"
             return f"load_bf16({load})" if n.dtype == "bf16" else load  # bits (weights) or float32
-        expr = self._compute(nid, idx)
-        # a bf16 result is computed in float32 and rounded to bf16, op by op, as torch eager and the
-        # reference backend do (views, `where`, amax/amin only pass bf16 values on)
-        return f"rbf16({expr})" if n.dtype == "bf16" and n.op in ROUNDED else expr
+        return _narrowed(n.op, n.dtype, self._compute(nid, idx))
 
     def _compute(self, nid: int, idx: tuple[str, ...]) -> str:
         n = self.g.nodes[nid]
@@ -343,6 +340,17 @@ class Emitter:
         assert self.w.depth == depth
         self.memo = saved
         return acc
+
+
+def _narrowed(op: str, dtype: str, expr: str) -> str:
+    """`expr` computed in a wider type, brought back to `dtype` op by op as torch eager does: a bf16
+    result is computed in float32 and rounded to bf16; Numba computes int8/16/32 and uint8 arithmetic in
+    int64, so the result wraps around to its own width (x * 2 > 0 for int8 x = 100 is False in eager)."""
+    if op not in ROUNDED:  # views, `where`, amax/amin only pass values of their dtype on
+        return expr
+    if dtype == "bf16":
+        return f"rbf16({expr})"
+    return f"{NP[dtype]}({expr})" if dtype in NARROW_INTS else expr
 
 
 def _init(op: str, dt: str, sdt: str) -> str:
