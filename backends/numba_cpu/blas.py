@@ -192,3 +192,15 @@ def gemm_bf16(a, w, c):
         n1 = min(n_dim, n0 + block)
         _widen_rows(w, n0, n1, tile)
         gemm(a, tile[: n1 - n0], c[:, n0:n1], True)
+
+
+@njit(inline="always")
+def checked_index(j, bound, err, take):
+    """`j` when it lies in [0, bound); else 0 (never a read out of bounds), with gather number `take` + 1
+    and `j` recorded in `err` for the runtime to raise IndexError after the kernel. A raise here would
+    make Numba run the parallel loop around it serially."""
+    if j >= 0 and j < bound:
+        return j
+    err[0] = take + 1
+    err[1] = j
+    return j - j

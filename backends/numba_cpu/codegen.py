@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from backends.numba_cpu.expr import Emitter
 from backends.numba_cpu.writer import Writer
 from fusec.errors import FusecError
+from fusec.guards import describe_take, take_bound
 from fusec.ir import Graph, Node
 
 REDUCE_OPS = ("sum", "amax", "amin", "argmax")
@@ -24,6 +25,7 @@ class KernelCode:
     params: list[str] = field(default_factory=list)   # outer tensor names, in argument order
     consts: list[str] = field(default_factory=list)
     loop: str = ""                                     # the loop nest used, for stats and dumps
+    gathers: list[tuple[int, str]] = field(default_factory=list)  # (bound, what) of each take it checks
 
 
 def generate(name: str, node: Node) -> KernelCode:
@@ -54,6 +56,9 @@ def generate(name: str, node: Node) -> KernelCode:
     w.line('@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)')
     with w.block(f"def {name}({', '.join(args)})", barrier=True):  # nothing hoists out of the function
         em = Emitter(body, w, arrays)
+        if em.gathers:  # [gather number + 1, bad index] of an index out of range (`checked_index`)
+            w.line("kerr = np.zeros(2, np.int64)")
+            w.define("kerr")
         matmuls = [i for i, n in enumerate(body.nodes) if n.op == "matmul"]
         anchors = node.attr("anchors") or ()
         # a bf16 attention runs the generic loops, which round every op to bf16 as eager does (the
@@ -69,10 +74,13 @@ def generate(name: str, node: Node) -> KernelCode:
         else:
             loop = "pointwise"
             emit_outputs(em, outs)
+        if em.gathers:
+            w.line("return kerr")
     source = w.text()
     if "prange(" not in source:  # a kernel of small loops runs on the calling thread: say so to Numba
         source = source.replace("@njit(parallel=True,", "@njit(parallel=False,", 1)
-    return KernelCode(name, source, params, consts, loop)
+    gathers = [(take_bound(body, body.nodes[i]), describe_take(body, body.nodes[i])) for i in em.gathers]
+    return KernelCode(name, source, params, consts, loop, gathers)
 
 
 def _is_gemm(body: Graph, matmuls: list[int]) -> bool:

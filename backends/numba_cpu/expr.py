@@ -22,6 +22,7 @@ import numpy as np
 
 from backends.numba_cpu.writer import Writer
 from fusec.dtypes import round_bf16
+from fusec.guards import index_source, take_bound
 from fusec.ir import Graph
 
 NP = {"f32": "np.float32", "f64": "np.float64", "f16": "np.float16", "i64": "np.int64", "i32": "np.int32",
@@ -134,6 +135,8 @@ class Emitter:
         self.memo: dict[tuple[int, tuple[str, ...]], tuple[str, int]] = {}
         self.count = 0
         self._under: dict[tuple[int, frozenset], frozenset] = {}  # overrides a node's value depends on
+        # takes whose indices are computed in the kernel (not checked before it): the code checks them
+        self.gathers = [i for i, n in enumerate(body.nodes) if n.op == "take" and index_source(body, n) is None]
 
     def tmp(self, prefix: str = "t") -> str:
         self.count += 1
@@ -268,8 +271,23 @@ class Emitter:
             ax = n.attr("axis")
             rank = len(self.g.nodes[n.args[1]].shape)
             j = self.value(n.args[1], idx[ax:ax + rank])
+            if nid in self.gathers:  # indices computed in this kernel: checked here (`fusec.guards`)
+                j = self._checked(j, nid)
             return self.value(n.args[0], idx[:ax] + (j,) + idx[ax + rank:])
         raise NotImplementedError(f"numba codegen has no rule for {n.op}")
+
+    def _checked(self, j: str, nid: int) -> str:
+        """Index `j` of take `nid` checked against its bound where `j` is defined (`checked_index`)."""
+        key = ("checked", j, nid)
+        if key in self.memo:
+            return self.memo[key][0]
+        with self.w.at(self.w.level_of(_names(j))):
+            var, level = self.tmp("ix"), self.w.depth
+            self.w.line(f"{var} = checked_index({j}, {take_bound(self.g, self.g.nodes[nid])}, kerr, "
+                        f"{self.gathers.index(nid)})")
+            self.w.define(var)
+        self.memo[key] = (var, level)
+        return var
 
     def _concat(self, nid: int, idx: tuple[str, ...]) -> str:
         """Branch on the concat axis; each branch reads its own operand (no copy, no out-of-range read)."""

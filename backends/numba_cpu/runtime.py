@@ -31,7 +31,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from backends.numba_cpu.blas import bf16, gemm, gemm_bf16, load_bf16, matvec, matvec_bf16, rbf16
+from backends.numba_cpu.blas import (bf16, checked_index, gemm, gemm_bf16, load_bf16, matvec, matvec_bf16,
+                                     rbf16)
 
 FASTMATH = {FASTMATH}
 """
@@ -200,16 +201,21 @@ class Program:
     def _call(self, s: int, step: Step, args: list, outs: list) -> None:
         """Call a kernel; on its first call, a failure to load damaged cached code is repaired once."""
         if s in self._loaded:
-            step.fn(*args, *step.weights, *outs)
-            return
-        try:
-            step.fn(*args, *step.weights, *outs)
-        except Exception as e:
-            from fusec.cache import recover
-            if not recover(self.module, step.fn.__name__, e):
-                raise
-            step.fn(*args, *step.weights, *outs)
-        self._loaded.add(s)
+            err = step.fn(*args, *step.weights, *outs)
+        else:
+            try:
+                err = step.fn(*args, *step.weights, *outs)
+            except Exception as e:
+                from fusec.cache import recover
+                if not recover(self.module, step.fn.__name__, e):
+                    raise
+                err = step.fn(*args, *step.weights, *outs)
+            self._loaded.add(s)
+        if err is not None and err[0]:  # a gather index computed in the kernel was out of range
+            from backends.reference import TakeIndexError
+            bound, what = self.codes[s].gathers[err[0] - 1]
+            raise TakeIndexError(f"index {int(err[1])} is out of range for a {what} (indices must be in "
+                                 f"[0, {bound}))")
 
     def _run_torch(self, s: int, values: dict, memo: dict, observe: Callable | None) -> None:
         """The torch fallbacks scheduled before kernel step `s` (see `fusec.fallback`)."""
