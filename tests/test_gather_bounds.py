@@ -47,9 +47,11 @@ def test_computed_embedding_index_out_of_range_raises(backend, bad):
     ids = torch.tensor([[0, 1, 2, 4]])
     c = fusec.compile(m, (ids,), backend=backend)
     torch.testing.assert_close(c(ids), m(ids))
+    good = ids.clone()
     ids[0, 2] = bad
     with pytest.raises(IndexError, match=r"index (10|-1) is out of range .*\[0, 10\)"):
         c(ids)
+    torch.testing.assert_close(c(good), m(good))  # the error is not remembered by the next call
 
 
 def test_computed_index_far_out_of_range_is_an_index_error_not_a_crash():

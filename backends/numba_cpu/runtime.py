@@ -73,11 +73,14 @@ class Program:
         self.outputs_of = _kernel_outputs(graph)
         self.weights = {n.attr("name"): _weight(graph.tensors[n.attr("name")]) for n in graph.walk()
                         if n.op == "param"}
+        # a kernel that checks gather indices it computes reports a bad one in its error slot (`kerr`)
+        self.errors = [np.zeros(2, np.int64) if code.gathers else None for code in self.codes]
         self.steps = [Step(getattr(module, code.name), i, list(graph.nodes[i].args),
                            [self.weights[p] for p in code.params] +
-                           [np.ascontiguousarray(graph.tensors[c]) for c in code.consts],
+                           [np.ascontiguousarray(graph.tensors[c]) for c in code.consts] +
+                           ([err] if err is not None else []),
                            self.outputs_of[i])
-                      for code, i in zip(self.codes, kernels)]
+                      for code, i, err in zip(self.codes, kernels, self.errors)]
         self.index_checks = [take_index_checks(graph.nodes[i]) for i in kernels]
         # Torch fallbacks (`extern` nodes) run between kernels, before the kernel that follows them in the
         # graph. The values they read are planned like outputs (fresh per call), so no later kernel
@@ -201,21 +204,22 @@ class Program:
     def _call(self, s: int, step: Step, args: list, outs: list) -> None:
         """Call a kernel; on its first call, a failure to load damaged cached code is repaired once."""
         if s in self._loaded:
-            err = step.fn(*args, *step.weights, *outs)
+            step.fn(*args, *step.weights, *outs)
         else:
             try:
-                err = step.fn(*args, *step.weights, *outs)
+                step.fn(*args, *step.weights, *outs)
             except Exception as e:
                 from fusec.cache import recover
                 if not recover(self.module, step.fn.__name__, e):
                     raise
-                err = step.fn(*args, *step.weights, *outs)
+                step.fn(*args, *step.weights, *outs)
             self._loaded.add(s)
+        err = self.errors[s]
         if err is not None and err[0]:  # a gather index computed in the kernel was out of range
             from backends.reference import TakeIndexError
-            bound, what = self.codes[s].gathers[err[0] - 1]
-            raise TakeIndexError(f"index {int(err[1])} is out of range for a {what} (indices must be in "
-                                 f"[0, {bound}))")
+            (bound, what), bad = self.codes[s].gathers[err[0] - 1], int(err[1])
+            err[:] = 0
+            raise TakeIndexError(f"index {bad} is out of range for a {what} (indices must be in [0, {bound}))")
 
     def _run_torch(self, s: int, values: dict, memo: dict, observe: Callable | None) -> None:
         """The torch fallbacks scheduled before kernel step `s` (see `fusec.fallback`)."""
