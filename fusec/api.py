@@ -81,12 +81,20 @@ class Specialization:
         # the numba program already returns arrays it allocated for this call (Program._output); the
         # reference backend may return views of weights or inputs, so those are copied
         owned = self.program is not None
-        tensors = [torch.from_numpy(o if owned else np.array(o)) for o in outs]
+        tensors = [_tensor(o if owned else np.array(o), self.graph.nodes[v].dtype)
+                   for o, v in zip(outs, self.graph.outputs)]
         constants = self.traced.output_constants
         if constants:  # non-tensor outputs (None, numbers) are the traced constants, as eager returns them
             it = iter(tensors)
             tensors = [constants[k] if k in constants else next(it) for k in range(len(outs) + len(constants))]
         return pytree.tree_unflatten(tensors, self.traced.out_spec)
+
+
+def _tensor(x: np.ndarray, dtype: str) -> torch.Tensor:
+    """An output array as a tensor of the traced dtype: a bf16 value arrives as float32 holding a bf16
+    number (NumPy has no bfloat16), so the conversion back is exact."""
+    t = torch.from_numpy(x)
+    return t.to(torch.bfloat16) if dtype == "bf16" else t
 
 
 def _array(x: torch.Tensor) -> np.ndarray:

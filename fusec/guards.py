@@ -15,7 +15,9 @@ arguments, and per tensor its shape, dtype, device and layout (per non-tensor le
 
 Inside a program, index tensors fed to a gather (`take`, from `embedding`/`index_select`/`index`) are
 range-checked before the kernel reads through them, so a bad token id is an IndexError, never an
-out-of-bounds read (indices computed inside the same fused kernel are not checked).
+out-of-bounds read. Indices computed inside the fused kernel (`ids + 5`) are checked by the generated
+code where they are computed: an index out of range reads row 0 instead and is reported, and the
+program raises the same IndexError after the kernel (`backends.numba_cpu.runtime`).
 """
 from __future__ import annotations
 
@@ -192,16 +194,31 @@ def take_index_checks(kernel: Node) -> list[tuple[int, int, str]]:
     for n in body.nodes:
         if n.op != "take":
             continue
-        idx = n.args[1]
-        while body.nodes[idx].op in VIEWS:
-            idx = body.nodes[idx].args[0]
-        src = body.nodes[idx]
-        if src.op == "input":
-            axis = n.attr("axis") % body.nodes[n.args[0]].type.rank
-            bound = body.nodes[n.args[0]].shape[axis]
-            where = f" from {n.origin}" if n.origin else ""
-            checks.append((src.attr("index"), bound, f"gather along an axis of size {bound}{where}"))
+        src = index_source(body, n)
+        if src is not None:
+            bound = take_bound(body, n)
+            checks.append((src, bound, describe_take(body, n)))
     return sorted(set(checks))
+
+
+def index_source(body: Graph, take: Node) -> int | None:
+    """The kernel operand position whose values `take` uses as indices (directly or through views), or
+    None when the indices are computed inside the kernel: the generated code checks those itself."""
+    idx = take.args[1]
+    while body.nodes[idx].op in VIEWS:
+        idx = body.nodes[idx].args[0]
+    src = body.nodes[idx]
+    return src.attr("index") if src.op == "input" else None
+
+
+def take_bound(body: Graph, take: Node) -> int:
+    """The size of the axis `take` gathers along: its indices must lie in [0, bound)."""
+    return body.nodes[take.args[0]].shape[take.attr("axis") % body.nodes[take.args[0]].type.rank]
+
+
+def describe_take(body: Graph, take: Node) -> str:
+    where = f" from {take.origin}" if take.origin else ""
+    return f"gather along an axis of size {take_bound(body, take)}{where}"
 
 
 def check_indices(x: np.ndarray, bound: int, what: str) -> None:

@@ -10,6 +10,7 @@ subexpressions are shared by construction) and infers each node's type from its 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -159,7 +160,9 @@ class Builder:
                 raise IRError(f"{op}: operand %{a} does not exist yet (graph has {len(self.nodes)} nodes)")
         if type is None:
             type = infer(op, [self.nodes[a].type for a in args], dict(frozen))
-        key = (op, args, frozen, type)
+        # floats keyed with their sign: -0.0 == 0.0, but x + -0.0 and x + 0.0 differ (for x = -0.0)
+        key = (op, args, tuple((k, (v, math.copysign(1.0, v)) if isinstance(v, float) else v)
+                               for k, v in frozen), type)
         found = self._index.get(key)
         if found is not None:
             return found
@@ -180,7 +183,8 @@ class Builder:
         arr = np.ascontiguousarray(array)
         for key in self._stored:
             v = self.tensors[key]
-            if v.shape == arr.shape and v.dtype == arr.dtype and np.array_equal(v, arr):
+            if (v.shape == arr.shape and v.dtype == arr.dtype and np.array_equal(v, arr)
+                    and np.array_equal(np.signbit(v), np.signbit(arr))):  # -0.0 is not 0.0 (1/x)
                 break
         else:
             n = len(self.tensors)

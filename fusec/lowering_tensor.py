@@ -205,5 +205,12 @@ def _index(cx, x, indices):
     if len(given) != 1:
         raise UnsupportedOpError("index with several index tensors", cx.origin,
                                  f"index tensors at positions {given}; one is supported")
-    return cx.add("take", [cx.tensor(x), cx.tensor(indices[given[0]])], axis=given[0])
+    x, axis = cx.tensor(x), given[0]
+    index = cx.tensor(indices[axis])
+    dt = cx.type(index).dtype
+    if dt != "bool":  # x[i] counts a negative i from the end (embedding and index_select do not)
+        size = cx.type(x).shape[axis]
+        wrapped = cx.add("add", [index, cx.tensor(size, dt)])
+        index = cx.add("where", [cx.add("lt", [index, cx.tensor(0, dt)]), wrapped, index])
+    return cx.add("take", [x, index], axis=axis)
 

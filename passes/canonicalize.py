@@ -6,6 +6,7 @@ same inputs (same signature: `input` nodes are never removed). `canonicalize` ru
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -118,6 +119,15 @@ def _cast_of_cast(c: Ctx, x: int) -> int | None:
     return c.add("cast", inner.args, {"dtype": c.n.dtype})
 
 
+def _is_zero(c: Ctx, x: int, sign: int) -> bool:
+    """`x` is a splat zero that adds (sign -1: -0.0) or subtracts (sign +1: +0.0) as the identity. A float
+    +0.0 is not the identity of `add`: -0.0 + 0.0 is +0.0 (and 1 / that is +inf, as in eager)."""
+    if not c.is_const(x, 0):
+        return False
+    value = c.node(x).attr("value")
+    return not isinstance(value, float) or (math.copysign(1.0, value) < 0) == (sign < 0)
+
+
 def _inner(c: Ctx, x: int, op: str) -> int | None:
     """The operand of `x` when `x` is a unary `op`, else None."""
     return c.node(x).args[0] if c.is_op(x, op) else None
@@ -129,9 +139,9 @@ ALGEBRA_RULES: tuple[Rule, ...] = (
     ("mul", lambda c, x, y: x if c.is_const(y, 1) and c.same_type(x) else None),   # x*1 -> x
     ("mul", lambda c, x, y: y if c.is_const(x, 1) and c.same_type(y) else None),   # 1*x -> x
     ("div", lambda c, x, y: x if c.is_const(y, 1) and c.same_type(x) else None),   # x/1 -> x
-    ("add", lambda c, x, y: x if c.is_const(y, 0) and c.same_type(x) else None),   # x+0 -> x
-    ("add", lambda c, x, y: y if c.is_const(x, 0) and c.same_type(y) else None),   # 0+x -> x
-    ("sub", lambda c, x, y: x if c.is_const(y, 0) and c.same_type(x) else None),   # x-0 -> x
+    ("add", lambda c, x, y: x if _is_zero(c, y, -1) and c.same_type(x) else None),  # x+(-0) -> x
+    ("add", lambda c, x, y: y if _is_zero(c, x, -1) and c.same_type(y) else None),  # (-0)+x -> x
+    ("sub", lambda c, x, y: x if _is_zero(c, y, +1) and c.same_type(x) else None),  # x-(+0) -> x
     ("where", lambda c, m, x, y: x if x == y and c.same_type(x) else None),        # where(m, x, x) -> x
     ("where", lambda c, m, x, y: x if c.is_const(m, True) and c.same_type(x) else None),   # where(T, x, y) -> x
     ("where", lambda c, m, x, y: y if c.is_const(m, False) and c.same_type(y) else None),  # where(F, x, y) -> y

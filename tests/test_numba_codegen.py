@@ -169,12 +169,15 @@ def test_attention_key_loop_stops_at_a_runtime_position(pos):
     g = one_kernel("attention", body, types, anchors_of=lambda b: mms, tensors=tensors)
     inputs = [RNG.standard_normal((h, 1, d), np.float32), RNG.standard_normal((h, tk, d), np.float32),
               RNG.standard_normal((h, tk, d), np.float32), np.array([pos], np.int64)]
-    inputs[1][:, pos + 1:] = np.nan  # keys after pos must never be read
-    inputs[2][:, pos + 1:] = np.nan
+    inputs[1][:, pos + 1:] = np.nan  # keys after pos are never read (their scores are -inf whatever they are)
+    inputs[2][:, pos + 1:] = 7.0     # values after pos weigh 0 (a nan there would be 0 * nan = nan, as in eager)
     program = Program(g)
     assert "lim = max(0, min(10," in program.source
     want = run_graph(g, [x if i == 3 else np.nan_to_num(x) for i, x in enumerate(inputs)])
     np.testing.assert_allclose(program.run(inputs)[0], want[0], rtol=1e-5, atol=1e-5)
+    inputs[2][:, tk - 1] = np.nan  # a masked non-finite value: nan where the reference has nan
+    want = run_graph(g, [np.nan_to_num(x) if i == 1 else x for i, x in enumerate(inputs)])
+    np.testing.assert_allclose(program.run(inputs)[0], want[0], rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
 

@@ -235,12 +235,12 @@ def test_identities_of_arithmetic_disappear():
         %0 = input {index=0, name="x"} : f32[2,3]
         %1 = input {index=1, name="m"} : bool[2,3]
         %2 = const {value=1.0} : f32[]
-        %3 = const {value=0.0} : f32[2,3]
+        %3 = const {value=-0.0} : f32[2,3]
         %4 = mul %0, %2 : f32[2,3]
         %5 = mul %2, %4 : f32[2,3]
         %6 = add %5, %3 : f32[2,3]
         %7 = add %3, %6 : f32[2,3]
-        %8 = sub %7, %3 : f32[2,3]
+        %8 = add %7, %3 : f32[2,3]
         %9 = div %8, %2 : f32[2,3]
         %10 = where %1, %9, %9 : f32[2,3]
         %11 = neg %10 : f32[2,3]
@@ -256,6 +256,30 @@ def test_identities_of_arithmetic_disappear():
         %0 = input {index=0, name="x"} : f32[2,3]
         %1 = input {index=1, name="m"} : bool[2,3]
         return %0, %1
+    """)
+
+
+def test_adding_positive_zero_is_not_an_identity():
+    """-0.0 + 0.0 is +0.0 (1 / it is +inf in eager), so x + 0.0 and x - (-0.0) stay; x - 0.0 goes."""
+    check(simplify_algebra, """
+        %0 = input {index=0, name="x"} : f32[3]
+        %1 = const {value=0.0} : f32[]
+        %2 = const {value=-0.0} : f32[]
+        %3 = add %0, %1 : f32[3]
+        %4 = sub %3, %2 : f32[3]
+        %5 = sub %4, %1 : f32[3]
+        %6 = const {value=0} : i64[]
+        %7 = input {index=1, name="n"} : i64[3]
+        %8 = add %7, %6 : i64[3]
+        return %5, %8
+    """, """
+        %0 = input {index=0, name="x"} : f32[3]
+        %1 = const {value=0.0} : f32[]
+        %2 = const {value=-0.0} : f32[]
+        %3 = add %0, %1 : f32[3]
+        %4 = sub %3, %2 : f32[3]
+        %5 = input {index=1, name="n"} : i64[3]
+        return %4, %5
     """)
 
 

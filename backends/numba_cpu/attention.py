@@ -39,15 +39,11 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
     w.line(f"obuf = np.empty(({', '.join(str(d) for d in o_shape)},), np.float32)")
     w.define("obuf")
     parallel = rows * tk * (depth + dv) >= PARALLEL_MIN_ELEMENTS * 4
+    masked = x_row is not None and _key_limit(em, x_row, x_index(tuple("0" for _ in s_shape))) is not None
+    if masked:
+        _scan_masked_values(em, vv, x_row, x_index, batch, tq, tk, dv, parallel)
     with em.loop(f"for row in {'prange' if parallel else 'range'}({rows})", ("row",)):
-        idx, rest = [], rows
-        for d in list(batch) + [tq]:
-            rest //= d
-            var = em.tmp("b")
-            w.line(f"{var} = (row // {rest}) % {d}" if rest > 1 else f"{var} = row % {d}")
-            w.define(var)
-            idx.append(var)
-        bidx, i = tuple(idx[:-1]), idx[-1]
+        bidx, i = _split_index(em, "row", list(batch) + [tq])
         limit = _key_limit(em, x_row, x_index(bidx + (i, "0"))) if x_row is not None else None
         w.line(f"lim = {limit}" if limit is not None else f"lim = {tk}")
 
@@ -72,11 +68,57 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
             _online_softmax(em, s_id, x_id, x_index, bidx, i, tiles.get("kv", DEFAULT_KV_BLOCK), score, accumulate)
         else:
             _row_buffer(em, s_id, p_id, bidx, i, tk, score, accumulate)
+        if masked:  # keys past the limit weigh 0, and 0 * inf or nan is nan (`_scan_masked_values`)
+            with em.loop(f"if vlast[row // {tq}] >= lim", barrier=True):
+                with em.loop(f"for jm in range(lim, {tk})", ("jm",)):
+                    accumulate("jm", "np.float32(0.0)")
         with em.loop(f"for e2 in range({dv})", ("e2",)):
             w.line(f"obuf[{', '.join(bidx + (i, 'e2'))}] = orow[e2]{' / l' if softmax is not None else ''}")
     em.overrides[o_id] = lambda ix: f"obuf[{', '.join(ix)}]"
     emit_outputs(em, outs)
     return "attention-online" if softmax is not None else "attention-rowbuffer"
+
+
+def _split_index(em: Emitter, flat: str, dims: list[int]) -> tuple[tuple[str, ...], str]:
+    """Variables of the index into `dims` of the row-major position `flat`: (all but the last, the last)."""
+    idx, rest = [], 1
+    for d in dims:
+        rest *= d
+    for d in dims:
+        rest //= d
+        var = em.tmp("b")
+        em.w.line(f"{var} = ({flat} // {rest}) % {d}" if rest > 1 else f"{var} = {flat} % {d}")
+        em.w.define(var)
+        idx.append(var)
+    return tuple(idx[:-1]), idx[-1]
+
+
+def _scan_masked_values(em: Emitter, vv: int, x_row: int, x_index, batch, tq: int, tk: int, dv: int,
+                        parallel: bool) -> None:
+    """`vlast[b]`: the last masked key of batch entry b whose value row holds an inf or nan (else -1).
+
+    Eager multiplies masked keys' values by their probability 0, and 0 * inf or 0 * nan is nan: one
+    such key makes every row that masks it nan. The key loops stop at the limit, so the rows where this
+    matters add those products back (only they: `vlast[b] >= lim`). One pass over the masked values per
+    call, not per row (a tenth of the masked P.V work this would otherwise cost at prefill)."""
+    w, g = em.w, em.g
+    entries = 1
+    for d in batch:
+        entries *= d
+    w.line(f"vlast = np.empty({entries}, np.int64)")
+    w.define("vlast")
+    with em.loop(f"for vb in {'prange' if parallel and entries > 1 else 'range'}({entries})", ("vb",)):
+        bidx, _ = _split_index(em, "vb", list(batch) + [1])
+        w.line(f"lo = {tk}")
+        with em.loop(f"for qi in range({tq})", ("qi",)):
+            w.line(f"lo = min(lo, {_key_limit(em, x_row, x_index(bidx + ('qi', '0')))})")
+        w.line("last = -1")
+        with em.loop(f"for jm in range(lo, {tk})", ("jm",)):
+            with em.loop(f"for e in range({dv})", ("e",)):
+                v = em.value(vv, _broadcast(bidx, g.nodes[vv].shape[:-2]) + ("jm", "e"))
+                w.line(f"if not np.isfinite({v}):")
+                w.line("    last = jm")
+        w.line("vlast[vb] = last")
 
 
 def _online_softmax(em: Emitter, s_id: int, x_id: int, x_index, bidx, i, block: int, score, accumulate) -> None:

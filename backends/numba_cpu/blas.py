@@ -14,7 +14,7 @@ from llvmlite import ir as llvm_ir
 import numpy as np
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 from numba.np.ufunc.parallel import _launch_threads
 
 # A kernel without a parallel loop of its own may call a parallel one here (matvec). Loaded from Numba's
@@ -102,10 +102,42 @@ def _bits_as_f32(typingctx, bits):
     return types.float32(types.uint32), codegen
 
 
+@intrinsic
+def _f32_as_bits(typingctx, value):
+    """Reinterpret a float32 as the uint32 with the same bits."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llvm_ir.IntType(32))
+    return types.uint32(types.float32), codegen
+
+
 @njit(inline="always")
 def bf16(x):
     """A bfloat16 value held in a uint16 (its top 16 bits of float32) widened to float32."""
     return _bits_as_f32(np.uint32(x) << np.uint32(16))
+
+
+def load_bf16(x):
+    """A bfloat16 value as float32, whichever way its array holds it: weights are their bits (uint16),
+    activations are float32 already rounded to bfloat16 (see `fusec.dtypes`)."""
+    raise NotImplementedError("load_bf16 runs inside njit code only")
+
+
+@overload(load_bf16, inline="always")
+def _load_bf16(x):
+    if isinstance(x, types.Float):
+        return lambda x: np.float32(x)
+    return lambda x: bf16(x)
+
+
+@njit(inline="always")
+def rbf16(x):
+    """float32 `x` rounded to the nearest bfloat16 (ties to even), as float32: what torch stores after
+    every bfloat16 op (the same rounding as `fusec.dtypes.round_bf16`); NaN stays NaN, overflow is inf."""
+    if x != x:
+        return x
+    bits = _f32_as_bits(x)
+    bits = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return _bits_as_f32(bits)
 
 
 @njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True)  # vectorized sums; NaN and inf keep their meaning
@@ -160,3 +192,15 @@ def gemm_bf16(a, w, c):
         n1 = min(n_dim, n0 + block)
         _widen_rows(w, n0, n1, tile)
         gemm(a, tile[: n1 - n0], c[:, n0:n1], True)
+
+
+@njit(inline="always")
+def checked_index(j, bound, err, take):
+    """`j` when it lies in [0, bound); else 0 (never a read out of bounds), with gather number `take` + 1
+    and `j` recorded in `err` for the runtime to raise IndexError after the kernel. A raise here would
+    make Numba run the parallel loop around it serially."""
+    if j >= 0 and j < bound:
+        return j
+    err[0] = take + 1
+    err[1] = j
+    return j - j

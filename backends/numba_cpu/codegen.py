@@ -1,7 +1,8 @@
 """Numba source for one kernel node: a loop nest per kind, with the body's scalar code from `Emitter`.
 
-Every generated function has the signature `kNAME(a0.., w0.., c0.., o0..)`: activation operands, weights
-(params), stored constants, then the output buffers it fills. Names are the compiler's own; the names of
+Every generated function has the signature `kNAME(a0.., w0.., c0.., [kerr,] o0..)`: activation operands,
+weights (params), stored constants, the error slot of a kernel that checks gather indices itself, then the
+output buffers it fills. Names are the compiler's own; the names of
 the user's module only appear in the `# weights:` comment line.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from backends.numba_cpu.expr import Emitter
 from backends.numba_cpu.writer import Writer
 from fusec.errors import FusecError
+from fusec.guards import describe_take, take_bound
 from fusec.ir import Graph, Node
 
 REDUCE_OPS = ("sum", "amax", "amin", "argmax")
@@ -24,6 +26,8 @@ class KernelCode:
     params: list[str] = field(default_factory=list)   # outer tensor names, in argument order
     consts: list[str] = field(default_factory=list)
     loop: str = ""                                     # the loop nest used, for stats and dumps
+    gathers: list[tuple[int, str]] = field(default_factory=list)  # (bound, what) of each take it checks
+    # (`kerr` is then its argument after the constants)
 
 
 def generate(name: str, node: Node) -> KernelCode:
@@ -44,8 +48,12 @@ def generate(name: str, node: Node) -> KernelCode:
             arrays[i] = f"c{len(consts)}"
             consts.append(n.attr("key"))
     outs = [f"o{k}" for k in range(len(body.outputs))]
+    em = Emitter(body, w, arrays)
+    # [gather number + 1, bad index] of a computed index out of range (`checked_index`): an array the
+    # program owns and passes after the constants (allocating it per call costs more than the check)
+    kerr = ["kerr"] if em.gathers else []
     args = ([f"a{k}" for k in range(len(inputs))] + [f"w{k}" for k in range(len(params))] +
-            [f"c{k}" for k in range(len(consts))] + outs)
+            [f"c{k}" for k in range(len(consts))] + kerr + outs)
     kind = node.attr("kind")
     w.line(f"# kernel {name}: kind={kind}")
     if params:
@@ -53,10 +61,11 @@ def generate(name: str, node: Node) -> KernelCode:
     # error_model="numpy": x / 0 is inf or nan as in torch, not a ZeroDivisionError
     w.line('@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)')
     with w.block(f"def {name}({', '.join(args)})", barrier=True):  # nothing hoists out of the function
-        em = Emitter(body, w, arrays)
         matmuls = [i for i, n in enumerate(body.nodes) if n.op == "matmul"]
         anchors = node.attr("anchors") or ()
-        if kind == "attention" and len(anchors) == 2:
+        # a bf16 attention runs the generic loops, which round every op to bf16 as eager does (the
+        # flash loop keeps its scores and running sums in float32)
+        if kind == "attention" and len(anchors) == 2 and all(body.nodes[a].dtype == "f32" for a in anchors):
             from backends.numba_cpu.attention import emit_attention
             loop = emit_attention(em, anchors, outs, dict(node.attr("tiles") or ()))
         elif matmuls and _is_gemm(body, matmuls):
@@ -70,7 +79,8 @@ def generate(name: str, node: Node) -> KernelCode:
     source = w.text()
     if "prange(" not in source:  # a kernel of small loops runs on the calling thread: say so to Numba
         source = source.replace("@njit(parallel=True,", "@njit(parallel=False,", 1)
-    return KernelCode(name, source, params, consts, loop)
+    gathers = [(take_bound(body, body.nodes[i]), describe_take(body, body.nodes[i])) for i in em.gathers]
+    return KernelCode(name, source, params, consts, loop, gathers)
 
 
 def _is_gemm(body: Graph, matmuls: list[int]) -> bool:

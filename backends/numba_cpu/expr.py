@@ -18,7 +18,11 @@ import re
 from contextlib import contextmanager
 from typing import Callable
 
+import numpy as np
+
 from backends.numba_cpu.writer import Writer
+from fusec.dtypes import round_bf16
+from fusec.guards import index_source, take_bound
 from fusec.ir import Graph
 
 NP = {"f32": "np.float32", "f64": "np.float64", "f16": "np.float16", "i64": "np.int64", "i32": "np.int32",
@@ -36,12 +40,18 @@ BINARY = {"add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})", "div
           "or": "({0} | {1})", "eq": "({0} == {1})", "ne": "({0} != {1})", "lt": "({0} < {1})",
           "le": "({0} <= {1})", "gt": "({0} > {1})", "ge": "({0} >= {1})"}
 
+# ops whose bf16 result is computed in float32 and must be rounded to bf16
+ROUNDED = frozenset(UNARY) | frozenset(BINARY) | {"cast", "iota", "sum", "matmul"}
+NARROW_INTS = ("i32", "i16", "i8", "u8")
+
 
 def literal(value, dtype: str) -> str:
     """A typed literal, so float32 code never promotes to float64."""
     if dtype == "bool":
         return "True" if value else "False"
     if dtype in ("f32", "f64", "f16", "bf16"):
+        if dtype == "bf16":  # the constant as a bf16 node holds it (the reference backend rounds it too)
+            value = float(round_bf16(np.array([value], np.float32))[0])
         text = {float("inf"): "np.inf", float("-inf"): "-np.inf"}.get(float(value))
         if text is None:
             text = "np.nan" if value != value else repr(float(value))
@@ -125,6 +135,8 @@ class Emitter:
         self.memo: dict[tuple[int, tuple[str, ...]], tuple[str, int]] = {}
         self.count = 0
         self._under: dict[tuple[int, frozenset], frozenset] = {}  # overrides a node's value depends on
+        # takes whose indices are computed in the kernel (not checked before it): the code checks them
+        self.gathers = [i for i, n in enumerate(body.nodes) if n.op == "take" and index_source(body, n) is None]
 
     def tmp(self, prefix: str = "t") -> str:
         self.count += 1
@@ -200,10 +212,14 @@ class Emitter:
     def _render(self, nid: int, idx: tuple[str, ...]) -> str:
         n = self.g.nodes[nid]
         if nid in self.overrides:
-            return self.overrides[nid](idx)
+            return _narrowed(n.op, n.dtype, self.overrides[nid](idx))
         if nid in self.arrays:
             load = f"{self.arrays[nid]}[{', '.join(idx)}]" if idx else f"{self.arrays[nid]}[()]"
-            return f"bf16({load})" if n.dtype == "bf16" else load  # bf16 arrays arrive as uint16 bits
+            return f"load_bf16({load})" if n.dtype == "bf16" else load  # bits (weights) or float32
+        return _narrowed(n.op, n.dtype, self._compute(nid, idx))
+
+    def _compute(self, nid: int, idx: tuple[str, ...]) -> str:
+        n = self.g.nodes[nid]
         op, dt = n.op, n.dtype
         T = NP.get(dt, "np.float32")
         one, zero = (literal(1, dt), literal(0, dt)) if dt != "bool" else ("1", "0")
@@ -255,8 +271,23 @@ class Emitter:
             ax = n.attr("axis")
             rank = len(self.g.nodes[n.args[1]].shape)
             j = self.value(n.args[1], idx[ax:ax + rank])
+            if nid in self.gathers:  # indices computed in this kernel: checked here (`fusec.guards`)
+                j = self._checked(j, nid)
             return self.value(n.args[0], idx[:ax] + (j,) + idx[ax + rank:])
         raise NotImplementedError(f"numba codegen has no rule for {n.op}")
+
+    def _checked(self, j: str, nid: int) -> str:
+        """Index `j` of take `nid` checked against its bound where `j` is defined (`checked_index`)."""
+        key = ("checked", j, nid)
+        if key in self.memo:
+            return self.memo[key][0]
+        with self.w.at(self.w.level_of(_names(j))):
+            var, level = self.tmp("ix"), self.w.depth
+            self.w.line(f"{var} = checked_index({j}, {take_bound(self.g, self.g.nodes[nid])}, kerr, "
+                        f"{self.gathers.index(nid)})")
+            self.w.define(var)
+        self.memo[key] = (var, level)
+        return var
 
     def _concat(self, nid: int, idx: tuple[str, ...]) -> str:
         """Branch on the concat axis; each branch reads its own operand (no copy, no out-of-range read)."""
@@ -327,6 +358,17 @@ class Emitter:
         assert self.w.depth == depth
         self.memo = saved
         return acc
+
+
+def _narrowed(op: str, dtype: str, expr: str) -> str:
+    """`expr` computed in a wider type, brought back to `dtype` op by op as torch eager does: a bf16
+    result is computed in float32 and rounded to bf16; Numba computes int8/16/32 and uint8 arithmetic in
+    int64, so the result wraps around to its own width (x * 2 > 0 for int8 x = 100 is False in eager)."""
+    if op not in ROUNDED:  # views, `where`, amax/amin only pass values of their dtype on
+        return expr
+    if dtype == "bf16":
+        return f"rbf16({expr})"
+    return f"{NP[dtype]}({expr})" if dtype in NARROW_INTS else expr
 
 
 def _init(op: str, dt: str, sdt: str) -> str:

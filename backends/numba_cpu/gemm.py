@@ -19,7 +19,9 @@ def _array_view(em: Emitter, nid: int) -> tuple[str, bool, bool] | None:
     transposed = False
     if n.op == "permute" and n.attr("perm") == (1, 0):
         transposed, nid, n = True, n.args[0], g.nodes[n.args[0]]
-    widened = n.op == "cast" and n.dtype == "f32" and g.nodes[n.args[0]].dtype == "bf16"
+    # only a weight holds bf16 as its bits (uint16); a bf16 activation is float32 already (`fusec.dtypes`)
+    widened = (n.op == "cast" and n.dtype == "f32" and g.nodes[n.args[0]].dtype == "bf16"
+               and g.nodes[n.args[0]].op == "param")
     if widened:
         nid, n = n.args[0], g.nodes[n.args[0]]
     if nid in em.arrays:
