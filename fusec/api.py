@@ -334,6 +334,7 @@ def build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options) 
         program = Program(graph)
         debug(3, f"--- generated code of {traced.module_name} ({len(program.steps)} kernels)\n{program.source}")
         stats["intermediate_bytes"] = program.intermediate_bytes
+        stats["distinct_kernels"] = len(program.modules)  # kernels with equal bodies share one function
         spec = Specialization(traced, graph, program.run, program.source, stats, program)
         steps = len(program.steps) + sum(len(v) for v in program.torch_steps.values())
         progress = Progress(traced.module_name, steps)
@@ -361,8 +362,9 @@ def lower(graph: Graph, fuse: bool = True, callback: Callable[[str, Graph], None
             callback("store_weights", graph)
         if not fuse:
             from passes.fuse import unfuse
+            from passes.hoist_slices import hoist_slices
             from passes.tile import tile
-            return tile(unfuse(graph))
+            return tile(hoist_slices(unfuse(graph)))
         return run_pipeline(graph, callback=callback, after="canonical")
     if fuse:
         stages = list(STAGES)
@@ -371,10 +373,14 @@ def lower(graph: Graph, fuse: bool = True, callback: Callable[[str, Graph], None
             return run_pipeline(graph, until=stages[stages.index("placed") - 1], callback=callback)
         return run_pipeline(graph, callback=callback)
     from passes.fuse import unfuse
+    from passes.hoist_slices import hoist_slices
     from passes.tile import tile
     graph = unfuse(run_pipeline(graph, until="canonical", callback=callback))
     if callback:
         callback("unfuse", graph)
+    graph = hoist_slices(graph)  # kernels that differ only in the piece of an operand they read become one
+    if callback:
+        callback("hoist_slices", graph)
     graph = tile(graph)
     if callback:
         callback("tile", graph)
@@ -385,7 +391,8 @@ def program_stats(graph: Graph) -> dict:
     """Kernel launches per call, bytes of intermediate values (written by one kernel, read by another)
     and ops run by PyTorch (`torch_ops`, see `fusec.fallback`)."""
     from passes.fuse import fusion_stats
-    return {**fusion_stats(graph), "torch_ops": sum(1 for n in graph.nodes if n.op == "extern")}
+    fused = fusion_stats(graph)
+    return {**fused, "kernel_calls": fused["kernels"], "torch_ops": sum(1 for n in graph.nodes if n.op == "extern")}
 
 
 def summary(spec: Specialization, options: Options) -> dict:
@@ -401,4 +408,4 @@ def summary(spec: Specialization, options: Options) -> dict:
     return {"module": spec.traced.module_name, "signature": spec.signature,
             "options": {"backend": options.backend, "fuse": options.fuse, "strict": options.strict},
             "kernels": kernels, "torch_fallbacks": fallbacks, "stats": spec.stats,
-            "cache_module": getattr(getattr(program, "module", None), "__name__", None)}
+            "cache_modules": [m.__name__ for m in getattr(program, "modules", ())]}

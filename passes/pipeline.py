@@ -17,6 +17,7 @@ from fusec.ir import Graph, verify
 from passes.canonicalize import (canonicalize, eliminate_common_subexpressions, eliminate_dead_code,
                                  fold_constants, simplify_algebra, simplify_views)
 from passes.fuse import fuse
+from passes.hoist_slices import hoist_slices
 from passes.place import place
 from passes.tile import tile
 
@@ -101,6 +102,6 @@ register_stage("canonical", (
     ("simplify_views", simplify_views),
     ("canonicalize", canonicalize),
 ))
-register_stage("fused", (("fuse", fuse),), after="canonical")
+register_stage("fused", (("fuse", fuse), ("hoist_slices", hoist_slices)), after="canonical")
 register_stage("tiled", (("tile", tile),))
 register_stage("placed", (("place", place),), after="tiled")
