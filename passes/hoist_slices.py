@@ -39,7 +39,9 @@ def hoist_slices(graph: Graph) -> Graph:
             if view is not None:
                 new[i] = view
                 continue
-            attrs = {**dict(n.attrs), "body": body, "anchors": tuple(anchors)}
+            attrs = {**dict(n.attrs), "body": body}
+            if "anchors" in attrs:
+                attrs["anchors"] = tuple(anchors)
             new[i] = b.add("kernel", args, attrs, n.type, n.origin)
             continue
         new[i] = b.add(n.op, args, dict(n.attrs), n.type, n.origin)
