@@ -70,7 +70,7 @@ class KernelSpec:
 
 
 def tensor_name(graph: Graph, value: int) -> str:
-    """The memory-plan name of an outer value: its root through `reshape` views."""
+    """The memory-plan name of an outer value: its root through `reshape` and `slice` views."""
     while graph.nodes[value].op in ("reshape", "slice"):  # views (an outer slice: passes.hoist_slices)
         value = graph.nodes[value].args[0]
     n = graph.nodes[value]
