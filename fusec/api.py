@@ -336,6 +336,7 @@ def build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options) 
         program = Program(graph)
         debug(3, f"--- generated code of {traced.module_name} ({len(program.steps)} kernels)\n{program.source}")
         stats["intermediate_bytes"] = program.intermediate_bytes
+        stats["distinct_kernels"] = len(program.modules)  # kernels with equal bodies share one function
         spec = Specialization(traced, graph, program.run, program.source, stats, program)
         steps = len(program.steps) + sum(len(v) for v in program.torch_steps.values())
         progress = Progress(traced.module_name, steps)
@@ -366,7 +367,8 @@ def program_stats(graph: Graph) -> dict:
     """Kernel launches per call, bytes of intermediate values (written by one kernel, read by another)
     and ops run by PyTorch (`torch_ops`, see `fusec.fallback`)."""
     from passes.fuse import fusion_stats
-    return {**fusion_stats(graph), "torch_ops": sum(1 for n in graph.nodes if n.op == "extern")}
+    fused = fusion_stats(graph)
+    return {**fused, "kernel_calls": fused["kernels"], "torch_ops": sum(1 for n in graph.nodes if n.op == "extern")}
 
 
 def summary(spec: Specialization, options: Options) -> dict:
@@ -382,4 +384,4 @@ def summary(spec: Specialization, options: Options) -> dict:
     return {"module": spec.traced.module_name, "signature": spec.signature,
             "options": {"backend": options.backend, "fuse": options.fuse, "strict": options.strict},
             "kernels": kernels, "torch_fallbacks": fallbacks, "stats": spec.stats,
-            "cache_module": getattr(getattr(program, "module", None), "__name__", None)}
+            "cache_modules": [m.__name__ for m in getattr(program, "modules", ())]}

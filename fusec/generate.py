@@ -91,8 +91,9 @@ class Generator:
     def stats(self) -> dict:
         """Totals over this generator's life: compiles, compile_seconds, prompt_tokens, prefill_seconds,
         tokens_generated, decode_steps, decode_tokens (steps x batch), decode_seconds, and the rates
-        prefill_tokens_per_s and decode_tokens_per_s."""
-        return _with_rates(self._totals)
+        prefill_tokens_per_s and decode_tokens_per_s; kernel_calls per run of each program and the
+        distinct_kernels they compiled (kernels of equal bodies share one function, see `_kernel_counts`)."""
+        return {**_with_rates(self._totals), **_kernel_counts(self._prefill, self._decode)}
 
     # --- programs -------------------------------------------------------------------------------------
 
@@ -328,6 +329,16 @@ def _bind(program: Program, bound: dict) -> None:
 def _counters() -> dict:
     return dict(compiles=0, compile_seconds=0.0, prompt_tokens=0, prefill_seconds=0.0, tokens_generated=0,
                 decode_steps=0, decode_tokens=0, decode_seconds=0.0)
+
+
+def _kernel_counts(prefill: dict, decode: dict) -> dict:
+    """kernel_calls: {"decode b1": calls per run, "prefill b1 t8": ...}; distinct_kernels: the functions
+    all these programs compiled, each distinct kernel body counted once (None without compiled kernels)."""
+    programs = {**{f"prefill b{b} t{t}": p for (b, t), p in prefill.items()},
+                **{f"decode b{b}": p for b, p in decode.items()}}
+    calls = {name: p.stats["kernel_calls"] for name, p in programs.items() if getattr(p, "stats", None)}
+    modules = {m.__name__ for p in programs.values() for m in getattr(getattr(p, "program", None), "modules", ())}
+    return {"kernel_calls": calls, "distinct_kernels": len(modules) or None}
 
 
 def _with_rates(counts: dict) -> dict:

@@ -23,6 +23,7 @@ from fusec.ir import Graph, verify
 from passes.canonicalize import (canonicalize, eliminate_common_subexpressions, eliminate_dead_code,
                                  fold_constants, simplify_algebra, simplify_views)
 from passes.fuse import fuse, unfuse
+from passes.hoist_slices import hoist_slices
 from passes.place import place
 from passes.tile import tile
 from passes.weights import store_weights
@@ -137,7 +138,7 @@ register_stage("canonical", (
     ("canonicalize", canonicalize),
 ))
 register_stage("weights", ())  # filled per run from its `weights` (see _stage_passes)
-register_stage("fused", (("fuse", fuse),))
-register_stage("unfused", (("unfuse", unfuse),))
+register_stage("fused", (("fuse", fuse), ("hoist_slices", hoist_slices)))
+register_stage("unfused", (("unfuse", unfuse), ("hoist_slices", hoist_slices)))
 register_stage("tiled", (("tile", tile),))
 register_stage("placed", (("place", place),))

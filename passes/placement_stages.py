@@ -70,8 +70,8 @@ class KernelSpec:
 
 
 def tensor_name(graph: Graph, value: int) -> str:
-    """The memory-plan name of an outer value: its root through `reshape` views."""
-    while graph.nodes[value].op == "reshape":
+    """The memory-plan name of an outer value: its root through `reshape` and `slice` views."""
+    while graph.nodes[value].op in ("reshape", "slice"):  # views (an outer slice: passes.hoist_slices)
         value = graph.nodes[value].args[0]
     n = graph.nodes[value]
     if n.op == "param":
@@ -96,7 +96,7 @@ def analyze(graph: Graph, machine: Machine, sizer: Sizer) -> list[KernelSpec]:
         if n.op == "extern":
             raise IRError(f"%{i} = extern runs in PyTorch on the host (a torch fallback): a program with "
                           f"fallbacks has no RDU placement")
-        if OPS[n.op] not in ("source", "kernel") and n.op != "reshape":
+        if OPS[n.op] not in ("source", "kernel") and n.op not in ("reshape", "slice"):
             raise IRError(f"place expects a graph of kernels (fused or unfused), but %{i} = {n.op} is not "
                           f"inside a kernel; run the 'fused' and 'tiled' stages first")
     return [_kernel(graph, i, machine, sizer) for i, n in enumerate(graph.nodes) if n.op == "kernel"]

@@ -52,8 +52,15 @@ def load_and_run() -> Program:
     return program
 
 
-def hits(program: Program) -> int:
-    return sum(sum(step.fn.stats.cache_hits.values()) for step in program.steps)
+def hits(program: Program, module: str | None = None) -> int:
+    """Kernel calls whose function was loaded from Numba's cache (only those of `module`, when given)."""
+    return sum(sum(step.fn.stats.cache_hits.values()) for step in program.steps
+               if module is None or step.module.__name__ == module)
+
+
+def module_of(path) -> str:
+    """The generated module a cache file belongs to."""
+    return path.name.split(".")[0]
 
 
 def files(cache_dir, suffix: str) -> list:
@@ -69,10 +76,11 @@ def no_fusec_warnings():
 
 def test_second_load_uses_numba_cache_and_records_checksums(cache_dir):
     first = load_and_run()
-    name = first.module.__name__
-    assert (cache_dir / f"{name}.py").read_text() == first.source
+    for module in first.modules:  # one module per distinct kernel, named by the hash of its text
+        name = module.__name__
+        assert cache.module_name((cache_dir / f"{name}.py").read_text()) == name
+        assert (cache_dir / f"{name}.manifest.json").exists()
     assert files(cache_dir, ".nbi") and files(cache_dir, ".nbc")
-    assert (cache_dir / f"{name}.manifest.json").exists()
     ctx = no_fusec_warnings()
     try:
         again = load_and_run()
@@ -84,12 +92,12 @@ def test_second_load_uses_numba_cache_and_records_checksums(cache_dir):
 @pytest.mark.parametrize("damage", ["garbage", "truncate", "empty"])
 def test_damaged_generated_module_is_rebuilt_with_a_warning(cache_dir, damage):
     first = load_and_run()
-    path = cache_dir / f"{first.module.__name__}.py"
+    path = cache_dir / f"{first.modules[0].__name__}.py"
     text = path.read_text()
     path.write_text({"garbage": "def k0(:\n  ???", "truncate": text[: len(text) // 2], "empty": ""}[damage])
     with pytest.warns(UserWarning, match="truncated or corrupted"):
-        again = load_and_run()
-    assert path.read_text() == again.source
+        load_and_run()
+    assert path.read_text() == text
 
 
 @pytest.mark.parametrize("which, damage", [(".nbc", "flip"), (".nbc", "truncate"), (".nbi", "truncate"),
@@ -97,13 +105,15 @@ def test_damaged_generated_module_is_rebuilt_with_a_warning(cache_dir, damage):
 def test_damaged_numba_cache_is_discarded_with_a_warning(cache_dir, which, damage):
     load_and_run()
     path = files(cache_dir, which)[0]
+    damaged = module_of(path)
     data = path.read_bytes()
     middle = len(data) // 2
     path.write_bytes({"flip": data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:],
                       "truncate": data[:middle], "garbage": b"\x80\x04garbage" * 10, "empty": b""}[damage])
     with pytest.warns(UserWarning, match="damaged"):
         again = load_and_run()
-    assert hits(again) == 0  # recompiled, not loaded from the damaged files
+    assert hits(again, damaged) == 0  # recompiled, not loaded from the damaged files
+    assert hits(again) == sum(step.module.__name__ != damaged for step in again.steps)  # the others loaded
     ctx = no_fusec_warnings()
     try:
         assert hits(load_and_run()) == len(again.steps)  # and cached again
@@ -112,13 +122,15 @@ def test_damaged_numba_cache_is_discarded_with_a_warning(cache_dir, which, damag
 
 
 def test_unrecorded_file_is_discarded_unread(cache_dir, monkeypatch):
-    first = load_and_run()
-    os.unlink(cache_dir / f"{first.module.__name__}.manifest.json")
-    files(cache_dir, ".nbc")[0].write_bytes(b"not a pickle")
+    load_and_run()
+    path = files(cache_dir, ".nbc")[0]
+    name = module_of(path)
+    os.unlink(cache_dir / f"{name}.manifest.json")
+    path.write_bytes(b"not a pickle")
     read = []
     monkeypatch.setattr(cache, "_sha256", lambda path: read.append(path))
-    assert not cache.verify_numba_files(str(cache_dir), str(cache_dir / "__pycache__"), first.module.__name__)
-    assert not read and not files(cache_dir, ".nbc") and not files(cache_dir, ".nbi")
+    assert not cache.verify_numba_files(str(cache_dir), str(cache_dir / "__pycache__"), name)
+    assert not read and not [f for f in files(cache_dir, ".nb") if module_of(f) == name]
 
 
 def test_failure_loading_cached_code_is_repaired_on_first_call(cache_dir, monkeypatch):
@@ -134,7 +146,7 @@ def test_failure_loading_cached_code_is_repaired_on_first_call(cache_dir, monkey
 def test_deleted_files_are_rebuilt_silently(cache_dir, what):
     import shutil
     first = load_and_run()
-    name = first.module.__name__
+    name = first.modules[0].__name__
     if what == "pycache":
         shutil.rmtree(cache_dir / "__pycache__")
     else:
@@ -162,12 +174,12 @@ def test_unwritable_directory_falls_back_to_temp_then_memory(tmp_path, monkeypat
     monkeypatch.setattr(cache.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     with pytest.warns(UserWarning, match="not writable"):
         program = load_and_run()
-    assert program.module.__file__.startswith(str(tmp_path / "tmp"))
+    assert program.modules[0].__file__.startswith(str(tmp_path / "tmp"))
     assert os.stat(tmp_path / "tmp" / f"fusec-{os.getuid()}").st_mode & 0o777 == 0o700
     monkeypatch.setattr(cache.tempfile, "gettempdir", lambda: str(blocker / "tmp"))
     with pytest.warns(UserWarning, match="in memory"):
         program = load_and_run()
-    assert program.module.__file__.startswith("<fusec")
+    assert program.modules[0].__file__.startswith("<fusec")
 
 
 WORKER = textwrap.dedent("""
@@ -201,16 +213,16 @@ def test_two_processes_compiling_the_same_program_at_once(cache_dir):
 
 
 def test_info_and_clear(cache_dir):
-    load_and_run()
+    modules = len(load_and_run().modules)  # a generated module per distinct kernel
     info = cache.info()
     assert info["dir"] == str(cache_dir)
-    assert info["programs"] == 1 and info["compiled"] == 1 and info["bytes"] > 0
+    assert info["programs"] == modules and info["compiled"] == modules and info["bytes"] > 0
     env = {**os.environ, "FUSEC_CACHE_DIR": str(cache_dir)}
     fusec_cli = [sys.executable, "-m", "fusec"]
     out = subprocess.run(fusec_cli + ["cache", "info"], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert out.returncode == 0 and str(cache_dir) in out.stdout and "programs   1" in out.stdout
+    assert out.returncode == 0 and str(cache_dir) in out.stdout and f"programs   {modules}" in out.stdout
     out = subprocess.run(fusec_cli + ["cache", "clear"], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert out.returncode == 0 and "removed programs   1" in out.stdout
+    assert out.returncode == 0 and f"removed programs   {modules}" in out.stdout
     assert cache.info()["programs"] == 0 and cache.info()["files"] == 0
 
 

@@ -64,8 +64,8 @@ def plant(path, marker) -> bytes:
 # --- planted code -------------------------------------------------------------------------------------
 
 def test_planted_index_with_no_record_is_never_unpickled(cache_dir, tmp_path):
-    name = load_and_run().module.__name__
-    os.unlink(cache_dir / f"{name}.manifest.json")
+    for module in load_and_run().modules:
+        os.unlink(cache_dir / f"{module.__name__}.manifest.json")
     marker = tmp_path / "planted-code-ran"
     for path in files(cache_dir, ".nbc"):
         os.unlink(path)  # only the planted index is left to look at
@@ -78,7 +78,7 @@ def test_planted_index_with_no_record_is_never_unpickled(cache_dir, tmp_path):
 
 
 def test_planted_index_with_a_forged_record_in_a_writable_directory_is_not_loaded(cache_dir, tmp_path):
-    name = load_and_run().module.__name__
+    name = load_and_run().modules[0].__name__
     marker = tmp_path / "planted-code-ran"
     forged = {p.name: hashlib.sha256(plant(p, marker)).hexdigest() for p in files(cache_dir, ".nbi")}
     forged.update({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files(cache_dir, ".nbc")})
@@ -138,7 +138,7 @@ def test_directory_others_can_write_or_own_is_refused(cache_dir, temp_root, monk
     with pytest.warns(UserWarning, match=why) as caught:
         program = load_and_run()
     assert any(str(cache_dir) in str(w.message) for w in caught)
-    assert not program.module.__file__.startswith(str(cache_dir) + os.sep)
+    assert not program.modules[0].__file__.startswith(str(cache_dir) + os.sep)
     assert not list(cache_dir.glob(f"{cache.PREFIX}*"))  # nothing written there either
 
 
@@ -149,7 +149,7 @@ def test_directory_under_a_directory_others_can_write_is_refused(tmp_path, temp_
     monkeypatch.setenv("FUSEC_CACHE_DIR", str(shared / "cache"))
     with pytest.warns(UserWarning, match="writable by others"):
         program = load_and_run()
-    assert program.module.__file__.startswith(str(temp_root))
+    assert program.modules[0].__file__.startswith(str(temp_root))
 
 
 @pytest.mark.parametrize("owner", ["us", "other"])
@@ -167,7 +167,7 @@ def test_link_to_the_directory_only_trusted_when_others_cannot_change_it(tmp_pat
         program = load_and_run()
     refused = [w for w in caught if "link" in str(w.message) and "owned by uid" in str(w.message)]
     assert bool(refused) == (owner == "other")
-    assert program.module.__file__.startswith(str(sticky / "cache")) == (owner == "us")
+    assert program.modules[0].__file__.startswith(str(sticky / "cache")) == (owner == "us")
 
 
 def test_fallback_directory_created_by_another_user_is_refused(tmp_path, temp_root, monkeypatch):
@@ -180,7 +180,7 @@ def test_fallback_directory_created_by_another_user_is_refused(tmp_path, temp_ro
     os.chown(fallback, OTHER_UID, -1)
     with pytest.warns(UserWarning, match="in memory") as caught:
         program = load_and_run()
-    assert program.module.__file__.startswith("<fusec")
+    assert program.modules[0].__file__.startswith("<fusec")
     assert any(str(fallback) in str(w.message) and "owned by uid" in str(w.message) for w in caught)
     assert not list(fallback.iterdir())
 
@@ -195,7 +195,7 @@ def test_held_lock_times_out_and_compiles_in_memory(cache_dir, monkeypatch):
         with pytest.warns(UserWarning, match="locked") as caught:
             program = load_and_run()
         assert time.monotonic() - start < 60
-    assert program.module.__file__.startswith("<fusec")
+    assert program.modules[0].__file__.startswith("<fusec")
     assert any(str(cache_dir) in str(w.message) for w in caught)
 
 
@@ -244,13 +244,14 @@ def test_cache_info_and_clear_cover_numba_cache_dir(tmp_path, monkeypatch):
 # --- a missing manifest; info and clear show the directory in use ---------------------------------------
 
 def test_missing_manifest_recompiles_without_a_damage_warning(cache_dir):
-    name = load_and_run().module.__name__
-    os.unlink(cache_dir / f"{name}.manifest.json")
+    names = [m.__name__ for m in load_and_run().modules]
+    for name in names:
+        os.unlink(cache_dir / f"{name}.manifest.json")
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="fusec")
         again = load_and_run()
     assert hits(again) == 0  # unrecorded code is not trusted
-    assert (cache_dir / f"{name}.manifest.json").exists()
+    assert all((cache_dir / f"{name}.manifest.json").exists() for name in names)
     assert hits(load_and_run()) == len(again.steps)
 
 

@@ -1,10 +1,10 @@
-"""Run a fused graph with Numba: generate one module for all kernels, cache it on disk, plan buffers,
-and call the kernels in order.
+"""Run a fused graph with Numba: generate one module per distinct kernel body (`kernels.py`), cache it on
+disk, plan buffers, and call the kernels in order.
 
-The generated module is written to the cache directory (`FUSEC_CACHE_DIR`, default ~/.cache/fusec) under
+Each generated module is written to the cache directory (`FUSEC_CACHE_DIR`, default ~/.cache/fusec) under
 a hash of its text and of the versions and CPU it compiles for; Numba's own on-disk cache (`cache=True`)
-sits beside it, so a second compile of the same program in a new process loads machine code instead of
-compiling. `fusec.cache` verifies both before use and rebuilds what is damaged. Ops run by PyTorch
+sits beside it, so a second compile of the same kernel, in this program, another one or a new process,
+loads machine code instead of compiling. `fusec.cache` verifies both before use and rebuilds what is damaged. Ops run by PyTorch
 (`extern`, `fusec.fallback`) are steps between the kernels.
 Intermediate buffers are allocated once per program and reused across calls (two values whose lifetimes
 do not overlap share storage); outputs are fresh arrays owned by the caller. Calls are serialized by a
@@ -18,12 +18,14 @@ from typing import Callable
 
 import numpy as np
 
-from backends.numba_cpu.codegen import KernelCode, generate
+from backends.numba_cpu.codegen import KernelCode
+from backends.numba_cpu.kernels import build as build_kernels
 from fusec.dtypes import to_numpy
 from fusec.errors import FusecError
 from fusec.guards import check_indices, take_index_checks
 from fusec.ir import Graph
 
+VIEWS = ("reshape", "slice")  # outer nodes that are views of their operand's buffer (no kernel runs them)
 # Fast-math flags that keep every value's meaning: `contract` fuses a*b+c into one FMA (rounds once, a
 # little more exact) and `afn` lets LLVM pick its own exp/log/sin... (same accuracy in practice). Not
 # `reassoc` nor `nsz`: they let LLVM fold (x + c) - c to x, a Kahan compensation term to 0, exp(log(x))
@@ -65,6 +67,7 @@ class Step:
     inputs: list[int]      # outer value ids
     weights: list          # arrays
     outputs: list[int]
+    module: object = None  # the cached module of its function (shared by the steps of equal kernels)
 
 
 class Program:
@@ -73,20 +76,21 @@ class Program:
     def __init__(self, graph: Graph):
         self.graph = graph
         kernels = [i for i, n in enumerate(graph.nodes) if n.op == "kernel"]
-        self.codes: list[KernelCode] = [generate(f"k{j}", graph.nodes[i]) for j, i in enumerate(kernels)]
-        self.source = HEADER + "\n\n" + "\n\n".join(c.source for c in self.codes)
-        self.module = module = load_module(self.source)
+        built = build_kernels(graph, kernels, HEADER, load_module)  # each distinct body compiled once
+        self.codes: list[KernelCode] = built.codes
+        self.source, self.modules = built.source, built.distinct
         self.outputs_of = _kernel_outputs(graph)
         self.weights = {n.attr("name"): _weight(graph.tensors[n.attr("name")]) for n in graph.walk()
                         if n.op == "param"}
         # a kernel that checks gather indices it computes reports a bad one in its error slot (`kerr`)
         self.errors = [np.zeros(2, np.int64) if code.gathers else None for code in self.codes]
-        self.steps = [Step(getattr(module, code.name), i, list(graph.nodes[i].args),
+        self.steps = [Step(fn, i, list(graph.nodes[i].args),
                            [self.weights[p] for p in code.params] +
                            [np.ascontiguousarray(graph.tensors[c]) for c in code.consts] +
                            ([err] if err is not None else []),
-                           self.outputs_of[i])
-                      for code, i, err in zip(self.codes, kernels, self.errors)]
+                           self.outputs_of[i], module)
+                      for code, fn, module, i, err in zip(self.codes, built.functions, built.modules, kernels,
+                                                          self.errors)]
         self.index_checks = [take_index_checks(graph.nodes[i]) for i in kernels]
         # Torch fallbacks (`extern` nodes) run between kernels, before the kernel that follows them in the
         # graph. The values they read are planned like outputs (fresh per call), so no later kernel
@@ -183,7 +187,8 @@ class Program:
             if len(self._loaded) == len(self.steps) and not getattr(self, "_recorded", False):
                 self._recorded = True
                 from fusec.cache import recorded
-                recorded(self.module)  # checksums of the machine code that just ran
+                for module in self.modules:
+                    recorded(module)  # checksums of the machine code that just ran
             return results
 
     def _plan_steps(self) -> None:
@@ -195,7 +200,7 @@ class Program:
             if self.steps[s].outputs[k] >= 0:
                 static[self.steps[s].outputs[k]] = buf
         for i, n in enumerate(g.nodes):
-            if n.op in ("param", "const") or (n.op == "reshape" and n.args[0] in static):
+            if n.op in ("param", "const") or (n.op in VIEWS and n.args[0] in static):
                 static[i] = self._value(static, i)
         self._plans = []
         for s, step in enumerate(self.steps):
@@ -216,7 +221,7 @@ class Program:
                 step.fn(*args, *step.weights, *outs)
             except Exception as e:
                 from fusec.cache import recover
-                if not recover(self.module, step.fn.__name__, e):
+                if not recover(step.module, step.fn.__name__, e):
                     raise
                 step.fn(*args, *step.weights, *outs)
             self._loaded.add(s)
@@ -247,6 +252,9 @@ class Program:
         n = self.graph.nodes[v]
         if n.op == "reshape":
             values[v] = self._value(values, n.args[0]).reshape(n.shape)
+        elif n.op == "slice":  # contiguous (passes.hoist_slices): a view at an offset, never a copy
+            where = (slice(None),) * n.attr("axis") + (slice(n.attr("start"), n.attr("stop"), n.attr("step")),)
+            values[v] = self._value(values, n.args[0])[where]
         elif n.op == "param":
             values[v] = self.weights[n.attr("name")]
         elif n.op == "const":
@@ -258,8 +266,8 @@ class Program:
 
 
 def _root(g: Graph, v: int) -> int:
-    """The value whose buffer `v` lives in (a reshape is a view of its operand)."""
-    while g.nodes[v].op == "reshape":
+    """The value whose buffer `v` lives in (a reshape or an outer slice is a view of its operand)."""
+    while g.nodes[v].op in VIEWS:
         v = g.nodes[v].args[0]
     return v
 
