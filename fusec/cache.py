@@ -1,9 +1,9 @@
 """The on-disk compile cache of the Numba backend: where it is, what its keys cover, what it trusts, and
 how it survives damage and concurrency.
 
-One generated module per program, `fusec_gen_<key>.py`, where the key hashes the generated source (which
-holds the graph's ops, shapes, dtypes and options) with the versions of fusec, Numba, llvmlite, NumPy,
-torch and Python and the host CPU's name and features. Numba's own cache (`cache=True`) keeps the machine
+One generated module per distinct kernel (`backends.numba_cpu.kernels`), `fusec_gen_<key>.py`, where the
+key hashes the generated source (which holds the kernel's ops, shapes, dtypes and options) with the
+versions of fusec, Numba, llvmlite, NumPy, torch and Python and the host CPU's name and features. Numba's own cache (`cache=True`) keeps the machine
 code in `fusec_gen_<key>.<kernel>-<line>.pyXY.{nbi,nbc}`, in `__pycache__` beside it or wherever Numba's
 locators say (NUMBA_CACHE_DIR: `<it>/<dir name>_<hash of dir>/`; see `numba_dir`).
 
