@@ -63,7 +63,8 @@ def from_torch(dtype: torch.dtype) -> str:
 
 def round_bf16(x: np.ndarray) -> np.ndarray:
     """float32 values rounded to the nearest bfloat16 (ties to even), kept as float32; NaN stays NaN."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    shape = np.shape(x)  # ascontiguousarray makes a 0-d array 1-d
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(shape)
     bits = x.view(np.uint32)
     # Adding 0x7FFF plus the lowest kept bit, then truncating, rounds to nearest with ties to even.
     rounded = (bits + (((bits >> 16) & 1) + 0x7FFF).astype(np.uint32)) & np.uint32(0xFFFF0000)

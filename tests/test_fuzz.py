@@ -297,3 +297,10 @@ def test_fixed_f64_matmul():
     rng = np.random.default_rng(0)
     _run_both('%0 = input {index=0, name="x"} : f64[4,8]\n%1 = input {index=1, name="w"} : f64[8,8]\n'
               '%2 = matmul %0, %1 : f64[4,8]\nreturn %2', rng.standard_normal((4, 8)), rng.standard_normal((8, 8)))
+
+
+def test_fixed_bf16_reduction_to_a_scalar_keeps_its_shape():
+    """The reference backend's bf16 rounding turned a 0-d result into shape (1,)."""
+    _run_both('%0 = input {index=0, name="x"} : bf16[5]\n%1 = sigmoid %0 : bf16[5]\n'
+              '%2 = amin %1 {axes=[0], keepdim=false} : bf16[]\nreturn %2',
+              np.array([1.890625, 4.59375, 1.2265625, -2.078125, 0.41601562], F))
