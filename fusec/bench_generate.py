@@ -104,7 +104,8 @@ def make_generator(name: str, model: CausalLM, max_seq_len: int, backend: str) -
 class Progress:
     """Records when each token arrives; draws a bar on `stream` when it is a terminal."""
 
-    def __init__(self, label: str, total: int, stream=sys.stderr):
+    def __init__(self, label: str, total: int, stream=None):
+        stream = stream or sys.stderr  # the stream of now, not of when this module was imported
         self.label, self.total, self.stream = label, total, stream
         self.draw = hasattr(stream, "isatty") and stream.isatty()
         self.times: list[float] = []

@@ -145,3 +145,14 @@ def test_write_json_and_chart(tmp_path):
 def test_script_in_benchmarks_runs_the_same_benchmark():
     done = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "--preset" in done.stdout
+
+
+def test_generation_progress_writes_to_the_stderr_of_its_call(monkeypatch):
+    """Bound at import, a default stream outlived the (captured) stderr it was: 'I/O operation on closed file'."""
+    import io
+    import sys
+
+    from fusec.bench_generate import Progress
+    now = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", now)
+    assert Progress("x", 2).stream is now
