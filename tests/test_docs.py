@@ -50,13 +50,21 @@ def test_docs_folder_exists():
     assert len(_doc_files()) > 1, "expected the reference documentation under docs/"
 
 
+def _anchors(doc: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"```.*?```", "", doc.read_text(encoding="utf-8"), flags=re.S)  # no headings in code
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.*)$", text, flags=re.M)}
+
+
 @pytest.mark.parametrize("doc", _doc_files(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_reach_files(doc):
     broken = []
     for target in LINK.findall(doc.read_text(encoding="utf-8")):
-        if re.match(r"[a-z]+:", target) or target.startswith("#"):
-            continue  # a URL or an anchor in the same page
-        path = target.split("#", 1)[0]
-        if not (doc.parent / path).exists():
+        if re.match(r"[a-z]+:", target):
+            continue  # a URL
+        path, _, anchor = target.partition("#")
+        file = doc.parent / path if path else doc
+        if not file.exists() or (anchor and file.suffix == ".md" and anchor not in _anchors(file)):
             broken.append(target)
-    assert not broken, f"{doc.relative_to(ROOT)} links to missing files: {', '.join(broken)}"
+    assert not broken, f"{doc.relative_to(ROOT)} links to missing files or headings: {', '.join(broken)}"
