@@ -3,7 +3,7 @@
     rep = report(graph, "sn40l", layers=32, decode=True)   # a graph (placed or not) or a Placement
     print(format_report(rep))
 
-Per stage s of a section (rdu_facts §5, formula 1), with its bytes per tier and PCUs/PMUs from the
+Per stage s of a section (docs/rdu-model.md, formula 1), with its bytes per tier and PCUs/PMUs from the
 placement, every term in seconds per call:
     compute  FLOPs / (PCUs x per-PCU peak of its mode x eta)     systolic for matmuls, SIMD otherwise
     SRAM     bytes read from its input buffer / (its PMUs x PMU bandwidth), and likewise from each

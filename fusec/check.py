@@ -3,7 +3,8 @@ error, and on a mismatch find the first fused kernel that computes something els
 
 Errors are max |got - want| and that divided by max |want| (the output's magnitude); NaN where both
 have NaN and equal infinities count as equal, anything else against a NaN or an infinity is an infinite
-error. A result is OK when the scaled error is at most `tol` (1e-4 for float32, as in DESIGN.md).
+error. A result is OK when the scaled error is at most `tol` (1e-4 for float32, the tolerance the tests
+hold float32 results to).
 
 The bisection runs the fused numba program once, kernel by kernel, and evaluates each kernel node with
 the reference backend on the very arrays the numba kernel read: the first kernel whose outputs differ

@@ -4,7 +4,7 @@
     m = get_machine("my_rdu.toml")     # a JSON/TOML file: {"base": "sn40l", "hbm_bw": 1.6e12, ...}
     m.pcu_flops, m.tile_budget, m.source("hbm_bw")
 
-Every figure carries its source key and reliability tag from /work/shared/rdu_facts.md in `sources`
+Every figure carries its source key and reliability tag (as listed in docs/rdu-model.md) in `sources`
 (`[P]` primary text, `[S]` secondary, `[M]` unverified or an assumption of ours, `[D]` derived).
 Unpublished figures (network link bandwidth, hop latency, launch overhead, program load, efficiencies)
 are named parameters with stated defaults, meant to be calibrated, never read as facts.
@@ -143,7 +143,7 @@ def sn40l() -> Machine:
         "program_load_s": "not published; 100 us default per section [M]",
         "hbm_efficiency": "SN40L §VI-B: fused decoder reaches over 85% of HBM bandwidth [P]",
         "ddr_efficiency": "not published; 0.8 assumed [M]",
-        "systolic_efficiency": "not published; eta = 0.8 default (tunable, rdu_facts §5) [M]",
+        "systolic_efficiency": "not published; eta = 0.8 default (tunable, docs/rdu-model.md) [M]",
         "stage_pmus": "SN40L §III-A Fig 4: stage buffers of 2-4 PMUs; 8 per stage (two 4-PMU buffers) assumed [M]",
     }, name="sn40l", kind="rdu", pcus=1040, pmus=1040, pmu_bytes=512 * KiB, grid=(40, 52),
         layout="checkerboard", peak_flops=638e12, clock_hz=1.6e9, lanes=16, stages=6,

@@ -6,7 +6,7 @@ tiled) and returns the same nodes carrying a `fusec.placement.Placement` in
 changes, so numerics are untouched; the result depends only on the graph, machine, seed and dtype, so a
 second run gives the same placement. The placement is verified before it is returned (IRError).
 
-Steps (SN40L §III-A and §V-A; rdu_facts §5):
+Steps (SN40L §III-A and §V-A; docs/rdu-model.md):
 1. Stage graph (`placement_stages`): each kernel -> pipeline stages with FLOPs and bytes.
 2. Sections: kernels in graph order fill a section while its stages (one PCU each, at least) and stage
    buffers (double-buffered tiles, in whole PMUs) fit the chip; an unfused `op` kernel is a section of

@@ -21,7 +21,7 @@ What a tile is, per kernel kind (the names the Numba backend reads):
 Budget: the working set of one tile must fit `machine.tile_budget`: the L2 per core on a cpu, and on an
 RDU pmu_bytes x stage_pmus (the PMUs one pipeline stage may use). Streamed buffers (input and output
 tiles) are double-buffered as the PMU stage buffers are (one fills while the other is used: SN40L §IV-B;
-"double buffering doubles the capacity needed", rdu_facts §5); accumulators stay put. With |x| the
+"double buffering doubles the capacity needed", docs/rdu-model.md); accumulators stay put. With |x| the
 element size (accumulators 4 bytes, 8 for f64):
     matmul     2*(m*k*|A| + k*n*|B| + m*n*|out|) + m*n*|acc|
     attention  2*(q*D*|Q| + kv*D*|K| + kv*Dv*|V| + q*Dv*|out|) + |acc|*(q*kv + q*Dv + 2*q)

@@ -20,7 +20,7 @@ def test_paper_switching_ratios_for_llama2_7b_experts():
     assert set(s) == {"vs DGX A100", "vs DGX H100"}
     assert s["vs DGX A100"] == pytest.approx(1e12 / 32e9) and 30 <= s["vs DGX A100"] < 32
     assert s["vs DGX H100"] == pytest.approx(1e12 / 64e9) and 15 <= s["vs DGX H100"] < 16.5
-    assert switch_seconds(LLAMA2_7B_BF16, SN40L_NODE) == pytest.approx(13.5e-3)  # rdu_facts §6 example
+    assert switch_seconds(LLAMA2_7B_BF16, SN40L_NODE) == pytest.approx(13.5e-3)  # docs/rdu-model.md, formula 6's example
 
 
 def test_platforms_are_sourced_and_sn40l_comes_from_the_machine():

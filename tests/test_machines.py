@@ -1,4 +1,4 @@
-"""Machine descriptions: the presets hold the published figures (rdu_facts.md) with their sources, derived
+"""Machine descriptions: the presets hold the published figures (docs/rdu-model.md) with their sources, derived
 figures follow from them, override files in JSON and TOML work, and mistakes name the valid choices."""
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 A router picks one expert per request; unless it is already resident, the expert's weights are copied
 from the big slow tier (DDR on SN40L, host memory on a DGX) into HBM, then the expert generates tokens
-(rdu_facts §1.6 "Composition of Experts", §6 formula 6):
+(docs/rdu-model.md: SN40L "Composition of Experts", formula 6):
     T_switch = expert_bytes / BW_tier->HBM
     T_decode = weight_bytes_per_token / (BW_HBM x efficiency)          memory-bound decode at batch 1
     T_request = miss_rate x T_switch + tokens x T_decode               (the router's own time is left out)
@@ -10,8 +10,8 @@ from the big slow tier (DDR on SN40L, host memory on a DGX) into HBM, then the e
     rows = compare(13.5e9, 13.5e9, tokens_per_request=20, miss_rate=1.0)
     print(format_table(rows))
 
-Tags as in /work/shared/rdu_facts.md: [P] primary text, [S] secondary, [D] derived, [M] unverified;
-[A] = an assumption of ours from outside the facts file (e.g. a vendor datasheet).
+Tags as in docs/rdu-model.md: [P] primary text, [S] secondary, [D] derived, [M] unverified;
+[A] = an assumption of ours from a source not listed there (e.g. a vendor datasheet).
 SN40L = Prabhakar et al., arXiv:2405.07518 (MICRO 2024); DFAYN = Gandhi et al., MLSys 2026 (notes only).
 """
 from __future__ import annotations
@@ -67,18 +67,19 @@ def _sn40l_platforms() -> tuple[Platform, Platform]:
 SN40L_SOCKET, SN40L_NODE = _sn40l_platforms()
 
 # The paper's DGX figures are estimates with optimistic switching (SN40L §VI-C, Table V [P]): 32 / 64 GB/s
-# host->GPU for the whole node. Read per GPU (8 x 64 GB/s, as rdu_facts §6's example suggests) the ratio
-# would be ~2x, not Table V's 15x; the paper's 31x / 15x follow only from the node-wide figure used here.
+# host->GPU for the whole node. Read per GPU (8 x 64 GB/s, as formula 6's example in docs/rdu-model.md
+# suggests) the ratio would be ~2x, not Table V's 15x; the paper's 31x / 15x follow only from the node-wide
+# figure used here.
 _GPU_EFFICIENCY = ("efficiency 0.5: GPU decode 'rarely exceeds 50%' of HBM bandwidth, SN40L §VI-B [P] "
                    "(an upper bound; KL reports ~21%)")
 DGX_A100 = Platform(
     "DGX A100", "host->GPU", 32e9, 8 * 2.039e12, 0.5,
     "link: 32 GB/s host->GPU assumed by SN40L §VI-C / Table V [P]; HBM: 8 x A100-80GB 2.039 TB/s = 16.3 TB/s, "
-    "[A] vendor datasheet (no figure in rdu_facts); " + _GPU_EFFICIENCY + ", assumed for A100 too [A]")
+    "[A] vendor datasheet (no figure in docs/rdu-model.md); " + _GPU_EFFICIENCY + ", assumed for A100 too [A]")
 DGX_H100 = Platform(
     "DGX H100", "host->GPU", 64e9, 24e12, 0.5,
     "link: 64 GB/s host->GPU assumed by SN40L §VI-C / Table V [P]; HBM: DGX H100 = 24 TB/s, DFAYN notes "
-    "(rdu_facts §1.6) [S] (datasheet 8 x 3.35 TB/s = 26.8 TB/s [A]); " + _GPU_EFFICIENCY)
+    "(docs/rdu-model.md) [S] (datasheet 8 x 3.35 TB/s = 26.8 TB/s [A]); " + _GPU_EFFICIENCY)
 
 PLATFORMS: tuple[Platform, ...] = (SN40L_SOCKET, SN40L_NODE, DGX_A100, DGX_H100)
 
@@ -103,13 +104,13 @@ def _platform(value) -> Platform:
 # --- the model -----------------------------------------------------------------------------------------
 
 def switch_seconds(expert_bytes: int, platform: Platform) -> float:
-    """Time to copy one expert into HBM: expert_bytes / link_bw (rdu_facts §6, formula 6)."""
+    """Time to copy one expert into HBM: expert_bytes / link_bw (docs/rdu-model.md, formula 6)."""
     return _bytes("expert_bytes", expert_bytes) / _platform(platform).link_bw
 
 
 def decode_seconds_per_token(weight_bytes_per_token: int, platform: Platform) -> float:
     """Memory-bound decode at batch 1: the bytes read per token / achievable HBM bandwidth
-    (DFAYN Eq. 3 at one sample, rdu_facts §6 formula 5)."""
+    (DFAYN Eq. 3 at one sample, docs/rdu-model.md formula 5)."""
     p = _platform(platform)
     return _bytes("weight_bytes_per_token", weight_bytes_per_token, positive=True) / (p.hbm_bw * p.hbm_efficiency)
 
