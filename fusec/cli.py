@@ -61,7 +61,7 @@ BACKEND_STAGES = ["numba"]  # generated source, after every pass
 def stage_names() -> list[str]:
     """Every stage `fusec dump` can show, in pipeline order."""
     from passes.pipeline import TARGETS
-    return _frontend_stages() + [s for s in TARGETS["rdu"] if s != "weights"] + BACKEND_STAGES
+    return _frontend_stages() + [s for s in TARGETS["rdu"] if s != "weights"] + ["looped"] + BACKEND_STAGES
 
 
 def dump(spec: str, stage: str, fmt: str, seq_len: int | None = None, fuse: bool = True) -> str:
@@ -91,7 +91,8 @@ def dump(spec: str, stage: str, fmt: str, seq_len: int | None = None, fuse: bool
         from fusec.api import lower
         graph = lower(traced.graph, fuse=False)
     else:
-        graph = traced.graph if stage == "ir" else run_pipeline(traced.graph, until=stage, target="cpu")
+        target = "cpu-looped" if stage == "looped" else "cpu"
+        graph = traced.graph if stage == "ir" else run_pipeline(traced.graph, until=stage, target=target)
     if fmt == "json":
         return to_json(graph)
     if fmt == "dot":

@@ -24,6 +24,7 @@ from passes.canonicalize import (canonicalize, eliminate_common_subexpressions, 
                                  fold_constants, simplify_algebra, simplify_views)
 from passes.fuse import fuse, unfuse
 from passes.hoist_slices import hoist_slices
+from passes.loop import loop_kernels
 from passes.place import place
 from passes.tile import tile
 from passes.weights import store_weights
@@ -38,10 +39,11 @@ STAGES: dict[str, tuple[Pass, ...]] = {}
 TARGETS: dict[str, tuple[str, ...]] = {
     "cpu": ("canonical", "weights", "fused", "tiled"),
     "cpu-unfused": ("canonical", "weights", "unfused", "tiled"),
+    "cpu-looped": ("canonical", "weights", "fused", "tiled", "looped"),
     "rdu": ("canonical", "weights", "fused", "tiled", "placed"),
     "rdu-unfused": ("canonical", "weights", "unfused", "tiled", "placed"),
 }
-ALTERNATIVES = ("unfused",)
+ALTERNATIVES = ("unfused", "looped")  # `looped` runs only in the targets that name it
 
 
 def target_for(target: str, fuse: bool = True) -> str:
@@ -141,4 +143,5 @@ register_stage("weights", ())  # filled per run from its `weights` (see _stage_p
 register_stage("fused", (("fuse", fuse), ("hoist_slices", hoist_slices)))
 register_stage("unfused", (("unfuse", unfuse), ("hoist_slices", hoist_slices)))
 register_stage("tiled", (("tile", tile),))
+register_stage("looped", (("loop_kernels", loop_kernels),), after="tiled")
 register_stage("placed", (("place", place),))
