@@ -91,8 +91,7 @@ def dump(spec: str, stage: str, fmt: str, seq_len: int | None = None, fuse: bool
         from fusec.api import lower
         graph = lower(traced.graph, fuse=False)
     else:
-        target = "cpu-looped" if stage == "looped" else "cpu"
-        graph = traced.graph if stage == "ir" else run_pipeline(traced.graph, until=stage, target=target)
+        graph = traced.graph if stage == "ir" else run_pipeline(traced.graph, until=stage, target="cpu")
     if fmt == "json":
         return to_json(graph)
     if fmt == "dot":
