@@ -372,11 +372,16 @@ def lower(graph: Graph, fuse: bool = True, callback: Callable[[str, Graph], None
 
 
 def program_stats(graph: Graph) -> dict:
-    """Kernel launches per call, bytes of intermediate values (written by one kernel, read by another)
-    and ops run by PyTorch (`torch_ops`, see `fusec.fallback`)."""
+    """Kernel launches per call, calls from Python per call, bytes of intermediate values (written by one
+    kernel, read by another, outside loops) and ops run by PyTorch (`torch_ops`, see `fusec.fallback`)."""
     from passes.fuse import fusion_stats
     fused = fusion_stats(graph)
-    return {**fused, "kernel_calls": fused["kernels"], "torch_ops": sum(1 for n in graph.nodes if n.op == "extern")}
+    loops = [n for n in graph.nodes if n.op == "loop"]
+    looped = sum(n.attr("trips") * n.attr("body").ops().get("kernel", 0) for n in loops)
+    # kernel_calls: kernels run per call, every iteration's counted; python_calls: calls from Python into
+    # compiled code (a loop's driver runs all its iterations in one)
+    return {**fused, "kernel_calls": fused["kernels"] + looped, "python_calls": fused["kernels"] + len(loops),
+            "torch_ops": sum(1 for n in graph.nodes if n.op == "extern")}
 
 
 def summary(spec: Specialization, options: Options) -> dict:

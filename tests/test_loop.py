@@ -220,7 +220,8 @@ def test_a_decode_step_makes_as_many_python_calls_whatever_the_number_of_layers(
         looped, unlooped = compiled_pair(DecodeStep(m), ins)
         counts[layers] = python_calls(looped, ins), python_calls(unlooped, ins)
         assert counts[layers][0] < counts[layers][1]
-        assert len(looped.program.steps) == counts[layers][0]
+        assert len(looped.program.steps) == counts[layers][0] == looped.stats["python_calls"]
+        assert looped.stats["kernel_calls"] == unlooped.stats["kernel_calls"] == counts[layers][1]
     assert counts[4][0] == counts[8][0] and counts[8][1] > counts[4][1]
 
 
