@@ -200,6 +200,8 @@ def bench_model(spec: str, args: argparse.Namespace, bandwidth: float) -> tuple[
     wanted = {IMPL_FLAGS[flag] for flag in args.impl} - ({"torch.compile"} if args.no_torch_compile else set())
     for impl in IMPLEMENTATIONS:
         if impl != "eager" and impl not in wanted:
+            if impl.replace(" ", "-") in OPTIONAL:  # listed only when asked for
+                continue
             rows.append({"model": model_name, "implementation": impl, "status": "skipped"})
             continue
         row, ids, logits = run_one(impl, model_name, model, prompt, new_tokens, args, max_seq_len)
