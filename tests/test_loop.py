@@ -232,3 +232,15 @@ def test_fusec_loop_environment_variable_turns_looping_off(monkeypatch):
     assert not loops(fusec.compile(DecodeStep(m), ins, backend="reference").graph)
     monkeypatch.setenv("FUSEC_LOOP", "1")
     assert loops(fusec.compile(DecodeStep(m), ins, backend="reference").graph)
+
+
+def test_a_preset_model_loops_all_but_its_first_and_last_layers():
+    m = CausalLM.from_preset("stories15M").eval()
+    example = decode_example(m, 1, 16)
+    graph = unlooped_graph(DecodeStep(m), example)
+    looped = loop_kernels(graph)
+    [loop] = loops(looped)
+    assert loop.attr("trips") == m.config.n_layers - 2
+    ins = [x.numpy() for x in decode_inputs(m, pos=3)[:2]] + [x.numpy() for x in example[2:]]
+    for a, b in zip(run_graph(looped, ins), run_graph(graph, ins)):
+        np.testing.assert_array_equal(a, b)
