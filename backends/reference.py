@@ -20,7 +20,8 @@ Semantics decisions, beyond "what NumPy does":
 - Floating-point warnings (overflow, log(0), NaN casts) are silenced: results follow IEEE like torch.
 - Results may be views of inputs, params or other results (`reshape`, `permute`, `slice`, read-only
   broadcast views from `expand` and `iota`); callers that need to own or write an output copy it.
-- A multi-output `kernel` evaluates to a tuple of arrays, which `result` indexes.
+- A multi-output `kernel` evaluates to a tuple of arrays, which `result` indexes; so does a `loop` (its
+  carried values after the last iteration, then each per-iteration output stacked on a new axis 0).
 - `extern` (an ATen op fusec has no lowering for) calls the op through PyTorch (`fusec.fallback`); it is
   the only op whose definition is not NumPy.
 """
@@ -217,11 +218,29 @@ def _kernel(node: Node, args: list, tensors: Mapping[str, Any]) -> Value:
     return outs[0] if len(outs) == 1 else tuple(outs)
 
 
+def _loop(node: Node, args: list, tensors: Mapping[str, Any]) -> tuple:
+    """Iteration l binds the weights `weights[l]` under iteration 0's names and reads row l of each sliced
+    operand; carried operands take the body's first outputs; the others are stacked per iteration."""
+    body: Graph = node.attr("body")
+    carried, sliced, rows = node.attr("carried"), set(node.attr("sliced")), node.attr("weights")
+    outer = ChainMap(tensors, body.tensors)  # type: ignore[arg-type]
+    state, stacked = list(args), []
+    for t in range(node.attr("trips")):
+        bound = {first: outer[name] for first, name in zip(rows[0], rows[t])}
+        outs = _run(body, [x[t] if k in sliced else state[k] for k, x in enumerate(state)],
+                    ChainMap(bound, outer))
+        for pos, k in enumerate(carried):
+            state[k] = outs[pos]
+        stacked.append(outs[len(carried):])
+    per = [np.stack([s[j] for s in stacked]) for j in range(len(body.outputs) - len(carried))]
+    return tuple([state[k] for k in carried] + per)
+
+
 def _result(node: Node, args: list, tensors: Mapping[str, Any]) -> np.ndarray:
     outs, index = args[0], node.attr("index")
     if not isinstance(outs, tuple) or not 0 <= index < len(outs):
         count = len(outs) if isinstance(outs, tuple) else 1
-        raise FusecError(f"result: index {index} does not name one of the {count} kernel output(s)")
+        raise FusecError(f"result: index {index} does not name one of the {count} kernel or loop output(s)")
     return outs[index]
 
 
@@ -255,6 +274,7 @@ _OPS: dict[str, OpFn] = {
     "concat": lambda node, args, tensors: np.concatenate(args, axis=node.attr("axis")),
     "take": _take,
     "kernel": _kernel,
+    "loop": _loop,
     "result": _result,
     "extern": _extern,
 }
@@ -283,7 +303,7 @@ def eval_node(node: Node, args: list[np.ndarray], tensors: Mapping[str, Any]) ->
         raise FusecError(f"the reference backend has no definition for op {node.op!r}")
     with np.errstate(all="ignore"):
         value = fn(node, args, tensors)
-        if node.op == "kernel" and isinstance(value, tuple):
+        if node.op in ("kernel", "loop") and isinstance(value, tuple):
             return value
         return _conform(node, value)
 

@@ -6,6 +6,7 @@ what a signature is and when a new one compiles, recompiles or is an error.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 import warnings
@@ -31,6 +32,7 @@ class Options:
     fuse: bool = True
     strict: bool = False
     weights: str = "fp32"  # "bf16": matrices stored as bfloat16, widened to float32 in the kernels
+    loop: bool = True      # equal layers run as one loop (passes.loop): one call into compiled code
 
 
 @dataclass
@@ -267,13 +269,16 @@ class CompiledModule:
 
 def compile(module: torch.nn.Module, example_inputs: Any = (), example_kwargs: dict | None = None, *,
             backend: str = "numba", fuse: bool = True, strict: bool = False, dynamic: Any = None,
-            recompile: bool = False, cache_limit: int = CACHE_LIMIT, weights: str = "fp32") -> CompiledModule:
+            recompile: bool = False, cache_limit: int = CACHE_LIMIT, weights: str = "fp32",
+            loop: bool | None = None) -> CompiledModule:
     """Compile `module` for inputs like `example_inputs` (a tuple of positional inputs, or one tensor).
 
     `backend="numba"` (default) generates one JIT-compiled function per fused kernel; `"reference"` runs
     the IR op by op with NumPy. `fuse=False` gives the unfused program (one kernel per primitive op).
     `weights="bf16"` stores weight matrices as bfloat16 (half the bytes to stream; accumulation stays
-    float32); the module's own parameters are not changed.
+    float32); the module's own parameters are not changed. `loop` (default: on, unless the environment
+    variable FUSEC_LOOP=0) runs a run of equal layers as one loop node: the Numba backend then makes one
+    call into compiled code for all of them (`passes.loop`); `loop=False` calls each kernel from Python.
     ATen ops fusec cannot lower run through PyTorch between the kernels; `strict=True` raises
     `UnsupportedOpError` for them instead.
 
@@ -305,7 +310,9 @@ def compile(module: torch.nn.Module, example_inputs: Any = (), example_kwargs: d
     from passes.weights import FORMATS
     if weights not in FORMATS:
         raise ValueError(f"unknown weight format {weights!r}; expected one of {', '.join(FORMATS)}")
-    options = Options(backend, fuse, strict, weights)
+    if loop is None:
+        loop = os.environ.get("FUSEC_LOOP", "1") != "0"
+    options = Options(backend, fuse, strict, weights, bool(loop))
     tensors = [x for x in pytree.tree_leaves((example_inputs, example_kwargs or {})) if isinstance(x, torch.Tensor)]
     empty = next((i for i, x in enumerate(tensors) if x.numel() == 0), None)
     if empty is not None:
@@ -326,7 +333,8 @@ def build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options) 
     dump = DebugDump.start(traced.module_name or "module")
     if dump:
         dump.traced(traced.graph, getattr(traced.fx_graph, "code", ""))
-    graph = lower(traced.graph, fuse=options.fuse, callback=dump.stage if dump else None, weights=options.weights)
+    graph = lower(traced.graph, fuse=options.fuse, callback=dump.stage if dump else None, weights=options.weights,
+                  loop=options.loop)
     stats = program_stats(graph)
     if options.backend == "reference":
         from backends.reference import compile_graph
@@ -355,20 +363,25 @@ def build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options) 
 
 
 def lower(graph: Graph, fuse: bool = True, callback: Callable[[str, Graph], None] | None = None,
-          weights: str = "fp32", target: str = "cpu") -> Graph:
+          weights: str = "fp32", target: str = "cpu", loop: bool = True) -> Graph:
     """The pass pipeline from traced IR to the graph a backend runs (`passes.pipeline.TARGETS`): fused
     or unfused, tiled, and placed on the chip for the "rdu" target. `callback(pass_name, graph)` runs
     after every pass; `weights` picks the weights' storage format."""
     from passes.pipeline import run_pipeline, target_for
-    return run_pipeline(graph, callback=callback, target=target_for(target, fuse), weights=weights)
+    return run_pipeline(graph, callback=callback, target=target_for(target, fuse, loop), weights=weights)
 
 
 def program_stats(graph: Graph) -> dict:
-    """Kernel launches per call, bytes of intermediate values (written by one kernel, read by another)
-    and ops run by PyTorch (`torch_ops`, see `fusec.fallback`)."""
+    """Kernel launches per call, calls from Python per call, bytes of intermediate values (written by one
+    kernel, read by another, outside loops) and ops run by PyTorch (`torch_ops`, see `fusec.fallback`)."""
     from passes.fuse import fusion_stats
     fused = fusion_stats(graph)
-    return {**fused, "kernel_calls": fused["kernels"], "torch_ops": sum(1 for n in graph.nodes if n.op == "extern")}
+    loops = [n for n in graph.nodes if n.op == "loop"]
+    looped = sum(n.attr("trips") * n.attr("body").ops().get("kernel", 0) for n in loops)
+    # kernel_calls: kernels run per call, every iteration's counted; python_calls: calls from Python into
+    # compiled code (a loop's driver runs all its iterations in one)
+    return {**fused, "kernel_calls": fused["kernels"] + looped, "python_calls": fused["kernels"] + len(loops),
+            "torch_ops": sum(1 for n in graph.nodes if n.op == "extern")}
 
 
 def summary(spec: Specialization, options: Options) -> dict:
@@ -382,6 +395,7 @@ def summary(spec: Specialization, options: Options) -> dict:
     fallbacks = [{"target": n.attr("target"), "reason": n.attr("reason"), "origin": n.origin}
                  for n in spec.graph.nodes if n.op == "extern"]
     return {"module": spec.traced.module_name, "signature": spec.signature,
-            "options": {"backend": options.backend, "fuse": options.fuse, "strict": options.strict},
+            "options": {"backend": options.backend, "fuse": options.fuse, "strict": options.strict,
+                        "loop": options.loop},
             "kernels": kernels, "torch_fallbacks": fallbacks, "stats": spec.stats,
             "cache_modules": [m.__name__ for m in getattr(program, "modules", ())]}

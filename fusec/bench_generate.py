@@ -33,8 +33,10 @@ from fusec.generate import Generator, compile_generator, eager_generator
 from fusec.models.causal_lm import CausalLM, load_safetensors
 from fusec.models.llama import PRESETS
 
-IMPLEMENTATIONS = ("eager", "torch.compile", "fusec fp32", "fusec bf16")
+IMPLEMENTATIONS = ("eager", "torch.compile", "fusec fp32", "fusec bf16", "fusec fp32 unlooped")
 IMPL_FLAGS = {name.replace(" ", "-"): name for name in IMPLEMENTATIONS}  # --impl fusec-fp32
+# on request only: fusec with one Python call per kernel instead of one per run of equal layers (passes.loop)
+OPTIONAL = ("fusec-fp32-unlooped",)
 DEFAULT_MODELS = ("stories15M", "stories42M", "stories110M", "tinyllama_1b")
 COLUMNS = [("model", "model", ""), ("implementation", "implementation", ""), ("new_tokens", "new", "d"),
            ("prefill_tokens_per_s", "prefill tok/s", ".0f"), ("decode_tokens_per_s", "decode tok/s", ".1f"),
@@ -57,7 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=positive_int, default=1, help="sequences generated at once")
     parser.add_argument("--threads", type=positive_int, default=2, help="threads for torch and numba alike")
     parser.add_argument("--repeat", type=positive_int, default=3, help="timed prefill runs (median)")
-    parser.add_argument("--impl", nargs="+", default=list(IMPL_FLAGS), choices=list(IMPL_FLAGS),
+    parser.add_argument("--impl", nargs="+", default=[f for f in IMPL_FLAGS if f not in OPTIONAL],
+                        choices=list(IMPL_FLAGS),
                         help="implementations to run (eager always runs: it is the reference)")
     parser.add_argument("--backend", default="numba", help="fusec backend")
     parser.add_argument("--no-torch-compile", action="store_true", help="skip torch.compile (inductor)")
@@ -97,8 +100,8 @@ def make_generator(name: str, model: CausalLM, max_seq_len: int, backend: str) -
     if name == "torch.compile":
         torch._dynamo.reset()  # every model starts from a fresh cache (no dynamic-shape promotion)
         return eager_generator(model, max_seq_len, compiler=inductor_compiler, name="torch.compile")
-    weights = name.split()[-1]
-    return compile_generator(model, max_seq_len, weights=weights, backend=backend)
+    weights = name.split()[1]
+    return compile_generator(model, max_seq_len, weights=weights, backend=backend, loop="unlooped" not in name)
 
 
 class Progress:
@@ -198,6 +201,8 @@ def bench_model(spec: str, args: argparse.Namespace, bandwidth: float) -> tuple[
     wanted = {IMPL_FLAGS[flag] for flag in args.impl} - ({"torch.compile"} if args.no_torch_compile else set())
     for impl in IMPLEMENTATIONS:
         if impl != "eager" and impl not in wanted:
+            if impl.replace(" ", "-") in OPTIONAL:  # listed only when asked for
+                continue
             rows.append({"model": model_name, "implementation": impl, "status": "skipped"})
             continue
         row, ids, logits = run_one(impl, model_name, model, prompt, new_tokens, args, max_seq_len)

@@ -13,7 +13,7 @@ import numpy as np
 
 from fusec.dtypes import to_numpy
 from fusec.errors import FusecError
-from fusec.ir import Graph, TensorType
+from fusec.ir import Graph, TensorType, param_types
 
 _TORCH_DTYPES = {"f32": "torch.float32", "f64": "torch.float64", "f16": "torch.float16",
                  "bf16": "torch.bfloat16", "i64": "torch.int64", "i32": "torch.int32"}
@@ -28,7 +28,7 @@ def weight_types(graph: Graph) -> dict[str, TensorType]:
     the graph's annotations, since binding asks for it at every expert switch."""
     types = graph.annotations.get("weight_types")
     if types is None:
-        types = {n.attr("name"): n.type for n in graph.walk() if n.op == "param"}
+        types = param_types(graph)
         if isinstance(graph.annotations, dict):
             graph.annotations["weight_types"] = types
     return types

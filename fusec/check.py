@@ -135,7 +135,9 @@ def check(module: Any, example_inputs: Any = (), example_kwargs: dict | None = N
     differs = any(compare(g, w).scaled > tol for g, w in zip(fused_out, reference))
     if (differs or not report.ok) and fused.program is not None:
         leaves = [x for x in torch.utils._pytree.tree_leaves((example_inputs, kwargs)) if isinstance(x, torch.Tensor)]
-        report.mismatch = first_bad_kernel(fused.program, [_numpy(x) for x in leaves], tol)
+        # kernel by kernel: the unlooped program (a loop's driver calls its kernels from compiled code)
+        unlooped = fused if fused.options.loop is False else fusec.compile(module, example_inputs, kwargs, loop=False)
+        report.mismatch = first_bad_kernel(unlooped.program, [_numpy(x) for x in leaves], tol)
     return report
 
 

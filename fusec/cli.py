@@ -61,7 +61,7 @@ BACKEND_STAGES = ["numba"]  # generated source, after every pass
 def stage_names() -> list[str]:
     """Every stage `fusec dump` can show, in pipeline order."""
     from passes.pipeline import TARGETS
-    return _frontend_stages() + [s for s in TARGETS["rdu"] if s != "weights"] + BACKEND_STAGES
+    return _frontend_stages() + [s for s in TARGETS["rdu"] if s != "weights"] + ["looped"] + BACKEND_STAGES
 
 
 def dump(spec: str, stage: str, fmt: str, seq_len: int | None = None, fuse: bool = True) -> str:

@@ -96,7 +96,7 @@ def explain(module: Any, example_inputs: Any = (), example_kwargs: dict | None =
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     traced = trace(module, example_inputs, example_kwargs)
-    fused = run_pipeline(traced.graph, target="cpu")
+    fused = run_pipeline(traced.graph, target="cpu-unlooped")  # every kernel, not loops of them
     unfused = lower(traced.graph, fuse=False)
     signature = ", ".join(f"{n}: {t}" for n, t in zip(traced.input_names, traced.graph.input_types))
     return explain_graph(traced.graph, fused, unfused, traced.module_name, signature)

@@ -29,7 +29,8 @@ Compiler = Callable[[nn.Module, tuple], Program]  # (module, example inputs) -> 
 WEIGHTS = ("fp32", "bf16")
 
 
-def fusec_compiler(backend: str = "numba", weights: str = "fp32", fuse: bool = True) -> Compiler:
+def fusec_compiler(backend: str = "numba", weights: str = "fp32", fuse: bool = True,
+                   loop: bool | None = None) -> Compiler:
     """A Compiler running `fusec.compile` with these options. `weights="bf16"` needs the compiler's
     `weights=` option (NotImplementedError without it; bf16 is not emulated here)."""
     import fusec
@@ -40,6 +41,8 @@ def fusec_compiler(backend: str = "numba", weights: str = "fp32", fuse: bool = T
         if "weights" not in inspect.signature(fusec.compile).parameters:
             raise NotImplementedError("bf16 weights need the compiler's weights= option")
         options["weights"] = weights
+    if loop is not None:
+        options["loop"] = loop
 
     def compile_program(module: nn.Module, example: tuple) -> Program:
         return fusec.compile(module, example, backend=backend, fuse=fuse, **options)
@@ -372,7 +375,7 @@ def _sampler(temperature: float, seed: int | None, top_k: int | None) -> Callabl
 
 def compile_generator(model: nn.Module, max_seq_len: int | None = None, weights: str = "fp32",
                       backend: str = "numba", prompt_buckets: Sequence[int] | None = None,
-                      fuse: bool = True, batch: int = 1) -> Generator:
+                      fuse: bool = True, batch: int = 1, loop: bool | None = None) -> Generator:
     """A Generator running fusec-compiled programs of `model` (a `fusec.models.causal_lm.CausalLM` or a
     transformers `LlamaForCausalLM`, whose weights are mapped into one).
 
@@ -381,10 +384,11 @@ def compile_generator(model: nn.Module, max_seq_len: int | None = None, weights:
     fusec backend ("numba", "reference"). `prompt_buckets` (e.g. (16, 64, 256)) pads prompts on the right
     to the next bucket so that few prefill programs serve every prompt; without it each prompt length
     compiles its own. The decode program for `batch` is compiled here; nothing compiles while decoding.
+    `loop=False` (or FUSEC_LOOP=0) keeps one Python call per kernel instead of one per run of layers.
     """
     causal_lm = as_causal_lm(model)
     generator = Generator(causal_lm, max_seq_len or causal_lm.config.max_seq_len,
-                          fusec_compiler(backend, weights, fuse), prompt_buckets,
+                          fusec_compiler(backend, weights, fuse, loop), prompt_buckets,
                           name=f"fusec {backend} {weights}")
     generator.decode_program(batch)
     return generator

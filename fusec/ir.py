@@ -119,10 +119,10 @@ class Graph:
         return out
 
     def walk(self):
-        """Every node, kernel bodies included (a body's nodes follow its kernel node)."""
+        """Every node, kernel and loop bodies included (a body's nodes follow its node)."""
         for n in self.nodes:
             yield n
-            if n.op == "kernel":
+            if n.op in ("kernel", "loop"):
                 yield from n.attr("body").walk()
 
     def ops(self) -> dict[str, int]:
@@ -228,9 +228,34 @@ def _tensor_keys(nodes) -> set[str]:
             keys.add(n.attr("name"))
         elif n.op == "const" and n.attr("key") is not None:
             keys.add(n.attr("key"))
-        elif n.op == "kernel":
+        elif n.op in ("kernel", "loop"):
             keys |= _tensor_keys(n.attr("body").nodes)
+        if n.op == "loop":
+            keys |= {name for row in n.attr("weights") for name in row}
     return keys
+
+
+def param_types(graph: Graph) -> dict[str, TensorType]:
+    """{parameter name: type} of every weight the graph reads, those of every loop iteration included
+    (a loop's body names iteration 0's; `weights` the others, of the same types)."""
+    types = {n.attr("name"): n.type for n in graph.walk() if n.op == "param"}
+    for n in graph.walk():
+        if n.op == "loop":
+            first = n.attr("weights")[0]
+            for row in n.attr("weights"):
+                types.update((name, types[w]) for name, w in zip(row, first))
+    return types
+
+
+def output_types(node: Node) -> list[TensorType]:
+    """The types of a kernel's or a loop's outputs (what `result` reads). A loop's first outputs are its
+    carried values after the last iteration, the others each iteration's value stacked on a new axis 0."""
+    body = node.attr("body")
+    types = [body.nodes[o].type for o in body.outputs]
+    if node.op != "loop":
+        return types
+    nc = len(node.attr("carried"))
+    return types[:nc] + [TensorType((node.attr("trips"),) + t.shape, t.dtype) for t in types[nc:]]
 
 
 def verify(graph: Graph) -> None:
@@ -249,12 +274,16 @@ def verify(graph: Graph) -> None:
             raise IRError(f"{where}: type is {n.type} but its operands give {expected}")
         if n.op == "kernel":
             _verify_kernel(graph, i, n)
+        if n.op == "loop":
+            from fusec.loop_verify import verify_loop
+            verify_loop(graph, i, n)
         if n.op == "result":
-            body = graph.nodes[n.args[0]].attr("body") if len(n.args) == 1 else None
-            if body is None or not 0 <= n.attr("index", -1) < len(body.outputs):
-                raise IRError(f"{where}: must read an existing output of a kernel node")
-            if body.nodes[body.outputs[n.attr("index")]].type != n.type:
-                raise IRError(f"{where}: type {n.type} differs from the kernel's output {n.attr('index')}")
+            of = graph.nodes[n.args[0]] if len(n.args) == 1 else None
+            types = output_types(of) if of is not None and of.op in ("kernel", "loop") else []
+            if not 0 <= n.attr("index", -1) < len(types):
+                raise IRError(f"{where}: must read an existing output of a kernel or loop node")
+            if types[n.attr("index")] != n.type:
+                raise IRError(f"{where}: type {n.type} differs from the {of.op}'s output {n.attr('index')}")
         if n.op == "input":
             idx = n.attr("index")
             if idx in seen_inputs:

@@ -28,7 +28,8 @@ OPS: dict[str, str] = {
     "matmul": "matmul",
     "take": "gather",
     "kernel": "kernel",   # a fused kernel holding its subgraph (built by the fusion pass)
-    "result": "kernel",   # output `index` of a multi-output kernel
+    "result": "kernel",   # output `index` of a multi-output kernel or of a loop
+    "loop": "kernel",     # a body run `trips` times, values carried between iterations (passes.loop)
     "extern": "extern",   # an ATen op fusec cannot lower, run by PyTorch (fusec.fallback); never fused
 }
 

@@ -1,11 +1,12 @@
 """The compiler pipeline: named stages of named passes, run in order, the graph verified after each pass.
 
     STAGES = {"canonical": (("dce", eliminate_dead_code), ("cse", ...), ...), "fused": (...), ...}
-    TARGETS = {"cpu": ("canonical", "weights", "fused", "tiled"), ..., "rdu": (..., "tiled", "placed")}
+    TARGETS = {"cpu": ("canonical", "weights", "fused", "tiled", "looped"), ..., "rdu": (..., "tiled", "placed")}
 
 A target is the list of stages its backend needs: the CPU (Numba and reference backends) stops at the
-tiled program; the RDU target also places it on the chip (`placed`), which only `fusec dump --stage
-placed`, `fusec rdu` and the RDU model ask for. `run_pipeline(graph, until="canonical", target="cpu")`
+tiled program with its equal layers looped (`looped`; `cpu-unlooped` without); the RDU target also
+places it on the chip (`placed`), which only `fusec dump --stage placed`, `fusec rdu` and the RDU model
+ask for. `run_pipeline(graph, until="canonical", target="cpu")`
 runs the target's stages up to and including `until`. The `weights` stage stores weights in another format
 (`weights="bf16"`) and is skipped for fp32. Later stages join with `register_stage("fused", passes,
 after="canonical")` (a registered stage outside every target runs when no target is given).
@@ -24,6 +25,7 @@ from passes.canonicalize import (canonicalize, eliminate_common_subexpressions, 
                                  fold_constants, simplify_algebra, simplify_views)
 from passes.fuse import fuse, unfuse
 from passes.hoist_slices import hoist_slices
+from passes.loop import loop_kernels
 from passes.place import place
 from passes.tile import tile
 from passes.weights import store_weights
@@ -36,17 +38,21 @@ STAGES: dict[str, tuple[Pass, ...]] = {}
 # The stages each target runs, in order. Variants of one stage (fused/unfused) are alternatives: a run with
 # no target takes every registered stage but the alternatives (`unfused`).
 TARGETS: dict[str, tuple[str, ...]] = {
-    "cpu": ("canonical", "weights", "fused", "tiled"),
+    "cpu": ("canonical", "weights", "fused", "tiled", "looped"),
+    "cpu-unlooped": ("canonical", "weights", "fused", "tiled"),
     "cpu-unfused": ("canonical", "weights", "unfused", "tiled"),
     "rdu": ("canonical", "weights", "fused", "tiled", "placed"),
     "rdu-unfused": ("canonical", "weights", "unfused", "tiled", "placed"),
 }
-ALTERNATIVES = ("unfused",)
+ALTERNATIVES = ("unfused", "looped")  # `looped` runs only in the targets that name it
 
 
-def target_for(target: str, fuse: bool = True) -> str:
-    """The target name of `target` ("cpu" or "rdu") fused or unfused."""
+def target_for(target: str, fuse: bool = True, loop: bool = True) -> str:
+    """The target name of `target` ("cpu" or "rdu") fused or unfused, with its layers looped or not (only
+    the fused CPU target loops: see `passes.loop`)."""
     name = target if fuse else f"{target}-unfused"
+    if fuse and not loop and f"{target}-unlooped" in TARGETS:
+        name = f"{target}-unlooped"
     if name not in TARGETS:
         raise FusecError(f"unknown target {target!r}; expected one of cpu, rdu")
     return name
@@ -141,4 +147,5 @@ register_stage("weights", ())  # filled per run from its `weights` (see _stage_p
 register_stage("fused", (("fuse", fuse), ("hoist_slices", hoist_slices)))
 register_stage("unfused", (("unfuse", unfuse), ("hoist_slices", hoist_slices)))
 register_stage("tiled", (("tile", tile),))
+register_stage("looped", (("loop_kernels", loop_kernels),), after="tiled")
 register_stage("placed", (("place", place),))

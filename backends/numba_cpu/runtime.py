@@ -19,11 +19,12 @@ from typing import Callable
 import numpy as np
 
 from backends.numba_cpu.codegen import KernelCode
+from backends.numba_cpu.driver import build as build_driver
 from backends.numba_cpu.kernels import build as build_kernels
 from fusec.dtypes import to_numpy
 from fusec.errors import FusecError
 from fusec.guards import check_indices, take_index_checks
-from fusec.ir import Graph
+from fusec.ir import Graph, output_types, param_types
 
 VIEWS = ("reshape", "slice")  # outer nodes that are views of their operand's buffer (no kernel runs them)
 # Fast-math flags that keep every value's meaning: `contract` fuses a*b+c into one FMA (rounds once, a
@@ -75,30 +76,33 @@ class Program:
 
     def __init__(self, graph: Graph):
         self.graph = graph
-        kernels = [i for i, n in enumerate(graph.nodes) if n.op == "kernel"]
+        calls = [i for i, n in enumerate(graph.nodes) if n.op in ("kernel", "loop")]
+        kernels = [i for i in calls if graph.nodes[i].op == "kernel"]
         built = build_kernels(graph, kernels, HEADER, load_module)  # each distinct body compiled once
-        self.codes: list[KernelCode] = built.codes
-        self.source, self.modules = built.source, built.distinct
+        # a loop node runs all its iterations in one call of its generated driver (`driver.py`)
+        self.drivers = {i: build_driver(graph, i, HEADER, load_module) for i in calls if i not in kernels}
+        self.source, self.modules = built.source, list(built.distinct)
+        for d in self.drivers.values():
+            self.source += "\n\n" + d.code.source
+            self.modules += [m for m in d.modules if m not in self.modules]
+        by_node = dict(zip(kernels, zip(built.codes, built.functions, built.modules)))
+        by_node.update((i, (d.code, d.fn, d.module)) for i, d in self.drivers.items())
+        self.codes: list[KernelCode] = [by_node[i][0] for i in calls]
         self.outputs_of = _kernel_outputs(graph)
-        self.weights = {n.attr("name"): _weight(graph.tensors[n.attr("name")]) for n in graph.walk()
-                        if n.op == "param"}
+        self.weights = {name: _weight(graph.tensors[name]) for name in param_types(graph)}
         # a kernel that checks gather indices it computes reports a bad one in its error slot (`kerr`)
         self.errors = [np.zeros(2, np.int64) if code.gathers else None for code in self.codes]
-        self.steps = [Step(fn, i, list(graph.nodes[i].args),
-                           [self.weights[p] for p in code.params] +
-                           [np.ascontiguousarray(graph.tensors[c]) for c in code.consts] +
-                           ([err] if err is not None else []),
-                           self.outputs_of[i], module)
-                      for code, fn, module, i, err in zip(self.codes, built.functions, built.modules, kernels,
-                                                          self.errors)]
-        self.index_checks = [take_index_checks(graph.nodes[i]) for i in kernels]
+        self.steps = [Step(by_node[i][1], i, list(graph.nodes[i].args),
+                           self._extra(i, code, err), self.outputs_of[i], by_node[i][2])
+                      for code, i, err in zip(self.codes, calls, self.errors)]
+        self.index_checks = [take_index_checks(graph.nodes[i]) for i in calls]  # (none for a loop: in its driver)
         # Torch fallbacks (`extern` nodes) run between kernels, before the kernel that follows them in the
         # graph. The values they read are planned like outputs (fresh per call), so no later kernel
         # reuses their buffer before they ran.
         self.torch_steps: dict[int, list[int]] = {}
         for i, n in enumerate(graph.nodes):
             if n.op == "extern":
-                self.torch_steps.setdefault(sum(1 for k in kernels if k < i), []).append(i)
+                self.torch_steps.setdefault(sum(1 for k in calls if k < i), []).append(i)
         read = tuple(a for ids in self.torch_steps.values() for i in ids for a in graph.nodes[i].args)
         self.graph = replace(graph, outputs=graph.outputs + read)
         self._plan()
@@ -106,6 +110,14 @@ class Program:
         self._lock = threading.Lock()
         self._loaded: set[int] = set()  # steps whose machine code is loaded (they ran once)
         self._plan_steps()
+
+    def _extra(self, i: int, code: KernelCode, err) -> list:
+        """The arguments of call `i` after its operands: weights, constants, error slot (a kernel), or
+        the driver's weight tuples, constants, slots and buffers (a loop)."""
+        if i in self.drivers:
+            return self.drivers[i].args(self.weights)
+        return ([self.weights[p] for p in code.params] +
+                [np.ascontiguousarray(self.graph.tensors[c]) for c in code.consts] + ([err] if err is not None else []))
 
     def _plan(self) -> None:
         """Give every intermediate value a buffer; values whose lifetimes do not overlap share one.
@@ -123,8 +135,7 @@ class Program:
             for k, v in enumerate(step.outputs):
                 if v in self.fresh:
                     continue
-                t = self.graph.nodes[step.kernel].attr("body")
-                t = t.nodes[t.outputs[k]].type
+                t = output_types(self.graph.nodes[step.kernel])[k]
                 size = max(t.numel * to_numpy(t.dtype).itemsize, 1)
                 fit = [b for b in free if b.nbytes >= size]
                 storage = min(fit, key=lambda b: b.nbytes) if fit else np.empty(size, np.uint8)
@@ -139,8 +150,8 @@ class Program:
                 r = _root(g, v)
                 if last_use.get(r) == s and r in storage_of:
                     free.append(storage_of.pop(r))
-        self.intermediate_bytes = sum(g.nodes[v].type.nbytes for v in last_use if g.nodes[v].op == "kernel"
-                                      or g.nodes[v].op == "result")
+        self.intermediate_bytes = sum(g.nodes[v].type.nbytes for v in last_use
+                                      if g.nodes[v].op in ("kernel", "result", "loop"))
 
     def bind_weights(self, tensors) -> None:
         """Run on `tensors` ({parameter name: tensor or array}, see `fusec.binding.check_weights`) from the
@@ -156,7 +167,10 @@ class Program:
         with self._lock:
             self.weights = arrays
             for code, step in zip(self.codes, self.steps):
-                step.weights[:len(code.params)] = [arrays[p] for p in code.params]
+                if step.kernel in self.drivers:  # new tuples of per-iteration weights
+                    step.weights = self.drivers[step.kernel].args(arrays)
+                else:
+                    step.weights[:len(code.params)] = [arrays[p] for p in code.params]
             self._plan_steps()
 
     def run(self, inputs: list[np.ndarray], observe: Callable | None = None) -> list[np.ndarray]:
@@ -207,8 +221,7 @@ class Program:
             args = [(True, static[v]) if v in static else (False, v) for v in step.inputs]
             outs = []
             for k, v in enumerate(step.outputs):
-                t = g.nodes[step.kernel].attr("body")
-                t = t.nodes[t.outputs[k]].type
+                t = output_types(g.nodes[step.kernel])[k]
                 outs.append((self.buffers.get((s, k)), t.shape, to_numpy(t.dtype), v))
             self._plans.append((args, outs, self.index_checks[s]))
 
@@ -225,6 +238,9 @@ class Program:
                     raise
                 step.fn(*args, *step.weights, *outs)
             self._loaded.add(s)
+        if step.kernel in self.drivers:
+            self.drivers[step.kernel].check()
+            return
         err = self.errors[s]
         if err is not None and err[0]:  # a gather index computed in the kernel was out of range
             from backends.reference import TakeIndexError
@@ -243,7 +259,7 @@ class Program:
 
     def _output(self, values: dict, v: int) -> np.ndarray:
         x = self._value(values, v)
-        owned = self.graph.nodes[_root(self.graph, v)].op in ("kernel", "result")
+        owned = self.graph.nodes[_root(self.graph, v)].op in ("kernel", "result", "loop")
         return x if owned and list(self.graph.outputs).count(v) == 1 else np.array(x)
 
     def _value(self, values: dict, v: int) -> np.ndarray:
@@ -275,8 +291,8 @@ def _root(g: Graph, v: int) -> int:
 def _kernel_outputs(g: Graph) -> dict[int, list[int]]:
     outs: dict[int, list[int]] = {}
     for i, n in enumerate(g.nodes):
-        if n.op == "kernel":
-            count = len(n.attr("body").outputs)
+        if n.op in ("kernel", "loop"):
+            count = len(output_types(n))
             outs[i] = [i] if count == 1 else [-1] * count
         elif n.op == "result":
             outs[n.args[0]][n.attr("index")] = i

@@ -1,0 +1,246 @@
+"""Kernel looping (passes/loop.py): equal layers become one loop node; the reference backend defines it and
+the Numba backend runs it as one call of a generated driver. Looped programs equal unlooped ones and eager."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fusec
+from backends.reference import run_graph
+from fusec.errors import IRError
+from fusec.ir import verify
+from fusec.models.causal_lm import CausalLM, DecodeStep, Prefill, decode_example
+from fusec.models.llama import LlamaConfig
+from fusec.printer import format_graph, parse_graph
+from fusec.tracing import trace
+from passes.loop import loop_kernels
+from passes.pipeline import run_pipeline
+
+TINY4 = LlamaConfig(dim=64, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=97, max_seq_len=32, n_layers=4)
+
+
+def model(config=TINY4, seed=0) -> CausalLM:
+    torch.manual_seed(seed)
+    m = CausalLM(config).eval()
+    with torch.no_grad():  # non-trivial norms, so that a layer bound to the wrong weights shows
+        for p in m.parameters():
+            if p.ndim == 1:
+                p.add_(torch.rand_like(p) * 0.5)
+    return m
+
+
+def decode_inputs(m: CausalLM, pos=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    token, p, k, v = decode_example(m, 1, m.config.max_seq_len, pos=pos)
+    return (torch.tensor([[7]]), p, torch.randn(k.shape, generator=g), torch.randn(v.shape, generator=g))
+
+
+def loops(graph):
+    return [n for n in graph.nodes if n.op == "loop"]
+
+
+def unlooped_graph(module, example):
+    return run_pipeline(trace(module, example, {}).graph, target="cpu-unlooped")
+
+
+def close(a, b, rtol=1e-4):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * max(1.0, np.abs(b).max()))
+
+
+def test_decode_layers_become_one_loop_printed_parsed_and_idempotent():
+    m = model()
+    graph = unlooped_graph(DecodeStep(m), decode_example(m, 1, 32))
+    looped = loop_kernels(graph)
+    verify(looped)
+    [loop] = loops(looped)
+    # layers 1..2 (rotated: from a layer's feed-forward to the next one's attention); the first layer's
+    # projection also gathers the embedding and the last one's also stacks the new keys and values
+    assert loop.attr("trips") == 2 and len(loop.attr("weights")) == 2
+    assert loop.attr("sliced"), "each iteration reads its own layer of the KV cache"
+    assert sum(n.op == "kernel" for n in looped.nodes) == sum(n.op == "kernel" for n in graph.nodes) - 10
+    text = format_graph(looped)
+    parsed = parse_graph(text, looped.tensors)
+    verify(parsed)
+    assert format_graph(parsed) == text
+    assert loop_kernels(looped) is looped and format_graph(loop_kernels(parsed)) == text
+    ins = [x.numpy() for x in decode_inputs(m)]
+    for a, b in zip(run_graph(looped, ins), run_graph(graph, ins)):
+        np.testing.assert_array_equal(a, b)  # the same ops in the same order
+
+
+class Residual(nn.Module):
+    def __init__(self, widths, acts):
+        super().__init__()
+        self.ups = nn.ModuleList(nn.Linear(16, w) for w in widths)
+        self.downs = nn.ModuleList(nn.Linear(w, 16) for w in widths)
+        self.acts = acts
+
+    def forward(self, x):
+        for up, down, act in zip(self.ups, self.downs, self.acts):
+            x = x + down(act(up(x)))
+        return x
+
+
+@pytest.mark.parametrize("widths, acts, formed", [
+    ((32, 32, 32), (torch.tanh,) * 3, True),
+    ((32, 48, 32), (torch.tanh,) * 3, False),                     # another width
+    ((32, 32, 32), (torch.tanh, torch.sigmoid, torch.relu), False),  # other activations
+])
+def test_a_loop_is_formed_only_where_layers_are_equal(widths, acts, formed):
+    torch.manual_seed(0)
+    module, x = Residual(widths, acts), torch.randn(2, 16)
+    graph = loop_kernels(unlooped_graph(module, (x,)))
+    assert bool(loops(graph)) == formed
+    if formed:
+        assert loops(graph)[0].attr("trips") == 3
+    with torch.no_grad():
+        close(run_graph(graph, [x.numpy()])[0], module(x).numpy())
+        compiled = fusec.compile(module, (x,))
+        close(compiled(x).numpy(), module(x).numpy())
+        assert bool(loops(compiled.graph)) == formed
+
+
+def test_verify_names_what_is_wrong_with_a_loop():
+    m = model()
+    looped = loop_kernels(unlooped_graph(DecodeStep(m), decode_example(m, 1, 32)))
+    i = next(k for k, n in enumerate(looped.nodes) if n.op == "loop")
+
+    def broken(**attrs):
+        n = looped.nodes[i]
+        node = dataclasses.replace(n, attrs=tuple((k, attrs.get(k, v)) for k, v in n.attrs))
+        return dataclasses.replace(looped, nodes=looped.nodes[:i] + (node,) + looped.nodes[i + 1:])
+
+    weights = looped.nodes[i].attr("weights")
+    with pytest.raises(IRError, match="trips"):
+        verify(broken(trips=len(weights) + 1))
+    with pytest.raises(IRError, match="body inputs"):
+        verify(broken(sliced=()))
+    other = list(weights[1])
+    other[0], other[1] = other[1], other[0]  # a norm weight where a matrix was
+    with pytest.raises(IRError, match="iteration 1"):
+        verify(broken(weights=(weights[0], tuple(other)) + weights[2:]))
+
+
+def compiled_pair(module, example, **options):
+    return (fusec.compile(module, example, loop=True, **options), fusec.compile(module, example, loop=False, **options))
+
+
+def test_looped_decode_and_prefill_equal_unlooped_and_eager():
+    m = model()
+    ins = decode_inputs(m)
+    looped, unlooped = compiled_pair(DecodeStep(m), ins)
+    assert loops(looped.graph) and not loops(unlooped.graph)
+    with torch.no_grad():
+        eager = DecodeStep(m)(*ins)
+    for a, b, e in zip(looped(*ins), unlooped(*ins), eager):
+        close(a.numpy(), b.numpy())
+        close(a.numpy(), e.numpy())
+    tokens = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(2))
+    looped, unlooped = compiled_pair(Prefill(m, 6), (tokens,))
+    assert loops(looped.graph)
+    with torch.no_grad():
+        eager = Prefill(m, 6)(tokens)
+    for a, b, e in zip(looped(tokens), unlooped(tokens), eager):
+        close(a.numpy(), b.numpy())
+        close(a.numpy(), e.numpy())
+
+
+def test_bf16_weights_looped_equal_unlooped():
+    m = model()
+    ins = decode_inputs(m)
+    looped, unlooped = compiled_pair(DecodeStep(m), ins, weights="bf16")
+    assert loops(looped.graph)
+    for a, b in zip(looped(*ins), unlooped(*ins)):
+        close(a.numpy(), b.numpy(), rtol=1e-5)
+
+
+def test_bound_and_followed_weights_reach_every_iteration():
+    first, second = model(seed=0), model(seed=3)
+    ins = decode_inputs(first)
+    compiled = fusec.compile(DecodeStep(first), ins)
+    assert loops(compiled.graph)
+    with torch.no_grad():  # follow: a layer inside the loop gets a new parameter
+        first.layers[2].feed_forward.w2.weight = nn.Parameter(second.layers[2].feed_forward.w2.weight.clone())
+        close(compiled(*ins)[0].numpy(), DecodeStep(first)(*ins)[0].numpy())
+        compiled.bind_weights({k: v for k, v in DecodeStep(second).state_dict().items()})
+        for a, e in zip(compiled(*ins), DecodeStep(second)(*ins)):
+            close(a.numpy(), e.numpy())
+        reference = fusec.compile(DecodeStep(first), ins, backend="reference")
+        reference.bind_weights({k: v for k, v in DecodeStep(second).state_dict().items()})
+        close(reference(*ins)[0].numpy(), DecodeStep(second)(*ins)[0].numpy())
+
+
+def test_hf_llama_generates_as_eager_looped_or_not():
+    # 4 layers: the loop holds the middle ones (the first layer's kernels also gather the embedding, the
+    # last one's also stack the new keys and values), so 3 layers leave one iteration and no loop
+    transformers = pytest.importorskip("transformers")
+    from fusec.generate import compile_generator, eager_generate
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                      num_key_value_heads=2, num_hidden_layers=4, vocab_size=97,
+                                      max_position_embeddings=32, rms_norm_eps=1e-5, bos_token_id=None,
+                                      eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    tokens = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(4))
+    ids, logits = eager_generate(hf, tokens, max_new_tokens=4)
+    for loop in (True, False):
+        generator = compile_generator(hf, loop=loop)
+        got_ids, got_logits = generator.generate(tokens, max_new_tokens=4, return_logits=True)
+        assert torch.equal(got_ids, ids)
+        close(got_logits.numpy(), logits.numpy())
+        assert bool(loops(generator.decode_program(1).graph)) == loop
+
+
+def python_calls(compiled, ins) -> int:
+    """Calls from Python into compiled code (kernels or loop drivers) during one run."""
+    program = compiled.program
+    count = [0]
+    call = program._call
+
+    def counted(*args):
+        count[0] += 1
+        return call(*args)
+    program._call = counted
+    try:
+        compiled(*ins)
+    finally:
+        del program._call
+    return count[0]
+
+
+def test_a_decode_step_makes_as_many_python_calls_whatever_the_number_of_layers():
+    counts = {}
+    for layers in (4, 8):
+        m = model(dataclasses.replace(TINY4, n_layers=layers))
+        ins = decode_inputs(m)
+        looped, unlooped = compiled_pair(DecodeStep(m), ins)
+        counts[layers] = python_calls(looped, ins), python_calls(unlooped, ins)
+        assert counts[layers][0] < counts[layers][1]
+        assert len(looped.program.steps) == counts[layers][0] == looped.stats["python_calls"]
+        assert looped.stats["kernel_calls"] == unlooped.stats["kernel_calls"] == counts[layers][1]
+    assert counts[4][0] == counts[8][0] and counts[8][1] > counts[4][1]
+
+
+def test_fusec_loop_environment_variable_turns_looping_off(monkeypatch):
+    m = model()
+    ins = decode_inputs(m)
+    monkeypatch.setenv("FUSEC_LOOP", "0")
+    assert not loops(fusec.compile(DecodeStep(m), ins, backend="reference").graph)
+    monkeypatch.setenv("FUSEC_LOOP", "1")
+    assert loops(fusec.compile(DecodeStep(m), ins, backend="reference").graph)
+
+
+def test_a_preset_model_loops_all_but_its_first_and_last_layers():
+    m = CausalLM.from_preset("stories15M").eval()
+    example = decode_example(m, 1, 16)
+    graph = unlooped_graph(DecodeStep(m), example)
+    looped = loop_kernels(graph)
+    [loop] = loops(looped)
+    assert loop.attr("trips") == m.config.n_layers - 2
+    ins = [x.numpy() for x in decode_inputs(m, pos=3)[:2]] + [x.numpy() for x in example[2:]]
+    for a, b in zip(run_graph(looped, ins), run_graph(graph, ins)):
+        np.testing.assert_array_equal(a, b)
