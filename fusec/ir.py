@@ -300,17 +300,22 @@ def verify(graph: Graph) -> None:
             raise IRError(f"output %{o} does not exist")
 
 
-def _verify_kernel(graph: Graph, i: int, n: Node) -> None:
-    """A kernel's body is a valid graph whose inputs match the kernel's operands and whose output 0 is
-    the kernel's type."""
-    body = n.attr("body")
-    where = f"%{i} = kernel {n.attr('kind')}"
+def verify_body(where: str, body) -> None:
+    """The nested graph of a kernel or loop node (`where` names it) exists and is valid."""
     if not isinstance(body, Graph):
         raise IRError(f"{where}: has no body graph")
     try:
         verify(body)
     except IRError as e:
         raise IRError(f"{where}: body: {e}") from e
+
+
+def _verify_kernel(graph: Graph, i: int, n: Node) -> None:
+    """A kernel's body is a valid graph whose inputs match the kernel's operands and whose output 0 is
+    the kernel's type."""
+    body = n.attr("body")
+    where = f"%{i} = kernel {n.attr('kind')}"
+    verify_body(where, body)
     arg_types = tuple(graph.nodes[a].type for a in n.args)
     if body.input_types != arg_types:
         raise IRError(f"{where}: body inputs {[str(t) for t in body.input_types]} do not match operands "

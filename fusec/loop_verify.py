@@ -11,7 +11,7 @@ weights; `weights[l]` names iteration l's, of the same shapes and dtypes.
 from __future__ import annotations
 
 from fusec.errors import IRError
-from fusec.ir import Graph, Node, TensorType, verify
+from fusec.ir import Graph, Node, TensorType, verify_body
 
 
 def loop_input_types(graph: Graph, n: Node) -> list[TensorType]:
@@ -29,12 +29,7 @@ def verify_loop(graph: Graph, i: int, n: Node) -> None:
     body, trips = n.attr("body"), n.attr("trips")
     carried, sliced = tuple(n.attr("carried") or ()), tuple(n.attr("sliced") or ())
     weights = n.attr("weights") or ((),)
-    if not isinstance(body, Graph):
-        raise IRError(f"{where}: has no body graph")
-    try:
-        verify(body)
-    except IRError as e:
-        raise IRError(f"{where}: body: {e}") from e
+    verify_body(where, body)
     if not isinstance(trips, int) or trips < 1 or len(weights) != trips:
         raise IRError(f"{where}: trips={trips} but weights names {len(weights)} iteration(s); expected "
                       "one row of weight names per iteration")
