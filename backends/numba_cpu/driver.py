@@ -25,6 +25,7 @@ import numpy as np
 
 from backends.numba_cpu.codegen import KernelCode
 from backends.numba_cpu.kernels import build as build_kernels
+from backends.numba_cpu.kernels import raise_bad_index
 from fusec.dtypes import to_numpy
 from fusec.errors import FusecError
 from fusec.guards import take_index_checks
@@ -53,16 +54,9 @@ class Driver:
 
     def check(self) -> None:
         """Raise TakeIndexError for a bad index the last call found (as a kernel call would)."""
-        from backends.reference import TakeIndexError
-        if self.chk[0]:
-            (bound, what), bad = self.checks[self.chk[0] - 1], int(self.chk[1])
-            self.chk[:] = 0
-            raise TakeIndexError(f"index {bad} is out of range for a {what} (indices must be in [0, {bound}))")
+        raise_bad_index(self.chk, self.checks)
         for err, code in self.errors:
-            if err[0]:
-                (bound, what), bad = code.gathers[err[0] - 1], int(err[1])
-                err[:] = 0
-                raise TakeIndexError(f"index {bad} is out of range for a {what} (indices must be in [0, {bound}))")
+            raise_bad_index(err, code.gathers)
 
 
 def build(graph: Graph, loop: int, header: str, load) -> Driver:

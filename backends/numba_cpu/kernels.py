@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from backends.numba_cpu.codegen import KernelCode, generate
+from backends.reference import TakeIndexError
 from fusec.ir import Graph
 
 FUNCTION = "kernel"  # the name of the function in every kernel module (the module's name says which)
@@ -53,6 +54,15 @@ def build(graph: Graph, kernels: list[int], header: str, load) -> Kernels:
         functions.append(getattr(distinct[d], FUNCTION))
     source = header + "\n" + _call_table(graph, kernels, codes, distinct, calls, readable)
     return Kernels(codes, functions, modules, distinct, source)
+
+
+def raise_bad_index(slot, gathers: list[tuple[int, str]]) -> None:
+    """After a call: raise TakeIndexError for the out-of-range index a kernel recorded in its error slot
+    (`[which gather + 1, index]`, see `codegen.generate`), clearing the slot; nothing when it is clear."""
+    if slot[0]:
+        (bound, what), bad = gathers[slot[0] - 1], int(slot[1])
+        slot[:] = 0
+        raise TakeIndexError(f"index {bad} is out of range for a {what} (indices must be in [0, {bound}))")
 
 
 def _without_weights(source: str) -> str:

@@ -21,6 +21,7 @@ import numpy as np
 from backends.numba_cpu.codegen import KernelCode
 from backends.numba_cpu.driver import build as build_driver
 from backends.numba_cpu.kernels import build as build_kernels
+from backends.numba_cpu.kernels import raise_bad_index
 from fusec.dtypes import to_numpy
 from fusec.errors import FusecError
 from fusec.guards import check_indices, take_index_checks
@@ -241,12 +242,8 @@ class Program:
         if step.kernel in self.drivers:
             self.drivers[step.kernel].check()
             return
-        err = self.errors[s]
-        if err is not None and err[0]:  # a gather index computed in the kernel was out of range
-            from backends.reference import TakeIndexError
-            (bound, what), bad = self.codes[s].gathers[err[0] - 1], int(err[1])
-            err[:] = 0
-            raise TakeIndexError(f"index {bad} is out of range for a {what} (indices must be in [0, {bound}))")
+        if self.errors[s] is not None:  # a gather index computed in the kernel may have been out of range
+            raise_bad_index(self.errors[s], self.codes[s].gathers)
 
     def _run_torch(self, s: int, values: dict, memo: dict, observe: Callable | None) -> None:
         """The torch fallbacks scheduled before kernel step `s` (see `fusec.fallback`)."""
