@@ -14,7 +14,6 @@ the same programs with that cache. Writes bench_block.json and bench_block.png t
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import shutil
@@ -95,11 +94,9 @@ def _notice(text: str) -> None:
 
 def fusec_compile(module: torch.nn.Module, args: tuple, kwargs: dict, fuse: bool,
                   backend: str) -> tuple[Any, str]:
-    """fusec.compile with `fuse` (when compile accepts it) on `backend`, or on the reference backend when
-    `backend` is unknown (ValueError). Returns (compiled, the backend used)."""
-    options = {"fuse": fuse} if "fuse" in inspect.signature(fusec.compile).parameters else {}
-    if not options:
-        _notice("fusec.compile takes no `fuse` argument yet: fused and unfused run the same program")
+    """fusec.compile with `fuse` on `backend`, or on the reference backend when `backend` is unknown
+    (ValueError). Returns (compiled, the backend used)."""
+    options = {"fuse": fuse}
     try:
         return fusec.compile(module, args, kwargs, backend=backend, **options), backend
     except ValueError as e:

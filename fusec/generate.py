@@ -12,7 +12,6 @@ and serves every position. It returns the new K/V rows; the generator writes the
 """
 from __future__ import annotations
 
-import inspect
 import threading
 import time
 from contextlib import contextmanager
@@ -31,15 +30,12 @@ WEIGHTS = ("fp32", "bf16")
 
 def fusec_compiler(backend: str = "numba", weights: str = "fp32", fuse: bool = True,
                    loop: bool | None = None) -> Compiler:
-    """A Compiler running `fusec.compile` with these options. `weights="bf16"` needs the compiler's
-    `weights=` option (NotImplementedError without it; bf16 is not emulated here)."""
+    """A Compiler running `fusec.compile` with these options."""
     import fusec
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, given {weights!r}")
     options = {}
     if weights != "fp32":
-        if "weights" not in inspect.signature(fusec.compile).parameters:
-            raise NotImplementedError("bf16 weights need the compiler's weights= option")
         options["weights"] = weights
     if loop is not None:
         options["loop"] = loop
