@@ -146,27 +146,30 @@ def demo(spec: str, bench_table: bool = True) -> int:
     return 0 if ok else 1
 
 
-def demo_generate(new_tokens: int = 48) -> bool:
-    """Generate tokens with a random-weight stories15M, fusec against PyTorch eager with a KV cache."""
-    import time
+def demo_generate(new_tokens: int = 48, repeat: int = 3) -> bool:
+    """Generate tokens with a random-weight stories15M, fusec against PyTorch eager with a KV cache, like
+    with like: both generators built and warmed up before timing, the same prompt, the median of `repeat`
+    runs of prefill + decode."""
+    import statistics
 
     import torch
 
-    from fusec.generate import compile_generator, eager_generate
+    from fusec.generate import compile_generator, eager_generator
     from fusec.models.causal_lm import CausalLM
-    print(f"\ngeneration: stories15M (random weights), {new_tokens} new tokens, greedy")
+    print(f"\ngeneration: stories15M (random weights), {new_tokens} new tokens, greedy, median of {repeat}")
     model = CausalLM.from_preset("stories15M", seed=0).eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
-    gen = compile_generator(model)
-    gen.generate(prompt, max_new_tokens=4)  # warm up
-    ids = gen.generate(prompt, max_new_tokens=new_tokens)
-    fusec_rate = new_tokens / (gen.last["prefill_seconds"] + gen.last["decode_seconds"])
-    start = time.perf_counter()
-    want, _ = eager_generate(model, prompt, new_tokens)
-    eager_rate = new_tokens / (time.perf_counter() - start)
-    same = bool(torch.equal(ids, want))
-    print(f"fusec      {fusec_rate:7.1f} tokens/s (prefill + decode; {gen.stats['compiles']} programs compiled)")
-    print(f"eager      {eager_rate:7.1f} tokens/s (prefill + decode, PyTorch with a KV cache)")
+    rates, ids = {}, {}
+    for name, gen in (("fusec", compile_generator(model)), ("eager", eager_generator(model))):
+        gen.generate(prompt, max_new_tokens=4)  # warm up: programs built, caches touched
+        seconds = []
+        for _ in range(repeat):
+            ids[name] = gen.generate(prompt, max_new_tokens=new_tokens)
+            seconds.append(gen.last["prefill_seconds"] + gen.last["decode_seconds"])
+        rates[name] = new_tokens / statistics.median(seconds)
+    same = bool(torch.equal(ids["fusec"], ids["eager"]))
+    print(f"fusec      {rates['fusec']:7.1f} tokens/s (prefill + decode)")
+    print(f"eager      {rates['eager']:7.1f} tokens/s (prefill + decode, PyTorch with a KV cache)")
     print("tokens     " + ("identical to eager" if same else "DIFFER from eager"))
     return same
 
