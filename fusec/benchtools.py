@@ -157,10 +157,36 @@ def format_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
     return "\n".join(lines)
 
 
+def run_record() -> dict[str, Any]:
+    """Where a benchmark's numbers come from: the date (UTC), the source commit (with `+changes` when the
+    work tree differs from it; None outside a git checkout) and the command as a user would type it."""
+    import datetime
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    commit = None
+    try:
+        git = ["git", "-C", str(root)]
+        commit = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        if subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                          text=True, timeout=10).stdout.strip():
+            commit += "+changes"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    script = Path(sys.argv[0])
+    program = "fusec" if script.name in ("fusec", "__main__.py") else f"python {script.parent.name}/{script.name}"
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": commit, "command": " ".join([program, *sys.argv[1:]])}
+
+
 def write_json(path: str | Path, data: Any) -> Path:
-    """Write `data` as indented JSON (creating the directory); returns the path."""
+    """Write `data` as indented JSON (creating the directory), with a `run` record (`run_record`) added to
+    a dict that has none; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, dict) and "run" not in data:
+        data = {"run": run_record(), **data}
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
     return path
 

@@ -1,0 +1,61 @@
+"""Benchmark tables come from the benchmarks' JSON: the run record is written, the table shows the JSON's
+numbers and its run, and `--update` replaces only the marked block."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fusec.benchtables import main, render, update_markdown
+from fusec.benchtools import write_json
+
+REPORT = {"machine": {"bandwidth": {"best": 36.6e9}},
+          "results": [
+              {"model": "stories15M", "implementation": "eager", "status": "ok", "decode_tokens_per_s": 185.2,
+               "roofline_fraction": 0.31},
+              {"model": "stories15M", "implementation": "torch.compile", "status": "skipped"},
+              {"model": "stories15M", "implementation": "fusec fp32", "status": "ok",
+               "decode_tokens_per_s": 431.7, "roofline_fraction": 0.74},
+              {"model": "stories42M", "implementation": "fusec fp32", "status": "ok",
+               "decode_tokens_per_s": 125.0, "roofline_fraction": 0.052}]}
+
+
+def test_write_json_records_the_run(tmp_path):
+    data = json.loads(write_json(tmp_path / "bench_generate.json", REPORT).read_text())
+    run = data["run"]
+    assert run["date"].endswith("UTC") and run["command"].strip()
+    assert run["commit"] is None or len(run["commit"].split("+")[0]) >= 7
+    assert data["results"] == REPORT["results"]
+
+
+def test_table_shows_the_json_numbers_and_its_run(tmp_path):
+    report = {"run": {"date": "2026-11-30 01:00 UTC", "commit": "abc1234", "command": "fusec bench generate"},
+              **REPORT}
+    path = tmp_path / "bench_generate.json"
+    path.write_text(json.dumps(report))
+    table = render(path)
+    assert "`fusec bench generate`, 2026-11-30 01:00 UTC, commit `abc1234`, memory bandwidth 36.6 GB/s" in table
+    lines = table.splitlines()
+    assert "| model | eager | torch.compile | fusec fp32 |" in lines
+    assert "| stories15M | 185 tok/s (31%) | - | 432 tok/s (74%) |" in lines
+    assert "| stories42M | - | - | 125 tok/s (5.2%) |" in lines
+
+
+def test_update_replaces_only_the_marked_block(tmp_path):
+    path = tmp_path / "bench_generate.json"
+    path.write_text(json.dumps(REPORT))
+    md = tmp_path / "doc.md"
+    md.write_text("before\n<!-- table: bench_generate -->\nold table\n<!-- /table -->\nafter\n"
+                  "<!-- table: bench_block -->\nkept\n<!-- /table -->\n")
+    assert main([str(path), "--update", str(md)]) == 0
+    text = md.read_text()
+    assert "old table" not in text and "432 tok/s" in text
+    assert text.startswith("before\n") and "after\n<!-- table: bench_block -->\nkept\n" in text
+    assert update_markdown("no marker", "bench_generate", "x") == "no marker"
+
+
+def test_unknown_json_names_what_is_expected(tmp_path):
+    path = tmp_path / "other.json"
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="no table for other.json: expected one of bench_generate.json"):
+        render(path)
