@@ -1,0 +1,45 @@
+"""Golden tests of the generated Numba code: the whole program text of the tiny Llama block's prefill
+(GEMM prologue/epilogue, attention), its decode step (matrix-vector streams) and its decode step over
+bf16 weights, and the unfused prefill (one kernel per op), so that any change to the emitter shows up as a diff in review.
+
+A deliberate change: regenerate with `FUSEC_UPDATE_GOLDEN=1 python -m pytest tests/test_golden_codegen.py`
+and read the diff of tests/golden/ before committing it."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import fusec
+from fusec.models import load_model
+from fusec.models.registry import decode_inputs
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def program_text(case: str) -> str:
+    module, args = load_model("llama-block:tiny")
+    kwargs, options = {}, {}
+    if case != "prefill":
+        args, kwargs = decode_inputs(module.config, past_len=12)
+    if case == "decode_bf16":
+        options["weights"] = "bf16"
+    if case == "prefill_unfused":
+        options["fuse"] = False
+    return fusec.compile(module, args, kwargs, **options).program.source
+
+
+@pytest.mark.parametrize("case", ["prefill", "decode", "decode_bf16", "prefill_unfused"])
+def test_generated_code_is_the_golden_text(case):
+    path = GOLDEN / f"numba_tiny_block_{case}.txt"
+    text = program_text(case)
+    if os.environ.get("FUSEC_UPDATE_GOLDEN") == "1":
+        path.write_text(text)
+    assert path.exists(), f"{path.name} missing: run with FUSEC_UPDATE_GOLDEN=1 to write it"
+    want = path.read_text()
+    if text != want:
+        import difflib
+        diff = "".join(difflib.unified_diff(want.splitlines(True), text.splitlines(True), "golden", "generated",
+                                            n=2))
+        pytest.fail(f"generated code differs from {path.name} (FUSEC_UPDATE_GOLDEN=1 to accept):\n{diff[:4000]}")
