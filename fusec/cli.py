@@ -251,8 +251,10 @@ def _debug_command(args) -> int:
 
 
 def _check_output_name(path: str | None, fmt: str) -> None:
-    """A picture file named for the other format, or text written into a .png or .svg, is refused before
-    anything runs: the file would not open."""
+    """A picture file named for the other format, text written into a .png or .svg, or a PNG written to a
+    terminal is refused before anything runs: the file would not open, the terminal would fill with bytes."""
+    if fmt == "png" and path is None and sys.stdout.isatty():
+        raise FusecError("--format png is binary: write it to a file with -o layout.png (or redirect the output)")
     suffix = os.path.splitext(path or "")[1].lower().lstrip(".")
     if suffix in ("svg", "png") and fmt != suffix:
         raise FusecError(f"-o {path} names a {suffix.upper()} file but the format is {fmt}: add --format {suffix} "
