@@ -55,8 +55,8 @@ def figure(p: Placement, title: str = ""):
     import matplotlib.pyplot as plt
     rows, cols = p.machine.grid
     shown = p.sections[:MAX_PANELS]
-    across = 1 if len(shown) == 1 else 2
-    down = -(-len(shown) // across)
+    across = 1 if len(shown) <= 1 else 2
+    down = max(1, -(-len(shown) // across))
     big = 5.5 if len(shown) == 1 else 3.6   # a panel at most this wide (inches), at least 1.6
     scale = min(0.11, big / cols, 0.8 * big / rows)
     panel_w, panel_h = max(cols * scale, 1.6), max(rows * scale, 1.6)
@@ -81,6 +81,8 @@ def figure(p: Placement, title: str = ""):
     notes = [f"Squares: PCUs, circles: PMUs (a stage's input buffer in its colour; ringed: a tensor kept on chip), "
              f"grey: free. Arrows: the {HEAVIEST_FLOWS} heaviest flows per section between unit groups 2+ cells "
              f"apart, bytes per call. Red: the busiest link."]
+    if not shown:
+        fig.text(0.05, 0.5, "no kernels: nothing is placed on the grid", fontsize=10)
     if len(p.sections) > len(shown):
         notes.append(f"Sections {len(shown)}-{len(p.sections) - 1} are not drawn (the first {len(shown)} of "
                      f"{len(p.sections)}); `fusec dump MODEL --stage placed` lists every section.")
@@ -99,8 +101,8 @@ def stage_colours(p: Placement, section: int) -> dict[str, str]:
     tensor the base colour of the kernel that writes it."""
     from matplotlib import colors
     import matplotlib
-    hues = matplotlib.colormaps["tab10"].colors
     sec = p.sections[section]
+    hues = matplotlib.colormaps["tab10" if len(sec.kernels) <= 10 else "tab20"].colors
     out = {}
     for n, k in enumerate(sec.kernels):
         base = colors.to_rgb(hues[n % len(hues)])
@@ -204,7 +206,7 @@ def _legend(ax, p: Placement, section: int) -> None:
     title = (f"section {section}: kernel(s) {kernels}\n{sec.pcus} PCUs, {sec.pmus} PMUs, {sec.tiles} tile(s), "
              f"busiest link {human_bytes(sec.busiest_link[2])}\nstage, kernel, units:")
     ax.legend(handles=handles, loc="upper left", fontsize=size, frameon=False, handletextpad=0.3,
-              borderaxespad=0, title=title, title_fontsize=size, alignment="left")
+              borderaxespad=0, title=title, title_fontsize=size, alignment="left", ncol=1 if len(handles) <= 24 else 2)
 
 
 # --- the memory plan ---------------------------------------------------------------------------------------

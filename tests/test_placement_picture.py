@@ -177,3 +177,10 @@ def test_the_cli_writes_a_png_a_person_can_open(tmp_path):
     out = tmp_path / "layout.png"
     assert main(["dump", "llama-block", "--stage", "placed", "--format", "png", "-o", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_program_without_kernels_draws_a_note_not_a_crash():
+    from fusec.machines import get_machine
+    from fusec.placement import MemoryPlan
+    empty = Placement(get_machine("sn40l"), 0, None, (), (), (), (), MemoryPlan((), (), ()), ())
+    assert any("nothing is placed" in t for t in svg_texts(draw(empty, "svg")))
