@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import warnings
 
@@ -252,6 +253,17 @@ def _debug_command(args) -> int:
     return 0 if report.ok else 1
 
 
+def _check_output_name(path: str | None, fmt: str) -> None:
+    """A picture file named for the other format, text written into a .png or .svg, or a PNG written to a
+    terminal is refused before anything runs: the file would not open, the terminal would fill with bytes."""
+    if fmt == "png" and path is None and sys.stdout.isatty():
+        raise FusecError("--format png is binary: write it to a file with -o layout.png (or redirect the output)")
+    suffix = os.path.splitext(path or "")[1].lower().lstrip(".")
+    if suffix in ("svg", "png") and fmt != suffix:
+        raise FusecError(f"-o {path} names a {suffix.upper()} file but the format is {fmt}: add --format {suffix} "
+                         f"(with --stage placed), or name the file for --format {fmt}")
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     args, rest = build_parser().parse_known_args(argv)
@@ -259,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().parse_args(argv)  # reports the unknown arguments and exits
     try:
         if args.command == "dump":
+            _check_output_name(args.output, args.format)
             text = dump(args.model, args.stage, args.format, args.seq_len, fuse=not args.unfused)
             if isinstance(text, bytes):  # --format png
                 from fusec.cli_rdu import write_bytes

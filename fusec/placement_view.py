@@ -1,20 +1,14 @@
 """Pictures of a placement: text (tables and an ASCII grid per section), SVG and PNG.
 
 In the ASCII grid each unit shows the kernel that owns it, by its letter in the section's legend:
-upper case for a PCU, lower case for a PMU, `.` for a unit the section leaves free. The SVG and PNG draw
-the same grid in colour per kernel (PCUs as squares, PMUs as circles) with the most loaded links of the
-dimension-order routes drawn over it, thicker and redder the more bytes they carry.
+upper case for a PCU, lower case for a PMU, `.` for a unit the section leaves free. The SVG and PNG
+(`fusec.placement_picture`) colour every stage, with a legend, the heaviest flows and the memory plan.
 """
 from __future__ import annotations
 
-import io
-
-from fusec.placement import Cell, Placement
+from fusec.placement import Placement
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7",
-           "#9c755f", "#bab0ac")
-BUSIEST_LINKS = 12   # links highlighted per section
 STAGE_COLUMNS = [("stage", "stage", ""), ("mode", "mode", ""), ("pcus", "PCUs", "d"), ("pmus", "PMUs", "d"),
                  ("flops", "FLOPs", ".4g"), ("hbm", "HBM read", ",d"), ("ddr", "DDR read", ",d"),
                  ("sram", "SRAM read", ",d"), ("sends", "sends", ",d")]
@@ -78,96 +72,15 @@ def format_placement(p: Placement, title: str = "") -> str:
     return "\n".join(out)
 
 
-# --- drawings --------------------------------------------------------------------------------------------
+# --- drawings (fusec/placement_picture.py) -----------------------------------------------------------------
 
-def link_loads(p: Placement, section: int) -> list[tuple[Cell, Cell, float]]:
-    """(from, to, bytes) of every loaded link of the section, busiest first (routes recomputed)."""
-    from passes.placement_grid import link_list
-    sec = p.sections[section]
-    cells = {f"stage:{i}": list(p.stages[i].cells) for i in sec.stages}
-    cells |= {f"buffer:{i}": list(p.buffers[i].cells) for i in sec.buffers}
-    return link_list(p.machine, cells, [(f.src, f.dst, f.bytes) for f in p.flows if f.src in cells])
+def to_svg(p: Placement, title: str = "") -> str:
+    """The placement as SVG: a panel per section with its legend, flows and memory plan."""
+    from fusec.placement_picture import draw
+    return draw(p, "svg", title)
 
 
-def _panels(p: Placement, cell: int):
-    """(section, x0, y0) of each panel, and the picture's width and height."""
-    rows, cols = p.machine.grid
-    n = len(p.sections)
-    across = min(n, 4)
-    pw, ph = cols * cell + 20, rows * cell + 40
-    panels = [(s, (s % across) * pw + 10, (s // across) * ph + 30) for s in range(n)]
-    return panels, across * pw, -(-n // across) * ph
-
-
-def _shapes(p: Placement, title: str, cell: int):
-    """What both pictures draw, as plain tuples: ("text", x, y, text), ("pcu"/"pmu", x, y, colour) with
-    (x, y) the unit's top-left corner, ("link", x1, y1, x2, y2, share of the busiest load, bytes)."""
-    panels, _, _ = _panels(p, cell)
-    names = dict(p.kernel_names)
-    rows, cols = p.machine.grid
-    yield "text", 10, 14, f"{title} on {p.machine.name}: {len(p.sections)} section(s)"
-    for s, x0, y0 in panels:
-        sec = p.sections[s]
-        colour = {k: PALETTE[i % len(PALETTE)] for i, k in enumerate(sec.kernels)}
-        owners = p.owners(s)
-        yield "text", x0, y0 - 4, (f"section {s}: " + ", ".join(f"%{k} {names[k]}" for k in sec.kernels))[:120]
-        for r in range(rows):
-            for c in range(cols):
-                unit, kernel = owners.get((r, c), (p.machine.unit_at(r, c), -1))
-                yield unit, x0 + c * cell, y0 + r * cell, colour.get(kernel, "#eeeeee")
-        loads = link_loads(p, s)[:BUSIEST_LINKS]
-        top = loads[0][2] if loads else 1.0
-        for a, b, load in loads:
-            yield ("link", x0 + a[1] * cell + cell / 2, y0 + a[0] * cell + cell / 2,
-                   x0 + b[1] * cell + cell / 2, y0 + b[0] * cell + cell / 2, load / top, load)
-
-
-def to_svg(p: Placement, title: str = "", cell: int = 10) -> str:
-    """The layout as SVG: one panel per section, units coloured by kernel, busiest links in red."""
-    _, width, height = _panels(p, cell)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 20}" '
-           f'font-family="monospace" font-size="10">']
-    for kind, *a in _shapes(p, title, cell):
-        if kind == "text":
-            out.append(f'<text x="{a[0]}" y="{a[1]}">{_escape(a[2])}</text>')
-        elif kind == "pcu":
-            out.append(f'<rect x="{a[0] + 1}" y="{a[1] + 1}" width="{cell - 2}" height="{cell - 2}" fill="{a[2]}"/>')
-        elif kind == "pmu":
-            out.append(f'<circle cx="{a[0] + cell / 2}" cy="{a[1] + cell / 2}" r="{cell / 2 - 1}" fill="{a[2]}"/>')
-        else:
-            out.append(f'<line x1="{a[0]}" y1="{a[1]}" x2="{a[2]}" y2="{a[3]}" stroke="#d00000" '
-                       f'stroke-width="{1 + 3 * a[4]:.2f}" stroke-opacity="{0.4 + 0.6 * a[4]:.2f}">'
-                       f'<title>{a[5]:,.0f} bytes per call</title></line>')
-    out.append("</svg>")
-    return "\n".join(out)
-
-
-def to_png(p: Placement, title: str = "", cell: int = 10) -> bytes:
-    """The layout as PNG (matplotlib, Agg backend): the same picture as `to_svg`."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Circle, Rectangle
-    _, width, height = _panels(p, cell)
-    fig = plt.figure(figsize=(width / 100, (height + 20) / 100), dpi=100)
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.set_xlim(0, width)
-    ax.set_ylim(height + 20, 0)
-    ax.axis("off")
-    for kind, *a in _shapes(p, title, cell):
-        if kind == "text":
-            ax.text(a[0], a[1], a[2], fontsize=6, family="monospace")
-        elif kind == "pcu":
-            ax.add_patch(Rectangle((a[0] + 1, a[1] + 1), cell - 2, cell - 2, color=a[2]))
-        elif kind == "pmu":
-            ax.add_patch(Circle((a[0] + cell / 2, a[1] + cell / 2), cell / 2 - 1, color=a[2]))
-        else:
-            ax.plot([a[0], a[2]], [a[1], a[3]], color="#d00000", linewidth=1 + 3 * a[4], alpha=0.4 + 0.6 * a[4])
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+def to_png(p: Placement, title: str = "") -> bytes:
+    """The same picture as `to_svg`, as PNG."""
+    from fusec.placement_picture import draw
+    return draw(p, "png", title)

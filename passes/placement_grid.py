@@ -1,18 +1,25 @@
 """Placement of unit groups on the PCU/PMU checkerboard, and dimension-order routing of their traffic.
 
 A section's groups (a stage's PCUs, a buffer's PMUs) are placed to minimise traffic-weighted hop
-distance (SARA/pir: Manhattan distance on the mesh):
-1. Greedy start: the groups in pipeline order fill a boustrophedon scan of vertical strips about as wide
-   as the section is tall, each taking the free cells of its type nearest where the previous group
-   ended, so a stage sits beside its buffer and next to the stage after it; then a small group feeding
-   (or fed by) a much larger one is spread evenly over it.
-2. Simulated annealing (seeded, so deterministic): move a unit to a cell of its type nearby, or swap it
-   with the unit there, minimising the weighted hops of the unit pairs the routing uses (below); the
-   pairs are formed again from the new positions at every temperature step. A unit is proposed in
-   proportion to the traffic it carries. A section with one flow keeps its greedy start. Of the start
-   and the annealing runs (one, or several seeds while repairing congestion), the placement kept has the
-   fewest weighted hops among those whose busiest link is within 10% of the least loaded busiest link
-   (the busiest link bounds the section when the network does).
+distance (SARA/pir: Manhattan distance on the mesh), each stage in a compact patch where that costs
+nothing. Two families of candidates (`STYLES`):
+- compact: a greedy start along a Hilbert curve (a space-filling order: consecutive cells form a compact
+  patch), then annealing as a local refinement (cool start, short moves) on hops plus a locality term
+  that pulls each PCU towards its stage's centre with `locality` times the traffic it carries. Hops alone
+  leave many placements of equal cost (every cell at the same distance from a buffer is as good), and
+  annealing on them scattered the units of a stage over the whole chip.
+- strips: a greedy start along a boustrophedon scan of vertical strips about as wide as the section is
+  tall, then hot annealing on hops alone (the placement made before the compact family existed).
+Greedy start: the groups in pipeline order fill the scan, each taking the free cells of its type nearest
+where the previous group ended, so a stage sits beside its buffer and next to the stage after it; then
+a small group feeding (or fed by) a much larger one is spread evenly over it.
+Simulated annealing (seeded, so deterministic): move a unit to a cell of its type nearby, or swap it with
+the unit there; the pairs the routing uses (below) and the stage centres are formed again from the new
+positions at every temperature step. A unit is proposed in proportion to the traffic it carries. A
+section with one flow keeps its greedy starts. Of the starts and the annealing runs (one per family, or
+several seeds while repairing congestion), the placement kept has the fewest weighted hops among those
+whose busiest link is within 10% of the least loaded busiest link (the busiest link bounds the section
+when the network does), compact first on a tie: never worse by these measures than the strips alone.
 Routing: every flow is split evenly over pairs of units (both groups in Hilbert-curve order, each unit
 of the smaller group paired with an equal consecutive share of the larger), and each pair goes X first,
 then Y (dimension-order routing). Link loads are bytes per call on each directed link; `Routing`
@@ -35,7 +42,21 @@ from fusec.placement import Cell
 MAX_MOVES = 20000       # annealing moves per section, at most
 MOVES_PER_UNIT = 30
 MOVES_PER_FLOW = 2000   # a section with few flows settles quickly
-STEPS = 25              # temperature steps (centres are refreshed after each)
+STEPS = 25              # temperature steps (pairs and centres are refreshed after each)
+
+
+@dataclass(frozen=True)
+class Style:
+    """How one family of candidate placements starts and anneals."""
+
+    compact: bool       # greedy start along a Hilbert curve (compact patches) or along vertical strips
+    heat: float         # starting temperature, as a share of a typical move's cost change
+    radius: float       # starting move radius, as a share of the grid's longer side (at least 2 cells)
+    locality: float     # pull of a PCU towards its stage's centre, per byte of traffic it carries
+
+
+# compact patches refined locally, preferred on equal hops; strips annealed hot, free to scatter
+STYLES = (Style(True, 0.1, 0.1, 0.5), Style(False, 1.0, 0.5, 0.0))
 
 
 @dataclass(frozen=True)
@@ -53,9 +74,13 @@ class Routing:
     busiest: tuple[Cell, Cell, int]           # (from, to, bytes)
 
 
-def scan_order(machine: Machine, units: int) -> list[Cell]:
-    """Every cell in greedy scan order: vertical strips about as wide as the square the section's `units`
-    fill, each strip scanned row by row in alternating directions (boustrophedon)."""
+def scan_order(machine: Machine, units: int, compact: bool = True) -> list[Cell]:
+    """Every cell in greedy scan order. compact: along a Hilbert curve (a run of consecutive cells is a
+    compact patch). Else vertical strips about as wide as the square the section's `units` fill, each
+    scanned row by row in alternating directions (boustrophedon)."""
+    if compact:
+        order = _hilbert(*machine.grid)
+        return sorted(order, key=order.__getitem__)
     rows, cols = machine.grid
     width = min(cols, max(2, 2 * math.ceil(math.sqrt(max(units, 1)) / 2)))
 
@@ -67,12 +92,13 @@ def scan_order(machine: Machine, units: int) -> list[Cell]:
     return sorted(((r, c) for r in range(rows) for c in range(cols)), key=key)
 
 
-def greedy(machine: Machine, groups: list[Group], flows: list[tuple[str, str, int]] = ()) -> dict[str, list[Cell]]:
+def greedy(machine: Machine, groups: list[Group], flows: list[tuple[str, str, int]] = (),
+           compact: bool = True) -> dict[str, list[Cell]]:
     """Groups in order along the scan: each takes the free cells of its type nearest the cursor (where the
     previous group ended), so a buffer lands between the stage before it and the stage it feeds. Then a
     group feeding (or fed by) one at least four times its size is spread over that group's area."""
     units = 2 * max(sum(g.count for g in groups if g.unit == u) for u in ("pcu", "pmu"))
-    order = scan_order(machine, units)
+    order = scan_order(machine, units, compact)
     free = {u: [i for i, c in enumerate(order) if machine.unit_at(*c) == u] for u in ("pcu", "pmu")}
     cursor, out = 0, {}
     for g in groups:
@@ -116,15 +142,18 @@ def _spread(machine: Machine, groups: list[Group], flows, cells: dict[str, list[
 
 def place(machine: Machine, groups: list[Group], flows: list[tuple[str, str, int]], seed: int,
           restarts: int = 1) -> tuple[dict[str, list[Cell]], Routing]:
-    """Cells of every group and the routing of the flows (see the module docstring): of the greedy
-    start and `restarts` annealing runs (seeds seed, seed + 1000, ...), the placement with the fewest
-    traffic-weighted hops among those whose busiest link carries at most 10% more than the least."""
-    start = greedy(machine, groups, flows)
-    candidates = [(start, route(machine, start, flows))]
-    if len(flows) > 1:  # one flow between two groups: the spread greedy start is already near the best
-        for k in range(restarts if len(flows) > 2 else 1):
-            annealed = anneal(machine, groups, flows, start, seed + 1000 * k)
-            candidates.append((annealed, route(machine, annealed, flows)))
+    """Cells of every group and the routing of the flows (see the module docstring): of each style's
+    greedy start and `restarts` annealing runs (seeds seed, seed + 1000, ...), the placement with the
+    fewest traffic-weighted hops among those whose busiest link carries at most 10% more than the least
+    (the first style on a tie)."""
+    candidates = []
+    for style in STYLES:
+        start = greedy(machine, groups, flows, style.compact)
+        candidates.append((start, route(machine, start, flows)))
+        if len(flows) > 1:  # one flow between two groups: the spread greedy start is already near the best
+            for k in range(restarts if len(flows) > 2 else 1):
+                annealed = anneal(machine, groups, flows, start, seed + 1000 * k, style)
+                candidates.append((annealed, route(machine, annealed, flows)))
     least = min(r.busiest[2] for _, r in candidates)
     return min(((c, r) for c, r in candidates if r.busiest[2] <= 1.1 * least), key=lambda x: x[1].weighted_hops)
 
@@ -148,7 +177,7 @@ def random_placement(machine: Machine, groups: list[Group], seed: int) -> dict[s
 # --- simulated annealing ---------------------------------------------------------------------------------
 
 def anneal(machine: Machine, groups: list[Group], flows: list[tuple[str, str, int]],
-           start: dict[str, list[Cell]], seed: int) -> dict[str, list[Cell]]:
+           start: dict[str, list[Cell]], seed: int, style: Style = STYLES[0]) -> dict[str, list[Cell]]:
     rng = random.Random(seed)
     uniform = rng.random
     rows, cols = machine.grid
@@ -157,9 +186,13 @@ def anneal(machine: Machine, groups: list[Group], flows: list[tuple[str, str, in
     owner: dict[Cell, tuple[int, int]] = {c: (gi, u) for gi, cs in enumerate(cells) for u, c in enumerate(cs)}
     links = [(index[a], index[b], size) for a, b, size in flows if index[a] != index[b] and size > 0]
     partners: dict[tuple[int, int], list[tuple[tuple[int, int], float]]] = {}
+    pull: dict[tuple[int, int], float] = {}
+    centre: list[tuple[float, float]] = [(0.0, 0.0)] * len(groups)
+    stages = {gi for gi, g in enumerate(groups) if g.unit == "pcu" and g.count > 1 and style.locality > 0}
 
     def refresh() -> None:
-        """Pair the units of every flow again (the routing's pairing, for the current positions)."""
+        """Pair the units of every flow again (the routing's pairing, for the current positions), and
+        find every stage's centre again."""
         partners.clear()
         for a, b, size in links:
             pairs = pair_indices(machine, cells[a], cells[b])
@@ -167,6 +200,11 @@ def anneal(machine: Machine, groups: list[Group], flows: list[tuple[str, str, in
             for i, j in pairs:
                 partners.setdefault((a, i), []).append(((b, j), w))
                 partners.setdefault((b, j), []).append(((a, i), w))
+        for gi in stages:
+            cs = cells[gi]
+            centre[gi] = (sum(r for r, _ in cs) / len(cs), sum(c for _, c in cs) / len(cs))
+        pull.clear()
+        pull.update({x: style.locality * sum(w for _, w in ps) for x, ps in partners.items() if x[0] in stages})
 
     def gain(unit: tuple[int, int], here: Cell, there: Cell, skip: tuple[int, int] | None) -> float:
         """Change of the unit's weighted distance to its partners when it moves from here to there."""
@@ -175,6 +213,9 @@ def anneal(machine: Machine, groups: list[Group], flows: list[tuple[str, str, in
             if (g, v) != skip:
                 r, c = cells[g][v]
                 total += w * (abs(there[0] - r) + abs(there[1] - c) - abs(here[0] - r) - abs(here[1] - c))
+        if unit in pull:
+            r, c = centre[unit[0]]
+            total += pull[unit] * (abs(there[0] - r) + abs(there[1] - c) - abs(here[0] - r) - abs(here[1] - c))
         return total
 
     def propose(radius: int) -> tuple[int, int, Cell, float] | None:
@@ -213,9 +254,9 @@ def anneal(machine: Machine, groups: list[Group], flows: list[tuple[str, str, in
     cumulative = list(itertools.accumulate(sum(w for _, w in partners[x]) for x in movable))
     moves = min(MAX_MOVES, MOVES_PER_UNIT * len(movable), MOVES_PER_FLOW * len(links))
     samples = [abs(p[3]) for p in (propose(4) for _ in range(50)) if p is not None]
-    temperature = (sum(samples) / len(samples) if samples else 1.0) or 1.0
+    temperature = style.heat * ((sum(samples) / len(samples) if samples else 1.0) or 1.0)
     cooling = (1e-3) ** (1 / STEPS)
-    radius = max(rows, cols) // 2
+    radius = max(2, int(style.radius * max(rows, cols)))
     for _ in range(STEPS):
         for _ in range(moves // STEPS):
             p = propose(radius)

@@ -357,8 +357,8 @@ def test_svg_png_and_json_are_produced(placements):
     from fusec.placement_view import to_png, to_svg
     p = placements["fused", "test_grid"]
     svg = to_svg(p, "llama-block")
-    assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>") and "<rect" in svg and "<line" in svg
-    assert svg.count("section ") >= len(p.sections)
+    assert "<svg" in svg and svg.rstrip().endswith("</svg>") and "<path" in svg
+    assert svg.count(">section ") >= len(p.sections)
     png = to_png(p, "llama-block")
     assert isinstance(png, bytes) and png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     data = json.loads(json.dumps(p.to_dict()))
@@ -369,7 +369,7 @@ def test_svg_png_and_json_are_produced(placements):
 def test_cli_routes_the_placed_stage_and_the_drawing_formats(tmp_path, capsys):
     from fusec.cli import main
     assert main(["dump", "llama-block", "--stage", "placed", "--format", "svg", "-o", str(tmp_path / "l.svg")]) == 0
-    assert (tmp_path / "l.svg").read_text().startswith("<svg")
+    assert "<svg" in (tmp_path / "l.svg").read_text()
     assert main(["dump", "llama-block", "--stage", "tiled", "--format", "png"]) == 1
     assert "use --stage placed" in capsys.readouterr().err
 
