@@ -148,21 +148,22 @@ def sn40l() -> Machine:
         "link_bw": "not published; 64 B/cycle (Plasticine vector link) x 1.6 GHz assumed [M]",
         "hop_latency_s": "not published; 1 cycle per hop as SARA's network_delay = 1 [M]",
         "launch_overhead_s": CALIBRATED,
-        "program_load_s": CALIBRATED,
+        "program_load_s": "not published; 10 us assumed (no published figure isolates it) [M]",
         "call_sync_s": CALIBRATED,
         "p2p_bw": "not published; 100 GB/s per socket assumed [M]",
-        "allreduce_latency_s": "not published; 2 us per all-reduce assumed [M]",
+        "allreduce_latency_s": CALIBRATED,
         "pmu_bw": "not published; 0 = lanes x 4 B x 2 ports x clock = 205 GB/s [M]",
-        "hbm_efficiency": CALIBRATED + "; SN40L §VI-B: over 85%, KL: over 90% of peak",
+        "hbm_efficiency": "not published; 0.95 assumed: KL's looped decode reaches over 90% of peak end to end, "
+                          "so streaming reaches more (SN40L §VI-B: over 85%) [M]",
         "ddr_efficiency": "not published; 0.8 assumed [M]",
         "systolic_efficiency": "not published; eta = 0.8 default (tunable, docs/rdu-model.md) [M]",
         "stage_pmus": "SN40L §III-A Fig 4: stage buffers of 2-4 PMUs; 8 per stage (two 4-PMU buffers) assumed [M]",
     }, name="sn40l", kind="rdu", pcus=1040, pmus=1040, pmu_bytes=512 * KiB, grid=(40, 52),
         layout="checkerboard", peak_flops=638e12, clock_hz=1.6e9, lanes=16, stages=6,
         hbm_bytes=64 * GiB, hbm_bw=1.8e12, ddr_bytes=int(1.5 * TiB), ddr_bw=200e9, ddr_to_hbm_bw=125e9,
-        link_bw=64 * 1.6e9, hop_latency_s=1 / 1.6e9, launch_overhead_s=10e-6, program_load_s=100e-6,
-        hbm_efficiency=0.85, ddr_efficiency=0.8, systolic_efficiency=0.8, stage_pmus=8,
-        call_sync_s=5e-6, p2p_bw=100e9, allreduce_latency_s=2e-6)
+        link_bw=64 * 1.6e9, hop_latency_s=1 / 1.6e9, launch_overhead_s=11e-6, program_load_s=10e-6,
+        hbm_efficiency=0.95, ddr_efficiency=0.8, systolic_efficiency=0.8, stage_pmus=8,
+        call_sync_s=11e-6, p2p_bw=100e9, allreduce_latency_s=0.15e-6)
 
 
 def plasticine() -> Machine:
