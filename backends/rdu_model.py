@@ -13,14 +13,16 @@ placement, every term in seconds per call:
              pipeline a stage has the tier to itself
     network  the load of the busiest link its flows cross / link bandwidth
 A section pipelines its stages over N tiles (Spatial's metapipeline, N = `Section.tiles`):
-    T_sec = (N-1)/N * max_s t_s(steady) + 1/N * sum_s t_s(alone) + launch + program load
+    T_sec = (N-1)/N * max_s t_s(steady) + 1/N * sum_s t_s(alone) + launch + sync + program load
 Launch: `launch_overhead_s` per section call under software orchestration, once per program call under
-hardware orchestration (SN40L §IV-D) or kernel looping (KL). Program load: `program_load_s` per section
-call when a program has several sections (they take turns on the chip); a one-section program stays
-loaded (counted once, `load_once_s`, not per call).
+hardware orchestration (SN40L §IV-D). Sync: `call_sync_s` per section call (argument load and the barrier
+at its end) under either. Program load: `program_load_s` per section call when a program has several
+sections (they take turns on the chip); a one-section program stays loaded (counted once, `load_once_s`).
 A whole model is `layers` calls of the traced block (its weights assumed resident in HBM); tensor
 parallelism over `tp` sockets divides every stage's FLOPs and bytes by tp and adds two all-reduces of the
-block's output per layer over peer-to-peer links. Tokens/s = tokens per call / model time per call.
+block's output per layer (`allreduce_latency_s` + ring transfer at `p2p_bw`). Kernel looping
+(`looping=True`, KL) makes the layers one call (`_program_time`). Tokens/s = tokens per call / model time
+per call. All unpublished figures are the machine's (`fusec.machines`; calibrated in docs/rdu-model.md).
 """
 from __future__ import annotations
 

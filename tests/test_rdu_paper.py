@@ -181,3 +181,25 @@ def test_benchmark_writes_the_table_json_and_chart(tmp_path, capsys):
     assert bench.main(["--markdown", str(tmp_path / "bench_rdu.json")]) == 0
     md = capsys.readouterr().out
     assert md.count("\n| decode tok/s") == 3 and "| figure | source |" in md
+
+
+def test_the_cpu_loop_body_is_one_block_as_the_model_assumes():
+    """The model loops the traced block `n_layers` times; the loop pass's body over a decoder (rotated: one
+    layer's feed-forward to the next one's attention) holds the same kernels as one block."""
+    import torch
+    from fusec.models.causal_lm import CausalLM, DecodeStep, decode_example
+    from fusec.models.llama import LlamaBlock, LlamaConfig
+    from passes.loop import loop_kernels
+    from passes.pipeline import run_pipeline
+    config = LlamaConfig(dim=64, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=97, max_seq_len=32,
+                         n_layers=4)
+    torch.manual_seed(0)
+    m = CausalLM(config).eval()
+    graph = run_pipeline(trace(DecodeStep(m), decode_example(m, 1, 32), {}).graph, target="cpu-unlooped")
+    [loop] = [n for n in loop_kernels(graph).nodes if n.op == "loop"]
+    body = sorted(n.attr("op") if any(k == "op" for k, _ in n.attrs) else "kernel"
+                  for n in loop.attr("body").nodes if n.op == "kernel")
+    args, kwargs = decode_inputs(config, past_len=8)
+    block = lower(trace(LlamaBlock(config).eval(), args, kwargs).graph, target="rdu")
+    kernels = [n for n in block.nodes if n.op == "kernel"]
+    assert loop.attr("trips") == config.n_layers - 2 and len(body) == len(kernels)
