@@ -30,6 +30,7 @@ PARAMETERS = {
     "systolic_efficiency": (0.5, 1.0, "achievable fraction of PCU peak on GEMMs"),
     "hbm_bw": (1.6e12, 2.0e12, "published, but the sources disagree (HC24 1.6, Table II 1.8, text ~2 TB/s)"),
 }
+PUBLISHED = {"hbm_bw": "published: SN40L Table II (sources disagree)"}
 MOVES = 0.05   # a figure "moves" when it changes by more than 5% over the parameter's range
 
 
@@ -120,7 +121,7 @@ def sensitivity(machine: Machine | str = "sn40l") -> list[dict]:
                 moved.append({"figure": fig, "low": a, "default": v, "high": b, "change": change})
         moved.sort(key=lambda x: -x["change"])
         out.append({"parameter": name, "default": getattr(m, name), "low": lo, "high": hi, "what": what,
-                    "fitted_to": FIT_TARGETS[name][2] if name in FIT_TARGETS else "",
+                    "fitted_to": FIT_TARGETS[name][2] if name in FIT_TARGETS else PUBLISHED.get(name, ""),
                     "figures_moved": len(moved), "moves": moved})
     return out
 
