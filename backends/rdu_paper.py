@@ -58,13 +58,15 @@ def config(name: str, seq: int) -> LlamaConfig:
 
 def placement(name: str, case: str, seq: int, variant: str, machine: Machine | str = "sn40l", seed: int = 0):
     """The placement on `machine` (bf16; cached by the machine's name, so a variant of a preset made by
-    `with_figures` reuses the preset's placement) of one block of `name` for prefill of `seq` tokens or one decode step
-    after seq - 1 tokens, in one of VARIANTS. The block is built without its weights' values (meta, then
-    uninitialised memory): the model needs shapes only."""
+    `with_figures` reuses the preset's placement) of one block of `name` for prefill of `seq` tokens or one
+    decode step after seq - 1 tokens, in one of VARIANTS. The block is built without its weights' values
+    (meta, then uninitialised memory): the model needs shapes only, so models of the same shapes share it."""
     if _SMALL[0]:
         seq = 16
     m = get_machine(machine)
-    key = (name, case, seq, variant, m.name, seed, _SMALL[0])
+    c = config(name, seq)
+    shape = (case, seq, c.dim, c.n_heads, c.n_kv_heads, c.hidden_dim)
+    key = (*shape, variant, m.name, seed)
     if key not in _PLACEMENTS:
         import torch
         from fusec.api import lower
@@ -72,9 +74,8 @@ def placement(name: str, case: str, seq: int, variant: str, machine: Machine | s
         from fusec.models.registry import decode_inputs
         from fusec.tracing import trace
         from passes.place import plan
-        traced_key = (name, case, seq, _SMALL[0])
+        traced_key = shape
         if traced_key not in _PLACEMENTS:
-            c = config(name, seq)
             with torch.device("meta"):
                 block = LlamaBlock(c).eval()
             block = block.to_empty(device="cpu")
