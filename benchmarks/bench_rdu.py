@@ -138,12 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(json.loads(Path(args.markdown).read_text())))
         return 0
     from backends import rdu_calibrate
+    made_at = commit()  # the code this run loaded (HEAD may move while it runs)
     m = get_machine("test_grid" if args.small else "sn40l")  # small: small shapes on the small grid
     start = time.perf_counter()
     rows = rdu_paper.paper_rows(m, args.sections, small=args.small)
     print("# RDU model vs the papers (sn40l defaults; ratio = model / paper, 1 inside a published range)")
     print(rdu_paper.format_rows(rows))
-    data = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": commit(), "small": args.small,
+    data = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": made_at, "small": args.small,
             "machine": m.name, "rows": rows}
     if "looping" in args.sections:
         rdu_paper._SMALL[0] = args.small
