@@ -13,14 +13,16 @@ placement, every term in seconds per call:
              pipeline a stage has the tier to itself
     network  the load of the busiest link its flows cross / link bandwidth
 A section pipelines its stages over N tiles (Spatial's metapipeline, N = `Section.tiles`):
-    T_sec = (N-1)/N * max_s t_s(steady) + 1/N * sum_s t_s(alone) + launch + program load
+    T_sec = (N-1)/N * max_s t_s(steady) + 1/N * sum_s t_s(alone) + launch + sync + program load
 Launch: `launch_overhead_s` per section call under software orchestration, once per program call under
-hardware orchestration (SN40L §IV-D) or kernel looping (KL). Program load: `program_load_s` per section
-call when a program has several sections (they take turns on the chip); a one-section program stays
-loaded (counted once, `load_once_s`, not per call).
+hardware orchestration (SN40L §IV-D). Sync: `call_sync_s` per section call (argument load and the barrier
+at its end) under either. Program load: `program_load_s` per section call when a program has several
+sections (they take turns on the chip); a one-section program stays loaded (counted once, `load_once_s`).
 A whole model is `layers` calls of the traced block (its weights assumed resident in HBM); tensor
 parallelism over `tp` sockets divides every stage's FLOPs and bytes by tp and adds two all-reduces of the
-block's output per layer over peer-to-peer links. Tokens/s = tokens per call / model time per call.
+block's output per layer (`allreduce_latency_s` + ring transfer at `p2p_bw`). Kernel looping
+(`looping=True`, KL) makes the layers one call (`_program_time`). Tokens/s = tokens per call / model time
+per call. All unpublished figures are the machine's (`fusec.machines`; calibrated in docs/rdu-model.md).
 """
 from __future__ import annotations
 
@@ -34,22 +36,21 @@ from fusec.ir import Graph
 from fusec.machines import Machine, get_machine
 from fusec.placement import Placement, Section, Stage, pcu_rate, pmu_bandwidth, tier_bandwidth
 
-P2P_BW = 100e9                 # bytes/s per socket for all-reduce; not published [M]
-ALLREDUCE_LATENCY_S = 2e-6     # per all-reduce; not published [M]
 ALLREDUCES_PER_LAYER = 2       # Megatron-style TP: after attention and after the MLP
 BOUNDS = ("compute", "SRAM", "HBM", "DDR", "network")
 
 
 def report(target: Graph | Placement, machine: Machine | str | None = None, *, layers: int = 1, tp: int = 1,
            orchestration: str = "software", decode: bool = False, tokens: int | None = None, seed: int = 0,
-           dtype: str | None = None, p2p_bw: float = P2P_BW,
-           allreduce_latency_s: float = ALLREDUCE_LATENCY_S) -> dict[str, Any]:
+           dtype: str | None = None, looping: bool = False, p2p_bw: float | None = None,
+           allreduce_latency_s: float | None = None) -> dict[str, Any]:
     """The model's estimate for `target` on `machine` (see the module docstring) as plain data.
 
     A Graph is placed on `machine` (or its own placement is used when it carries one for that machine,
     seed and dtype); a Placement is evaluated with `machine`'s figures (default: its own), which must
     have the same grid. `tokens`: tokens a call produces (default: the graph's first input without its
-    last axis, e.g. batch x sequence; 1 for a Placement)."""
+    last axis, e.g. batch x sequence; 1 for a Placement). `looping`: the `layers` calls of the block are
+    one looped call (kernel looping, KL). `p2p_bw`, `allreduce_latency_s`: default the machine's."""
     if orchestration not in ("software", "hardware"):
         raise ValueError(f"orchestration must be 'software' or 'hardware', got {orchestration!r}")
     if layers < 1 or tp < 1:
@@ -61,20 +62,53 @@ def report(target: Graph | Placement, machine: Machine | str | None = None, *, l
     n = len(sections)
     for row in sections:
         row["launch_s"] = m.launch_overhead_s if orchestration == "software" else 0.0
+        row["sync_s"] = m.call_sync_s
         row["load_s"] = m.program_load_s if n > 1 else 0.0
-        row["time_s"] = row["pipeline_s"] + row["launch_s"] + row["load_s"]
-        if row["launch_s"] + row["load_s"] > row["pipeline_s"]:
+        row["time_s"] = row["pipeline_s"] + row["launch_s"] + row["sync_s"] + row["load_s"]
+        if row["launch_s"] + row["sync_s"] + row["load_s"] > row["pipeline_s"]:
             row["bound"] = "overhead"
-    layer_s = sum(r["time_s"] for r in sections)
     output_bytes = sum(t.bytes for t in placement.memory.tensors if t.kind == "output")
-    allreduce_s = (ALLREDUCES_PER_LAYER * (allreduce_latency_s + 2 * (tp - 1) / tp * output_bytes / p2p_bw)
-                   if tp > 1 else 0.0)
-    model_s = layers * (layer_s + allreduce_s) + (m.launch_overhead_s if orchestration == "hardware" else 0.0)
+    p2p = m.p2p_bw if p2p_bw is None else p2p_bw
+    latency = m.allreduce_latency_s if allreduce_latency_s is None else allreduce_latency_s
+    ar_latency = ALLREDUCES_PER_LAYER * latency if tp > 1 else 0.0
+    ar_transfer = ALLREDUCES_PER_LAYER * 2 * (tp - 1) / tp * output_bytes / p2p if tp > 1 else 0.0
+    times = _program_time(sections, m, layers, orchestration, looping, ar_latency, ar_transfer)
     return {
         "machine": m.name, "dtype": placement.dtype or "as traced", "seed": placement.seed, "layers": layers,
-        "tp": tp, "orchestration": orchestration, "decode": decode, "sections": sections,
-        "total": _total(sections, placement, m, layers, tp, layer_s, allreduce_s, model_s, tokens, decode),
+        "tp": tp, "orchestration": orchestration, "looping": looping, "decode": decode, "sections": sections,
+        "total": _total(sections, placement, m, layers, times, tokens, decode),
     }
+
+
+def _program_time(sections: list[dict], m: Machine, layers: int, orchestration: str, looping: bool,
+                  ar_latency: float, ar_transfer: float) -> dict[str, float]:
+    """Seconds per model call and their parts. Without looping, every layer calls every section: launch
+    (software orchestration), sync and program load per call, then the all-reduces, one after another.
+    Kernel looping makes the layers one call: one launch and one sync; a layer of one section stays
+    loaded and its tiles stream on into the next layer's (the metapipeline over layers x N tiles, so the
+    pipeline fills and drains once), and the all-reduce's transfer streams alongside (P2P, tile to tile),
+    leaving its latency per layer; a layer of several sections still loads them in turn."""
+    once = m.launch_overhead_s if orchestration == "hardware" else 0.0
+    allreduce = ar_latency + ar_transfer
+    if not looping or layers == 1:
+        layer_s = sum(r["time_s"] for r in sections) + allreduce
+        return {"time_s": layers * layer_s + once, "layer_s": layer_s, "allreduce_s": allreduce,
+                "launch_s": layers * sum(r["launch_s"] for r in sections) + once,
+                "sync_s": layers * sum(r["sync_s"] for r in sections),
+                "load_s": layers * sum(r["load_s"] for r in sections)}
+    head = m.launch_overhead_s + m.call_sync_s
+    if len(sections) == 1:
+        r = sections[0]
+        n = max(r["tiles"], 1)
+        stream = (layers * n - 1) / n * r["steady_s"] + r["fill_s"] / n
+        layer_ar = ar_latency + max(0.0, ar_transfer - r["steady_s"])
+        body, load = stream + layers * layer_ar, 0.0
+    else:
+        load = layers * sum(r["load_s"] for r in sections)
+        layer_ar = allreduce
+        body = layers * (sum(r["pipeline_s"] for r in sections) + allreduce) + load
+    return {"time_s": head + body, "layer_s": body / layers, "allreduce_s": layer_ar,
+            "launch_s": m.launch_overhead_s, "sync_s": m.call_sync_s, "load_s": load}
 
 
 def _placement(target, machine, seed: int, dtype: str | None) -> tuple[Placement, Machine]:
@@ -145,7 +179,7 @@ def _section(p: Placement, sec: Section, m: Machine, tp: int) -> dict[str, Any]:
         "section": sec.index, "kernels": " ".join(f"%{k}" for k in sec.kernels),
         "names": " ".join(dict(p.kernel_names)[k] for k in sec.kernels), "stages": rows,
         "pcus": sec.pcus, "pmus": sec.pmus, "pcu_utilisation": sec.pcus / m.pcus, "pmu_utilisation": sec.pmus / m.pmus,
-        "tiles": sec.tiles, "pipeline_s": pipeline, "bound": rows[slowest]["bound"] if rows else "compute",
+        "tiles": sec.tiles, "pipeline_s": pipeline, "steady_s": max(steady, default=0.0), "fill_s": sum(alone), "bound": rows[slowest]["bound"] if rows else "compute",
         "flops": sum(st.flops for st in stages) / tp,
         "bytes": {"sram": totals["sram"] / tp, "hbm": totals["hbm"] / tp, "ddr": totals["ddr"] / tp,
                   "network": sum(f.bytes for f in flows) / tp},
@@ -155,20 +189,18 @@ def _section(p: Placement, sec: Section, m: Machine, tp: int) -> dict[str, Any]:
     }
 
 
-def _total(sections, p: Placement, m: Machine, layers: int, tp: int, layer_s: float, allreduce_s: float,
-           model_s: float, tokens: int, decode: bool) -> dict[str, Any]:
+def _total(sections, p: Placement, m: Machine, layers: int, times: dict[str, float], tokens: int,
+           decode: bool) -> dict[str, Any]:
     by_bound: dict[str, float] = {}
     for r in sections:
         by_bound[r["bound"]] = by_bound.get(r["bound"], 0.0) + r["time_s"]
     flops = sum(r["flops"] for r in sections)
     tiers = {t: sum(r["bytes"][t] for r in sections) for t in ("sram", "hbm", "ddr", "network")}
-    weight = layer_s or 1.0
+    weight = sum(r["time_s"] for r in sections) or 1.0
+    model_s = times["time_s"]
     return {
         "sections": len(sections), "kernels": sum(len(r["kernels"].split()) for r in sections),
-        "layer_s": layer_s, "allreduce_s": allreduce_s, "time_s": model_s,
-        "launch_s": layers * sum(r["launch_s"] for r in sections),
-        "load_s": layers * sum(r["load_s"] for r in sections),
-        "load_once_s": m.program_load_s if len(sections) == 1 else 0.0,
+        **times, "load_once_s": m.program_load_s if len(sections) == 1 else 0.0,
         "bound": max(by_bound, key=by_bound.get) if by_bound else "compute",
         "flops": flops * layers, "bytes": {t: v * layers for t, v in tiers.items()},
         "pcu_utilisation": sum(r["pcu_utilisation"] * r["time_s"] for r in sections) / weight,
@@ -202,7 +234,8 @@ def format_report(rep: dict[str, Any], stages: bool | None = None) -> str:
     8 sections), and the totals."""
     t = rep["total"]
     lines = [f"# RDU model on {rep['machine']} ({rep['dtype']}, {rep['orchestration']} orchestration, "
-             f"tp={rep['tp']}, {rep['layers']} layer(s) x the traced block)"]
+             f"tp={rep['tp']}, {rep['layers']} layer(s) x the traced block"
+             + (", kernel looping)" if rep.get("looping") else ")")]
     rows = [{**r, "pcu_pct": 100 * r["pcu_utilisation"], "time_us": 1e6 * r["time_s"], "gflop": r["flops"] / 1e9,
              **{f"{k}_mb": r["bytes"][t_] / 1e6 for k, t_ in (("hbm", "hbm"), ("ddr", "ddr"), ("sram", "sram"),
                                                               ("net", "network"))}}
@@ -221,7 +254,8 @@ def format_report(rep: dict[str, Any], stages: bool | None = None) -> str:
                  f"bound: {t['bound']}")
     lines.append(f"model       {1e3 * t['time_s']:.4f} ms per call ({rep['layers']} layer(s)"
                  + (f", all-reduce {1e6 * t['allreduce_s']:.2f} us per layer" if rep["tp"] > 1 else "") + ")"
-                 + f"; launch {1e3 * t['launch_s']:.4f} ms, program load {1e3 * t['load_s']:.4f} ms")
+                 + f"; launch {1e3 * t['launch_s']:.4f} ms, sync {1e3 * t['sync_s']:.4f} ms, "
+                 f"program load {1e3 * t['load_s']:.4f} ms")
     lines.append(f"traffic     HBM {t['bytes']['hbm'] / 1e9:.4f} GB, DDR {t['bytes']['ddr'] / 1e9:.4f} GB, "
                  f"SRAM {t['bytes']['sram'] / 1e9:.4f} GB, network {t['bytes']['network'] / 1e9:.4f} GB")
     lines.append(f"utilisation PCUs {100 * t['pcu_utilisation']:.0f}%, PMUs {100 * t['pmu_utilisation']:.0f}%, "

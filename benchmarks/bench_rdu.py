@@ -1,177 +1,186 @@
-"""The RDU model on Llama blocks: fused vs unfused, placement quality and placement compile time.
+"""The RDU model against the SN40L and kernel-looping papers: paper-vs-model table, kernel looping side by
+side, calibration fit and sensitivity.
 
-    python benchmarks/bench_rdu.py                       # every preset incl. llama2_7b, plus Llama 3.1 8B TP16
-    python benchmarks/bench_rdu.py --presets tiny --no-llama3
+    python benchmarks/bench_rdu.py                        # everything (~10 min: ~40 placements of 7B-405B blocks)
+    python benchmarks/bench_rdu.py --no-sensitivity --no-fit
+    python benchmarks/bench_rdu.py --markdown bench_out/bench_rdu.json   # the docs' tables from a run's JSON
 
-For each preset: prefill (--seq tokens, default the preset's max_seq_len up to 4096) and decode (one token
-after max_seq_len - 1 tokens of K/V), each traced once, lowered fused and unfused, placed on --machine
-(sn40l; floats counted as bf16 there) and estimated for the whole model (the preset's n_layers times one
-block). Reports per case: model time, the fused/unfused ratio, tokens/s, what bounds the fused program,
-placement quality (traffic-weighted hops of the placement against a random placement of the same unit
-groups, summed over sections) and the compile time of the placement pass. Then:
-- Llama-2-7B under program-load times of 1, 10 and 100 us per section (unpublished; default 100 us),
-- Llama 3.1 8B decode at 8K context on 16 sockets (tensor parallel) against SN40L Table IV's 1042 tok/s.
-No timing here is measured on hardware: every number is the analytical model's.
-Writes bench_rdu.json to --out.
+Rows and configurations: `backends/rdu_paper.py`; fit and sensitivity: `backends/rdu_calibrate.py`. No
+number here is measured on hardware: every model number is the analytical model's, on the machine
+defaults of `fusec/machines.py` (sn40l). Writes bench_rdu.json and bench_rdu.png to --out.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import subprocess
 import sys
 import time
 import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
-from backends.rdu_model import report, with_figures
-from fusec.api import lower
+from backends import rdu_paper
 from fusec.benchtools import format_table, write_json
 from fusec.machines import get_machine
-from fusec.models.llama import LlamaBlock, LlamaConfig, example_inputs
-from fusec.models.registry import decode_inputs
-from fusec.tracing import trace
-from passes.place import plan
 
-PRESETS = ("tiny", "stories15M", "tinyllama_1b", "llama2_7b")
-MAX_PREFILL = 4096
-PROGRAM_LOADS = (1e-6, 10e-6, 100e-6)
-PAPER = {  # SN40L paper (arXiv:2405.07518) figures the model is compared with
-    "prefill fusion speedup": "1.5-3x (Llama2-7B 4K prefill among them, 8 sockets; §VI-A)",
-    "decode fusion speedup": "1-13x (§VI-A)",
-    "llama3.1-8b decode": "1042 tok/s on 16 sockets, BF16, 8K context (Table IV)",
-}
-COLUMNS = [("model", "model", ""), ("case", "case", ""), ("tokens", "tokens", "d"),
-           ("fused_ms", "fused ms", ".3f"), ("unfused_ms", "unfused ms", ".3f"), ("speedup", "fused x", ".2f"),
-           ("bound", "fused bound", ""), ("tokens_per_s", "fused tok/s", ",.1f"),
-           ("kernels", "kernels f/u", ""), ("hops_gain", "hops vs random", ".2f"),
-           ("place_s", "place s f/u", "")]
+LOOP_COLUMNS = [("model", "model", ""), ("sockets", "sockets", "d"), ("context", "context", "d"),
+                ("unlooped_tok_s", "not looped tok/s", ",.0f"), ("looped_tok_s", "looped tok/s", ",.0f"),
+                ("gain", "gain", ".2f"), ("unlooped_hbm_util", "HBM % not looped", ".0%"),
+                ("looped_hbm_util", "HBM % looped", ".0%")]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--presets", nargs="+", default=list(PRESETS), help="Llama presets to model")
-    p.add_argument("--seq", type=int, default=None, help="prefill tokens (default: max_seq_len, at most 4096)")
-    p.add_argument("--machine", default="sn40l")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-llama3", action="store_true", help="skip the Llama 3.1 8B TP16 comparison")
-    p.add_argument("--out", default="bench_out", help="directory for bench_rdu.json")
+    p.add_argument("--sections", nargs="+", default=list(rdu_paper.SECTIONS), choices=list(rdu_paper.SECTIONS))
+    p.add_argument("--small", action="store_true",
+                   help="small widths and sequences on the test grid (a smoke run, not a comparison)")
+    p.add_argument("--no-fit", action="store_true", help="skip the calibration fit")
+    p.add_argument("--no-sensitivity", action="store_true", help="skip the sensitivity table")
+    p.add_argument("--out", default="bench_out", help="directory for bench_rdu.json and bench_rdu.png")
+    p.add_argument("--markdown", metavar="JSON", help="print the docs' tables from a bench_rdu.json and exit")
     return p.parse_args(argv)
 
 
-def llama31_8b() -> LlamaConfig:
-    """Llama 3.1 8B (Meta, 2024): GQA with 8 KV heads, SwiGLU 14336; 8K positions for the 8K decode."""
-    return LlamaConfig(dim=4096, n_heads=32, n_kv_heads=8, hidden_dim=14336, rope_theta=500000.0,
-                       max_seq_len=8192, vocab_size=128256, n_layers=32)
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
-def traced_cases(config: LlamaConfig, seq: int | None) -> dict[str, object]:
-    """The traced IR of one block for prefill and for one decode step (weights are never run)."""
-    block = LlamaBlock(config).eval()
-    seq = seq or min(config.max_seq_len, MAX_PREFILL)
-    args, kwargs = decode_inputs(config, past_len=config.max_seq_len - 1)
-    return {"prefill": trace(block, example_inputs(config, seq_len=seq)).graph,
-            "decode": trace(block, args, kwargs).graph}
+def chart(data: dict, path: Path) -> Path | None:
+    """Model / paper per figure (log scale, the +-25% band shaded) and the looping gains side by side."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = data["rows"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(15, max(5, 0.28 * len(rows))),
+                               gridspec_kw={"width_ratios": [3, 2]})
+    y = range(len(rows))
+    a.barh(list(y), [r["ratio"] for r in rows], color=["tab:green" if r["within"] else "tab:red" for r in rows])
+    a.axvspan(0.75, 1.25, color="grey", alpha=0.2)
+    a.axvline(1.0, color="black", lw=0.8)
+    a.set_xscale("log")
+    a.set_yticks(list(y), [r["figure"] for r in rows], fontsize=7)
+    a.invert_yaxis()
+    a.set_xlabel("model / paper (1 = the paper's figure or inside its range; band: +-25%)")
+    loops = data.get("looping", [])
+    if loops:
+        names = [f"{r['model']} x{r['sockets']}" for r in loops]
+        x = range(len(loops))
+        b.bar([i - 0.2 for i in x], [r["unlooped_tok_s"] for r in loops], 0.4, label="not looped")
+        b.bar([i + 0.2 for i in x], [r["looped_tok_s"] for r in loops], 0.4, label="kernel looping")
+        b.set_xticks(list(x), names, rotation=30, fontsize=8)
+        b.set_yscale("log")
+        b.set_ylabel("decode tokens/s (model)")
+        b.legend()
+        b.set_title("kernel looping (KL: geomean 1.6x, up to 2.2x)")
+    fig.suptitle(f"RDU model vs the SN40L papers ({data['date']}, {data['commit']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
-def model_case(name: str, config: LlamaConfig, case: str, graph, machine, dtype, seed: int) -> tuple[dict, dict]:
-    """(table row, details) of one case: fused and unfused placed and estimated for the whole model."""
-    out, placements = {}, {}
-    for fuse in (True, False):
-        lowered = lower(graph, fuse=fuse)
-        start = time.perf_counter()
-        placement = plan(lowered, machine, seed, dtype)
-        seconds = time.perf_counter() - start
-        rep = report(placement, machine, layers=config.n_layers, decode=case == "decode",
-                     tokens=_tokens(lowered))
-        key = "fused" if fuse else "unfused"
-        placements[key] = placement
-        hops = sum(s.weighted_hops for s in placement.sections)
-        random_hops = sum(s.random_weighted_hops for s in placement.sections)
-        out[key] = {"time_s": rep["total"]["time_s"], "tokens_per_s": rep["total"]["tokens_per_s"],
-                    "bound": rep["total"]["bound"], "sections": len(placement.sections),
-                    "kernels": rep["total"]["kernels"], "place_seconds": seconds, "weighted_hops": hops,
-                    "random_weighted_hops": random_hops, "total": rep["total"]}
-    f, u = out["fused"], out["unfused"]
-    row = {"model": name, "case": case, "tokens": f["total"]["tokens"], "fused_ms": 1e3 * f["time_s"],
-           "unfused_ms": 1e3 * u["time_s"], "speedup": u["time_s"] / f["time_s"], "bound": f["bound"],
-           "tokens_per_s": f["tokens_per_s"], "kernels": f"{f['kernels']}/{u['kernels']}",
-           "hops_gain": (f["random_weighted_hops"] + u["random_weighted_hops"])
-           / max(f["weighted_hops"] + u["weighted_hops"], 1e-9),
-           "place_s": f"{f['place_seconds']:.2f}/{u['place_seconds']:.2f}"}
-    return row, {"row": row, **out, "_placements": placements}
+def _md(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r[k]) for k, _ in columns) + " |" for r in rows]
+    return "\n".join(lines)
 
 
-def _tokens(graph) -> int:
-    from backends.rdu_model import tokens_per_call
-    return tokens_per_call(graph)
-
-
-def program_load_sweep(details: dict, config: LlamaConfig, machine) -> list[dict]:
-    """Fused/unfused ratios of one model when loading a section's configuration takes 1, 10 or 100 us."""
-    rows = []
-    for load in PROGRAM_LOADS:
-        m = with_figures(machine, program_load_s=load)
-        row = {"program_load_us": load * 1e6}
-        for case, d in details.items():
-            times = {k: report(d["_placements"][k], m, layers=config.n_layers, decode=case == "decode",
-                               tokens=d["row"]["tokens"])["total"]["time_s"] for k in ("fused", "unfused")}
-            row[f"{case}_speedup"] = times["unfused"] / times["fused"]
-        rows.append(row)
-    return rows
-
-
-def llama3_comparison(machine, dtype, seed: int) -> list[dict]:
-    """Llama 3.1 8B decode at 8K context, TP16, software and hardware orchestration."""
-    config = llama31_8b()
-    block = LlamaBlock(config).eval()
-    args, kwargs = decode_inputs(config, past_len=config.max_seq_len - 1)
-    placement = plan(lower(trace(block, args, kwargs).graph), machine, seed, dtype)
-    rows = []
-    for tp in (1, 8, 16):
-        for orchestration in ("software", "hardware"):
-            rep = report(placement, machine, layers=config.n_layers, tp=tp, decode=True, tokens=1,
-                         orchestration=orchestration)
-            rows.append({"tp": tp, "orchestration": orchestration, "tokens_per_s": rep["total"]["tokens_per_s"],
-                         "ms_per_token": 1e3 * rep["total"]["time_s"], "paper_tokens_per_s": 1042 if tp == 16 else None,
-                         "hbm_utilisation": rep["total"]["hbm_bandwidth_utilisation"]})
-    return rows
+def markdown(data: dict) -> str:
+    """The docs' tables (paper vs model, looping, fit, sensitivity) from a run's JSON."""
+    out = [f"`python benchmarks/bench_rdu.py`, {data['date']}, commit `{data['commit']}`"
+           + (" (small shapes)" if data.get("small") else "")]
+    rows = [{**r, "paper_text": rdu_paper._paper_text(r) + ("" if r["unit"] == "x" else f" {r['unit']}"),
+             "model_text": f"{r['model']:.3g}", "ratio_text": f"{r['ratio']:.2f}",
+             "ok": "yes" if r["within"] else "**no**"} for r in data["rows"]]
+    out.append(_md(rows, [("figure", "figure"), ("source", "source"), ("config", "configuration"),
+                          ("paper_text", "paper"), ("model_text", "model"), ("ratio_text", "model/paper"),
+                          ("ok", "within 25%"), ("use", "fit / held out"), ("note", "note")]))
+    if data.get("looping"):
+        loops = [{**r, "off": f"{r['unlooped_tok_s']:,.0f}", "on": f"{r['looped_tok_s']:,.0f}",
+                  "g": f"{r['gain']:.2f}x", "u0": f"{r['unlooped_hbm_util']:.0%}", "u1": f"{r['looped_hbm_util']:.0%}"}
+                 for r in data["looping"]]
+        out.append(_md(loops, [("model", "model"), ("sockets", "sockets"), ("context", "context"),
+                               ("off", "not looped tok/s"), ("on", "looped tok/s"), ("g", "gain"),
+                               ("u0", "HBM of peak, not looped"), ("u1", "HBM of peak, looped")]))
+    if data.get("fit"):
+        out.append(_md([{"p": k, "v": f"{v['value']:.3g}", "d": f"{v['default']:.3g}", "t": v["target"]}
+                        for k, v in data["fit"].items()],
+                       [("p", "parameter"), ("v", "fitted"), ("d", "default"), ("t", "fitted to")]))
+        need = data.get("kl_would_need")
+        if need:
+            out.append(f"The KL geomean of 1.6x would need call_sync_s = {1e6 * need['call_sync_s']:.1f} us "
+                       f"(model geomean then {need['kl_geomean']:.2f}x), which drops Llama 3.1 8B on 16 sockets to "
+                       f"{need['table_iv_8b_tok_s']:,.0f} tok/s against Table IV's 1042.")
+    if data.get("sensitivity"):
+        sens = [{**r, "d": f"{r['default']:.3g}", "range": f"{r['low']:.3g} - {r['high']:.3g}",
+                 "moves": "; ".join(f"{x['figure']}: {x['low']:.3g} / {x['default']:.3g} / {x['high']:.3g}"
+                                    for x in r["moves"][:3]) or "-",
+                 "from": r["fitted_to"] or "assumed"} for r in data["sensitivity"]]
+        out.append(_md(sens, [("parameter", "parameter"), ("d", "default"), ("range", "range"),
+                              ("figures_moved", "figures moved >5%"),
+                              ("moves", "largest moves (low / default / high)"), ("from", "default from")]))
+    return "\n\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     args = parse_args(argv)
-    torch.manual_seed(0)
-    machine = get_machine(args.machine)
-    dtype = "bf16" if machine.name == "sn40l" else None
-    rows, results, sweeps = [], {}, {}
-    for preset in args.presets:
-        config = LlamaConfig.preset(preset)
-        details = {}
-        for case, graph in traced_cases(config, args.seq).items():
-            row, details[case] = model_case(preset, config, case, graph, machine, dtype, args.seed)
-            rows.append(row)
-            print(f"{preset} {case}: fused {row['fused_ms']:.3f} ms, x{row['speedup']:.2f}", file=sys.stderr)
-        if preset == "llama2_7b":
-            sweeps[preset] = program_load_sweep(details, config, machine)
-        results[preset] = {case: {k: v for k, v in d.items() if k != "_placements"} for case, d in details.items()}
-    print(f"# RDU model on {machine.name} ({dtype or 'as traced'}), whole models (n_layers x one block); "
-          f"place s = compile time of the placement pass, fused/unfused")
-    print(format_table(rows, COLUMNS))
-    for preset, sweep in sweeps.items():
-        print(f"\n# {preset}: fused/unfused ratio against the (unpublished) program-load time per section")
-        print(format_table(sweep, [("program_load_us", "load us", ".0f"), ("prefill_speedup", "prefill x", ".2f"),
-                                   ("decode_speedup", "decode x", ".2f")]))
-    llama3 = [] if args.no_llama3 else llama3_comparison(machine, dtype, args.seed)
-    if llama3:
-        print("\n# Llama 3.1 8B decode, 8K context (SN40L Table IV: 1042 tok/s on 16 sockets)")
-        print(format_table(llama3, [("tp", "sockets", "d"), ("orchestration", "orchestration", ""),
-                                    ("ms_per_token", "ms/token", ".3f"), ("tokens_per_s", "tok/s", ",.0f"),
-                                    ("hbm_utilisation", "HBM util", ".0%"), ("paper_tokens_per_s", "paper", "")]))
-    path = write_json(Path(args.out) / "bench_rdu.json",
-                      {"machine": machine.name, "dtype": dtype, "seed": args.seed, "paper": PAPER, "rows": rows,
-                       "results": results, "program_load_sweep": sweeps, "llama3_1_8b_decode": llama3})
-    print(f"\nwrote {path}")
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return 0
+    from backends import rdu_calibrate
+    made_at = commit()  # the code this run loaded (HEAD may move while it runs)
+    m = get_machine("test_grid" if args.small else "sn40l")  # small: small shapes on the small grid
+    start = time.perf_counter()
+    rows = rdu_paper.paper_rows(m, args.sections, small=args.small)
+    print("# RDU model vs the papers (sn40l defaults; ratio = model / paper, 1 inside a published range)")
+    print(rdu_paper.format_rows(rows))
+    data = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": made_at, "small": args.small,
+            "machine": m.name, "rows": rows}
+    if "looping" in args.sections:
+        rdu_paper._SMALL[0] = args.small
+        try:
+            data["looping"] = rdu_paper.looping_table(m)
+            if not args.no_fit:
+                data["fit"] = {k: {"value": v, "target": rdu_calibrate.FIT_TARGETS[k][2], "default": getattr(m, k)}
+                               for k, v in rdu_calibrate.fit(m).items()}
+                data["kl_would_need"] = rdu_calibrate.kl_would_need(m)
+        finally:
+            rdu_paper._SMALL[0] = False
+        print("\n# decode with kernel looping off and on (hardware orchestration both)")
+        print(format_table(data["looping"], LOOP_COLUMNS))
+        if "fit" in data:
+            print("\n# calibration: fitted value of each fitted parameter (defaults in fusec/machines.py)")
+            print(format_table([{"parameter": k, "fitted": v["value"], "default": v["default"], "target": v["target"]}
+                                for k, v in data["fit"].items()],
+                               [("parameter", "parameter", ""), ("fitted", "fitted", ".3g"),
+                                ("default", "default", ".3g"), ("target", "fitted to", "")]))
+            need = data["kl_would_need"]
+            print(f"the KL geomean of 1.6x would need call_sync_s = {1e6 * need['call_sync_s']:.1f} us "
+                  f"(geomean {need['kl_geomean']:.2f}x), which gives Llama 3.1 8B {need['table_iv_8b_tok_s']:,.0f} "
+                  f"tok/s against Table IV's 1042")
+    if not args.no_sensitivity and not args.small:
+        data["sensitivity"] = rdu_calibrate.sensitivity(m)
+        print("\n# sensitivity: figures each unpublished parameter moves over its range")
+        print(rdu_calibrate.format_sensitivity(data["sensitivity"]))
+    data["seconds"] = time.perf_counter() - start
+    out = Path(args.out)
+    path = write_json(out / "bench_rdu.json", data)
+    png = chart(data, out / "bench_rdu.png")
+    print(f"\nwrote {path}" + (f" and {png}" if png else "") + f" ({data['seconds']:.0f} s)")
+    within = sum(r["within"] for r in rows)
+    print(f"{within} of {len(rows)} figures within 25% of the paper's"
+          + (f"; kernel-looping geomean {math.exp(sum(math.log(r['gain']) for r in data['looping']) / len(data['looping'])):.2f}x"
+             if data.get("looping") else ""))
     return 0
 
 

@@ -63,6 +63,11 @@ class Machine:
     l1_bytes: int = 0             # cpu only: L1 data cache per core
     l2_bytes: int = 0             # cpu only: L2 per core (the tile budget)
     l3_bytes: int = 0             # cpu only: last-level cache, shared
+    # rdu only, unpublished (parameters calibrated in docs/rdu-model.md, "Calibration"):
+    call_sync_s: float = 0.0      # every kernel call: argument load and the barrier at its end (KL)
+    p2p_bw: float = 0.0           # bytes/s per socket for tensor-parallel all-reduces (SN40L §IV-D P2P)
+    allreduce_latency_s: float = 0.0   # one all-reduce's fixed cost
+    pmu_bw: float = 0.0           # bytes/s of one PMU's ports; 0: lanes x 4 B x 2 ports x clock
     # (field, "KEY where [tag]") for every figure; notes, so not part of equality
     sources: tuple[tuple[str, str], ...] = dataclasses.field(default=(), compare=False)
 
@@ -121,6 +126,9 @@ def _machine(sources: dict[str, str], **figures: Any) -> Machine:
     return Machine(**figures, sources=tuple(sorted(sources.items())))
 
 
+CALIBRATED = "not published; fitted to published figures (docs/rdu-model.md, Calibration) [M]"
+
+
 def sn40l() -> Machine:
     """One SambaNova SN40L socket (2 dies), SN40L = Prabhakar et al., arXiv:2405.07518."""
     return _machine({
@@ -139,17 +147,23 @@ def sn40l() -> Machine:
         "ddr_to_hbm_bw": "SN40L §I/§VI-C: >1 TB/s per 8-socket node, so ~125 GB/s per socket [D]",
         "link_bw": "not published; 64 B/cycle (Plasticine vector link) x 1.6 GHz assumed [M]",
         "hop_latency_s": "not published; 1 cycle per hop as SARA's network_delay = 1 [M]",
-        "launch_overhead_s": "not published; 10 us default, calibrate to the 1.4-8x decode HO gain (SN40L §VI-A) [M]",
-        "program_load_s": "not published; 100 us default per section [M]",
-        "hbm_efficiency": "SN40L §VI-B: fused decoder reaches over 85% of HBM bandwidth [P]",
+        "launch_overhead_s": CALIBRATED,
+        "program_load_s": "not published; 10 us assumed (no published figure isolates it) [M]",
+        "call_sync_s": CALIBRATED,
+        "p2p_bw": "not published; 100 GB/s per socket assumed [M]",
+        "allreduce_latency_s": CALIBRATED,
+        "pmu_bw": "not published; 0 = lanes x 4 B x 2 ports x clock = 205 GB/s [M]",
+        "hbm_efficiency": "not published; 0.95 assumed: KL's looped decode reaches over 90% of peak end to end, "
+                          "so streaming reaches more (SN40L §VI-B: over 85%) [M]",
         "ddr_efficiency": "not published; 0.8 assumed [M]",
         "systolic_efficiency": "not published; eta = 0.8 default (tunable, docs/rdu-model.md) [M]",
         "stage_pmus": "SN40L §III-A Fig 4: stage buffers of 2-4 PMUs; 8 per stage (two 4-PMU buffers) assumed [M]",
     }, name="sn40l", kind="rdu", pcus=1040, pmus=1040, pmu_bytes=512 * KiB, grid=(40, 52),
         layout="checkerboard", peak_flops=638e12, clock_hz=1.6e9, lanes=16, stages=6,
         hbm_bytes=64 * GiB, hbm_bw=1.8e12, ddr_bytes=int(1.5 * TiB), ddr_bw=200e9, ddr_to_hbm_bw=125e9,
-        link_bw=64 * 1.6e9, hop_latency_s=1 / 1.6e9, launch_overhead_s=10e-6, program_load_s=100e-6,
-        hbm_efficiency=0.85, ddr_efficiency=0.8, systolic_efficiency=0.8, stage_pmus=8)
+        link_bw=64 * 1.6e9, hop_latency_s=1 / 1.6e9, launch_overhead_s=11e-6, program_load_s=10e-6,
+        hbm_efficiency=0.95, ddr_efficiency=0.8, systolic_efficiency=0.8, stage_pmus=8,
+        call_sync_s=11e-6, p2p_bw=100e9, allreduce_latency_s=0.15e-6)
 
 
 def plasticine() -> Machine:
@@ -166,6 +180,8 @@ def plasticine() -> Machine:
         "link_bw": "PLAS vector network 16 words = 512 b per cycle at 1 GHz [D from S]",
         "hop_latency_s": "SARA/pir network_delay = 1 cycle [M]",
         "launch_overhead_s": "not published; 10 us default [M]", "program_load_s": "not published; 100 us [M]",
+        "call_sync_s": "not published; sn40l's default [M]", "p2p_bw": "not published; sn40l's default [M]",
+        "allreduce_latency_s": "not published; sn40l's default [M]", "pmu_bw": "0: derived from lanes and clock [M]",
         "hbm_efficiency": "unused (no HBM)", "ddr_efficiency": "not published; 0.8 assumed [M]",
         "systolic_efficiency": "SIMD only (no systolic mode); eta = 0.8 default [M]",
         "stage_pmus": "assumption: 4 PMUs per stage [M]",
@@ -173,7 +189,8 @@ def plasticine() -> Machine:
         layout="checkerboard", peak_flops=12.3e12, clock_hz=1e9, lanes=16, stages=6,
         hbm_bytes=0, hbm_bw=0.0, ddr_bytes=16 * GiB, ddr_bw=51.2e9, ddr_to_hbm_bw=0.0,
         link_bw=64e9, hop_latency_s=1e-9, launch_overhead_s=10e-6, program_load_s=100e-6,
-        hbm_efficiency=0.85, ddr_efficiency=0.8, systolic_efficiency=0.8, stage_pmus=4)
+        hbm_efficiency=0.85, ddr_efficiency=0.8, systolic_efficiency=0.8, stage_pmus=4,
+        call_sync_s=5e-6, p2p_bw=100e9, allreduce_latency_s=2e-6)
 
 
 def _test_grid() -> Machine:  # not `test_grid`: pytest would collect it
@@ -181,13 +198,14 @@ def _test_grid() -> Machine:  # not `test_grid`: pytest would collect it
     made_up = "test value [M]"
     names = ("pcus pmus pmu_bytes grid layout peak_flops clock_hz lanes stages hbm_bytes hbm_bw ddr_bytes "
              "ddr_bw ddr_to_hbm_bw link_bw hop_latency_s launch_overhead_s program_load_s hbm_efficiency "
-             "ddr_efficiency systolic_efficiency stage_pmus").split()
+             "ddr_efficiency systolic_efficiency stage_pmus call_sync_s p2p_bw allreduce_latency_s pmu_bw").split()
     return _machine({k: made_up for k in names} | {"peak_flops": "8 PCUs x 4 lanes x 2 stages x 2 x 1 GHz [D]"},
                     name="test_grid", kind="rdu", pcus=8, pmus=8, pmu_bytes=16 * KiB, grid=(4, 4),
                     layout="checkerboard", peak_flops=8 * 4 * 2 * 2 * 1e9, clock_hz=1e9, lanes=4, stages=2,
                     hbm_bytes=64 * MiB, hbm_bw=100e9, ddr_bytes=1 * GiB, ddr_bw=10e9, ddr_to_hbm_bw=5e9,
                     link_bw=16e9, hop_latency_s=1e-9, launch_overhead_s=1e-6, program_load_s=10e-6,
-                    hbm_efficiency=0.85, ddr_efficiency=0.8, systolic_efficiency=0.8, stage_pmus=2)
+                    hbm_efficiency=0.85, ddr_efficiency=0.8, systolic_efficiency=0.8, stage_pmus=2,
+                    call_sync_s=0.5e-6, p2p_bw=10e9, allreduce_latency_s=1e-6)
 
 
 # --- this machine --------------------------------------------------------------------------------------

@@ -212,8 +212,8 @@ def pcu_rate(machine: Machine, mode: str) -> float:
 def pmu_bandwidth(machine: Machine) -> float:
     """Bytes/s one PMU delivers: one read and one write port of lanes x 4 bytes per cycle [M] (PLAS:
     banks aligned to the lanes; SN40L §IV-B: concurrent reads and writes). On SN40L that is ~205 GB/s per
-    PMU, ~213 TB/s for the chip: the "hundreds of TB/s" of SN40L Table II."""
-    return 2 * machine.lanes * 4 * machine.clock_hz
+    PMU, ~213 TB/s for the chip: the "hundreds of TB/s" of SN40L Table II. `machine.pmu_bw` overrides it."""
+    return machine.pmu_bw or 2 * machine.lanes * 4 * machine.clock_hz
 
 
 def tier_bandwidth(machine: Machine, tier: str) -> float:

@@ -31,6 +31,7 @@ from fusec.placement import TIERS, MemoryPlan, Placement, pcu_rate
 from passes.placement_build import PlacementBuilder
 from passes.placement_memory import choose_on_chip, overlaps, plan_memory, pmus_for, tensor_uses
 from passes.placement_stages import KernelSpec, Sizer, a_bytes, analyze, operand_traffic
+from passes.placement_torchops import section_groups
 
 
 def place(graph: Graph, machine: Machine | str = "sn40l", seed: int = 0, dtype: str | None = None) -> Graph:
@@ -49,15 +50,18 @@ def make_place_pass(machine: Machine | str, seed: int = 0, dtype: str | None = N
     return run
 
 
-def plan(graph: Graph, machine: Machine | str = "sn40l", seed: int = 0, dtype: str | None = None) -> Placement:
-    """The Placement of `graph` on `machine` (a preset name, machine file or Machine)."""
+def plan(graph: Graph, machine: Machine | str = "sn40l", seed: int = 0, dtype: str | None = None,
+         sections: str = "packed") -> Placement:
+    """The Placement of `graph` on `machine` (a preset name, machine file or Machine). `sections`: how
+    kernels share sections (`passes.placement_torchops.SECTION_MODES`): "packed" while they fit (an
+    unfused `op` kernel alone), "kernel" one kernel per section, "torch" one PyTorch-level op per section."""
     m = get_machine(machine)
     if m.kind != "rdu" or m.layout != "checkerboard":
         raise FusecError(f"place maps onto an RDU's PCU/PMU checkerboard; machine {m.name!r} is a {m.kind} "
                          f"({m.layout} layout); use sn40l, plasticine or test_grid")
     sizer = Sizer(dtype)
     kernels = analyze(graph, m, sizer)
-    groups = partition(kernels, m)
+    groups = partition(kernels, m, section_groups(graph, sections))
     section_of = {k.kernel: s for s, ks in enumerate(groups) for k in ks}
     uses = tensor_uses(graph, kernels, section_of, sizer)
     free = {s: m.pmus - sum(pmus_for(st.capacity, m.pmu_bytes) for k in ks for st in k.stages)
@@ -95,8 +99,10 @@ def plan(graph: Graph, machine: Machine | str = "sn40l", seed: int = 0, dtype: s
 
 # --- sections and allocation -----------------------------------------------------------------------------
 
-def partition(kernels: list[KernelSpec], m: Machine) -> list[list[KernelSpec]]:
-    """Consecutive kernels per section while their stages and stage buffers fit; `op` kernels alone."""
+def partition(kernels: list[KernelSpec], m: Machine, group_of: dict[int, int] | None = None
+              ) -> list[list[KernelSpec]]:
+    """Consecutive kernels per section while their stages and stage buffers fit; `op` kernels alone.
+    With `group_of` (kernel -> group), a section holds the kernels of one group (while they fit)."""
     sections: list[list[KernelSpec]] = []
     used = (0, 0)
     for k in kernels:
@@ -104,7 +110,10 @@ def partition(kernels: list[KernelSpec], m: Machine) -> list[list[KernelSpec]]:
         if need[0] > m.pcus or need[1] > m.pmus:
             raise IRError(f"kernel %{k.kernel} ({k.name}) needs {need[0]} PCUs and {need[1]} PMUs for its "
                           f"stages and tiles; {m.name} has {m.pcus} PCUs and {m.pmus} PMUs")
-        alone = k.name.startswith("op:") or (sections and sections[-1][-1].name.startswith("op:"))
+        if group_of is not None:
+            alone = bool(sections) and group_of[k.kernel] != group_of[sections[-1][-1].kernel]
+        else:
+            alone = k.name.startswith("op:") or (sections and sections[-1][-1].name.startswith("op:"))
         if not sections or alone or used[0] + need[0] > m.pcus or used[1] + need[1] > m.pmus:
             sections.append([])
             used = (0, 0)

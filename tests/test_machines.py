@@ -30,7 +30,7 @@ def test_sn40l_has_the_published_figures():
     assert m.pcu_flops == pytest.approx(613.46e9, rel=1e-4)  # 638e12 / 1040 [D]
     assert (m.hbm_bytes, m.hbm_bw) == (64 * GiB, 1.8e12)
     assert (m.ddr_bytes, m.ddr_bw, m.ddr_to_hbm_bw) == (int(1.5 * TiB), 200e9, 125e9)
-    assert m.hbm_efficiency == 0.85
+    assert m.hbm_efficiency == 0.95
     assert m.layout == "checkerboard" and m.grid[0] * m.grid[1] == m.pcus + m.pmus
     assert "[M]" in m.source("grid")  # the floorplan is our assumption, and says so
     assert "SN40L" in m.source("hbm_bw") and "[P]" in m.source("pcus")
