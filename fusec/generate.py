@@ -26,20 +26,20 @@ from fusec.models.causal_lm import CausalLM, DecodeStep, Prefill, cache_shape, d
 
 Program = Callable[..., tuple]                    # a compiled (or eager) Prefill / DecodeStep
 Compiler = Callable[[nn.Module, tuple], Program]  # (module, example inputs) -> program
-WEIGHTS = ("fp32", "bf16")
+WEIGHTS = ("fp32", "bf16", "int8")
 
 
 def fusec_compiler(backend: str = "numba", weights: str = "fp32", fuse: bool = True,
                    loop: bool | None = None) -> Compiler:
-    """A Compiler running `fusec.compile` with these options. `weights="bf16"` needs the compiler's
-    `weights=` option (NotImplementedError without it; bf16 is not emulated here)."""
+    """A Compiler running `fusec.compile` with these options. `weights="bf16"` or `"int8"` needs the
+    compiler's `weights=` option (NotImplementedError without it; neither is emulated here)."""
     import fusec
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, given {weights!r}")
     options = {}
     if weights != "fp32":
         if "weights" not in inspect.signature(fusec.compile).parameters:
-            raise NotImplementedError("bf16 weights need the compiler's weights= option")
+            raise NotImplementedError(f"{weights} weights need the compiler's weights= option")
         options["weights"] = weights
     if loop is not None:
         options["loop"] = loop
@@ -380,7 +380,8 @@ def compile_generator(model: nn.Module, max_seq_len: int | None = None, weights:
     transformers `LlamaForCausalLM`, whose weights are mapped into one).
 
     `max_seq_len` (default the model's) sizes the static KV cache: prompt plus new tokens must fit.
-    `weights="bf16"` stores weights as bfloat16 (needs the compiler's `weights=` option). `backend` is a
+    `weights="bf16"` stores weights as bfloat16, `"int8"` as int8 blocks with float32 scales (see
+    `fusec.compile`). `backend` is a
     fusec backend ("numba", "reference"). `prompt_buckets` (e.g. (16, 64, 256)) pads prompts on the right
     to the next bucket so that few prefill programs serve every prompt; without it each prompt length
     compiles its own. The decode program for `batch` is compiled here; nothing compiles while decoding.
