@@ -133,3 +133,17 @@ def test_generator_int8_agrees_with_fp32_greedy():
     ids, logits = gen.generate(prompt, max_new_tokens=8, return_logits=True)
     ref_ids, ref_logits = eager_generate(model, prompt, 8)
     assert float((logits[:, :1] - ref_logits[:, :1]).abs().max()) <= INT8_TOLERANCE * float(ref_logits.abs().max())
+
+
+def test_coe_stores_file_experts_as_int8_and_matches_each_expert_compiled_alone(tmp_path):
+    """Expert files (bf16) quantized on load: the CoE's tokens equal the expert's own int8 generator's."""
+    from fusec.coe import CoE, save_expert
+    from fusec.models.causal_lm import load_safetensors
+    paths = {name: save_expert(random_model(TINY, seed=i), tmp_path / f"{name}.safetensors")
+             for i, name in enumerate(("a", "b"))}
+    coe = CoE(None, paths, hbm_bytes=1 << 30, weights="int8", max_seq_len=64, prompt_buckets=(16,))
+    prompt = [3, 1, 4, 1, 5]
+    for name, path in paths.items():
+        alone = compile_generator(load_safetensors(path), 64, weights="int8", prompt_buckets=(16,))
+        want = alone.generate(torch.tensor(prompt), max_new_tokens=6)
+        assert torch.equal(coe.generate(prompt, max_new_tokens=6, expert=name).tokens, want), name
