@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> dict:
             row[f"{fmt}_gb_s"] = nbytes / statistics.median(times[fmt]) / 1e9
             row[f"{fmt}_best_gb_s"] = nbytes / min(times[fmt]) / 1e9
         row["bf16_vs_fp32_bytes"] = row["bf16_best_gb_s"] / row["fp32_best_gb_s"]
-        row["int8_vs_fp32_time"] = row["fp32_best_gb_s"] / 4 / (row["int8_best_gb_s"] / 1.125)
+        # weights per second of int8 (1.125 bytes each with the scales) over fp32's (4 bytes): time saved
+        row["int8_vs_fp32_time"] = row["int8_best_gb_s"] / 1.125 / (row["fp32_best_gb_s"] / 4)
         rows.append(row)
         print(f"  {name}: done", flush=True)
     return {"threads": threads, "rounds": args.rounds, "bandwidth": bandwidth, "results": rows}
