@@ -31,7 +31,7 @@ class Options:
     backend: str = "numba"
     fuse: bool = True
     strict: bool = False
-    weights: str = "fp32"  # "bf16": matrices stored as bfloat16, widened to float32 in the kernels
+    weights: str = "fp32"  # "bf16"/"int8": matrices stored so, widened to float32 in the kernels
     loop: bool = True      # equal layers run as one loop (passes.loop): one call into compiled code
 
 
@@ -276,7 +276,8 @@ def compile(module: torch.nn.Module, example_inputs: Any = (), example_kwargs: d
     `backend="numba"` (default) generates one JIT-compiled function per fused kernel; `"reference"` runs
     the IR op by op with NumPy. `fuse=False` gives the unfused program (one kernel per primitive op).
     `weights="bf16"` stores weight matrices as bfloat16 (half the bytes to stream; accumulation stays
-    float32); the module's own parameters are not changed. `loop` (default: on, unless the environment
+    float32), `weights="int8"` as int8 with a float32 scale per block of 32 (weight-only quantization,
+    `passes.weights`); the module's own parameters are not changed. `loop` (default: on, unless the environment
     variable FUSEC_LOOP=0) runs a run of equal layers as one loop node: the Numba backend then makes one
     call into compiled code for all of them (`passes.loop`); `loop=False` calls each kernel from Python.
     ATen ops fusec cannot lower run through PyTorch between the kernels; `strict=True` raises
@@ -355,7 +356,8 @@ def build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options) 
             progress.close()
         stats["compile_seconds"] = time.perf_counter() - start
     from fusec.binding import Follow, weight_types
-    spec.follow = Follow(module, list(weight_types(graph)))
+    from passes.weights import module_names
+    spec.follow = Follow(module, module_names(weight_types(graph)))
     if dump:
         dump.write("numba.py", spec.source or "# reference backend: no generated code")
         dump.summary(summary(spec, options))

@@ -1,4 +1,4 @@
-"""Whole-model generation tokens/s: PyTorch eager with a KV cache, torch.compile, fusec fp32 and fusec bf16.
+"""Whole-model generation tokens/s: PyTorch eager with a KV cache, torch.compile, fusec fp32, bf16 and int8.
 
     fusec bench generate stories15M                          # one preset (random weights)
     python benchmarks/bench_generate.py                      # stories15M, 42M, 110M and tinyllama_1b
@@ -11,7 +11,7 @@ model's max_seq_len, as for stories15M). Every implementation runs the same Pref
 eager in PyTorch, torch.compile (inductor) on them, and fusec.compile. torch and numba run on --threads
 threads. The machine's read bandwidth is measured in the same run (before and after, the better of the two)
 and every generation rate is set against its roofline: bandwidth / bytes of weights read per token
-(bf16 weights read half the bytes). Tokens are checked against eager's (leading tokens equal, max logit
+(bf16 weights read half the bytes, int8 1.125 bytes per weight with its block scales). Tokens are checked against eager's (leading tokens equal, max logit
 error on the common path). A progress bar is drawn on stderr when it is a terminal. Writes a table,
 bench_generate.json and bench_generate.png (in --out).
 """
@@ -33,7 +33,8 @@ from fusec.generate import Generator, compile_generator, eager_generator
 from fusec.models.causal_lm import CausalLM, load_safetensors
 from fusec.models.llama import PRESETS
 
-IMPLEMENTATIONS = ("eager", "torch.compile", "fusec fp32", "fusec bf16", "fusec fp32 unlooped")
+IMPLEMENTATIONS = ("eager", "torch.compile", "fusec fp32", "fusec bf16", "fusec int8", "fusec fp32 unlooped")
+BYTES_PER_WEIGHT = {"fp32": 4, "bf16": 2, "int8": 1 + 4 / 32}  # int8: one float32 scale per 32 weights
 IMPL_FLAGS = {name.replace(" ", "-"): name for name in IMPLEMENTATIONS}  # --impl fusec-fp32
 # on request only: fusec with one Python call per kernel instead of one per run of equal layers (passes.loop)
 OPTIONAL = ("fusec-fp32-unlooped",)
@@ -190,8 +191,8 @@ def bench_model(spec: str, args: argparse.Namespace, bandwidth: float) -> tuple[
     max_seq_len = args.max_seq_len or args.prompt_len + new_tokens
     summary = {"dim": config.dim, "layers": config.n_layers, "vocab": config.vocab_size,
                "tied": model.tie_embeddings, "new_tokens": new_tokens, "max_seq_len": max_seq_len,
-               "weight_bytes_fp32": model.weight_bytes_per_token(4),
-               "weight_bytes_bf16": model.weight_bytes_per_token(2)}
+               **{f"weight_bytes_{fmt}": int(model.weight_bytes_per_token(size))
+                  for fmt, size in BYTES_PER_WEIGHT.items()}}
     if new_tokens < args.new_tokens:
         summary["note"] = f"{new_tokens} new tokens: the prompt plus {args.new_tokens} exceed max_seq_len={limit}"
         print(f"note: {model_name}: {summary['note']}")
@@ -211,7 +212,8 @@ def bench_model(spec: str, args: argparse.Namespace, bandwidth: float) -> tuple[
         elif ids is not None and ref is not None and ref[0] is not None:
             row["tokens_match_eager"], row["max_logit_error"] = agreement(ids, logits, *ref, args.prompt_len)
         if row.get("decode_tokens_per_s"):
-            weight_bytes = summary["weight_bytes_bf16" if impl.endswith("bf16") else "weight_bytes_fp32"]
+            fmt = impl.split()[1] if impl.startswith("fusec") else "fp32"
+            weight_bytes = summary[f"weight_bytes_{fmt}"]
             row["roofline_tokens_per_s"] = args.batch * bandwidth / weight_bytes
             row["roofline_fraction"] = row["decode_tokens_per_s"] / row["roofline_tokens_per_s"]
         rows.append(row)
@@ -275,8 +277,8 @@ def write_outputs(report: dict, out: Path) -> None:
     best = report["machine"]["bandwidth"]["best"]
     for name, summary in report["presets"].items():
         if name in chart:
-            chart[name]["roofline fp32"] = report["batch"] * best / summary["weight_bytes_fp32"]
-            chart[name]["roofline bf16"] = report["batch"] * best / summary["weight_bytes_bf16"]
+            for fmt in BYTES_PER_WEIGHT:
+                chart[name][f"roofline {fmt}"] = report["batch"] * best / summary[f"weight_bytes_{fmt}"]
     png_path = benchtools.write_bar_chart(out / "bench_generate.png", chart, "generated tokens/s",
                                           f"Llama generation, batch {report['batch']}, "
                                           f"{report['threads']['torch']} threads")

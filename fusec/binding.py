@@ -16,7 +16,7 @@ from fusec.errors import FusecError
 from fusec.ir import Graph, TensorType, param_types
 
 _TORCH_DTYPES = {"f32": "torch.float32", "f64": "torch.float64", "f16": "torch.float16",
-                 "bf16": "torch.bfloat16", "i64": "torch.int64", "i32": "torch.int32"}
+                 "bf16": "torch.bfloat16", "i64": "torch.int64", "i32": "torch.int32", "i8": "torch.int8"}
 
 
 class WeightBindingError(FusecError, ValueError):
@@ -103,8 +103,8 @@ class Follow:
 
     def current(self, graph: Graph) -> dict[str, Any]:
         """{name: the module's tensor now} in the form `graph` reads it (float32 weights the program keeps
-        as bfloat16 are converted), checked like `check_weights`; WeightBindingError when a parameter is
-        gone or changed its shape or dtype (compile again for those)."""
+        as bfloat16 or int8 are converted: `passes.weights.stored_form`), checked like `check_weights`;
+        WeightBindingError when a parameter is gone or changed its shape or dtype (compile again)."""
         import torch
         types, found, missing = weight_types(graph), {}, []
         for name in self.names:
@@ -119,13 +119,12 @@ class Follow:
             if not isinstance(t, torch.Tensor):
                 missing.append(name)
                 continue
-            if types[name].dtype == "bf16" and t.dtype == torch.float32:
-                t = t.detach().to(torch.bfloat16)
             found[name] = t
         try:
             if missing:
                 raise WeightBindingError(f"{', '.join(missing[:4])}: no longer a tensor of the module")
-            return check_weights(graph, found)
+            from passes.weights import stored_form
+            return check_weights(graph, stored_form(types, found))
         except WeightBindingError as e:
             raise WeightBindingError(f"a parameter of the module changed since it was compiled, and the "
                                      f"compiled program cannot take it (compile the module again): {e}") from None

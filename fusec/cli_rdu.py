@@ -57,10 +57,12 @@ def _traced(spec: str, seq_len: int | None, decode_past: int | None):
     return trace(module, inputs, kwargs).graph
 
 
-def _place(traced, fuse: bool, machine: str, seed: int, dtype: str | None):
+def _place(traced, fuse: bool, machine: str, seed: int, dtype: str | None, weights: str = "fp32"):
+    """`traced` lowered with its weights stored as `weights` (int8 weights and their scales are counted
+    at their own sizes, whatever `dtype` says of floats) and placed on `machine`."""
     from fusec.api import lower
     from passes.place import place
-    return place(lower(traced, fuse=fuse), machine, seed, dtype)
+    return place(lower(traced, fuse=fuse, weights=weights), machine, seed, dtype)
 
 
 def add_rdu_parser(subparsers) -> argparse.ArgumentParser:
@@ -83,6 +85,8 @@ def add_rdu_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel sockets")
     r.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="count float tensors at this size (auto: bf16 on sn40l, else as traced)")
+    r.add_argument("--weights", default="fp32", choices=("fp32", "bf16", "int8"),
+                   help="weight storage (int8: 1 byte per weight plus a scale per 32; see passes/weights.py)")
     r.add_argument("--orchestration", default=None, choices=("software", "hardware"),
                    help="kernel launches from the host or the chip (default: hardware for --decode, else software)")
     r.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the placement's annealing")
@@ -118,7 +122,7 @@ def rdu_main(args: argparse.Namespace) -> int:
     traced = _traced(args.model, args.seq_len, past)
     reports = {}
     for fuse in variants:
-        graph = _place(traced, fuse, args.machine, args.seed, dtype)
+        graph = _place(traced, fuse, args.machine, args.seed, dtype, args.weights)
         for looping in loops:
             name = ("fused" if fuse else "unfused") + (", looped" if looping else ", not looped" if
                                                        len(loops) > 1 else "")

@@ -25,7 +25,7 @@ from fusec.models.causal_lm import CausalLM, DecodeStep, Prefill, cache_shape, d
 
 Program = Callable[..., tuple]                    # a compiled (or eager) Prefill / DecodeStep
 Compiler = Callable[[nn.Module, tuple], Program]  # (module, example inputs) -> program
-WEIGHTS = ("fp32", "bf16")
+WEIGHTS = ("fp32", "bf16", "int8")
 
 
 def fusec_compiler(backend: str = "numba", weights: str = "fp32", fuse: bool = True,
@@ -376,7 +376,8 @@ def compile_generator(model: nn.Module, max_seq_len: int | None = None, weights:
     transformers `LlamaForCausalLM`, whose weights are mapped into one).
 
     `max_seq_len` (default the model's) sizes the static KV cache: prompt plus new tokens must fit.
-    `weights="bf16"` stores weights as bfloat16 (needs the compiler's `weights=` option). `backend` is a
+    `weights="bf16"` stores weights as bfloat16, `"int8"` as int8 blocks with float32 scales (see
+    `fusec.compile`). `backend` is a
     fusec backend ("numba", "reference"). `prompt_buckets` (e.g. (16, 64, 256)) pads prompts on the right
     to the next bucket so that few prefill programs serve every prompt; without it each prompt length
     compiles its own. The decode program for `batch` is compiled here; nothing compiles while decoding.

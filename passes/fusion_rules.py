@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 
 from fusec.ir import Graph
 from fusec.opset import OPS, broadcast_shapes
+from passes.weights import dequantized
 
 COPIED = ("param", "const", "iota")                      # sources every body holds its own copy of
 MAX_REDUCE_DEPTH = 2  # a reduce kernel passes over a row at most twice (softmax: max then sum; LayerNorm)
@@ -53,8 +54,9 @@ class Plan:
         self.copied = [False] * len(self.nodes)  # params, consts and views (or casts) of them only
         self.anc = [0] * len(self.nodes)          # ancestors of each node, as a bitset
         for i, n in enumerate(self.nodes):
-            # a view or a cast (a bf16 weight widened as it is read) of copied nodes is copied too
-            view = self.kind(i) == "layout" or n.op == "cast"
+            # a view, a cast (a bf16 weight widened as it is read) or an int8 weight's dequantization of
+            # copied nodes is copied too
+            view = self.kind(i) == "layout" or n.op == "cast" or dequantized(graph, i) is not None
             self.copied[i] = (n.op in COPIED or (view and all(self.copied[a] for a in n.args))
                               or self._small_index_expression(i))
             for a in n.args:

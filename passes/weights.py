@@ -1,18 +1,37 @@
-"""Weight storage: keep large float32 weights as bfloat16 and widen them to float32 where they are read.
+"""Weight storage: keep large float32 weights as bfloat16 or int8 and widen them to float32 where read.
 
-    %1 = param {name="w"} : f32[64,64]      ->      %1 = param {name="w"} : bf16[64,64]
-                                                     %2 = cast %1 {dtype="f32"} : f32[64,64]
+    %1 = param {name="w"} : f32[64,64]  ->  bf16:  %1 = param {name="w"} : bf16[64,64]
+                                                  %2 = cast %1 {dtype="f32"} : f32[64,64]
+                                        ->  int8:  %1 = param {name="w"} : i8[64,2,32]
+                                                  %2 = param {name="w.scale"} : f32[64,2,1]
+                                                  %3 = cast %1 {dtype="f32"} : f32[64,2,32]
+                                                  %4 = mul %3, %2 : f32[64,2,32]
+                                                  %5 = reshape %4 {shape=[64,64]} : f32[64,64]
 
-Halves the bytes streamed per token in matrix-vector work; accumulation stays float32. The bf16 copies
-live in the new graph's tensors (the module's own float32 parameters are untouched). Small weights (norm
-scales, biases) stay float32: they cost nothing to stream and carry most of the sensitivity.
+bf16 halves the bytes streamed per token in matrix-vector work, int8 (weight-only, llama.cpp's Q8_0)
+takes 1.125 bytes per weight; accumulation stays float32. int8 quantizes each block of 32 consecutive
+weights of a row (along the input dimension of a Linear) with its own float32 scale, max|w| / 127, and
+rounds w / scale to the nearest integer (ties to even). Blocks rather than one scale per row: one large
+weight in a row (common in trained LLMs) then costs precision only in its block, for 4 bytes of scale per
+32 weights; and a block is what the kernels reduce over anyway (`backends.numba_cpu.lowp`). The
+dequantization is ordinary IR (cast, mul, reshape), so every backend computes exactly `q * scale`, and
+backends that know the pattern (`dequantized`) stream q and the scales instead.
+
+The stored copies live in the new graph's tensors (the module's own float32 parameters are untouched).
+Small weights (norm scales, biases) stay float32: they cost nothing to stream and carry most of the
+sensitivity; int8 also leaves matrices whose rows are not whole blocks (a row length not a multiple of
+32) in float32.
 """
 from __future__ import annotations
+
+from typing import Any, Mapping
 
 from fusec.ir import Builder, Graph, TensorType
 
 MIN_ELEMENTS = 4096  # weights smaller than this stay float32
-FORMATS = ("fp32", "bf16")
+FORMATS = ("fp32", "bf16", "int8")
+BLOCK = 32           # int8 weights per scale
+SCALE = ".scale"     # the int8 scales of weight `w` are param `w.scale` (never a module name: w is a tensor)
 
 
 def store_weights(graph: Graph, weights: str = "bf16") -> Graph:
@@ -21,15 +40,92 @@ def store_weights(graph: Graph, weights: str = "bf16") -> Graph:
         raise ValueError(f"unknown weight format {weights!r}; expected one of {', '.join(FORMATS)}")
     if weights == "fp32":
         return graph
-    import torch
     b = Builder(graph.tensors)
     remap: dict[int, int] = {}
     for i, n in enumerate(graph.nodes):
-        if n.op == "param" and n.dtype == "f32" and n.type.numel >= MIN_ELEMENTS and len(n.shape) >= 2:
+        if n.op == "param" and _stored(n.type, weights):
             name = n.attr("name")
-            b.tensors[name] = graph.tensors[name].detach().to(torch.bfloat16)
-            stored = b.add("param", (), {"name": name}, TensorType(n.shape, "bf16"), origin=n.origin)
-            remap[i] = b.add("cast", [stored], {"dtype": "f32"}, origin=n.origin)
+            if weights == "bf16":
+                b.tensors[name] = to_bf16(graph.tensors[name])
+                stored = b.add("param", (), {"name": name}, TensorType(n.shape, "bf16"), origin=n.origin)
+                remap[i] = b.add("cast", [stored], {"dtype": "f32"}, origin=n.origin)
+            else:
+                q, scale = quantize_int8(graph.tensors[name])
+                b.tensors[name], b.tensors[name + SCALE] = q, scale
+                qn = b.add("param", (), {"name": name}, TensorType(tuple(q.shape), "i8"), origin=n.origin)
+                sn = b.add("param", (), {"name": name + SCALE}, TensorType(tuple(scale.shape), "f32"),
+                           origin=n.origin)
+                wide = b.add("cast", [qn], {"dtype": "f32"}, origin=n.origin)
+                scaled = b.add("mul", [wide, sn], {}, origin=n.origin)
+                remap[i] = b.add("reshape", [scaled], {"shape": n.shape}, origin=n.origin)
             continue
         remap[i] = b.add(n.op, [remap[a] for a in n.args], dict(n.attrs), n.type, n.origin)
     return b.finish([remap[o] for o in graph.outputs])
+
+
+def _stored(t: TensorType, weights: str) -> bool:
+    """Whether a float32 weight of type `t` is stored as `weights`."""
+    if t.dtype != "f32" or t.numel < MIN_ELEMENTS or t.rank < 2:
+        return False
+    return weights != "int8" or t.shape[-1] % BLOCK == 0
+
+
+def to_bf16(t: Any) -> Any:
+    import torch
+    return t.detach().to(torch.bfloat16)
+
+
+def quantize_int8(w: Any) -> tuple[Any, Any]:
+    """(q, scale) of float32 tensor w[..., K]: q int8 [..., K/32, 32], scale float32 [..., K/32, 1] with
+    w ~ q * scale; scale = max|block| / 127 (0 for an all-zero block), q = w / scale rounded to nearest
+    (ties to even) and clipped to [-127, 127]. A block holding inf or NaN gets a NaN scale, so the
+    non-finite value shows in every result that reads it instead of vanishing."""
+    import torch
+    w = w.detach().to(torch.float32)
+    if w.shape[-1] % BLOCK:
+        raise ValueError(f"int8 weights need rows of whole blocks of {BLOCK}, given shape {list(w.shape)}")
+    blocks = w.reshape(*w.shape[:-1], w.shape[-1] // BLOCK, BLOCK)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    scale = amax / 127.0
+    finite = torch.isfinite(blocks).all(dim=-1, keepdim=True)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(torch.where(finite, blocks, torch.zeros_like(blocks)) / safe).clamp(-127, 127)
+    scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
+    return q.to(torch.int8).contiguous(), scale.contiguous()
+
+
+def dequantized(graph: Graph, i: int) -> tuple[int, int] | None:
+    """(q, scale) param ids when node `i` is the `mul` of an int8 weight's dequantization (see above)."""
+    n = graph.nodes[i]
+    if n.op != "mul" or len(n.args) != 2:
+        return None
+    wide, scale = (graph.nodes[a] for a in n.args)
+    if wide.op != "cast" or scale.op != "param" or scale.dtype != "f32":
+        return None
+    q = graph.nodes[wide.args[0]]
+    if q.op != "param" or q.dtype != "i8" or q.attr("name") + SCALE != scale.attr("name"):
+        return None
+    return wide.args[0], n.args[1]
+
+
+def stored_form(types: Mapping[str, TensorType], tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """`tensors` ({name: float32 module tensor}) in the form a program with weight types `types` reads:
+    float32 tensors of bf16 weights rounded to bfloat16, of int8 weights quantized (with their scales
+    added); anything else as given (checked later by `fusec.binding.check_weights`)."""
+    out = dict(tensors)
+    for name, t in tensors.items():
+        want = types.get(name)
+        if want is None or getattr(t, "dtype", None) is None or str(t.dtype) != "torch.float32":
+            continue
+        if want.dtype == "bf16":
+            out[name] = to_bf16(t)
+        elif want.dtype == "i8" and name + SCALE in types and t.dim() >= 2:
+            out[name], out[name + SCALE] = quantize_int8(t)
+    return out
+
+
+def module_names(types: Mapping[str, TensorType]) -> list[str]:
+    """The parameter names of `types` that name module tensors (not the int8 scales the pass made)."""
+    return [name for name, t in types.items()
+            if not (name.endswith(SCALE) and types.get(name.removesuffix(SCALE), t).dtype == "i8"
+                    and name.removesuffix(SCALE) in types)]

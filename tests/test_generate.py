@@ -369,12 +369,14 @@ def test_bench_generate_smoke(tmp_path):
     assert main(argv) == 0
     report = json.loads((out / "bench_generate.json").read_text())
     rows = {row["implementation"]: row for row in report["results"]}
-    assert set(rows) == {"eager", "torch.compile", "fusec fp32", "fusec bf16"}
-    for name in ("eager", "fusec fp32"):
+    assert set(rows) == {"eager", "torch.compile", "fusec fp32", "fusec bf16", "fusec int8"}
+    for name in ("eager", "fusec fp32", "fusec int8"):
         row = rows[name]
         assert row["status"] == "ok" and row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0
         assert 0 < row["roofline_fraction"] and row["new_tokens"] == 6
     assert rows["fusec fp32"]["tokens_match_eager"] == 6
     assert rows["torch.compile"]["status"] == "skipped"
     assert report["machine"]["bandwidth"]["best"] > 0 and report["presets"]["tiny"]["weight_bytes_fp32"] > 0
+    sizes = report["presets"]["tiny"]  # int8's roofline counts 1.125 bytes per weight (its block scales)
+    assert sizes["weight_bytes_int8"] == pytest.approx(sizes["weight_bytes_fp32"] * 1.125 / 4, abs=1)
     assert (out / "bench_generate.png").exists() or importlib.util.find_spec("matplotlib") is None

@@ -140,41 +140,6 @@ def rbf16(x):
     return _bits_as_f32(bits)
 
 
-@njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True)  # vectorized sums; NaN and inf keep their meaning
-def matvec_bf16(a, w, c):
-    """`matvec` with bfloat16 weights (uint16 storage), widened to float32 as they stream in.
-
-    A copy of `matvec` but for the load: passing the load as a function argument makes Numba refuse to
-    cache it (and it measured slower), so the two loops are written out."""
-    m_rows, k_dim = a.shape
-    n_dim = w.shape[0]
-    for blk in prange((n_dim + 3) // 4):
-        n0 = blk * 4
-        if n0 + 4 <= n_dim:
-            for m in range(m_rows):
-                s0 = np.float32(0.0)
-                s1 = np.float32(0.0)
-                s2 = np.float32(0.0)
-                s3 = np.float32(0.0)
-                for k in range(k_dim):
-                    x = a[m, k]
-                    s0 += x * bf16(w[n0, k])
-                    s1 += x * bf16(w[n0 + 1, k])
-                    s2 += x * bf16(w[n0 + 2, k])
-                    s3 += x * bf16(w[n0 + 3, k])
-                c[m, n0] = s0
-                c[m, n0 + 1] = s1
-                c[m, n0 + 2] = s2
-                c[m, n0 + 3] = s3
-        else:
-            for n in range(n0, n_dim):
-                for m in range(m_rows):
-                    s = np.float32(0.0)
-                    for k in range(k_dim):
-                        s += a[m, k] * bf16(w[n, k])
-                    c[m, n] = s
-
-
 @njit(parallel=True, cache=True)
 def _widen_rows(w, n0, n1, out):
     for n in prange(n1 - n0):

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from backends.numba_cpu.codegen import emit_outputs, emit_store
 from backends.numba_cpu.expr import Emitter
+from passes.weights import dequantized
 
 MATVEC_ROWS = 64  # up to this many rows of A, stream the weights in our parallel loop instead of calling BLAS:
 # BLAS threads keep spinning after a call and slow the parallel loops of the next kernels (measured: a
 # 50 us attention kernel took 5 ms after a 32-row sgemm), which only a large GEMM pays back
 
 
-def _array_view(em: Emitter, nid: int) -> tuple[str, bool, bool] | None:
-    """(array expression, transposed, bf16) when node `nid` is a rank-2 view of an operand/weight array
-    that BLAS (or the matrix-vector loop) can read in place: the array, its transpose, a reshape of a
-    contiguous input, or a bfloat16 weight widened by a cast (widened on the fly, never copied whole)."""
+def _array_view(em: Emitter, nid: int) -> tuple[str, bool, str] | None:
+    """(array expression, transposed, stored format: "" or the kernels' suffix "_bf16"/"_int8") when node
+    `nid` is a rank-2 view of an operand/weight array that BLAS (or the matrix-vector loop) can read in
+    place: the array, its transpose, a reshape of a contiguous input, or a bfloat16 or int8 weight widened
+    as it is read (`backends.numba_cpu.lowp`; never copied whole). An int8 weight's expression is its
+    two arrays, "q, scales"."""
     g = em.g
     n = g.nodes[nid]
     transposed = False
@@ -24,10 +27,14 @@ def _array_view(em: Emitter, nid: int) -> tuple[str, bool, bool] | None:
                and g.nodes[n.args[0]].op == "param")
     if widened:
         nid, n = n.args[0], g.nodes[n.args[0]]
+    stored = "_bf16" if widened else ""
     if nid in em.arrays:
-        return em.arrays[nid], transposed, widened
+        return em.arrays[nid], transposed, stored
     if n.op == "reshape" and n.args[0] in em.arrays and g.nodes[n.args[0]].op == "input" and not transposed:
-        return f"{em.arrays[n.args[0]]}.reshape(({n.shape[0]}, {n.shape[1]}))", False, widened
+        return f"{em.arrays[n.args[0]]}.reshape(({n.shape[0]}, {n.shape[1]}))", False, stored
+    int8 = dequantized(g, n.args[0]) if n.op == "reshape" else None
+    if int8 is not None and all(p in em.arrays for p in int8):
+        return ", ".join(em.arrays[p] for p in int8), transposed, "_int8"
     return None
 
 
@@ -51,7 +58,7 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str]) -> str:
         n = g.nodes[mm].shape[1]
         view = _array_view(em, right)
         if view is None or (view[2] and not view[1]):
-            b, transposed, widened = f"bbuf{j}", False, False
+            b, transposed, widened = f"bbuf{j}", False, ""
             w.line(f"{b} = np.empty(({k}, {n}), np.float32)")
             emit_store(em, right, b, (k, n), parallel=parallel)
         else:
@@ -61,9 +68,9 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str]) -> str:
         if not direct:
             w.line(f"{acc} = np.empty(({m}, {n}), np.float32)")
         if m <= MATVEC_ROWS and transposed:
-            w.line(f"matvec{'_bf16' if widened else ''}({a}, {b}, {acc})")
+            w.line(f"matvec{widened}({a}, {b}, {acc})")
         elif widened:
-            w.line(f"gemm_bf16({a}, {b}, {acc})")
+            w.line(f"gemm{widened}({a}, {b}, {acc})")
         else:
             w.line(f"gemm({a}, {b}, {acc}, {transposed})")
         em.overrides[mm] = (lambda name: lambda idx: f"{name}[{idx[0]}, {idx[1]}]")(acc)

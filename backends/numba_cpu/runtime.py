@@ -40,8 +40,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from backends.numba_cpu.blas import (bf16, checked_index, gemm, gemm_bf16, load_bf16, matvec, matvec_bf16,
-                                     rbf16)
+from backends.numba_cpu.blas import bf16, checked_index, gemm, gemm_bf16, load_bf16, matvec, rbf16
+from backends.numba_cpu.lowp import gemm_int8, matvec_bf16, matvec_int8
 
 FASTMATH = {FASTMATH}
 """

@@ -300,20 +300,30 @@ def save_expert(model: CausalLM, path: str | os.PathLike, dtype: torch.dtype = t
 def conform(expert: str, tensors: dict[str, Tensor], types: dict, names: dict[str, str]) -> dict[str, Tensor]:
     """{program parameter name: tensor} in the program's dtypes, from an expert's tensors by HF name.
     `types` is the program's {parameter name: TensorType}; `names` maps each to its HF name. A tensor
-    already in the right dtype is used as it is (no copy)."""
+    already in the right dtype is used as it is (no copy); int8 weights are quantized with their scales
+    (`passes.weights.quantize_int8`)."""
+    from passes.weights import SCALE, quantize_int8
     out = {}
     for name, want in types.items():
         t = tensors[names[name]]
+        if want.dtype == "i8":
+            out[name], out[name + SCALE] = quantize_int8(t)
+            continue
+        if name in out:  # an int8 weight's scales, made with it
+            continue
         dtype = torch.bfloat16 if want.dtype == "bf16" else torch.float32
         out[name] = t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
     return out
 
 
 def program_names(arch: Architecture, types: dict) -> dict[str, str]:
-    """{program parameter name (the model's own name): HF name}; a tied head maps to the embedding."""
+    """{program parameter name (the model's own name): HF name}; a tied head maps to the embedding, the
+    scales of an int8 weight to that weight."""
+    from passes.weights import SCALE
     theirs = hf_names(arch.config, arch.tied)
     if arch.tied:
         theirs = {**theirs, "output.weight": theirs["tok_embeddings.weight"]}
+    theirs.update({name + SCALE: theirs[name] for name in list(theirs) if name + SCALE in types})
     unknown = sorted(set(types) - set(theirs))
     if unknown:
         raise FusecError(f"internal: the compiled program reads weights the model does not have: {unknown[:3]}")

@@ -119,8 +119,8 @@ class ExpertPool:
             size = expert.data_bytes if entries else 0
             for param, t in slot.types.items():
                 stored = entries[slot.names[param]]["dtype"] if entries else None
-                if stored != ("BF16" if t.dtype == "bf16" else "F32"):
-                    size += t.numel * (2 if t.dtype == "bf16" else 4)
+                if stored != ("BF16" if t.dtype == "bf16" else "F32"):  # converted (int8: quantized)
+                    size += t.nbytes
             self._sizes[name] = size
         return self._sizes[name]
 

@@ -42,7 +42,7 @@ class CoEResult:
 class CoE:
     """A router and experts `{name: safetensors path or Llama model}` under an HBM budget of `hbm_bytes`.
 
-    `weights` ("bf16" default, or "fp32") is the resident format; `policy` ("lru", "lfu" or an object,
+    `weights` ("bf16" default, "fp32" or "int8") is the resident format; `policy` ("lru", "lfu" or an object,
     see `fusec.coe.store.Policy`) chooses evictions; `prefetch` loads the next request's expert during
     the current one's generation in `generate_many`. `cluster="ray"` serves the experts from
     `workers` Ray actors (`ray_address` to join a running cluster; see `fusec.coe.cluster`).

@@ -1,0 +1,98 @@
+"""Matrix-vector GB/s of the fp32, bf16 and int8 weight kernels at decode shapes, beside the read bandwidth.
+
+    python benchmarks/bench_matvec.py [--threads 2] [--rounds 30] [--out bench_out]
+
+One activation row against each weight matrix of stories110M and TinyLlama-1.1B (the shapes a decode step
+streams; the 32000-row LM head too). The kernels run in turn, round after round, so that a neighbour's
+load hits all of them alike; reported: weight bytes read per second at the median and at the best round
+(the best is the kernel's own speed on a noisy machine). The machine's read bandwidth (a large sum, see
+`fusec.benchtools.measure_memory_bandwidth`) is measured in the same run. Writes bench_matvec.json.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from backends.numba_cpu.blas import matvec
+from backends.numba_cpu.lowp import matvec_bf16, matvec_int8
+from fusec import benchtools
+from passes.weights import quantize_int8
+
+SHAPES = {  # name: (rows N, columns K) of a weight matrix; c[1, N] = a[1, K] @ w^T
+    "stories110M qkvo": (768, 768), "stories110M w1/w3": (2048, 768), "stories110M w2": (768, 2048),
+    "stories110M head": (32000, 768), "tinyllama q/o": (2048, 2048), "tinyllama w1/w3": (5632, 2048),
+    "tinyllama w2": (2048, 5632), "tinyllama head": (32000, 2048),
+}
+
+
+def kernels(n: int, k: int, rng: np.random.Generator) -> dict:
+    """{format: (call, weight bytes)} for one N x K matrix in every format."""
+    a = rng.standard_normal((1, k), dtype=np.float32)
+    w = rng.standard_normal((n, k), dtype=np.float32) * np.float32(0.02)
+    bits = torch.from_numpy(w).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    q, s = (t.numpy() for t in quantize_int8(torch.from_numpy(w)))
+    c = np.empty((1, n), np.float32)
+    return {"fp32": (lambda: matvec(a, w, c), w.nbytes), "bf16": (lambda: matvec_bf16(a, bits, c), bits.nbytes),
+            "int8": (lambda: matvec_int8(a, q, s, c), q.nbytes + s.nbytes)}
+
+
+def run(args: argparse.Namespace) -> dict:
+    threads = benchtools.set_threads(args.threads)
+    bandwidth = benchtools.measure_memory_bandwidth()
+    rng = np.random.default_rng(0)
+    rows = []
+    for name, (n, k) in SHAPES.items():
+        calls = kernels(n, k, rng)
+        times = {fmt: [] for fmt in calls}
+        for call, _ in calls.values():
+            call()  # compile / load
+        for _ in range(args.rounds):
+            for fmt, (call, _) in calls.items():
+                start = time.perf_counter()
+                call()
+                times[fmt].append(time.perf_counter() - start)
+        row = {"shape": name, "n": n, "k": k}
+        for fmt, (_, nbytes) in calls.items():
+            row[f"{fmt}_gb_s"] = nbytes / statistics.median(times[fmt]) / 1e9
+            row[f"{fmt}_best_gb_s"] = nbytes / min(times[fmt]) / 1e9
+        row["bf16_vs_fp32_bytes"] = row["bf16_best_gb_s"] / row["fp32_best_gb_s"]
+        # weights per second of int8 (1.125 bytes each with the scales) over fp32's (4 bytes): time saved
+        row["int8_vs_fp32_time"] = row["int8_best_gb_s"] / 1.125 / (row["fp32_best_gb_s"] / 4)
+        rows.append(row)
+        print(f"  {name}: done", flush=True)
+    return {"threads": threads, "rounds": args.rounds, "bandwidth": bandwidth, "results": rows}
+
+
+COLUMNS = [("shape", "weight", ""), ("n", "N", "d"), ("k", "K", "d"),
+           ("fp32_gb_s", "fp32 GB/s", ".1f"), ("fp32_best_gb_s", "best", ".1f"),
+           ("bf16_gb_s", "bf16 GB/s", ".1f"), ("bf16_best_gb_s", "best", ".1f"),
+           ("int8_gb_s", "int8 GB/s", ".1f"), ("int8_best_gb_s", "best", ".1f"),
+           ("bf16_vs_fp32_bytes", "bf16/fp32 B/s", ".2f"), ("int8_vs_fp32_time", "int8 speedup", ".2f")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_matvec", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2, help="numba threads")
+    parser.add_argument("--rounds", type=int, default=30, help="timed calls of each kernel per shape")
+    parser.add_argument("--out", default="bench_out", help="directory for bench_matvec.json")
+    args = parser.parse_args(argv)
+    report = run(args)
+    bw = report["bandwidth"]
+    print(f"\nmatvec, {report['threads']} numba threads, median and best of {report['rounds']} rounds; read "
+          f"bandwidth {bw['best'] / 1e9:.1f} GB/s (numba {bw['numba'] / 1e9:.1f}, numpy {bw['numpy'] / 1e9:.1f}, "
+          f"torch {bw['torch'] / 1e9:.1f})")
+    print(benchtools.format_table(report["results"], COLUMNS))
+    print("bf16/fp32 B/s: bytes/s of bf16 over fp32's (best rounds); int8 speedup: fp32 time / int8 time")
+    path = benchtools.write_json(Path(args.out) / "bench_matvec.json", report)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
