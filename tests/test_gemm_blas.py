@@ -3,7 +3,10 @@ sgemm and bf16 GEMM from torch's CPU library, the OpenBLAS fallback, and prologu
 parallel row blocks the tiling pass chooses."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import numba
 import numpy as np
@@ -165,3 +168,27 @@ def test_bf16_weights_at_prefill_use_the_bf16_gemm(block):
     with torch.no_grad():
         eager_err = (eager_bf16(args[0].bfloat16()).float() - want).abs().max().item()
     assert err < eager_err
+
+
+CACHED_RUN = """
+import torch, fusec
+torch.manual_seed(0)
+module = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.SiLU()).eval()
+x = torch.randn(80, 64)
+compiled = fusec.compile(module, (x,))
+with torch.no_grad():
+    want = module(x)
+assert compiled.stats["blas"] == "mkl", compiled.stats
+torch.testing.assert_close(compiled(x), want, rtol=1e-4, atol=1e-5)
+print("ok")
+"""
+
+
+def test_a_cached_mkl_kernel_runs_in_a_new_process(tmp_path):
+    """The second process loads the kernel's machine code from the disk cache: MKL's symbols must be
+    resolvable by then (bound by name when the generated module imports `mkl.py`)."""
+    env = {**os.environ, "FUSEC_CACHE_DIR": str(tmp_path)}
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", CACHED_RUN], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
