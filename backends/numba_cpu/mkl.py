@@ -29,6 +29,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from backends.numba_cpu.blas import _f32_as_bits, _ptr
+from fusec.errors import FusecError
 
 SYMBOLS = ("sgemm_", "cblas_gemm_bf16bf16f32", "MKL_Set_Num_Threads_Local")
 CHOICES = ("mkl", "openblas")
@@ -59,13 +60,11 @@ def blas_choice() -> tuple[str, str]:
     """(library the GEMMs of a program compiled now call, a note why it is not MKL or '')."""
     wanted = os.environ.get("FUSEC_BLAS", "").strip().lower()
     if wanted not in ("",) + CHOICES:
-        from fusec.errors import FusecError
         raise FusecError(f"FUSEC_BLAS must be one of {', '.join(CHOICES)} (or unset), got {wanted!r}")
     if wanted == "openblas":
         return "openblas", "FUSEC_BLAS=openblas"
     if UNAVAILABLE:
         if wanted == "mkl":
-            from fusec.errors import FusecError
             raise FusecError(f"FUSEC_BLAS=mkl, but MKL cannot be used: {UNAVAILABLE}")
         return "openblas", f"MKL unavailable: {UNAVAILABLE}"
     return "mkl", ""
