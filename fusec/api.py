@@ -345,10 +345,7 @@ def build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options) 
         debug(3, f"--- generated code of {traced.module_name} ({len(program.steps)} kernels)\n{program.source}")
         stats["intermediate_bytes"] = program.intermediate_bytes
         stats["distinct_kernels"] = len(program.modules)  # kernels with equal bodies share one function
-        stats["blas"], note = program.blas  # the library its GEMMs call (docs/numba-backend.md)
-        if note:
-            stats["blas_note"] = note
-            debug(1, f"[fusec] {traced.module_name}'s GEMMs call NumPy's OpenBLAS, not MKL ({note})")
+        stats.update(program.blas)  # {"blas": the library its GEMMs call[, "blas_note": why not MKL]}
         spec = Specialization(traced, graph, program.run, program.source, stats, program)
         steps = len(program.steps) + sum(len(v) for v in program.torch_steps.values())
         progress = Progress(traced.module_name, steps)

@@ -24,6 +24,7 @@ from backends.numba_cpu.driver import build as build_driver
 from backends.numba_cpu.kernels import build as build_kernels
 from backends.numba_cpu.kernels import raise_bad_index
 from backends.numba_cpu.mkl import blas_choice
+from fusec.debug import debug
 from fusec.dtypes import to_numpy
 from fusec.errors import FusecError
 from fusec.guards import check_indices, take_index_checks
@@ -50,14 +51,15 @@ FASTMATH = {FASTMATH}
 """
 
 
-def blas_used(source: str) -> tuple[str, str]:
-    """(library the GEMM calls of generated `source` go to: "mkl", "openblas" or "none", a note why it
-    is not MKL or ''). The generated code names it: `gemm_mkl` / `gemm_bf16_mkl` or `gemm` / `gemm_bf16`."""
+def blas_used(source: str) -> dict:
+    """{"blas": the library the GEMM calls of generated `source` go to, "mkl", "openblas" or "none"}, with
+    "blas_note" saying why when it is OpenBLAS. The generated code names it: `gemm_mkl` / `gemm_bf16_mkl`
+    or `gemm` / `gemm_bf16`."""
     if re.search(r"\bgemm(_bf16)?_mkl\(", source):
-        return "mkl", ""
+        return {"blas": "mkl"}
     if re.search(r"\bgemm(_bf16)?\(", source):
-        return "openblas", blas_choice()[1]
-    return "none", ""
+        return {"blas": "openblas", "blas_note": blas_choice()[1] or "FUSEC_BLAS=openblas when it was compiled"}
+    return {"blas": "none"}
 
 
 def cache_dir() -> str | None:
@@ -102,7 +104,9 @@ class Program:
         by_node = dict(zip(kernels, zip(built.codes, built.functions, built.modules)))
         by_node.update((i, (d.code, d.fn, d.module)) for i, d in self.drivers.items())
         self.codes: list[KernelCode] = [by_node[i][0] for i in calls]
-        self.blas = blas_used(self.source)
+        self.blas = blas_used(self.source)  # stats: the library its GEMMs call (docs/numba-backend.md)
+        if "blas_note" in self.blas:
+            debug(1, f"[fusec] GEMMs call NumPy's OpenBLAS, not MKL ({self.blas['blas_note']})")
         self.outputs_of = _kernel_outputs(graph)
         self.weights = {name: _weight(graph.tensors[name]) for name in param_types(graph)}
         # a kernel that checks gather indices it computes reports a bad one in its error slot (`kerr`)
