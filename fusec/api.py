@@ -346,6 +346,7 @@ def build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options) 
         debug(3, f"--- generated code of {traced.module_name} ({len(program.steps)} kernels)\n{program.source}")
         stats["intermediate_bytes"] = program.intermediate_bytes
         stats["distinct_kernels"] = len(program.modules)  # kernels with equal bodies share one function
+        stats.update(program.blas)  # {"blas": the library its GEMMs call[, "blas_note": why not MKL]}
         spec = Specialization(traced, graph, program.run, program.source, stats, program)
         steps = len(program.steps) + sum(len(v) for v in program.torch_steps.values())
         progress = Progress(traced.module_name, steps)

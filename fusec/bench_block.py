@@ -32,14 +32,16 @@ from fusec import benchtools
 from fusec.models.llama import PRESETS, LlamaBlock, LlamaConfig, example_inputs, init_weights
 from fusec.models.registry import decode_inputs
 
-IMPLEMENTATIONS = ("eager", "torch.compile", "fusec unfused", "fusec fused")
-FUSEC_IMPLEMENTATIONS = {"fusec unfused": False, "fusec fused": True}
+IMPLEMENTATIONS = ("eager", "torch.compile", "fusec unfused", "fusec fused", "fusec bf16")
+# fusec.compile options of each fusec implementation; "fusec bf16" stores the weights as bfloat16
+FUSEC_IMPLEMENTATIONS = {"fusec unfused": {"fuse": False}, "fusec fused": {"fuse": True},
+                         "fusec bf16": {"fuse": True, "weights": "bf16"}}
 CASES = ("prefill", "decode")
 CHILD_PREFIX = "FUSEC_BENCH_CHILD "  # marks the line the warm-compile subprocess reports on
 COLUMNS = [("implementation", "implementation", ""), ("case", "case", ""), ("median_ms", "median ms", ".3f"),
            ("speedup", "vs eager", ".2f"), ("roofline_fraction", "roofline", ".1%"),
            ("kernels", "kernels", "d"), ("intermediate_mb", "interm. MB", ".2f"),
-           ("max_error", "max error", ".1e"), ("backend", "backend", ""), ("status", "status", "")]
+           ("max_error", "max error", ".1e"), ("backend", "backend", ""), ("blas", "blas", ""), ("status", "status", "")]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -93,10 +95,12 @@ def _notice(text: str) -> None:
 
 
 def fusec_compile(module: torch.nn.Module, args: tuple, kwargs: dict, fuse: bool,
-                  backend: str) -> tuple[Any, str]:
-    """fusec.compile with `fuse` on `backend`, or on the reference backend when `backend` is unknown
-    (ValueError). Returns (compiled, the backend used)."""
+                  backend: str, weights: str = "fp32") -> tuple[Any, str]:
+    """fusec.compile with `fuse` and `weights` on `backend`, or on the reference backend when `backend`
+    is unknown (ValueError). Returns (compiled, the backend used)."""
     options = {"fuse": fuse}
+    if weights != "fp32":
+        options["weights"] = weights
     try:
         return fusec.compile(module, args, kwargs, backend=backend, **options), backend
     except ValueError as e:
@@ -106,10 +110,11 @@ def fusec_compile(module: torch.nn.Module, args: tuple, kwargs: dict, fuse: bool
         return fusec.compile(module, args, kwargs, backend="reference", **options), "reference"
 
 
-def timed_compile(module, args, kwargs, fuse: bool, backend: str) -> dict:
-    """Compile and call once; the seconds of each, the backend used and the compiled callable."""
+def timed_compile(module, args, kwargs, options: dict, backend: str) -> dict:
+    """Compile with `options` (fuse, weights) and call once; the seconds of each, the backend used and
+    the compiled callable."""
     start = time.perf_counter()
-    compiled, used = fusec_compile(module, args, kwargs, fuse, backend)
+    compiled, used = fusec_compile(module, args, kwargs, backend=backend, **options)
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
     with torch.no_grad():
@@ -145,9 +150,9 @@ def child_compile(args: argparse.Namespace) -> int:
     report = {}
     for case in CASES:
         inputs, kwargs = case_inputs(block.config, case, args.seq, args.past)
-        for name, fuse in FUSEC_IMPLEMENTATIONS.items():
+        for name, options in FUSEC_IMPLEMENTATIONS.items():
             try:
-                run = timed_compile(block, inputs, kwargs, fuse, args.backend)
+                run = timed_compile(block, inputs, kwargs, options, args.backend)
             except Exception as e:
                 report[f"{name}/{case}"] = {"error": failure(e)}
                 continue
@@ -248,9 +253,9 @@ def bench_case(block: LlamaBlock, case: str, args: argparse.Namespace) -> tuple[
     callables: dict[str, Callable | None] = {"eager": block}
     info: dict[str, dict] = {"eager": {"output": expected}}
     cold = {}
-    for name, fuse in FUSEC_IMPLEMENTATIONS.items():
+    for name, options in FUSEC_IMPLEMENTATIONS.items():
         try:
-            run = timed_compile(block, inputs, kwargs, fuse, args.backend)
+            run = timed_compile(block, inputs, kwargs, options, args.backend)
         except Exception as e:  # one broken implementation must not hide the others' numbers
             callables[name], info[name] = None, {"status": failure(e)}
             cold[f"{name}/{case}"] = {"error": failure(e)}
@@ -277,7 +282,7 @@ def bench_case(block: LlamaBlock, case: str, args: argparse.Namespace) -> tuple[
             stats = getattr(fn, "stats", None) or {}
             row.update(median_ms=seconds * 1e3, max_error=max_error(details["output"], expected),
                        kernels=stats.get("kernels"), intermediate_mb=_mb(stats.get("intermediate_bytes")),
-                       backend=details.get("backend"))
+                       backend=details.get("backend"), blas=stats.get("blas"))
         rows.append(row)
     eager_ms = rows[0]["median_ms"]
     for row in rows:

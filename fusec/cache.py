@@ -105,12 +105,15 @@ def environment_key() -> str:
 
 
 def _library_digest() -> str:
-    """A hash of the Numba functions generated code calls (backends/numba_cpu/blas.py): Numba's cache of a
-    generated module embeds their machine code and does not notice when they change, so a changed
-    library must mean new module names (a stale one crashed with a segmentation fault)."""
-    from backends.numba_cpu import blas
-    with open(blas.__file__, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
+    """A hash of the Numba functions generated code calls (backends/numba_cpu/blas.py, mkl.py): Numba's
+    cache of a generated module embeds their machine code and does not notice when they change, so a
+    changed library must mean new module names (a stale one crashed with a segmentation fault)."""
+    from backends.numba_cpu import blas, mkl
+    digest = hashlib.sha256()
+    for module in (blas, mkl):
+        with open(module.__file__, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
 
 
 def module_name(source: str) -> str:

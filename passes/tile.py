@@ -12,7 +12,11 @@ What a tile is, per kernel kind (the names the Numba backend reads):
   N), ("k", reduction depth per step): the full K, unless not even a 32x32 output tile fits with it; then
   K is split into the fewest equal chunks (rounded up to a multiple of 8, the last one shorter) that let
   it fit. Batch axes of A are folded into M when the right operand is a rank-2 weight, and are outer
-  (parallel) loops otherwise.
+  (parallel) loops otherwise. On a cpu also ("rows", rows of A per parallel block of the prologue and
+  epilogue): the Numba backend's GEMM kernels run those over blocks of this many rows (the GEMM itself
+  is the BLAS call, which blocks for the caches on its own). Rows fit the budget with one row of A and
+  one of the output streamed, 2*(K*|A| + N*|out|) bytes each, and are at most M / cores (rounded up to
+  a multiple of 8) so every core gets a block.
 - `attention`: S = Q.K^T over [Tq, Tk] per (batch, head), head depth D, value depth Dv.
   ("q", query rows per block), ("kv", key/value rows streamed per step of the online softmax).
 - `reduce`, `pointwise`, other `op`: the domain (the largest of the body's outputs and reduction operands)
@@ -85,8 +89,16 @@ class MatmulShape:
     out: int
     acc: int
 
-    def working_set(self, m: int, n: int, k: int) -> int:
-        return 2 * (m * k * self.a + k * n * self.b + m * n * self.out) + m * n * self.acc
+    def working_set(self, m: int, n: int, k: int, rows: int = 0) -> int:
+        """Bytes of one (m, n, k) GEMM tile, or of one block of `rows` prologue/epilogue rows (the
+        larger: they are not in cache at the same time)."""
+        gemm = 2 * (m * k * self.a + k * n * self.b + m * n * self.out) + m * n * self.acc
+        return max(gemm, rows * self.row_bytes)
+
+    @property
+    def row_bytes(self) -> int:
+        """One row of A and one of the output, streamed (double-buffered)."""
+        return 2 * (self.k * self.a + self.n * self.out)
 
 
 @dataclass(frozen=True)
@@ -189,6 +201,8 @@ def choose_tiles(node: Node, machine: Machine) -> Tiles:
         k = _depth(shape, budget)
         m, n = _best_pair(shape.m, shape.n, lambda m, n: shape.working_set(m, n, k) <= budget)
         tiles = {"m": m, "n": n, "k": k}
+        if machine.kind == "cpu":
+            tiles["rows"] = _gemm_rows(shape, budget, machine.cores)
     elif isinstance(shape, AttentionShape):
         q, kv = _best_pair(shape.q, shape.kv, lambda q, kv: shape.working_set(q, kv) <= budget)
         tiles = {"q": q, "kv": kv}
@@ -225,6 +239,15 @@ def _best_pair(dim_a: int, dim_b: int, fits: Callable[[int, int], bool]) -> tupl
         if best_key is None or key > best_key:
             best, best_key = (a, b), key
     return best
+
+
+def _gemm_rows(shape: MatmulShape, budget: int, cores: int) -> int:
+    """Rows of A per parallel block of a GEMM's prologue and epilogue on a cpu: as many as fit the budget
+    with a row of A and a row of the output streamed (double-buffered), but no more than an even share
+    of M per core (rounded up to a multiple of 8), so that every core gets a block."""
+    share = _ceil_div(shape.m, max(cores, 1))
+    share = min(shape.m, _ceil_div(share, ALIGN) * ALIGN) if shape.m > ALIGN else shape.m
+    return _largest(_sizes(share), lambda r: r * shape.row_bytes <= budget)
 
 
 def _depth(shape: MatmulShape, budget: int) -> int:

@@ -29,7 +29,7 @@ def bench():
 
 
 SMOKE_ARGS = ["--preset", "tiny", "--seq", "8", "--past", "8", "--repeat", "2"]
-FUSEC_PROGRAMS = {"fusec unfused/prefill", "fusec fused/prefill", "fusec unfused/decode", "fusec fused/decode"}
+FUSEC_PROGRAMS = {f"fusec {kind}/{case}" for kind in ("unfused", "fused", "bf16") for case in ("prefill", "decode")}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,10 @@ def test_measured_rows_have_positive_times_and_small_errors(report):
             continue
         assert row["status"] == "ok", row
         assert row["median_ms"] > 0 and row["speedup"] > 0 and row["roofline_fraction"] > 0
-        assert row["max_error"] < 1e-4, row
+        # bf16 weights keep 8 bits of mantissa: the tiny block's outputs (scale ~4) move by ~1e-2
+        assert row["max_error"] < (3e-2 if row["implementation"] == "fusec bf16" else 1e-4), row
+        if row["implementation"].startswith("fusec"):  # (the tiny block's 8 rows take no BLAS GEMM)
+            assert row["blas"] == "none", row
 
 
 def test_report_records_machine_rooflines_and_cold_compile_times(report):

@@ -32,7 +32,7 @@ def test_pass_stores_matrices_as_bf16_and_leaves_the_module_alone():
 
 @pytest.mark.parametrize("case", ["prefill", "decode"])
 def test_numba_bf16_matches_reference_and_stays_close_to_fp32(case):
-    # 80 prompt rows take the BLAS path (gemm_bf16); a decode step's single row the matrix-vector loop
+    # 80 prompt rows take the BLAS path (gemm_bf16_mkl); a decode step's single row the matrix-vector loop
     module, args = load_model("llama-block:stories15M", seq_len=80 if case == "prefill" else None)
     kwargs = {}
     if case == "decode":
@@ -41,10 +41,13 @@ def test_numba_bf16_matches_reference_and_stays_close_to_fp32(case):
     inputs = [t.numpy() for t in list(args) + list(kwargs.values())]
     program = Program(graph)
     assert len(program.steps) == 5  # the weights are widened inside the kernels, not by kernels of their own
-    assert ("matvec_bf16(" if case == "decode" else "gemm_bf16(") in program.source
+    assert ("matvec_bf16(" if case == "decode" else "gemm_bf16_mkl(") in program.source
     got = program.run(inputs)[0]
     want = run_graph(graph, inputs)[0]
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    if case == "decode":
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    else:  # the prefill GEMM also rounds its activations to bf16 (tests/test_gemm_blas.py); the reference not
+        assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max()
     with torch.no_grad():
         fp32 = module(*args, **kwargs).numpy()
     # bf16 keeps 8 bits of mantissa: the block's output moves by well under 1% of its scale

@@ -3,5 +3,5 @@
 Threading: Numba's default layer (OpenMP where available) is kept. Its idle threads spin briefly, which
 makes a parallel loop cost about 2 microseconds to start, against about 130 for the `workqueue` layer
 whose threads sleep; a decode step launches dozens of small parallel loops, so the start-up cost decides.
-GEMM kernels leave their cores to BLAS (see gemm.py).
+GEMMs call MKL from torch's library on the same threads as the parallel loops (see mkl.py, gemm.py).
 """

@@ -70,7 +70,7 @@ def generate(name: str, node: Node) -> KernelCode:
             loop = emit_attention(em, anchors, outs, dict(node.attr("tiles") or ()))
         elif matmuls and _is_gemm(body, matmuls):
             from backends.numba_cpu.gemm import emit_matmul
-            loop = emit_matmul(em, matmuls, outs)
+            loop = emit_matmul(em, matmuls, outs, dict(node.attr("tiles") or ()))
         elif any(n.op in REDUCE_OPS for n in body.nodes):
             loop = emit_rows(em, outs)
         else:
@@ -100,15 +100,18 @@ def emit_outputs(em: Emitter, outs: list[str], only: list[int] | None = None, pa
 
 
 def emit_store(em: Emitter, nid: int, out: str, shape: tuple[int, ...], fixed: dict[int, str] | None = None,
-               parallel: bool = True) -> None:
-    """`out[idx] = value(nid, idx)` over `shape`; axes in `fixed` take the given index expression.
-    The outer loop is parallel when `parallel` and the loop nest is big enough to pay for the threads."""
+               parallel: bool = True, block: int = 0, convert: str = "") -> None:
+    """`out[idx] = convert(value(nid, idx))` over `shape`; axes in `fixed` take the given index expression.
+    The outer loop is parallel when `parallel` and the loop nest is big enough to pay for the threads;
+    with `block` (rows, a tile of the tiling pass) it runs over blocks of that many rows of the flattened
+    outer axes, each block a parallel iteration (a row at a time otherwise)."""
     fixed = fixed or {}
     free = [ax for ax in range(len(shape)) if ax not in fixed and shape[ax] != 1]
     idx = ["0" if shape[ax] == 1 else fixed.get(ax, "") for ax in range(len(shape))]
+    store = (lambda v: f"{convert}({v})") if convert else (lambda v: v)
     if not free:
-        em.w.line(f"{out}[{', '.join(idx)}] = {em.value(nid, tuple(idx))}" if idx else
-                  f"{out}[()] = {em.value(nid, ())}")
+        em.w.line(f"{out}[{', '.join(idx)}] = {store(em.value(nid, tuple(idx)))}" if idx else
+                  f"{out}[()] = {store(em.value(nid, ()))}")
         return
     *outer, last = free
     total = 1
@@ -119,8 +122,14 @@ def emit_store(em: Emitter, nid: int, out: str, shape: tuple[int, ...], fixed: d
     opened = []
     if outer:
         r = em.tmp("p")
-        loop = "prange" if total > 1 and parallel else "range"
-        opened.append(em.loop(f"for {r} in {loop}({total})", (r,)))
+        if parallel and 0 < block < total:
+            b = em.tmp("b")
+            opened.append(em.loop(f"for {b} in prange({-(-total // block)})", (b,)))
+            opened[-1].__enter__()
+            opened.append(em.loop(f"for {r} in range({b} * {block}, min({total}, {b} * {block} + {block}))", (r,)))
+        else:
+            loop = "prange" if total > 1 and parallel else "range"
+            opened.append(em.loop(f"for {r} in {loop}({total})", (r,)))
         opened[-1].__enter__()
         stride = total
         for ax in outer:
@@ -135,7 +144,7 @@ def emit_store(em: Emitter, nid: int, out: str, shape: tuple[int, ...], fixed: d
     opened.append(em.loop(f"for {j} in {loop}({shape[last]})", (j,)))
     opened[-1].__enter__()
     idx[last] = j
-    em.w.line(f"{out}[{', '.join(idx)}] = {em.value(nid, tuple(idx))}")
+    em.w.line(f"{out}[{', '.join(idx)}] = {store(em.value(nid, tuple(idx)))}")
     for blk in reversed(opened):
         blk.__exit__(None, None, None)
 

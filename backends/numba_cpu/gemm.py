@@ -1,14 +1,19 @@
 """The `matmul` kernel: row-wise prologue into an A tile, one BLAS GEMM per horizontally fused product,
-then the epilogue read straight from the accumulators while they are in cache."""
+then the epilogue read straight from the accumulators. The GEMM is MKL's (`mkl.py`) unless FUSEC_BLAS or a
+torch without MKL says NumPy's OpenBLAS (`blas.gemm`); bf16 weights at prefill use MKL's bf16 GEMM."""
 from __future__ import annotations
 
-from backends.numba_cpu.codegen import emit_outputs, emit_store
+import math
+
+from backends.numba_cpu.codegen import emit_store
 from backends.numba_cpu.expr import Emitter
+from backends.numba_cpu.mkl import blas_choice
 from passes.weights import dequantized
 
 MATVEC_ROWS = 64  # up to this many rows of A, stream the weights in our parallel loop instead of calling BLAS:
-# BLAS threads keep spinning after a call and slow the parallel loops of the next kernels (measured: a
-# 50 us attention kernel took 5 ms after a 32-row sgemm), which only a large GEMM pays back
+# at a few rows BLAS spends its time packing, and OpenBLAS's threads keep spinning after a call and slow
+# the parallel loops of the next kernels (measured: a 50 us attention kernel took 5 ms after a 32-row
+# sgemm), which only a large GEMM pays back
 
 
 def _array_view(em: Emitter, nid: int) -> tuple[str, bool, str] | None:
@@ -38,29 +43,42 @@ def _array_view(em: Emitter, nid: int) -> tuple[str, bool, str] | None:
     return None
 
 
-def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str]) -> str:
+def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[str, int]) -> str:
     g, w = em.g, em.w
     left = g.nodes[matmuls[0]].args[0]
     m, k = g.nodes[left].shape
-    # BLAS runs the GEMM on its own threads, which keep spinning for a while after the call; parallel
-    # loops of ours around it would fight them for the cores, so the prologue and epilogue of a GEMM
-    # run on the calling thread (they are a few percent of its work). Matrix-vector work is all ours.
-    parallel = m <= MATVEC_ROWS
-    view = _array_view(em, left)
-    if view is None or view[1] or view[2]:
-        a = "abuf"
-        w.line(f"abuf = np.empty(({m}, {k}), np.float32)")
-        emit_store(em, left, a, (m, k), parallel=parallel)  # the prologue, e.g. RMSNorm
-    else:
-        a = view[0]
+    blas = blas_choice()[0]
+    # The prologue and epilogue run over parallel blocks of `rows` rows (the tiling pass's M-tiles). With
+    # MKL the GEMM runs on the same Numba threads (`mkl.py`); NumPy's OpenBLAS runs it on threads of its
+    # own, which keep spinning for a while after the call and would fight parallel loops of ours for the
+    # cores: then the prologue and epilogue run on the calling thread (they are a few percent of the work).
+    # Matrix-vector work is all ours.
+    parallel = m <= MATVEC_ROWS or blas == "mkl"
+    rows = tiles.get("rows", 0)
+    rights = [_array_view(em, g.nodes[mm].args[1]) for mm in matmuls]
+    # bf16 weights [N, K] at prefill: a bf16 x bf16 -> f32 GEMM over A rounded to bf16 (in the prologue)
+    bf16 = [m > MATVEC_ROWS and blas == "mkl" and v is not None and v[1] and v[2] == "_bf16"
+            for v in rights]
+    a = a16 = None
+    if any(bf16):
+        a16 = "abuf16"
+        w.line(f"abuf16 = np.empty(({m}, {k}), np.uint16)")
+        emit_store(em, left, a16, (m, k), parallel=parallel, block=rows, convert="bf16_bits")
+    if not all(bf16):
+        view = _array_view(em, left)
+        if view is None or view[1] or view[2]:
+            a = "abuf"
+            w.line(f"abuf = np.empty(({m}, {k}), np.float32)")
+            emit_store(em, left, a, (m, k), parallel=parallel, block=rows)  # the prologue, e.g. RMSNorm
+        else:
+            a = view[0]
     for j, mm in enumerate(matmuls):
-        right = g.nodes[mm].args[1]
         n = g.nodes[mm].shape[1]
-        view = _array_view(em, right)
+        view = rights[j]
         if view is None or (view[2] and not view[1]):
             b, transposed, widened = f"bbuf{j}", False, ""
             w.line(f"{b} = np.empty(({k}, {n}), np.float32)")
-            emit_store(em, right, b, (k, n), parallel=parallel)
+            emit_store(em, g.nodes[mm].args[1], b, (k, n), parallel=parallel)
         else:
             b, transposed, widened = view
         direct = [k for k, o in enumerate(g.outputs) if o == mm]
@@ -69,11 +87,18 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str]) -> str:
             w.line(f"{acc} = np.empty(({m}, {n}), np.float32)")
         if m <= MATVEC_ROWS and transposed:
             w.line(f"matvec{widened}({a}, {b}, {acc})")
+        elif bf16[j]:
+            w.line(f"gemm_bf16_mkl({a16}, {b}, {acc})")
         elif widened:
             w.line(f"gemm{widened}({a}, {b}, {acc})")
         else:
-            w.line(f"gemm({a}, {b}, {acc}, {transposed})")
+            w.line(f"{'gemm_mkl' if blas == 'mkl' else 'gemm'}({a}, {b}, {acc}, {transposed})")
         em.overrides[mm] = (lambda name: lambda idx: f"{name}[{idx[0]}, {idx[1]}]")(acc)
-    written = {k for k, o in enumerate(g.outputs) if o in matmuls}
-    emit_outputs(em, outs, only=[k for k in range(len(outs)) if k not in written], parallel=parallel)
+    for o, out in zip(g.outputs, outs):  # the epilogue
+        if o not in matmuls:
+            shape = g.nodes[o].shape
+            # an output laid out otherwise (heads first, after a permute) has other outer rows: its blocks
+            # hold as many elements as `rows` rows of the product
+            outer = max(1, math.prod(shape[:-1]))
+            emit_store(em, o, out, shape, parallel=parallel, block=rows * max(1, outer // m))
     return "gemm" if m > MATVEC_ROWS else "matvec"

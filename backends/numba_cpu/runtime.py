@@ -12,6 +12,7 @@ lock, because the intermediate buffers belong to the program, not to a call.
 """
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -22,6 +23,8 @@ from backends.numba_cpu.codegen import KernelCode
 from backends.numba_cpu.driver import build as build_driver
 from backends.numba_cpu.kernels import build as build_kernels
 from backends.numba_cpu.kernels import raise_bad_index
+from backends.numba_cpu.mkl import blas_choice
+from fusec.debug import debug
 from fusec.dtypes import to_numpy
 from fusec.errors import FusecError
 from fusec.guards import check_indices, take_index_checks
@@ -42,9 +45,21 @@ from numba import njit, prange
 
 from backends.numba_cpu.blas import bf16, checked_index, gemm, gemm_bf16, load_bf16, matvec, rbf16
 from backends.numba_cpu.lowp import gemm_int8, matvec_bf16, matvec_int8
+from backends.numba_cpu.mkl import bf16_bits, gemm_bf16_mkl, gemm_mkl
 
 FASTMATH = {FASTMATH}
 """
+
+
+def blas_used(source: str) -> dict:
+    """{"blas": the library the GEMM calls of generated `source` go to, "mkl", "openblas" or "none"}, with
+    "blas_note" saying why when it is OpenBLAS. The generated code names it: `gemm_mkl` / `gemm_bf16_mkl`
+    or `gemm` / `gemm_bf16`."""
+    if re.search(r"\bgemm(_bf16)?_mkl\(", source):
+        return {"blas": "mkl"}
+    if re.search(r"\bgemm(_bf16)?\(", source):
+        return {"blas": "openblas", "blas_note": blas_choice()[1] or "FUSEC_BLAS=openblas when it was compiled"}
+    return {"blas": "none"}
 
 
 def cache_dir() -> str | None:
@@ -89,6 +104,9 @@ class Program:
         by_node = dict(zip(kernels, zip(built.codes, built.functions, built.modules)))
         by_node.update((i, (d.code, d.fn, d.module)) for i, d in self.drivers.items())
         self.codes: list[KernelCode] = [by_node[i][0] for i in calls]
+        self.blas = blas_used(self.source)  # stats: the library its GEMMs call (docs/numba-backend.md)
+        if "blas_note" in self.blas:
+            debug(1, f"[fusec] GEMMs call NumPy's OpenBLAS, not MKL ({self.blas['blas_note']})")
         self.outputs_of = _kernel_outputs(graph)
         self.weights = {name: _weight(graph.tensors[name]) for name in param_types(graph)}
         # a kernel that checks gather indices it computes reports a bad one in its error slot (`kerr`)

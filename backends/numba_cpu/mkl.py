@@ -1,0 +1,168 @@
+"""GEMMs from the MKL that PyTorch's CPU library links, called from generated kernels.
+
+The torch CPU wheel's libtorch_cpu exports MKL's Fortran `sgemm_`, its bf16 x bf16 -> f32
+`cblas_gemm_bf16bf16f32` and `MKL_Set_Num_Threads_Local` as dynamic symbols. torch is a dependency and is
+loaded before any kernel runs, so binding them costs no install weight, and MKL's sgemm is faster here than
+the OpenBLAS NumPy ships (docs/numba-backend.md). The symbols are bound by name (`ExternalFunction`) after
+making the library visible to LLVM, so Numba's on-disk cache stays valid across processes.
+
+Threads: MKL in libtorch runs its own OpenMP pool (torch's libgomp), Numba another one (the system
+libgomp). Two pools on the same cores fight: one pool's threads keep spinning after its region while the
+other's run. So a GEMM here runs inside a Numba parallel loop, one block of output columns per Numba
+thread, each block one single-threaded MKL call (`MKL_Set_Num_Threads_Local(1)` on that thread, restored
+after): one pool, sized by Numba's thread count (fusec's setting), and the kernel's parallel prologue and
+epilogue around the call use the same threads. MKL blocks each call for the caches itself.
+
+`FUSEC_BLAS=openblas` (read at every compile) makes generated code call NumPy's OpenBLAS (`blas.gemm`)
+instead; without the symbols (a torch build without MKL) that is also what happens, and `blas_choice()`
+says why (compile stats `blas` / `blas_note`, FUSEC_DEBUG=1).
+"""
+from __future__ import annotations
+
+import os
+
+import llvmlite.binding as llvm
+import numpy as np
+from llvmlite import ir as llvm_ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from backends.numba_cpu.blas import _f32_as_bits, _ptr
+from fusec.errors import FusecError
+
+SYMBOLS = ("sgemm_", "cblas_gemm_bf16bf16f32", "MKL_Set_Num_Threads_Local")
+CHOICES = ("mkl", "openblas")
+COLUMN_ALIGN = 16  # column blocks start at multiples of 16 floats (64 bytes, one cache line)
+
+
+def _load() -> str:
+    """'' when MKL's symbols are bound, else why not."""
+    try:
+        import torch
+    except ImportError as e:  # (fusec depends on torch; never expected)
+        return f"torch is not importable ({e})"
+    path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    if not os.path.exists(path):
+        return f"no {os.path.basename(path)} in torch's lib directory"
+    try:
+        llvm.load_library_permanently(path)
+    except RuntimeError as e:
+        return f"cannot load torch's CPU library ({e})"
+    missing = [s for s in SYMBOLS if not llvm.address_of_symbol(s)]
+    return f"torch's CPU library exports no {', '.join(missing)}" if missing else ""
+
+
+UNAVAILABLE = _load()  # '' when MKL is usable
+
+
+def blas_choice() -> tuple[str, str]:
+    """(library the GEMMs of a program compiled now call, a note why it is not MKL or '')."""
+    wanted = os.environ.get("FUSEC_BLAS", "").strip().lower()
+    if wanted not in ("",) + CHOICES:
+        raise FusecError(f"FUSEC_BLAS must be one of {', '.join(CHOICES)} (or unset), got {wanted!r}")
+    if wanted == "openblas":
+        return "openblas", "FUSEC_BLAS=openblas"
+    if UNAVAILABLE:
+        if wanted == "mkl":
+            raise FusecError(f"FUSEC_BLAS=mkl, but MKL cannot be used: {UNAVAILABLE}")
+        return "openblas", f"MKL unavailable: {UNAVAILABLE}"
+    return "mkl", ""
+
+
+_I32 = types.int32
+_P = types.voidptr
+_sgemm = types.ExternalFunction("sgemm_", types.void(*[_P] * 13))  # Fortran: every argument by reference
+_gemm_bf16 = types.ExternalFunction("cblas_gemm_bf16bf16f32", types.void(
+    _I32, _I32, _I32, _I32, _I32, _I32, types.float32, _P, _I32, _P, _I32, types.float32, _P, _I32))
+_set_local_threads = types.ExternalFunction("MKL_Set_Num_Threads_Local", _I32(_I32))
+ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
+
+
+@intrinsic
+def _ref(typingctx, value):
+    """A pointer to a stack copy of `value` (a Fortran argument passed by reference)."""
+    def codegen(context, builder, signature, args):
+        slot = cgutils.alloca_once_value(builder, args[0])
+        return builder.bitcast(slot, cgutils.voidptr_t)
+    return types.voidptr(value), codegen
+
+
+@intrinsic
+def _threads(typingctx):
+    """Numba's thread count for the next parallel region (`numba.get_num_threads()`), through the symbol
+    the threading layer registers: Numba's own `get_num_threads` in njit code is a ctypes pointer, which
+    makes a function uncacheable."""
+    def codegen(context, builder, signature, args):
+        fn = cgutils.get_or_insert_function(builder.module, llvm_ir.FunctionType(cgutils.intp_t, []),
+                                            "get_num_threads")
+        return builder.call(fn, [])
+    return types.intp(), codegen
+
+
+@njit(inline="always")
+def _column_block(n, threads):
+    """Columns per thread: N split evenly, rounded up to COLUMN_ALIGN."""
+    per = (n + threads - 1) // threads
+    return (per + COLUMN_ALIGN - 1) // COLUMN_ALIGN * COLUMN_ALIGN
+
+
+# The library calls are functions of their own: called straight from a parallel loop's body, an external
+# function makes Numba refuse to cache the kernel ("dynamic globals").
+@njit(cache=True, nogil=True)
+def _sgemm_block(a, b, c, b_transposed):
+    """One single-threaded MKL sgemm: c = a @ B (see `gemm_mkl`)."""
+    m, k = a.shape
+    n = c.shape[1]
+    # row-major C = A.B is column-major C^T = B^T.A^T: B comes first, no transposes of our own
+    before = _set_local_threads(1)
+    _sgemm(_ref(np.uint8(84 if b_transposed else 78)), _ref(np.uint8(78)), _ref(np.int32(n)), _ref(np.int32(m)),
+           _ref(np.int32(k)), _ref(np.float32(1.0)), _ptr(b), _ref(np.int32(b.strides[0] // 4)), _ptr(a),
+           _ref(np.int32(a.strides[0] // 4)), _ref(np.float32(0.0)), _ptr(c), _ref(np.int32(c.strides[0] // 4)))
+    _set_local_threads(before)
+
+
+@njit(cache=True, nogil=True)
+def _gemm_bf16_block(a, w, c):
+    """One single-threaded MKL bf16 GEMM: c = a @ w^T (see `gemm_bf16_mkl`)."""
+    m, k = a.shape
+    n = c.shape[1]
+    before = _set_local_threads(1)
+    _gemm_bf16(ROW_MAJOR, NO_TRANS, TRANS, m, n, k, np.float32(1.0), _ptr(a), a.strides[0] // 2, _ptr(w),
+               w.strides[0] // 2, np.float32(0.0), _ptr(c), c.strides[0] // 4)
+    _set_local_threads(before)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def gemm_mkl(a, b, c, b_transposed):
+    """c[M, N] = a[M, K] @ B (B is b[K, N], or b[N, K] transposed when `b_transposed`) by MKL's sgemm,
+    one block of columns per Numba thread. Operands have unit stride in their last axis."""
+    n = c.shape[1]
+    block = _column_block(n, _threads())
+    for t in prange((n + block - 1) // block):
+        n0 = t * block
+        n1 = min(n, n0 + block)
+        _sgemm_block(a, b[n0:n1] if b_transposed else b[:, n0:n1], c[:, n0:n1], b_transposed)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def gemm_bf16_mkl(a, w, c):
+    """c[M, N] = a[M, K] @ w[N, K]^T over bfloat16 bits (uint16) a and w, float32 sums and result, by
+    MKL's `cblas_gemm_bf16bf16f32`, one block of columns per Numba thread."""
+    n = c.shape[1]
+    block = _column_block(n, _threads())
+    for t in prange((n + block - 1) // block):
+        n0 = t * block
+        n1 = min(n, n0 + block)
+        _gemm_bf16_block(a, w[n0:n1], c[:, n0:n1])
+
+
+@njit(inline="always")
+def bf16_bits(x):
+    """float32 `x` rounded to the nearest bfloat16 (ties to even), as its 16 bits (uint16): what a GEMM
+    over bf16 operands reads. NaN stays NaN (quiet), overflow is inf (as `blas.rbf16`)."""
+    bits = _f32_as_bits(x)
+    if x != x:
+        return np.uint16((bits >> np.uint32(16)) | np.uint32(0x40))
+    bits = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    return np.uint16(bits >> np.uint32(16))

@@ -1,0 +1,194 @@
+"""GEMM kernels at prefill sizes (more than 64 rows, a row count no tile divides) against PyTorch: MKL's
+sgemm and bf16 GEMM from torch's CPU library, the OpenBLAS fallback, and prologues/epilogues over the
+parallel row blocks the tiling pass chooses."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import numba
+import numpy as np
+import pytest
+import torch
+
+import fusec
+from backends.numba_cpu import mkl
+from fusec.errors import FusecError
+from fusec.models import load_model
+
+ROWS = 100  # prefill rows: over the matrix-vector limit (64) and no multiple of 8, 16 or 64
+
+
+@pytest.fixture(scope="module")
+def block():
+    module, args = load_model("llama-block:stories15M", seq_len=ROWS)
+    with torch.no_grad():
+        want = module(*args)
+    return module, args, want
+
+
+def _close(got, want, rel):
+    """Max error within `rel` of the output's scale (a block's outputs are O(1) with outliers)."""
+    err = (got - want).abs().max().item()
+    assert err <= rel * want.abs().max().item(), f"max error {err} over {rel} x {want.abs().max().item()}"
+    return err
+
+
+def _matmul_kernels(compiled):
+    return [n for n in compiled.graph.nodes if n.op == "kernel" and n.attr("kind") == "matmul"]
+
+
+def test_prefill_gemms_call_mkl_and_match_eager(block):
+    module, args, want = block
+    compiled = fusec.compile(module, args)
+    assert compiled.stats["blas"] == "mkl" and "blas_note" not in compiled.stats
+    assert "gemm_mkl(" in compiled.source and not re.search(r"\bgemm\(", compiled.source)
+    _close(compiled(*args), want, 1e-5)
+
+
+def test_prologue_and_epilogue_run_over_the_tiled_row_blocks(block):
+    """Every GEMM kernel's prologue and epilogue are parallel loops over blocks of the `rows` tile the
+    tiling pass chose (the numbers `fusec dump --stage tiled` prints), not serial loops."""
+    module, args, _ = block
+    compiled = fusec.compile(module, args)
+    kernels = _matmul_kernels(compiled)
+    assert kernels
+    for node, code in zip(kernels, [c for c in compiled.program.codes if c.loop == "gemm"]):
+        rows = dict(node.attr("tiles"))["rows"]
+        assert 8 <= rows < ROWS and rows % 8 == 0
+        # the prologue (a norm into the A tile) or the first epilogue loop: blocks of `rows` rows
+        assert re.search(rf"for (\w+) in prange\({-(-ROWS // rows)}\):\n\s+for \w+ in range\(\1 \* {rows}, "
+                         rf"min\({ROWS}, \1 \* {rows} \+ {rows}\)\)", code.source), code.source
+        assert "prange(" in code.source.split("gemm_mkl(")[-1]  # the epilogue after the last GEMM too
+
+
+def test_rows_tile_gives_every_core_a_block():
+    from fusec.machines import cpu
+    from fusec.tracing import trace
+    from passes.pipeline import run_pipeline
+    module, args = load_model("llama-block:stories15M", seq_len=ROWS)
+    graph = run_pipeline(trace(module, args).graph, until="tiled")
+    cores = cpu().cores
+    for node in graph.nodes:
+        if node.op == "kernel" and node.attr("kind") == "matmul":
+            rows = dict(node.attr("tiles"))["rows"]
+            assert -(-ROWS // rows) >= min(cores, ROWS // 8)
+
+
+def test_openblas_when_asked_or_when_mkl_is_missing(block, monkeypatch):
+    module, args, want = block
+    monkeypatch.setenv("FUSEC_BLAS", "openblas")
+    compiled = fusec.compile(module, args)
+    assert compiled.stats["blas"] == "openblas" and compiled.stats["blas_note"] == "FUSEC_BLAS=openblas"
+    assert re.search(r"\bgemm\(", compiled.source) and "_mkl(" not in compiled.source
+    _close(compiled(*args), want, 1e-5)
+    monkeypatch.delenv("FUSEC_BLAS")
+    monkeypatch.setattr(mkl, "UNAVAILABLE", "torch's CPU library exports no sgemm_")
+    assert mkl.blas_choice() == ("openblas", "MKL unavailable: torch's CPU library exports no sgemm_")
+    monkeypatch.setenv("FUSEC_BLAS", "mkl")
+    with pytest.raises(FusecError, match="FUSEC_BLAS=mkl, but MKL cannot be used: .*sgemm_"):
+        mkl.blas_choice()
+    monkeypatch.setenv("FUSEC_BLAS", "atlas")
+    with pytest.raises(FusecError, match="FUSEC_BLAS must be one of mkl, openblas .*'atlas'"):
+        mkl.blas_choice()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gemm_mkl_shapes_strides_and_threads(threads):
+    """Odd shapes, both layouts of B, an output that is a column window of a wider array; MKL's thread
+    setting and torch's are left as they were (MKL runs single-threaded on each Numba thread)."""
+    rng = np.random.default_rng(threads)
+    torch_threads = torch.get_num_threads()
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        for m, k, n in [(100, 96, 200), (257, 130, 77), (65, 7, 1), (3, 5, 33)]:
+            a = rng.standard_normal((m, k), dtype=np.float32)
+            w = rng.standard_normal((n, k), dtype=np.float32)
+            want = a.astype(np.float64) @ w.T.astype(np.float64)
+            wide = np.full((m, n + 20), np.nan, np.float32)
+            mkl.gemm_mkl(a, w, wide[:, 7:7 + n], True)
+            np.testing.assert_allclose(wide[:, 7:7 + n], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+            assert np.isnan(wide[:, :7]).all() and np.isnan(wide[:, 7 + n:]).all()
+            c = np.full((m, n), np.nan, np.float32)
+            mkl.gemm_mkl(a, np.ascontiguousarray(w.T), c, False)
+            np.testing.assert_allclose(c, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    finally:
+        numba.set_num_threads(before)
+    assert torch.get_num_threads() == torch_threads
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    return t.bfloat16().view(torch.int16).numpy().view(np.uint16)
+
+
+def test_gemm_bf16_mkl_is_exact_products_summed_in_float32():
+    rng = np.random.default_rng(0)
+    m, k, n = 130, 200, 90
+    a = torch.from_numpy(rng.standard_normal((m, k), dtype=np.float32)).bfloat16()
+    w = torch.from_numpy(rng.standard_normal((n, k), dtype=np.float32)).bfloat16()
+    c = np.full((m, n), np.nan, np.float32)
+    mkl.gemm_bf16_mkl(_bits(a), _bits(w), c)
+    want = a.double() @ w.double().T  # bf16 x bf16 products are exact in float32; only the sums round
+    np.testing.assert_allclose(c, want.numpy(), rtol=0, atol=1e-5 * want.abs().max().item())
+
+
+def test_bf16_bits_rounds_as_torch():
+    from numba import njit
+
+    @njit
+    def convert(x, out):
+        for i in range(x.size):
+            out[i] = mkl.bf16_bits(x[i])
+
+    rng = np.random.default_rng(0)
+    special = [np.inf, -np.inf, 3.4e38, -3.4e38, 0.0, -0.0, 1e-40, -1e-45, 1.00390625, 1.01171875]
+    x = np.concatenate([rng.standard_normal(20000).astype(np.float32) * 1e3, np.float32(special)])
+    out = np.empty(x.size, np.uint16)
+    convert(np.append(x, np.float32(np.nan)), np.append(out, np.uint16(0)))  # (warms the NaN branch too)
+    convert(x, out)
+    np.testing.assert_array_equal(out, _bits(torch.from_numpy(x)))
+    nan = np.empty(1, np.uint16)
+    convert(np.float32([np.nan]), nan)
+    assert np.isnan(torch.from_numpy(nan.view(np.int16)).view(torch.bfloat16).float().item())
+
+
+def test_bf16_weights_at_prefill_use_the_bf16_gemm(block):
+    """weights="bf16" at prefill: activations rounded to bf16 (to nearest even) in the prologue, bf16 x bf16
+    products summed in float32, everything else float32. Closer to fp32 than eager bf16 (which also rounds
+    every op's result, the GEMM outputs included); within 0.2% of the output's scale of fp32 eager."""
+    module, args, want = block
+    compiled = fusec.compile(module, args, weights="bf16")
+    assert "gemm_bf16_mkl(" in compiled.source and "bf16_bits(" in compiled.source
+    err = _close(compiled(*args), want, 2e-3)
+    assert err > 0  # the weights and activations really are rounded
+    eager_bf16 = load_model("llama-block:stories15M", seq_len=ROWS)[0].bfloat16()
+    with torch.no_grad():
+        eager_err = (eager_bf16(args[0].bfloat16()).float() - want).abs().max().item()
+    assert err < eager_err
+
+
+CACHED_RUN = """
+import torch, fusec
+torch.manual_seed(0)
+module = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.SiLU()).eval()
+x = torch.randn(80, 64)
+compiled = fusec.compile(module, (x,))
+with torch.no_grad():
+    want = module(x)
+assert compiled.stats["blas"] == "mkl", compiled.stats
+torch.testing.assert_close(compiled(x), want, rtol=1e-4, atol=1e-5)
+print("ok")
+"""
+
+
+def test_a_cached_mkl_kernel_runs_in_a_new_process(tmp_path):
+    """The second process loads the kernel's machine code from the disk cache: MKL's symbols must be
+    resolvable by then (bound by name when the generated module imports `mkl.py`)."""
+    env = {**os.environ, "FUSEC_CACHE_DIR": str(tmp_path)}
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", CACHED_RUN], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
