@@ -59,12 +59,14 @@ def eager_compiler(module: nn.Module, example: tuple) -> Program:
 
 
 def as_causal_lm(model: nn.Module) -> CausalLM:
-    """`model` if it is a CausalLM; a transformers LlamaForCausalLM mapped by `from_hf`; else TypeError."""
+    """`model` if it is a CausalLM; a transformers causal LM of a Llama-family architecture (Llama, Mistral,
+    Qwen2, Gemma, Phi-3) mapped by `from_hf`; else TypeError (ValueError for a config it cannot map)."""
     if isinstance(model, CausalLM):
         return model
-    if getattr(getattr(model, "config", None), "model_type", None) == "llama":
+    if getattr(getattr(model, "config", None), "model_type", None) is not None:
         return from_hf(model)
-    raise TypeError(f"expected a fusec CausalLM or a transformers LlamaForCausalLM, got {type(model).__name__}")
+    raise TypeError(f"expected a fusec CausalLM or a transformers causal LM (LlamaForCausalLM, ...), got "
+                    f"{type(model).__name__}")
 
 
 class Generator:
