@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from fusec.models.causal_lm import CausalLM, DecodeStep, Prefill, cache_shape, decode_example, from_hf
+from fusec.sampling import sampler as _sampler
 
 Program = Callable[..., tuple]                    # a compiled (or eager) Prefill / DecodeStep
 Compiler = Callable[[nn.Module, tuple], Program]  # (module, example inputs) -> program
@@ -353,26 +354,6 @@ def _with_rates(counts: dict) -> dict:
         return n / seconds if seconds > 0 else 0.0
     return dict(counts, prefill_tokens_per_s=rate(counts["prompt_tokens"], counts["prefill_seconds"]),
                 decode_tokens_per_s=rate(counts["decode_tokens"], counts["decode_seconds"]))
-
-
-def _sampler(temperature: float, seed: int | None, top_k: int | None) -> Callable[[Tensor], Tensor]:
-    """logits [B, vocab] -> next tokens [B]: argmax, or a seeded draw from the tempered distribution."""
-    if temperature == 0:
-        return lambda logits: logits.argmax(dim=-1)
-    generator = torch.Generator()
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-
-    def sample(logits: Tensor) -> Tensor:
-        scaled = logits.double() / temperature
-        if top_k is not None and top_k < scaled.shape[-1]:
-            kth = scaled.topk(top_k, dim=-1).values[:, -1:]
-            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-        return torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=generator)[:, 0]
-
-    return sample
 
 
 def compile_generator(model: nn.Module, max_seq_len: int | None = None, weights: str = "fp32",
