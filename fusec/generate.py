@@ -167,14 +167,15 @@ class Generator:
 
     def generate(self, input_ids: Tensor | Sequence, max_new_tokens: int = 32, temperature: float = 0.0,
                  seed: int | None = None, top_k: int | None = None, stop_token: int | None = None,
-                 return_logits: bool = False,
-                 on_token: Callable[[int, Tensor], None] | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                 return_logits: bool = False, on_token: Callable[[int, Tensor], None] | None = None,
+                 top_p: float | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """The prompt followed by up to `max_new_tokens` new tokens, int64 [B, T + new] ([T + new] for a
         1-d prompt), like transformers' `generate`.
 
         Greedy when `temperature == 0`; otherwise samples softmax(logits / temperature) (only the `top_k`
-        most likely tokens when given) with a torch.Generator seeded by `seed`. Stops early once every
-        sequence has produced `stop_token` (later tokens of a finished sequence are `stop_token`).
+        most likely tokens when given, then only the most likely ones that make up `top_p` of the
+        probability) with a torch.Generator seeded by `seed`. Stops early once every sequence has produced
+        `stop_token` (later tokens of a finished sequence are `stop_token`).
         `return_logits=True` also returns the logits each new token was chosen from, [B, new, vocab].
         `on_token(n, tokens)` is called after each of the n new tokens (tokens: [B]).
         ValueError before anything runs if the prompt and the new tokens do not fit: every token but the
@@ -183,7 +184,7 @@ class Generator:
         """
         with self._exclusive("generate"):
             return self._generate(input_ids, max_new_tokens, temperature, seed, top_k, stop_token,
-                                  return_logits, on_token)
+                                  return_logits, on_token, top_p)
 
     @contextmanager
     def _exclusive(self, what: str):
@@ -201,16 +202,16 @@ class Generator:
                 self._owner = None
 
     def _generate(self, input_ids, max_new_tokens, temperature, seed, top_k, stop_token, return_logits,
-                  on_token):
+                  on_token, top_p=None):
         input_ids = torch.as_tensor(input_ids)  # a list of ids is fine too
         squeeze = input_ids.dim() == 1
         ids = self._check_prompt(input_ids[None] if squeeze else input_ids, max_new_tokens, temperature, top_k)
+        pick = _sampler(temperature, seed, top_k, top_p)  # checks top_p before anything compiles
         batch, prompt_len = ids.shape
         length = self.prefill_length(prompt_len)
         compiled_before = dict(self._totals)
         prefill, decode = self.prefill_program(batch, length), self.decode_program(batch)
         k_cache, v_cache = self.caches(batch)
-        pick = _sampler(temperature, seed, top_k)
         decode_step = _decode_stepper(decode, k_cache, v_cache)
         new, step_logits = [], []
         run = _counters()
