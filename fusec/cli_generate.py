@@ -22,7 +22,6 @@ CACHE_ROWS = 64  # the KV cache is sized to prompt + new tokens rounded up to th
 
 def add_parser(sub) -> None:
     from fusec.cli import nonnegative_float, nonnegative_int, positive_int
-    from fusec.generate import WEIGHTS
     g = sub.add_parser("generate", help="generate text with a Hugging Face directory, llama2.c .bin or GGUF model")
     g.add_argument("model", metavar="MODEL_PATH", help="a model directory (config.json, *.safetensors, "
                    "tokenizer.json), a llama2.c .bin (tokenizer.bin beside it) or a .gguf file")
@@ -34,7 +33,8 @@ def add_parser(sub) -> None:
                    "making up this probability (default 0.95; 1 for all)")
     g.add_argument("--seed", type=nonnegative_int, default=None, help="seed of the sampler (default: random, "
                    "reported at the end)")
-    g.add_argument("--weights", choices=WEIGHTS, default="fp32", help="weight storage (default fp32)")
+    g.add_argument("--weights", default="fp32", help="weight storage, as compile_generator's weights= "
+                   "(fp32, the default, or bf16)")
     g.add_argument("--threads", type=positive_int, default=None, help="threads for numba and torch")
     g.add_argument("--tokenizer", default=None, help="the tokenizer file, when not where the format keeps it")
     g.add_argument("--backend", choices=("numba", "reference"), default="numba", help=argparse.SUPPRESS)

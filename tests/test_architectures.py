@@ -88,3 +88,16 @@ def test_configs_it_cannot_map_are_clear_errors(change, field):
     hf = dict(CONFIGS["qwen2"]().to_dict(), **change)
     with pytest.raises(ValueError, match=field):
         config_from_hf(hf)
+
+
+def test_only_llama_checkpoints_are_written(tmp_path):
+    from fusec.models.causal_lm import save_safetensors
+    with pytest.raises(ValueError, match="writes Llama checkpoints only.*qkv_bias"):
+        save_safetensors(from_hf(hf_model("qwen2")), tmp_path / "qwen2.safetensors")
+    config = transformers.LlamaConfig(**COMMON, head_dim=32)  # a head width of its own round-trips
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    path = save_safetensors(from_hf(hf), tmp_path / "llama.safetensors")
+    prompt = tokens(9)
+    with torch.no_grad():
+        torch.testing.assert_close(load_safetensors(path)(prompt), hf(prompt).logits, rtol=0, atol=1e-5)

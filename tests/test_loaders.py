@@ -185,3 +185,37 @@ def test_a_missing_tokenizer_is_reported_and_other_files_are_refused(files, tmp_
     (tmp_path / "junk.bin").write_bytes(b"\xff" * 64)
     with pytest.raises(ValueError, match="not a llama2.c checkpoint"):
         load(tmp_path / "junk.bin")
+
+
+def test_a_gguf_byte_level_bpe_tokenizer_encodes_as_its_tokenizer_json(tmp_path):
+    import gguf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|end|>"], show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    data = json.loads(tok.to_str())["model"]
+    vocab = sorted(data["vocab"], key=data["vocab"].get)
+    w = gguf.GGUFWriter(str(tmp_path / "bpe.gguf"), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(vocab)
+    w.add_token_types([3 if t == "<|end|>" else 1 for t in vocab])
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in data["merges"]])
+    w.add_eos_token_id(0)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    from fusec.loaders.gguf import load_tokenizer
+    loaded = load_tokenizer(tmp_path / "bpe.gguf")
+    for text in PROMPTS:
+        assert loaded.encode(text) == tok.encode(text).ids and loaded.decode(loaded.encode(text)) == text
+    assert loaded.decode([*tok.encode("the end").ids, 0]) == "the end"  # special tokens left out
+
+
+def test_the_format_libraries_load_only_when_a_format_needs_them(files):
+    import subprocess
+    import sys
+    code = ("import sys, fusec, fusec.loaders, fusec.generate, fusec.cli; "
+            "assert not {'gguf', 'tokenizers', 'safetensors'} & set(sys.modules), sys.modules.keys(); "
+            "sys.modules['gguf'] = None; from fusec.loaders import load; load(sys.argv[1])")
+    run = subprocess.run([sys.executable, "-c", code, str(files["gguf"])], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "needs the 'gguf' package: pip install 'fusec[models]'" in run.stderr

@@ -270,14 +270,22 @@ def hf_names(config: LlamaConfig, tied: bool) -> dict[str, str]:
     return names
 
 
+LLAMA_SWITCHES = {"qkv_bias": False, "sliding_window": None, "embed_scale": 1.0, "activation": "silu"}  # LlamaConfig's architecture switches, at Llama's values
+
+
 def config_to_hf(config: LlamaConfig, tied: bool) -> dict:
-    """The Hugging Face `LlamaConfig` fields describing `config` (what `config_from_hf` reads back)."""
+    """The Hugging Face `LlamaConfig` fields describing `config` (what `config_from_hf` reads back).
+    ValueError for a config using another architecture's switches: only Llama checkpoints are written."""
+    switches = {k: getattr(config, k) for k, plain in LLAMA_SWITCHES.items() if getattr(config, k) != plain}
+    if switches:
+        raise ValueError(f"fusec writes Llama checkpoints only; this model uses {switches} (another "
+                         f"architecture's features): keep it in the format it came in")
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": config.dim,
             "intermediate_size": config.hidden_dim, "num_attention_heads": config.n_heads,
             "num_key_value_heads": config.n_kv_heads, "num_hidden_layers": config.n_layers,
             "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
             "max_position_embeddings": config.max_seq_len, "vocab_size": config.vocab_size,
-            "tie_word_embeddings": tied, "hidden_act": "silu"}
+            "tie_word_embeddings": tied, "hidden_act": "silu", "head_dim": config.head_dim}
 
 
 def load_hf_weights(config: LlamaConfig, tied: bool, tensors: dict[str, Tensor], copy: bool = True) -> CausalLM:
