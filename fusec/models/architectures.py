@@ -31,6 +31,8 @@ ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # HF hidden_ac
 def model_type(hf: Mapping) -> str:
     """The config's model_type (or the one its `architectures` entry implies); ValueError if fusec does not
     implement it, listing the ones it does."""
+    if not isinstance(hf, Mapping):
+        raise ValueError(f"a model config is a JSON object of fields, given {type(hf).__name__}")
     kind = hf.get("model_type")
     if kind is None:  # a config written by hand may name only the class
         names = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
