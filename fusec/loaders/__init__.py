@@ -7,7 +7,7 @@ Formats (fusec/loaders/<module>):
   hf       a directory with config.json and *.safetensors (one file or shards), tokenizer.json
   llama2c  llama2.c's model.bin (legacy or version-1 header, float32) with tokenizer.bin beside it
   gguf     a llama.cpp GGUF file (F32, F16, BF16, Q8_0 tensors) with the tokenizer it embeds
-Float32 weights are memory-mapped where the format allows (the parameters are views of the file);
+Float32 weights are memory-mapped (private, copy-on-write maps: the parameters are views of the file);
 other dtypes are converted to float32 once. The libraries these need (safetensors, tokenizers, gguf) are
 the `models` extra: `pip install 'fusec[models]'`; they are imported only when a format needs them.
 """
