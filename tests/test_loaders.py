@@ -183,6 +183,16 @@ def test_unknown_architectures_are_named(files, tmp_path):
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     with pytest.raises(ValueError, match="unknown architecture 'gpt2'"):
         load(tmp_path / "x.gguf")
+    w = gguf.GGUFWriter(str(tmp_path / "scaled.gguf"), "llama")  # Llama 3.1 keeps RoPE scaling as a tensor
+    for key, value in (("block_count", 1), ("embedding_length", 8), ("feed_forward_length", 16),
+                       ("context_length", 32), ("attention.head_count", 2)):
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.add_tensor("rope_freqs.weight", np.ones(2, np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    with pytest.raises(ValueError, match="scaled.gguf: .*rope_scaling"):
+        load(tmp_path / "scaled.gguf")
 
 
 def test_a_missing_tokenizer_is_reported_and_other_files_are_refused(files, tmp_path):

@@ -70,7 +70,10 @@ def hf_config(reader, path: Path, vocab: int, tied: bool) -> dict:
               "hidden_act": "gelu_pytorch_tanh" if arch == "gemma" else "silu",
               "sliding_window": metadata(reader, f"{arch}.attention.sliding_window")}
     if get("rope.dimension_count", config["head_dim"]) != config["head_dim"]:
-        config["partial_rotary_factor"] = get("rope.dimension_count") / config["head_dim"]  # refused below
+        config["partial_rotary_factor"] = get("rope.dimension_count") / config["head_dim"]  # refused later
+    scaling = metadata(reader, f"{arch}.rope.scaling.type", "none")
+    if scaling != "none" or any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        config["rope_scaling"] = {"rope_type": scaling if scaling != "none" else "rope_freqs"}  # refused later
     return config
 
 
@@ -90,11 +93,16 @@ def load_model(path: Path):
     from fusec.models.causal_lm import load_hf_weights
     reader = open_reader(path)
     kinds = {t.tensor_type.name for t in reader.tensors}
-    raw = {t.name: tensor(t, path) for t in reader.tensors}
-    if "token_embd.weight" not in raw:
+    listed = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in listed:
         raise ValueError(f"{path}: no token_embd.weight tensor: not a language model GGUF fusec can read")
-    tied = "output.weight" not in raw
-    hf = hf_config(reader, path, raw["token_embd.weight"].shape[0], tied)
+    vocab = int(listed["token_embd.weight"].shape[-1])  # GGUF lists dimensions innermost first
+    hf = hf_config(reader, path, vocab, "output.weight" not in listed)
+    try:  # before any tensor is converted: a file fusec cannot run fails at once
+        config, tied = config_from_hf(hf)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    raw = {name: tensor(t, path) for name, t in listed.items()}
     names = dict(BLOCK, **{"ffn_up.weight": "mlp.gate_up_proj.weight"}) if hf["model_type"] == "phi3" else BLOCK
     tensors = {}
     for name, value in raw.items():
@@ -103,9 +111,8 @@ def load_model(path: Path):
             tensors[f"model.layers.{block}.{names[rest]}"] = value
         elif name in NAMES:
             tensors[NAMES[name]] = value
-        elif name not in ("rope_freqs.weight",):
+        else:
             raise ValueError(f"{path}: unexpected tensor {name} for a {hf['model_type']} model")
-    config, tied = config_from_hf(hf)
     if hf["model_type"] == "llama":
         for name in list(tensors):
             if name.endswith(("q_proj.weight", "k_proj.weight")):
