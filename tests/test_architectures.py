@@ -82,7 +82,7 @@ def test_compiled_greedy_matches_transformers_for_64_steps_at_prompt_lengths_1_7
     (dict(model_type="gpt2"), "unknown architecture 'gpt2'"),
     (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope_scaling"),
     (dict(use_sliding_window=True), "use_sliding_window"),
-    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(hidden_act="gelu"), "hidden_act"),  # a Qwen2 with a GELU gate is not a model fusec knows
 ])
 def test_configs_it_cannot_map_are_clear_errors(change, field):
     hf = dict(CONFIGS["qwen2"]().to_dict(), **change)
@@ -101,3 +101,14 @@ def test_only_llama_checkpoints_are_written(tmp_path):
     prompt = tokens(9)
     with torch.no_grad():
         torch.testing.assert_close(load_safetensors(path)(prompt), hf(prompt).logits, rtol=0, atol=1e-5)
+
+
+def test_gemma_with_the_exact_gelu_its_first_configs_name():
+    config = transformers.GemmaConfig(**COMMON, head_dim=32, hidden_act="gelu")
+    torch.manual_seed(0)
+    hf = transformers.GemmaForCausalLM(config).eval()
+    model = from_hf(hf)
+    assert model.config.activation == "gelu"
+    prompt = tokens(11)
+    with torch.no_grad():
+        torch.testing.assert_close(model(prompt), hf(prompt).logits, rtol=0, atol=1e-5)

@@ -8,7 +8,7 @@ What differs from Llama, and how it maps (LlamaConfig's switches, or the weights
   mistral  sliding-window attention            -> sliding_window
   qwen2    biases on q, k and v                -> qkv_bias (q/k/v `.bias` tensors)
   gemma    (1 + w) RMSNorm, sqrt(dim)-scaled embeddings, GELU(tanh) gate, head_dim of its own, tied head
-           -> norm weights stored as 1 + w; embed_scale; activation="gelu_tanh"; head_size
+           -> norm weights stored as 1 + w; embed_scale; activation="gelu_tanh" (or "gelu"); head_size
   phi3     fused qkv_proj and gate_up_proj     -> split into q/k/v and gate/up at load; sliding_window
 Anything else a config asks for (RoPE scaling, partial rotary, Qwen2's per-layer windows, biases
 elsewhere) is a ValueError naming the fields, never a silently different model.
@@ -25,7 +25,8 @@ from torch import Tensor
 from fusec.models.llama import LlamaConfig
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma", "phi3")
-ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # HF hidden_act -> LlamaConfig.activation
+# HF hidden_act -> LlamaConfig.activation (Gemma's is GELU; transformers runs the exact one for "gelu")
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 
 def model_type(hf: Mapping) -> str:
@@ -56,7 +57,7 @@ def config_from_hf(hf: Mapping) -> tuple[LlamaConfig, bool]:
         plain.pop("attention_bias")  # Qwen2 always has q/k/v biases; the flag is not read
     unsupported = {key: hf[key] for key, value in plain.items()
                    if hf.get(key) is not None and hf[key] != value and hf[key] != {"rope_type": "default"}}
-    if act not in ACTIVATIONS or (kind == "gemma") != (act == "gelu_pytorch_tanh"):
+    if act not in ACTIVATIONS or (kind == "gemma") != (act != "silu"):
         unsupported["hidden_act"] = act
     if unsupported:
         raise ValueError(f"this {kind} config uses features the built-in CausalLM does not implement: "

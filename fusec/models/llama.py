@@ -34,7 +34,7 @@ class LlamaConfig:
     qkv_bias: bool = False              # biases on the q, k and v projections (Qwen2)
     sliding_window: int | None = None   # a query sees only the keys of its last `sliding_window` positions
     embed_scale: float = 1.0            # embeddings are multiplied by this (Gemma: sqrt(dim))
-    activation: str = "silu"            # the MLP's gate: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma)
+    activation: str = "silu"            # the MLP's gate: "silu" (SwiGLU), "gelu_tanh" or "gelu" (GeGLU, Gemma)
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -99,7 +99,7 @@ PRESETS: dict[str, Callable[[], LlamaConfig]] = {
 }
 
 
-ACTIVATIONS = ("silu", "gelu_tanh")  # the gate of FeedForward: SiLU, or GELU with the tanh approximation
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu")  # the gate of FeedForward: SiLU, GELU (tanh approximation), GELU
 
 
 class RMSNorm(nn.Module):
@@ -207,7 +207,7 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         gate = self.w1(x)
         gate = (nn.functional.silu(gate) if self.activation == "silu" else
-                nn.functional.gelu(gate, approximate="tanh"))
+                nn.functional.gelu(gate, approximate="tanh" if self.activation == "gelu_tanh" else "none"))
         return self.w2(gate * self.w3(x))
 
 
