@@ -8,7 +8,10 @@ setup(
     packages=find_packages(include=["fusec", "fusec.*", "passes", "passes.*", "backends", "backends.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy", "numba", "llvmlite", "scipy"],
-    extras_require={"test": ["pytest", "hypothesis", "transformers==4.57.6", "matplotlib", "ray==2.60.0"],
+    # models: the checkpoint formats of `fusec generate` (fusec/loaders imports them only when used)
+    extras_require={"test": ["pytest", "hypothesis", "transformers==4.57.6", "matplotlib", "ray==2.60.0",
+                             "safetensors", "tokenizers", "gguf==0.19.0"],
+                    "models": ["safetensors", "tokenizers", "gguf>=0.19"],
                     "bench": ["matplotlib"], "ray": ["ray==2.60.0"]},
     entry_points={"console_scripts": ["fusec = fusec.cli:main"],
                   # torch.compile(model, backend="fusec") finds the backend here, without importing fusec

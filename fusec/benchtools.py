@@ -97,19 +97,21 @@ def _parallel_sum():
     return parallel_sum
 
 
-def measure_memory_bandwidth(nbytes: int | None = None, repeat: int = 5) -> dict[str, float]:
+def measure_memory_bandwidth(nbytes: int | None = None, repeat: int = 5,
+                             readers: Sequence[str] = ("numba", "numpy", "torch")) -> dict[str, float]:
     """Read bandwidth in bytes/s: median over `repeat` sums of a float32 array of `nbytes`.
 
     Returns {"numba": ..., "numpy": ..., "torch": ..., "best": max of them}: numba's parallel prange sum
-    on all its threads, NumPy's single-threaded sum and torch's threaded sum.
+    on all its threads, NumPy's single-threaded sum and torch's threaded sum (only those in `readers`:
+    ("torch",) is the quick one, without numba's compile).
     """
     import torch
     nbytes = nbytes or stream_bytes()
     data = np.ones(nbytes // 4, dtype=np.float32)  # ones, not empty: every page must really exist
-    parallel_sum = _parallel_sum()
     tensor = torch.from_numpy(data)
-    readers = {"numba": lambda: parallel_sum(data), "numpy": lambda: data.sum(),
-               "torch": lambda: tensor.sum()}
+    parallel_sum = _parallel_sum() if "numba" in readers else None
+    readers = {name: read for name, read in (("numba", lambda: parallel_sum(data)), ("numpy", lambda: data.sum()),
+                                             ("torch", lambda: tensor.sum())) if name in readers}
     result = {name: data.nbytes / median_time(read, warmup=1, repeat=repeat) for name, read in readers.items()}
     result["best"] = max(result.values())
     result["array_bytes"] = float(data.nbytes)

@@ -6,6 +6,7 @@
     fusec explain llama-block          # which ops fuse into which kernels, which run in PyTorch
     fusec check llama-block --float64  # errors per output; bisects to the first wrong kernel
     fusec cache info                   # or: fusec cache clear
+    fusec generate path/to/model --prompt "Once upon a time"   # HF directory, llama2.c .bin or GGUF
 """
 from __future__ import annotations
 
@@ -189,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("model", nargs="?", default="llama-block")
     m.add_argument("--no-bench", action="store_true", help="skip the benchmark table")
     sub.add_parser("models", help="list the built-in model names")
+    from fusec.cli_generate import add_parser as add_generate_parser
+    add_generate_parser(sub)
     from fusec.cli_rdu import add_rdu_parser
     add_rdu_parser(sub)
     _add_debug_commands(sub)
@@ -300,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
             return demo(args.model, bench_table=not args.no_bench)
         if args.command in ("explain", "check", "cache"):
             return _debug_command(args)
+        if args.command == "generate":
+            from fusec.cli_generate import generate_main
+            return generate_main(args)
         if args.command == "models":
             from fusec.models import list_models
             print("\n".join(list_models()))
@@ -309,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `fusec dump ... | head`
         sys.stderr.close()
         return 0
-    except (FusecError, ValueError, TypeError, OSError) as e:
+    except (FusecError, ValueError, TypeError, OSError, ImportError) as e:  # ImportError: a missing extra
         print(f"fusec: error: {e}", file=sys.stderr)
         return 1
 

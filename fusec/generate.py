@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from fusec.models.causal_lm import CausalLM, DecodeStep, Prefill, cache_shape, decode_example, from_hf
+from fusec.sampling import sampler as _sampler
 
 Program = Callable[..., tuple]                    # a compiled (or eager) Prefill / DecodeStep
 Compiler = Callable[[nn.Module, tuple], Program]  # (module, example inputs) -> program
@@ -55,12 +56,14 @@ def eager_compiler(module: nn.Module, example: tuple) -> Program:
 
 
 def as_causal_lm(model: nn.Module) -> CausalLM:
-    """`model` if it is a CausalLM; a transformers LlamaForCausalLM mapped by `from_hf`; else TypeError."""
+    """`model` if it is a CausalLM; a transformers causal LM of a Llama-family architecture (Llama, Mistral,
+    Qwen2, Gemma, Phi-3) mapped by `from_hf`; else TypeError (ValueError for a config it cannot map)."""
     if isinstance(model, CausalLM):
         return model
-    if getattr(getattr(model, "config", None), "model_type", None) == "llama":
+    if getattr(getattr(model, "config", None), "model_type", None) is not None:
         return from_hf(model)
-    raise TypeError(f"expected a fusec CausalLM or a transformers LlamaForCausalLM, got {type(model).__name__}")
+    raise TypeError(f"expected a fusec CausalLM or a transformers causal LM (LlamaForCausalLM, ...), got "
+                    f"{type(model).__name__}")
 
 
 class Generator:
@@ -160,14 +163,15 @@ class Generator:
 
     def generate(self, input_ids: Tensor | Sequence, max_new_tokens: int = 32, temperature: float = 0.0,
                  seed: int | None = None, top_k: int | None = None, stop_token: int | None = None,
-                 return_logits: bool = False,
-                 on_token: Callable[[int, Tensor], None] | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                 return_logits: bool = False, on_token: Callable[[int, Tensor], None] | None = None,
+                 top_p: float | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """The prompt followed by up to `max_new_tokens` new tokens, int64 [B, T + new] ([T + new] for a
         1-d prompt), like transformers' `generate`.
 
         Greedy when `temperature == 0`; otherwise samples softmax(logits / temperature) (only the `top_k`
-        most likely tokens when given) with a torch.Generator seeded by `seed`. Stops early once every
-        sequence has produced `stop_token` (later tokens of a finished sequence are `stop_token`).
+        most likely tokens when given, then only the most likely ones that make up `top_p` of the
+        probability) with a torch.Generator seeded by `seed`. Stops early once every sequence has produced
+        `stop_token` (later tokens of a finished sequence are `stop_token`).
         `return_logits=True` also returns the logits each new token was chosen from, [B, new, vocab].
         `on_token(n, tokens)` is called after each of the n new tokens (tokens: [B]).
         ValueError before anything runs if the prompt and the new tokens do not fit: every token but the
@@ -176,7 +180,7 @@ class Generator:
         """
         with self._exclusive("generate"):
             return self._generate(input_ids, max_new_tokens, temperature, seed, top_k, stop_token,
-                                  return_logits, on_token)
+                                  return_logits, on_token, top_p)
 
     @contextmanager
     def _exclusive(self, what: str):
@@ -194,16 +198,16 @@ class Generator:
                 self._owner = None
 
     def _generate(self, input_ids, max_new_tokens, temperature, seed, top_k, stop_token, return_logits,
-                  on_token):
+                  on_token, top_p=None):
         input_ids = torch.as_tensor(input_ids)  # a list of ids is fine too
         squeeze = input_ids.dim() == 1
         ids = self._check_prompt(input_ids[None] if squeeze else input_ids, max_new_tokens, temperature, top_k)
+        pick = _sampler(temperature, seed, top_k, top_p)  # checks top_p before anything compiles
         batch, prompt_len = ids.shape
         length = self.prefill_length(prompt_len)
         compiled_before = dict(self._totals)
         prefill, decode = self.prefill_program(batch, length), self.decode_program(batch)
         k_cache, v_cache = self.caches(batch)
-        pick = _sampler(temperature, seed, top_k)
         decode_step = _decode_stepper(decode, k_cache, v_cache)
         new, step_logits = [], []
         run = _counters()
@@ -347,26 +351,6 @@ def _with_rates(counts: dict) -> dict:
         return n / seconds if seconds > 0 else 0.0
     return dict(counts, prefill_tokens_per_s=rate(counts["prompt_tokens"], counts["prefill_seconds"]),
                 decode_tokens_per_s=rate(counts["decode_tokens"], counts["decode_seconds"]))
-
-
-def _sampler(temperature: float, seed: int | None, top_k: int | None) -> Callable[[Tensor], Tensor]:
-    """logits [B, vocab] -> next tokens [B]: argmax, or a seeded draw from the tempered distribution."""
-    if temperature == 0:
-        return lambda logits: logits.argmax(dim=-1)
-    generator = torch.Generator()
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-
-    def sample(logits: Tensor) -> Tensor:
-        scaled = logits.double() / temperature
-        if top_k is not None and top_k < scaled.shape[-1]:
-            kth = scaled.topk(top_k, dim=-1).values[:, -1:]
-            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-        return torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=generator)[:, 0]
-
-    return sample
 
 
 def compile_generator(model: nn.Module, max_seq_len: int | None = None, weights: str = "fp32",

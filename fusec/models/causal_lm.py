@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from fusec.models.llama import Attention, FeedForward, LlamaConfig, RMSNorm, apply_rope, init_weights, rope_tables
+from fusec.models.architectures import config_from_hf, llama_layout
+from fusec.models.llama import (Attention, FeedForward, LlamaConfig, RMSNorm, apply_rope, hidden_keys, init_weights,
+                                rope_tables)
 
 
 class DecoderLayer(nn.Module):
@@ -30,7 +32,7 @@ class DecoderLayer(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.attention = Attention(config)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.feed_forward = FeedForward(config.dim, config.hidden_dim)
+        self.feed_forward = FeedForward(config.dim, config.hidden_dim, config.activation)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """x [B, T, dim] at the positions cos/sin [T, head_dim] describe, causal, no cache."""
@@ -73,10 +75,15 @@ class CausalLM(nn.Module):
         seq_len = tokens.shape[1]
         check_length(self.config, seq_len)
         cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
-        x = self.tok_embeddings(tokens)
+        x = self.embed(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin)
         return self.output(self.norm(x))
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """The embeddings of `tokens`, scaled by config.embed_scale (Gemma scales them by sqrt(dim))."""
+        x = self.tok_embeddings(tokens)
+        return x if self.config.embed_scale == 1.0 else x * self.config.embed_scale
 
     def weight_bytes_per_token(self, bytes_per_weight: int = 4) -> int:
         """Bytes of weights one decode step reads: every matrix once, but only one row of the embedding
@@ -153,8 +160,8 @@ class Prefill(nn.Module):
         model, seq_len = self.model, self.prompt_len
         cos, sin = model.rope_cos[:seq_len], model.rope_sin[:seq_len]
         query_index = torch.arange(seq_len, device=tokens.device).view(seq_len, 1)
-        causal = query_index.view(1, seq_len) > query_index  # key after query
-        x = model.tok_embeddings(tokens)
+        causal = hidden_keys(query_index.view(1, seq_len), query_index, model.config.sliding_window)
+        x = model.embed(tokens)
         keys, values = [], []
         for layer in model.layers:
             attention = layer.attention
@@ -196,8 +203,8 @@ class DecodeStep(nn.Module):
         sin = torch.index_select(model.rope_sin, 0, pos)
         key_index = torch.arange(max_seq, device=token.device).view(max_seq, 1)
         is_new = key_index == pos                      # [max_seq, 1]: the row this step writes
-        after = key_index.view(1, max_seq) > pos       # [1, max_seq]: keys this step must not see
-        x = model.tok_embeddings(token)
+        after = hidden_keys(key_index.view(1, max_seq), pos, model.config.sliding_window)  # keys not to see
+        x = model.embed(token)
         keys, values = [], []
         for i, layer in enumerate(model.layers):
             attention = layer.attention
@@ -256,58 +263,58 @@ def hf_names(config: LlamaConfig, tied: bool) -> dict[str, str]:
             continue  # HF leaves a tied lm_head out of the file
         layers = range(config.n_layers) if "{i}" in ours else [None]
         names.update({ours.format(i=i): theirs.format(i=i) for i in layers})
+    if config.qkv_bias:  # Qwen2's q/k/v biases
+        for i in range(config.n_layers):
+            names.update({f"layers.{i}.attention.w{x}.bias": f"model.layers.{i}.self_attn.{x}_proj.bias"
+                          for x in "qkv"})
     return names
 
 
-def config_from_hf(hf: dict) -> tuple[LlamaConfig, bool]:
-    """(LlamaConfig, tie_embeddings) of a Hugging Face Llama config (`config.json` as a dict); ValueError
-    for the variants this model does not implement (RoPE scaling, biases, another activation)."""
-    heads = hf["num_attention_heads"]
-    unsupported = {key: hf.get(key) for key, plain in (("rope_scaling", None), ("attention_bias", False),
-                                                        ("mlp_bias", False), ("hidden_act", "silu"))
-                   if hf.get(key, plain) != plain}
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    if head_dim != hf["hidden_size"] // heads:
-        unsupported["head_dim"] = head_dim
-    if unsupported:
-        raise ValueError(f"this Llama config uses features the built-in CausalLM does not implement: "
-                         f"{unsupported}")
-    config = LlamaConfig(dim=hf["hidden_size"], n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
-                         hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
-                         rope_theta=hf.get("rope_theta", 10000.0),
-                         max_seq_len=hf.get("max_position_embeddings", 2048),
-                         vocab_size=hf["vocab_size"], n_layers=hf["num_hidden_layers"])
-    return config, bool(hf.get("tie_word_embeddings", False))
+LLAMA_SWITCHES = {"qkv_bias": False, "sliding_window": None, "embed_scale": 1.0, "activation": "silu"}  # LlamaConfig's architecture switches, at Llama's values
 
 
 def config_to_hf(config: LlamaConfig, tied: bool) -> dict:
-    """The Hugging Face `LlamaConfig` fields describing `config` (what `config_from_hf` reads back)."""
+    """The Hugging Face `LlamaConfig` fields describing `config` (what `config_from_hf` reads back).
+    ValueError for a config using another architecture's switches: only Llama checkpoints are written."""
+    switches = {k: getattr(config, k) for k, plain in LLAMA_SWITCHES.items() if getattr(config, k) != plain}
+    if switches:
+        raise ValueError(f"fusec writes Llama checkpoints only; this model uses {switches} (another "
+                         f"architecture's features): keep it in the format it came in")
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": config.dim,
             "intermediate_size": config.hidden_dim, "num_attention_heads": config.n_heads,
             "num_key_value_heads": config.n_kv_heads, "num_hidden_layers": config.n_layers,
             "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
             "max_position_embeddings": config.max_seq_len, "vocab_size": config.vocab_size,
-            "tie_word_embeddings": tied, "hidden_act": "silu"}
+            "tie_word_embeddings": tied, "hidden_act": "silu", "head_dim": config.head_dim}
 
 
-def load_hf_weights(config: LlamaConfig, tied: bool, tensors: dict[str, Tensor]) -> CausalLM:
+def load_hf_weights(config: LlamaConfig, tied: bool, tensors: dict[str, Tensor], copy: bool = True) -> CausalLM:
     """A CausalLM of `config` holding `tensors` (HF names, any float dtype: stored as float32).
-    ValueError naming the missing, unexpected or misshapen tensors."""
-    model = CausalLM(config, tied)
+    ValueError naming the missing, unexpected or misshapen tensors.
+
+    The model is built without weights (no random init of what the checkpoint replaces). `copy=False`
+    adopts float32 tensors as they are, so views of a memory-mapped file stay views of it (loaders pass
+    tensors nobody else holds); other dtypes are converted to float32 either way."""
     names = hf_names(config, tied)
     given = {k for k in tensors if not k.endswith(HF_IGNORED)}
     missing, unexpected = sorted(set(names.values()) - given), sorted(given - set(names.values()))
     if missing or unexpected:
         raise ValueError(f"weights do not match a Llama of this config: missing {_few(missing)}, "
                          f"unexpected {_few(unexpected)}")
+    with torch.device("meta"):  # shapes only; every parameter is replaced below
+        model = CausalLM(config, tied)
+    model.rope_cos, model.rope_sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
     params = dict(model.named_parameters(remove_duplicate=False))
-    with torch.no_grad():
-        for ours, theirs in names.items():
-            tensor = tensors[theirs]
-            if tuple(tensor.shape) != tuple(params[ours].shape):
-                raise ValueError(f"weight {theirs} has shape {list(tensor.shape)}, expected "
-                                 f"{list(params[ours].shape)} for this config")
-            params[ours].copy_(tensor.float())
+    for ours, theirs in names.items():
+        tensor = tensors[theirs].detach()
+        if tuple(tensor.shape) != tuple(params[ours].shape):
+            raise ValueError(f"weight {theirs} has shape {list(tensor.shape)}, expected "
+                             f"{list(params[ours].shape)} for this config")
+        module_name, _, leaf = ours.rpartition(".")
+        value = tensor.to(torch.float32, copy=copy)
+        setattr(model.get_submodule(module_name), leaf, nn.Parameter(value))
+    if tied:
+        model.output.weight = model.tok_embeddings.weight
     return model.eval()
 
 
@@ -332,48 +339,30 @@ def save_safetensors(model: CausalLM, path: str | Path) -> Path:
 
 
 def load_safetensors(path: str | Path, config: LlamaConfig | dict | None = None) -> CausalLM:
-    """A CausalLM with the weights of a Hugging Face Llama checkpoint: one `.safetensors` file or a model
-    directory (every `*.safetensors` in it, sharded or not).
+    """A CausalLM with the weights of a Hugging Face checkpoint: one `.safetensors` file or a model
+    directory (every `*.safetensors` in it, sharded or not), of any architecture `from_hf` maps.
 
     The config is `config` (a LlamaConfig, tied if the file has no `lm_head.weight`, or a HF config dict),
     else the one `save_safetensors` stored in the file, else `config.json` beside the weights.
     """
-    import json
-
-    from safetensors import safe_open
-    path = Path(path)
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-    if not files or not all(f.is_file() for f in files):
-        raise ValueError(f"no safetensors weights at {str(path)!r}")
-    tensors, stored = {}, None
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            stored = stored or (f.metadata() or {}).get(CONFIG_KEY)
-            tensors.update({name: f.get_tensor(name) for name in f.keys()})
-    beside = (path if path.is_dir() else path.parent) / "config.json"
-    if isinstance(config, LlamaConfig):
-        return load_hf_weights(config, "lm_head.weight" not in tensors, tensors)
-    if config is None and stored:
-        config = json.loads(stored)
-    elif config is None and beside.is_file():
-        config = json.loads(beside.read_text())
-    if config is None:
-        raise ValueError(f"{str(path)!r} records no config and has no config.json beside it; pass config=")
-    llama, tied = config_from_hf(config)
-    return load_hf_weights(llama, tied and "lm_head.weight" not in tensors, tensors)
+    from fusec.loaders.hf import load_safetensors as load
+    return load(path, config)
 
 
 def from_hf(hf_model: nn.Module) -> CausalLM:
-    """The built-in CausalLM with the weights and config of a `transformers` LlamaForCausalLM (float32)."""
+    """The built-in CausalLM with the weights and config of a `transformers` causal LM of a Llama-family
+    architecture (`architectures.ARCHITECTURES`: Llama, Mistral, Qwen2, Gemma, Phi-3), in float32."""
     hf_config = getattr(hf_model, "config", None)
-    if hf_config is None or getattr(hf_config, "model_type", None) != "llama":
-        raise TypeError(f"from_hf expects a transformers LlamaForCausalLM, got {type(hf_model).__name__}")
-    config, tied = config_from_hf(hf_config.to_dict())
+    if hf_config is None or not hasattr(hf_config, "to_dict") or not hasattr(hf_model, "lm_head"):
+        raise TypeError(f"from_hf expects a transformers causal LM (LlamaForCausalLM, MistralForCausalLM, "
+                        f"...), got {type(hf_model).__name__}")
+    hf = hf_config.to_dict()
+    config, tied = config_from_hf(hf)
     state = hf_model.state_dict()
     tied = tied and hf_model.lm_head.weight is hf_model.model.embed_tokens.weight
     if tied:
         state.pop("lm_head.weight", None)
-    return load_hf_weights(config, tied, state)
+    return load_hf_weights(config, tied, llama_layout(hf, state))
 
 
 __all__ = ["CausalLM", "DecodeStep", "DecoderLayer", "Prefill", "cache_shape", "check_length",

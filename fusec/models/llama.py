@@ -28,9 +28,22 @@ class LlamaConfig:
     max_seq_len: int = 2048
     vocab_size: int = 32000
     n_layers: int = 1
+    # Switches for Llama-family architectures (fusec/models/architectures.py maps HF configs onto them);
+    # the defaults are Llama's.
+    head_size: int | None = None        # width of one head when it is not dim // n_heads (Gemma)
+    qkv_bias: bool = False              # biases on the q, k and v projections (Qwen2)
+    sliding_window: int | None = None   # a query sees only the keys of its last `sliding_window` positions
+    embed_scale: float = 1.0            # embeddings are multiplied by this (Gemma: sqrt(dim))
+    activation: str = "silu"            # the MLP's gate: "silu" (SwiGLU), "gelu_tanh" or "gelu" (GeGLU, Gemma)
 
     def __post_init__(self) -> None:
-        if self.dim % self.n_heads:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"LlamaConfig: activation must be one of {', '.join(ACTIVATIONS)}, "
+                             f"given {self.activation!r}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"LlamaConfig: sliding_window must be a positive number of positions or None, "
+                             f"given {self.sliding_window}")
+        if self.head_size is None and self.dim % self.n_heads:
             raise ValueError(f"LlamaConfig: dim must be divisible by n_heads, "
                              f"expected a multiple of {self.n_heads}, given dim={self.dim}")
         if self.n_heads % self.n_kv_heads:
@@ -42,7 +55,7 @@ class LlamaConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.head_size or self.dim // self.n_heads
 
     @classmethod
     def tiny(cls) -> LlamaConfig:
@@ -86,6 +99,9 @@ PRESETS: dict[str, Callable[[], LlamaConfig]] = {
 }
 
 
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu")  # the gate of FeedForward: SiLU, GELU (tanh approximation), GELU
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm: x * rsqrt(mean(x^2) + eps) * weight, computed in float32."""
 
@@ -127,9 +143,10 @@ class Attention(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
-        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
-        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.sliding_window = config.sliding_window
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=config.qkv_bias)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
     def project_kv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -160,24 +177,38 @@ class Attention(nn.Module):
         # Query i sits at position past_len + i and sees every key at a position up to its own.
         query_index = torch.arange(past_len, total_len, device=x.device).view(seq_len, 1)
         key_index = torch.arange(total_len, device=x.device).view(1, total_len)
-        scores = scores.masked_fill(key_index > query_index, float("-inf"))
+        scores = scores.masked_fill(hidden_keys(key_index, query_index, self.sliding_window), float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1).type_as(q)
 
         out = (probs @ v).transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim)
         return self.wo(out)
 
 
-class FeedForward(nn.Module):
-    """SwiGLU MLP: w2(silu(w1 x) * w3 x)."""
+def hidden_keys(key_index: Tensor, query_index: Tensor, sliding_window: int | None = None) -> Tensor:
+    """True where a query may not see a key, from their positions (broadcast against each other): keys
+    after the query, and with a sliding window W the keys W or more positions before it (as transformers'
+    sliding-window mask: a query at q sees the keys at q-W+1..q)."""
+    hidden = key_index > query_index
+    if sliding_window is not None:
+        hidden = hidden | (key_index <= query_index - sliding_window)
+    return hidden
 
-    def __init__(self, dim: int, hidden_dim: int):
+
+class FeedForward(nn.Module):
+    """Gated MLP: w2(act(w1 x) * w3 x), act silu (SwiGLU, the default) or tanh-approximated GELU."""
+
+    def __init__(self, dim: int, hidden_dim: int, activation: str = "silu"):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.activation = activation  # a name, not a function: the module stays picklable
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+        gate = self.w1(x)
+        gate = (nn.functional.silu(gate) if self.activation == "silu" else
+                nn.functional.gelu(gate, approximate="tanh" if self.activation == "gelu_tanh" else "none"))
+        return self.w2(gate * self.w3(x))
 
 
 class LlamaBlock(nn.Module):
@@ -189,7 +220,7 @@ class LlamaBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.attention = Attention(config)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.feed_forward = FeedForward(config.dim, config.hidden_dim)
+        self.feed_forward = FeedForward(config.dim, config.hidden_dim, config.activation)
         # Non-persistent: the tables derive from the config, so they stay out of state_dict.
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
