@@ -1,5 +1,6 @@
 """Golden tests of the generated Numba code: the whole program text of the tiny Llama block's prefill
-(GEMM prologue/epilogue, attention), its decode step (matrix-vector streams) and its decode step over
+(16 rows: matrix-vector streams, attention; 80 rows: BLAS GEMMs with parallel row-block prologues
+and epilogues), its decode step (matrix-vector streams) and its decode step over
 bf16 weights, and the unfused prefill (one kernel per op), so that any change to the emitter shows up as a diff in review.
 
 A deliberate change: regenerate with `FUSEC_UPDATE_GOLDEN=1 python -m pytest tests/test_golden_codegen.py`
@@ -33,9 +34,9 @@ def fixed_cpu(monkeypatch):
 
 
 def program_text(case: str) -> str:
-    module, args = load_model("llama-block:tiny")
+    module, args = load_model("llama-block:tiny", seq_len=80 if case == "prefill_gemm" else None)
     kwargs, options = {}, {}
-    if case != "prefill":
+    if case.startswith("decode"):
         args, kwargs = decode_inputs(module.config, past_len=12)
     if case == "decode_bf16":
         options["weights"] = "bf16"
@@ -45,7 +46,7 @@ def program_text(case: str) -> str:
     return re.sub(r"fusec_gen_[0-9a-f]+", "fusec_gen_<hash>", source)
 
 
-@pytest.mark.parametrize("case", ["prefill", "decode", "decode_bf16", "prefill_unfused"])
+@pytest.mark.parametrize("case", ["prefill", "prefill_gemm", "decode", "decode_bf16", "prefill_unfused"])
 def test_generated_code_is_the_golden_text(case):
     path = GOLDEN / f"numba_tiny_block_{case}.txt"
     text = program_text(case)
