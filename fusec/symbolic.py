@@ -197,6 +197,11 @@ def upper(d: Any) -> int:
     return interval(d)[1]
 
 
+def lower(d: Any) -> int:
+    """The smallest value of a size."""
+    return interval(d)[0]
+
+
 def evaluate(d: Any, sizes: Mapping[str, int]) -> int:
     """The value of a size for concrete values of its variables."""
     if not isinstance(d, Sym):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from backends.numba_cpu.codegen import emit_outputs, emit_store
 from backends.numba_cpu.expr import Emitter
+from fusec.symbolic import is_sym, lower, upper
 
 MATVEC_ROWS = 64  # up to this many rows of A, stream the weights in our parallel loop instead of calling BLAS:
 # BLAS threads keep spinning after a call and slow the parallel loops of the next kernels (measured: a
@@ -38,7 +39,8 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str]) -> str:
     # BLAS runs the GEMM on its own threads, which keep spinning for a while after the call; parallel
     # loops of ours around it would fight them for the cores, so the prologue and epilogue of a GEMM
     # run on the calling thread (they are a few percent of its work). Matrix-vector work is all ours.
-    parallel = m <= MATVEC_ROWS
+    # (a symbolic M counts at its upper bound; which product runs is then chosen per call, below)
+    parallel = upper(m) <= MATVEC_ROWS
     view = _array_view(em, left)
     if view is None or view[1] or view[2]:
         a = "abuf"
@@ -60,7 +62,12 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str]) -> str:
         acc = outs[direct[0]] if direct else f"acc{j}"  # a product that is an output goes straight there
         if not direct:
             w.line(f"{acc} = np.empty(({m}, {n}), np.float32)")
-        if m <= MATVEC_ROWS and transposed:
+        if is_sym(m) and transposed and lower(m) <= MATVEC_ROWS:  # the product for the call's M
+            with w.block(f"if {m} <= {MATVEC_ROWS}", barrier=True):
+                w.line(f"matvec{'_bf16' if widened else ''}({a}, {b}, {acc})")
+            with w.block("else", barrier=True):
+                w.line(f"gemm_bf16({a}, {b}, {acc})" if widened else f"gemm({a}, {b}, {acc}, True)")
+        elif upper(m) <= MATVEC_ROWS and transposed:
             w.line(f"matvec{'_bf16' if widened else ''}({a}, {b}, {acc})")
         elif widened:
             w.line(f"gemm_bf16({a}, {b}, {acc})")
@@ -69,4 +76,4 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str]) -> str:
         em.overrides[mm] = (lambda name: lambda idx: f"{name}[{idx[0]}, {idx[1]}]")(acc)
     written = {k for k, o in enumerate(g.outputs) if o in matmuls}
     emit_outputs(em, outs, only=[k for k in range(len(outs)) if k not in written], parallel=parallel)
-    return "gemm" if m > MATVEC_ROWS else "matvec"
+    return "gemm" if upper(m) > MATVEC_ROWS else "matvec"
