@@ -102,3 +102,20 @@ def runs_symbolic(graph: Graph, shapes: Sequence[tuple[int, ...]], names: Sequen
             if bounds is not None and not bounds[0] <= shapes[pos][axis] <= bounds[1]:
                 raise
         return False
+
+
+def concrete(graph: Graph, sizes: int | Mapping[str, int] | None = None) -> Graph:
+    """A symbolic graph at concrete sizes, for reports that need numbers (the RDU model's placement,
+    `fusec dump --dynamic --seq-len N`): `sizes` a mapping, one int for every variable (a sequence
+    length), or None for the upper bounds. SizeError names a size outside its bounds."""
+    bounds = graph.sizes
+    if not bounds:
+        return graph
+    if sizes is None:
+        sizes = upper_sizes(graph)
+    elif isinstance(sizes, int):
+        sizes = {k: sizes for k in bounds}
+    for k, (lo, hi) in bounds.items():
+        if k not in sizes or not lo <= sizes[k] <= hi:
+            raise SizeError(f"the size {k} must be in [{lo}, {hi}]; given {sizes.get(k)}")
+    return specialize(graph, sizes)

@@ -50,8 +50,12 @@ def make_place_pass(machine: Machine | str, seed: int = 0, dtype: str | None = N
 
 
 def plan(graph: Graph, machine: Machine | str = "sn40l", seed: int = 0, dtype: str | None = None) -> Placement:
-    """The Placement of `graph` on `machine` (a preset name, machine file or Machine)."""
+    """The Placement of `graph` on `machine` (a preset name, machine file or Machine). A graph with
+    symbolic sizes is placed at their upper bounds (`fusec.sizes.concrete` for another size first)."""
     m = get_machine(machine)
+    if graph.sizes:
+        from fusec.sizes import concrete
+        graph = concrete(graph)
     if m.kind != "rdu" or m.layout != "checkerboard":
         raise FusecError(f"place maps onto an RDU's PCU/PMU checkerboard; machine {m.name!r} is a {m.kind} "
                          f"({m.layout} layout); use sn40l, plasticine or test_grid")

@@ -108,3 +108,20 @@ def test_hf_llama_decoder_layer_one_program(fuse):
             want = want[0] if isinstance(want, tuple) else want
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"at size {n}")
     assert compiled.stats["programs"] == 1
+
+
+def test_dynamo_dynamic_shapes_compile_once(block):
+    import torch._dynamo
+
+    from fusec.dynamo import graphs
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend="fusec", dynamic=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for t in (5, 9, 17, 3):
+            (x,) = example_inputs(LlamaConfig.tiny(), batch=1, seq_len=t, seed=t)
+            torch.testing.assert_close(compiled(x), block(x), rtol=1e-4, atol=1e-5, msg=f"at size {t}")
+    live = [g for g in graphs() if g.gm is not None and g.compiled]
+    assert len(live) == 1 and not live[0].eager
+    (program,) = live[0].compiled
+    assert program.stats["programs"] == 1 and program.graph.sizes
