@@ -183,6 +183,15 @@ def _arange(cx, start, end=None, step=1, **kwargs):
     return cx.add("iota", [], shape=(end - start,), axis=0, start=start, step=1, dtype=cx.out_dtype())
 
 
+@lowers("aten.full", "aten.zeros", "aten.ones")
+def _full(cx, size, value=None, **kwargs):
+    """Only reached with a symbolic size (constant ones fold at trace time): a splat constant."""
+    from fusec.lowering import TV, _scalar_for
+    value = {"aten.zeros": 0, "aten.ones": 1}.get(cx.current, value)
+    dt = cx.out_dtype()
+    return TV(cx.b.const(_scalar_for(value, dt), dt, cx.out_shape()))
+
+
 @lowers("aten.select")
 def _select(cx, x, dim, index):
     x = cx.tensor(x)

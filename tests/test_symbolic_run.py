@@ -125,3 +125,31 @@ def test_dynamo_dynamic_shapes_compile_once(block):
     assert len(live) == 1 and not live[0].eager
     (program,) = live[0].compiled
     assert program.stats["programs"] == 1 and program.graph.sizes
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("backend, fuse", [("numba", True), ("reference", False)], ids=["fused", "unfused"])
+def test_hf_llama_for_causal_lm_one_program(backend, fuse):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                      num_key_value_heads=2, num_hidden_layers=2, vocab_size=97,
+                                      max_position_embeddings=64, rms_norm_eps=1e-5)
+    torch.manual_seed(0)
+    model = _Logits(transformers.LlamaForCausalLM(config).eval())
+    ids = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = fusec.compile(model, (ids,), dynamic={"input_ids": {1: (1, 64)}}, backend=backend, fuse=fuse)
+        for n in (1, 2, 7, 13, 64):
+            x = torch.randint(0, 97, (1, n), generator=torch.Generator().manual_seed(n))
+            with torch.no_grad():
+                torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5, msg=f"at size {n}")
+    assert compiled.stats["programs"] == 1 and compiled.graph.sizes == {"s0": (1, 64)}
