@@ -35,11 +35,13 @@ def size_slots(graph: Graph) -> dict[str, tuple[int, int]]:
 
 
 def bind_sizes(graph: Graph, shapes: Sequence[tuple[int, ...]], names: Sequence[str] | None = None,
-               slots: Mapping[str, tuple[int, int]] | None = None) -> dict[str, int]:
+               slots: Mapping[str, tuple[int, int]] | None = None,
+               bounds: Mapping[str, tuple[int, int]] | None = None) -> dict[str, int]:
     """The value of every size variable for inputs of these shapes (in `graph.inputs` order), checked:
     each within its bounds and every input's every dimension equal to its declared size. SizeError names
-    the input, the dimension, the bounds and the value."""
-    bounds = graph.sizes
+    the input, the dimension, the bounds and the value. (`slots` and `bounds`: `size_slots(graph)` and
+    `graph.sizes`, when the caller keeps them.)"""
+    bounds = graph.sizes if bounds is None else bounds
     if not bounds:
         return {}
     slots = size_slots(graph) if slots is None else slots

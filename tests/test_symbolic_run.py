@@ -154,3 +154,18 @@ def test_hf_llama_for_causal_lm_one_program(backend, fuse):
             with torch.no_grad():
                 torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5, msg=f"at size {n}")
     assert compiled.stats["programs"] == 1 and compiled.graph.sizes == {"s0": (1, 64)}
+
+
+def test_dump_and_rdu_report_a_symbolic_program_at_a_size():
+    from fusec.cli import dump
+    from fusec.cli_rdu import _lowered
+    from fusec.placement import placement_of
+    symbolic = dump("llama-block:tiny", "tiled", "text", dynamic=True)
+    assert "sizes {s0=[2,128]}" in symbolic and "f32[1,s0,64]" in symbolic
+    at = dump("llama-block:tiny", "tiled", "text", seq_len=17, dynamic=True)
+    assert "s0" not in at and "f32[1,17,64]" in at
+    graph = _lowered("llama-block:tiny", 17, True, None, dynamic=True)
+    assert not graph.sizes and graph.nodes[graph.inputs[0]].shape == (1, 17, 64)
+    assert placement_of(graph).sections
+    with pytest.raises(SizeError, match=r"s0 must be in \[2, 128\]; given 500"):
+        _lowered("llama-block:tiny", 500, True, None, dynamic=True)

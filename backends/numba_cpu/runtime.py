@@ -97,7 +97,7 @@ class Program:
             from fusec.sizes import size_slots, specialize, upper_sizes
             if self.drivers:
                 raise FusecError("the numba backend runs no loop node with symbolic sizes (compile with loop=False)")
-            self._slots = size_slots(graph)
+            self._slots, self._bounds = size_slots(graph), graph.sizes
             self._sizes = upper_sizes(graph)
             graph = self.graph = specialize(graph, self._sizes)
         self.weights = {name: _weight(graph.tensors[name]) for name in param_types(graph)}
@@ -194,7 +194,8 @@ class Program:
         with self._lock:
             if self.symbolic is not None:
                 from fusec.sizes import bind_sizes
-                sizes = bind_sizes(self.symbolic, [np.shape(x) for x in inputs], slots=self._slots)
+                sizes = bind_sizes(self.symbolic, [np.shape(x) for x in inputs], slots=self._slots,
+                                   bounds=self._bounds)
                 if sizes != self._sizes:
                     self._resize(sizes)
                 g = self.graph
