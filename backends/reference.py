@@ -347,8 +347,12 @@ def run_graph(graph: Graph, inputs: list[np.ndarray]) -> list[np.ndarray]:
     """Evaluate every node in order and return the outputs; a value is dropped after its last use.
 
     `inputs` are in the order of `graph.inputs` and must match their declared shapes and dtypes
-    (torch tensors are accepted and viewed without a copy).
+    (torch tensors are accepted and viewed without a copy). A graph with symbolic sizes runs as the static
+    graph at the sizes the inputs give (`fusec.sizes`: checked against their bounds, SizeError if not).
     """
+    if graph.sizes:
+        from fusec.sizes import bind_sizes, specialize
+        graph = specialize(graph, bind_sizes(graph, [np.shape(x) for x in inputs]))
     return _run(graph, inputs, graph.tensors)
 
 

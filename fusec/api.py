@@ -114,10 +114,12 @@ class CompiledModule:
     program compiled so far (one per input signature, see `fusec.guards`)."""
 
     def __init__(self, module: torch.nn.Module, first: Specialization, options: Options, key: tuple,
-                 dynamic: Any = None, recompile: bool = False, cache_limit: int = CACHE_LIMIT):
+                 dynamic: Any = None, recompile: bool = False, cache_limit: int = CACHE_LIMIT,
+                 declared: dict | None = None):
         self.module = module
         self.options = options
         self.dynamic = parse_dynamic(dynamic, first.traced.input_names)
+        self.declared = declared if declared is not None else {}  # (input, axis) -> bounds given (symbolic)
         self.recompile = recompile
         self.cache_limit = cache_limit
         self.recompiles = 0  # programs compiled for signatures outside the dynamic dimensions
@@ -142,7 +144,8 @@ class CompiledModule:
 
     @property
     def stats(self) -> dict:
-        return self._first.stats
+        """The example inputs' program's statistics, and `programs`: how many were compiled so far."""
+        return {**self._first.stats, "programs": len({id(p) for p in self._programs.values()})}
 
     @property
     def program(self):
@@ -249,6 +252,10 @@ class CompiledModule:
         """Whether a tensor's shape differs from the first program's (only in dynamic dimensions, since
         `_mismatch` found nothing else)."""
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        if self.graph.sizes:  # one symbolic program for every size in its bounds (`fusec.sizes`)
+            from fusec.sizes import runs_symbolic
+            return not runs_symbolic(self.graph, [tuple(x.shape) for x in tensors], self.traced.input_names,
+                                     self.declared)
         return any(tuple(x.shape) != t.shape for x, t in zip(tensors, self.graph.input_types))
 
     def _mismatch(self, args: tuple, kwargs: dict, leaves: list, spec: Any) -> tuple[Exception | None, bool]:
@@ -285,10 +292,12 @@ def compile(module: torch.nn.Module, example_inputs: Any = (), example_kwargs: d
 
     Returns a callable with the module's signature. Every call is checked against the signature it was
     compiled for (structure, and per tensor rank, shape, dtype, device, layout; see `fusec.guards`):
-    - `dynamic`: dimensions that may change between calls, `{"x": {1}}` (by input name or position among
-      the tensor inputs) or True for all. Shapes stay static in the IR: a call with new sizes in these
-      dimensions compiles (once) a program for them, with no limit; the on-disk cache makes a size seen
-      in an earlier process quick to load.
+    - `dynamic`: dimensions that may change between calls, by input name or position among the tensor
+      inputs, compiled once as symbolic sizes (`fusec.tracing_sym`): `{"x": {1: (1, 256)}}` serves every
+      size in [1, 256] with one program (a call outside is a SizeError naming the dimension, bounds and
+      size); `{"x": {1}}` (or True for every dimension) the range torch.export finds the module supports,
+      and a size outside it (torch specializes 1) compiles a program of its own. `stats["programs"]`
+      counts the programs compiled.
     - any other difference raises TypeError/ValueError naming what was expected and what was given, or,
       with `recompile=True`, compiles a program for the new signature; past `cache_limit` such programs
       it warns once and runs new signatures in PyTorch eager.
@@ -320,22 +329,25 @@ def compile(module: torch.nn.Module, example_inputs: Any = (), example_kwargs: d
         raise ValueError(f"fusec.compile needs non-empty example inputs; input {empty} has shape "
                          f"{list(tensors[empty].shape)}. Compile with a non-empty example (calls with an "
                          f"empty batch, in a dynamic dimension, then run in PyTorch eager)")
-    first = build(module, example_inputs, example_kwargs or {}, options)
+    from fusec.tracing_sym import dynamic_spec
+    _, declared = dynamic_spec(module, example_inputs, example_kwargs or {}, dynamic)
+    first = build(module, example_inputs, example_kwargs or {}, options, dynamic)
     key = signature_key(*pytree.tree_flatten((example_inputs, example_kwargs or {})))
-    return CompiledModule(module, first, options, key, dynamic, recompile, cache_limit)
+    return CompiledModule(module, first, options, key, dynamic, recompile, cache_limit, declared)
 
 
-def build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options) -> Specialization:
-    """Trace, lower and compile `module` for exactly these inputs; run it once (JIT-compiling the kernels
-    or loading them from the cache)."""
+def build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options,
+          dynamic: Any = None) -> Specialization:
+    """Trace, lower and compile `module` for exactly these inputs, or with `dynamic` for every size in its
+    ranges (`fusec.tracing_sym`); run it once (JIT-compiling the kernels or loading them from the cache)."""
     from fusec.tracing import trace
     start = time.perf_counter()
-    traced = trace(module, args, kwargs, strict=options.strict)
+    traced = trace(module, args, kwargs, strict=options.strict, dynamic=dynamic)
     dump = DebugDump.start(traced.module_name or "module")
     if dump:
         dump.traced(traced.graph, getattr(traced.fx_graph, "code", ""))
     graph = lower(traced.graph, fuse=options.fuse, callback=dump.stage if dump else None, weights=options.weights,
-                  loop=options.loop)
+                  loop=options.loop and not traced.graph.sizes)  # (the loop driver has no symbolic sizes yet)
     stats = program_stats(graph)
     if options.backend == "reference":
         from backends.reference import compile_graph

@@ -66,8 +66,10 @@ def stage_names() -> list[str]:
     return _frontend_stages() + [s for s in TARGETS["rdu"] if s != "weights"] + ["looped"] + BACKEND_STAGES
 
 
-def dump(spec: str, stage: str, fmt: str, seq_len: int | None = None, fuse: bool = True) -> str:
-    """The IR of model `spec` after `stage`, formatted as text, json or dot (`numba`: generated source)."""
+def dump(spec: str, stage: str, fmt: str, seq_len: int | None = None, fuse: bool = True,
+         dynamic: bool = False) -> str:
+    """The IR of model `spec` after `stage`, formatted as text, json or dot (`numba`: generated source).
+    `dynamic`: the symbolic program (sequence axis symbolic), at `seq_len` tokens when given."""
     from fusec.export import to_dot, to_json
     from fusec.models import load_model
     from fusec.tracing import trace
@@ -78,22 +80,25 @@ def dump(spec: str, stage: str, fmt: str, seq_len: int | None = None, fuse: bool
         from fusec.cli_rdu import dump_placed
         if stage != "placed":
             raise FusecError(f"--format {fmt} draws the placement: use --stage placed")
-        return dump_placed(spec, fmt, seq_len, fuse)
-    module, inputs = load_model(spec, seq_len=seq_len)
-    traced = trace(module, inputs)
+        return dump_placed(spec, fmt, seq_len, fuse, dynamic)
+    module, inputs = load_model(spec, seq_len=None if dynamic else seq_len)
+    traced = trace(module, inputs, dynamic={0: {1}} if dynamic else None)
     if stage == "fx":
         if fmt != "text":
             raise FusecError("stage 'fx' prints only as text (it is torch's graph, not fusec IR)")
         return traced.fx_graph.code.strip()
     if stage == "numba":
         import fusec
-        compiled = fusec.compile(module, inputs, fuse=fuse)
+        compiled = fusec.compile(module, inputs, fuse=fuse, dynamic={0: {1}} if dynamic else None)
         return f"{_stats_line(compiled.stats)}\n{compiled.source}"
     if not fuse and stage not in ("ir", "canonical"):
         from fusec.api import lower
         graph = lower(traced.graph, fuse=False)
     else:
         graph = traced.graph if stage == "ir" else run_pipeline(traced.graph, until=stage, target="cpu")
+    if dynamic and seq_len is not None:  # the symbolic program as it runs at that size
+        from fusec.sizes import concrete
+        graph = concrete(graph, seq_len)
     if fmt == "json":
         return to_json(graph)
     if fmt == "dot":
@@ -185,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--format", default="text", choices=("text", "json", "dot", "svg", "png"))
     d.add_argument("--seq-len", type=positive_int, default=None, help="sequence length of the example input")
     d.add_argument("--unfused", action="store_true", help="show the unfused program (one kernel per op)")
+    d.add_argument("--dynamic", action="store_true",
+                   help="the symbolic program (sequence axis symbolic); with --seq-len, at that size")
     d.add_argument("-o", "--output", help="write to this file instead of standard output")
     m = sub.add_parser("demo", help="trace a built-in model, run it and compare with PyTorch")
     m.add_argument("model", nargs="?", default="llama-block")
@@ -275,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "dump":
             _check_output_name(args.output, args.format)
-            text = dump(args.model, args.stage, args.format, args.seq_len, fuse=not args.unfused)
+            text = dump(args.model, args.stage, args.format, args.seq_len, fuse=not args.unfused,
+                        dynamic=args.dynamic)
             if isinstance(text, bytes):  # --format png
                 from fusec.cli_rdu import write_bytes
                 return write_bytes(text, args.output)

@@ -18,13 +18,15 @@ PLACED_FORMATS = ("text", "json", "svg", "png")
 DTYPES = ("auto", "traced", "bf16", "f16", "f32")
 
 
-def dump_placed(spec: str, fmt: str, seq_len: int | None = None, fuse: bool = True) -> str | bytes:
-    """The placement of model `spec` on sn40l (seed 0) as text, json, svg or png (bytes)."""
+def dump_placed(spec: str, fmt: str, seq_len: int | None = None, fuse: bool = True,
+                dynamic: bool = False) -> str | bytes:
+    """The placement of model `spec` on sn40l (seed 0) as text, json, svg or png (bytes); `dynamic`: of
+    its symbolic program (sequence axis symbolic) placed at `seq_len` tokens (default: the upper bound)."""
     from fusec.placement import placement_of
     from fusec.placement_view import format_placement, to_png, to_svg
     if fmt not in PLACED_FORMATS:
         raise FusecError(f"stage 'placed' prints as {', '.join(PLACED_FORMATS)}, not {fmt}")
-    graph = _lowered(spec, seq_len, fuse, None)
+    graph = _lowered(spec, seq_len, fuse, None, dynamic=dynamic)
     placement = placement_of(graph)
     title = spec + ("" if fuse else " (unfused)")
     if fmt == "json":
@@ -37,15 +39,22 @@ def dump_placed(spec: str, fmt: str, seq_len: int | None = None, fuse: bool = Tr
 
 
 def _lowered(spec: str, seq_len: int | None, fuse: bool, decode_past: int | None,
-             machine: str = "sn40l", seed: int = 0, dtype: str | None = None):
+             machine: str = "sn40l", seed: int = 0, dtype: str | None = None, dynamic: bool = False):
     """Model `spec` traced and lowered to a placed graph, fused or unfused (see `_traced`)."""
-    return _place(_traced(spec, seq_len, decode_past), fuse, machine, seed, dtype)
+    return _place(_traced(spec, seq_len, decode_past, dynamic), fuse, machine, seed, dtype, seq_len)
 
 
-def _traced(spec: str, seq_len: int | None, decode_past: int | None):
-    """The traced IR of model `spec`: its example inputs, or one decode step after `decode_past` tokens."""
+def _traced(spec: str, seq_len: int | None, decode_past: int | None, dynamic: bool = False):
+    """The traced IR of model `spec`: its example inputs, or one decode step after `decode_past` tokens;
+    `dynamic`: with the sequence axis (axis 1 of the first input) symbolic, `seq_len` then being the size
+    the report is for (see `_place`)."""
     from fusec.models import load_model
     from fusec.tracing import trace
+    if dynamic:
+        if decode_past is not None:
+            raise FusecError("--dynamic makes the prompt length symbolic; it does not apply to --decode")
+        module, inputs = load_model(spec)
+        return trace(module, inputs, dynamic={0: {1}}).graph
     module, inputs = load_model(spec, seq_len=seq_len)
     kwargs = {}
     if decode_past is not None:
@@ -57,12 +66,16 @@ def _traced(spec: str, seq_len: int | None, decode_past: int | None):
     return trace(module, inputs, kwargs).graph
 
 
-def _place(traced, fuse: bool, machine: str, seed: int, dtype: str | None, weights: str = "fp32"):
+def _place(traced, fuse: bool, machine: str, seed: int, dtype: str | None, weights: str = "fp32",
+           seq_len: int | None = None):
     """`traced` lowered with its weights stored as `weights` (int8 weights and their scales are counted
-    at their own sizes, whatever `dtype` says of floats) and placed on `machine`."""
+    at their own sizes, whatever `dtype` says of floats) and placed on `machine`; a symbolic program first
+    at `seq_len` tokens (default its upper bound), so the placement, the memory plan and the report are
+    for that size (SambaFlow compiles per shape too)."""
     from fusec.api import lower
+    from fusec.sizes import concrete
     from passes.place import place
-    return place(lower(traced, fuse=fuse, weights=weights), machine, seed, dtype)
+    return place(concrete(lower(traced, fuse=fuse, weights=weights), seq_len), machine, seed, dtype)
 
 
 def add_rdu_parser(subparsers) -> argparse.ArgumentParser:
@@ -79,6 +92,8 @@ def add_rdu_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--compare", action="store_true", help="report fused and unfused and their ratio")
     r.add_argument("--decode", action="store_true", help="one decode step (1 new token after --past tokens)")
     r.add_argument("--seq-len", type=positive_int, default=None, help="prefill tokens of the example input")
+    r.add_argument("--dynamic", action="store_true",
+                   help="trace with the sequence axis symbolic; report the program at --seq-len tokens")
     r.add_argument("--past", type=nonnegative_int, default=None, help="past tokens for --decode (default: max_seq_len - 1)")
     r.add_argument("--layers", type=positive_int, default=None,
                    help="calls of the block per model call (default: the preset's n_layers, else 1)")
@@ -119,10 +134,10 @@ def rdu_main(args: argparse.Namespace) -> int:
     orchestration = args.orchestration or ("hardware" if args.decode else "software")
     loops = ([False, True] if args.decode and args.kernel_looping is None else [bool(args.kernel_looping)])
     variants = [True, False] if args.compare else [not args.unfused]
-    traced = _traced(args.model, args.seq_len, past)
+    traced = _traced(args.model, args.seq_len, past, args.dynamic)
     reports = {}
     for fuse in variants:
-        graph = _place(traced, fuse, args.machine, args.seed, dtype, args.weights)
+        graph = _place(traced, fuse, args.machine, args.seed, dtype, args.weights, args.seq_len)
         for looping in loops:
             name = ("fused" if fuse else "unfused") + (", looped" if looping else ", not looped" if
                                                        len(loops) > 1 else "")

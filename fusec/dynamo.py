@@ -9,8 +9,10 @@ the graph module, core-ATen decompositions) on the first call, for the shapes of
   PyTorch eager (with a warning); call the model under `torch.no_grad()` or `torch.inference_mode()`.
 - Parameters (inputs Dynamo passes as `nn.Parameter`) stay parameters: fusec reads them in place, as
   weights. A call with other parameter objects (another instance of the same module) compiles again.
-- Shapes: Dynamo guards its graphs; fusec keeps one program per input shape it sees (`dynamic=True`),
-  so Dynamo's dynamic shapes work, one compiled program per concrete size.
+- Shapes: Dynamo guards its graphs. A graph captured with dynamic shapes (`torch.compile(...,
+  dynamic=True)`, or after Dynamo saw a second size) compiles once, with those dimensions symbolic
+  (`fusec.tracing_sym`): the size arguments Dynamo passes alongside are read from the tensors' shapes
+  instead. Other shapes (and sizes outside the range torch.export finds) compile a program each.
 - A graph fusec cannot compile (torch.export fails on it, or fusec itself fails) runs in PyTorch eager,
   with a warning naming the error; ops without a lowering run through PyTorch inside the fusec program as
   usual.
@@ -58,17 +60,25 @@ class _Graph(torch.nn.Module):
     """Dynamo's graph module as a module fusec can trace: the parameters it receives as inputs are
     registered as this module's parameters (the same objects: no copies), the rest are its inputs."""
 
-    def __init__(self, gm: torch.nn.Module, params: dict[int, torch.nn.Parameter], arity: int):
+    def __init__(self, gm: torch.nn.Module, params: dict[int, torch.nn.Parameter], arity: int,
+                 derived: dict[int, tuple[int, int]] | None = None, scalars: dict[int, torch.Tensor] | None = None):
         super().__init__()
         self.gm = gm
         self.arity = arity
+        self.derived = derived or {}  # size argument -> (argument, axis) whose size it is
         self.positions = sorted(params)
         for i, p in params.items():
             self.register_parameter(f"p{i}", p)
+        self.scalars = sorted(scalars or {})  # rank-0 tensors Dynamo made of float attributes: constants
+        for i, t in (scalars or {}).items():
+            self.register_buffer(f"c{i}", t.detach().clone())
 
     def forward(self, *inputs):
         it = iter(inputs)
-        args = [getattr(self, f"p{i}") if i in self.positions else next(it) for i in range(self.arity)]
+        args = [getattr(self, f"p{i}") if i in self.positions else getattr(self, f"c{i}") if i in self.scalars
+                else None if i in self.derived else next(it) for i in range(self.arity)]
+        for i, (j, axis) in self.derived.items():
+            args[i] = args[j].shape[axis]
         return self.gm(*args)
 
 
@@ -80,6 +90,11 @@ class DynamoGraph:
         self.options = options
         self.arity = len(example_inputs)
         self.positions = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
+        self.derived, self.dynamic = _symbolic_sizes(gm, self.positions)
+        # rank-0 float tensors (float attributes, e.g. a norm's eps, under dynamic=True): constants of the
+        # program, their values part of the key of the compiled program
+        self.scalars = [i for i, x in enumerate(example_inputs) if i not in self.positions and i not in self.derived
+                        and isinstance(x, torch.Tensor) and x.dim() == 0 and x.is_floating_point()] if self.dynamic else []
         self._compiled: dict[tuple[int, ...], tuple[list, Any]] = {}
         self._eager = False
         self._lock = threading.Lock()
@@ -102,7 +117,7 @@ class DynamoGraph:
         compiled = self._compiled_for(params, args)
         if compiled is None:
             return self.gm(*args)
-        skip = set(self.positions)
+        skip = set(self.positions) | set(self.derived) | set(self.scalars)
         return compiled(*[a for i, a in enumerate(args) if i not in skip])
 
     def _known(self, key: tuple, params: list):
@@ -112,7 +127,7 @@ class DynamoGraph:
         return None
 
     def _compiled_for(self, params: list, args: tuple):
-        key = tuple(id(p) for p in params)
+        key = tuple(id(p) for p in params) + tuple(float(args[i]) for i in self.scalars)
         known = self._known(key, params)
         if known is not None:
             return known
@@ -121,12 +136,15 @@ class DynamoGraph:
             if known is not None or self._eager:
                 return known
             import fusec
-            module = _Graph(self.gm, dict(zip(self.positions, params)), self.arity)
-            user = tuple(a for i, a in enumerate(args) if i not in set(self.positions))
+            module = _Graph(self.gm, dict(zip(self.positions, params)), self.arity, self.derived,
+                            {i: args[i] for i in self.scalars})
+            skip = set(self.positions) | set(self.derived) | set(self.scalars)
+            user = tuple(a for i, a in enumerate(args) if i not in skip)
             try:
                 compiled = fusec.compile(module, user, backend=self.options.get("backend", "numba"),
                                          fuse=self.options.get("fuse", True),
-                                         strict=self.options.get("strict", False), dynamic=True,
+                                         strict=self.options.get("strict", False),
+                                         dynamic=self.dynamic or None,
                                          recompile=True,
                                          cache_limit=self.options.get("cache_limit", CACHE_LIMIT))
             except Exception as e:  # noqa: BLE001 - an internal error too: eager still gives the right answer
@@ -141,3 +159,22 @@ class DynamoGraph:
                 self._compiled.pop(next(iter(self._compiled)))
             self._compiled[key] = ([weakref.ref(p) for p in params], compiled)
             return compiled
+
+
+def _symbolic_sizes(gm: torch.nn.Module, params: list[int]) -> tuple[dict, dict]:
+    """(size arguments Dynamo passes that are a dimension of a tensor argument: {position: (tensor
+    position, axis)}, the symbolic dimensions of the tensor arguments by position among them (what
+    `fusec.compile`'s `dynamic` takes)), read from the placeholders' example values."""
+    holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values = [n.meta.get("example_value") for n in holders]
+    where: dict[str, tuple[int, int]] = {}
+    dynamic: dict[int, set[int]] = {}
+    tensors = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor) and i not in params]
+    for k, i in enumerate(tensors):
+        for axis, d in enumerate(values[i].shape):
+            if isinstance(d, torch.SymInt):
+                where.setdefault(str(d.node.expr), (i, axis))
+                dynamic.setdefault(k, set()).add(axis)
+    derived = {i: where[str(v.node.expr)] for i, v in enumerate(values)
+               if isinstance(v, torch.SymInt) and str(v.node.expr) in where}
+    return derived, dynamic

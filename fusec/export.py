@@ -9,11 +9,14 @@ from typing import Any
 
 from fusec.ir import Graph
 from fusec.printer import format_value
+from fusec.symbolic import Sym
 
 
 def _attr_json(v: Any) -> Any:
     if isinstance(v, Graph):
         return graph_to_dict(v)
+    if isinstance(v, Sym):
+        return str(v)  # a symbolic size, as the printer spells it ("s0", "(s0+1)")
     if isinstance(v, tuple):
         return [_attr_json(x) for x in v]
     if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
@@ -25,10 +28,11 @@ def graph_to_dict(graph: Graph) -> dict:
     return {
         "nodes": [{"id": i, "op": n.op, "args": list(n.args),
                    "attrs": {k: _attr_json(v) for k, v in n.attrs},
-                   "shape": list(n.shape), "dtype": n.dtype,
+                   "shape": [_attr_json(d) for d in n.shape], "dtype": n.dtype,
                    **({"origin": n.origin} if n.origin else {})}
                   for i, n in enumerate(graph.nodes)],
         "outputs": list(graph.outputs),
+        **({"sizes": {k: list(v) for k, v in graph.sizes.items()}} if graph.sizes else {}),
     }
 
 

@@ -41,9 +41,10 @@ def fusec_compiler(backend: str = "numba", weights: str = "fp32", fuse: bool = T
     if loop is not None:
         options["loop"] = loop
 
-    def compile_program(module: nn.Module, example: tuple) -> Program:
-        return fusec.compile(module, example, backend=backend, fuse=fuse, **options)
+    def compile_program(module: nn.Module, example: tuple, dynamic=None) -> Program:
+        return fusec.compile(module, example, backend=backend, fuse=fuse, dynamic=dynamic, **options)
 
+    compile_program.symbolic = True  # takes `dynamic`: one prefill program for every prompt length
     return compile_program
 
 
@@ -99,9 +100,9 @@ class Generator:
 
     # --- programs -------------------------------------------------------------------------------------
 
-    def _compile(self, module: nn.Module, example: tuple) -> Program:
+    def _compile(self, module: nn.Module, example: tuple, dynamic=None) -> Program:
         start = time.perf_counter()
-        program = self.compiler(module, example)
+        program = self.compiler(module, example, dynamic=dynamic) if dynamic else self.compiler(module, example)
         if self._bound is not None:
             _bind(program, self._bound)
         self._totals["compiles"] += 1
@@ -140,8 +141,21 @@ class Generator:
         it, or `prompt_len` itself (no bucket given, or none large enough)."""
         return next((b for b in self.prompt_buckets if b >= prompt_len), prompt_len)
 
+    @property
+    def symbolic(self) -> bool:
+        """One prefill program per batch size for every prompt length (symbolic sizes), unless prompts
+        are padded to buckets or the compiler takes no `dynamic` (then one per length)."""
+        return getattr(self.compiler, "symbolic", False) and not self.prompt_buckets and self.max_seq_len > 1
+
     def prefill_program(self, batch: int, length: int) -> Program:
-        """The prefill program for `batch` prompts run at `length` tokens (compiled on first use)."""
+        """The prefill program for `batch` prompts run at `length` tokens (compiled on first use; with
+        `symbolic`, one program for every length 1..max_seq_len)."""
+        if self.symbolic:
+            if (batch, "T") not in self._prefill:
+                tokens = torch.zeros(batch, min(8, self.max_seq_len), dtype=torch.int64)
+                self._prefill[batch, "T"] = self._compile(Prefill(self.model, None), (tokens,),
+                                                          {"tokens": {1: (1, self.max_seq_len)}})
+            return self._prefill[batch, "T"]
         key = (batch, length)
         if key not in self._prefill:
             tokens = torch.zeros(batch, length, dtype=torch.int64)

@@ -1,12 +1,14 @@
 """Guards: what a compiled program checks before its generated code runs.
 
-The IR has static shapes, so a program is compiled for one *signature*: the structure of the call's
-arguments, and per tensor its shape, dtype, device and layout (per non-tensor leaf, its value).
+A program is compiled for one *signature* (its dynamic dimensions symbolic, see `fusec.symbolic`): the
+structure of the call's arguments, and per tensor its shape, dtype, device and layout (per non-tensor
+leaf, its value).
 `fusec.api.CompiledModule` keeps one program per signature it has seen:
 
 - a call with a known signature runs that program;
-- a call differing only in dimensions marked dynamic compiles a program for the new shape, silently and
-  without limit (dynamic dimensions are a per-shape cache, not symbolic code);
+- a call differing only in dimensions marked dynamic runs the one symbolic program (`fusec.sizes`) when
+  its sizes are in the program's range; outside a declared range it is a SizeError, outside the range
+  torch.export found it compiles a program for that shape, silently and without limit;
 - any other difference is a `TypeError`/`ValueError` naming what was expected and what was given, or,
   with `recompile=True`, a new program (at most `cache_limit` of them; past it, a warning, and new
   signatures run in PyTorch eager);

@@ -22,9 +22,10 @@ FLOAT_DTYPES = ("f32", "f64", "f16", "bf16")
 
 @dataclass(frozen=True)
 class TensorType:
-    """Shape and element type of a value. Dimensions are ints (symbolic names are reserved for later)."""
+    """Shape and element type of a value. A dimension is an int or a `fusec.symbolic.Sym`, a size known at
+    run time (a polynomial in named size variables with bounds, e.g. the sequence length `s0`)."""
 
-    shape: tuple[int, ...]
+    shape: tuple[Any, ...]
     dtype: str
 
     def __post_init__(self):
@@ -99,6 +100,13 @@ class Graph:
     # Results of analyses that describe the graph without changing it (the "placed" stage stores its
     # `fusec.placement.Placement` under "placement"). A pass that rebuilds the graph drops them.
     annotations: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def sizes(self) -> dict[str, tuple[int, int]]:
+        """{name: (lo, hi)} of the symbolic size variables in the graph's types and attributes, bodies
+        included (empty for a static graph); IRError if a name has two bounds."""
+        from fusec.symbolic import sizes_of
+        return sizes_of(v for n in self.walk() for v in (n.type.shape, *(a for _, a in n.attrs)))
 
     @property
     def inputs(self) -> tuple[int, ...]:
@@ -261,6 +269,7 @@ def output_types(node: Node) -> list[TensorType]:
 def verify(graph: Graph) -> None:
     """Check the invariants every pass must keep; raise IRError naming the first broken one."""
     from fusec.opset import OPS, infer
+    graph.sizes  # noqa: B018 - raises when a size variable has two bounds
     seen_inputs = set()
     for i, n in enumerate(graph.nodes):
         where = f"%{i} = {n.op}"

@@ -31,6 +31,7 @@ class Lowerer:
         self.origin = ""
         self.current = ""  # packet name of the op being lowered, e.g. "aten.mm"
         self.strict = False  # True: an op without a lowering raises instead of falling back to torch
+        self.size: Callable[[Any], Any] = int  # a dimension torch gives -> an int or a fusec.symbolic.Sym
 
     # -- values ---------------------------------------------------------------------------------------
     def type(self, v: TV) -> TensorType:
@@ -58,6 +59,11 @@ class Lowerer:
 
     def cast(self, v: TV, dtype: str) -> TV:
         return v if self.type(v).dtype == dtype else self.add("cast", [v], dtype=dtype)
+
+    def out_shape(self) -> tuple:
+        """The shape torch.export recorded for the node's (first) output, symbolic sizes as `Sym`s."""
+        val = self.out[0] if isinstance(self.out, (tuple, list)) else self.out
+        return tuple(self.size(d) for d in val.shape)
 
     def out_dtype(self, index: int = 0) -> str:
         val = self.out[index] if isinstance(self.out, (tuple, list)) else self.out
@@ -187,7 +193,7 @@ def _identity(cx, x, *args, **kwargs):
 def _fill_like(cx, x, value=None, **kwargs):
     value = {"aten.zeros_like": 0, "aten.ones_like": 1}.get(cx.current, value)
     dt = cx.out_dtype()
-    return TV(cx.b.const(_scalar_for(value, dt), dt, tuple(cx.out.shape)))
+    return TV(cx.b.const(_scalar_for(value, dt), dt, cx.out_shape()))
 
 
 @lowers("aten.gelu")

@@ -2,8 +2,9 @@
 (softmax, layer norm) that decompose into them. Registered into `fusec.lowering.LOWERINGS`."""
 from __future__ import annotations
 
-from fusec.errors import UnsupportedOpError
+from fusec.errors import IRError, UnsupportedOpError
 from fusec.lowering import lowers
+from fusec.symbolic import Sym
 
 
 # -- reductions ---------------------------------------------------------------------------------------
@@ -111,7 +112,7 @@ def _view(cx, x, shape):
 
 @lowers("aten.unsqueeze", "aten.squeeze")
 def _squeeze(cx, x, *dims):
-    return cx.reshape(cx.tensor(x), cx.out.shape)
+    return cx.reshape(cx.tensor(x), cx.out_shape())
 
 
 @lowers("aten.permute")
@@ -147,11 +148,48 @@ def _slice(cx, x, dim=0, start=None, end=None, step=1):
     t = cx.type(x)
     axis = dim % t.rank
     size = t.shape[axis]
-    start, stop, _ = slice(start, end, step).indices(size)
-    stop = max(stop, start)
+    if any(isinstance(v, Sym) for v in (start, end, size)):
+        start, stop = _symbolic_bounds(start, end, size, cx.origin)
+    else:
+        start, stop, _ = slice(start, end, step).indices(size)
+        stop = max(stop, start)
     if (start, stop, step) == (0, size, 1):
         return x
     return cx.add("slice", [x], axis=axis, start=start, stop=stop, step=step)
+
+
+def _symbolic_bounds(start, end, size, origin: str) -> tuple:
+    """A slice's [start, stop) when a bound or the size is symbolic: torch.export guarantees
+    0 <= start <= end for every size in the bounds (else it raised); an end past the size (a huge int)
+    stops at the size. A bound that may be negative or past the size for some sizes is not supported."""
+    start = 0 if start is None else start
+    end = size if end is None else end
+    try:
+        end = end if end <= size else size  # (IRError: past the size for some sizes only)
+        if start < 0 or end < start:
+            raise UnsupportedOpError("slice", origin, f"bounds [{start}:{end}] of a size-{size} axis")
+    except IRError as e:
+        raise UnsupportedOpError("slice", origin, f"bounds [{start}:{end}] of a size-{size} axis: {e}") from e
+    return start, end
+
+
+@lowers("aten.arange")
+def _arange(cx, start, end=None, step=1, **kwargs):
+    """Only reached with a symbolic bound (constant ones fold at trace time): an iota of that length."""
+    if end is None:
+        start, end = 0, start
+    if step != 1 or not isinstance(start, int):
+        raise UnsupportedOpError("arange", cx.origin, "with a symbolic bound only arange(start, end) with step 1")
+    return cx.add("iota", [], shape=(end - start,), axis=0, start=start, step=1, dtype=cx.out_dtype())
+
+
+@lowers("aten.full", "aten.zeros", "aten.ones")
+def _full(cx, size, value=None, **kwargs):
+    """Only reached with a symbolic size (constant ones fold at trace time): a splat constant."""
+    from fusec.lowering import TV, _scalar_for
+    value = {"aten.zeros": 0, "aten.ones": 1}.get(cx.current, value)
+    dt = cx.out_dtype()
+    return TV(cx.b.const(_scalar_for(value, dt), dt, cx.out_shape()))
 
 
 @lowers("aten.select")
@@ -159,7 +197,8 @@ def _select(cx, x, dim, index):
     x = cx.tensor(x)
     t = cx.type(x)
     axis = dim % t.rank
-    index = index % t.shape[axis]
+    size = t.shape[axis]
+    index = (index + size if index < 0 else index) if isinstance(size, Sym) else index % size  # x[:, -1]
     sliced = _slice(cx, x, axis, index, index + 1)
     return cx.reshape(sliced, t.shape[:axis] + t.shape[axis + 1:])
 

@@ -5,7 +5,12 @@
     %2 = mul %0, %1 : f32[2,8]
     return %2
 
-A fused kernel prints its body indented under it, ending with `}`.
+A fused kernel prints its body indented under it, ending with `}`. A graph with symbolic sizes
+(`fusec.symbolic`) starts with their bounds, and its shapes and attributes name them:
+
+    sizes {s0=[1,256]}
+    %0 = input {index=0, name="x"} : f32[1,s0,64]
+    %1 = reshape %0 {shape=[s0,64]} : f32[s0,64]
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from typing import Any
 
 from fusec.errors import IRError
 from fusec.ir import Graph, Node, TensorType, make_attrs
+from fusec.symbolic import parse_size
 
 
 def format_value(v: Any) -> str:
@@ -31,7 +37,7 @@ def format_value(v: Any) -> str:
         return json.dumps(v)
     if isinstance(v, tuple):
         return "[" + ",".join(format_value(x) for x in v) + "]"
-    return str(v)
+    return str(v)  # an int, or a symbolic size (`s0`, `(s0+1)`)
 
 
 def format_node(i: int, n: Node) -> str:
@@ -45,7 +51,8 @@ def format_node(i: int, n: Node) -> str:
 
 
 def format_graph(graph: Graph, indent: str = "") -> str:
-    lines = []
+    sizes = graph.sizes if not indent else {}  # declared once, at the top (bodies use the same names)
+    lines = ["sizes {" + ", ".join(f"{k}=[{lo},{hi}]" for k, (lo, hi) in sorted(sizes.items())) + "}"] if sizes else []
     for i, n in enumerate(graph.nodes):
         lines.append(indent + format_node(i, n))
         for k, v in n.attrs:
@@ -57,11 +64,13 @@ def format_graph(graph: Graph, indent: str = "") -> str:
     return "\n".join(lines)
 
 
-_TOKEN = re.compile(r'\s*(-?inf|nan|true|false|"(?:[^"\\]|\\.)*"|-?[0-9][0-9.eE+-]*|[\[\],])')
-_NODE = re.compile(r"%(\d+) = (\w+)((?: %\d+,?)*)(?: \{(.*)\})? : (\w+)\[([0-9,]*)\]$")
+_SIZE = r"\([-+*\w]+\)|[a-z]\w*"  # a symbolic size: a name, or a parenthesized polynomial
+_TOKEN = re.compile(r'\s*(-?inf|nan|true|false|"(?:[^"\\]|\\.)*"|-?[0-9][0-9.eE+-]*|[\[\],]|' + _SIZE + ')')
+_NODE = re.compile(r"%(\d+) = (\w+)((?: %\d+,?)*)(?: \{(.*)\})? : (\w+)\[([-+*()\w,]*)\]$")
+_SIZES = re.compile(r"sizes \{(.*)\}$")
 
 
-def _parse_value(text: str, pos: int = 0) -> tuple[Any, int]:
+def _parse_value(text: str, pos: int = 0, bounds: dict | None = None) -> tuple[Any, int]:
     m = _TOKEN.match(text, pos)
     if not m:
         raise IRError(f"cannot parse attribute value at {text[pos:pos + 20]!r}")
@@ -76,7 +85,7 @@ def _parse_value(text: str, pos: int = 0) -> tuple[Any, int]:
                 if not m2 or m2.group(1) != ",":
                     raise IRError(f"expected ',' in list at {text[pos:pos + 20]!r}")
                 pos = m2.end()
-            item, pos = _parse_value(text, pos)
+            item, pos = _parse_value(text, pos, bounds)
             items.append(item)
     if tok.startswith('"'):
         return json.loads(tok), pos
@@ -84,17 +93,19 @@ def _parse_value(text: str, pos: int = 0) -> tuple[Any, int]:
         return tok == "true", pos
     if tok in ("inf", "-inf", "nan"):
         return float(tok), pos
+    if re.fullmatch(_SIZE, tok):
+        return parse_size(tok, bounds or {}), pos
     return (float(tok) if any(c in tok for c in ".eE") else int(tok)), pos
 
 
-def _parse_attrs(text: str) -> dict[str, Any]:
+def _parse_attrs(text: str, bounds: dict) -> dict[str, Any]:
     attrs: dict[str, Any] = {}
     pos = 0
     while pos < len(text):
         m = re.compile(r"\s*(\w+)=").match(text, pos)
         if not m:
             raise IRError(f"cannot parse attributes at {text[pos:pos + 20]!r}")
-        attrs[m.group(1)], pos = _parse_value(text, m.end())
+        attrs[m.group(1)], pos = _parse_value(text, m.end(), bounds)
         m = re.compile(r"\s*,?").match(text, pos)
         pos = m.end()
     return attrs
@@ -103,13 +114,20 @@ def _parse_attrs(text: str) -> dict[str, Any]:
 def parse_graph(text: str, tensors: dict[str, Any] | None = None) -> Graph:
     """Parse the printed form back into a Graph. `tensors` supplies params and stored constants."""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    graph, rest = _parse_lines(lines, 0, tensors or {})
+    bounds: dict[str, tuple[int, int]] = {}
+    m = _SIZES.match(lines[0]) if lines else None
+    if m:
+        from fusec.symbolic import check_bounds
+        for name, lo, hi in re.findall(r"(\w+)=\[(-?\d+),(-?\d+)\]", m.group(1)):
+            check_bounds(name, int(lo), int(hi))
+            bounds[name] = (int(lo), int(hi))
+    graph, rest = _parse_lines(lines, 1 if m else 0, tensors or {}, bounds)
     if rest != len(lines):
         raise IRError(f"unexpected text after 'return': {lines[rest]!r}")
     return graph
 
 
-def _parse_lines(lines: list[str], pos: int, tensors: dict[str, Any]) -> tuple[Graph, int]:
+def _parse_lines(lines: list[str], pos: int, tensors: dict[str, Any], bounds: dict) -> tuple[Graph, int]:
     nodes: list[Node] = []
     while pos < len(lines):
         line = lines[pos]
@@ -122,15 +140,15 @@ def _parse_lines(lines: list[str], pos: int, tensors: dict[str, Any]) -> tuple[G
         idx, op, args, attrs, dtype, shape = m.groups()
         if int(idx) != len(nodes):
             raise IRError(f"line {pos + 1}: expected %{len(nodes)}, found %{idx}")
-        attr_map = _parse_attrs(attrs or "")
+        attr_map = _parse_attrs(attrs or "", bounds)
         pos += 1
         while pos < len(lines) and re.fullmatch(r"\w+ \{", lines[pos]):
             name = lines[pos].split()[0]
-            attr_map[name], pos = _parse_lines(lines, pos + 1, tensors)
+            attr_map[name], pos = _parse_lines(lines, pos + 1, tensors, bounds)
             if pos >= len(lines) or lines[pos] != "}":
                 raise IRError(f"line {pos + 1}: expected '}}' closing the body of %{idx}")
             pos += 1
         arg_ids = tuple(int(a) for a in re.findall(r"%(\d+)", args))
-        ttype = TensorType(tuple(int(d) for d in shape.split(",") if d), dtype)
+        ttype = TensorType(tuple(parse_size(d, bounds) for d in shape.split(",") if d), dtype)
         nodes.append(Node(op, arg_ids, make_attrs(attr_map), ttype))
     raise IRError("IR text ends without a 'return' line")

@@ -27,6 +27,7 @@ from fusec.dtypes import from_torch
 from fusec.errors import FusecError, UnsupportedOpError
 from fusec.ir import Builder, Graph, TensorType
 from fusec.lowering import LOWERINGS, TV, Lowerer
+from fusec.symbolic import Sym
 
 # fx nodes that only check metadata at run time; they produce nothing the graph needs
 IGNORED = {"aten._assert_tensor_metadata", "aten._assert_scalar", "aten.sym_constrain_range_for_size",
@@ -48,8 +49,8 @@ class Traced:
     output_constants: dict = field(default_factory=dict)  # flat output position -> a non-tensor output
 
 
-def export(module: torch.nn.Module, args: tuple, kwargs: dict | None = None):
-    """torch.export the module and decompose it to core ATen."""
+def export(module: torch.nn.Module, args: tuple, kwargs: dict | None = None, dynamic_shapes: Any = None):
+    """torch.export the module (`dynamic_shapes`: see `fusec.tracing_sym`) and decompose it to core ATen."""
     kwargs = kwargs or {}
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"fusec.compile expects a torch.nn.Module, got {type(module).__name__}")
@@ -57,25 +58,31 @@ def export(module: torch.nn.Module, args: tuple, kwargs: dict | None = None):
         args = (args,)
     try:
         with torch.no_grad():
-            program = torch.export.export(module, args, kwargs, strict=False)
+            program = torch.export.export(module, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
             return program.run_decompositions()
     except FusecError:
         raise
     except Exception as e:  # export's own errors are long; keep the first line and the type
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fixes = [ln.strip() for ln in str(e).splitlines() if "= Dim(" in ln or "must be" in ln][:3]
+        if dynamic_shapes is not None and fixes:  # torch.export's suggested bounds for a dynamic size
+            first += " (" + "; ".join(fixes) + ")"
         raise FusecError(f"torch.export could not capture {type(module).__name__}: {first}") from e
 
 
 _EXPORT_LOCK = threading.Lock()
 
 
-def trace(module: torch.nn.Module, args: tuple, kwargs: dict | None = None, strict: bool = False) -> Traced:
+def trace(module: torch.nn.Module, args: tuple, kwargs: dict | None = None, strict: bool = False,
+          dynamic: Any = None) -> Traced:
     """Trace `module` on example inputs into fusec IR (`strict`: unsupported ops raise, see the module
-    docstring)."""
+    docstring; `dynamic`: symbolic sizes, see `fusec.tracing_sym`)."""
     if not isinstance(args, tuple):
         args = (args,)
+    from fusec.tracing_sym import dynamic_spec
+    shapes, _ = dynamic_spec(module, args, kwargs or {}, dynamic)
     with _EXPORT_LOCK:  # torch.export keeps global state: two threads exporting at once break each other
-        program = export(module_tree_copy(module), args, kwargs)
+        program = export(module_tree_copy(module), args, kwargs, shapes)
     traced = lower_program(program, module, strict)
     traced.module_name = type(module).__name__
     return traced
@@ -124,9 +131,12 @@ def _origin(node) -> str:
 
 def lower_program(program, module: torch.nn.Module, strict: bool = False) -> Traced:
     from torch.export.graph_signature import InputKind
+
+    from fusec.tracing_sym import SizeMap
     sig = program.graph_signature
     b = Builder()
     cx = Lowerer(b)
+    cx.size = SizeMap(program)  # torch's symbolic sizes -> fusec.symbolic (ints stay ints)
     cx.strict = strict
     env: dict[Any, Any] = {}
     state = dict(program.state_dict)
@@ -140,7 +150,7 @@ def lower_program(program, module: torch.nn.Module, strict: bool = False) -> Tra
             if not isinstance(val, torch.Tensor):
                 env[node] = getattr(spec.arg, "value", None)
                 continue
-            ttype = TensorType(tuple(int(d) for d in val.shape), from_torch(val.dtype))
+            ttype = TensorType(cx.size.shape(val.shape), from_torch(val.dtype))
             env[node] = TV(b.add("input", (), {"index": user_index, "name": node.name}, ttype))
             input_names.append(node.name)
             user_index += 1
@@ -177,19 +187,21 @@ def lower_program(program, module: torch.nn.Module, strict: bool = False) -> Tra
 
 
 def _is_const(x: Any) -> bool:
-    return not any(isinstance(v, TV) for v in pytree.tree_leaves(x))
+    return not any(isinstance(v, (TV, Sym)) for v in pytree.tree_leaves(x))
 
 
 def _lower_node(cx: Lowerer, node, env: dict) -> Any:
     target = node.target
     args = pytree.tree_map(lambda a: env[a] if isinstance(a, torch.fx.Node) else a, node.args)
     kwargs = pytree.tree_map(lambda a: env[a] if isinstance(a, torch.fx.Node) else a, dict(node.kwargs))
+    val = node.meta.get("val")
+    if isinstance(val, torch.SymInt):  # a size computed from a symbolic one (x.size(1), T + past)
+        return cx.size(val)
     if target is operator.getitem:
         return args[0][args[1]]
     name = _packet_name(target)
     if name in IGNORED:
         return None
-    val = node.meta.get("val")
     if _is_const((args, kwargs)) and _numel(val) <= FOLD_LIMIT:
         with torch.no_grad():
             return target(*args, **kwargs)  # a shape/value-only computation: fold it now
@@ -251,7 +263,7 @@ def _fallback(cx: Lowerer, target, args, kwargs: dict, error: UnsupportedOpError
             results.append(leaf)
             continue
         try:
-            ttype = TensorType(tuple(int(d) for d in leaf.shape), from_torch(leaf.dtype))
+            ttype = TensorType(cx.size.shape(leaf.shape), from_torch(leaf.dtype))
         except FusecError as e:
             raise UnsupportedOpError(str(target), cx.origin, f"it returns a {leaf.dtype} tensor") from e
         attrs = {"target": qualified, "args": spec, "output": k, "reason": reason}
@@ -279,6 +291,6 @@ def _check_matches(cx: Lowerer, node, result, val) -> None:
     for r, v in zip(results, vals):
         if isinstance(r, TV) and isinstance(v, torch.Tensor):
             got = cx.type(r)
-            want = TensorType(tuple(int(d) for d in v.shape), from_torch(v.dtype))
+            want = TensorType(cx.size.shape(v.shape), from_torch(v.dtype))
             if got != want:
                 raise FusecError(f"internal: lowering {node.target} at {cx.origin} gave {got}, expected {want}")

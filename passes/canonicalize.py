@@ -17,6 +17,7 @@ from fusec.dtypes import to_numpy
 from fusec.ir import DTYPES, Graph, Node, TensorType, make_attrs, prune
 from fusec.opset import OPS
 from fusec.printer import format_graph
+from fusec.symbolic import is_static
 from passes.rewrite import Ctx, Rule, rewrite
 
 
@@ -61,6 +62,8 @@ def _fold(c: Ctx, *args: int, max_elements: int) -> int | None:
             scalars = [np.full((), v, to_numpy(c.node(a).dtype)) for v, a in zip(values, args)]
             value = eval_node(Node(n.op, n.args, n.attrs, TensorType((), n.dtype)), scalars, c.b.tensors)
             return c.const(value.item(), n.dtype, n.shape)
+    if not is_static(n.shape) or not all(is_static(c.type(a).shape) for a in args):
+        return None  # an array whose size is known only at run time (an iota of a symbolic length)
     if max(n.type.numel, *(c.type(a).numel for a in args)) > max_elements:
         return None
     out = eval_node(n, [eval_node(c.node(a), [], c.b.tensors) for a in args], c.b.tensors)

@@ -30,6 +30,7 @@ from fusec.errors import FusecError
 from fusec.ir import Builder, Graph, prune
 from fusec.kernels import add_kernel, kernel_outputs
 from fusec.opset import OPS
+from fusec.symbolic import upper
 from passes.fusion_rules import COPIED, Group, Plan
 
 __all__ = ["build", "decide", "describe", "fuse", "fusion_stats", "unfuse"]
@@ -181,7 +182,7 @@ def trim(plan: Plan, group: Group) -> None:
             if c in plan.outputs or plan.readers(c) & group.members:
                 continue
             new = {a for a in plan.operands(c) if a in group.members and a not in outputs}
-            if sum(plan.nodes[a].type.nbytes for a in new) < plan.nodes[c].type.nbytes:
+            if upper(sum(plan.nodes[a].type.nbytes for a in new)) < upper(plan.nodes[c].type.nbytes):
                 plan.remove(group, c)
                 changed = True
                 break
@@ -347,7 +348,8 @@ def fusion_stats(graph: Graph) -> dict:
         return source(n.args[0]) if OPS[n.op] == "layout" and len(n.args) == 1 else i
 
     read = {source(a) for k in kernels for a in graph.nodes[k].args} & produced
-    return {"kernels": len(kernels), "intermediate_bytes": sum(graph.nodes[v].type.nbytes for v in read)}
+    return {"kernels": len(kernels),  # (symbolic sizes count at their upper bounds)
+            "intermediate_bytes": upper(sum(graph.nodes[v].type.nbytes for v in read))}
 
 
 def describe(graph: Graph) -> list[tuple[str, dict[str, int]]]:

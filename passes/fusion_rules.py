@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 
 from fusec.ir import Graph
 from fusec.opset import OPS, broadcast_shapes
+from fusec.symbolic import upper
 from passes.weights import dequantized
 
 COPIED = ("param", "const", "iota")                      # sources every body holds its own copy of
@@ -72,7 +73,7 @@ class Plan:
         step's `key_index == pos` or its rotary row `cos[pos]`: recomputed where it is read (a compare or a
         load per element) instead of being a kernel whose output every reader would load back."""
         n = self.nodes[i]
-        if OPS[n.op] not in ("elementwise", "gather") or n.type.numel > SMALL_INDEX_EXPRESSION or not n.args:
+        if OPS[n.op] not in ("elementwise", "gather") or upper(n.type.numel) > SMALL_INDEX_EXPRESSION or not n.args:
             return False
         stored = [a for a in n.args if self.copied[a] and self.nodes[a].attr("value") is None]
         return bool(stored) and all(self.copied[a] or self.nodes[a].op == "input" for a in n.args)
@@ -170,7 +171,7 @@ class Plan:
         flows = {a for a in self.operands(node) if a in group.members}
         if self.readers(node) & group.members:
             flows.add(node)
-        return sum(self.nodes[v].type.nbytes for v in flows)
+        return upper(sum(self.nodes[v].type.nbytes for v in flows))  # a symbolic size: its upper bound
 
     # --- changing the plan ------------------------------------------------------------------------------
 

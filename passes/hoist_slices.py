@@ -16,6 +16,7 @@ whose kernel bodies slice no input contiguously; a second run changes nothing.
 from __future__ import annotations
 
 from fusec.ir import Builder, Graph, Node
+from fusec.symbolic import upper
 
 __all__ = ["hoist_slices", "is_contiguous_slice"]
 
@@ -53,7 +54,7 @@ def is_contiguous_slice(n: Node, operand_shape: tuple[int, ...]) -> bool:
     if n.op != "slice":
         return False
     axis = n.attr("axis")
-    return (n.attr("step") == 1 or n.shape[axis] <= 1) and all(d == 1 for d in operand_shape[:axis])
+    return (n.attr("step") == 1 or upper(n.shape[axis]) <= 1) and all(d == 1 for d in operand_shape[:axis])
 
 
 def _chain(body: Graph) -> list[int] | None:

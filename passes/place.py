@@ -54,8 +54,13 @@ def plan(graph: Graph, machine: Machine | str = "sn40l", seed: int = 0, dtype: s
          sections: str = "packed") -> Placement:
     """The Placement of `graph` on `machine` (a preset name, machine file or Machine). `sections`: how
     kernels share sections (`passes.placement_torchops.SECTION_MODES`): "packed" while they fit (an
-    unfused `op` kernel alone), "kernel" one kernel per section, "torch" one PyTorch-level op per section."""
+    unfused `op` kernel alone), "kernel" one kernel per section, "torch" one PyTorch-level op per section.
+    A graph with symbolic sizes is placed at their upper bounds (`fusec.sizes.concrete` for another size
+    first)."""
     m = get_machine(machine)
+    if graph.sizes:
+        from fusec.sizes import concrete
+        graph = concrete(graph)
     if m.kind != "rdu" or m.layout != "checkerboard":
         raise FusecError(f"place maps onto an RDU's PCU/PMU checkerboard; machine {m.name!r} is a {m.kind} "
                          f"({m.layout} layout); use sn40l, plasticine or test_grid")

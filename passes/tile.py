@@ -195,7 +195,12 @@ def _row_shape(body: Graph) -> RowShape:
 # --- choosing sizes -----------------------------------------------------------------------------------
 
 def choose_tiles(node: Node, machine: Machine) -> Tiles:
-    """The tiles of kernel `node` on `machine`, sorted by name."""
+    """The tiles of kernel `node` on `machine`, sorted by name. A kernel with symbolic sizes is tiled for
+    their upper bounds: the tiles hold for every size (a smaller one only fills fewer of them)."""
+    body = node.attr("body")
+    if body is not None and body.sizes:
+        from fusec.sizes import specialize, upper_sizes
+        node = specialize(Graph((node,), ()), upper_sizes(body)).nodes[0]
     shape, budget = kernel_shape(node), machine.tile_budget
     if isinstance(shape, MatmulShape):
         k = _depth(shape, budget)

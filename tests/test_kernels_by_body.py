@@ -13,7 +13,7 @@ from torch import nn
 import fusec
 from backends.numba_cpu.runtime import Program
 from backends.reference import run_graph
-from fusec.generate import compile_generator, eager_generate
+from fusec.generate import Generator, eager_generate, fusec_compiler
 from fusec.ir import verify
 from fusec.models.causal_lm import DecodeStep, decode_example, random_model
 from fusec.models.llama import FeedForward, LlamaConfig
@@ -246,7 +246,10 @@ def test_layers_that_differ_keep_their_own_kernels():
 
 def test_programs_of_two_prompt_lengths_share_the_head():
     model = random_model(CONFIG, 0, tie_embeddings=True)
-    gen = compile_generator(model, max_seq_len=CONFIG.max_seq_len)
+    fused = fusec_compiler()
+    # a compiler without `dynamic`: one static prefill program per prompt length (a generator's own
+    # compiler makes one symbolic program for every length, see test_symbolic_generate.py)
+    gen = Generator(model, CONFIG.max_seq_len, lambda module, example: fused(module, example))
     prompts = [torch.tensor([[3, 1, 4]]), torch.tensor([[2, 7, 1, 8, 2]])]
     for prompt in prompts:
         gen.generate(prompt, max_new_tokens=2)

@@ -51,12 +51,12 @@ def test_concurrent_calls_of_one_program(block, backend):
     call_concurrently(compiled, block, xs)
 
 
-def test_concurrent_calls_that_compile_new_dynamic_shapes(block):
+def test_concurrent_calls_over_dynamic_shapes_share_one_symbolic_program(block):
     x0 = _inputs(block, 1)[0]
     compiled = fusec.compile(block, (x0,), dynamic={"x": {1}}, backend="reference")
     xs = [example_inputs(block.config, seq_len=n, seed=n)[0] for n in (5, 9, 5, 9, 16, 5)]
     call_concurrently(compiled, block, xs)
-    assert sorted(s.graph.input_types[0].shape[1] for s in compiled.specializations) == [5, 9, 16]
+    assert compiled.stats["programs"] == 1 and compiled.graph.sizes  # every size in its range
 
 
 def test_one_generator_from_many_threads_gives_each_call_its_own_tokens():

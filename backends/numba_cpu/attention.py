@@ -14,6 +14,7 @@ import numpy as np
 
 from backends.numba_cpu.codegen import PARALLEL_MIN_ELEMENTS, emit_outputs
 from backends.numba_cpu.expr import Emitter, _broadcast, reshape_index
+from fusec.symbolic import upper
 
 DEFAULT_KV_BLOCK = 64
 
@@ -38,7 +39,7 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
             x_row = None  # the key bound needs X's index; only worked out when X has S's shape
     w.line(f"obuf = np.empty(({', '.join(str(d) for d in o_shape)},), np.float32)")
     w.define("obuf")
-    parallel = rows * tk * (depth + dv) >= PARALLEL_MIN_ELEMENTS * 4
+    parallel = upper(rows * tk * (depth + dv)) >= PARALLEL_MIN_ELEMENTS * 4  # symbolic: its upper bound
     masked = x_row is not None and _key_limit(em, x_row, x_index(tuple("0" for _ in s_shape))) is not None
     if masked:
         _scan_masked_values(em, vv, x_row, x_index, batch, tq, tk, dv, parallel)
@@ -87,7 +88,7 @@ def _split_index(em: Emitter, flat: str, dims: list[int]) -> tuple[tuple[str, ..
     for d in dims:
         rest //= d
         var = em.tmp("b")
-        em.w.line(f"{var} = ({flat} // {rest}) % {d}" if rest > 1 else f"{var} = {flat} % {d}")
+        em.w.line(f"{var} = ({flat} // {rest}) % {d}" if rest != 1 else f"{var} = {flat} % {d}")
         em.w.define(var)
         idx.append(var)
     return tuple(idx[:-1]), idx[-1]
@@ -107,7 +108,7 @@ def _scan_masked_values(em: Emitter, vv: int, x_row: int, x_index, batch, tq: in
         entries *= d
     w.line(f"vlast = np.empty({entries}, np.int64)")
     w.define("vlast")
-    with em.loop(f"for vb in {'prange' if parallel and entries > 1 else 'range'}({entries})", ("vb",)):
+    with em.loop(f"for vb in {'prange' if parallel and upper(entries) > 1 else 'range'}({entries})", ("vb",)):
         bidx, _ = _split_index(em, "vb", list(batch) + [1])
         w.line(f"lo = {tk}")
         with em.loop(f"for qi in range({tq})", ("qi",)):
@@ -234,6 +235,8 @@ def _is_key_index(g, nid: int, tk: int) -> bool:
     n = g.nodes[nid]
     if n.shape[-1:] != (tk,) or any(d != 1 for d in n.shape[:-1]):
         return False
+    if n.op == "reshape":  # an arange viewed as [1, T] (a causal mask built at run time: symbolic sizes)
+        return _is_key_index(g, n.args[0], tk)
     if n.op == "iota":
         return n.attr("axis") == len(n.shape) - 1 and n.attr("start", 0) == 0 and n.attr("step", 1) == 1
     if n.op == "const" and n.attr("key") is not None:

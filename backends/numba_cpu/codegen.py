@@ -14,6 +14,7 @@ from backends.numba_cpu.writer import Writer
 from fusec.errors import FusecError
 from fusec.guards import describe_take, take_bound
 from fusec.ir import Graph, Node
+from fusec.symbolic import upper
 
 REDUCE_OPS = ("sum", "amax", "amin", "argmax")
 PARALLEL_MIN_ELEMENTS = 1 << 14
@@ -61,6 +62,11 @@ def generate(name: str, node: Node) -> KernelCode:
     # error_model="numpy": x / 0 is inf or nan as in torch, not a ZeroDivisionError
     w.line('@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)')
     with w.block(f"def {name}({', '.join(args)})", barrier=True):  # nothing hoists out of the function
+        if body.sizes:  # symbolic sizes: read from the arrays at run time (`sizes.size_lines`)
+            from backends.numba_cpu.sizes import size_lines
+            for var, line in size_lines(body, [f"a{k}" for k in range(len(inputs))], outs):
+                w.line(line)
+                w.define(var)
         matmuls = [i for i, n in enumerate(body.nodes) if n.op == "matmul"]
         anchors = node.attr("anchors") or ()
         # a bf16 attention runs the generic loops, which round every op to bf16 as eager does (the
@@ -117,25 +123,26 @@ def emit_store(em: Emitter, nid: int, out: str, shape: tuple[int, ...], fixed: d
     total = 1
     for ax in outer:
         total *= shape[ax]
-    # waking the thread pool costs tens of microseconds: small loops run on the calling thread
-    parallel = parallel and total * shape[last] >= PARALLEL_MIN_ELEMENTS
+    # waking the thread pool costs tens of microseconds: small loops run on the calling thread (a
+    # symbolic size counts at its upper bound: prange over a few rows costs little)
+    parallel = parallel and upper(total * shape[last]) >= PARALLEL_MIN_ELEMENTS
     opened = []
     if outer:
         r = em.tmp("p")
-        if parallel and 0 < block < total:
+        if parallel and isinstance(total, int) and 0 < block < total:  # row blocks (a symbolic size: rows)
             b = em.tmp("b")
             opened.append(em.loop(f"for {b} in prange({-(-total // block)})", (b,)))
             opened[-1].__enter__()
             opened.append(em.loop(f"for {r} in range({b} * {block}, min({total}, {b} * {block} + {block}))", (r,)))
         else:
-            loop = "prange" if total > 1 and parallel else "range"
+            loop = "prange" if upper(total) > 1 and parallel else "range"
             opened.append(em.loop(f"for {r} in {loop}({total})", (r,)))
         opened[-1].__enter__()
         stride = total
         for ax in outer:
             stride //= shape[ax]
             var = em.tmp("i")
-            expr = f"({r} // {stride})" if stride > 1 else r
+            expr = f"({r} // {stride})" if stride != 1 else r
             em.w.line(f"{var} = {expr} % {shape[ax]}" if ax != outer[0] else f"{var} = {expr}")
             em.w.define(var)
             idx[ax] = var

@@ -23,7 +23,9 @@ import numpy as np
 from backends.numba_cpu.writer import Writer
 from fusec.dtypes import round_bf16
 from fusec.guards import index_source, take_bound
+from fusec.errors import IRError
 from fusec.ir import Graph
+from fusec.symbolic import is_static
 
 NP = {"f32": "np.float32", "f64": "np.float64", "f16": "np.float16", "i64": "np.int64", "i32": "np.int32",
       "i16": "np.int16", "i8": "np.int8", "u8": "np.uint8", "bool": "np.bool_"}
@@ -91,7 +93,7 @@ def reshape_index(idx: tuple[str, ...], out_shape: tuple[int, ...], in_shape: tu
         group_in, prod_in = [ins[j]], ins[j]
         j += 1
         while prod_out != prod_in:
-            if prod_out < prod_in:
+            if _smaller(prod_out, prod_in):
                 group_out.append(outs[o])
                 prod_out *= outs[o][0]
                 o += 1
@@ -105,9 +107,24 @@ def reshape_index(idx: tuple[str, ...], out_shape: tuple[int, ...], in_shape: tu
         stride = prod_in
         for n, size in enumerate(group_in):
             stride //= size
-            e = f"({flat}) // {stride}" if stride > 1 else f"({flat})"
+            e = f"({flat}) // {stride}" if stride != 1 else f"({flat})"
             result.append(e if n == 0 else f"{e} % {size}")
     return _expand_ones(result, in_shape)
+
+
+def _smaller(a, b) -> bool:
+    """a < b for the partial products of `reshape_index`'s groups. With a symbolic size the order must
+    hold for every size: it does when one product divides the other (a split or merge of symbolic axes);
+    any other mix of a symbolic axis with unrelated ones is an error rather than a guess."""
+    if is_static((a, b)):
+        return a < b
+    for divisor, multiple, answer in ((a, b, True), (b, a, False)):
+        try:
+            multiple // divisor
+            return answer
+        except IRError:
+            pass
+    raise IRError(f"numba codegen: cannot match reshape groups of sizes {a} and {b}")
 
 
 def _expand_ones(non_one: list[str], in_shape: tuple[int, ...]) -> list[str]:

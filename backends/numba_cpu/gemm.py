@@ -8,6 +8,7 @@ import math
 from backends.numba_cpu.codegen import emit_store
 from backends.numba_cpu.expr import Emitter
 from backends.numba_cpu.mkl import blas_choice
+from fusec.symbolic import is_sym, lower, upper
 from passes.weights import dequantized
 
 MATVEC_ROWS = 64  # up to this many rows of A, stream the weights in our parallel loop instead of calling BLAS:
@@ -48,16 +49,18 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
     left = g.nodes[matmuls[0]].args[0]
     m, k = g.nodes[left].shape
     blas = blas_choice()[0]
+    gemm_fn = "gemm_mkl" if blas == "mkl" else "gemm"
     # The prologue and epilogue run over parallel blocks of `rows` rows (the tiling pass's M-tiles). With
     # MKL the GEMM runs on the same Numba threads (`mkl.py`); NumPy's OpenBLAS runs it on threads of its
     # own, which keep spinning for a while after the call and would fight parallel loops of ours for the
     # cores: then the prologue and epilogue run on the calling thread (they are a few percent of the work).
-    # Matrix-vector work is all ours.
-    parallel = m <= MATVEC_ROWS or blas == "mkl"
+    # Matrix-vector work is all ours. (A symbolic M counts at its upper bound; which product runs is then
+    # chosen per call, below.)
+    parallel = upper(m) <= MATVEC_ROWS or blas == "mkl"
     rows = tiles.get("rows", 0)
     rights = [_array_view(em, g.nodes[mm].args[1]) for mm in matmuls]
     # bf16 weights [N, K] at prefill: a bf16 x bf16 -> f32 GEMM over A rounded to bf16 (in the prologue)
-    bf16 = [m > MATVEC_ROWS and blas == "mkl" and v is not None and v[1] and v[2] == "_bf16"
+    bf16 = [lower(m) > MATVEC_ROWS and blas == "mkl" and v is not None and v[1] and v[2] == "_bf16"
             for v in rights]
     a = a16 = None
     if any(bf16):
@@ -85,20 +88,25 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
         acc = outs[direct[0]] if direct else f"acc{j}"  # a product that is an output goes straight there
         if not direct:
             w.line(f"{acc} = np.empty(({m}, {n}), np.float32)")
-        if m <= MATVEC_ROWS and transposed:
+        if is_sym(m) and transposed and lower(m) <= MATVEC_ROWS:  # the product for the call's M
+            with w.block(f"if {m} <= {MATVEC_ROWS}", barrier=True):
+                w.line(f"matvec{widened}({a}, {b}, {acc})")
+            with w.block("else", barrier=True):
+                w.line(f"gemm{widened}({a}, {b}, {acc})" if widened else f"{gemm_fn}({a}, {b}, {acc}, True)")
+        elif upper(m) <= MATVEC_ROWS and transposed:
             w.line(f"matvec{widened}({a}, {b}, {acc})")
         elif bf16[j]:
             w.line(f"gemm_bf16_mkl({a16}, {b}, {acc})")
         elif widened:
             w.line(f"gemm{widened}({a}, {b}, {acc})")
         else:
-            w.line(f"{'gemm_mkl' if blas == 'mkl' else 'gemm'}({a}, {b}, {acc}, {transposed})")
+            w.line(f"{gemm_fn}({a}, {b}, {acc}, {transposed})")
         em.overrides[mm] = (lambda name: lambda idx: f"{name}[{idx[0]}, {idx[1]}]")(acc)
     for o, out in zip(g.outputs, outs):  # the epilogue
         if o not in matmuls:
             shape = g.nodes[o].shape
             # an output laid out otherwise (heads first, after a permute) has other outer rows: its blocks
-            # hold as many elements as `rows` rows of the product
-            outer = max(1, math.prod(shape[:-1]))
-            emit_store(em, o, out, shape, parallel=parallel, block=rows * max(1, outer // m))
-    return "gemm" if m > MATVEC_ROWS else "matvec"
+            # hold as many elements as `rows` rows of the product (symbolic sizes: no row blocks)
+            outer = 0 if is_sym(m) or any(is_sym(d) for d in shape) else max(1, math.prod(shape[:-1]))
+            emit_store(em, o, out, shape, parallel=parallel, block=rows * max(1, outer // m) if outer else 0)
+    return "gemm" if upper(m) > MATVEC_ROWS else "matvec"

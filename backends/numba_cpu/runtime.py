@@ -108,6 +108,16 @@ class Program:
         if "blas_note" in self.blas:
             debug(1, f"[fusec] GEMMs call NumPy's OpenBLAS, not MKL ({self.blas['blas_note']})")
         self.outputs_of = _kernel_outputs(graph)
+        # symbolic sizes: the kernels above read them from their arrays; buffers are planned for the upper
+        # bounds and viewed at each call's sizes (`_resize`); what follows sees the graph at those sizes
+        self.symbolic, self._sizes = (graph, None) if graph.sizes else (None, {})
+        if self.symbolic is not None:
+            from fusec.sizes import size_slots, specialize, upper_sizes
+            if self.drivers:
+                raise FusecError("the numba backend runs no loop node with symbolic sizes (compile with loop=False)")
+            self._slots, self._bounds = size_slots(graph), graph.sizes
+            self._sizes = upper_sizes(graph)
+            graph = self.graph = specialize(graph, self._sizes)
         self.weights = {name: _weight(graph.tensors[name]) for name in param_types(graph)}
         # a kernel that checks gather indices it computes reports a bad one in its error slot (`kerr`)
         self.errors = [np.zeros(2, np.int64) if code.gathers else None for code in self.codes]
@@ -150,6 +160,7 @@ class Program:
         free: list[np.ndarray] = []
         storage_of: dict[int, np.ndarray] = {}
         self.buffers: dict[tuple[int, int], np.ndarray] = {}  # (step, output position) -> buffer
+        self.storage: dict[tuple[int, int], np.ndarray] = {}  # its bytes (for symbolic sizes: the upper bound's)
         for s, step in enumerate(self.steps):
             for k, v in enumerate(step.outputs):
                 if v in self.fresh:
@@ -160,6 +171,7 @@ class Program:
                 storage = min(fit, key=lambda b: b.nbytes) if fit else np.empty(size, np.uint8)
                 if fit:
                     free = [b for b in free if b is not storage]
+                self.storage[s, k] = storage
                 self.buffers[s, k] = storage[:t.numel * to_numpy(t.dtype).itemsize].view(to_numpy(t.dtype)).reshape(t.shape)
                 if v >= 0 and v in last_use:
                     storage_of[v] = storage
@@ -198,6 +210,13 @@ class Program:
         is called after every kernel and torch step (for `fusec check`; buffers are reused, so copy)."""
         g = self.graph
         with self._lock:
+            if self.symbolic is not None:
+                from fusec.sizes import bind_sizes
+                sizes = bind_sizes(self.symbolic, [np.shape(x) for x in inputs], slots=self._slots,
+                                   bounds=self._bounds)
+                if sizes != self._sizes:
+                    self._resize(sizes)
+                g = self.graph
             values = {i: np.ascontiguousarray(x) for i, x in zip(g.inputs, inputs)}
             memo: dict = {}
             for s, (step, (arg_plan, out_plan, checks)) in enumerate(zip(self.steps, self._plans)):
@@ -223,6 +242,18 @@ class Program:
                 for module in self.modules:
                     recorded(module)  # checksums of the machine code that just ran
             return results
+
+    def _resize(self, sizes: dict) -> None:
+        """Run at other symbolic sizes: the graph at those sizes, and every planned buffer a view of its
+        storage (planned for the upper bounds) at the new shape; the kernels stay as compiled."""
+        from fusec.sizes import specialize
+        self.graph, self._sizes = specialize(self.symbolic, sizes), sizes
+        for (s, k), storage in self.storage.items():
+            t = output_types(self.graph.nodes[self.steps[s].kernel])[k]
+            dtype = to_numpy(t.dtype)
+            self.buffers[s, k] = storage[:t.numel * dtype.itemsize].view(dtype).reshape(t.shape)
+        self.index_checks = [take_index_checks(self.graph.nodes[step.kernel]) for step in self.steps]
+        self._plan_steps()
 
     def _plan_steps(self) -> None:
         """What `run` needs per step, resolved once (the bookkeeping is a fifth of a small decode step's

@@ -145,19 +145,22 @@ class Prefill(nn.Module):
     "last" the last position's [B, vocab]; "all" every position's [B, T, vocab]; "at" the position given
     by a second input, `forward(tokens, at [1] int64) -> ([B, vocab], ...)`, for a prompt padded on the
     right to T (causal attention keeps the padding from touching the real positions).
+    `prompt_len=None`: T is the tokens' own length, so one (symbolic) program serves every length.
     """
 
     LOGITS = ("last", "all", "at")
 
-    def __init__(self, model: CausalLM, prompt_len: int, logits: str = "last"):
+    def __init__(self, model: CausalLM, prompt_len: int | None, logits: str = "last"):
         super().__init__()
         if logits not in self.LOGITS:
             raise ValueError(f"Prefill: logits must be one of {', '.join(self.LOGITS)}, given {logits!r}")
-        check_length(model.config, prompt_len)
+        if prompt_len is not None:
+            check_length(model.config, prompt_len)
         self.model, self.prompt_len, self.logits = model, prompt_len, logits
 
     def forward(self, tokens: Tensor, at: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        model, seq_len = self.model, self.prompt_len
+        model = self.model
+        seq_len = tokens.shape[1] if self.prompt_len is None else self.prompt_len
         cos, sin = model.rope_cos[:seq_len], model.rope_sin[:seq_len]
         query_index = torch.arange(seq_len, device=tokens.device).view(seq_len, 1)
         causal = hidden_keys(query_index.view(1, seq_len), query_index, model.config.sliding_window)

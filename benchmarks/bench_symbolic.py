@@ -1,0 +1,84 @@
+"""A symbolic program against programs specialized to each length, side by side in one run.
+
+    python benchmarks/bench_symbolic.py block tinyllama_1b --lengths 1,17,128,256 --upper 256
+    python benchmarks/bench_symbolic.py generator stories110M --lengths 5,64,200 --upper 256
+
+`block`: a Llama block compiled once with `dynamic={"x": {1: (1, upper)}}` against `fusec.compile` per
+length. `generator`: a generator's one prefill program (every prompt length) against static prefill
+programs per length (random weights). Calls alternate between the two and each time is the median of
+`--repeat` calls; the spread (max - min) says how noisy the machine was. Compile times are of this
+process (cold or warm depending on the cache).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def _time(fn, x) -> float:
+    t = time.perf_counter()
+    fn(x)
+    return time.perf_counter() - t
+
+
+def compare(symbolic, specialized, x, repeat: int) -> tuple[float, float, float, float, float]:
+    """(median symbolic s, median specialized s, spread symbolic, spread specialized, max difference)."""
+    with torch.no_grad():
+        a, b = symbolic(x), specialized(x)
+        a, b = (a if isinstance(a, tuple) else (a,)), (b if isinstance(b, tuple) else (b,))
+        diff = max(float((p - q).abs().max()) for p, q in zip(a, b))
+        ts, tt = [], []
+        for _ in range(repeat):
+            ts.append(_time(symbolic, x))
+            tt.append(_time(specialized, x))
+    return statistics.median(ts), statistics.median(tt), max(ts) - min(ts), max(tt) - min(tt), diff
+
+
+def main() -> None:
+    import fusec
+    from fusec.generate import Generator, compile_generator, fusec_compiler
+    from fusec.models import LlamaBlock, LlamaConfig, example_inputs
+    from fusec.models.causal_lm import random_model
+    from fusec.models.llama import init_weights
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=("block", "generator"))
+    p.add_argument("preset")
+    p.add_argument("--lengths", default="1,17,128,256")
+    p.add_argument("--upper", type=int, default=256)
+    p.add_argument("--repeat", type=int, default=9)
+    args = p.parse_args()
+    config = LlamaConfig.preset(args.preset)
+    lengths = [int(n) for n in args.lengths.split(",")]
+    start = time.perf_counter()
+    if args.what == "block":
+        module = init_weights(LlamaBlock(config), seed=0).eval()
+        symbolic = fusec.compile(module, example_inputs(config, seq_len=8), dynamic={"x": {1: (1, args.upper)}})
+        make = lambda n: fusec.compile(module, example_inputs(config, seq_len=n))  # noqa: E731
+        inputs = lambda n: example_inputs(config, seq_len=n, seed=n)[0]  # noqa: E731
+    else:
+        model = random_model(config, seed=0)
+        symbolic = compile_generator(model, max_seq_len=args.upper).prefill_program(1, 8)
+        fused = fusec_compiler()
+        static = Generator(model, args.upper, lambda m, example: fused(m, example))
+        make = lambda n: static.prefill_program(1, n)  # noqa: E731
+        inputs = lambda n: torch.randint(0, config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))  # noqa: E731
+    print(f"{args.what} {args.preset}: symbolic program compiled in {time.perf_counter() - start:.1f} s", flush=True)
+    print("| tokens | symbolic ms | specialized ms | ratio | spread ms (sym / spec) | specialized compile s |")
+    print("|---|---|---|---|---|---|")
+    for n in lengths:
+        start = time.perf_counter()
+        specialized = make(n)
+        compile_s = time.perf_counter() - start
+        ms, mt, ss, st, diff = compare(symbolic, specialized, inputs(n), args.repeat)
+        assert diff < 1e-3, f"symbolic and specialized differ by {diff} at {n} tokens"
+        print(f"| {n} | {1e3 * ms:.2f} | {1e3 * mt:.2f} | {ms / mt:.3f} | {1e3 * ss:.1f} / {1e3 * st:.1f} | "
+              f"{compile_s:.1f} |", flush=True)
+    stats = getattr(symbolic, "stats", {})
+    print(f"programs compiled by the symbolic one: {stats.get('programs', 1)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""One symbolic program for every size in its bounds (`fusec.compile(..., dynamic=...)`): compared with
+PyTorch eager at many sizes (1, primes, the upper bound), fused and unfused, on both backends, with no
+new program compiled; calls outside the bounds are clear errors."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import fusec
+from fusec.models import LlamaBlock, LlamaConfig, example_inputs
+from fusec.models.llama import init_weights
+from fusec.sizes import SizeError
+
+SIZES = (1, 2, 3, 7, 13, 31, 64, 65, 127, 128)
+
+
+@pytest.fixture(scope="module")
+def block():
+    return init_weights(LlamaBlock(LlamaConfig.tiny()), seed=0).eval()
+
+
+def _check_sizes(compiled, module, sizes=SIZES):
+    with torch.no_grad():
+        for t in sizes:
+            (x,) = example_inputs(LlamaConfig.tiny(), batch=1, seq_len=t, seed=t)
+            torch.testing.assert_close(compiled(x), module(x), rtol=1e-4, atol=1e-5, msg=f"at size {t}")
+    assert compiled.stats["programs"] == 1
+
+
+@pytest.mark.parametrize("backend", ["numba", "reference"])
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+def test_block_one_program_for_every_length(block, backend, fuse):
+    (x,) = example_inputs(LlamaConfig.tiny(), batch=1, seq_len=10)
+    compiled = fusec.compile(block, (x,), dynamic={"x": {1: (1, 128)}}, backend=backend, fuse=fuse)
+    assert compiled.graph.sizes == {"s0": (1, 128)}
+    assert "s0" in repr(compiled.graph)
+    _check_sizes(compiled, block)
+
+
+def test_symbolic_kernels_read_sizes_from_their_arrays(block):
+    (x,) = example_inputs(LlamaConfig.tiny(), batch=1, seq_len=10)
+    compiled = fusec.compile(block, (x,), dynamic={"x": {1: (1, 128)}})
+    assert "s0 = a0.shape[1]" in compiled.source
+    assert "if s0 <= 64:" in compiled.source  # the product (matvec or BLAS) is chosen per call
+
+
+def test_outside_the_bounds_is_a_clear_error(block):
+    (x,) = example_inputs(LlamaConfig.tiny(), batch=1, seq_len=10)
+    compiled = fusec.compile(block, (x,), dynamic={"x": {1: (1, 64)}}, backend="reference")
+    with pytest.raises(SizeError, match=r"input 'x' dimension 1 is the size s0, which must be in \[1, 64\]; got 65"):
+        compiled(torch.randn(1, 65, 64))
+    with pytest.raises(ValueError):  # SizeError is a ValueError
+        compiled(torch.randn(1, 65, 64))
+    assert compiled.stats["programs"] == 1
+
+
+def test_bounds_the_model_cannot_take_name_torchs_suggestion(block):
+    (x,) = example_inputs(LlamaConfig.tiny(), batch=1, seq_len=10)
+    with pytest.raises(fusec.FusecError, match="max=128"):  # the rotary table has 128 rows
+        fusec.compile(block, (x,), dynamic={"x": {1: (1, 4096)}}, backend="reference")
+
+
+def test_set_form_takes_the_range_torch_finds_and_compiles_size_1_apart(block):
+    (x,) = example_inputs(LlamaConfig.tiny(), batch=1, seq_len=10)
+    compiled = fusec.compile(block, (x,), dynamic={"x": {1}}, backend="reference")
+    assert compiled.graph.sizes == {"s0": (2, 128)}  # torch.export specializes 1
+    _check_sizes(compiled, block, sizes=(2, 5, 128))
+    (one,) = example_inputs(LlamaConfig.tiny(), batch=1, seq_len=1)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(one), block(one), rtol=1e-4, atol=1e-5)
+    assert compiled.stats["programs"] == 2
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"x": {1: (0, 8)}}, "1 <= lo <= hi"),
+    ({"x": {5: (1, 8)}}, "not a dimension"),
+    ({"y": {1}}, "names the input 'y'"),
+    ({"x": {1: "long"}}, r"must be \(lo, hi\)"),
+])
+def test_bad_dynamic_specs_name_the_problem(block, bad, words):
+    (x,) = example_inputs(LlamaConfig.tiny(), batch=1, seq_len=10)
+    with pytest.raises((ValueError, TypeError), match=words):
+        fusec.compile(block, (x,), dynamic=bad, backend="reference")
+
+
+@pytest.mark.parametrize("backend, fuse", [("numba", True), ("reference", False)], ids=["fused", "unfused"])
+def test_hf_llama_decoder_layer_one_program(backend, fuse):
+    pytest.importorskip("transformers")
+    from test_tracing import hf_config, hf_layer_inputs, randomize
+    from torch.export import Dim
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    config = hf_config("sdpa")
+    layer = randomize(LlamaDecoderLayer(config, layer_idx=0), seed=10)
+    x, kwargs = hf_layer_inputs(config, seq_len=12, seed=11)
+    t = Dim("T", min=1, max=64)  # one size shared by the activations, the mask and the rotary tables
+    dynamic = {"hidden_states": {1: t}, "attention_mask": {2: t, 3: t}, "position_embeddings_0": {1: t},
+               "position_embeddings_1": {1: t}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = fusec.compile(layer, (x,), kwargs, dynamic=dynamic, backend=backend, fuse=fuse)
+        for n in (1, 2, 5, 17, 64):
+            x2, kwargs2 = hf_layer_inputs(config, seq_len=n, seed=n)
+            with torch.no_grad():
+                got, want = compiled(x2, **kwargs2), layer(x2, **kwargs2)
+            got = got[0] if isinstance(got, tuple) else got
+            want = want[0] if isinstance(want, tuple) else want
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"at size {n}")
+    assert compiled.stats["programs"] == 1
+
+
+def test_dynamo_dynamic_shapes_compile_once(block):
+    import torch._dynamo
+
+    from fusec.dynamo import graphs
+    torch._dynamo.reset()
+    before = {id(g) for g in graphs()}
+    compiled = torch.compile(block, backend="fusec", dynamic=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for t in (5, 9, 17, 3):
+            (x,) = example_inputs(LlamaConfig.tiny(), batch=1, seq_len=t, seed=t)
+            torch.testing.assert_close(compiled(x), block(x), rtol=1e-4, atol=1e-5, msg=f"at size {t}")
+    live = [g for g in graphs() if id(g) not in before]
+    assert len(live) == 1 and not live[0].eager
+    (program,) = live[0].compiled
+    assert program.stats["programs"] == 1 and program.graph.sizes
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("backend, fuse", [("numba", True), ("reference", False)], ids=["fused", "unfused"])
+def test_hf_llama_for_causal_lm_one_program(backend, fuse):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                      num_key_value_heads=2, num_hidden_layers=2, vocab_size=97,
+                                      max_position_embeddings=64, rms_norm_eps=1e-5)
+    torch.manual_seed(0)
+    model = _Logits(transformers.LlamaForCausalLM(config).eval())
+    ids = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = fusec.compile(model, (ids,), dynamic={"input_ids": {1: (1, 64)}}, backend=backend, fuse=fuse)
+        for n in (1, 2, 7, 13, 64):
+            x = torch.randint(0, 97, (1, n), generator=torch.Generator().manual_seed(n))
+            with torch.no_grad():
+                torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5, msg=f"at size {n}")
+    assert compiled.stats["programs"] == 1 and compiled.graph.sizes == {"s0": (1, 64)}
+
+
+def test_dump_and_rdu_report_a_symbolic_program_at_a_size():
+    from fusec.cli import dump
+    from fusec.cli_rdu import _lowered
+    from fusec.placement import placement_of
+    symbolic = dump("llama-block:tiny", "tiled", "text", dynamic=True)
+    assert "sizes {s0=[2,128]}" in symbolic and "f32[1,s0,64]" in symbolic
+    at = dump("llama-block:tiny", "tiled", "text", seq_len=17, dynamic=True)
+    assert "s0" not in at and "f32[1,17,64]" in at
+    graph = _lowered("llama-block:tiny", 17, True, None, dynamic=True)
+    assert not graph.sizes and graph.nodes[graph.inputs[0]].shape == (1, 17, 64)
+    assert placement_of(graph).sections
+    with pytest.raises(SizeError, match=r"s0 must be in \[2, 128\]; given 500"):
+        _lowered("llama-block:tiny", 500, True, None, dynamic=True)
