@@ -41,7 +41,7 @@ def dump_placed(spec: str, fmt: str, seq_len: int | None = None, fuse: bool = Tr
 def _lowered(spec: str, seq_len: int | None, fuse: bool, decode_past: int | None,
              machine: str = "sn40l", seed: int = 0, dtype: str | None = None, dynamic: bool = False):
     """Model `spec` traced and lowered to a placed graph, fused or unfused (see `_traced`)."""
-    return _place(_traced(spec, seq_len, decode_past, dynamic), fuse, machine, seed, dtype, seq_len)
+    return _place(_traced(spec, seq_len, decode_past, dynamic), fuse, machine, seed, dtype, seq_len=seq_len)
 
 
 def _traced(spec: str, seq_len: int | None, decode_past: int | None, dynamic: bool = False):
