@@ -255,8 +255,10 @@ def test_programs_of_two_prompt_lengths_share_the_head():
     names = [{m.__name__ for m in p.modules} for p in programs]
     shared = names[0] & names[1]
     # every kernel's loops have the prompt length in them but the head's, which reads the last position:
-    # the slice of that position is a view outside it since hoist_slices
-    assert len(shared) == 1 and programs[0].steps[-1].module.__name__ in shared
+    # the slice of that position is a view outside it since hoist_slices. (A loop driver's text may have
+    # no shapes in it: then one driver module serves both lengths, with a specialization for each.)
+    drivers = {d.module.__name__ for p in programs for d in p.drivers.values()}
+    assert shared - drivers == {programs[0].steps[-1].module.__name__}
     stats = gen.stats
     # the embedding lookup, 4 layers of 5 kernels (one loop), the head; the stacked K/V are views
     assert stats["kernel_calls"] == {"prefill b1 t3": 22, "prefill b1 t5": 22, "decode b1": 22}
