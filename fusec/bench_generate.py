@@ -11,8 +11,11 @@ model's max_seq_len, as for stories15M). Every implementation runs the same Pref
 eager in PyTorch, torch.compile (inductor) on them, and fusec.compile. torch and numba run on --threads
 threads. The machine's read bandwidth is measured in the same run (before and after, the better of the two)
 and every generation rate is set against its roofline: bandwidth / bytes of weights read per token
-(bf16 weights read half the bytes, int8 1.125 bytes per weight with its block scales). Tokens are checked against eager's (leading tokens equal, max logit
-error on the common path). A progress bar is drawn on stderr when it is a terminal. Writes a table,
+(bf16 weights read half the bytes, int8 1.125 bytes per weight with its block scales). Tokens are checked
+against eager's (leading tokens equal, max logit error on the common path). "ms/tok outside" is the decode
+step's time outside its kernels (Python between calls and argument unboxing:
+`benchtools.seconds_outside_kernels`); `--impl fusec-fp32-unlooped` adds fusec with one Python call per
+kernel beside the looped default. A progress bar is drawn on stderr when it is a terminal. Writes a table,
 bench_generate.json and bench_generate.png (in --out).
 """
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 from fusec import benchtools
 from fusec.bench_block import contention_warning, failure
 from fusec.generate import Generator, compile_generator, eager_generator
-from fusec.models.causal_lm import CausalLM, load_safetensors
+from fusec.models.causal_lm import CausalLM, decode_example, load_safetensors
 from fusec.models.llama import PRESETS
 
 IMPLEMENTATIONS = ("eager", "torch.compile", "fusec fp32", "fusec bf16", "fusec int8", "fusec fp32 unlooped")
@@ -45,7 +48,7 @@ COLUMNS = [("model", "model", ""), ("implementation", "implementation", ""), ("n
            ("roofline_tokens_per_s", "roofline tok/s", ".1f"), ("roofline_fraction", "of roofline", ".1%"),
            ("ms_first", "ms/tok first", ".2f"), ("ms_last", "ms/tok last", ".2f"),
            ("tokens_match_eager", "= eager", "d"), ("max_logit_error", "logit err", ".1e"),
-           ("compile_s", "compile s", ".1f"), ("status", "status", "")]
+           ("outside_ms", "ms/tok outside", ".3f"), ("compile_s", "compile s", ".1f"), ("status", "status", "")]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -165,6 +168,11 @@ def run_one(impl: str, model_name: str, model: CausalLM, prompt: torch.Tensor, n
                ms_first=statistics.median(steps[:tenth]) if steps else None,
                ms_last=statistics.median(steps[-tenth:]) if steps else None,
                compiles_during_generation=gen.last["compiles"])
+    decode = getattr(gen.decode_program(batch), "program", None)
+    if hasattr(decode, "steps"):  # a fusec Numba program: the step's time outside its kernels
+        example = decode_example(model, batch, max_seq_len, pos=prompt_len)
+        row["outside_ms"] = 1e3 * benchtools.seconds_outside_kernels(decode, [x.numpy() for x in example])
+        row["python_calls"] = len(decode.steps)
     return row, ids, logits
 
 

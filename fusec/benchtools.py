@@ -233,3 +233,27 @@ def quiet_warnings():
         warnings.filterwarnings("ignore", category=NumbaPerformanceWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         yield
+
+
+def seconds_outside_kernels(program, inputs: list, repeat: int = 20) -> float:
+    """Median seconds of one `program.run(inputs)` (a Numba `Program`) spent outside its kernels: the run
+    with every kernel and loop driver replaced by a compiled function of as many parameters that does
+    nothing. What remains is the Python between calls and Numba's unboxing of each call's arguments; a
+    loop driver's own work between its kernels (a copy of the carried value per layer) is not in it."""
+    saved = [step.fn for step in program.steps]
+    try:
+        for step in program.steps:
+            step.fn = _nothing(step.fn.py_func.__code__.co_argcount)
+        return median_time(lambda: program.run(inputs), warmup=2, repeat=repeat)
+    finally:
+        for step, fn in zip(program.steps, saved):
+            step.fn = fn
+
+
+def _nothing(count: int):
+    """A Numba function of `count` parameters that does nothing (varargs would dispatch more slowly)."""
+    from numba import njit
+    names = ", ".join(f"a{k}" for k in range(count))
+    scope: dict = {}
+    exec(f"def nothing({names}):\n    return None\n", scope)
+    return njit(nogil=True)(scope["nothing"])

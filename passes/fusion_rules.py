@@ -53,11 +53,13 @@ class Plan:
         self.groups: list[Group] = []
         self.group_of: dict[int, Group] = {}
         self.copied = [False] * len(self.nodes)  # params, consts and views (or casts) of them only
+        self.weight = [False] * len(self.nodes)   # a param, or a view or cast of one
         self.anc = [0] * len(self.nodes)          # ancestors of each node, as a bitset
         for i, n in enumerate(self.nodes):
             # a view, a cast (a bf16 weight widened as it is read) or an int8 weight's dequantization of
             # copied nodes is copied too
             view = self.kind(i) == "layout" or n.op == "cast" or dequantized(graph, i) is not None
+            self.weight[i] = n.op == "param" or (view and bool(n.args) and all(self.weight[a] for a in n.args))
             self.copied[i] = (n.op in COPIED or (view and all(self.copied[a] for a in n.args))
                               or self._small_index_expression(i))
             for a in n.args:
@@ -74,6 +76,11 @@ class Plan:
         load per element) instead of being a kernel whose output every reader would load back."""
         n = self.nodes[i]
         if OPS[n.op] not in ("elementwise", "gather") or upper(n.type.numel) > SMALL_INDEX_EXPRESSION or not n.args:
+            return False
+        if OPS[n.op] == "gather" and self.weight[n.args[0]]:
+            # rows of a weight (an embedding lookup) are data, the first layer's input: computed once by
+            # a kernel of their own. Recomputed in their readers, they would make the first layer's kernels
+            # differ from every other layer's, and keep that layer out of the loop (passes.loop).
             return False
         stored = [a for a in n.args if self.copied[a] and self.nodes[a].attr("value") is None]
         return bool(stored) and all(self.copied[a] or self.nodes[a].op == "input" for a in n.args)
@@ -218,17 +225,26 @@ class Plan:
 
 # --- body forms per kernel kind (see fusec/kernels.py) ---------------------------------------------------
 
+def joins_other_kernels(plan: Plan, group: Group, node: int) -> bool:
+    """A view that also reads activations other kernels compute (a torch.stack of every layer's keys: a
+    concat, floating or not) is no epilogue of one of them. Its other pieces go through memory anyway, and
+    taking it would make the last layer's kernel differ from every other layer's, keeping that layer out
+    of the loop (passes.loop)."""
+    return plan.kind(node) == "layout" and not plan.operands(node) <= group.members
+
+
 def _matmul_form(plan: Plan, group: Group, node: int) -> bool:
     n = plan.nodes[node]
     if n.op == "matmul":  # horizontal: the same left operand, a right operand not computed here
         return n.args[0] == group.info["lhs"] and not plan.consumes(group, node)
     if plan.consumes(group, node):  # the pointwise epilogue
-        return plan.kind(node) in ("elementwise", "layout")
+        return plan.kind(node) in ("elementwise", "layout") and not joins_other_kernels(plan, group, node)
     return plan.row_local(node, group.info["k"])  # the row-wise prologue over A's [M, K]
 
 
 def _attention_form(plan: Plan, group: Group, node: int) -> bool:
-    return plan.consumes(group, node) and plan.kind(node) in ("elementwise", "layout")  # the epilogue
+    return (plan.consumes(group, node) and plan.kind(node) in ("elementwise", "layout")  # the epilogue
+            and not joins_other_kernels(plan, group, node))
 
 
 def _reduce_depth(plan: Plan, group: Group, node: int, memo: dict[int, int]) -> int:

@@ -14,7 +14,8 @@ in every iteration) and replaces it by a `loop` node (see `fusec.loop_verify` fo
 - an operand that is the same outer value in every iteration is passed as it is;
 - a value of an iteration that is used after the run is a per-iteration output, stacked on a new axis 0
   (users read its row, a free view), or the final carried value when it is carried and of the last
-  iteration.
+  iteration. A kernel that only stacks all those rows again (a `torch.stack` of every layer's keys)
+  becomes a reshape of the stacked output.
 
 Where layers differ (other widths, activations or kernels), the calls are not equal and nothing is
 formed. `loop_kernels` expects a verified fused (or tiled) graph and guarantees one that computes the same
@@ -40,7 +41,7 @@ def loop_kernels(graph: Graph) -> Graph:
     for start, period, trips in _candidates(sigs):
         plan = _plan(graph, kernels[start: start + period * trips], period, trips)
         if plan is not None:
-            return _rewrite(graph, plan)
+            return _fold_stacks(_rewrite(graph, plan))
     return graph
 
 
@@ -219,6 +220,47 @@ def _rewrite(graph: Graph, plan: dict) -> Graph:
         if i not in where and (i > last or i in plan["after"]):
             copy(i)
     return b.finish([value(o) for o in graph.outputs])
+
+
+def _fold_stacks(graph: Graph) -> Graph:
+    """A kernel that only stacks every row of one stacked loop output, in order (the `torch.stack` of each
+    layer's new keys), computes that output again: it becomes a reshape of it, a view with no copy and
+    no call."""
+    folded: dict[int, int] = {}
+    for i, n in enumerate(graph.nodes):
+        if n.op != "kernel" or not n.args or not _is_stack(n.attr("body")):
+            continue
+        rows = [_row_view(graph, a) for a in n.args]
+        if any(r is None for r in rows) or len({r[0] for r in rows}) != 1:
+            continue
+        root = rows[0][0]
+        if [r[1] for r in rows] == list(range(len(rows))) == list(range(graph.nodes[root].shape[0])):
+            folded[i] = root
+    if not folded:
+        return graph
+    b = Builder(graph.tensors)
+    new: dict[int, int] = {}
+    for i, n in enumerate(graph.nodes):
+        if i in folded:
+            new[i] = b.add("reshape", [new[folded[i]]], {"shape": n.type.shape}, n.type, n.origin)
+        else:
+            new[i] = b.add(n.op, [new[a] for a in n.args], dict(n.attrs), n.type, n.origin)
+    return b.finish([new[o] for o in graph.outputs])
+
+
+def _is_stack(body: Graph) -> bool:
+    """Is the body one output that concatenates its inputs, in order, on axis 0 (with reshapes around)?
+    Then its value, flattened, is the inputs flattened one after the other."""
+    def under_reshapes(v: int) -> int:
+        while body.nodes[v].op == "reshape":
+            v = body.nodes[v].args[0]
+        return v
+    if len(body.outputs) != 1:
+        return False
+    concat = body.nodes[under_reshapes(body.outputs[0])]
+    return (concat.op == "concat" and concat.attr("axis") == 0 and
+            [under_reshapes(a) for a in concat.args] == list(body.inputs) and
+            len({body.nodes[i].dtype for i in body.inputs} | {concat.dtype}) == 1)
 
 
 def _body(graph: Graph, plan: dict, carried: list, invariant: list, sliced: list, stacked: list

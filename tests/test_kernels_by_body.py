@@ -177,15 +177,15 @@ def test_decode_program_compiles_each_distinct_body_once(decode):
     program = compiled.program
     functions = compiled_functions(program)
     calls = len(program.steps)
-    assert calls == 5 * CONFIG.n_layers + 1 == compiled.stats["kernel_calls"]
-    # layer 0 (embedding gather, its residual), layers 1-2 alike, the last layer (gathers every layer's new
-    # K/V rows) and the head: 9 functions for 21 calls; every layer's attention is one function
-    assert len(functions) == len(program.modules) == compiled.stats["distinct_kernels"] == 9
-    assert sum(len(fn.overloads) for fn in functions) == 9  # one machine-code specialization each
+    assert calls == 5 * CONFIG.n_layers + 4 == compiled.stats["kernel_calls"]
+    # the embedding lookup, the 5 kernels every layer shares, the head and the stack of the new K (and of
+    # the new V, alike): 8 functions for 24 calls; every layer's attention is one function
+    assert len(functions) == len(program.modules) == compiled.stats["distinct_kernels"] == 8
+    assert sum(len(fn.overloads) for fn in functions) == 8  # one machine-code specialization each
     attention = {id(program.steps[s].fn) for s, code in enumerate(program.codes)
                  if compiled.graph.nodes[program.steps[s].kernel].attr("kind") == "attention"}
     assert len(attention) == 1
-    assert program.source.count("\ndef k") == 9 and "21 kernel calls, 9 distinct kernels" in program.source
+    assert program.source.count("\ndef k") == 8 and "24 kernel calls, 8 distinct kernels" in program.source
     with torch.no_grad():
         want = DecodeStep(model)(*inputs)
     reference = fusec.compile(DecodeStep(model), inputs, backend="reference")(*inputs)
@@ -208,7 +208,7 @@ def test_bound_weights_reach_every_call_of_a_shared_kernel(decode):
     try:
         for got, eager in zip(compiled(*inputs), want):
             torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-5)
-        assert sum(len(fn.overloads) for fn in compiled_functions(compiled.program)) == 9  # nothing recompiled
+        assert sum(len(fn.overloads) for fn in compiled_functions(compiled.program)) == 8  # nothing recompiled
     finally:
         compiled.bind_weights(weights_of(compiled, model))
     for got, again in zip(compiled(*inputs), compiled.program.run([x.numpy() for x in inputs])):
@@ -258,10 +258,13 @@ def test_programs_of_two_prompt_lengths_share_the_head():
     names = [{m.__name__ for m in p.modules} for p in programs]
     shared = names[0] & names[1]
     # every kernel's loops have the prompt length in them but the head's, which reads the last position:
-    # the slice of that position is a view outside it since hoist_slices
-    assert len(shared) == 1 and programs[0].steps[-1].module.__name__ in shared
+    # the slice of that position is a view outside it since hoist_slices. (A loop driver's text may have
+    # no shapes in it: then one driver module serves both lengths, with a specialization for each.)
+    drivers = {d.module.__name__ for p in programs for d in p.drivers.values()}
+    assert shared - drivers == {programs[0].steps[-1].module.__name__}
     stats = gen.stats
-    assert stats["kernel_calls"] == {"prefill b1 t3": 21, "prefill b1 t5": 21, "decode b1": 21}
+    # the embedding lookup, 4 layers of 5 kernels (one loop), the head; the stacked K/V are views
+    assert stats["kernel_calls"] == {"prefill b1 t3": 22, "prefill b1 t5": 22, "decode b1": 22}
     assert stats["distinct_kernels"] == len(names[0] | names[1] | names[2]) < sum(map(len, names))
     for prompt in prompts:
         ids, logits = gen.generate(prompt, max_new_tokens=3, return_logits=True)

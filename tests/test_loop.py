@@ -1,6 +1,7 @@
 """Kernel looping (passes/loop.py): equal layers become one loop node; the reference backend defines it and
 the Numba backend runs it as one call of a generated driver. Looped programs equal unlooped ones and eager."""
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -57,11 +58,11 @@ def test_decode_layers_become_one_loop_printed_parsed_and_idempotent():
     looped = loop_kernels(graph)
     verify(looped)
     [loop] = loops(looped)
-    # layers 1..2 (rotated: from a layer's feed-forward to the next one's attention); the first layer's
-    # projection also gathers the embedding and the last one's also stacks the new keys and values
-    assert loop.attr("trips") == 2 and len(loop.attr("weights")) == 2
+    # every layer: the embedding lookup and the stack of the new keys and values are kernels of their own
+    assert loop.attr("trips") == 4 and len(loop.attr("weights")) == 4
     assert loop.attr("sliced"), "each iteration reads its own layer of the KV cache"
-    assert sum(n.op == "kernel" for n in looped.nodes) == sum(n.op == "kernel" for n in graph.nodes) - 10
+    # 4 layers of 5 kernels in the loop; the two stacks of the new K and V rows became views of its output
+    assert sum(n.op == "kernel" for n in looped.nodes) == sum(n.op == "kernel" for n in graph.nodes) - 4 * 5 - 2
     text = format_graph(looped)
     parsed = parse_graph(text, looped.tensors)
     verify(parsed)
@@ -175,12 +176,11 @@ def test_bound_and_followed_weights_reach_every_iteration():
 
 
 def test_hf_llama_generates_as_eager_looped_or_not():
-    # 4 layers: the loop holds the middle ones (the first layer's kernels also gather the embedding, the
-    # last one's also stack the new keys and values), so 3 layers leave one iteration and no loop
+    # a model nobody here wrote: all 3 layers loop, in the decode and the prefill programs
     transformers = pytest.importorskip("transformers")
     from fusec.generate import compile_generator, eager_generate
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                      num_key_value_heads=2, num_hidden_layers=4, vocab_size=97,
+                                      num_key_value_heads=2, num_hidden_layers=3, vocab_size=97,
                                       max_position_embeddings=32, rms_norm_eps=1e-5, bos_token_id=None,
                                       eos_token_id=None, pad_token_id=0)
     torch.manual_seed(0)
@@ -192,7 +192,10 @@ def test_hf_llama_generates_as_eager_looped_or_not():
         got_ids, got_logits = generator.generate(tokens, max_new_tokens=4, return_logits=True)
         assert torch.equal(got_ids, ids)
         close(got_logits.numpy(), logits.numpy())
-        assert bool(loops(generator.decode_program(1).graph)) == loop
+        programs = [generator.decode_program(1).graph, *(p.graph for p in generator._prefill.values())]
+        assert len(programs) >= 2
+        for graph in programs:
+            assert [n.attr("trips") for n in loops(graph)] == ([3] if loop else [])
 
 
 def python_calls(compiled, ins) -> int:
@@ -221,7 +224,8 @@ def test_a_decode_step_makes_as_many_python_calls_whatever_the_number_of_layers(
         counts[layers] = python_calls(looped, ins), python_calls(unlooped, ins)
         assert counts[layers][0] < counts[layers][1]
         assert len(looped.program.steps) == counts[layers][0] == looped.stats["python_calls"]
-        assert looped.stats["kernel_calls"] == unlooped.stats["kernel_calls"] == counts[layers][1]
+        # looped, the stacks of the new K and V rows are views of the loop's outputs: 2 kernels fewer
+        assert looped.stats["kernel_calls"] + 2 == unlooped.stats["kernel_calls"] == counts[layers][1]
     assert counts[4][0] == counts[8][0] and counts[8][1] > counts[4][1]
 
 
@@ -234,13 +238,72 @@ def test_fusec_loop_environment_variable_turns_looping_off(monkeypatch):
     assert loops(fusec.compile(DecodeStep(m), ins, backend="reference").graph)
 
 
-def test_a_preset_model_loops_all_but_its_first_and_last_layers():
+def shaped_like(preset: str) -> LlamaConfig:
+    """The preset's layer count and attention heads at a tiny width (head_dim 8), for fast structural tests."""
+    config = LlamaConfig.preset(preset)
+    dim = 8 * config.n_heads
+    return dataclasses.replace(config, dim=dim, hidden_dim=2 * dim, vocab_size=97, max_seq_len=16)
+
+
+@pytest.mark.parametrize("preset", ["stories15M", "stories42M", "stories110M", "tinyllama_1b"])
+def test_every_layer_of_a_preset_shaped_model_loops_decode_and_prefill(preset):
+    m = model(shaped_like(preset))
+    layers = m.config.n_layers
+    tokens = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(2))
+    example = decode_example(m, 1, 16)
+    decode_ins = [x.numpy() for x in decode_inputs(m, pos=3)[:2]] + [x.numpy() for x in example[2:]]
+    for module, ex, ins in ((DecodeStep(m), example, decode_ins), (Prefill(m, 5), (tokens,), [tokens.numpy()])):
+        graph = unlooped_graph(module, ex)
+        looped = loop_kernels(graph)
+        [loop] = loops(looped)
+        assert loop.attr("trips") == layers, f"{type(module).__name__}: {loop.attr('trips')} of {layers} looped"
+        # nothing of a layer is left outside: the embedding lookup and the head only (the stacked K/V
+        # are a view of the loop's per-iteration outputs)
+        assert sum(n.op == "kernel" for n in looped.nodes) == 2
+        for a, b in zip(run_graph(looped, ins), run_graph(graph, ins)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_every_layer_of_stories15M_loops():
     m = CausalLM.from_preset("stories15M").eval()
     example = decode_example(m, 1, 16)
     graph = unlooped_graph(DecodeStep(m), example)
     looped = loop_kernels(graph)
     [loop] = loops(looped)
-    assert loop.attr("trips") == m.config.n_layers - 2
+    assert loop.attr("trips") == m.config.n_layers
     ins = [x.numpy() for x in decode_inputs(m, pos=3)[:2]] + [x.numpy() for x in example[2:]]
     for a, b in zip(run_graph(looped, ins), run_graph(graph, ins)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_driver_calls_its_kernels_by_address_and_compiles_none_of_them_again(tmp_path, monkeypatch):
+    # a shape no other test compiles, in an empty cache: the driver is compiled here and its LLVM IR is at hand
+    monkeypatch.setenv("FUSEC_CACHE_DIR", str(tmp_path))
+    config = LlamaConfig(dim=24, n_heads=3, n_kv_heads=1, hidden_dim=40, vocab_size=31, max_seq_len=8, n_layers=2)
+    m = model(config)
+    ins = decode_inputs(m)
+    compiled = fusec.compile(DecodeStep(m), ins)
+    [driver] = compiled.program.drivers.values()
+    [llvm] = driver.fn.inspect_llvm().values()
+    kernel_modules = [module.__name__ for module in driver.modules if module is not driver.module]
+    assert kernel_modules
+    defined = re.findall(r"^define .*$", llvm, re.M)
+    # linked in, each kernel would be optimized and emitted a second time (the driver cost as much as they)
+    assert not [d for d in defined if any(name in d for name in kernel_modules)]
+    assert "raise_with_shape_context" not in llvm  # NumPy's assignment error path: half the driver's time
+    with torch.no_grad():
+        for a, e in zip(compiled(*ins), DecodeStep(m)(*ins)):
+            close(a.numpy(), e.numpy())
+
+
+def test_time_outside_kernels_is_measured_with_the_kernels_put_back():
+    from fusec.benchtools import seconds_outside_kernels
+    m = model()
+    ins = decode_inputs(m)
+    compiled = fusec.compile(DecodeStep(m), ins)
+    functions = [step.fn for step in compiled.program.steps]
+    seconds = seconds_outside_kernels(compiled.program, [x.numpy() for x in ins], repeat=3)
+    assert 0 < seconds < 1
+    assert [step.fn for step in compiled.program.steps] == functions
+    with torch.no_grad():
+        close(compiled(*ins)[0].numpy(), DecodeStep(m)(*ins)[0].numpy())

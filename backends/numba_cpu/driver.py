@@ -2,17 +2,21 @@
 and calls the body's kernels from Numba, with no Python between kernels or layers.
 
     @njit(cache=True, nogil=True)
-    def driver(x0, x1, x2, W0, W1, ..., c0, e0, chk, b0, b1, ..., o0, o1):
-        o0[...] = x0                      # carried values live in the loop's outputs
+    def driver(x0, x1, x2, k0, k1, ..., W0, W1, ..., c0, e0, chk, b0, b1, ..., o0, o1):
+        _copy(o0, x0)                     # carried values live in the loop's outputs
         for l in range(trips):
             k0(o0, W0[l], W1[l], b0)      # iteration l's weights: a homogeneous tuple indexed by l
             k1(b0, x1, x2[l], b1)         # a sliced operand: row l, a C-contiguous view
             ...
-            o1[l] = b1                    # a per-iteration output, stacked
-            o0[...] = b3                  # the next carried value
+            _copy(o1[l], b1)              # a per-iteration output, stacked
+            _copy(o0, b3)                 # the next carried value
 
 The body's kernels are generated and cached like every kernel (`kernels.build`, one module per distinct
-body); the driver is its own module, keyed by its text, which names the kernel modules it imports.
+body); the driver is its own module, keyed by its text. It calls the kernels through their compiled
+addresses: each `k*` argument is a first-class function (the C entry point of the kernel's compiled
+specialization, `CompileResultWAP`), so the driver's module neither types nor links nor optimizes the
+kernels again. Importing them instead would link every kernel's code into the driver's module, where
+LLVM optimizes and emits it a second time: the driver cost about as much to compile as its kernels.
 Intermediate buffers (`b*`) belong to the driver, allocated once. Weights are passed as one tuple per
 body parameter (`args` rebuilds them when weights are rebound). Index checks of gathers run inside: a bad
 index stops the driver with its number in `chk`, and `check` raises as a kernel call would.
@@ -21,11 +25,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numba
 import numpy as np
+from numba.core.types.function_type import CompileResultWAP
 
 from backends.numba_cpu.codegen import KernelCode
+from backends.numba_cpu.kernels import FUNCTION
 from backends.numba_cpu.kernels import build as build_kernels
 from backends.numba_cpu.kernels import raise_bad_index
+from fusec.cache import recover
 from fusec.dtypes import to_numpy
 from fusec.errors import FusecError
 from fusec.guards import take_index_checks
@@ -41,16 +49,31 @@ class Driver:
     modules: list            # the kernel modules it calls, then its own
     code: KernelCode          # readable name and source (no weights of its own: see `args`)
     weight_rows: tuple        # the loop's `weights`: per iteration, the names under iteration 0's
+    calls: list = field(default_factory=list)      # per body kernel: (module, argument specs), see `functions`
     consts: list = field(default_factory=list)     # stored constant arrays, in argument order
     errors: list = field(default_factory=list)     # (error slot, kernel code) per kernel that checks gathers
     checks: list = field(default_factory=list)     # (bound, what) per index check, numbered from 1
     buffers: list = field(default_factory=list)    # intermediate values of one iteration
     chk: np.ndarray = None
+    _functions: list = None
 
     def args(self, weights: dict) -> list:
         """The arguments after the loop's operands and before its outputs, for these weight arrays."""
         tuples = [tuple(weights[row[j]] for row in self.weight_rows) for j in range(len(self.weight_rows[0]))]
-        return tuples + self.consts + [e for e, _ in self.errors] + [self.chk] + self.buffers
+        return (self.functions(weights) + tuples + self.consts + [e for e, _ in self.errors] + [self.chk] +
+                self.buffers)
+
+    def functions(self, weights: dict) -> list:
+        """The body's kernels as first-class functions, each compiled (or loaded from the cache) for the
+        argument types the driver passes: C-contiguous arrays of the values' types, the weights' own."""
+        if self._functions is None:
+            first = self.weight_rows[0]
+            self._functions = [
+                _compiled(module, [_array_type(spec) if kind == "type" else
+                                   numba.typeof(weights[first[spec]] if kind == "weight" else spec)
+                                   for kind, spec in specs])
+                for module, specs in self.calls]
+        return self._functions
 
     def check(self) -> None:
         """Raise TakeIndexError for a bad index the last call found (as a kernel call would)."""
@@ -77,11 +100,12 @@ def build(graph: Graph, loop: int, header: str, load) -> Driver:
                              "numba backend")
     d = Driver(None, None, [], None, rows, chk=np.zeros(2, np.int64))
     names: dict[int, str] = {}     # body id -> expression
-    params = [f"x{k}" for k in range(len(n.args))] + [f"W{j}" for j in range(len(rows[0]))]
+    params = ([f"x{k}" for k in range(len(n.args))] + [f"k{k}" for k in range(len(kernels))] +
+              [f"W{j}" for j in range(len(rows[0]))])
     lines: list[str] = []
     for k in carried:
         names[body.inputs[k]] = f"o{carried.index(k)}"
-        lines.append(f"    o{carried.index(k)}[...] = x{k}")
+        lines.append(f"    _copy(o{carried.index(k)}, x{k})")
     lines.append(f"    for l in range({trips}):")
     column = {name: j for j, name in enumerate(rows[0])}
     for k, i in enumerate(body.inputs):
@@ -106,20 +130,26 @@ def build(graph: Graph, loop: int, header: str, load) -> Driver:
             code = built.codes[kernels.index(i)]
             for pos, bound, what in take_index_checks(m):
                 d.checks.append((bound, what))
-                body_lines.append(f"if not _indices_ok({names[m.args[pos]]}, {bound}, chk, {len(d.checks)}):")
+                body_lines.append(f"if not _indices_ok({names[m.args[pos]]}, np.int64({bound}), chk, "
+                                  f"np.int64({len(d.checks)})):")
                 body_lines.append("    return")
             args = [names[a] for a in m.args] + [f"W{column[p]}[l]" for p in code.params]
+            specs = [("type", body.nodes[a].type) for a in m.args] + [("weight", column[p]) for p in code.params]
             for key in code.consts:
                 args.append(f"c{len(d.consts)}")
-                d.consts.append(np.ascontiguousarray(body.tensors[key]))
+                d.consts.append(np.array(body.tensors[key], order="C"))  # writable: one type for every call
+                specs.append(("array", d.consts[-1]))
             if code.gathers:
                 args.append(f"e{len(d.errors)}")
                 d.errors.append((np.zeros(2, np.int64), code))
+                specs.append(("array", d.errors[-1][0]))
             for r, t in enumerate(output_types(m)):
                 name = f"b{len(d.buffers)}"
                 d.buffers.append(np.empty(t.shape, to_numpy(t.dtype)))
                 names[(i, r)] = name
                 args.append(name)
+                specs.append(("array", d.buffers[-1]))
+            d.calls.append((built.modules[kernels.index(i)], specs))
             names[i] = names[(i, 0)]
             body_lines.append(f"k{kernels.index(i)}({', '.join(args)})")
             if code.gathers:
@@ -127,14 +157,13 @@ def build(graph: Graph, loop: int, header: str, load) -> Driver:
                 body_lines.append("    return")
     nc = len(carried)
     for s, o in enumerate(body.outputs[nc:]):
-        body_lines.append(f"o{nc + s}[l] = {names[o]}")
+        body_lines.append(f"_copy(o{nc + s}[l], {names[o]})")
     for c, o in enumerate(body.outputs[:nc]):
-        body_lines.append(f"o{c}[...] = {names[o]}")
+        body_lines.append(f"_copy(o{c}, {names[o]})")
     lines += ["        " + line for line in body_lines]
     params += ([f"c{k}" for k in range(len(d.consts))] + [f"e{k}" for k in range(len(d.errors))] + ["chk"] +
                [f"b{k}" for k in range(len(d.buffers))] + [f"o{k}" for k in range(len(output_types(n)))])
-    imports = [f"from {built.modules[k].__name__} import kernel as k{k}" for k in range(len(kernels))]
-    source = (header + "\n" + "\n".join(imports) + "\n\n\n" + INDICES_OK + "\n\n"
+    source = (header + "\n\n" + INDICES_OK + "\n\n"
               f"# loop: {trips} iterations of {len(kernels)} kernels\n"
               "@njit(cache=True, nogil=True)\n"
               f"def driver({', '.join(params)}):\n" + "\n".join(lines) + "\n")
@@ -145,7 +174,37 @@ def build(graph: Graph, loop: int, header: str, load) -> Driver:
     return d
 
 
+def _array_type(t) -> numba.types.Array:
+    """The Numba type of a C-contiguous, writable array holding values of IR type `t`."""
+    return numba.types.Array(numba.from_dtype(to_numpy(t.dtype)), len(t.shape), "C")
+
+
+def _compiled(module, argtypes: list) -> CompileResultWAP:
+    """The module's kernel compiled (or loaded from Numba's cache) for `argtypes`, as a first-class function.
+    Cached code that fails to load is discarded and compiled again, as on a kernel's first call."""
+    fn, sig = getattr(module, FUNCTION), tuple(argtypes)
+    try:
+        fn.compile(sig)
+    except Exception as e:
+        if not recover(module, FUNCTION, e):
+            raise
+        fn.compile(sig)
+    return CompileResultWAP(fn.overloads[sig])
+
+
+# Helpers of every driver. Copies are loops rather than `dst[...] = src`: NumPy's broadcasting assignment
+# brings its error path (a message formatted from the shapes), which alone took about half of a driver's
+# cold compile. Bounds and check numbers are passed as int64, so one specialization serves every check.
 INDICES_OK = '''@njit(cache=True, nogil=True)
+def _copy(dst, src):
+    """dst[...] = src for C-contiguous arrays of one size."""
+    d = dst.reshape(-1)
+    s = src.reshape(-1)
+    for i in range(d.size):
+        d[i] = s[i]
+
+
+@njit(cache=True, nogil=True)
 def _indices_ok(x, bound, chk, number):
     """False (the bad index and the check's number in chk) when an index lies outside [0, bound)."""
     for v in x.ravel():

@@ -205,9 +205,10 @@ class Program:
             self._plan_steps()
 
     def run(self, inputs: list[np.ndarray], observe: Callable | None = None) -> list[np.ndarray]:
-        """Run the program. Inputs are made contiguous (a copy only when they are not). Calls are
-        serialized by a lock: intermediate buffers belong to the program. `observe(node_id, args, outs)`
-        is called after every kernel and torch step (for `fusec check`; buffers are reused, so copy)."""
+        """Run the program. Inputs are made contiguous and writable (a copy only when they are not).
+        Calls are serialized by a lock: intermediate buffers belong to the program. `observe(node_id,
+        args, outs)` is called after every kernel and torch step (for `fusec check`; buffers are reused,
+        so copy)."""
         g = self.graph
         with self._lock:
             if self.symbolic is not None:
@@ -217,7 +218,7 @@ class Program:
                 if sizes != self._sizes:
                     self._resize(sizes)
                 g = self.graph
-            values = {i: np.ascontiguousarray(x) for i, x in zip(g.inputs, inputs)}
+            values = {i: _writable(x) for i, x in zip(g.inputs, inputs)}
             memo: dict = {}
             for s, (step, (arg_plan, out_plan, checks)) in enumerate(zip(self.steps, self._plans)):
                 self._run_torch(s, values, memo, observe)
@@ -325,6 +326,13 @@ class Program:
         else:
             raise FusecError(f"internal: value %{v} ({n.op}) is not produced by any kernel")
         return values[v]
+
+
+def _writable(x) -> np.ndarray:
+    """An input as a C-contiguous writable array (a copy only when it is not one): a read-only array is
+    another Numba type, which a loop driver's kernels, compiled for one type, do not take."""
+    x = np.ascontiguousarray(x)
+    return x if x.flags.writeable else x.copy()
 
 
 def _root(g: Graph, v: int) -> int:
