@@ -157,6 +157,23 @@ class Dynamic:
         return axis in self.dims.get(tensor_index, ()) or axis - rank in self.dims.get(tensor_index, ())
 
 
+def check_dynamic_mapping(dynamic: Any) -> None:
+    """`dynamic=` (past True) must map input names or positions to dimensions."""
+    if not isinstance(dynamic, Mapping):
+        raise TypeError(f"dynamic must be None, True or a mapping of input name to dimensions, got "
+                        f"{type(dynamic).__name__}")
+
+
+def input_position(key: Any, input_names: list[str]) -> int:
+    """The position among the tensor inputs that `dynamic=`'s key `key` (a name or a position) names."""
+    if isinstance(key, int) and 0 <= key < len(input_names):
+        return key
+    if key in input_names:
+        return input_names.index(key)
+    raise ValueError(f"dynamic names the input {key!r}, but the tensor inputs are "
+                     f"{', '.join(map(repr, input_names)) or 'none'} (or their positions)")
+
+
 def parse_dynamic(dynamic: Any, input_names: list[str]) -> Dynamic:
     """`dynamic` as given to `fusec.compile`: None, True (every dimension), or a mapping from an input's
     name (as traced: the forward argument's name) or position among the tensor inputs to the dimensions
@@ -165,18 +182,10 @@ def parse_dynamic(dynamic: Any, input_names: list[str]) -> Dynamic:
         return Dynamic({})
     if dynamic is True:
         return Dynamic({}, every=True)
-    if not isinstance(dynamic, Mapping):
-        raise TypeError(f"dynamic must be None, True or a mapping of input name to dimensions, got "
-                        f"{type(dynamic).__name__}")
+    check_dynamic_mapping(dynamic)
     dims: dict[int, frozenset[int]] = {}
     for key, axes in dynamic.items():
-        if isinstance(key, int) and 0 <= key < len(input_names):
-            index = key
-        elif key in input_names:
-            index = input_names.index(key)
-        else:
-            raise ValueError(f"dynamic names the input {key!r}, but the tensor inputs are "
-                             f"{', '.join(map(repr, input_names)) or 'none'} (or their positions)")
+        index = input_position(key, input_names)
         axes = [axes] if isinstance(axes, int) else list(axes)
         if not all(isinstance(a, int) for a in axes):
             raise TypeError(f"dynamic[{key!r}] must be dimension numbers, got {axes!r}")

@@ -19,6 +19,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from fusec.errors import FusecError, UnsupportedOpError
+from fusec.guards import check_dynamic_mapping, input_position
 from fusec.symbolic import Sym
 
 DEFAULT_MAX = 4096  # upper bound of a dynamic dimension given without bounds (before torch narrows it)
@@ -49,18 +50,10 @@ def dynamic_spec(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic: An
     names = tensor_names(module, args, kwargs)
     if dynamic is True:
         dynamic = {k: set(range(t.dim())) for k, t in enumerate(tensors)}
-    if not hasattr(dynamic, "items"):
-        raise TypeError(f"dynamic must be None, True or a mapping of input name to dimensions, got "
-                        f"{type(dynamic).__name__}")
+    check_dynamic_mapping(dynamic)
     spec, declared = ShapesCollection(), {}
     for key, axes in dynamic.items():
-        if isinstance(key, int) and 0 <= key < len(tensors):
-            pos = key
-        elif key in names:
-            pos = names.index(key)
-        else:
-            raise ValueError(f"dynamic names the input {key!r}, but the tensor inputs are "
-                             f"{', '.join(map(repr, names)) or 'none'} (or their positions)")
+        pos = input_position(key, names)
         items = axes.items() if hasattr(axes, "items") else [(a, None) for a in ([axes] if isinstance(axes, int) else axes)]
         dims = {}
         for axis, bounds in items:
