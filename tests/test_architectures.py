@@ -8,7 +8,7 @@ import torch
 from fusec.generate import compile_generator, eager_generate
 from fusec.models.architectures import config_from_hf
 from fusec.models.causal_lm import from_hf, load_safetensors
-from test_generate import assert_same_greedy
+from test_generate import BF16_TOLERANCE, assert_same_greedy
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning")
@@ -112,3 +112,31 @@ def test_gemma_with_the_exact_gelu_its_first_configs_name():
     prompt = tokens(11)
     with torch.no_grad():
         torch.testing.assert_close(model(prompt), hf(prompt).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma"])
+def test_bf16_weights_stay_within_the_bf16_tolerance_of_fp32(arch):
+    model = from_hf(hf_model(arch))
+    prompt = tokens(7)
+    ids, logits = compile_generator(model, 64, weights="bf16").generate(prompt, max_new_tokens=8,
+                                                                          return_logits=True)
+    ref_ids, ref_logits = eager_generate(model, prompt, 8, max_seq_len=64)
+    common = next((i for i in range(8) if ids[0, 7 + i] != ref_ids[0, 7 + i]), 8)
+    error = float((logits[:, :common + 1] - ref_logits[:, :common + 1]).abs().max())
+    assert error <= BF16_TOLERANCE * float(ref_logits.abs().max())
+
+
+def test_mapped_models_serve_as_coe_experts_bound_at_run_time():
+    """Two Qwen2 models (biases on q/k/v, tied head) as experts of one CoE: each request gives the tokens
+    of its expert's eager generation."""
+    from coe_common import ByFirstToken
+
+    from fusec.coe import CoE
+    names = ["first", "second"]
+    models = {name: from_hf(hf_model("qwen2", seed=i)) for i, name in enumerate(names)}
+    coe = CoE(ByFirstToken(names), models, hbm_bytes=1 << 30, weights="fp32", max_seq_len=64,
+              prompt_buckets=(16, 32))
+    for name in names:
+        prompt = [names.index(name), 3, 17, 42, 7, 50]   # ByFirstToken sends it to `name`
+        want, _ = eager_generate(models[name], torch.tensor([prompt]), 8, max_seq_len=64)
+        assert torch.equal(coe.generate(prompt, max_new_tokens=8).tokens, want[0])
