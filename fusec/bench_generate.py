@@ -52,7 +52,7 @@ COLUMNS = [("model", "model", ""), ("implementation", "implementation", ""), ("n
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from fusec.cli import nonnegative_int, positive_int
+    from fusec.argtypes import nonnegative_int, positive_int
     parser = argparse.ArgumentParser(prog="fusec bench generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="*", help="presets (" + ", ".join(PRESETS) + ") or safetensors "
                         "files / Hugging Face model directories; default: " + ", ".join(DEFAULT_MODELS))

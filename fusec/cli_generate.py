@@ -21,7 +21,7 @@ CACHE_ROWS = 64  # the KV cache is sized to prompt + new tokens rounded up to th
 
 
 def add_parser(sub) -> None:
-    from fusec.cli import nonnegative_float, nonnegative_int, positive_int
+    from fusec.argtypes import nonnegative_float, nonnegative_int, positive_int
     g = sub.add_parser("generate", help="generate text with a Hugging Face directory, llama2.c .bin or GGUF model")
     g.add_argument("model", metavar="MODEL_PATH", help="a model directory (config.json, *.safetensors, "
                    "tokenizer.json), a llama2.c .bin (tokenizer.bin beside it) or a .gguf file")

@@ -79,7 +79,7 @@ def _place(traced, fuse: bool, machine: str, seed: int, dtype: str | None, weigh
 
 
 def add_rdu_parser(subparsers) -> argparse.ArgumentParser:
-    from fusec.cli import nonnegative_int, positive_int
+    from fusec.argtypes import nonnegative_int, positive_int
     r = subparsers.add_parser("rdu", help="estimate a model's time on an RDU (the analytical model)")
     r.add_argument("model", nargs="?", help="registry name (see `fusec models`) or path/to/file.py:factory")
     r.add_argument("--paper", action="store_true",

@@ -32,7 +32,7 @@ WEIGHTS = ("fp32", "bf16", "int8")
 def fusec_compiler(backend: str = "numba", weights: str = "fp32", fuse: bool = True,
                    loop: bool | None = None) -> Compiler:
     """A Compiler running `fusec.compile` with these options."""
-    import fusec
+    from fusec.api import compile as compile_module
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, given {weights!r}")
     options = {}
@@ -42,7 +42,7 @@ def fusec_compiler(backend: str = "numba", weights: str = "fp32", fuse: bool = T
         options["loop"] = loop
 
     def compile_program(module: nn.Module, example: tuple, dynamic=None) -> Program:
-        return fusec.compile(module, example, backend=backend, fuse=fuse, dynamic=dynamic, **options)
+        return compile_module(module, example, backend=backend, fuse=fuse, dynamic=dynamic, **options)
 
     compile_program.symbolic = True  # takes `dynamic`: one prefill program for every prompt length
     return compile_program

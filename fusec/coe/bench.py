@@ -229,7 +229,7 @@ def format_report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fusec.cli import nonnegative_float, nonnegative_int, positive_int
+    from fusec.argtypes import nonnegative_float, nonnegative_int, positive_int
     p = argparse.ArgumentParser(prog="fusec coe bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--experts", type=positive_int, default=150)
     p.add_argument("--hbm-experts", type=positive_int, default=20, help="HBM budget, in experts")
