@@ -139,7 +139,8 @@ def test_set_threads_sets_torch_and_numba(monkeypatch):
 
 def test_write_json_and_chart(tmp_path):
     path = benchtools.write_json(tmp_path / "sub" / "r.json", {"a": 1})
-    assert json.loads(path.read_text()) == {"a": 1}
+    data = json.loads(path.read_text())
+    assert data.pop("run").keys() == {"date", "commit", "command"} and data == {"a": 1}
     pytest.importorskip("matplotlib")
     png = benchtools.write_bar_chart(tmp_path / "c.png", {"prefill": {"x": 1.0, "y": 2.0}}, "ms")
     assert png is not None and png.read_bytes()[:4] == b"\x89PNG"

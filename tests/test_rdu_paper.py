@@ -184,8 +184,8 @@ def test_benchmark_writes_the_table_json_and_chart(tmp_path, capsys):
 
 
 def test_the_cpu_loop_body_is_one_block_as_the_model_assumes():
-    """The model loops the traced block `n_layers` times; the loop pass's body over a decoder (rotated: one
-    layer's feed-forward to the next one's attention) holds the same kernels as one block."""
+    """The model loops the traced block `n_layers` times; the loop pass's body over a decoder loops
+    every layer and holds the same kernels as one block."""
     import torch
     from fusec.models.causal_lm import CausalLM, DecodeStep, decode_example
     from fusec.models.llama import LlamaBlock, LlamaConfig
@@ -202,4 +202,4 @@ def test_the_cpu_loop_body_is_one_block_as_the_model_assumes():
     args, kwargs = decode_inputs(config, past_len=8)
     block = lower(trace(LlamaBlock(config).eval(), args, kwargs).graph, target="rdu")
     kernels = [n for n in block.nodes if n.op == "kernel"]
-    assert loop.attr("trips") == config.n_layers - 2 and len(body) == len(kernels)
+    assert loop.attr("trips") == config.n_layers and len(body) == len(kernels)

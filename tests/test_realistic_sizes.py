@@ -69,7 +69,9 @@ def test_decode_after_133_cached_tokens_matches_eager(block):
 
 
 def test_bf16_weight_prefill_matches_eager_on_the_rounded_weights(block):
-    """bf16 weights: eager on the same weights rounded to bf16 (computing in float32) is the reference."""
+    """bf16 weights: eager on the same weights rounded to bf16 (computing in float32) is the reference.
+    With MKL the prefill GEMMs also round their activations to bf16 (a bf16 x bf16 -> f32 GEMM: exact
+    products, float32 sums; docs/numba-backend.md), hence 2e-3 of the output's scale rather than 1e-4."""
     (x,) = example_inputs(CONFIG, seq_len=77, seed=3)
     rounded = LlamaBlock(CONFIG).eval()
     rounded.load_state_dict({k: v.to(torch.bfloat16).float() if v.dim() == 2 else v
@@ -77,4 +79,4 @@ def test_bf16_weight_prefill_matches_eager_on_the_rounded_weights(block):
     with torch.no_grad():
         want = rounded(x)
     compiled = fusec.compile(block, (x,), weights="bf16")
-    assert_close_to_eager(compiled(x), want, 1e-4)
+    assert_close_to_eager(compiled(x), want, 2e-3 if compiled.stats.get("blas") == "mkl" else 1e-4)
