@@ -100,6 +100,17 @@ def test_gguf_files_give_the_tokens_of_transformers(tokenizer, tmp_path, arch):
     assert greedy_equal(loaded.model, hf, ids)
 
 
+def test_q8_0_tensors_quantize_back_to_the_files_blocks_exactly(tokenizer, tmp_path):
+    """weights="int8" (passes.weights.quantize_int8, blocks of 32 with a float32 scale) on a dequantized Q8_0
+    tensor gives back the file's values: its int8 program reads the weights llama.cpp would."""
+    from passes.weights import quantize_int8
+    model = from_hf(llama(tokenizer))
+    loaded = load(write_gguf(model, tmp_path / "model.gguf", "llama", tokenizer, "Q8_0"))
+    for w in (loaded.model.layers[0].attention.wq.weight, loaded.model.layers[1].feed_forward.w2.weight):
+        q, scale = quantize_int8(w)
+        assert torch.equal((q.float() * scale).reshape(w.shape), w.detach())
+
+
 @pytest.mark.parametrize("qtype", ["F16", "BF16", "Q8_0"])
 def test_gguf_tensor_types_load_as_gguf_dequantizes_them(tokenizer, tmp_path, qtype):
     import gguf
@@ -110,8 +121,8 @@ def test_gguf_tensor_types_load_as_gguf_dequantizes_them(tokenizer, tmp_path, qt
                       (loaded.model.output.weight, model.output.weight)):
         rounded = gguf.quants.dequantize(gguf.quants.quantize(want.detach().numpy(), kind), kind)
         assert np.array_equal(got.detach().numpy(), rounded)
-    assert loaded.notes == (("Q8_0 tensors dequantized to float32 (fusec has no int8 weight path)",)
-                            if qtype == "Q8_0" else ())
+    assert loaded.notes == (('Q8_0 tensors dequantized to float32 (weights="int8" keeps Q8_0 blocks as in the '
+                             'file)',) if qtype == "Q8_0" else ())
     ids = torch.tensor([tokenizer.encode(TEXT[0]).ids])
     with torch.no_grad():
         error = (loaded.model(ids) - model(ids)).abs().max() / model(ids).abs().max()

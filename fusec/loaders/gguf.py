@@ -5,7 +5,8 @@ config for fusec.models.architectures, the tensors the HF Llama layout. What lla
 is undone: q/k rows of "llama" files are permuted back from interleaved RoPE pairs to rotate-half;
 Gemma's norm weights are already stored as 1 + w; Phi-3's fused attn_qkv and ffn_up are split.
 Tensor types: F32 (memory-mapped views of the file), F16 and BF16 (converted to float32), Q8_0
-(dequantized to float32, with a note: fusec has no int8 weight path to keep them as they are).
+(dequantized to float32, with a note: compiling with `weights="int8"` quantizes them back to the file's
+own blocks of 32, exactly, since each block's largest value is 127 times its scale).
 
 Tokenizers: "llama" (SentencePiece pieces, scores, types) as a PieceTokenizer; "gpt2" (byte-level BPE
 vocab and merges) as a `tokenizers` BPE with the GPT-2 byte-level pre-tokenizer (llama.cpp's per-model
@@ -120,7 +121,7 @@ def load_model(path: Path):
                 tensors[name] = interleaved_to_half(tensors[name], heads)
     if hf["model_type"] == "phi3":
         tensors = llama_layout(hf, tensors)
-    notes = [f"{kind} tensors dequantized to float32 (fusec has no int8 weight path)"
+    notes = [f"{kind} tensors dequantized to float32 (weights=\"int8\" keeps Q8_0 blocks as in the file)"
              for kind in sorted(kinds) if kind.startswith("Q")]
     return load_hf_weights(config, tied, tensors, copy=False), notes
 
