@@ -368,6 +368,7 @@ def write_outputs(report: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    benchtools.run_record()  # the commit and command of this run, taken as it starts
     if args.child_compile:
         return child_compile(args)
     with benchtools.quiet_warnings():

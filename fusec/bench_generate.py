@@ -295,6 +295,7 @@ def write_outputs(report: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    benchtools.run_record()  # the commit and command of this run, taken as it starts
     with benchtools.quiet_warnings():
         report = run(args)
     print_report(report)

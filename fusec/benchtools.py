@@ -159,9 +159,20 @@ def format_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
     return "\n".join(lines)
 
 
+_RUN: dict[str, Any] = {}
+
+
 def run_record() -> dict[str, Any]:
     """Where a benchmark's numbers come from: the date (UTC), the source commit (with `+changes` when the
-    work tree differs from it; None outside a git checkout) and the command as a user would type it."""
+    work tree differs from it; None outside a git checkout) and the command as a user would type it. Taken
+    once, at the first call (a benchmark's `main` calls it as it starts), so a commit made while the
+    benchmark runs is not credited with its numbers."""
+    if not _RUN:
+        _RUN.update(_take_run_record())
+    return dict(_RUN)
+
+
+def _take_run_record() -> dict[str, Any]:
     import datetime
     import subprocess
     import sys
@@ -257,3 +268,4 @@ def _nothing(count: int):
     scope: dict = {}
     exec(f"def nothing({names}):\n    return None\n", scope)
     return njit(nogil=True)(scope["nothing"])
+
