@@ -204,10 +204,13 @@ def roofline(block: LlamaBlock, case: str, seq: int, past: int, machine: dict) -
     params = sum(p.numel() for p in block.parameters())
     if case == "decode":
         weight_bytes = sum(p.numel() * p.element_size() for p in block.parameters())
+        # bf16 storage keeps matrices in 2 bytes (passes.weights; vectors stay float32)
+        bf16_bytes = sum(p.numel() * (2 if p.dim() == 2 else p.element_size()) for p in block.parameters())
         kv_bytes = 2 * config.n_kv_heads * past * config.head_dim * 4  # past K and V, float32, batch 1
         moved = weight_bytes + kv_bytes
         return {"bound": "memory", "bytes": moved, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
-                "seconds": moved / machine["bandwidth"]["best"]}
+                "seconds": moved / machine["bandwidth"]["best"],
+                "seconds_bf16": (bf16_bytes + kv_bytes) / machine["bandwidth"]["best"]}
     # Causal attention without a past: query i sees i + 1 keys; QK^T and PV cost 2 * head_dim flops per
     # query-key pair each.
     pairs = seq * (seq + 1) // 2
@@ -328,7 +331,9 @@ def run(args: argparse.Namespace) -> dict:
     lines = {case: roofline(block, case, args.seq, args.past, machine) for case in CASES}
     for row in results:
         if row.get("median_ms"):
-            row["roofline_fraction"] = lines[row["case"]]["seconds"] / (row["median_ms"] / 1e3)
+            line = lines[row["case"]]
+            bf16 = row["implementation"].endswith("bf16") and "seconds_bf16" in line  # its own bytes
+            row["roofline_fraction"] = line["seconds_bf16" if bf16 else "seconds"] / (row["median_ms"] / 1e3)
     return {"preset": args.preset, "seq": args.seq, "past": args.past, "repeat": args.repeat,
             "warmup": args.warmup, "threads": {"torch": torch.get_num_threads(), "numba": threads},
             "machine": machine, "roofline": lines, "results": results,
