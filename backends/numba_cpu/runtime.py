@@ -28,6 +28,7 @@ from fusec.debug import debug
 from fusec.dtypes import to_numpy
 from fusec.errors import FusecError
 from fusec.guards import check_indices, take_index_checks
+from fusec.sizes import bind_sizes, size_slots, specialize, upper_sizes
 from fusec.ir import Graph, output_types, param_types
 
 VIEWS = ("reshape", "slice")  # outer nodes that are views of their operand's buffer (no kernel runs them)
@@ -112,7 +113,6 @@ class Program:
         # bounds and viewed at each call's sizes (`_resize`); what follows sees the graph at those sizes
         self.symbolic, self._sizes = (graph, None) if graph.sizes else (None, {})
         if self.symbolic is not None:
-            from fusec.sizes import size_slots, specialize, upper_sizes
             if self.drivers:
                 raise FusecError("the numba backend runs no loop node with symbolic sizes (compile with loop=False)")
             self._slots, self._bounds = size_slots(graph), graph.sizes
@@ -212,7 +212,6 @@ class Program:
         g = self.graph
         with self._lock:
             if self.symbolic is not None:
-                from fusec.sizes import bind_sizes
                 sizes = bind_sizes(self.symbolic, [np.shape(x) for x in inputs], slots=self._slots,
                                    bounds=self._bounds)
                 if sizes != self._sizes:
@@ -247,7 +246,6 @@ class Program:
     def _resize(self, sizes: dict) -> None:
         """Run at other symbolic sizes: the graph at those sizes, and every planned buffer a view of its
         storage (planned for the upper bounds) at the new shape; the kernels stay as compiled."""
-        from fusec.sizes import specialize
         self.graph, self._sizes = specialize(self.symbolic, sizes), sizes
         for (s, k), storage in self.storage.items():
             t = output_types(self.graph.nodes[self.steps[s].kernel])[k]
