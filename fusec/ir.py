@@ -7,53 +7,22 @@ splat (`value=`, any shape) or a stored array (`key=` into `Graph.tensors`).
 
 Graphs are built through `Builder`, which hash-conses nodes (an identical node is created once, so common
 subexpressions are shared by construction) and infers each node's type from its operands (`opset.infer`).
+
+The IR layer, bottom up: value types (`fusec.ir_types`) <- the op set and its type rules (`fusec.opset`)
+<- the graph and its text form (here: `repr` prints it) <- the parser (`fusec.printer`) and the verifier
+(`fusec.verify`).
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from fusec.errors import IRError
-
-DTYPES = ("f32", "f64", "f16", "bf16", "i64", "i32", "i16", "i8", "u8", "bool")
-FLOAT_DTYPES = ("f32", "f64", "f16", "bf16")
-
-
-@dataclass(frozen=True)
-class TensorType:
-    """Shape and element type of a value. A dimension is an int or a `fusec.symbolic.Sym`, a size known at
-    run time (a polynomial in named size variables with bounds, e.g. the sequence length `s0`)."""
-
-    shape: tuple[Any, ...]
-    dtype: str
-
-    def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise IRError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
-
-    @property
-    def rank(self) -> int:
-        return len(self.shape)
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * dtype_size(self.dtype)
-
-    def __str__(self) -> str:
-        return f"{self.dtype}[{','.join(str(d) for d in self.shape)}]"
-
-
-def dtype_size(dtype: str) -> int:
-    return {"f64": 8, "i64": 8, "f32": 4, "i32": 4, "f16": 2, "bf16": 2, "i16": 2}.get(dtype, 1)
-
+from fusec.ir_types import DTYPES, FLOAT_DTYPES, TensorType, dtype_size  # noqa: F401 - re-exported
+from fusec.opset import infer
+from fusec.symbolic import sizes_of
 
 Attrs = tuple[tuple[str, Any], ...]
 
@@ -105,7 +74,6 @@ class Graph:
     def sizes(self) -> dict[str, tuple[int, int]]:
         """{name: (lo, hi)} of the symbolic size variables in the graph's types and attributes, bodies
         included (empty for a static graph); IRError if a name has two bounds."""
-        from fusec.symbolic import sizes_of
         return sizes_of(v for n in self.walk() for v in (n.type.shape, *(a for _, a in n.attrs)))
 
     @property
@@ -141,7 +109,6 @@ class Graph:
         return dict(sorted(counts.items()))
 
     def __repr__(self) -> str:
-        from fusec.printer import format_graph
         return format_graph(self)
 
 
@@ -160,7 +127,6 @@ class Builder:
 
     def add(self, op: str, args: Iterable[int] = (), attrs: Mapping[str, Any] | None = None,
             type: TensorType | None = None, origin: str = "") -> int:
-        from fusec.opset import infer
         args = tuple(args)
         frozen = make_attrs(attrs or {})
         for a in args:
@@ -266,68 +232,44 @@ def output_types(node: Node) -> list[TensorType]:
     return types[:nc] + [TensorType((node.attr("trips"),) + t.shape, t.dtype) for t in types[nc:]]
 
 
-def verify(graph: Graph) -> None:
-    """Check the invariants every pass must keep; raise IRError naming the first broken one."""
-    from fusec.opset import OPS, infer
-    graph.sizes  # noqa: B018 - raises when a size variable has two bounds
-    seen_inputs = set()
+# --- the text form (parsed back by `fusec.printer.parse_graph`) ---------------------------------------
+# It lives beside `Graph` because `repr` prints it: the parser, which builds graphs, sits above.
+
+def format_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        if math.isnan(v):
+            return "nan"
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, tuple):
+        return "[" + ",".join(format_value(x) for x in v) + "]"
+    return str(v)  # an int, or a symbolic size (`s0`, `(s0+1)`)
+
+
+def format_node(i: int, n: Node) -> str:
+    text = f"%{i} = {n.op}"
+    if n.args:
+        text += " " + ", ".join(f"%{a}" for a in n.args)
+    shown = [(k, v) for k, v in n.attrs if not isinstance(v, Graph)]
+    if shown:
+        text += " {" + ", ".join(f"{k}={format_value(v)}" for k, v in shown) + "}"
+    return f"{text} : {n.type}"
+
+
+def format_graph(graph: Graph, indent: str = "") -> str:
+    sizes = graph.sizes if not indent else {}  # declared once, at the top (bodies use the same names)
+    lines = ["sizes {" + ", ".join(f"{k}=[{lo},{hi}]" for k, (lo, hi) in sorted(sizes.items())) + "}"] if sizes else []
     for i, n in enumerate(graph.nodes):
-        where = f"%{i} = {n.op}"
-        if n.op not in OPS:
-            raise IRError(f"{where}: unknown op")
-        for a in n.args:
-            if not 0 <= a < i:
-                raise IRError(f"{where}: operand %{a} is not an earlier node")
-        expected = infer(n.op, [graph.nodes[a].type for a in n.args], dict(n.attrs), n.type)
-        if expected != n.type:
-            raise IRError(f"{where}: type is {n.type} but its operands give {expected}")
-        if n.op == "kernel":
-            _verify_kernel(graph, i, n)
-        if n.op == "loop":
-            from fusec.loop_verify import verify_loop
-            verify_loop(graph, i, n)
-        if n.op == "result":
-            of = graph.nodes[n.args[0]] if len(n.args) == 1 else None
-            types = output_types(of) if of is not None and of.op in ("kernel", "loop") else []
-            if not 0 <= n.attr("index", -1) < len(types):
-                raise IRError(f"{where}: must read an existing output of a kernel or loop node")
-            if types[n.attr("index")] != n.type:
-                raise IRError(f"{where}: type {n.type} differs from the {of.op}'s output {n.attr('index')}")
-        if n.op == "input":
-            idx = n.attr("index")
-            if idx in seen_inputs:
-                raise IRError(f"{where}: input index {idx} appears twice")
-            seen_inputs.add(idx)
-        if n.op == "param" and n.attr("name") not in graph.tensors:
-            raise IRError(f"{where}: parameter {n.attr('name')!r} has no tensor")
-        if n.op == "const" and n.attr("key") is not None and n.attr("key") not in graph.tensors:
-            raise IRError(f"{where}: constant {n.attr('key')!r} has no array")
-    if sorted(seen_inputs) != list(range(len(seen_inputs))):
-        raise IRError(f"input indices are {sorted(seen_inputs)}, expected 0..{len(seen_inputs) - 1}")
-    for o in graph.outputs:
-        if not 0 <= o < len(graph.nodes):
-            raise IRError(f"output %{o} does not exist")
-
-
-def verify_body(where: str, body) -> None:
-    """The nested graph of a kernel or loop node (`where` names it) exists and is valid."""
-    if not isinstance(body, Graph):
-        raise IRError(f"{where}: has no body graph")
-    try:
-        verify(body)
-    except IRError as e:
-        raise IRError(f"{where}: body: {e}") from e
-
-
-def _verify_kernel(graph: Graph, i: int, n: Node) -> None:
-    """A kernel's body is a valid graph whose inputs match the kernel's operands and whose output 0 is
-    the kernel's type."""
-    body = n.attr("body")
-    where = f"%{i} = kernel {n.attr('kind')}"
-    verify_body(where, body)
-    arg_types = tuple(graph.nodes[a].type for a in n.args)
-    if body.input_types != arg_types:
-        raise IRError(f"{where}: body inputs {[str(t) for t in body.input_types]} do not match operands "
-                      f"{[str(t) for t in arg_types]}")
-    if not body.outputs or body.nodes[body.outputs[0]].type != n.type:
-        raise IRError(f"{where}: type {n.type} differs from its body's output 0")
+        lines.append(indent + format_node(i, n))
+        for k, v in n.attrs:
+            if isinstance(v, Graph):
+                lines.append(f"{indent}  {k} {{")
+                lines.append(format_graph(v, indent + "    "))
+                lines.append(f"{indent}  }}")
+    lines.append(indent + "return " + ", ".join(f"%{o}" for o in graph.outputs))
+    return "\n".join(lines)

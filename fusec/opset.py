@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from fusec.errors import IRError
-from fusec.ir import FLOAT_DTYPES, TensorType
+from fusec.ir_types import FLOAT_DTYPES, TensorType
 
 UNARY = ("neg", "exp", "log", "sqrt", "rsqrt", "sin", "cos", "tanh", "sigmoid", "abs", "reciprocal",
          "erf", "relu", "not", "floor")

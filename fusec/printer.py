@@ -1,4 +1,5 @@
-"""The one text form of the IR: printed by `repr`, the CLI and golden tests, and parsed back.
+"""The one text form of the IR: printed by `repr`, the CLI and golden tests, and parsed back (the
+formatter is `fusec.ir.format_graph`, beside `Graph`, re-exported here; the parser is here).
 
     %0 = input {index=0, name="x"} : f32[2,8]
     %1 = const {value=2.0} : f32[]
@@ -15,53 +16,13 @@ A fused kernel prints its body indented under it, ending with `}`. A graph with 
 from __future__ import annotations
 
 import json
-import math
 import re
 from typing import Any
 
 from fusec.errors import IRError
-from fusec.ir import Graph, Node, TensorType, make_attrs
-from fusec.symbolic import parse_size
-
-
-def format_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, float):
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        if math.isnan(v):
-            return "nan"
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, tuple):
-        return "[" + ",".join(format_value(x) for x in v) + "]"
-    return str(v)  # an int, or a symbolic size (`s0`, `(s0+1)`)
-
-
-def format_node(i: int, n: Node) -> str:
-    text = f"%{i} = {n.op}"
-    if n.args:
-        text += " " + ", ".join(f"%{a}" for a in n.args)
-    shown = [(k, v) for k, v in n.attrs if not isinstance(v, Graph)]
-    if shown:
-        text += " {" + ", ".join(f"{k}={format_value(v)}" for k, v in shown) + "}"
-    return f"{text} : {n.type}"
-
-
-def format_graph(graph: Graph, indent: str = "") -> str:
-    sizes = graph.sizes if not indent else {}  # declared once, at the top (bodies use the same names)
-    lines = ["sizes {" + ", ".join(f"{k}=[{lo},{hi}]" for k, (lo, hi) in sorted(sizes.items())) + "}"] if sizes else []
-    for i, n in enumerate(graph.nodes):
-        lines.append(indent + format_node(i, n))
-        for k, v in n.attrs:
-            if isinstance(v, Graph):
-                lines.append(f"{indent}  {k} {{")
-                lines.append(format_graph(v, indent + "    "))
-                lines.append(f"{indent}  }}")
-    lines.append(indent + "return " + ", ".join(f"%{o}" for o in graph.outputs))
-    return "\n".join(lines)
+# the printer lives beside `Graph` (its `repr`); re-exported so the text form has one home to import
+from fusec.ir import Graph, Node, TensorType, format_graph, format_node, format_value, make_attrs
+from fusec.symbolic import check_bounds, parse_size
 
 
 _SIZE = r"\([-+*\w]+\)|[a-z]\w*"  # a symbolic size: a name, or a parenthesized polynomial
@@ -117,7 +78,6 @@ def parse_graph(text: str, tensors: dict[str, Any] | None = None) -> Graph:
     bounds: dict[str, tuple[int, int]] = {}
     m = _SIZES.match(lines[0]) if lines else None
     if m:
-        from fusec.symbolic import check_bounds
         for name, lo, hi in re.findall(r"(\w+)=\[(-?\d+),(-?\d+)\]", m.group(1)):
             check_bounds(name, int(lo), int(hi))
             bounds[name] = (int(lo), int(hi))
@@ -152,3 +112,6 @@ def _parse_lines(lines: list[str], pos: int, tensors: dict[str, Any], bounds: di
         ttype = TensorType(tuple(parse_size(d, bounds) for d in shape.split(",") if d), dtype)
         nodes.append(Node(op, arg_ids, make_attrs(attr_map), ttype))
     raise IRError("IR text ends without a 'return' line")
+
+
+__all__ = ["format_graph", "format_node", "format_value", "parse_graph"]

@@ -5,7 +5,7 @@ A decoder's fused program repeats the same few kernels per layer. They differ on
 read and in which piece of a stacked input they take (layer l's slice of the KV cache, an outer view since
 `passes.hoist_slices`); the activations flow from one layer to the next. This pass finds the longest run
 of consecutive, equal call sequences (kernels equal but for their parameter names, operands related alike
-in every iteration) and replaces it by a `loop` node (see `fusec.loop_verify` for its form):
+in every iteration) and replaces it by a `loop` node (see `fusec.verify` for its form):
 
 - an operand computed by the previous iteration is *carried* (its value before the first iteration is
   the operand of the first);

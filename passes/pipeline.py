@@ -20,7 +20,8 @@ from typing import Callable, Sequence
 
 from fusec.debug import debug, debug_level
 from fusec.errors import FusecError, IRError
-from fusec.ir import Graph, verify
+from fusec.ir import Graph
+from fusec.verify import verify
 from passes.canonicalize import (canonicalize, eliminate_common_subexpressions, eliminate_dead_code,
                                  fold_constants, simplify_algebra, simplify_views)
 from passes.fuse import fuse, unfuse

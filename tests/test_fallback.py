@@ -7,7 +7,7 @@ import torch
 
 import fusec
 from fusec.errors import UnsupportedOpError
-from fusec.ir import verify
+from fusec.verify import verify
 from fusec.printer import format_graph, parse_graph
 
 torch.manual_seed(0)

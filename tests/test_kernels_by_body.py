@@ -14,7 +14,7 @@ import fusec
 from backends.numba_cpu.runtime import Program
 from backends.reference import run_graph
 from fusec.generate import Generator, eager_generate, fusec_compiler
-from fusec.ir import verify
+from fusec.verify import verify
 from fusec.models.causal_lm import DecodeStep, decode_example, random_model
 from fusec.models.llama import FeedForward, LlamaConfig
 from fusec.printer import format_graph, parse_graph

@@ -11,7 +11,7 @@ from torch import nn
 import fusec
 from backends.reference import run_graph
 from fusec.errors import IRError
-from fusec.ir import verify
+from fusec.verify import verify
 from fusec.models.causal_lm import CausalLM, DecodeStep, Prefill, decode_example
 from fusec.models.llama import LlamaConfig
 from fusec.printer import format_graph, parse_graph

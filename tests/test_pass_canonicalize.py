@@ -10,7 +10,8 @@ import pytest
 
 from fusec.dtypes import to_numpy
 from fusec.errors import IRError
-from fusec.ir import Builder, Graph, TensorType, verify
+from fusec.ir import Builder, Graph, TensorType
+from fusec.verify import verify
 from fusec.printer import format_graph, parse_graph
 from passes.canonicalize import (canonicalize, eliminate_common_subexpressions, eliminate_dead_code,
                                  fold_constants, simplify_algebra, simplify_views)

@@ -10,7 +10,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from backends.reference import run_graph
-from fusec.ir import Builder, Graph, TensorType, verify
+from fusec.ir import Builder, Graph, TensorType
+from fusec.verify import verify
 from fusec.models import LlamaConfig, load_model
 from fusec.opset import OPS
 from fusec.printer import format_graph, parse_graph

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backends.reference import run_graph
-from fusec.ir import Builder, Graph, TensorType, verify
+from fusec.ir import Builder, Graph, TensorType
+from fusec.verify import verify
 from fusec.kernels import add_kernel
 from fusec.machines import KiB, MiB, Machine, cpu, get_machine
 from fusec.printer import format_graph, format_node, parse_graph

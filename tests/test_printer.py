@@ -10,7 +10,8 @@ import pytest
 
 from fusec.errors import IRError
 from fusec.export import graph_to_dict, to_dot, to_json
-from fusec.ir import Builder, Graph, Node, TensorType, make_attrs, verify
+from fusec.ir import Builder, Graph, Node, TensorType, make_attrs
+from fusec.verify import verify
 from fusec.printer import format_graph, parse_graph
 
 F32_2x8 = TensorType((2, 8), "f32")

@@ -11,7 +11,8 @@ from hypothesis.extra.numpy import mutually_broadcastable_shapes
 from backends.reference import _OPS, TakeIndexError, compile_graph, eval_node, run_graph
 from fusec.dtypes import from_numpy, from_torch, round_bf16, to_numpy, to_torch
 from fusec.errors import FusecError
-from fusec.ir import Builder, Graph, TensorType, verify
+from fusec.ir import Builder, Graph, TensorType
+from fusec.verify import verify
 from fusec.opset import OPS
 from fusec.printer import parse_graph
 

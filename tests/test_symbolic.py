@@ -9,7 +9,8 @@ import pytest
 
 from fusec.errors import IRError
 from fusec.export import to_json
-from fusec.ir import Builder, Graph, Node, TensorType, verify
+from fusec.ir import Builder, Graph, Node, TensorType
+from fusec.verify import verify
 from fusec.printer import parse_graph
 from fusec.symbolic import Sym, evaluate, interval, parse_size, upper
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from backends.numba_cpu.codegen import PARALLEL_MIN_ELEMENTS, emit_outputs
 from backends.numba_cpu.expr import Emitter, _broadcast, reshape_index
+from backends.numba_cpu.stores import PARALLEL_MIN_ELEMENTS, emit_outputs
 from fusec.symbolic import upper
 
 DEFAULT_KV_BLOCK = 64

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from backends.numba_cpu.attention import emit_attention
 from backends.numba_cpu.expr import Emitter
+from backends.numba_cpu.gemm import emit_matmul
+from backends.numba_cpu.sizes import size_lines
+from backends.numba_cpu.stores import emit_outputs, emit_rows
 from backends.numba_cpu.writer import Writer
 from fusec.errors import FusecError
 from fusec.guards import describe_take, take_bound
 from fusec.ir import Graph, Node
-from fusec.symbolic import upper
 
 REDUCE_OPS = ("sum", "amax", "amin", "argmax")
-PARALLEL_MIN_ELEMENTS = 1 << 14
 
 
 @dataclass
@@ -63,7 +65,6 @@ def generate(name: str, node: Node) -> KernelCode:
     w.line('@njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)')
     with w.block(f"def {name}({', '.join(args)})", barrier=True):  # nothing hoists out of the function
         if body.sizes:  # symbolic sizes: read from the arrays at run time (`sizes.size_lines`)
-            from backends.numba_cpu.sizes import size_lines
             for var, line in size_lines(body, [f"a{k}" for k in range(len(inputs))], outs):
                 w.line(line)
                 w.define(var)
@@ -72,10 +73,8 @@ def generate(name: str, node: Node) -> KernelCode:
         # a bf16 attention runs the generic loops, which round every op to bf16 as eager does (the
         # flash loop keeps its scores and running sums in float32)
         if kind == "attention" and len(anchors) == 2 and all(body.nodes[a].dtype == "f32" for a in anchors):
-            from backends.numba_cpu.attention import emit_attention
             loop = emit_attention(em, anchors, outs, dict(node.attr("tiles") or ()))
         elif matmuls and _is_gemm(body, matmuls):
-            from backends.numba_cpu.gemm import emit_matmul
             loop = emit_matmul(em, matmuls, outs, dict(node.attr("tiles") or ()))
         elif any(n.op in REDUCE_OPS for n in body.nodes):
             loop = emit_rows(em, outs)
@@ -94,70 +93,3 @@ def _is_gemm(body: Graph, matmuls: list[int]) -> bool:
     lefts = {body.nodes[m].args[0] for m in matmuls}
     return (len(lefts) == 1 and all(body.nodes[m].dtype == "f32" for m in matmuls)
             and all(len(body.nodes[a].shape) == 2 for m in matmuls for a in body.nodes[m].args))
-
-
-def emit_outputs(em: Emitter, outs: list[str], only: list[int] | None = None, parallel: bool = True) -> None:
-    """Write each output element by element: a parallel loop over all but the last axis (flattened)."""
-    body = em.g
-    for k, o in enumerate(body.outputs):
-        if only is not None and k not in only:
-            continue
-        emit_store(em, o, outs[k], body.nodes[o].shape, parallel=parallel)
-
-
-def emit_store(em: Emitter, nid: int, out: str, shape: tuple[int, ...], fixed: dict[int, str] | None = None,
-               parallel: bool = True, block: int = 0, convert: str = "") -> None:
-    """`out[idx] = convert(value(nid, idx))` over `shape`; axes in `fixed` take the given index expression.
-    The outer loop is parallel when `parallel` and the loop nest is big enough to pay for the threads;
-    with `block` (rows, a tile of the tiling pass) it runs over blocks of that many rows of the flattened
-    outer axes, each block a parallel iteration (a row at a time otherwise)."""
-    fixed = fixed or {}
-    free = [ax for ax in range(len(shape)) if ax not in fixed and shape[ax] != 1]
-    idx = ["0" if shape[ax] == 1 else fixed.get(ax, "") for ax in range(len(shape))]
-    store = (lambda v: f"{convert}({v})") if convert else (lambda v: v)
-    if not free:
-        em.w.line(f"{out}[{', '.join(idx)}] = {store(em.value(nid, tuple(idx)))}" if idx else
-                  f"{out}[()] = {store(em.value(nid, ()))}")
-        return
-    *outer, last = free
-    total = 1
-    for ax in outer:
-        total *= shape[ax]
-    # waking the thread pool costs tens of microseconds: small loops run on the calling thread (a
-    # symbolic size counts at its upper bound: prange over a few rows costs little)
-    parallel = parallel and upper(total * shape[last]) >= PARALLEL_MIN_ELEMENTS
-    opened = []
-    if outer:
-        r = em.tmp("p")
-        if parallel and isinstance(total, int) and 0 < block < total:  # row blocks (a symbolic size: rows)
-            b = em.tmp("b")
-            opened.append(em.loop(f"for {b} in prange({-(-total // block)})", (b,)))
-            opened[-1].__enter__()
-            opened.append(em.loop(f"for {r} in range({b} * {block}, min({total}, {b} * {block} + {block}))", (r,)))
-        else:
-            loop = "prange" if upper(total) > 1 and parallel else "range"
-            opened.append(em.loop(f"for {r} in {loop}({total})", (r,)))
-        opened[-1].__enter__()
-        stride = total
-        for ax in outer:
-            stride //= shape[ax]
-            var = em.tmp("i")
-            expr = f"({r} // {stride})" if stride != 1 else r
-            em.w.line(f"{var} = {expr} % {shape[ax]}" if ax != outer[0] else f"{var} = {expr}")
-            em.w.define(var)
-            idx[ax] = var
-    j = em.tmp("j")
-    loop = "range" if outer or not parallel else "prange"
-    opened.append(em.loop(f"for {j} in {loop}({shape[last]})", (j,)))
-    opened[-1].__enter__()
-    idx[last] = j
-    em.w.line(f"{out}[{', '.join(idx)}] = {store(em.value(nid, tuple(idx)))}")
-    for blk in reversed(opened):
-        blk.__exit__(None, None, None)
-
-
-def emit_rows(em: Emitter, outs: list[str]) -> str:
-    """A `reduce` kernel: a parallel loop over rows (the outer axes) and an inner loop over the last axis;
-    each row's reductions do not depend on the inner index, so the writer computes them once per row."""
-    emit_outputs(em, outs)
-    return "rows"

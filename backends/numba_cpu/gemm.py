@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import math
 
-from backends.numba_cpu.codegen import emit_store
 from backends.numba_cpu.expr import Emitter
 from backends.numba_cpu.mkl import blas_choice
+from backends.numba_cpu.stores import emit_store
 from fusec.symbolic import is_sym, lower, upper
 from passes.weights import dequantized
 

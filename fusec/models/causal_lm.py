@@ -12,12 +12,14 @@ tables, an elementwise substitution of the new row, a mask of the keys after it)
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from fusec.loaders.hf_files import CONFIG_KEY, read_json, read_tensors, weight_files
 from fusec.models.architectures import config_from_hf, llama_layout
 from fusec.models.llama import (Attention, FeedForward, LlamaConfig, RMSNorm, apply_rope, hidden_keys, init_weights,
                                 rope_tables)
@@ -255,7 +257,6 @@ HF_NAMES = (
     ("output.weight", "lm_head.weight"),
 )
 HF_IGNORED = ("rotary_emb.inv_freq",)  # old checkpoints store RoPE frequencies; they derive from the config
-CONFIG_KEY = "config"                   # safetensors metadata entry fusec writes: the HF config as JSON
 
 
 def hf_names(config: LlamaConfig, tied: bool) -> dict[str, str]:
@@ -328,9 +329,7 @@ def _few(names: list[str]) -> str:
 def save_safetensors(model: CausalLM, path: str | Path) -> Path:
     """Write the model's weights to `path` in the Hugging Face Llama layout (float32), its config as JSON
     in the file's metadata, so that `load_safetensors(path)` rebuilds the same model."""
-    import json
-
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # an optional package (the `models` extra): loaded on use
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -348,8 +347,25 @@ def load_safetensors(path: str | Path, config: LlamaConfig | dict | None = None)
     The config is `config` (a LlamaConfig, tied if the file has no `lm_head.weight`, or a HF config dict),
     else the one `save_safetensors` stored in the file, else `config.json` beside the weights.
     """
-    from fusec.loaders.hf import load_safetensors as load
-    return load(path, config)
+    path = Path(path)
+    files = weight_files(path)
+    if not files:
+        raise ValueError(f"no safetensors weights at {str(path)!r}" +
+                         (" (pytorch_model.bin checkpoints are not read: save with safe_serialization)"
+                          if path.is_dir() and any(path.glob("*.bin")) else ""))
+    tensors, stored = read_tensors(files)
+    beside = (path if path.is_dir() else path.parent) / "config.json"
+    if isinstance(config, LlamaConfig):
+        return load_hf_weights(config, "lm_head.weight" not in tensors, tensors, copy=False)
+    if config is None and stored:
+        config = json.loads(stored)
+    elif config is None and beside.is_file():
+        config = read_json(beside)
+    if config is None:
+        raise ValueError(f"{str(path)!r} records no config and has no config.json beside it; pass config=")
+    llama, tied = config_from_hf(config)
+    return load_hf_weights(llama, tied and "lm_head.weight" not in tensors, llama_layout(config, tensors),
+                           copy=False)
 
 
 def from_hf(hf_model: nn.Module) -> CausalLM:

@@ -1,4 +1,7 @@
-"""The invariants of a `loop` node (built by `passes.loop`), checked by `fusec.ir.verify`.
+"""`verify`: the invariants every pass keeps, checked on a whole graph, kernel and loop bodies included.
+
+It sits above the graph (`fusec.ir`) and the op set's type rules (`fusec.opset`) and takes both from
+there. A `loop` node (built by `passes.loop`) has this form:
 
     %9 = loop %c0, %c1, %x, %kv {trips=3, carried=[0,1], sliced=[3], weights=[[...],[...],[...]]} : t
       body { inputs a0..a3; one iteration; return next a0, next a1, then per-iteration outputs }
@@ -11,7 +14,73 @@ weights; `weights[l]` names iteration l's, of the same shapes and dtypes.
 from __future__ import annotations
 
 from fusec.errors import IRError
-from fusec.ir import Graph, Node, TensorType, verify_body
+from fusec.ir import Graph, Node, TensorType, output_types
+from fusec.opset import OPS, infer
+
+
+def verify(graph: Graph) -> None:
+    """Check the invariants every pass must keep; raise IRError naming the first broken one."""
+    graph.sizes  # noqa: B018 - raises when a size variable has two bounds
+    seen_inputs = set()
+    for i, n in enumerate(graph.nodes):
+        where = f"%{i} = {n.op}"
+        if n.op not in OPS:
+            raise IRError(f"{where}: unknown op")
+        for a in n.args:
+            if not 0 <= a < i:
+                raise IRError(f"{where}: operand %{a} is not an earlier node")
+        expected = infer(n.op, [graph.nodes[a].type for a in n.args], dict(n.attrs), n.type)
+        if expected != n.type:
+            raise IRError(f"{where}: type is {n.type} but its operands give {expected}")
+        if n.op == "kernel":
+            _verify_kernel(graph, i, n)
+        if n.op == "loop":
+            verify_loop(graph, i, n)
+        if n.op == "result":
+            of = graph.nodes[n.args[0]] if len(n.args) == 1 else None
+            types = output_types(of) if of is not None and of.op in ("kernel", "loop") else []
+            if not 0 <= n.attr("index", -1) < len(types):
+                raise IRError(f"{where}: must read an existing output of a kernel or loop node")
+            if types[n.attr("index")] != n.type:
+                raise IRError(f"{where}: type {n.type} differs from the {of.op}'s output {n.attr('index')}")
+        if n.op == "input":
+            idx = n.attr("index")
+            if idx in seen_inputs:
+                raise IRError(f"{where}: input index {idx} appears twice")
+            seen_inputs.add(idx)
+        if n.op == "param" and n.attr("name") not in graph.tensors:
+            raise IRError(f"{where}: parameter {n.attr('name')!r} has no tensor")
+        if n.op == "const" and n.attr("key") is not None and n.attr("key") not in graph.tensors:
+            raise IRError(f"{where}: constant {n.attr('key')!r} has no array")
+    if sorted(seen_inputs) != list(range(len(seen_inputs))):
+        raise IRError(f"input indices are {sorted(seen_inputs)}, expected 0..{len(seen_inputs) - 1}")
+    for o in graph.outputs:
+        if not 0 <= o < len(graph.nodes):
+            raise IRError(f"output %{o} does not exist")
+
+
+def verify_body(where: str, body) -> None:
+    """The nested graph of a kernel or loop node (`where` names it) exists and is valid."""
+    if not isinstance(body, Graph):
+        raise IRError(f"{where}: has no body graph")
+    try:
+        verify(body)
+    except IRError as e:
+        raise IRError(f"{where}: body: {e}") from e
+
+
+def _verify_kernel(graph: Graph, i: int, n: Node) -> None:
+    """A kernel's body is a valid graph whose inputs match the kernel's operands and whose output 0 is
+    the kernel's type."""
+    body = n.attr("body")
+    where = f"%{i} = kernel {n.attr('kind')}"
+    verify_body(where, body)
+    arg_types = tuple(graph.nodes[a].type for a in n.args)
+    if body.input_types != arg_types:
+        raise IRError(f"{where}: body inputs {[str(t) for t in body.input_types]} do not match operands "
+                      f"{[str(t) for t in arg_types]}")
+    if not body.outputs or body.nodes[body.outputs[0]].type != n.type:
+        raise IRError(f"{where}: type {n.type} differs from its body's output 0")
 
 
 def loop_input_types(graph: Graph, n: Node) -> list[TensorType]:
@@ -53,7 +122,6 @@ def verify_loop(graph: Graph, i: int, n: Node) -> None:
         if body.nodes[body.outputs[pos]].type != expected[k]:
             raise IRError(f"{where}: body output {pos} ({body.nodes[body.outputs[pos]].type}) is not the type "
                           f"of the carried operand {k} ({expected[k]})")
-    from fusec.ir import output_types
     if output_types(n)[0] != n.type:
         raise IRError(f"{where}: type {n.type} differs from its output 0 ({output_types(n)[0]})")
     _verify_weights(graph, where, body, weights)
