@@ -14,7 +14,8 @@ import math
 from typing import Callable
 
 from backends.rdu_model import with_figures
-from backends.rdu_paper import (FIT, KL_SEQ, SOCKETS_TABLE_IV, SOCKETS_VI_A, model_time, paper_rows)
+from backends.rdu_paper import FIT, KL_SEQ, SOCKETS_TABLE_IV, SOCKETS_VI_A, looping_table, model_time, paper_rows
+from fusec.benchtools import format_table
 from fusec.machines import Machine, get_machine
 
 # name -> (low, high, what it is); ranges are what the sources leave open (docs/rdu-model.md)
@@ -80,7 +81,6 @@ def solve(m: Machine, name: str, figure: Callable[[Machine], float], target: flo
 
 
 def _kl_geomean(m: Machine) -> float:
-    from backends.rdu_paper import looping_table
     gains = [r["gain"] for r in looping_table(m)]
     return math.exp(sum(map(math.log, gains)) / len(gains))
 
@@ -127,7 +127,6 @@ def sensitivity(machine: Machine | str = "sn40l") -> list[dict]:
 
 
 def format_sensitivity(rows: list[dict], top: int = 3) -> str:
-    from fusec.benchtools import format_table
     cells = [{**r, "range": f"{r['low']:.3g} - {r['high']:.3g}", "default_text": f"{r['default']:.3g}",
               "largest": "; ".join(f"{x['figure']}: {x['low']:.3g} / {x['default']:.3g} / {x['high']:.3g}"
                                    for x in r["moves"][:top]) or "-",

@@ -35,6 +35,7 @@ from fusec.errors import FusecError
 from fusec.ir import Graph
 from fusec.machines import Machine, get_machine
 from fusec.placement import Placement, Section, Stage, pcu_rate, pmu_bandwidth, tier_bandwidth
+from passes.place import plan
 
 ALLREDUCES_PER_LAYER = 2       # Megatron-style TP: after attention and after the MLP
 BOUNDS = ("compute", "SRAM", "HBM", "DDR", "network")
@@ -119,7 +120,6 @@ def _placement(target, machine, seed: int, dtype: str | None) -> tuple[Placement
             raise FusecError(f"the placement was made for {target.machine.name}'s grid; place the graph again "
                              f"for {m.name}")
         return target, m
-    from passes.place import plan
     own = target.annotations.get("placement")
     m = get_machine(machine) if machine is not None else (own.machine if own is not None else get_machine("sn40l"))
     if own is not None and own.machine == m and own.seed == seed and own.dtype == dtype:

@@ -24,9 +24,17 @@ import math
 import warnings
 from typing import Any, Callable
 
+import torch
+
 from backends.rdu_model import report
+from fusec.api import lower
+from fusec.benchtools import format_table
+from fusec.coe import switching as sw
 from fusec.machines import Machine, get_machine
-from fusec.models.llama import LlamaConfig
+from fusec.models.llama import LlamaBlock, LlamaConfig, example_inputs
+from fusec.models.registry import decode_inputs
+from fusec.tracing import trace
+from passes.place import plan
 
 TOLERANCE = 0.25          # issue target: every figure within +-25% of the paper's
 SOCKETS_VI_A, SOCKETS_TABLE_IV = 8, 16
@@ -68,12 +76,6 @@ def placement(name: str, case: str, seq: int, variant: str, machine: Machine | s
     shape = (case, seq, c.dim, c.n_heads, c.n_kv_heads, c.hidden_dim)
     key = (*shape, variant, m.name, seed)
     if key not in _PLACEMENTS:
-        import torch
-        from fusec.api import lower
-        from fusec.models.llama import LlamaBlock, example_inputs
-        from fusec.models.registry import decode_inputs
-        from fusec.tracing import trace
-        from passes.place import plan
         traced_key = shape
         if traced_key not in _PLACEMENTS:
             with torch.device("meta"):
@@ -216,7 +218,6 @@ def looping_rows(m: Machine, table: list[dict] | None = None) -> list[dict]:
 
 def coe_rows() -> list[dict]:
     """SN40L Table V, from the switching model (`fusec.coe.switching`), Llama2-7B experts in bf16."""
-    from fusec.coe import switching as sw
     expert = 13.5e9   # Llama2-7B in bf16 (SN40L §II); a token reads every weight once at batch 1
     rows = [_row(f"model switching, SN40L node {vs}", "SN40L Table V", "expert copy DDR->HBM vs host->GPU",
                  paper, ratio) for (vs, ratio), paper in zip(sw.switch_speedup(expert).items(), (31.0, 15.0))]
@@ -259,7 +260,6 @@ def _paper_text(r: dict) -> str:
 
 
 def format_rows(rows: list[dict]) -> str:
-    from fusec.benchtools import format_table
     cells = [{**r, "paper_text": _paper_text(r) + ("" if r["unit"] == "x" else f" {r['unit']}"),
               "model_text": f"{r['model']:.3g}", "ok": "yes" if r["within"] else "NO"} for r in rows]
     return format_table(cells, [("figure", "figure", ""), ("source", "source", ""), ("config", "configuration", ""),

@@ -34,15 +34,13 @@ import numpy as np
 import scipy.special
 
 from fusec.dtypes import round_bf16, to_numpy
-from fusec.errors import FusecError
+from fusec.errors import FusecError, TakeIndexError  # noqa: F401 - TakeIndexError re-exported
+from fusec.fallback import call_extern
 from fusec.ir import Graph, Node
+from fusec.sizes import bind_sizes, specialize
 
 Value = Any  # np.ndarray, or a tuple of them for a multi-output kernel
 OpFn = Callable[[Node, list, Mapping[str, Any]], Value]
-
-
-class TakeIndexError(FusecError, IndexError):
-    """A `take` index outside [0, n) of the gathered axis."""
 
 
 def as_numpy(x: Any) -> np.ndarray:
@@ -245,7 +243,6 @@ def _result(node: Node, args: list, tensors: Mapping[str, Any]) -> np.ndarray:
 
 
 def _extern(node: Node, args: list, tensors: Mapping[str, Any]) -> np.ndarray:
-    from fusec.fallback import call_extern
     return call_extern(node, args)
 
 
@@ -351,7 +348,6 @@ def run_graph(graph: Graph, inputs: list[np.ndarray]) -> list[np.ndarray]:
     graph at the sizes the inputs give (`fusec.sizes`: checked against their bounds, SizeError if not).
     """
     if graph.sizes:
-        from fusec.sizes import bind_sizes, specialize
         graph = specialize(graph, bind_sizes(graph, [np.shape(x) for x in inputs]))
     return _run(graph, inputs, graph.tensors)
 

@@ -15,14 +15,16 @@ import sys
 
 import torch
 
+import fusec
+from fusec.generate import eager_generate
+from fusec.models.causal_lm import CausalLM
 DEFAULT_MODELS = ("stories15M", "stories42M", "stories110M")
+from fusec.models.llama import PRESETS
 
 
 def agreement(model, prompt: torch.Tensor, steps: int, weights: str, backend: str = "numba") -> dict:
     """{"agreement", "max_logit_error", "relative_error"} of `model` compiled with `weights` against its
     float32 eager self over `steps` greedy steps after `prompt` [1, T] (see the module docstring)."""
-    import fusec
-    from fusec.generate import eager_generate
     ids, ref_logits = eager_generate(model, prompt, steps)  # [1, T + steps], [1, steps, vocab]
     forward = ids[:, :-1]  # the logits at position t choose token t + 1
     compiled = fusec.compile(model, (forward,), backend=backend, weights=weights)
@@ -35,8 +37,6 @@ def agreement(model, prompt: torch.Tensor, steps: int, weights: str, backend: st
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fusec.models.causal_lm import CausalLM
-    from fusec.models.llama import PRESETS
     parser = argparse.ArgumentParser(prog="bench_accuracy", description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="*", default=list(DEFAULT_MODELS), help="presets (random weights)")
     parser.add_argument("--steps", type=int, default=64, help="greedy steps compared")

@@ -29,6 +29,7 @@ import torch
 
 import fusec
 from fusec import benchtools
+from fusec.argtypes import nonnegative_int, positive_int
 from fusec.models.llama import PRESETS, LlamaBlock, LlamaConfig, example_inputs, init_weights
 from fusec.models.registry import decode_inputs
 
@@ -45,7 +46,6 @@ COLUMNS = [("implementation", "implementation", ""), ("case", "case", ""), ("med
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from fusec.argtypes import nonnegative_int, positive_int
     parser = argparse.ArgumentParser(prog="fusec bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tinyllama_1b", choices=list(PRESETS), help="Llama block shape")
     parser.add_argument("--seq", type=positive_int, default=256, help="prefill tokens (batch 1)")

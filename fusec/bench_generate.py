@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 
 from fusec import benchtools
+from fusec.argtypes import nonnegative_int, positive_int
 from fusec.bench_block import contention_warning, failure
 from fusec.generate import Generator, compile_generator, eager_generator
 from fusec.models.causal_lm import CausalLM, decode_example, load_safetensors
@@ -52,7 +53,6 @@ COLUMNS = [("model", "model", ""), ("implementation", "implementation", ""), ("n
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from fusec.argtypes import nonnegative_int, positive_int
     parser = argparse.ArgumentParser(prog="fusec bench generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="*", help="presets (" + ", ".join(PRESETS) + ") or safetensors "
                         "files / Hugging Face model directories; default: " + ", ".join(DEFAULT_MODELS))

@@ -10,6 +10,7 @@ between `<!-- table: NAME -->` and `<!-- /table -->`, where NAME is the JSON fil
 """
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -86,7 +87,6 @@ def update_markdown(markdown: str, name: str, table: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
     p = argparse.ArgumentParser(description="Markdown tables from benchmark JSON files.")
     p.add_argument("json", nargs="+", help="bench_generate.json, bench_block.json")
     p.add_argument("--update", nargs="*", default=[], metavar="MARKDOWN",

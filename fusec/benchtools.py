@@ -6,16 +6,20 @@ single run says little. Nothing here asserts a timing.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import statistics
+import subprocess
+import sys
+import time
 import warnings
 from contextlib import contextmanager
-import statistics
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
 
 MIB = 1 << 20
 MIN_STREAM_BYTES = 256 * MIB  # the bandwidth array must dwarf the caches, or we measure the cache
@@ -43,8 +47,7 @@ def set_threads(n: int) -> int:
     BLAS libraries already loaded by NumPy keep their own pool; the OPENBLAS/OMP/MKL variables set here
     reach the subprocesses this process starts.
     """
-    import numba
-    import torch
+    import numba  # loads in seconds: only the measurements that run Numba need it
     if n < 1:
         raise ValueError(f"set_threads: need at least 1 thread, given {n}")
     numba_threads = min(n, numba.config.NUMBA_NUM_THREADS)
@@ -84,7 +87,7 @@ def stream_bytes() -> int:
 
 
 def _parallel_sum():
-    import numba
+    import numba  # loads in seconds: only this measurement needs it
 
     # fastmath lets LLVM reorder the float reduction, so the loop vectorises and is bound by memory.
     @numba.njit(parallel=True, fastmath=True, cache=False)
@@ -105,7 +108,6 @@ def measure_memory_bandwidth(nbytes: int | None = None, repeat: int = 5,
     on all its threads, NumPy's single-threaded sum and torch's threaded sum (only those in `readers`:
     ("torch",) is the quick one, without numba's compile).
     """
-    import torch
     nbytes = nbytes or stream_bytes()
     data = np.ones(nbytes // 4, dtype=np.float32)  # ones, not empty: every page must really exist
     tensor = torch.from_numpy(data)
@@ -123,7 +125,6 @@ def measure_matmul_peak(n: int = 2048, repeat: int = 5) -> dict[str, float]:
 
     Returns {"torch": ..., "numpy": ..., "best": max of them} (torch.mm and numpy.dot).
     """
-    import torch
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
@@ -173,9 +174,6 @@ def run_record() -> dict[str, Any]:
 
 
 def _take_run_record() -> dict[str, Any]:
-    import datetime
-    import subprocess
-    import sys
     root = Path(__file__).resolve().parent.parent
     commit = None
     try:
@@ -210,7 +208,7 @@ def write_bar_chart(path: str | Path, groups: dict[str, dict[str, float]], ylabe
 
     Uses matplotlib's Agg backend; without matplotlib prints a one-line notice and returns None.
     """
-    try:
+    try:  # matplotlib is optional (the `bench` extra)
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -239,7 +237,7 @@ def write_bar_chart(path: str | Path, groups: dict[str, dict[str, float]], ylabe
 def quiet_warnings():
     """Silence what would bury a benchmark table: Numba's "parallel=True but nothing to parallelise" notes
     on generated kernels and torch's deprecation notices."""
-    from numba.core.errors import NumbaPerformanceWarning
+    from numba.core.errors import NumbaPerformanceWarning  # numba loads on use (seconds)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=NumbaPerformanceWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
@@ -263,7 +261,7 @@ def seconds_outside_kernels(program, inputs: list, repeat: int = 20) -> float:
 
 def _nothing(count: int):
     """A Numba function of `count` parameters that does nothing (varargs would dispatch more slowly)."""
-    from numba import njit
+    from numba import njit  # numba loads on use (seconds)
     names = ", ".join(f"a{k}" for k in range(count))
     scope: dict = {}
     exec(f"def nothing({names}):\n    return None\n", scope)

@@ -7,13 +7,16 @@ offers (`check_weights`) so that a wrong set fails before anything runs, naming 
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Mapping
 
 import numpy as np
+import torch
 
 from fusec.dtypes import to_numpy
 from fusec.errors import FusecError
 from fusec.ir import Graph, TensorType, param_types
+from passes.weights import stored_form
 
 _TORCH_DTYPES = {"f32": "torch.float32", "f64": "torch.float64", "f16": "torch.float16",
                  "bf16": "torch.bfloat16", "i64": "torch.int64", "i32": "torch.int32", "i8": "torch.int8"}
@@ -67,7 +70,6 @@ class Follow:
     lookup per submodule on their paths): a few microseconds for a small model."""
 
     def __init__(self, module: Any, names: list[str]):
-        import threading
         self.module, self.names = module, list(names)
         self.lock = threading.Lock()
         self._record()
@@ -105,7 +107,6 @@ class Follow:
         """{name: the module's tensor now} in the form `graph` reads it (float32 weights the program keeps
         as bfloat16 or int8 are converted: `passes.weights.stored_form`), checked like `check_weights`;
         WeightBindingError when a parameter is gone or changed its shape or dtype (compile again)."""
-        import torch
         types, found, missing = weight_types(graph), {}, []
         for name in self.names:
             try:
@@ -123,7 +124,6 @@ class Follow:
         try:
             if missing:
                 raise WeightBindingError(f"{', '.join(missing[:4])}: no longer a tensor of the module")
-            from passes.weights import stored_form
             return check_weights(graph, stored_form(types, found))
         except WeightBindingError as e:
             raise WeightBindingError(f"a parameter of the module changed since it was compiled, and the "
@@ -139,5 +139,4 @@ class Follow:
 
 
 def _tensor_type():
-    import torch
     return torch.Tensor

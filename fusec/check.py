@@ -17,7 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
+import torch.utils._pytree as pytree
 
+from backends.reference import eval_node
+import fusec
+from fusec.printer import format_graph, format_node
 TOL = 1e-4
 
 
@@ -97,8 +102,6 @@ class Report:
 
 
 def _flat(out: Any) -> list:
-    import torch
-    import torch.utils._pytree as pytree
     return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
 
 
@@ -106,9 +109,7 @@ def check(module: Any, example_inputs: Any = (), example_kwargs: dict | None = N
           tol: float = TOL) -> Report:
     """Compare fused, unfused and reference fusec and PyTorch on one input (see the module docstring).
     With `float64`, errors are measured against PyTorch in float64 (and PyTorch float32 is a row)."""
-    import torch
 
-    import fusec
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     kwargs = example_kwargs or {}
@@ -142,14 +143,12 @@ def check(module: Any, example_inputs: Any = (), example_kwargs: dict | None = N
 
 
 def _to_float64(x: Any) -> Any:
-    import torch
     return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
 
 def first_bad_kernel(program: Any, inputs: list[np.ndarray], tol: float = TOL) -> KernelMismatch | None:
     """Run the numba `program` kernel by kernel and compare each kernel's outputs with the reference
     backend's evaluation of the same kernel node on the same input arrays; the first that differs."""
-    from backends.reference import eval_node
     graph = program.graph
     steps = {step.kernel: s for s, step in enumerate(program.steps)}
     found: list[KernelMismatch] = []
@@ -172,6 +171,5 @@ def first_bad_kernel(program: Any, inputs: list[np.ndarray], tol: float = TOL) -
 
 def kernel_ir(graph: Any, node_id: int) -> str:
     """One kernel node of `graph` as IR text, with its body."""
-    from fusec.printer import format_graph, format_node
     node = graph.nodes[node_id]
     return f"{format_node(node_id, node)}\n  body {{\n{format_graph(node.attr('body'), '    ')}\n  }}"

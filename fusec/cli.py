@@ -12,11 +12,28 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 import warnings
 
+import torch
+
+import fusec
+from fusec import cache
+from fusec.api import lower, program_stats
 from fusec.argtypes import nonnegative_float, positive_int
+from fusec.cli_generate import add_parser as add_generate_parser, generate_main
+from fusec.cli_rdu import add_rdu_parser, dump_placed, rdu_main, write_bytes
 from fusec.errors import FusecError
+from fusec.explain import explain
+from fusec.export import to_dot, to_json
+from fusec.generate import compile_generator, eager_generator
+from fusec.models import list_models, load_model
+from fusec.models.causal_lm import CausalLM
+from fusec.sizes import concrete
+from fusec.tracing import trace
+from passes.pipeline import TARGETS, run_pipeline
 
 
 def _frontend_stages() -> list[str]:
@@ -28,7 +45,6 @@ BACKEND_STAGES = ["numba"]  # generated source, after every pass
 
 def stage_names() -> list[str]:
     """Every stage `fusec dump` can show, in pipeline order."""
-    from passes.pipeline import TARGETS
     return _frontend_stages() + [s for s in TARGETS["rdu"] if s != "weights"] + ["looped"] + BACKEND_STAGES
 
 
@@ -36,14 +52,9 @@ def dump(spec: str, stage: str, fmt: str, seq_len: int | None = None, fuse: bool
          dynamic: bool = False) -> str:
     """The IR of model `spec` after `stage`, formatted as text, json or dot (`numba`: generated source).
     `dynamic`: the symbolic program (sequence axis symbolic), at `seq_len` tokens when given."""
-    from fusec.export import to_dot, to_json
-    from fusec.models import load_model
-    from fusec.tracing import trace
-    from passes.pipeline import run_pipeline
     if stage not in stage_names():
         raise FusecError(f"unknown stage {stage!r}; expected one of {', '.join(stage_names())}")
     if stage == "placed" or fmt in ("svg", "png"):
-        from fusec.cli_rdu import dump_placed
         if stage != "placed":
             raise FusecError(f"--format {fmt} draws the placement: use --stage placed")
         return dump_placed(spec, fmt, seq_len, fuse, dynamic)
@@ -54,16 +65,13 @@ def dump(spec: str, stage: str, fmt: str, seq_len: int | None = None, fuse: bool
             raise FusecError("stage 'fx' prints only as text (it is torch's graph, not fusec IR)")
         return traced.fx_graph.code.strip()
     if stage == "numba":
-        import fusec
         compiled = fusec.compile(module, inputs, fuse=fuse, dynamic={0: {1}} if dynamic else None)
         return f"{_stats_line(compiled.stats)}\n{compiled.source}"
     if not fuse and stage not in ("ir", "canonical"):
-        from fusec.api import lower
         graph = lower(traced.graph, fuse=False)
     else:
         graph = traced.graph if stage == "ir" else run_pipeline(traced.graph, until=stage, target="cpu")
     if dynamic and seq_len is not None:  # the symbolic program as it runs at that size
-        from fusec.sizes import concrete
         graph = concrete(graph, seq_len)
     if fmt == "json":
         return to_json(graph)
@@ -72,7 +80,6 @@ def dump(spec: str, stage: str, fmt: str, seq_len: int | None = None, fuse: bool
     summary = ", ".join(f"{op} {n}" for op, n in graph.ops().items())
     head = f"# {spec} after {stage}: {len(graph.nodes)} nodes ({summary})"
     if "kernel" in graph.ops():
-        from fusec.api import program_stats
         head += "\n" + _stats_line(program_stats(graph))
     return f"{head}\n{graph!r}"
 
@@ -85,12 +92,8 @@ def _stats_line(stats: dict) -> str:
 def demo(spec: str, bench_table: bool = True) -> int:
     """Trace a built-in model, print its IR summary, run it on the reference and numba backends (fused
     and unfused) against PyTorch eager, then print the benchmark table of the tiny block."""
-    import time
 
-    import torch
 
-    import fusec
-    from fusec.models import load_model
     module, inputs = load_model(spec)
     with torch.no_grad():
         want = module(*inputs)
@@ -123,12 +126,8 @@ def demo_generate(new_tokens: int = 48, repeat: int = 3) -> bool:
     """Generate tokens with a random-weight stories15M, fusec against PyTorch eager with a KV cache, like
     with like: both generators built and warmed up before timing, the same prompt, the median of `repeat`
     runs of prefill + decode."""
-    import statistics
 
-    import torch
 
-    from fusec.generate import compile_generator, eager_generator
-    from fusec.models.causal_lm import CausalLM
     print(f"\ngeneration: stories15M (random weights), {new_tokens} new tokens, greedy, median of {repeat}")
     model = CausalLM.from_preset("stories15M", seed=0).eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
@@ -163,9 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("model", nargs="?", default="llama-block")
     m.add_argument("--no-bench", action="store_true", help="skip the benchmark table")
     sub.add_parser("models", help="list the built-in model names")
-    from fusec.cli_generate import add_parser as add_generate_parser
     add_generate_parser(sub)
-    from fusec.cli_rdu import add_rdu_parser
     add_rdu_parser(sub)
     _add_debug_commands(sub)
     b = sub.add_parser("bench", help="fused vs unfused vs PyTorch eager vs torch.compile on a Llama block",
@@ -182,9 +179,9 @@ def bench(spec: str, rest: list[str]) -> int:
     """`fusec bench llama-block:PRESET [benchmark flags]` runs fusec/bench_block.py on that block;
     `fusec bench generate MODEL [flags]` runs fusec/bench_generate.py (whole-model tokens/s)."""
     if spec == "generate":
-        from fusec.bench_generate import main as generate_main
+        from fusec.bench_generate import main as generate_main  # the benchmarks load on use
         return generate_main(rest)
-    from fusec.bench_block import main as bench_main
+    from fusec.bench_block import main as bench_main  # the benchmarks load on use
     name, _, preset = spec.partition(":")
     if name != "llama-block":
         raise FusecError(f"fusec bench runs Llama blocks: expected llama-block[:PRESET], got {spec!r}")
@@ -206,7 +203,6 @@ def _add_debug_commands(sub) -> None:
 
 def _debug_command(args) -> int:
     if args.command == "cache":
-        from fusec import cache
         result = cache.info() if args.action == "info" else cache.clear()
         verb = "" if args.action == "info" else "removed "
         print(f"cache dir  {result['dir'] or 'none: programs compile in memory'}")
@@ -217,13 +213,11 @@ def _debug_command(args) -> int:
         print(f"{verb}programs   {result['programs']} ({result['compiled']} with compiled code)\n"
               f"{verb}size       {result['bytes'] / 2**20:.1f} MiB in {result['files']} files")
         return 0
-    from fusec.models import load_model
     module, inputs = load_model(args.model, seq_len=args.seq_len)
     if args.command == "explain":
-        from fusec.explain import explain
         print(explain(module, inputs))
         return 0
-    from fusec.check import check
+    from fusec.check import check  # loads the reference backend and SciPy (seconds): only `fusec check` needs them
     report = check(module, inputs, float64=args.float64, tol=args.tol)
     print(report)
     return 0 if report.ok else 1
@@ -251,7 +245,6 @@ def main(argv: list[str] | None = None) -> int:
             text = dump(args.model, args.stage, args.format, args.seq_len, fuse=not args.unfused,
                         dynamic=args.dynamic)
             if isinstance(text, bytes):  # --format png
-                from fusec.cli_rdu import write_bytes
                 return write_bytes(text, args.output)
             if args.output:
                 with open(args.output, "w") as f:
@@ -260,7 +253,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(text)
             return 0
         if args.command == "rdu":
-            from fusec.cli_rdu import rdu_main
             return rdu_main(args)
         if args.command == "bench":
             return bench(args.model, rest)
@@ -271,17 +263,15 @@ def main(argv: list[str] | None = None) -> int:
                     coe_parser.print_help()
                     return 0
                 coe_parser.error("expected an action: bench (`fusec coe bench --help` shows its options)")
-            from fusec.coe.bench import main as coe_bench
+            from fusec.coe.bench import main as coe_bench  # the benchmarks load on use
             return coe_bench(rest)
         if args.command == "demo":
             return demo(args.model, bench_table=not args.no_bench)
         if args.command in ("explain", "check", "cache"):
             return _debug_command(args)
         if args.command == "generate":
-            from fusec.cli_generate import generate_main
             return generate_main(args)
         if args.command == "models":
-            from fusec.models import list_models
             print("\n".join(list_models()))
             return 0
         build_parser().print_help()

@@ -17,11 +17,17 @@ import os
 import sys
 import time
 
-CACHE_ROWS = 64  # the KV cache is sized to prompt + new tokens rounded up to this: fewer distinct programs
+import torch
 
+from fusec import benchtools
+from fusec.argtypes import nonnegative_float, nonnegative_int, positive_int
+from fusec.generate import compile_generator
+CACHE_ROWS = 64  # the KV cache is sized to prompt + new tokens rounded up to this: fewer distinct programs
+from fusec.loaders import load
+
+from fusec.loaders.tokenize import TextStream
 
 def add_parser(sub) -> None:
-    from fusec.argtypes import nonnegative_float, nonnegative_int, positive_int
     g = sub.add_parser("generate", help="generate text with a Hugging Face directory, llama2.c .bin or GGUF model")
     g.add_argument("model", metavar="MODEL_PATH", help="a model directory (config.json, *.safetensors, "
                    "tokenizer.json), a llama2.c .bin (tokenizer.bin beside it) or a .gguf file")
@@ -58,14 +64,9 @@ def progress(message: str) -> None:
 
 
 def generate_main(args: argparse.Namespace) -> int:
-    from fusec import benchtools
     if args.threads:
         benchtools.set_threads(args.threads)
-    import torch
 
-    from fusec.generate import compile_generator
-    from fusec.loaders import load
-    from fusec.loaders.tokenize import TextStream
 
     start = time.perf_counter()
     progress(f"loading {args.model} ...")
@@ -138,7 +139,6 @@ BYTES_PER_WEIGHT = {"fp32": 4, "bf16": 2, "int8": 1}
 def roofline(model, weights: str, decode_tokens_per_s: float) -> dict:
     """The decode rate set against the bandwidth roofline: the bytes of weights one token reads at the read
     bandwidth measured now (torch's threaded sum; as `fusec bench generate`, weights only)."""
-    from fusec import benchtools
     progress("measuring the memory bandwidth for the roofline (--no-roofline skips) ...")
     bandwidth = benchtools.measure_memory_bandwidth(repeat=3, readers=("torch",))["best"]
     weight_bytes = model.weight_bytes_per_token(BYTES_PER_WEIGHT.get(weights, 4))

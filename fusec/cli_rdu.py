@@ -12,7 +12,19 @@ import argparse
 import json
 import sys
 
+from backends.rdu_model import format_report, report
+from backends.rdu_paper import format_rows, paper_rows
+from fusec.api import lower
+from fusec.argtypes import nonnegative_int, positive_int
 from fusec.errors import FusecError
+from fusec.machines import get_machine
+from fusec.models import load_model
+from fusec.models.registry import decode_inputs
+from fusec.placement import placement_of
+from fusec.placement_view import format_placement, to_png, to_svg
+from fusec.sizes import concrete
+from fusec.tracing import trace
+from passes.place import place
 
 PLACED_FORMATS = ("text", "json", "svg", "png")
 DTYPES = ("auto", "traced", "bf16", "f16", "f32")
@@ -22,8 +34,6 @@ def dump_placed(spec: str, fmt: str, seq_len: int | None = None, fuse: bool = Tr
                 dynamic: bool = False) -> str | bytes:
     """The placement of model `spec` on sn40l (seed 0) as text, json, svg or png (bytes); `dynamic`: of
     its symbolic program (sequence axis symbolic) placed at `seq_len` tokens (default: the upper bound)."""
-    from fusec.placement import placement_of
-    from fusec.placement_view import format_placement, to_png, to_svg
     if fmt not in PLACED_FORMATS:
         raise FusecError(f"stage 'placed' prints as {', '.join(PLACED_FORMATS)}, not {fmt}")
     graph = _lowered(spec, seq_len, fuse, None, dynamic=dynamic)
@@ -48,8 +58,6 @@ def _traced(spec: str, seq_len: int | None, decode_past: int | None, dynamic: bo
     """The traced IR of model `spec`: its example inputs, or one decode step after `decode_past` tokens;
     `dynamic`: with the sequence axis (axis 1 of the first input) symbolic, `seq_len` then being the size
     the report is for (see `_place`)."""
-    from fusec.models import load_model
-    from fusec.tracing import trace
     if dynamic:
         if decode_past is not None:
             raise FusecError("--dynamic makes the prompt length symbolic; it does not apply to --decode")
@@ -58,7 +66,6 @@ def _traced(spec: str, seq_len: int | None, decode_past: int | None, dynamic: bo
     module, inputs = load_model(spec, seq_len=seq_len)
     kwargs = {}
     if decode_past is not None:
-        from fusec.models.registry import decode_inputs
         config = getattr(module, "config", None)
         if config is None or not spec.startswith("llama-block"):
             raise FusecError(f"--decode needs a built-in llama-block model, not {spec!r}")
@@ -72,14 +79,10 @@ def _place(traced, fuse: bool, machine: str, seed: int, dtype: str | None, weigh
     at their own sizes, whatever `dtype` says of floats) and placed on `machine`; a symbolic program first
     at `seq_len` tokens (default its upper bound), so the placement, the memory plan and the report are
     for that size (SambaFlow compiles per shape too)."""
-    from fusec.api import lower
-    from fusec.sizes import concrete
-    from passes.place import place
     return place(concrete(lower(traced, fuse=fuse, weights=weights), seq_len), machine, seed, dtype)
 
 
 def add_rdu_parser(subparsers) -> argparse.ArgumentParser:
-    from fusec.argtypes import nonnegative_int, positive_int
     r = subparsers.add_parser("rdu", help="estimate a model's time on an RDU (the analytical model)")
     r.add_argument("model", nargs="?", help="registry name (see `fusec models`) or path/to/file.py:factory")
     r.add_argument("--paper", action="store_true",
@@ -114,9 +117,6 @@ def add_rdu_parser(subparsers) -> argparse.ArgumentParser:
 def rdu_main(args: argparse.Namespace) -> int:
     """`fusec rdu`: the performance report of a model (fused vs unfused with --compare, looped vs not with
     --decode), or the paper-vs-model table with --paper."""
-    from backends.rdu_model import format_report, report
-    from fusec.machines import get_machine
-    from fusec.models import load_model
     if args.paper:
         return _emit(args, _paper_text(args.json, args.machine))
     if args.model is None:
@@ -163,7 +163,6 @@ def rdu_main(args: argparse.Namespace) -> int:
 
 
 def _paper_text(as_json: bool, machine: str) -> str:
-    from backends.rdu_paper import format_rows, paper_rows
     rows = paper_rows(machine)
     return json.dumps(rows, indent=1) if as_json else format_rows(rows)
 

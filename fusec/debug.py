@@ -8,6 +8,7 @@ Long compiles show a progress line in interactive terminals (`Progress`).
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import sys
 import time
@@ -84,7 +85,6 @@ class DebugDump:
         self._last = time.perf_counter()
 
     def summary(self, data: dict) -> None:
-        import json
         self.write("summary.json", json.dumps({**data, "passes": self.passes}, indent=1, default=str))
 
 

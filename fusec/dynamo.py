@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+import fusec
 from fusec.errors import FusecError, UnsupportedOpError
 
 OPTIONS = ("backend", "fuse", "strict", "cache_limit")
@@ -135,7 +136,6 @@ class DynamoGraph:
             known = self._known(key, params)  # another thread may have compiled it meanwhile
             if known is not None or self._eager:
                 return known
-            import fusec
             module = _Graph(self.gm, dict(zip(self.positions, params)), self.arity, self.derived,
                             {i: args[i] for i in self.scalars})
             skip = set(self.positions) | set(self.derived) | set(self.scalars)

@@ -9,6 +9,10 @@ class IRError(FusecError):
     """A graph breaks an IR invariant (raised by the builder, the verifier and the pass runner)."""
 
 
+class TakeIndexError(FusecError, IndexError):
+    """A `take` index outside [0, n) of the gathered axis (raised by every backend and by the input guards)."""
+
+
 class UnsupportedOpError(FusecError):
     """An ATen op (or an input kind) that fusec cannot lower, with where it came from in the user's code."""
 

@@ -10,7 +10,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from fusec.api import lower, program_stats
 from fusec.ir import Graph
+from fusec.tracing import trace
+from passes.pipeline import run_pipeline
 
 
 @dataclass
@@ -74,7 +77,6 @@ def _module_path(origin: str) -> str:
 
 def explain_graph(traced: Graph, fused: Graph, unfused: Graph, name: str = "", signature: str = "") -> Explanation:
     """The explanation of a traced graph and the fused and unfused programs made from it."""
-    from fusec.api import program_stats
     kernels, fallbacks = [], []
     for i, n in enumerate(fused.nodes):
         if n.op == "kernel":
@@ -90,9 +92,6 @@ def explain_graph(traced: Graph, fused: Graph, unfused: Graph, name: str = "", s
 
 def explain(module: Any, example_inputs: Any = (), example_kwargs: dict | None = None) -> Explanation:
     """Trace `module` and run the passes up to tiling (no code generation); see the module docstring."""
-    from fusec.api import lower
-    from fusec.tracing import trace
-    from passes.pipeline import run_pipeline
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     traced = trace(module, example_inputs, example_kwargs)

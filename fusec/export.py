@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from fusec.ir import Graph
+from fusec.opset import OPS
 from fusec.printer import format_value
 from fusec.symbolic import Sym
 
@@ -45,7 +46,6 @@ _COLORS = {"source": "lightgrey", "elementwise": "lightblue", "layout": "khaki",
 
 
 def to_dot(graph: Graph, name: str = "fusec") -> str:
-    from fusec.opset import OPS
     lines = [f'digraph "{name}" {{', "  rankdir=TB;", '  node [shape=box, style=filled, fontname="monospace"];']
     for i, n in enumerate(graph.nodes):
         label = f"%{i} {n.op}\\n{n.type}"

@@ -24,7 +24,10 @@ import json
 from typing import Any, Callable, Mapping
 
 import numpy as np
+import torch
+import torch.utils._pytree as pytree
 
+from fusec.dtypes import to_numpy
 from fusec.errors import FusecError
 
 EXTERN = "extern"
@@ -34,21 +37,18 @@ EXTERN = "extern"
 
 def qualified_name(target: Any) -> str | None:
     """'aten.cumsum.default' for an ATen OpOverload; None for anything else (a Python function)."""
-    import torch
     if not isinstance(target, torch._ops.OpOverload):
         return None
     return f"{target.namespace}.{target._opname}.{target._overloadname}"
 
 
 def is_random(target: Any) -> bool:
-    import torch
     return torch.Tag.nondeterministic_seeded in getattr(target, "tags", ())
 
 
 def encode_call(args: tuple, kwargs: Mapping[str, Any], operand: Callable[[Any], int | None]) -> str:
     """The JSON spec of `(args, kwargs)`; `operand(x)` returns the operand index of a tensor-like leaf
     (or None when `x` is not one). Raises TypeError for a value that JSON cannot carry."""
-    import torch
 
     def enc(x: Any) -> Any:
         k = operand(x)
@@ -73,7 +73,6 @@ def encode_call(args: tuple, kwargs: Mapping[str, Any], operand: Callable[[Any],
 
 def decode_call(spec: str, operands: list) -> tuple[list, dict]:
     """`(args, kwargs)` from a spec, with `operands` (torch tensors) in place of `{"$": k}`."""
-    import torch
 
     def dec(x: Any) -> Any:
         if isinstance(x, list):
@@ -100,7 +99,6 @@ def decode_call(spec: str, operands: list) -> tuple[list, dict]:
 @functools.lru_cache(maxsize=None)
 def resolve(target: str):
     """The torch op named by `target` ('aten.cumsum.default')."""
-    import torch
     namespace, name, overload = target.split(".")
     try:
         return getattr(getattr(getattr(torch.ops, namespace), name), overload)
@@ -109,7 +107,6 @@ def resolve(target: str):
 
 
 def _as_tensor(x: np.ndarray):
-    import torch
     x = np.asarray(x)
     if not (x.flags.c_contiguous and x.flags.writeable):  # broadcast views are read-only
         x = np.array(x, order="C")
@@ -118,8 +115,6 @@ def _as_tensor(x: np.ndarray):
 
 def run_op(target: str, spec: str, operands: list[np.ndarray]) -> list[np.ndarray]:
     """Call the op on the operands; every tensor it returns, as owned NumPy arrays, in leaf order."""
-    import torch
-    import torch.utils._pytree as pytree
     args, kwargs = decode_call(spec, [_as_tensor(x) for x in operands])
     with torch.no_grad():
         result = resolve(target)(*args, **kwargs)
@@ -146,7 +141,6 @@ def call_extern(node, operands: list[np.ndarray], memo: dict | None = None) -> n
         if memo is not None:
             memo[key] = outs
     out = outs[node.attr("output", 0)]
-    from fusec.dtypes import to_numpy
     want = to_numpy(node.dtype)
     out = np.asarray(out)
     return out.astype(want) if out.dtype != want else out

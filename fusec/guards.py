@@ -27,7 +27,10 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+import torch
 
+from fusec.dtypes import from_torch, to_torch
+from fusec.errors import TakeIndexError
 from fusec.ir import Graph, Node
 
 VIEWS = ("reshape", "permute", "expand")  # views that keep every index value (a slice drops some)
@@ -37,7 +40,6 @@ VIEWS = ("reshape", "permute", "expand")  # views that keep every index value (a
 
 def leaf_key(x: Any) -> tuple:
     """The part of a signature one flattened argument contributes."""
-    import torch
     if isinstance(x, torch.Tensor):
         return ("tensor", tuple(x.shape), x.dtype, x.device.type, x.layout)
     try:
@@ -99,9 +101,7 @@ def mismatch(traced: Any, types: list, dynamic: "Dynamic", signature: str, args:
 
 
 def _check_tensor(i: int, name: str, x: Any, want: Any, dynamic: "Dynamic") -> tuple[Exception | None, bool]:
-    import torch
 
-    from fusec.dtypes import to_torch
     if not isinstance(x, torch.Tensor):
         return TypeError(f"input {i} ({name}) must be a torch.Tensor {want}, got {type(x).__name__}"), True
     if x.device.type != "cpu":
@@ -120,7 +120,6 @@ def _check_tensor(i: int, name: str, x: Any, want: Any, dynamic: "Dynamic") -> t
 
 
 def _describe(args: tuple, kwargs: dict) -> str:
-    import torch
 
     def one(x):
         return f"{x.dtype}{list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
@@ -129,9 +128,7 @@ def _describe(args: tuple, kwargs: dict) -> str:
 
 
 def describe_leaves(leaves: list) -> str:
-    import torch
 
-    from fusec.dtypes import from_torch
     parts = []
     for x in leaves:
         if isinstance(x, torch.Tensor):
@@ -233,16 +230,14 @@ def describe_take(body: Graph, take: Node) -> str:
 
 
 def check_indices(x: np.ndarray, bound: int, what: str) -> None:
-    """Raise IndexError (as the reference backend's TakeIndexError) if an index lies outside [0, bound)."""
+    """Raise IndexError (a TakeIndexError, as the backends do) if an index lies outside [0, bound)."""
     if x.size == 0:
         return
     lo, hi = x.min(), x.max()
     if lo < 0 or hi >= bound:
-        from backends.reference import TakeIndexError
         bad = lo if lo < 0 else hi
         raise TakeIndexError(f"index {int(bad)} is out of range for a {what} (indices must be in [0, {bound}))")
 
 
 def tensor_leaves(leaves: Iterable[Any]) -> list:
-    import torch
     return [x for x in leaves if isinstance(x, torch.Tensor)]

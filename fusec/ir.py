@@ -19,6 +19,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+import numpy as np
+
 from fusec.errors import IRError
 from fusec.ir_types import DTYPES, FLOAT_DTYPES, TensorType, dtype_size  # noqa: F401 - re-exported
 from fusec.opset import infer
@@ -153,7 +155,6 @@ class Builder:
 
     def const_array(self, array: Any, dtype: str) -> int:
         """A stored constant array (numpy); identical arrays are stored once."""
-        import numpy as np
         arr = np.ascontiguousarray(array)
         for key in self._stored:
             v = self.tensors[key]

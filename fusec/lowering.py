@@ -10,7 +10,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from fusec.dtypes import from_torch
+import torch
+
+from fusec.dtypes import from_torch, to_torch
 from fusec.errors import UnsupportedOpError
 from fusec.ir import Builder, TensorType
 
@@ -42,7 +44,6 @@ class Lowerer:
 
     def tensor(self, x: Any, dtype: str | None = None) -> TV:
         """An IR value for `x`: a TV as is (cast to `dtype` if given), a constant tensor or a Python scalar."""
-        import torch
         if isinstance(x, TV):
             return self.cast(x, dtype) if dtype else x
         if isinstance(x, torch.Tensor):
@@ -71,8 +72,6 @@ class Lowerer:
 
     def compute_dtype(self, *xs: Any) -> str:
         """The dtype torch promotes these operands to (tensors keep their rank-0-or-not status)."""
-        import torch
-        from fusec.dtypes import to_torch
         dummies = [torch.empty(() if self.type(x).rank == 0 else (0,), dtype=to_torch(self.type(x).dtype))
                    if isinstance(x, TV) else x for x in xs]
         if len(dummies) == 1:

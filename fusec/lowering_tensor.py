@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fusec.errors import IRError, UnsupportedOpError
-from fusec.lowering import lowers
+from fusec.lowering import TV, _scalar_for, lowers
 from fusec.symbolic import Sym
 
 
@@ -186,7 +186,6 @@ def _arange(cx, start, end=None, step=1, **kwargs):
 @lowers("aten.full", "aten.zeros", "aten.ones")
 def _full(cx, size, value=None, **kwargs):
     """Only reached with a symbolic size (constant ones fold at trace time): a splat constant."""
-    from fusec.lowering import TV, _scalar_for
     value = {"aten.zeros": 0, "aten.ones": 1}.get(cx.current, value)
     dt = cx.out_dtype()
     return TV(cx.b.const(_scalar_for(value, dt), dt, cx.out_shape()))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 
 from fusec.errors import FusecError
+# matplotlib (optional, and slow to load) is imported inside the functions that draw
 from fusec.placement import Placement
 
 FORMATS = ("svg", "png")

@@ -6,7 +6,9 @@ upper case for a PCU, lower case for a PMU, `.` for a unit the section leaves fr
 """
 from __future__ import annotations
 
+from fusec.benchtools import format_table
 from fusec.placement import Placement
+from fusec.placement_picture import draw
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 STAGE_COLUMNS = [("stage", "stage", ""), ("mode", "mode", ""), ("pcus", "PCUs", "d"), ("pmus", "PMUs", "d"),
@@ -37,7 +39,6 @@ def ascii_grid(p: Placement, section: int) -> str:
 def format_placement(p: Placement, title: str = "") -> str:
     """The placement as text: per section its kernels, stages (PCUs, PMUs, work) and grid; then the
     memory plan."""
-    from fusec.benchtools import format_table
     names = dict(p.kernel_names)
     m = p.machine
     out = [f"# {title + ' ' if title else ''}placed on {m.name} ({m.grid[0]}x{m.grid[1]} grid, {m.pcus} PCUs, "
@@ -76,11 +77,9 @@ def format_placement(p: Placement, title: str = "") -> str:
 
 def to_svg(p: Placement, title: str = "") -> str:
     """The placement as SVG: a panel per section with its legend, flows and memory plan."""
-    from fusec.placement_picture import draw
     return draw(p, "svg", title)
 
 
 def to_png(p: Placement, title: str = "") -> bytes:
     """The same picture as `to_svg`, as PNG."""
-    from fusec.placement_picture import draw
     return draw(p, "png", title)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
+from torch.export import Dim, ShapesCollection
 
 from fusec.errors import FusecError, UnsupportedOpError
 from fusec.guards import check_dynamic_mapping, input_position
@@ -43,7 +44,6 @@ def tensor_names(module: torch.nn.Module, args: tuple, kwargs: dict) -> list[str
 def dynamic_spec(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic: Any):
     """(ShapesCollection for torch.export, {(tensor position, axis): declared (lo, hi) or None}) of
     `dynamic`; (None, {}) when nothing is dynamic. ValueError/TypeError name a misfit."""
-    from torch.export import Dim, ShapesCollection
     if dynamic is None or dynamic is False:
         return None, {}
     tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
@@ -68,7 +68,6 @@ def dynamic_spec(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic: An
 
 
 def _dim(name: str, bounds: Any, key: Any, axis: int):
-    from torch.export import Dim
     if bounds is None:
         return Dim.AUTO(min=1, max=DEFAULT_MAX)  # (torch may find the size static: then it is)
     if isinstance(bounds, tuple) and len(bounds) == 2 and all(isinstance(b, int) for b in bounds):
@@ -100,7 +99,7 @@ class SizeMap:
         return tuple(self(d) for d in shape)
 
     def _convert(self, e):
-        import sympy
+        import sympy  # torch's symbolic sizes are sympy's: loaded (by torch) only when shapes are dynamic
         if isinstance(e, (int, sympy.Integer)) or getattr(e, "is_Integer", False):
             return int(e)
         if isinstance(e, sympy.Symbol):

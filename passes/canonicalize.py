@@ -50,6 +50,8 @@ def _splat_value(arr: np.ndarray) -> Any:
 
 
 def _fold(c: Ctx, *args: int, max_elements: int) -> int | None:
+    # folding evaluates with the reference semantics: a backend, above the passes, and SciPy with it
+    # (seconds), so it loads when a constant first folds, not with the pass layer
     from backends.reference import eval_node
     n = c.n
     if not args or not all(c.node(a).op in CONSTANT_OPS for a in args):

@@ -28,6 +28,7 @@ from fusec.errors import FusecError, IRError
 from fusec.ir import Graph
 from fusec.machines import Machine, get_machine
 from fusec.placement import TIERS, MemoryPlan, Placement, pcu_rate
+from fusec.sizes import concrete
 from passes.placement_build import PlacementBuilder
 from passes.placement_memory import choose_on_chip, overlaps, plan_memory, pmus_for, tensor_uses
 from passes.placement_stages import KernelSpec, Sizer, a_bytes, analyze, operand_traffic
@@ -59,7 +60,6 @@ def plan(graph: Graph, machine: Machine | str = "sn40l", seed: int = 0, dtype: s
     first)."""
     m = get_machine(machine)
     if graph.sizes:
-        from fusec.sizes import concrete
         graph = concrete(graph)
     if m.kind != "rdu" or m.layout != "checkerboard":
         raise FusecError(f"place maps onto an RDU's PCU/PMU checkerboard; machine {m.name!r} is a {m.kind} "

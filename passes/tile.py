@@ -46,6 +46,7 @@ from typing import Callable
 from fusec.ir import Builder, Graph, Node, dtype_size
 from fusec.machines import Machine, cpu, get_machine
 from fusec.opset import REDUCE
+from fusec.sizes import specialize, upper_sizes
 
 ALIGN = 8        # tile sizes are multiples of this where the dimension allows
 MIN_BLOCK = 32   # the smallest output block (m, n) worth keeping the full K for
@@ -199,7 +200,6 @@ def choose_tiles(node: Node, machine: Machine) -> Tiles:
     their upper bounds: the tiles hold for every size (a smaller one only fills fewer of them)."""
     body = node.attr("body")
     if body is not None and body.sizes:
-        from fusec.sizes import specialize, upper_sizes
         node = specialize(Graph((node,), ()), upper_sizes(body)).nodes[0]
     shape, budget = kernel_shape(node), machine.tile_budget
     if isinstance(shape, MatmulShape):

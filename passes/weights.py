@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import torch
+
 from fusec.ir import Builder, Graph, TensorType
 
 MIN_ELEMENTS = 4096  # weights smaller than this stay float32
@@ -71,7 +73,6 @@ def _stored(t: TensorType, weights: str) -> bool:
 
 
 def to_bf16(t: Any) -> Any:
-    import torch
     return t.detach().to(torch.bfloat16)
 
 
@@ -80,7 +81,6 @@ def quantize_int8(w: Any) -> tuple[Any, Any]:
     w ~ q * scale; scale = max|block| / 127 (0 for an all-zero block), q = w / scale rounded to nearest
     (ties to even) and clipped to [-127, 127]. A block holding inf or NaN gets a NaN scale, so the
     non-finite value shows in every result that reads it instead of vanishing."""
-    import torch
     w = w.detach().to(torch.float32)
     if w.shape[-1] % BLOCK:
         raise ValueError(f"int8 weights need rows of whole blocks of {BLOCK}, given shape {list(w.shape)}")

@@ -38,6 +38,7 @@ from fusec.dtypes import to_numpy
 from fusec.errors import FusecError
 from fusec.guards import take_index_checks
 from fusec.ir import Graph, output_types
+from passes.hoist_slices import is_contiguous_slice
 
 VIEWS = ("reshape", "slice")
 
@@ -117,7 +118,6 @@ def build(graph: Graph, loop: int, header: str, load) -> Driver:
             body_lines.append(f"v{i} = {names[m.args[0]]}.reshape({_tuple(m.shape)})")
             names[i] = f"v{i}"
         elif m.op == "slice":
-            from passes.hoist_slices import is_contiguous_slice
             if not is_contiguous_slice(m, body.nodes[m.args[0]].shape):
                 raise FusecError(f"the numba backend runs contiguous slices in loop bodies; %{i} of the body "
                                  f"of loop %{loop} is not one")

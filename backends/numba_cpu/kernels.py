@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from backends.numba_cpu.codegen import KernelCode, generate
-from backends.reference import TakeIndexError
+from fusec.errors import TakeIndexError
 from fusec.ir import Graph
 
 FUNCTION = "kernel"  # the name of the function in every kernel module (the module's name says which)

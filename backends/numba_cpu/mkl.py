@@ -38,7 +38,7 @@ COLUMN_ALIGN = 16  # column blocks start at multiples of 16 floats (64 bytes, on
 
 def _load() -> str:
     """'' when MKL's symbols are bound, else why not."""
-    try:
+    try:  # here, not at the top: a torch that does not import is a reason MKL is unbound, not a crash
         import torch
     except ImportError as e:  # (fusec depends on torch; never expected)
         return f"torch is not importable ({e})"

@@ -18,18 +18,22 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
+import torch
 
 from backends.numba_cpu.codegen import KernelCode
 from backends.numba_cpu.driver import build as build_driver
 from backends.numba_cpu.kernels import build as build_kernels
 from backends.numba_cpu.kernels import raise_bad_index
 from backends.numba_cpu.mkl import blas_choice
+from fusec.binding import check_weights
+from fusec.cache import load_source, recorded, recover, writable_dir
 from fusec.debug import debug
 from fusec.dtypes import to_numpy
 from fusec.errors import FusecError
+from fusec.fallback import call_extern
 from fusec.guards import check_indices, take_index_checks
-from fusec.sizes import bind_sizes, size_slots, specialize, upper_sizes
 from fusec.ir import Graph, output_types, param_types
+from fusec.sizes import bind_sizes, size_slots, specialize, upper_sizes
 
 VIEWS = ("reshape", "slice")  # outer nodes that are views of their operand's buffer (no kernel runs them)
 # Fast-math flags that keep every value's meaning: `contract` fuses a*b+c into one FMA (rounds once, a
@@ -67,14 +71,12 @@ def cache_dir() -> str | None:
     """The compile cache directory: FUSEC_CACHE_DIR (default ~/.cache/fusec), a per-user temporary one when
     that is not writable or not trusted (others can write or own it), None when neither can be used
     (see `fusec.cache`)."""
-    from fusec.cache import writable_dir
     return writable_dir()
 
 
 def load_module(source: str):
     """The module of generated `source`: written under a hash of its text and of the versions and CPU it
     compiles for (once), verified and rebuilt when damaged, executed from the verified text (`fusec.cache`)."""
-    from fusec.cache import load_source
     return load_source(source)
 
 
@@ -189,7 +191,6 @@ class Program:
         next call on, instead of the weights the program was compiled with. Nothing recompiles: the
         kernels take weights as arguments, and binding only swaps the arrays passed to them. Waits for a
         running call to finish."""
-        from fusec.binding import check_weights
         arrays = {name: _weight(t) for name, t in check_weights(self.graph, tensors).items()}
         read_only = [name for name, a in arrays.items() if not a.flags.writeable]
         if read_only:  # a read-only array is another Numba type: every kernel would compile again
@@ -238,7 +239,6 @@ class Program:
             results = [self._output(values, o) for o in g.outputs]
             if len(self._loaded) == len(self.steps) and not getattr(self, "_recorded", False):
                 self._recorded = True
-                from fusec.cache import recorded
                 for module in self.modules:
                     recorded(module)  # checksums of the machine code that just ran
             return results
@@ -282,7 +282,6 @@ class Program:
             try:
                 step.fn(*args, *step.weights, *outs)
             except Exception as e:
-                from fusec.cache import recover
                 if not recover(step.module, step.fn.__name__, e):
                     raise
                 step.fn(*args, *step.weights, *outs)
@@ -295,7 +294,6 @@ class Program:
 
     def _run_torch(self, s: int, values: dict, memo: dict, observe: Callable | None) -> None:
         """The torch fallbacks scheduled before kernel step `s` (see `fusec.fallback`)."""
-        from fusec.fallback import call_extern
         for i in self.torch_steps.get(s, ()):
             args = [self._value(values, a) for a in self.graph.nodes[i].args]
             values[i] = call_extern(self.graph.nodes[i], args, memo)
@@ -354,7 +352,6 @@ def _kernel_outputs(g: Graph) -> dict[int, list[int]]:
 def _weight(t) -> np.ndarray:
     """A weight as a NumPy array sharing the module's storage (a NumPy array is taken as it is)."""
     if hasattr(t, "detach"):
-        import torch
         # bfloat16 travels as its bits (uint16); generated code widens it with `bf16()`
         t = t.detach().view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.detach().numpy()
     if not t.flags.c_contiguous:

@@ -22,9 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fusec.argtypes import nonnegative_float, nonnegative_int, positive_int
 from fusec.benchtools import format_table, quiet_warnings, set_threads, write_json
+from fusec.coe import CoE
 from fusec.coe.experts import Architecture, CONFIG_KEY, FileExpert, expected_shapes
-from fusec.models.causal_lm import config_to_hf
+from fusec.coe.router import synthetic_prompts, train_router
+from fusec.coe.switching import compare, format_table as rdu_table
+from fusec.generate import eager_generator
+from fusec.models.causal_lm import CausalLM, config_to_hf, load_safetensors
 from fusec.models.llama import LlamaConfig
 
 DEFAULT_DIR = Path(os.environ.get("FUSEC_CACHE_DIR", Path.home() / ".cache" / "fusec")) / "coe-experts"
@@ -34,7 +39,7 @@ SMOKE = dict(experts=4, hbm_experts=2, requests=8, tokens=8, baseline_requests=2
 
 def write_random_experts(folder: Path, count: int, preset: str, seed: int = 0) -> dict[str, Path]:
     """`count` expert files of `preset` with random bf16 weights (std 0.02, unit norms), reused when present."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # an optional package (the `models` extra): loaded on use
     config = LlamaConfig.preset(preset)
     arch = Architecture(config, tied=preset.startswith("stories"))
     folder = folder / f"{preset}-bf16"
@@ -98,8 +103,6 @@ class PeakRSS:
 
 def naive_baseline(paths: list[Path], prompts: list, tokens: int, max_seq_len: int) -> dict:
     """Per request: a fresh PyTorch model built from the expert's file, then eager generation with a KV cache."""
-    from fusec.generate import eager_generator
-    from fusec.models.causal_lm import load_safetensors
     start, new = time.perf_counter(), 0
     for path, prompt in zip(paths, prompts):
         model = load_safetensors(path)
@@ -114,9 +117,6 @@ def run(experts: int = 150, hbm_experts: int = 20, requests: int = 200, tokens: 
         folder: Path = DEFAULT_DIR, max_seq_len: int = 256, buckets: tuple = (16, 32, 64, 128),
         threads: int | None = None, seed: int = 0, log=print) -> dict:
     """The whole benchmark; returns every figure (see the module docstring)."""
-    from fusec.coe import CoE
-    from fusec.coe.router import synthetic_prompts, train_router
-    from fusec.coe.switching import compare
     threads = set_threads(threads or os.cpu_count() or 1)
     start = time.perf_counter()
     paths = write_random_experts(Path(folder), experts, preset, seed)
@@ -178,7 +178,6 @@ def run(experts: int = 150, hbm_experts: int = 20, requests: int = 200, tokens: 
     measured["naive_tokens_per_s"] = baseline["tokens_per_s"]
     measured["speedup_vs_naive"] = stats["tokens_per_s"] / baseline["tokens_per_s"]
 
-    from fusec.models.causal_lm import CausalLM
     with torch.device("meta"):
         per_token = CausalLM(config, preset.startswith("stories")).weight_bytes_per_token(2)
     miss_rate = 1 - stats["hit_rate"]
@@ -195,7 +194,6 @@ def _pct(values: list, q: float) -> float | None:
 
 
 def format_report(result: dict) -> str:
-    from fusec.coe.switching import format_table as rdu_table
     m, b, c = result["measured"], result["baseline"], result["config"]
     ms = lambda s: None if s is None else s * 1e3  # noqa: E731
     rows = [
@@ -229,7 +227,6 @@ def format_report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fusec.argtypes import nonnegative_float, nonnegative_int, positive_int
     p = argparse.ArgumentParser(prog="fusec coe bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--experts", type=positive_int, default=150)
     p.add_argument("--hbm-experts", type=positive_int, default=20, help="HBM budget, in experts")

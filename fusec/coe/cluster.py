@@ -30,9 +30,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numba
+import numpy as np
 import torch
 
+from fusec.benchtools import set_threads
 from fusec.coe.experts import ExpertError, FileExpert, ModuleExpert, as_expert, nbytes
+from fusec.coe.pool import ExpertPool, store_summary
 
 try:
     import ray
@@ -48,8 +52,6 @@ class PoolActor:
     """One worker: an ExpertPool of its experts, on `threads` threads (run as a Ray actor)."""
 
     def __init__(self, experts: dict, threads: int, pool_options: dict):
-        from fusec.benchtools import set_threads
-        from fusec.coe.pool import ExpertPool
         # this process's CPU share, so that the actors of a node do not oversubscribe it
         self.numba_threads = set_threads(threads)
         with warnings.catch_warnings():  # the driver warns about unavailable experts
@@ -60,7 +62,6 @@ class PoolActor:
         return list(self.pool.experts), dict(self.pool.unavailable)
 
     def generate(self, name: str, prompt_ids, max_new_tokens: int, options: dict) -> dict:
-        import numba
         numba.set_num_threads(self.numba_threads)  # numba's count is per thread; the actor's calls run on several
         out = self.pool.generate(name, prompt_ids, max_new_tokens, **options)
         return {**out, "tokens": out["tokens"].tolist()}
@@ -69,7 +70,6 @@ class PoolActor:
         return self.pool.prefetch(name)
 
     def store_stats(self) -> dict:
-        from fusec.coe.pool import store_summary
         return {**store_summary(self.pool.store), "load_seconds": list(self.pool.store.stats.load_seconds)}
 
     def call(self, method: str):  # warm, tiers, reset_stats, evict_all, close
@@ -252,5 +252,4 @@ def _sendable(source):
 
 
 def _percentile(values: list[float], q: float) -> float | None:
-    import numpy as np
     return float(np.percentile(values, q)) if values else None

@@ -30,6 +30,7 @@ from fusec.errors import FusecError
 from fusec.models.causal_lm import (CONFIG_KEY, HF_NAMES, CausalLM, config_from_hf, config_to_hf, from_hf,
                                     hf_names)
 from fusec.models.llama import LlamaConfig
+from passes.weights import SCALE, quantize_int8
 
 DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16, "F64": torch.float64}
 HEADER_LIMIT = 100 << 20  # a header past 100 MB is not a safetensors file
@@ -286,7 +287,7 @@ def check_entries(name: str, path: Path, header: dict, arch: Architecture, data_
 
 def save_expert(model: CausalLM, path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> Path:
     """Write `model` as an expert file: its tensors in `dtype` (bf16 by default), its config in the metadata."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # an optional package (the `models` extra): loaded on use
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -302,7 +303,6 @@ def conform(expert: str, tensors: dict[str, Tensor], types: dict, names: dict[st
     `types` is the program's {parameter name: TensorType}; `names` maps each to its HF name. A tensor
     already in the right dtype is used as it is (no copy); int8 weights are quantized with their scales
     (`passes.weights.quantize_int8`)."""
-    from passes.weights import SCALE, quantize_int8
     out = {}
     for name, want in types.items():
         t = tensors[names[name]]
@@ -319,7 +319,6 @@ def conform(expert: str, tensors: dict[str, Tensor], types: dict, names: dict[st
 def program_names(arch: Architecture, types: dict) -> dict[str, str]:
     """{program parameter name (the model's own name): HF name}; a tied head maps to the embedding, the
     scales of an int8 weight to that weight."""
-    from passes.weights import SCALE
     theirs = hf_names(arch.config, arch.tied)
     if arch.tied:
         theirs = {**theirs, "output.weight": theirs["tok_embeddings.weight"]}

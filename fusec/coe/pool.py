@@ -13,9 +13,12 @@ import time
 import warnings
 from typing import Any, Mapping
 
+import numpy as np
+
 from fusec.coe.experts import Architecture, ExpertError, FileExpert, as_expert, conform, nbytes, program_names
 from fusec.coe.store import Policy, WeightStore
 from fusec.generate import Generator, compile_generator
+from fusec.models.causal_lm import load_hf_weights
 from passes.place import plan
 
 
@@ -195,7 +198,6 @@ def sram_working_set(placement) -> int:
 
 
 def store_summary(store: WeightStore) -> dict:
-    import numpy as np
     s = store.stats
     loads = s.load_seconds
     return dict(loads=s.loads, load_p50_s=float(np.percentile(loads, 50)) if loads else None,
@@ -207,7 +209,6 @@ def store_summary(store: WeightStore) -> dict:
 
 def _model_of(expert):
     """A CausalLM holding a file expert's weights (float32): the template its architecture compiles from."""
-    from fusec.models.causal_lm import load_hf_weights
     return load_hf_weights(expert.architecture.config, expert.architecture.tied, expert.load())
 
 

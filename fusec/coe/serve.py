@@ -63,7 +63,7 @@ class CoE:
         if cluster is None:
             self.pool = ExpertPool(experts, **options)
         elif cluster == "ray":
-            from fusec.coe.cluster import RayPools
+            from fusec.coe.cluster import RayPools  # imports Ray (optional, slow to load): only for "ray"
             self.pool = RayPools(experts, workers=workers, address=ray_address, **options)
         else:
             raise ValueError(f"cluster must be None (this process) or 'ray', given {cluster!r}")

@@ -20,8 +20,11 @@ import numpy as np
 import torch
 
 from fusec.loaders import require
+from fusec.loaders.hf import load_tokenizer as hf_tokenizer
 from fusec.loaders.llama2c import interleaved_to_half
 from fusec.loaders.tokenize import HFTokenizer, PieceTokenizer
+from fusec.models.architectures import config_from_hf, llama_layout
+from fusec.models.causal_lm import load_hf_weights
 
 ARCHS = ("llama", "qwen2", "gemma", "phi3")
 TYPES = ("F32", "F16", "BF16", "Q8_0")
@@ -90,8 +93,6 @@ def tensor(t, path: Path) -> torch.Tensor:
 
 
 def load_model(path: Path):
-    from fusec.models.architectures import config_from_hf, llama_layout
-    from fusec.models.causal_lm import load_hf_weights
     reader = open_reader(path)
     kinds = {t.tensor_type.name for t in reader.tensors}
     listed = {t.name: t for t in reader.tensors}
@@ -128,7 +129,6 @@ def load_model(path: Path):
 
 def load_tokenizer(path: Path, tokenizer: Path | None = None):
     if tokenizer is not None:
-        from fusec.loaders.hf import load_tokenizer as hf_tokenizer
         return hf_tokenizer(tokenizer.parent, tokenizer)
     reader = open_reader(path)
     model = metadata(reader, "tokenizer.ggml.model")

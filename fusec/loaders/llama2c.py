@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from fusec.loaders.tokenize import PieceTokenizer
+from fusec.models.causal_lm import load_hf_weights
+from fusec.models.llama import LlamaConfig
 
 MAGIC = 0x616B3432  # "ak42"
 V1_HEADER_BYTES = 256
@@ -65,8 +67,6 @@ def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def load_model(path: Path):
-    from fusec.models.causal_lm import load_hf_weights
-    from fusec.models.llama import LlamaConfig
     fields, offset, shared = read_header(path)
     _check(path, fields)
     dim, hidden, layers = fields["dim"], fields["hidden_dim"], fields["n_layers"]
