@@ -5,7 +5,7 @@ side, calibration fit and sensitivity.
     python benchmarks/bench_rdu.py --no-sensitivity --no-fit
     python benchmarks/bench_rdu.py --markdown bench_out/bench_rdu.json   # the docs' tables from a run's JSON
 
-Rows and configurations: `backends/rdu_paper.py`; fit and sensitivity: `backends/rdu_calibrate.py`. No
+Rows and configurations: `fusec/rdu/paper.py`; fit and sensitivity: `fusec/rdu/calibrate.py`. No
 number here is measured on hardware: every model number is the analytical model's, on the machine
 defaults of `fusec/machines.py` (sn40l). Writes bench_rdu.json and bench_rdu.png to --out.
 """
@@ -21,9 +21,9 @@ import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
-from backends import rdu_paper
 from fusec.benchtools import format_table, write_json
 from fusec.machines import get_machine
+from fusec.rdu import paper as rdu_paper
 
 LOOP_COLUMNS = [("model", "model", ""), ("sockets", "sockets", "d"), ("context", "context", "d"),
                 ("unlooped_tok_s", "not looped tok/s", ",.0f"), ("looped_tok_s", "looped tok/s", ",.0f"),
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())))
         return 0
-    from backends import rdu_calibrate
+    from fusec.rdu import calibrate as rdu_calibrate
     made_at = commit()  # the code this run loaded (HEAD may move while it runs)
     m = get_machine("test_grid" if args.small else "sn40l")  # small: small shapes on the small grid
     start = time.perf_counter()

@@ -182,10 +182,10 @@ class CompiledModule:
                 program.bind_weights(tensors)
 
     def rdu_report(self, machine: Any = "sn40l", **options: Any) -> dict:
-        """The RDU model's estimate for this program on `machine` (`backends.rdu_model.report`; options
+        """The RDU model's estimate for this program on `machine` (`fusec.rdu.model.report`; options
         such as layers, tp, decode, dtype pass through), computed on first use and kept. Its placement is
         `report["placement"]`, the graph's own when the "placed" stage made it for that machine."""
-        from backends.rdu_model import report, tokens_per_call
+        from fusec.rdu.model import report, tokens_per_call
         from passes.place import plan
         cache = self.__dict__.setdefault("_rdu_reports", {})
         key = (machine if isinstance(machine, str) else id(machine), tuple(sorted(options.items())))

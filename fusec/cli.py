@@ -24,13 +24,13 @@ from fusec import cache
 from fusec.api import lower, program_stats
 from fusec.argtypes import nonnegative_float, positive_int
 from fusec.cli_generate import add_parser as add_generate_parser, generate_main
-from fusec.cli_rdu import add_rdu_parser, dump_placed, rdu_main, write_bytes
 from fusec.errors import FusecError
 from fusec.explain import explain
 from fusec.export import to_dot, to_json
 from fusec.generate import compile_generator, eager_generator
 from fusec.models import list_models, load_model
 from fusec.models.causal_lm import CausalLM
+from fusec.rdu.cli import add_rdu_parser, dump_placed, rdu_main, write_bytes
 from fusec.sizes import concrete
 from fusec.tracing import trace
 from passes.pipeline import TARGETS, run_pipeline
@@ -92,8 +92,6 @@ def _stats_line(stats: dict) -> str:
 def demo(spec: str, bench_table: bool = True) -> int:
     """Trace a built-in model, print its IR summary, run it on the reference and numba backends (fused
     and unfused) against PyTorch eager, then print the benchmark table of the tiny block."""
-
-
     module, inputs = load_model(spec)
     with torch.no_grad():
         want = module(*inputs)
@@ -126,8 +124,6 @@ def demo_generate(new_tokens: int = 48, repeat: int = 3) -> bool:
     """Generate tokens with a random-weight stories15M, fusec against PyTorch eager with a KV cache, like
     with like: both generators built and warmed up before timing, the same prompt, the median of `repeat`
     runs of prefill + decode."""
-
-
     print(f"\ngeneration: stories15M (random weights), {new_tokens} new tokens, greedy, median of {repeat}")
     model = CausalLM.from_preset("stories15M", seed=0).eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))

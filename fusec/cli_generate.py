@@ -67,7 +67,6 @@ def generate_main(args: argparse.Namespace) -> int:
     if args.threads:
         benchtools.set_threads(args.threads)
 
-
     start = time.perf_counter()
     progress(f"loading {args.model} ...")
     loaded = load(args.model, args.tokenizer)

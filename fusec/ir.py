@@ -69,7 +69,7 @@ class Graph:
     outputs: tuple[int, ...]
     tensors: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
     # Results of analyses that describe the graph without changing it (the "placed" stage stores its
-    # `fusec.placement.Placement` under "placement"). A pass that rebuilds the graph drops them.
+    # `fusec.rdu.placement.Placement` under "placement"). A pass that rebuilds the graph drops them.
     annotations: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property

@@ -1,7 +1,7 @@
 """Placement: map a tiled kernel program onto the PCU/PMU grid of an RDU (the "placed" stage).
 
 `place(graph, machine="sn40l", seed=0, dtype=None)` expects a verified graph of kernels (fused or unfused,
-tiled) and returns the same nodes carrying a `fusec.placement.Placement` in
+tiled) and returns the same nodes carrying a `fusec.rdu.placement.Placement` in
 `graph.annotations["placement"]`; `plan(...)` returns the Placement alone. Nothing the backends run
 changes, so numerics are untouched; the result depends only on the graph, machine, seed and dtype, so a
 second run gives the same placement. The placement is verified before it is returned (IRError).
@@ -27,7 +27,7 @@ from typing import Callable
 from fusec.errors import FusecError, IRError
 from fusec.ir import Graph
 from fusec.machines import Machine, get_machine
-from fusec.placement import TIERS, MemoryPlan, Placement, pcu_rate
+from fusec.rdu.placement import TIERS, MemoryPlan, Placement, pcu_rate
 from fusec.sizes import concrete
 from passes.placement_build import PlacementBuilder
 from passes.placement_memory import choose_on_chip, overlaps, plan_memory, pmus_for, tensor_uses

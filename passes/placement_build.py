@@ -1,5 +1,5 @@
 """Building a section's records: PMUs per buffer, unit groups and flows, grid placement with congestion
-repair, then the Stage / Buffer / Flow / Section data of `fusec.placement`.
+repair, then the Stage / Buffer / Flow / Section data of `fusec.rdu.placement`.
 
 Congestion repair (SN40L §VII: performance bugs were mostly network congestion; more bandwidth means more
 concurrent streams): when the busiest link would need longer than the section's pipeline interval (the
@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 
 from fusec.machines import Machine
-from fusec.placement import Buffer, Flow, MemoryPlan, Read, Section, Stage, pcu_rate, pmu_bandwidth, tier_bandwidth
+from fusec.rdu.placement import Buffer, Flow, MemoryPlan, Read, Section, Stage, pcu_rate, pmu_bandwidth, tier_bandwidth
 from passes import placement_grid as grid
 from passes.placement_memory import pmus_for
 from passes.placement_stages import PREVIOUS, KernelSpec

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fusec.machines import Machine
-from fusec.placement import Cell
+from fusec.rdu.placement import Cell
 
 MAX_MOVES = 20000       # annealing moves per section, at most
 MOVES_PER_UNIT = 30

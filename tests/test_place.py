@@ -15,7 +15,7 @@ from fusec.api import lower
 from fusec.errors import FusecError, IRError
 from fusec.machines import get_machine
 from fusec.models import load_model
-from fusec.placement import TIERS, Placement, Tensor, placement_of
+from fusec.rdu.placement import TIERS, Placement, Tensor, placement_of
 from fusec.tracing import trace
 from passes.pipeline import STAGES, TARGETS
 from passes.place import partition, place, plan, proportional, verify_placement
@@ -335,7 +335,7 @@ ffn_norm.weight             weight     256              hbm  158,208       0-0  
 
 @pytest.fixture(scope="module")
 def placed_text():
-    from fusec.cli_rdu import dump_placed
+    from fusec.rdu.cli import dump_placed
     return dump_placed("llama-block", "text")
 
 
@@ -354,7 +354,7 @@ def test_the_grid_picture_shows_every_unit_the_section_uses(placed_text):
 
 
 def test_svg_png_and_json_are_produced(placements):
-    from fusec.placement_view import to_png, to_svg
+    from fusec.rdu.view import to_png, to_svg
     p = placements["fused", "test_grid"]
     svg = to_svg(p, "llama-block")
     assert "<svg" in svg and svg.rstrip().endswith("</svg>") and "<path" in svg

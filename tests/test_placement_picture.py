@@ -1,4 +1,4 @@
-"""The placement picture (fusec/placement_picture.py): legend, panels, flows, memory plan, file formats, and
+"""The placement picture (fusec/rdu/picture.py): legend, panels, flows, memory plan, file formats, and
 the compact stage regions the placement gives it."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 
 from fusec.api import lower
 from fusec.errors import FusecError
-from fusec.placement import Placement
-from fusec.placement_picture import HEAVIEST_FLOWS, draw, figure, human_bytes, memory_over_sections
+from fusec.rdu.picture import HEAVIEST_FLOWS, draw, figure, human_bytes, memory_over_sections
+from fusec.rdu.placement import Placement
 from fusec.tracing import trace
 from passes.place import plan
 
@@ -181,6 +181,6 @@ def test_the_cli_writes_a_png_a_person_can_open(tmp_path):
 
 def test_a_program_without_kernels_draws_a_note_not_a_crash():
     from fusec.machines import get_machine
-    from fusec.placement import MemoryPlan
+    from fusec.rdu.placement import MemoryPlan
     empty = Placement(get_machine("sn40l"), 0, None, (), (), (), (), MemoryPlan((), (), ()), ())
     assert any("nothing is placed" in t for t in svg_texts(draw(empty, "svg")))

@@ -1,4 +1,4 @@
-"""The analytical RDU model (`backends/rdu_model.py`): the report's contents, its monotonicity (more
+"""The analytical RDU model (`fusec/rdu/model.py`): the report's contents, its monotonicity (more
 bandwidth or compute is never slower, fused is never slower than unfused), the metapipeline formula,
 tokens/s, tensor parallelism and orchestration, `CompiledModule.rdu_report` and the `fusec rdu` command (the paper table and the
 benchmark: tests/test_rdu_paper.py)."""
@@ -10,11 +10,11 @@ import json
 import pytest
 
 import fusec
-from backends.rdu_model import format_report, report, stage_terms, with_figures
 from fusec.api import lower
 from fusec.machines import get_machine
 from fusec.models import load_model
 from fusec.models.registry import decode_inputs
+from fusec.rdu.model import format_report, report, stage_terms, with_figures
 from fusec.tracing import trace
 from passes.place import plan
 

@@ -1,4 +1,4 @@
-"""The RDU model against the papers (`backends/rdu_paper.py`): every published figure has a row, ratios come
+"""The RDU model against the papers (`fusec/rdu/paper.py`): every published figure has a row, ratios come
 from the model, kernel looping beats the unlooped decode, the JSON of `fusec rdu --paper --json`, the
 PyTorch-level unfused program (`passes/placement_torchops.py`) and the looped-program formula. Runs the
 table on small shapes (`small=True`): the structure is the same, the numbers are not the paper's."""
@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from backends import rdu_paper
-from backends.rdu_model import report, with_figures
 from fusec.api import lower
 from fusec.machines import get_machine
 from fusec.models import load_model
 from fusec.models.registry import decode_inputs
+from fusec.rdu import paper as rdu_paper
+from fusec.rdu.model import report, with_figures
 from fusec.tracing import trace
 from passes.place import plan
 from passes.placement_torchops import kernel_ops, torch_op_groups

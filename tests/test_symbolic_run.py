@@ -158,8 +158,8 @@ def test_hf_llama_for_causal_lm_one_program(backend, fuse):
 
 def test_dump_and_rdu_report_a_symbolic_program_at_a_size():
     from fusec.cli import dump
-    from fusec.cli_rdu import _lowered
-    from fusec.placement import placement_of
+    from fusec.rdu.cli import _lowered
+    from fusec.rdu.placement import placement_of
     symbolic = dump("llama-block:tiny", "tiled", "text", dynamic=True)
     assert "sizes {s0=[2,128]}" in symbolic and "f32[1,s0,64]" in symbolic
     at = dump("llama-block:tiny", "tiled", "text", seq_len=17, dynamic=True)

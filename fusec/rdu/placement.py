@@ -1,5 +1,5 @@
 """The placement of a program on an RDU: plain frozen data, made by `passes.place` and read by the RDU
-performance model (`backends.rdu_model`), the CLI and the drawings.
+performance model (`fusec.rdu.model`), the CLI and the drawings.
 
     placed = place(graph, "sn40l")                  # the same nodes, with graph.annotations["placement"]
     p = placement_of(placed)                        # a Placement

@@ -34,7 +34,7 @@ from fusec.benchtools import format_table
 from fusec.errors import FusecError
 from fusec.ir import Graph
 from fusec.machines import Machine, get_machine
-from fusec.placement import Placement, Section, Stage, pcu_rate, pmu_bandwidth, tier_bandwidth
+from fusec.rdu.placement import Placement, Section, Stage, pcu_rate, pmu_bandwidth, tier_bandwidth
 from passes.place import plan
 
 ALLREDUCES_PER_LAYER = 2       # Megatron-style TP: after attention and after the MLP

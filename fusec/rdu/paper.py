@@ -26,13 +26,13 @@ from typing import Any, Callable
 
 import torch
 
-from backends.rdu_model import report
 from fusec.api import lower
 from fusec.benchtools import format_table
 from fusec.coe import switching as sw
 from fusec.machines import Machine, get_machine
 from fusec.models.llama import LlamaBlock, LlamaConfig, example_inputs
 from fusec.models.registry import decode_inputs
+from fusec.rdu.model import report
 from fusec.tracing import trace
 from passes.place import plan
 

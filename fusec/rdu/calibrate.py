@@ -5,7 +5,7 @@
 
 Fit (`FIT_TARGETS`): each fitted parameter is solved by bisection so that one named published figure is
 met exactly, the others held at their defaults, in two rounds (the three barely interact); every other
-figure of `backends.rdu_paper` is held out and checks the result. Parameters no published figure
+figure of `fusec.rdu.paper` is held out and checks the result. Parameters no published figure
 isolates keep an assumed default; the sensitivity table shows what they move over their range.
 """
 from __future__ import annotations
@@ -13,10 +13,10 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from backends.rdu_model import with_figures
-from backends.rdu_paper import FIT, KL_SEQ, SOCKETS_TABLE_IV, SOCKETS_VI_A, looping_table, model_time, paper_rows
 from fusec.benchtools import format_table
 from fusec.machines import Machine, get_machine
+from fusec.rdu.model import with_figures
+from fusec.rdu.paper import FIT, KL_SEQ, SOCKETS_TABLE_IV, SOCKETS_VI_A, looping_table, model_time, paper_rows
 
 # name -> (low, high, what it is); ranges are what the sources leave open (docs/rdu-model.md)
 PARAMETERS = {

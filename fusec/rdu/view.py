@@ -2,13 +2,13 @@
 
 In the ASCII grid each unit shows the kernel that owns it, by its letter in the section's legend:
 upper case for a PCU, lower case for a PMU, `.` for a unit the section leaves free. The SVG and PNG
-(`fusec.placement_picture`) colour every stage, with a legend, the heaviest flows and the memory plan.
+(`fusec.rdu.picture`) colour every stage, with a legend, the heaviest flows and the memory plan.
 """
 from __future__ import annotations
 
 from fusec.benchtools import format_table
-from fusec.placement import Placement
-from fusec.placement_picture import draw
+from fusec.rdu.picture import draw
+from fusec.rdu.placement import Placement
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 STAGE_COLUMNS = [("stage", "stage", ""), ("mode", "mode", ""), ("pcus", "PCUs", "d"), ("pmus", "PMUs", "d"),
@@ -73,7 +73,7 @@ def format_placement(p: Placement, title: str = "") -> str:
     return "\n".join(out)
 
 
-# --- drawings (fusec/placement_picture.py) -----------------------------------------------------------------
+# --- drawings (fusec/rdu/picture.py) -----------------------------------------------------------------
 
 def to_svg(p: Placement, title: str = "") -> str:
     """The placement as SVG: a panel per section with its legend, flows and memory plan."""

@@ -19,7 +19,7 @@ import io
 
 from fusec.errors import FusecError
 # matplotlib (optional, and slow to load) is imported inside the functions that draw
-from fusec.placement import Placement
+from fusec.rdu.placement import Placement
 
 FORMATS = ("svg", "png")
 MAX_PANELS = 8        # sections drawn; a program with more (unfused: one per op) names the rest
@@ -34,7 +34,7 @@ def draw(p: Placement, fmt: str, title: str = "") -> str | bytes:
     """The picture as SVG text or PNG bytes. FusecError for another format."""
     if fmt not in FORMATS:
         raise FusecError(f"a placement is drawn as {' or '.join(FORMATS)}, not {fmt!r} "
-                         f"(text and json: fusec.placement_view.format_placement, Placement.to_dict)")
+                         f"(text and json: fusec.rdu.view.format_placement, Placement.to_dict)")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

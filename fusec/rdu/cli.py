@@ -12,16 +12,16 @@ import argparse
 import json
 import sys
 
-from backends.rdu_model import format_report, report
-from backends.rdu_paper import format_rows, paper_rows
 from fusec.api import lower
 from fusec.argtypes import nonnegative_int, positive_int
 from fusec.errors import FusecError
 from fusec.machines import get_machine
 from fusec.models import load_model
 from fusec.models.registry import decode_inputs
-from fusec.placement import placement_of
-from fusec.placement_view import format_placement, to_png, to_svg
+from fusec.rdu.model import format_report, report
+from fusec.rdu.paper import format_rows, paper_rows
+from fusec.rdu.placement import placement_of
+from fusec.rdu.view import format_placement, to_png, to_svg
 from fusec.sizes import concrete
 from fusec.tracing import trace
 from passes.place import place
