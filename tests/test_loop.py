@@ -130,10 +130,17 @@ def compiled_pair(module, example, **options):
     return (fusec.compile(module, example, loop=True, **options), fusec.compile(module, example, loop=False, **options))
 
 
-def test_looped_decode_and_prefill_equal_unlooped_and_eager():
+@pytest.fixture(scope="module")
+def tiny4_decode():
+    """TINY4's decode step (seed 0) and its inputs, compiled looped and unlooped once for the tests that
+    only run it (compiling costs more than their checks)."""
     m = model()
     ins = decode_inputs(m)
-    looped, unlooped = compiled_pair(DecodeStep(m), ins)
+    return m, ins, compiled_pair(DecodeStep(m), ins)
+
+
+def test_looped_decode_and_prefill_equal_unlooped_and_eager(tiny4_decode):
+    m, ins, (looped, unlooped) = tiny4_decode
     assert loops(looped.graph) and not loops(unlooped.graph)
     with torch.no_grad():
         eager = DecodeStep(m)(*ins)
@@ -215,12 +222,16 @@ def python_calls(compiled, ins) -> int:
     return count[0]
 
 
-def test_a_decode_step_makes_as_many_python_calls_whatever_the_number_of_layers():
+def test_a_decode_step_makes_as_many_python_calls_whatever_the_number_of_layers(tiny4_decode):
     counts = {}
+    assert TINY4.n_layers == 4  # the shared pair is the 4-layer case
     for layers in (4, 8):
-        m = model(dataclasses.replace(TINY4, n_layers=layers))
-        ins = decode_inputs(m)
-        looped, unlooped = compiled_pair(DecodeStep(m), ins)
+        if layers == 4:
+            _, ins, (looped, unlooped) = tiny4_decode
+        else:
+            m = model(dataclasses.replace(TINY4, n_layers=layers))
+            ins = decode_inputs(m)
+            looped, unlooped = compiled_pair(DecodeStep(m), ins)
         counts[layers] = python_calls(looped, ins), python_calls(unlooped, ins)
         assert counts[layers][0] < counts[layers][1]
         assert len(looped.program.steps) == counts[layers][0] == looped.stats["python_calls"]
