@@ -340,15 +340,29 @@ def build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options,
           dynamic: Any = None) -> Specialization:
     """Trace, lower and compile `module` for exactly these inputs, or with `dynamic` for every size in its
     ranges (`fusec.tracing_sym`); run it once (JIT-compiling the kernels or loading them from the cache)."""
+    from fusec.trace_cache import trace_and_lower
     from fusec.tracing import trace
     start = time.perf_counter()
-    traced = trace(module, args, kwargs, strict=options.strict, dynamic=dynamic)
-    dump = DebugDump.start(traced.module_name or "module")
-    if dump:
-        dump.traced(traced.graph, getattr(traced.fx_graph, "code", ""))
-    graph = lower(traced.graph, fuse=options.fuse, callback=dump.stage if dump else None, weights=options.weights,
-                  loop=options.loop and not traced.graph.sizes)  # (the loop driver has no symbolic sizes yet)
+    dump = DebugDump.start(type(module).__name__ if isinstance(module, torch.nn.Module) else "module")
+
+    def run_trace():
+        traced = trace(module, args, kwargs, strict=options.strict, dynamic=dynamic)
+        if dump:
+            dump.traced(traced.graph, getattr(traced.fx_graph, "code", ""))
+        return traced
+
+    def run_passes(traced):
+        return lower(traced.graph, fuse=options.fuse, callback=dump.stage if dump else None,
+                     weights=options.weights, loop=options.loop and not traced.graph.sizes)  # (no symbolic loops yet)
+    if dump:  # every stage is written out: nothing comes from the trace cache
+        traced = run_trace()
+        graph, how = run_passes(traced), "uncached: FUSEC_DEBUG_DIR"
+    else:
+        passes = {"fuse": options.fuse, "weights": options.weights, "loop": options.loop}
+        traced, graph, how = trace_and_lower(module, args, kwargs, dynamic, options.strict, passes, run_trace,
+                                             run_passes)
     stats = program_stats(graph)
+    stats["trace_cache"] = how
     if options.backend == "reference":
         from backends.reference import compile_graph
         spec = Specialization(traced, graph, compile_graph(graph), "", stats)
