@@ -330,7 +330,7 @@ def compile(module: torch.nn.Module, example_inputs: Any = (), example_kwargs: d
                          f"{list(tensors[empty].shape)}. Compile with a non-empty example (calls with an "
                          f"empty batch, in a dynamic dimension, then run in PyTorch eager)")
     from fusec.tracing_sym import dynamic_spec
-    _, declared = dynamic_spec(module, example_inputs, example_kwargs or {}, dynamic)
+    _, declared = dynamic_spec(module, example_inputs, example_kwargs or {}, dynamic, dims=False)
     first = build(module, example_inputs, example_kwargs or {}, options, dynamic)
     key = signature_key(*pytree.tree_flatten((example_inputs, example_kwargs or {})))
     return CompiledModule(module, first, options, key, dynamic, recompile, cache_limit, declared)

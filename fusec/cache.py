@@ -206,7 +206,22 @@ def verify_numba_files(directory: str, ndir: str, name: str) -> bool:
     if any(os.path.basename(p) not in recorded for p in present):
         purge(directory, ndir, name)
         return False
+    _unchanged[directory, name] = _stats(present)
     return True
+
+
+# (cache directory, module) -> the stats of its Numba files when last verified or recorded: a run that
+# compiled nothing leaves them as they were, and recording them again (hashing every file) is skipped
+_unchanged: dict[tuple[str, str], dict] = {}
+
+
+def _stats(paths: list[str]) -> dict:
+    out = {}
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            st = os.stat(p)
+            out[p] = (st.st_size, st.st_mtime_ns, st.st_ino)
+    return out
 
 
 def _discard(directory: str, ndir: str, name: str, why: str) -> bool:
@@ -218,10 +233,15 @@ def _discard(directory: str, ndir: str, name: str, why: str) -> bool:
 
 def record_manifest(directory: str, ndir: str, name: str) -> None:
     """Record the checksums of Numba's files of `name`, after a run that used them succeeded."""
+    if _unchanged.get((directory, name)) == _stats(numba_files(ndir, name)):
+        return  # the files verified (or recorded) before: their record stands
     try:
         with locked(directory):
-            sums = {os.path.basename(p): _sha256(p) for p in numba_files(ndir, name)}
+            paths = numba_files(ndir, name)
+            before = _stats(paths)  # (taken first: a file replaced while hashed is recorded again next time)
+            sums = {os.path.basename(p): _sha256(p) for p in paths}
             _write_atomic(_manifest_path(directory, name), json.dumps(sums, indent=1).encode())
+            _unchanged[directory, name] = before
     except OSError:
         pass  # unrecorded files are compiled again by the next process
 
