@@ -266,3 +266,27 @@ def test_data_form_round_trips_graphs_with_sizes_bodies_and_constants():
         back = graph_from_data(json.loads(json.dumps(graph_to_data(graph, pool))), pool)
         assert back == graph and repr(back) == repr(graph)
         assert [n.origin for n in back.walk()] == [n.origin for n in graph.walk()]
+
+
+WARM = """
+import sys, torch, fusec
+from fusec.models.causal_lm import Prefill, random_model
+from fusec.models.llama import LlamaConfig
+config = LlamaConfig(dim=32, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=61, max_seq_len=16, n_layers=2)
+compiled = fusec.compile(Prefill(random_model(config), None), (torch.zeros(1, 8, dtype=torch.int64),),
+                         backend="reference", dynamic={"tokens": {1: (1, 16)}})
+print(compiled.stats["trace_cache"], "sympy" in sys.modules, "scipy" in sys.modules)
+"""
+
+
+def test_a_warm_process_imports_neither_sympy_nor_scipy(cache_dir):
+    """torch.export's Dims import sympy, and the reference backend SciPy (for erf): a program from the
+    cache needs neither, and each costs a warm start a large part of a second."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "PYTHONWARNINGS": "ignore"}
+    runs = [subprocess.run([sys.executable, "-c", WARM], capture_output=True, text=True, env=env, cwd=root,
+                           timeout=300) for _ in range(2)]
+    assert [r.stdout.split() for r in runs] == [["stored", "True", "False"], ["hit", "False", "False"]], \
+        runs[-1].stderr[-2000:]
