@@ -359,6 +359,8 @@ def _numba_dirs(directory: str) -> list[str]:
 
 def _entries(directory: str) -> list[str]:
     files = glob.glob(os.path.join(directory, PREFIX + "*"))
+    files += glob.glob(os.path.join(directory, "traces", "*.trace"))  # the trace cache (fusec.trace_cache)
+    files += glob.glob(os.path.join(directory, "traces", "*.lowered"))
     for ndir in _numba_dirs(directory):
         files += glob.glob(os.path.join(ndir, PREFIX + "*"))
     return [f for f in files if os.path.isfile(f)]
@@ -366,13 +368,13 @@ def _entries(directory: str) -> list[str]:
 
 def info(directory: str | None = None) -> dict:
     """The cache directory in use (and why others were not used), Numba's directories, the number of
-    cached programs and their total size (Numba's files included)."""
+    cached programs, of cached traces (`fusec.trace_cache`), and their total size (Numba's files included)."""
     refused: list[str] = []
     if directory is None:
         directory, refused = choose_dir()
     if directory is None or not os.path.isdir(directory):
-        return {"dir": directory, "refused": refused, "numba_dirs": [], "programs": 0, "compiled": 0, "files": 0,
-                "bytes": 0}
+        return {"dir": directory, "refused": refused, "numba_dirs": [], "programs": 0, "compiled": 0, "traces": 0,
+                "files": 0, "bytes": 0}
     files = _entries(directory)
     programs = [f for f in files if os.path.dirname(f) == directory and f.endswith(".py")]
     compiled = {os.path.basename(f).split(".")[0] for f in files if f.endswith(".nbi")}
@@ -381,7 +383,8 @@ def info(directory: str | None = None) -> dict:
         with contextlib.suppress(OSError):
             size += os.path.getsize(f)
     return {"dir": directory, "refused": refused, "numba_dirs": _numba_dirs(directory), "programs": len(programs),
-            "compiled": len(compiled), "files": len(files), "bytes": size}
+            "compiled": len(compiled), "traces": sum(f.endswith(".trace") for f in files), "files": len(files),
+            "bytes": size}
 
 
 def clear(directory: str | None = None) -> dict:

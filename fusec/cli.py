@@ -215,6 +215,7 @@ def _debug_command(args) -> int:
         for ndir in result["numba_dirs"][1:]:
             print(f"numba dir  {ndir} (NUMBA_CACHE_DIR)")
         print(f"{verb}programs   {result['programs']} ({result['compiled']} with compiled code)\n"
+              f"{verb}traces     {result['traces']} (traced modules, `fusec.trace_cache`)\n"
               f"{verb}size       {result['bytes'] / 2**20:.1f} MiB in {result['files']} files")
         return 0
     from fusec.models import load_model

@@ -290,3 +290,12 @@ def test_a_warm_process_imports_neither_sympy_nor_scipy(cache_dir):
                            timeout=300) for _ in range(2)]
     assert [r.stdout.split() for r in runs] == [["stored", "True", "False"], ["hit", "False", "False"]], \
         runs[-1].stderr[-2000:]
+
+
+def test_cache_info_counts_traces_and_clear_removes_them(cache_dir):
+    import fusec.cache as cache
+    compile_prefill(model())
+    assert cache.info()["traces"] == 1 and entries(cache_dir, "lowered")
+    assert cache.clear()["traces"] == 1
+    assert not entries(cache_dir, "trace") and not entries(cache_dir, "lowered")
+    assert compile_prefill(model()).stats["trace_cache"] == "stored"
