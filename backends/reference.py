@@ -31,7 +31,6 @@ from collections import ChainMap
 from typing import Any, Callable, Mapping
 
 import numpy as np
-import scipy.special
 
 from fusec.dtypes import round_bf16, to_numpy
 from fusec.errors import FusecError, TakeIndexError  # noqa: F401 - TakeIndexError re-exported
@@ -97,6 +96,8 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 def _erf(x: np.ndarray) -> np.ndarray:
     # SciPy has no f16 loop; it would compute f16 in float64, so go through float32 as torch does.
+    # (imported here: SciPy takes a warm start ~0.3 s to import, and most programs have no erf)
+    import scipy.special
     return scipy.special.erf(x.astype(np.float32) if x.dtype == np.float16 else x)
 
 

@@ -1,5 +1,5 @@
-"""`fusec.compile`: trace a module, run the pass pipeline, hand the graph to a backend, and wrap the
-result in a callable with the module's signature that takes and returns torch tensors.
+"""`fusec.compile`: trace a module, run the pass pipeline, hand the graph to a backend (`fusec.build`),
+and wrap the result in a callable with the module's signature that takes and returns torch tensors.
 
 The callable holds one compiled program per input signature (`Specialization`); `fusec.guards` says
 what a signature is and when a new one compiles, recompiles or is an error.
@@ -8,103 +8,20 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 import warnings
-from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
-from fusec.debug import DebugDump, Progress, debug
+from fusec.build import Options, Specialization, build, lower, program_stats, summary  # noqa: F401 (public here)
+from fusec.debug import debug
 from fusec.errors import FusecError
 from fusec.guards import describe_leaves, kwarg_order, mismatch, parse_dynamic, signature_key
 from fusec.ir import Graph
 
 BACKENDS = ("numba", "reference")
 CACHE_LIMIT = 8  # programs compiled for new signatures (recompile=True) before new ones run eagerly
-
-
-@dataclass(frozen=True)
-class Options:
-    backend: str = "numba"
-    fuse: bool = True
-    strict: bool = False
-    weights: str = "fp32"  # "bf16"/"int8": matrices stored so, widened to float32 in the kernels
-    loop: bool = True      # equal layers run as one loop (passes.loop): one call into compiled code
-
-
-@dataclass
-class Specialization:
-    """The program compiled for one input signature: traced IR, final graph, and the backend's run."""
-
-    traced: Any
-    graph: Graph
-    run: Callable[[list[np.ndarray]], list[np.ndarray]]
-    source: str = ""
-    stats: dict | None = None
-    program: Any = None  # the numba Program (None on the reference backend)
-    follow: Any = None   # fusec.binding.Follow: the module's parameters, rebound when replaced; None once bound
-
-    @property
-    def signature(self) -> str:
-        return ", ".join(f"{n}: {t}" for n, t in zip(self.traced.input_names, self.graph.input_types))
-
-    def bind_weights(self, tensors: Any) -> None:
-        """Run on `tensors` ({parameter name: tensor}) instead of the module's weights from now on (they no
-        longer follow the module's parameters); no recompile."""
-        follow = self.follow
-        if follow is None:
-            self._bind(tensors)
-            return
-        with follow.lock:  # not while a call rebinds the module's own
-            self.follow = None
-            self._bind(tensors)
-
-    def follow_module(self) -> None:
-        """Rebind the module's parameters if they were replaced since the last call (see `Follow`)."""
-        follow = self.follow
-        if follow is not None and follow.changed():
-            follow.refresh(self.graph, lambda tensors: self.follow is follow and self._bind(tensors))
-
-    def _bind(self, tensors: Any) -> None:
-        if self.program is not None:
-            self.program.bind_weights(tensors)
-            return
-        from backends.reference import compile_graph
-        from fusec.binding import check_weights
-        self.graph = replace(self.graph, tensors={**self.graph.tensors, **check_weights(self.graph, tensors)})
-        self.run = compile_graph(self.graph)
-
-    def call(self, leaves: list) -> Any:
-        self.follow_module()
-        outs = self.run([_array(x) for x in leaves if isinstance(x, torch.Tensor)])
-        # the numba program already returns arrays it allocated for this call (Program._output); the
-        # reference backend may return views of weights or inputs, so those are copied
-        owned = self.program is not None
-        tensors = [_tensor(o if owned else np.array(o), self.graph.nodes[v].dtype)
-                   for o, v in zip(outs, self.graph.outputs)]
-        constants = self.traced.output_constants
-        if constants:  # non-tensor outputs (None, numbers) are the traced constants, as eager returns them
-            it = iter(tensors)
-            tensors = [constants[k] if k in constants else next(it) for k in range(len(outs) + len(constants))]
-        return pytree.tree_unflatten(tensors, self.traced.out_spec)
-
-
-def _tensor(x: np.ndarray, dtype: str) -> torch.Tensor:
-    """An output array as a tensor of the traced dtype: a bf16 value arrives as float32 holding a bf16
-    number (NumPy has no bfloat16), so the conversion back is exact."""
-    t = torch.from_numpy(x)
-    return t.to(torch.bfloat16) if dtype == "bf16" else t
-
-
-def _array(x: torch.Tensor) -> np.ndarray:
-    """A NumPy view of an input tensor (the runtimes make it contiguous if it is not)."""
-    x = x.detach()
-    if x.is_conj() or x.is_neg():
-        x = x.resolve_conj().resolve_neg()
-    return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
 
 
 class CompiledModule:
@@ -330,87 +247,69 @@ def compile(module: torch.nn.Module, example_inputs: Any = (), example_kwargs: d
                          f"{list(tensors[empty].shape)}. Compile with a non-empty example (calls with an "
                          f"empty batch, in a dynamic dimension, then run in PyTorch eager)")
     from fusec.tracing_sym import dynamic_spec
-    _, declared = dynamic_spec(module, example_inputs, example_kwargs or {}, dynamic)
+    _, declared = dynamic_spec(module, example_inputs, example_kwargs or {}, dynamic, dims=False)
     first = build(module, example_inputs, example_kwargs or {}, options, dynamic)
     key = signature_key(*pytree.tree_flatten((example_inputs, example_kwargs or {})))
     return CompiledModule(module, first, options, key, dynamic, recompile, cache_limit, declared)
 
 
-def build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options,
-          dynamic: Any = None) -> Specialization:
-    """Trace, lower and compile `module` for exactly these inputs, or with `dynamic` for every size in its
-    ranges (`fusec.tracing_sym`); run it once (JIT-compiling the kernels or loading them from the cache)."""
-    from fusec.tracing import trace
-    start = time.perf_counter()
-    traced = trace(module, args, kwargs, strict=options.strict, dynamic=dynamic)
-    dump = DebugDump.start(traced.module_name or "module")
-    if dump:
-        dump.traced(traced.graph, getattr(traced.fx_graph, "code", ""))
-    graph = lower(traced.graph, fuse=options.fuse, callback=dump.stage if dump else None, weights=options.weights,
-                  loop=options.loop and not traced.graph.sizes)  # (the loop driver has no symbolic sizes yet)
-    stats = program_stats(graph)
-    if options.backend == "reference":
-        from backends.reference import compile_graph
-        spec = Specialization(traced, graph, compile_graph(graph), "", stats)
-    else:
-        from backends.numba_cpu.runtime import Program
-        program = Program(graph)
-        debug(3, f"--- generated code of {traced.module_name} ({len(program.steps)} kernels)\n{program.source}")
-        stats["intermediate_bytes"] = program.intermediate_bytes
-        stats["distinct_kernels"] = len(program.modules)  # kernels with equal bodies share one function
-        stats.update(program.blas)  # {"blas": the library its GEMMs call[, "blas_note": why not MKL]}
-        spec = Specialization(traced, graph, program.run, program.source, stats, program)
-        steps = len(program.steps) + sum(len(v) for v in program.torch_steps.values())
-        progress = Progress(traced.module_name, steps)
-        leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
-        try:  # JIT-compile (or load from the cache) every kernel now
-            program.run([_array(x) for x in leaves], observe=lambda *_: progress.step())
-        finally:
-            progress.close()
-        stats["compile_seconds"] = time.perf_counter() - start
-    from fusec.binding import Follow, weight_types
-    from passes.weights import module_names
-    spec.follow = Follow(module, module_names(weight_types(graph)))
-    if dump:
-        dump.write("numba.py", spec.source or "# reference backend: no generated code")
-        dump.summary(summary(spec, options))
-    return spec
+def compile(module: torch.nn.Module, example_inputs: Any = (), example_kwargs: dict | None = None, *,
+            backend: str = "numba", fuse: bool = True, strict: bool = False, dynamic: Any = None,
+            recompile: bool = False, cache_limit: int = CACHE_LIMIT, weights: str = "fp32",
+            loop: bool | None = None) -> CompiledModule:
+    """Compile `module` for inputs like `example_inputs` (a tuple of positional inputs, or one tensor).
 
+    `backend="numba"` (default) generates one JIT-compiled function per fused kernel; `"reference"` runs
+    the IR op by op with NumPy. `fuse=False` gives the unfused program (one kernel per primitive op).
+    `weights="bf16"` stores weight matrices as bfloat16 (half the bytes to stream; accumulation stays
+    float32), `weights="int8"` as int8 with a float32 scale per block of 32 (weight-only quantization,
+    `passes.weights`); the module's own parameters are not changed. `loop` (default: on, unless the environment
+    variable FUSEC_LOOP=0) runs a run of equal layers as one loop node: the Numba backend then makes one
+    call into compiled code for all of them (`passes.loop`); `loop=False` calls each kernel from Python.
+    ATen ops fusec cannot lower run through PyTorch between the kernels; `strict=True` raises
+    `UnsupportedOpError` for them instead.
 
-def lower(graph: Graph, fuse: bool = True, callback: Callable[[str, Graph], None] | None = None,
-          weights: str = "fp32", target: str = "cpu", loop: bool = True) -> Graph:
-    """The pass pipeline from traced IR to the graph a backend runs (`passes.pipeline.TARGETS`): fused
-    or unfused, tiled, and placed on the chip for the "rdu" target. `callback(pass_name, graph)` runs
-    after every pass; `weights` picks the weights' storage format."""
-    from passes.pipeline import run_pipeline, target_for
-    return run_pipeline(graph, callback=callback, target=target_for(target, fuse, loop), weights=weights)
+    Returns a callable with the module's signature. Every call is checked against the signature it was
+    compiled for (structure, and per tensor rank, shape, dtype, device, layout; see `fusec.guards`):
+    - `dynamic`: dimensions that may change between calls, by input name or position among the tensor
+      inputs, compiled once as symbolic sizes (`fusec.tracing_sym`): `{"x": {1: (1, 256)}}` serves every
+      size in [1, 256] with one program (a call outside is a SizeError naming the dimension, bounds and
+      size); `{"x": {1}}` (or True for every dimension) the range torch.export finds the module supports,
+      and a size outside it (torch specializes 1) compiles a program of its own. `stats["programs"]`
+      counts the programs compiled.
+    - any other difference raises TypeError/ValueError naming what was expected and what was given, or,
+      with `recompile=True`, compiles a program for the new signature; past `cache_limit` such programs
+      it warns once and runs new signatures in PyTorch eager.
+    Non-tensor arguments are constants of the program, matched by type and value (2 and 2.0 differ);
+    keyword arguments may come in any order; non-tensor outputs (None, numbers) are returned as traced.
+    Calls with an empty tensor (a 0 in a dynamic dimension) run in PyTorch eager; empty example inputs
+    are a ValueError. Non-contiguous inputs are accepted (copied to contiguous arrays). Calls from
+    several threads are safe: the numba program serializes them (its buffers belong to the program).
+    The module is traced through a copy of its module tree, so it stays usable from other threads.
 
-
-def program_stats(graph: Graph) -> dict:
-    """Kernel launches per call, calls from Python per call, bytes of intermediate values (written by one
-    kernel, read by another, outside loops) and ops run by PyTorch (`torch_ops`, see `fusec.fallback`)."""
-    from passes.fuse import fusion_stats
-    fused = fusion_stats(graph)
-    loops = [n for n in graph.nodes if n.op == "loop"]
-    looped = sum(n.attr("trips") * n.attr("body").ops().get("kernel", 0) for n in loops)
-    # kernel_calls: kernels run per call, every iteration's counted; python_calls: calls from Python into
-    # compiled code (a loop's driver runs all its iterations in one)
-    return {**fused, "kernel_calls": fused["kernels"] + looped, "python_calls": fused["kernels"] + len(loops),
-            "torch_ops": sum(1 for n in graph.nodes if n.op == "extern")}
-
-
-def summary(spec: Specialization, options: Options) -> dict:
-    """A JSON-able description of one compiled program (FUSEC_DEBUG_DIR's summary.json)."""
-    from passes.fuse import describe
-    program = spec.program
-    kernels = [{"kind": kind, "ops": ops} for kind, ops in describe(spec.graph)]
-    if program is not None:
-        for k, code in zip(kernels, program.codes):
-            k.update(name=code.name, loop=code.loop)
-    fallbacks = [{"target": n.attr("target"), "reason": n.attr("reason"), "origin": n.origin}
-                 for n in spec.graph.nodes if n.op == "extern"]
-    return {"module": spec.traced.module_name, "signature": spec.signature,
-            "options": {"backend": options.backend, "fuse": options.fuse, "strict": options.strict,
-                        "loop": options.loop},
-            "kernels": kernels, "torch_fallbacks": fallbacks, "stats": spec.stats,
-            "cache_modules": [m.__name__ for m in getattr(program, "modules", ())]}
+    The program reads the module's parameters in place (in-place updates show at once) and follows them:
+    a parameter replaced after compiling (`load_state_dict(assign=True)`, a new Parameter, `.data = `,
+    `share_memory()`) is rebound before the next call, without recompiling; one of another shape or dtype
+    is a WeightBindingError. Buffers are constants, copied when traced. `bind_weights` stops the following.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    from passes.weights import FORMATS
+    if weights not in FORMATS:
+        raise ValueError(f"unknown weight format {weights!r}; expected one of {', '.join(FORMATS)}")
+    if loop is None:
+        loop = os.environ.get("FUSEC_LOOP", "1") != "0"
+    options = Options(backend, fuse, strict, weights, bool(loop))
+    tensors = [x for x in pytree.tree_leaves((example_inputs, example_kwargs or {})) if isinstance(x, torch.Tensor)]
+    empty = next((i for i, x in enumerate(tensors) if x.numel() == 0), None)
+    if empty is not None:
+        raise ValueError(f"fusec.compile needs non-empty example inputs; input {empty} has shape "
+                         f"{list(tensors[empty].shape)}. Compile with a non-empty example (calls with an "
+                         f"empty batch, in a dynamic dimension, then run in PyTorch eager)")
+    from fusec.tracing_sym import dynamic_spec
+    _, declared = dynamic_spec(module, example_inputs, example_kwargs or {}, dynamic, dims=False)
+    first = build(module, example_inputs, example_kwargs or {}, options, dynamic)
+    key = signature_key(*pytree.tree_flatten((example_inputs, example_kwargs or {})))
+    return CompiledModule(module, first, options, key, dynamic, recompile, cache_limit, declared)

@@ -206,7 +206,22 @@ def verify_numba_files(directory: str, ndir: str, name: str) -> bool:
     if any(os.path.basename(p) not in recorded for p in present):
         purge(directory, ndir, name)
         return False
+    _unchanged[directory, name] = _stats(present)
     return True
+
+
+# (cache directory, module) -> the stats of its Numba files when last verified or recorded: a run that
+# compiled nothing leaves them as they were, and recording them again (hashing every file) is skipped
+_unchanged: dict[tuple[str, str], dict] = {}
+
+
+def _stats(paths: list[str]) -> dict:
+    out = {}
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            st = os.stat(p)
+            out[p] = (st.st_size, st.st_mtime_ns, st.st_ino)
+    return out
 
 
 def _discard(directory: str, ndir: str, name: str, why: str) -> bool:
@@ -218,10 +233,15 @@ def _discard(directory: str, ndir: str, name: str, why: str) -> bool:
 
 def record_manifest(directory: str, ndir: str, name: str) -> None:
     """Record the checksums of Numba's files of `name`, after a run that used them succeeded."""
+    if _unchanged.get((directory, name)) == _stats(numba_files(ndir, name)):
+        return  # the files verified (or recorded) before: their record stands
     try:
         with locked(directory):
-            sums = {os.path.basename(p): _sha256(p) for p in numba_files(ndir, name)}
+            paths = numba_files(ndir, name)
+            before = _stats(paths)  # (taken first: a file replaced while hashed is recorded again next time)
+            sums = {os.path.basename(p): _sha256(p) for p in paths}
             _write_atomic(_manifest_path(directory, name), json.dumps(sums, indent=1).encode())
+            _unchanged[directory, name] = before
     except OSError:
         pass  # unrecorded files are compiled again by the next process
 
@@ -339,6 +359,8 @@ def _numba_dirs(directory: str) -> list[str]:
 
 def _entries(directory: str) -> list[str]:
     files = glob.glob(os.path.join(directory, PREFIX + "*"))
+    files += glob.glob(os.path.join(directory, "traces", "*.trace"))  # the trace cache (fusec.trace_cache)
+    files += glob.glob(os.path.join(directory, "traces", "*.lowered"))
     for ndir in _numba_dirs(directory):
         files += glob.glob(os.path.join(ndir, PREFIX + "*"))
     return [f for f in files if os.path.isfile(f)]
@@ -346,13 +368,13 @@ def _entries(directory: str) -> list[str]:
 
 def info(directory: str | None = None) -> dict:
     """The cache directory in use (and why others were not used), Numba's directories, the number of
-    cached programs and their total size (Numba's files included)."""
+    cached programs, of cached traces (`fusec.trace_cache`), and their total size (Numba's files included)."""
     refused: list[str] = []
     if directory is None:
         directory, refused = choose_dir()
     if directory is None or not os.path.isdir(directory):
-        return {"dir": directory, "refused": refused, "numba_dirs": [], "programs": 0, "compiled": 0, "files": 0,
-                "bytes": 0}
+        return {"dir": directory, "refused": refused, "numba_dirs": [], "programs": 0, "compiled": 0, "traces": 0,
+                "files": 0, "bytes": 0}
     files = _entries(directory)
     programs = [f for f in files if os.path.dirname(f) == directory and f.endswith(".py")]
     compiled = {os.path.basename(f).split(".")[0] for f in files if f.endswith(".nbi")}
@@ -361,7 +383,8 @@ def info(directory: str | None = None) -> dict:
         with contextlib.suppress(OSError):
             size += os.path.getsize(f)
     return {"dir": directory, "refused": refused, "numba_dirs": _numba_dirs(directory), "programs": len(programs),
-            "compiled": len(compiled), "files": len(files), "bytes": size}
+            "compiled": len(compiled), "traces": sum(f.endswith(".trace") for f in files), "files": len(files),
+            "bytes": size}
 
 
 def clear(directory: str | None = None) -> dict:

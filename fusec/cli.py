@@ -207,6 +207,7 @@ def _debug_command(args) -> int:
         for ndir in result["numba_dirs"][1:]:
             print(f"numba dir  {ndir} (NUMBA_CACHE_DIR)")
         print(f"{verb}programs   {result['programs']} ({result['compiled']} with compiled code)\n"
+              f"{verb}traces     {result['traces']} (traced modules, `fusec.trace_cache`)\n"
               f"{verb}size       {result['bytes'] / 2**20:.1f} MiB in {result['files']} files")
         return 0
     module, inputs = load_model(args.model, seq_len=args.seq_len)

@@ -1,13 +1,17 @@
-"""Machine-readable forms of a graph: JSON (for tools) and Graphviz DOT (for pictures).
+"""Machine-readable forms of a graph: JSON (for tools), Graphviz DOT (for pictures), and the exact data
+form the trace cache stores (`graph_to_data` / `graph_from_data`).
 
-The text form in `fusec.printer` stays the one human-readable printer; these carry the same data.
+The text form in `fusec.printer` stays the one human-readable printer; these carry the same data. The JSON
+for tools spells sizes and non-finite numbers as the printer does; the data form keeps every value's
+type instead (a tuple stays a tuple, a size keeps its bounds), so that reading it back gives a graph
+equal to the one written, node for node.
 """
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from fusec.ir import Graph
+from fusec.ir import Graph, Node, TensorType
 from fusec.opset import OPS
 from fusec.printer import format_value
 from fusec.symbolic import Sym
@@ -60,3 +64,57 @@ def to_dot(graph: Graph, name: str = "fusec") -> str:
         lines.append(f"  n{o} -> out{k};")
     lines.append("}")
     return "\n".join(lines)
+
+
+# --- the exact data form (the trace cache's) ---------------------------------------------------------------
+# JSON values stand for themselves (floats with their exact repr; json writes inf and nan as Infinity and
+# NaN), a list is a tuple, and the two other kinds of value are objects with one tag: {"sym": ...} for a
+# `Sym`, {"graph": ...} for a body. Any other value cannot be stored: UnstorableValue, and the caller
+# does without the cache.
+
+class UnstorableValue(TypeError):
+    """A graph holds a value the data form does not carry (its caller then does not cache it)."""
+
+
+_PLAIN = (type(None), bool, int, float, str)
+
+
+def _value_data(v: Any, pool: dict) -> Any:
+    if type(v) in _PLAIN:  # exactly these: a NumPy scalar would come back as another type
+        return v
+    if type(v) is tuple:
+        return [_value_data(x, pool) for x in v]
+    if isinstance(v, Sym):
+        return {"sym": [[list(m), c] for m, c in v.terms], "bounds": [list(b) for b in v.bounds]}
+    if isinstance(v, Graph):
+        return {"graph": graph_to_data(v, pool)}
+    raise UnstorableValue(f"a value of type {type(v).__name__} ({v!r:.60})")
+
+
+def _value_from(d: Any, pool: dict) -> Any:
+    if isinstance(d, list):
+        return tuple(_value_from(x, pool) for x in d)
+    if isinstance(d, dict):
+        if "sym" in d:
+            return Sym(tuple((tuple(m), c) for m, c in d["sym"]), tuple(tuple(b) for b in d["bounds"]))
+        return graph_from_data(d["graph"], pool)
+    return d
+
+
+def graph_to_data(graph: Graph, pool: dict) -> dict:
+    """The JSON-able data of `graph`. Its tensors (and its bodies') are named, and collected in `pool`
+    {name: tensor} for the caller to store: a name means one tensor throughout, else UnstorableValue."""
+    for name, t in graph.tensors.items():
+        if pool.setdefault(name, t) is not t:
+            raise UnstorableValue(f"two different tensors named {name!r}")
+    return {"nodes": [[n.op, list(n.args), [[k, _value_data(v, pool)] for k, v in n.attrs],
+                       [_value_data(d, pool) for d in n.shape], n.dtype, n.origin] for n in graph.nodes],
+            "outputs": list(graph.outputs), "tensors": sorted(graph.tensors)}
+
+
+def graph_from_data(data: dict, pool: dict) -> Graph:
+    """The graph `graph_to_data` gave `data` for, its tensors (and its bodies') taken from `pool`."""
+    nodes = tuple(Node(op, tuple(args), tuple((k, _value_from(v, pool)) for k, v in attrs),
+                       TensorType(tuple(_value_from(d, pool) for d in shape), dtype), origin)
+                  for op, args, attrs, shape, dtype, origin in data["nodes"])
+    return Graph(nodes, tuple(data["outputs"]), {name: pool[name] for name in data["tensors"]})

@@ -17,43 +17,13 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fusec.generate_programs import (PREFIX, WEIGHTS, Compiler, Program, bind, program_weights,  # noqa: F401
+                                     decode_stepper, eager_compiler, fusec_compiler)
 from fusec.models.causal_lm import CausalLM, DecodeStep, Prefill, cache_shape, decode_example, from_hf
 from fusec.sampling import sampler as _sampler
-
-Program = Callable[..., tuple]                    # a compiled (or eager) Prefill / DecodeStep
-Compiler = Callable[[nn.Module, tuple], Program]  # (module, example inputs) -> program
-WEIGHTS = ("fp32", "bf16", "int8")
-
-
-def fusec_compiler(backend: str = "numba", weights: str = "fp32", fuse: bool = True,
-                   loop: bool | None = None) -> Compiler:
-    """A Compiler running `fusec.compile` with these options."""
-    from fusec.api import compile as compile_module
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, given {weights!r}")
-    options = {}
-    if weights != "fp32":
-        options["weights"] = weights
-    if loop is not None:
-        options["loop"] = loop
-
-    def compile_program(module: nn.Module, example: tuple, dynamic=None) -> Program:
-        return compile_module(module, example, backend=backend, fuse=fuse, dynamic=dynamic, **options)
-
-    compile_program.symbolic = True  # takes `dynamic`: one prefill program for every prompt length
-    return compile_program
-
-
-def eager_compiler(module: nn.Module, example: tuple) -> Program:
-    """The module itself, run in PyTorch eager without autograd."""
-    def run(*args):
-        with torch.no_grad():
-            return module(*args)
-    return run
 
 
 def as_causal_lm(model: nn.Module) -> CausalLM:
@@ -104,7 +74,7 @@ class Generator:
         start = time.perf_counter()
         program = self.compiler(module, example, dynamic=dynamic) if dynamic else self.compiler(module, example)
         if self._bound is not None:
-            _bind(program, self._bound)
+            bind(program, self._bound)
         self._totals["compiles"] += 1
         self._totals["compile_seconds"] += time.perf_counter() - start
         return program
@@ -112,7 +82,7 @@ class Generator:
     def weight_types(self) -> dict:
         """{parameter name of the model: TensorType} of the weights the programs read (bf16 matrices with
         weights="bf16"): what `bind_weights` takes."""
-        types = _program_weights(self.decode_program(1)).weight_types()
+        types = program_weights(self.decode_program(1)).weight_types()
         return {name.removeprefix(PREFIX): t for name, t in types.items()}
 
     def bind_weights(self, tensors: dict) -> None:
@@ -124,9 +94,9 @@ class Generator:
             programs = [*self._prefill.values(), *self._decode.values()]
             for program in programs:  # check them all before changing any
                 from fusec.binding import check_weights
-                check_weights(_program_weights(program).graph, bound)
+                check_weights(program_weights(program).graph, bound)
             for program in programs:
-                _bind(program, bound)
+                bind(program, bound)
             self._bound = bound
 
     def decode_program(self, batch: int = 1) -> Program:
@@ -222,7 +192,7 @@ class Generator:
         compiled_before = dict(self._totals)
         prefill, decode = self.prefill_program(batch, length), self.decode_program(batch)
         k_cache, v_cache = self.caches(batch)
-        decode_step = _decode_stepper(decode, k_cache, v_cache)
+        decode_step = decode_stepper(decode, k_cache, v_cache)
         new, step_logits = [], []
         run = _counters()
         for key in ("compiles", "compile_seconds"):  # compiled for this call, before anything is timed
@@ -301,46 +271,6 @@ class Generator:
         return (f"<{self.name} generator: Llama dim={config.dim} layers={config.n_layers} "
                 f"vocab={config.vocab_size}, max_seq_len={self.max_seq_len}, {self._totals['compiles']} "
                 f"program(s) compiled>")
-
-
-def _decode_stepper(decode: Program, k_cache: Tensor, v_cache: Tensor) -> Callable[[Tensor, int], Tensor]:
-    """(token [B], pos) -> logits [B, vocab]: one decode step, its new K/V rows written into the caches in
-    place. A fusec program runs on NumPy views of one set of input arrays (`run_arrays`: the inputs have
-    its signature by construction, so the guards are skipped); anything else runs as a torch callable."""
-    batch = k_cache.shape[1]
-    if not hasattr(decode, "run_arrays"):
-        def torch_step(token: Tensor, pos: int) -> Tensor:
-            logits, k_new, v_new = decode(token.view(batch, 1), torch.tensor([pos]), k_cache, v_cache)
-            k_cache[:, :, :, pos] = k_new[:, :, :, 0]  # one row per layer, in place
-            v_cache[:, :, :, pos] = v_new[:, :, :, 0]
-            return logits
-        return torch_step
-    token_in, pos_in = np.zeros((batch, 1), np.int64), np.zeros(1, np.int64)
-    k_np, v_np = k_cache.numpy(), v_cache.numpy()
-
-    def array_step(token: Tensor, pos: int) -> Tensor:
-        token_in[:, 0] = token.numpy()
-        pos_in[0] = pos
-        logits, k_new, v_new = decode.run_arrays([token_in, pos_in, k_np, v_np])
-        k_np[:, :, :, pos] = k_new[:, :, :, 0]
-        v_np[:, :, :, pos] = v_new[:, :, :, 0]
-        return torch.from_numpy(logits)
-    return array_step
-
-
-PREFIX = "model."  # Prefill and DecodeStep hold the model as `self.model`
-
-
-def _program_weights(program: Program):
-    """The compiled module behind a program, which can bind weights; TypeError for an eager program."""
-    if not hasattr(program, "bind_weights"):
-        raise TypeError("only fusec-compiled programs take weights as arguments; this generator runs "
-                        f"{type(program).__name__}")
-    return program
-
-
-def _bind(program: Program, bound: dict) -> None:
-    _program_weights(program).bind_weights(bound)
 
 
 def _counters() -> dict:

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
-from torch.export import Dim, ShapesCollection
 
 from fusec.errors import FusecError, UnsupportedOpError
 from fusec.guards import check_dynamic_mapping, input_position
@@ -41,9 +40,11 @@ def tensor_names(module: torch.nn.Module, args: tuple, kwargs: dict) -> list[str
     return names
 
 
-def dynamic_spec(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic: Any):
+def dynamic_spec(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic: Any, dims: bool = True):
     """(ShapesCollection for torch.export, {(tensor position, axis): declared (lo, hi) or None}) of
-    `dynamic`; (None, {}) when nothing is dynamic. ValueError/TypeError name a misfit."""
+    `dynamic`; (None, {}) when nothing is dynamic. ValueError/TypeError name a misfit. `dims=False`
+    checks and gives only the bounds (the ShapesCollection is None): making torch.export's Dims imports
+    sympy, which a program from the trace cache does without."""
     if dynamic is None or dynamic is False:
         return None, {}
     tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
@@ -51,33 +52,49 @@ def dynamic_spec(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic: An
     if dynamic is True:
         dynamic = {k: set(range(t.dim())) for k, t in enumerate(tensors)}
     check_dynamic_mapping(dynamic)
-    spec, declared = ShapesCollection(), {}
+    spec, declared = None, {}
+    if dims:
+        from torch.export import ShapesCollection  # torch.export loads sympy: only when Dims are made
+        spec = ShapesCollection()
     for key, axes in dynamic.items():
         pos = input_position(key, names)
         items = axes.items() if hasattr(axes, "items") else [(a, None) for a in ([axes] if isinstance(axes, int) else axes)]
-        dims = {}
+        made = {}
         for axis, bounds in items:
             if not isinstance(axis, int) or not -tensors[pos].dim() <= axis < tensors[pos].dim():
                 raise ValueError(f"dynamic[{key!r}]: {axis!r} is not a dimension of a tensor of shape "
                                  f"{list(tensors[pos].shape)}")
             axis %= tensors[pos].dim()
-            dims[axis] = _dim(f"{names[pos]}_{axis}", bounds, key, axis)
-            declared[pos, axis] = None if bounds is None else tuple(getattr(dims[axis], a) for a in ("min", "max"))
-        spec[tensors[pos]] = dims
+            declared[pos, axis] = _bounds(bounds, key, axis)
+            if dims:
+                made[axis] = _dim(f"{names[pos]}_{axis}", bounds)
+        if dims:
+            spec[tensors[pos]] = made
     return spec, declared
 
 
-def _dim(name: str, bounds: Any, key: Any, axis: int):
+def _bounds(bounds: Any, key: Any, axis: int) -> tuple[int, int] | None:
+    """The (lo, hi) declared for a dimension (None: the range torch.export finds); errors name a misfit."""
     if bounds is None:
-        return Dim.AUTO(min=1, max=DEFAULT_MAX)  # (torch may find the size static: then it is)
+        return None
     if isinstance(bounds, tuple) and len(bounds) == 2 and all(isinstance(b, int) for b in bounds):
         lo, hi = bounds
         if not 1 <= lo <= hi:
             raise ValueError(f"dynamic[{key!r}][{axis}]: bounds must satisfy 1 <= lo <= hi, got {bounds}")
-        return Dim(name.replace(".", "_"), min=lo, max=hi)
+        return lo, hi
     if type(bounds).__name__ in ("Dim", "_Dim") or hasattr(bounds, "max"):
-        return bounds
+        return bounds.min, bounds.max
     raise TypeError(f"dynamic[{key!r}][{axis}] must be (lo, hi) or a torch.export.Dim, got {bounds!r}")
+
+
+def _dim(name: str, bounds: Any):
+    """torch.export's Dim for checked `bounds`."""
+    from torch.export import Dim
+    if bounds is None:
+        return Dim.AUTO(min=1, max=DEFAULT_MAX)  # (torch may find the size static: then it is)
+    if isinstance(bounds, tuple):
+        return Dim(name.replace(".", "_"), min=bounds[0], max=bounds[1])
+    return bounds
 
 
 class SizeMap:

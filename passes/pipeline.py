@@ -150,3 +150,7 @@ register_stage("unfused", (("unfuse", unfuse), ("hoist_slices", hoist_slices)))
 register_stage("tiled", (("tile", tile),))
 register_stage("looped", (("loop_kernels", loop_kernels),), after="tiled")
 register_stage("placed", (("place", place),))
+
+# the pipeline as written here: the trace cache (`fusec.trace_key.passes_key`) keys lowered programs on
+# any change from it (a stage registered or replaced later)
+BUILT_IN = ({k: tuple(v) for k, v in STAGES.items()}, {k: tuple(v) for k, v in TARGETS.items()})

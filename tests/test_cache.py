@@ -249,3 +249,14 @@ def test_cached_serial_kernel_calling_parallel_matvec_runs_in_a_new_process(cach
                              text=True, env=env, cwd=ROOT, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
         assert out.stdout.strip() == "True"
+
+
+def test_a_run_that_compiled_nothing_does_not_hash_numba_files_again(cache_dir, monkeypatch):
+    """A warm load checks every Numba file against its record once; the record after the run stands when
+    the files did not change (hashing them again cost a warm start a large part of its time)."""
+    load_and_run()
+    hashed, real = [], cache._sha256
+    monkeypatch.setattr(cache, "_sha256", lambda path: hashed.append(path) or real(path))
+    program = load_and_run()
+    assert hits(program) == len(program.steps)
+    assert sorted(hashed) == sorted(set(hashed)) == sorted(str(p) for p in files(cache_dir, ".nb?"))

@@ -1,0 +1,82 @@
+"""The programs a `fusec.generate.Generator` runs, and how it runs them: the compilers that make them
+(`fusec_compiler`, `eager_compiler`), one decode step on the generator's KV caches (`decode_stepper`), and
+binding weights to compiled programs.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+Program = Callable[..., tuple]                    # a compiled (or eager) Prefill / DecodeStep
+Compiler = Callable[[nn.Module, tuple], Program]  # (module, example inputs) -> program
+WEIGHTS = ("fp32", "bf16", "int8")
+
+
+def fusec_compiler(backend: str = "numba", weights: str = "fp32", fuse: bool = True,
+                   loop: bool | None = None) -> Compiler:
+    """A Compiler running `fusec.compile` with these options."""
+    from fusec.api import compile as compile_module
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, given {weights!r}")
+    options = {}
+    if weights != "fp32":
+        options["weights"] = weights
+    if loop is not None:
+        options["loop"] = loop
+
+    def compile_program(module: nn.Module, example: tuple, dynamic=None) -> Program:
+        return compile_module(module, example, backend=backend, fuse=fuse, dynamic=dynamic, **options)
+
+    compile_program.symbolic = True  # takes `dynamic`: one prefill program for every prompt length
+    return compile_program
+
+
+def eager_compiler(module: nn.Module, example: tuple) -> Program:
+    """The module itself, run in PyTorch eager without autograd."""
+    def run(*args):
+        with torch.no_grad():
+            return module(*args)
+    return run
+
+
+def decode_stepper(decode: Program, k_cache: Tensor, v_cache: Tensor) -> Callable[[Tensor, int], Tensor]:
+    """(token [B], pos) -> logits [B, vocab]: one decode step, its new K/V rows written into the caches in
+    place. A fusec program runs on NumPy views of one set of input arrays (`run_arrays`: the inputs have
+    its signature by construction, so the guards are skipped); anything else runs as a torch callable."""
+    batch = k_cache.shape[1]
+    if not hasattr(decode, "run_arrays"):
+        def torch_step(token: Tensor, pos: int) -> Tensor:
+            logits, k_new, v_new = decode(token.view(batch, 1), torch.tensor([pos]), k_cache, v_cache)
+            k_cache[:, :, :, pos] = k_new[:, :, :, 0]  # one row per layer, in place
+            v_cache[:, :, :, pos] = v_new[:, :, :, 0]
+            return logits
+        return torch_step
+    token_in, pos_in = np.zeros((batch, 1), np.int64), np.zeros(1, np.int64)
+    k_np, v_np = k_cache.numpy(), v_cache.numpy()
+
+    def array_step(token: Tensor, pos: int) -> Tensor:
+        token_in[:, 0] = token.numpy()
+        pos_in[0] = pos
+        logits, k_new, v_new = decode.run_arrays([token_in, pos_in, k_np, v_np])
+        k_np[:, :, :, pos] = k_new[:, :, :, 0]
+        v_np[:, :, :, pos] = v_new[:, :, :, 0]
+        return torch.from_numpy(logits)
+    return array_step
+
+
+PREFIX = "model."  # Prefill and DecodeStep hold the model as `self.model`
+
+
+def program_weights(program: Program):
+    """The compiled module behind a program, which can bind weights; TypeError for an eager program."""
+    if not hasattr(program, "bind_weights"):
+        raise TypeError("only fusec-compiled programs take weights as arguments; this generator runs "
+                        f"{type(program).__name__}")
+    return program
+
+
+def bind(program: Program, bound: dict) -> None:
+    program_weights(program).bind_weights(bound)
