@@ -93,13 +93,15 @@ def _producer(graph: Graph, value: int) -> tuple[int, int] | None:
 
 def _stored_axes(body: Graph, node: int, axis: int, chain: list[Node]) -> list:
     """(body input, its axis) for every input whose values axis `axis` of body node `node` walks, through
-    views (reshape, permute, expand, slice) and same-shape elementwise ops (operands broadcast along the axis, a
+    views (reshape, permute, expand, slice), concats and same-shape elementwise ops (operands broadcast along the axis, a
     mask or a scale, are not walked); None in the list for a read this cannot follow."""
     n = body.nodes[node]
     if n.op in VIEWS:
         return _stored_axes(body, n.args[0], axis, chain + [n])
     if n.op == "input":
         return [_input_axis(body, node, axis, chain)]
+    if n.op == "concat":  # every operand keeps the axes (past and new keys of a decode step)
+        return [r for a in n.args for r in _stored_axes(body, a, axis, chain)]
     if OPS[n.op] == "elementwise":
         return [r for a in n.args if body.nodes[a].shape == n.shape for r in _stored_axes(body, a, axis, chain)]
     if n.op in ("const", "iota"):

@@ -11,6 +11,7 @@ from torch import nn
 
 import fusec
 from fusec.models import load_model
+from fusec.models.registry import decode_inputs
 from fusec.tracing import trace
 from passes.layout import choose_layout
 from passes.pipeline import run_pipeline
@@ -67,8 +68,12 @@ def test_a_transposed_k_given_by_the_caller_stays_strided():
 
 
 def test_llama_block_k_and_v_are_already_contiguous_and_a_second_run_changes_nothing():
+    """Prefill and decode of the Llama block read K and V contiguously as traced: nothing to move."""
     module, args = load_model("llama-block:tiny")
     graph = fused(module, args)
     assert layouts(graph) == [{"k": "as stored", "v": "as stored"}]
+    args, kwargs = decode_inputs(module.config, past_len=5)  # K and V: concats of the past and the new
+    decode = run_pipeline(trace(module, args, kwargs).graph, until="tiled", target="cpu")
+    assert layouts(decode) == [{"k": "as stored", "v": "as stored"}]
     again = choose_layout(fused(KTransposed().eval(), (torch.randn(1, 12, 32),)))
     assert layouts(again) == [{"k": "as stored", "v": "as stored"}]
