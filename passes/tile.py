@@ -22,8 +22,9 @@ What a tile is, per kernel kind (the names the Numba backend reads):
   the Numba backend runs exactly these loops: a parallel iteration per block of q query rows of one
   (batch, head), key blocks of kv outside its rows, so every row of the block reads the key/value block
   while it is in L1. There kv is the most keys whose key row, value row and score,
-  kv*(D*|K| + Dv*|V| + |acc|) bytes, fit the L1 (`machine.l1_bytes`); then q the most rows that fit the
-  budget with that kv. Elsewhere (an RDU, a cpu of unknown L1) the pair is chosen together as below.
+  kv*(D*|K| + Dv*|V| + |acc|) bytes, fit the L1 (`machine.l1_bytes`) (and one row's tile the budget); then q the most rows that fit the
+  budget with that kv, at most an even share of a head's rows when there are fewer (batch, head) pairs
+  than cores (rounded up to a multiple of 8), so that every core gets a block. Elsewhere (an RDU, a cpu of unknown L1) the pair is chosen together as below.
 - `reduce`, `pointwise`, other `op`: the domain (the largest of the body's outputs and reduction operands)
   is viewed as rows = all axes but the last; ("rows", rows per parallel chunk).
 
@@ -117,6 +118,7 @@ class AttentionShape:
     vs: int
     out: int
     acc: int
+    entries: int = 1  # (batch, head) pairs: the blocks of rows a cpu can run in parallel besides q
 
     @property
     def kv_row_bytes(self) -> int:
@@ -182,7 +184,7 @@ def _attention_shape(node: Node, body: Graph, anchors: tuple[int, ...]) -> Atten
     v = body.nodes[o.args[1]]
     return AttentionShape(s.shape[-2], s.shape[-1], q.shape[-1], o.shape[-1], dtype_size(q.dtype),
                           dtype_size(k.dtype), dtype_size(v.dtype), dtype_size(node.dtype),
-                          _acc_size(q.dtype, k.dtype, v.dtype))
+                          _acc_size(q.dtype, k.dtype, v.dtype), _prod(s.shape[:-2]))
 
 
 def _row_shape(body: Graph) -> RowShape:
@@ -220,8 +222,12 @@ def choose_tiles(node: Node, machine: Machine) -> Tiles:
             tiles["rows"] = _gemm_rows(shape, budget, machine.cores)
     elif isinstance(shape, AttentionShape):
         if machine.kind == "cpu" and machine.l1_bytes > 0:
-            kv = _largest(_sizes(shape.kv), lambda kv: kv * shape.kv_row_bytes <= machine.l1_bytes)
-            q = _largest(_sizes(shape.q), lambda q: shape.working_set(q, kv) <= budget)
+            kv = _largest(_sizes(shape.kv), lambda kv: kv * shape.kv_row_bytes <= machine.l1_bytes
+                          and shape.working_set(1, kv) <= budget)
+            # every core gets a block: a head's rows split when there are fewer heads than cores
+            share = _ceil_div(shape.q, _ceil_div(machine.cores, max(shape.entries, 1)))
+            share = min(shape.q, _ceil_div(share, ALIGN) * ALIGN) if shape.q > ALIGN else shape.q
+            q = _largest(_sizes(share), lambda q: shape.working_set(q, kv) <= budget)
         else:
             q, kv = _best_pair(shape.q, shape.kv, lambda q, kv: shape.working_set(q, kv) <= budget)
         tiles = {"q": q, "kv": kv}

@@ -224,6 +224,13 @@ def test_attention_tiles_are_in_range_and_fit(tq, tk, d, kib):
     assert working_set(node, tiles) <= machine.tile_budget or working_set(node, smallest) > machine.tile_budget
 
 
+def test_cpu_attention_kv_fits_the_l1_and_every_core_gets_a_query_block():
+    """kv: 16 KiB of L1 over a key row, a value row and a score (64*4 + 64*4 + 4 bytes) is 31 keys, 24 as
+    a multiple of 8. q: 2 heads on 4 cores, so each head's 100 rows split in 2 blocks of at most 56."""
+    machine = dataclasses.replace(small_cpu(512 * KiB), cores=4, l1_bytes=16 * KiB)
+    assert dict(choose_tiles(attention_graph(100, 300, 64).nodes[3], machine)) == {"kv": 24, "q": 56}
+
+
 # A row of f32[..., C] streams 4C bytes in and 4C out, both double-buffered: 16C bytes per row.
 @pytest.mark.parametrize("shape, kib, rows", [
     ((4096, 64), 64, 64),        # 1024 bytes a row: 64 rows in 64 KiB

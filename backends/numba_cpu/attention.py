@@ -1,12 +1,13 @@
-"""The `attention` kernel, one query row per parallel iteration; Q, K and V are read through their views,
-so grouped-query heads and concatenated past/new K/V are index arithmetic, never copies.
+"""The `attention` kernel, one block of query rows of one (batch, head) per parallel iteration, the
+blocks and key blocks sized by the tiling pass (`q`, `kv`); Q, K and V are read through their views, so
+grouped-query heads and concatenated past/new K/V are index arithmetic, never copies.
 
-When the row region is a softmax of a score expression X (X = scale/mask of S = q.K^T), the row runs
-flash style: keys stream in blocks of the `kv` tile, a running max and sum rescale the output row once
-per block (online softmax), and nothing of size T x T exists anywhere. Any other row region (e.g. a
-guard for fully masked rows) runs with a row buffer of scores: reductions first, then P.V. Either way a
-constant mask that hides every key after a row-dependent limit (causal) bounds the key loop, so masked
-keys cost nothing.
+When the row region is a softmax of a score expression X (X = scale/mask of S = q.K^T), the block runs
+flash style: keys stream in blocks of the `kv` tile, all the block's rows against one key block before
+the next; each row's running max and sum rescale its output row once per key block (online softmax), and
+nothing of size T x T exists anywhere. Any other row region (e.g. a guard for fully masked rows) runs row
+by row with a buffer of scores: reductions first, then P.V. Either way a constant mask that hides every
+key after a row-dependent limit (causal) bounds the key loop, so masked keys cost nothing.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 from backends.numba_cpu.codegen import PARALLEL_MIN_ELEMENTS, emit_outputs
 from backends.numba_cpu.expr import Emitter, _broadcast, reshape_index
 from fusec.symbolic import upper
+
 
 def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles: dict) -> str:
     """The attention loops over blocks of the tiling pass's tiles: each parallel iteration takes `q`
