@@ -26,6 +26,7 @@ from passes.canonicalize import (canonicalize, eliminate_common_subexpressions, 
                                  fold_constants, simplify_algebra, simplify_views)
 from passes.fuse import fuse, unfuse
 from passes.hoist_slices import hoist_slices
+from passes.layout import choose_layout
 from passes.loop import loop_kernels
 from passes.place import place
 from passes.tile import tile
@@ -145,7 +146,7 @@ register_stage("canonical", (
     ("canonicalize", canonicalize),
 ))
 register_stage("weights", ())  # filled per run from its `weights` (see _stage_passes)
-register_stage("fused", (("fuse", fuse), ("hoist_slices", hoist_slices)))
+register_stage("fused", (("fuse", fuse), ("hoist_slices", hoist_slices), ("layout", choose_layout)))
 register_stage("unfused", (("unfuse", unfuse), ("hoist_slices", hoist_slices)))
 register_stage("tiled", (("tile", tile),))
 register_stage("looped", (("loop_kernels", loop_kernels),), after="tiled")

@@ -18,7 +18,13 @@ What a tile is, per kernel kind (the names the Numba backend reads):
   one of the output streamed, 2*(K*|A| + N*|out|) bytes each, and are at most M / cores (rounded up to
   a multiple of 8) so every core gets a block.
 - `attention`: S = Q.K^T over [Tq, Tk] per (batch, head), head depth D, value depth Dv.
-  ("q", query rows per block), ("kv", key/value rows streamed per step of the online softmax).
+  ("q", query rows per block), ("kv", key/value rows streamed per step of the online softmax). On a cpu
+  the Numba backend runs exactly these loops: a parallel iteration per block of q query rows of one
+  (batch, head), key blocks of kv outside its rows, so every row of the block reads the key/value block
+  while it is in L1. There kv is the most keys whose key row, value row and score,
+  kv*(D*|K| + Dv*|V| + |acc|) bytes, fit the L1 (`machine.l1_bytes`) (and one row's tile the budget); then q the most rows that fit the
+  budget with that kv, at most an even share of a head's rows when there are fewer (batch, head) pairs
+  than cores (rounded up to a multiple of 8), so that every core gets a block. Elsewhere (an RDU, a cpu of unknown L1) the pair is chosen together as below.
 - `reduce`, `pointwise`, other `op`: the domain (the largest of the body's outputs and reduction operands)
   is viewed as rows = all axes but the last; ("rows", rows per parallel chunk).
 
@@ -113,6 +119,12 @@ class AttentionShape:
     vs: int
     out: int
     acc: int
+    entries: int = 1  # (batch, head) pairs: the blocks of rows a cpu can run in parallel besides q
+
+    @property
+    def kv_row_bytes(self) -> int:
+        """One key and one value row and the key's score, as the inner loops of a cpu walk them."""
+        return self.d * self.ks + self.dv * self.vs + self.acc
 
     def working_set(self, q: int, kv: int) -> int:
         streamed = q * self.d * self.qs + kv * self.d * self.ks + kv * self.dv * self.vs + q * self.dv * self.out
@@ -173,7 +185,7 @@ def _attention_shape(node: Node, body: Graph, anchors: tuple[int, ...]) -> Atten
     v = body.nodes[o.args[1]]
     return AttentionShape(s.shape[-2], s.shape[-1], q.shape[-1], o.shape[-1], dtype_size(q.dtype),
                           dtype_size(k.dtype), dtype_size(v.dtype), dtype_size(node.dtype),
-                          _acc_size(q.dtype, k.dtype, v.dtype))
+                          _acc_size(q.dtype, k.dtype, v.dtype), _prod(s.shape[:-2]))
 
 
 def _row_shape(body: Graph) -> RowShape:
@@ -209,7 +221,15 @@ def choose_tiles(node: Node, machine: Machine) -> Tiles:
         if machine.kind == "cpu":
             tiles["rows"] = _gemm_rows(shape, budget, machine.cores)
     elif isinstance(shape, AttentionShape):
-        q, kv = _best_pair(shape.q, shape.kv, lambda q, kv: shape.working_set(q, kv) <= budget)
+        if machine.kind == "cpu" and machine.l1_bytes > 0:
+            kv = _largest(_sizes(shape.kv), lambda kv: kv * shape.kv_row_bytes <= machine.l1_bytes
+                          and shape.working_set(1, kv) <= budget)
+            # every core gets a block: a head's rows split when there are fewer heads than cores
+            share = _ceil_div(shape.q, _ceil_div(machine.cores, max(shape.entries, 1)))
+            share = min(shape.q, _ceil_div(share, ALIGN) * ALIGN) if shape.q > ALIGN else shape.q
+            q = _largest(_sizes(share), lambda q: shape.working_set(q, kv) <= budget)
+        else:
+            q, kv = _best_pair(shape.q, shape.kv, lambda q, kv: shape.working_set(q, kv) <= budget)
         tiles = {"q": q, "kv": kv}
     else:
         tiles = {"rows": _largest(_sizes(shape.rows), lambda r: shape.working_set(r) <= budget)}

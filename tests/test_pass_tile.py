@@ -16,6 +16,7 @@ from fusec.verify import verify
 from fusec.kernels import add_kernel
 from fusec.machines import KiB, MiB, Machine, cpu, get_machine
 from fusec.printer import format_graph, format_node, parse_graph
+from passes.layout import choose_layout
 from passes.pipeline import STAGES, TARGETS, run_pipeline
 from passes.tile import choose_tiles, make_tile_pass, tile, working_set
 
@@ -147,7 +148,7 @@ def test_the_tiled_stage_runs_after_fused():
     for target, stages in TARGETS.items():
         assert stages.index("tiled") > stages.index("unfused" if "unfused" in target else "fused")
     after = run_pipeline(graph(), until="tiled")
-    assert kernel_lines(after) == kernel_lines(tile(graph()))
+    assert kernel_lines(after) == kernel_lines(tile(choose_layout(graph())))
 
 
 def test_make_tile_pass_names_its_machine():
@@ -222,6 +223,13 @@ def test_attention_tiles_are_in_range_and_fit(tq, tk, d, kib):
     check_sizes(tiles, {"q": tq, "kv": tk})
     smallest = (("kv", 1), ("q", 1))
     assert working_set(node, tiles) <= machine.tile_budget or working_set(node, smallest) > machine.tile_budget
+
+
+def test_cpu_attention_kv_fits_the_l1_and_every_core_gets_a_query_block():
+    """kv: 16 KiB of L1 over a key row, a value row and a score (64*4 + 64*4 + 4 bytes) is 31 keys, 24 as
+    a multiple of 8. q: 2 heads on 4 cores, so each head's 100 rows split in 2 blocks of at most 56."""
+    machine = dataclasses.replace(small_cpu(512 * KiB), cores=4, l1_bytes=16 * KiB)
+    assert dict(choose_tiles(attention_graph(100, 300, 64).nodes[3], machine)) == {"kv": 24, "q": 56}
 
 
 # A row of f32[..., C] streams 4C bytes in and 4C out, both double-buffered: 16C bytes per row.

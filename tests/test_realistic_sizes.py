@@ -47,7 +47,9 @@ def test_prefill_of_77_tokens_matches_eager(block):
 
 def test_long_prefill_streams_several_key_value_tiles():
     """701 tokens of 128-wide heads: attention streams keys and values in several tiles (the last one
-    ragged) and queries in several blocks, the online softmax's whole path."""
+    ragged), the online softmax's whole path. (The kv tile fits the L1, the q tile the L2: on a host
+    whose L2 holds all 701 rows they are one block; tests/test_attention_loops.py pins a small cache
+    to run several ragged query blocks.)"""
     config = LlamaConfig(dim=256, n_heads=2, n_kv_heads=2, hidden_dim=512)
     torch.manual_seed(4)
     block = LlamaBlock(config).eval()
@@ -56,7 +58,7 @@ def test_long_prefill_streams_several_key_value_tiles():
         want = block(x)
     compiled = fusec.compile(block, (x,))
     tiles = kernel_tiles(compiled)
-    assert 701 > tiles["kv"] and 701 % tiles["kv"] and 701 > tiles["q"], tiles
+    assert 701 > tiles["kv"] and 701 % tiles["kv"], tiles
     assert_close_to_eager(compiled(x), want, 1e-4)
 
 

@@ -1,12 +1,13 @@
-"""The `attention` kernel, one query row per parallel iteration; Q, K and V are read through their views,
-so grouped-query heads and concatenated past/new K/V are index arithmetic, never copies.
+"""The `attention` kernel, one block of query rows of one (batch, head) per parallel iteration, the
+blocks and key blocks sized by the tiling pass (`q`, `kv`); Q, K and V are read through their views, so
+grouped-query heads and concatenated past/new K/V are index arithmetic, never copies.
 
-When the row region is a softmax of a score expression X (X = scale/mask of S = q.K^T), the row runs
-flash style: keys stream in blocks of the `kv` tile, a running max and sum rescale the output row once
-per block (online softmax), and nothing of size T x T exists anywhere. Any other row region (e.g. a
-guard for fully masked rows) runs with a row buffer of scores: reductions first, then P.V. Either way a
-constant mask that hides every key after a row-dependent limit (causal) bounds the key loop, so masked
-keys cost nothing.
+When the row region is a softmax of a score expression X (X = scale/mask of S = q.K^T), the block runs
+flash style: keys stream in blocks of the `kv` tile, all the block's rows against one key block before
+the next; each row's running max and sum rescale its output row once per key block (online softmax), and
+nothing of size T x T exists anywhere. Any other row region (e.g. a guard for fully masked rows) runs row
+by row with a buffer of scores: reductions first, then P.V. Either way a constant mask that hides every
+key after a row-dependent limit (causal) bounds the key loop, so masked keys cost nothing.
 """
 from __future__ import annotations
 
@@ -16,10 +17,13 @@ from backends.numba_cpu.expr import Emitter, _broadcast, reshape_index
 from backends.numba_cpu.stores import PARALLEL_MIN_ELEMENTS, emit_outputs
 from fusec.symbolic import upper
 
-DEFAULT_KV_BLOCK = 64
-
 
 def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles: dict) -> str:
+    """The attention loops over blocks of the tiling pass's tiles: each parallel iteration takes `q`
+    query rows of one (batch, head) and, flash style, streams the keys in blocks of `kv` (all its rows
+    against one block before the next), so one key/value block serves `q` rows while it is in cache.
+    A kernel without tiles runs as one tile (every row, every key). Per-block buffers are allocated once
+    per parallel iteration, and the output is written straight through its views (no copy)."""
     g, w = em.g, em.w
     s_id, o_id = anchors
     qv, kv = g.nodes[s_id].args
@@ -27,9 +31,10 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
     s_shape, o_shape = g.nodes[s_id].shape, g.nodes[o_id].shape
     batch, tq, tk = s_shape[:-2], s_shape[-2], s_shape[-1]
     depth, dv = g.nodes[qv].shape[-1], o_shape[-1]
-    rows = tq
+    entries = 1
     for d in batch:
-        rows *= d
+        entries *= d
+    rows = entries * tq
     softmax = _softmax_operand(g, p_id)
     if softmax is not None:
         x_row, x_index = softmax
@@ -37,18 +42,34 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
         x_row, x_index = _first_max_operand(g), (lambda ix: ix)
         if x_row is not None and g.nodes[x_row].shape != s_shape:
             x_row = None  # the key bound needs X's index; only worked out when X has S's shape
-    w.line(f"obuf = np.empty(({', '.join(str(d) for d in o_shape)},), np.float32)")
-    w.define("obuf")
+    q_block, kv_block = tiles.get("q") or upper(tq), tiles.get("kv") or upper(tk)
+    store = _direct_store(g, o_id, outs)
+    if store is None:  # the output is more than a view of O: O into a buffer, the outputs from it
+        w.line(f"obuf = np.empty(({', '.join(str(d) for d in o_shape)},), np.float32)")
+        w.define("obuf")
+        store = lambda ix: f"obuf[{', '.join(ix)}]"  # noqa: E731
+        em.overrides[o_id] = store
     parallel = upper(rows * tk * (depth + dv)) >= PARALLEL_MIN_ELEMENTS * 4  # symbolic: its upper bound
     masked = x_row is not None and _key_limit(em, x_row, x_index(tuple("0" for _ in s_shape))) is not None
     if masked:
         _scan_masked_values(em, vv, x_row, x_index, batch, tq, tk, dv, parallel)
-    with em.loop(f"for row in {'prange' if parallel else 'range'}({rows})", ("row",)):
-        bidx, i = _split_index(em, "row", list(batch) + [tq])
-        limit = _key_limit(em, x_row, x_index(bidx + (i, "0"))) if x_row is not None else None
-        w.line(f"lim = {limit}" if limit is not None else f"lim = {tk}")
+    blocks = -(-tq // q_block) if isinstance(tq, int) else f"((({tq}) + {q_block - 1}) // {q_block})"
+    chunks = entries * blocks if isinstance(blocks, int) else f"{entries} * {blocks}"
+    loop = "prange" if parallel and upper(rows) > q_block else "range"
+    with em.loop(f"for c in {loop}({chunks})", ("c",)):
+        w.line(f"oacc = np.empty(({q_block}, {dv}), np.float32)")  # per parallel iteration, not per row
+        w.define("oacc")
+        w.line(f"bflat = c // {blocks}")
+        w.define("bflat")
+        bidx, _ = _split_index(em, "bflat", list(batch) + [1])
+        w.line(f"i0 = (c % {blocks}) * {q_block}")
+        w.line(f"i1 = min({tq}, i0 + {q_block})")
 
-        def score(j: str) -> None:  # s = q_i . k_j
+        def limit(i: str) -> str:
+            bound = _key_limit(em, x_row, x_index(bidx + (i, "0"))) if x_row is not None else None
+            return bound if bound is not None else str(tk)
+
+        def score(i: str, j: str) -> None:  # s = q_i . k_j
             w.line("s = np.float32(0.0)")
             w.define("s")  # the override of S reads it: what depends on S stays in this key loop
             with em.loop(f"for d in range({depth})", ("d",)):
@@ -56,28 +77,57 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
                 k = em.value(kv, _broadcast(bidx, g.nodes[kv].shape[:-2]) + ("d", j))
                 w.line(f"s += {q} * {k}")
 
-        def accumulate(j: str, p: str) -> None:  # orow += p * v_j
+        def accumulate(j: str, p: str) -> None:  # oacc[r] += p * v_j
             with em.loop(f"for e in range({dv})", ("e",)):
                 v = em.value(vv, _broadcast(bidx, g.nodes[vv].shape[:-2]) + (j, "e"))
-                w.line(f"orow[e] += {p} * {v}")
+                w.line(f"oacc[r, e] += {p} * {v}")
 
-        w.line(f"orow = np.empty({dv}, np.float32)")  # not np.zeros: Numba would make that a parallel loop
-        with em.loop(f"for e0 in range({dv})", ("e0",)):
-            w.line("orow[e0] = np.float32(0.0)")
         if softmax is not None:
-            x_id, x_index = softmax
-            _online_softmax(em, s_id, x_id, x_index, bidx, i, tiles.get("kv", DEFAULT_KV_BLOCK), score, accumulate)
+            _online_softmax(em, s_id, softmax, bidx, q_block, kv_block, limit, score, accumulate)
         else:
-            _row_buffer(em, s_id, p_id, bidx, i, tk, score, accumulate)
-        if masked:  # keys past the limit weigh 0, and 0 * inf or nan is nan (`_scan_masked_values`)
-            with em.loop(f"if vlast[row // {tq}] >= lim", barrier=True):
-                with em.loop(f"for jm in range(lim, {tk})", ("jm",)):
-                    accumulate("jm", "np.float32(0.0)")
-        with em.loop(f"for e2 in range({dv})", ("e2",)):
-            w.line(f"obuf[{', '.join(bidx + (i, 'e2'))}] = orow[e2]{' / l' if softmax is not None else ''}")
-    em.overrides[o_id] = lambda ix: f"obuf[{', '.join(ix)}]"
-    emit_outputs(em, outs)
+            w.line(f"srow = np.empty({tk}, np.float32)")
+            w.define("srow")
+        with em.loop("for i in range(i0, i1)", ("i",)):
+            w.line("r = i - i0")
+            w.define("r")
+            w.line(f"lim = {limit('i')}")
+            if softmax is None:
+                with em.loop(f"for e0 in range({dv})", ("e0",)):
+                    w.line("oacc[r, e0] = np.float32(0.0)")
+                _row_buffer(em, s_id, p_id, bidx, score, accumulate)
+            if masked:  # keys past the limit weigh 0, and 0 * inf or nan is nan (`_scan_masked_values`)
+                with em.loop("if vlast[bflat] >= lim", barrier=True):
+                    with em.loop(f"for jm in range(lim, {tk})", ("jm",)):
+                        accumulate("jm", "np.float32(0.0)")
+            with em.loop(f"for e2 in range({dv})", ("e2",)):
+                w.line(f"{store(bidx + ('i', 'e2'))} = oacc[r, e2]{' / lrow[r]' if softmax is not None else ''}")
+    if o_id in em.overrides:
+        emit_outputs(em, outs)
     return "attention-online" if softmax is not None else "attention-rowbuffer"
+
+
+def _direct_store(g, o_id: int, outs: list[str]):
+    """When the kernel's one output is O seen through reshapes and permutes: a function of an index of O
+    giving the output element it lands in (`o0[...]`), so the row is written there directly; else None."""
+    if len(g.outputs) != 1:
+        return None
+    chain, node = [], g.outputs[0]
+    while node != o_id and g.nodes[node].op in ("reshape", "permute"):
+        chain.append(g.nodes[node])
+        node = g.nodes[node].args[0]
+    if node != o_id:
+        return None
+
+    def store(ix: tuple[str, ...]) -> str:
+        for n in reversed(chain):  # from O outwards: each view's index of the element at ix
+            src = g.nodes[n.args[0]].shape
+            if n.op == "reshape":
+                ix = tuple(reshape_index(ix, src, n.shape))
+            else:
+                ix = tuple(ix[p] for p in n.attr("perm"))
+        shape = g.nodes[g.outputs[0]].shape
+        return f"{outs[0]}[{', '.join('0' if d == 1 else i for d, i in zip(shape, ix))}]"
+    return store
 
 
 def _split_index(em: Emitter, flat: str, dims: list[int]) -> tuple[tuple[str, ...], str]:
@@ -122,46 +172,62 @@ def _scan_masked_values(em: Emitter, vv: int, x_row: int, x_index, batch, tq: in
         w.line("vlast[vb] = last")
 
 
-def _online_softmax(em: Emitter, s_id: int, x_id: int, x_index, bidx, i, block: int, score, accumulate) -> None:
-    """One pass over key blocks with a running max `m` and sum `l` (flash attention's recurrence)."""
+def _online_softmax(em: Emitter, s_id: int, softmax, bidx, q_block: int, kv_block: int, limit, score,
+                    accumulate) -> None:
+    """Flash attention's recurrence over the rows i0..i1 of this block: key blocks outside, rows inside,
+    each row with a running max `mrow[r]` and sum `lrow[r]`. The key blocks run up to the largest limit
+    of the block's rows; a row stops at its own."""
     w = em.w
-    w.line("m = np.float32(-np.inf)")
-    w.line("l = np.float32(0.0)")
-    w.line(f"xblk = np.empty({block}, np.float32)")
-    with em.loop(f"for j0 in range(0, lim, {block})", ("j0",)):
-        w.line(f"j1 = min(lim, j0 + {block})")
-        w.line("mb = np.float32(-np.inf)")
-        with em.loop("for j in range(j0, j1)", ("j",)):
-            score("j")
-            em.overrides[s_id] = lambda ix: "s"
-            w.line(f"x = {em.value(x_id, x_index(bidx + (i, 'j')))}")
-            del em.overrides[s_id]
-            w.line("xblk[j - j0] = x")
-            w.line("mb = max(mb, x)")
-        w.line("mn = max(m, mb)")
-        with em.loop("if mn > np.float32(-np.inf)", barrier=True):  # a block with only masked keys adds 0
-            w.line("scale = np.exp(m - mn)")
-            w.line("l = l * scale")
-            with em.loop("for e1 in range(orow.shape[0])", ("e1",)):  # a loop, not `orow *= scale`:
-                w.line("orow[e1] *= scale")                          # that would be a parallel loop
+    x_id, x_index = softmax
+    for name, size in (("mrow", q_block), ("lrow", q_block), ("xblk", kv_block)):
+        w.line(f"{name} = np.empty({size}, np.float32)")
+        w.define(name)
+    w.line("klim = 0")
+    with em.loop("for i in range(i0, i1)", ("i",)):
+        w.line("r = i - i0")
+        w.line(f"klim = max(klim, {limit('i')})")
+        w.line("mrow[r] = np.float32(-np.inf)")
+        w.line("lrow[r] = np.float32(0.0)")
+        with em.loop("for e0 in range(oacc.shape[1])", ("e0",)):
+            w.line("oacc[r, e0] = np.float32(0.0)")
+    with em.loop(f"for j0 in range(0, klim, {kv_block})", ("j0",)):
+        with em.loop("for i in range(i0, i1)", ("i",)):
+            w.line("r = i - i0")
+            w.define("r")
+            w.line(f"j1 = min({limit('i')}, j0 + {kv_block})")
+            w.line("mb = np.float32(-np.inf)")
             with em.loop("for j in range(j0, j1)", ("j",)):
-                w.line("p = np.exp(xblk[j - j0] - mn)")
-                w.line("l += p")
-                accumulate("j", "p")
-            w.line("m = mn")
+                score("i", "j")
+                em.overrides[s_id] = lambda ix: "s"
+                w.line(f"x = {em.value(x_id, x_index(bidx + ('i', 'j')))}")
+                del em.overrides[s_id]
+                w.line("xblk[j - j0] = x")
+                w.line("mb = max(mb, x)")
+            w.line("m = mrow[r]")
+            w.line("mn = max(m, mb)")
+            with em.loop("if mn > np.float32(-np.inf)", barrier=True):  # only masked keys so far: adds 0
+                w.line("scale = np.exp(m - mn)")
+                w.line("lrow[r] = lrow[r] * scale")
+                with em.loop("for e1 in range(oacc.shape[1])", ("e1",)):  # a loop, not `*= scale`:
+                    w.line("oacc[r, e1] *= scale")                       # that would be a parallel loop
+                w.line("l = np.float32(0.0)")
+                with em.loop("for j in range(j0, j1)", ("j",)):
+                    w.line("p = np.exp(xblk[j - j0] - mn)")
+                    w.line("l += p")
+                    accumulate("j", "p")
+                w.line("lrow[r] += l")
+                w.line("mrow[r] = mn")
 
 
-def _row_buffer(em: Emitter, s_id: int, p_id: int, bidx, i, tk: int, score, accumulate) -> None:
-    """Scores of the row into a buffer, the row region's reductions over it, then P.V."""
+def _row_buffer(em: Emitter, s_id: int, p_id: int, bidx, score, accumulate) -> None:
+    """Scores of row i into the buffer `srow`, the row region's reductions over it, then P.V."""
     w = em.w
-    w.line(f"srow = np.empty({tk}, np.float32)")
-    w.define("srow")
     with em.loop("for j in range(lim)", ("j",)):
-        score("j")
+        score("i", "j")
         w.line("srow[j] = s")
     em.overrides[s_id] = lambda ix: f"srow[{ix[-1]}]"
     with em.loop("for j2 in range(lim)", ("j2",)):
-        w.line(f"pj = {em.value(p_id, bidx + (i, 'j2'))}")
+        w.line(f"pj = {em.value(p_id, bidx + ('i', 'j2'))}")
         accumulate("j2", "pj")
     del em.overrides[s_id]
 

@@ -20,12 +20,12 @@ from typing import Callable
 
 import numpy as np
 
+from backends.numba_cpu.index import _broadcast, _insert_axes, iadd, imul, reshape_index  # noqa: F401
 from backends.numba_cpu.writer import Writer
 from fusec.dtypes import round_bf16
 from fusec.guards import index_source, take_bound
-from fusec.errors import IRError
 from fusec.ir import Graph
-from fusec.symbolic import is_static
+from fusec.symbolic import is_sym
 
 NP = {"f32": "np.float32", "f64": "np.float64", "f16": "np.float16", "i64": "np.int64", "i32": "np.int32",
       "i16": "np.int16", "i8": "np.int8", "u8": "np.uint8", "bool": "np.bool_"}
@@ -61,77 +61,6 @@ def literal(value, dtype: str) -> str:
     return f"{NP[dtype]}({int(value)})"
 
 
-def iadd(a: str, b: str) -> str:
-    if a == "0":
-        return b
-    if b == "0":
-        return a
-    if a.isdigit() and b.isdigit():
-        return str(int(a) + int(b))
-    return f"{a} + {b}"
-
-
-def imul(a: str, k: int) -> str:
-    if k == 1 or a == "0":
-        return a
-    if a.isdigit():
-        return str(int(a) * k)
-    return f"({a}) * {k}"
-
-
-def reshape_index(idx: tuple[str, ...], out_shape: tuple[int, ...], in_shape: tuple[int, ...]) -> list[str]:
-    """Index into `in_shape` of the element at `idx` of its reshape to `out_shape` (row-major).
-
-    Axes are matched in groups of equal size products, so a reshape that only splits or merges axes
-    costs one multiply-add or one div/mod per axis, and an axis that passes through stays untouched."""
-    outs = [(d, i) for d, i in zip(out_shape, idx) if d != 1]
-    ins = [d for d in in_shape if d != 1]
-    result: list[str] = []
-    o = j = 0
-    while j < len(ins):
-        group_out, prod_out = [], 1
-        group_in, prod_in = [ins[j]], ins[j]
-        j += 1
-        while prod_out != prod_in:
-            if _smaller(prod_out, prod_in):
-                group_out.append(outs[o])
-                prod_out *= outs[o][0]
-                o += 1
-            else:
-                group_in.append(ins[j])
-                prod_in *= ins[j]
-                j += 1
-        flat = group_out[0][1]
-        for d, i in group_out[1:]:
-            flat = f"({flat}) * {d} + {i}"
-        stride = prod_in
-        for n, size in enumerate(group_in):
-            stride //= size
-            e = f"({flat}) // {stride}" if stride != 1 else f"({flat})"
-            result.append(e if n == 0 else f"{e} % {size}")
-    return _expand_ones(result, in_shape)
-
-
-def _smaller(a, b) -> bool:
-    """a < b for the partial products of `reshape_index`'s groups. With a symbolic size the order must
-    hold for every size: it does when one product divides the other (a split or merge of symbolic axes);
-    any other mix of a symbolic axis with unrelated ones is an error rather than a guess."""
-    if is_static((a, b)):
-        return a < b
-    for divisor, multiple, answer in ((a, b, True), (b, a, False)):
-        try:
-            multiple // divisor
-            return answer
-        except IRError:
-            pass
-    raise IRError(f"numba codegen: cannot match reshape groups of sizes {a} and {b}")
-
-
-def _expand_ones(non_one: list[str], in_shape: tuple[int, ...]) -> list[str]:
-    it = iter(non_one)
-    return [("0" if d == 1 else next(it)) for d in in_shape]
-
-
 # a variable name in generated code: not an attribute (np.exp) nor the exponent of a literal (1e-05)
 _NAME = re.compile(r"(?<![\w.])[A-Za-z_][A-Za-z_0-9]*")
 
@@ -151,6 +80,7 @@ class Emitter:
         self.overrides = overrides or {}
         self.memo: dict[tuple[int, tuple[str, ...]], tuple[str, int]] = {}
         self.count = 0
+        self.ranges: dict[str, tuple[int, int]] = {}  # loop variable -> the [lo, hi) it runs over, if known
         self._under: dict[tuple[int, frozenset], frozenset] = {}  # overrides a node's value depends on
         # takes whose indices are computed in the kernel (not checked before it): the code checks them
         self.gathers = [i for i, n in enumerate(body.nodes) if n.op == "take" and index_source(body, n) is None]
@@ -310,6 +240,17 @@ class Emitter:
         """Branch on the concat axis; each branch reads its own operand (no copy, no out-of-range read)."""
         n = self.g.nodes[nid]
         ax = n.attr("axis")
+        known = self.ranges.get(idx[ax].strip("()"))
+        start = 0
+        for arg in n.args:  # a loop over one operand's part alone (`concat_splits`) reads it, no branch
+            size = self.g.nodes[arg].shape[ax]
+            if known is not None and not is_sym(size) and start <= known[0] and known[1] <= start + size:
+                inner = list(idx)
+                inner[ax] = f"{idx[ax]} - {start}" if start else idx[ax]
+                return self.value(arg, tuple(inner))
+            if is_sym(size):
+                break
+            start += size
         var = self.tmp("cat")
         self.w.define(var)
         start = 0
@@ -400,19 +341,42 @@ def _init(op: str, dt: str, sdt: str) -> str:
     return f"{NP[sdt]}({'-' if op == 'amax' else ''}(2**62))" if sdt == "i64" else f"{NP[sdt]}({'-' if op == 'amax' else ''}(2**30))"
 
 
-def _broadcast(idx: tuple[str, ...], shape: tuple[int, ...]) -> tuple[str, ...]:
-    sub = idx[len(idx) - len(shape):] if shape else ()
-    return tuple("0" if d == 1 else i for d, i in zip(shape, sub))
-
-
 def _is_atom(expr: str) -> bool:
     """A variable or a typed literal: no need for a temporary."""
     return bool(re.fullmatch(r"[A-Za-z_][A-Za-z_0-9]*|np\.\w+\(-?[\w.+-]+\)|True|False|-?\d+", expr))
 
 
-def _insert_axes(idx: tuple[str, ...], axes) -> list[str]:
-    """The source index of a keepdim=False reduction: put a 0 back at each reduced axis."""
-    out = list(idx)
-    for ax in sorted(axes):
-        out.insert(ax, "0")
-    return out
+def concat_splits(g: Graph, nid: int, axis: int) -> list[int]:
+    """Positions along axis `axis` of node `nid` where a concat that `nid` reads along that same axis
+    (through elementwise ops and views that keep the axis whole) switches operands: a loop over the axis
+    split at them reads each part without a branch (RoPE's rotate-half: two halves, no `if`)."""
+    found: set[int] = set()
+    todo, seen = [(nid, axis)], set()
+    while todo:
+        node, ax = todo.pop()
+        if (node, ax) in seen:
+            continue
+        seen.add((node, ax))
+        n = g.nodes[node]
+        if n.op == "concat" and n.attr("axis") == ax:
+            start = 0
+            for a in n.args[:-1]:
+                start += g.nodes[a].shape[ax]
+                if is_sym(start):
+                    break
+                found.add(start)
+            continue
+        if n.op in ("concat", "where", "cast") or n.op in UNARY or n.op in BINARY or n.op == "expand":
+            for a in n.args:
+                shape = g.nodes[a].shape
+                sub = ax - (len(n.shape) - len(shape))
+                if sub >= 0 and shape[sub] != 1:
+                    todo.append((a, sub))
+        elif n.op == "permute":
+            todo.append((n.args[0], n.attr("perm")[ax]))
+        elif n.op == "reshape":  # the axis passes through when its index comes out untouched
+            marks = tuple(f"x{k}" for k in range(len(n.shape)))
+            inner = reshape_index(marks, n.shape, g.nodes[n.args[0]].shape)
+            hits = [k for k, e in enumerate(inner) if e.strip("()") == marks[ax]]
+            todo.extend((n.args[0], k) for k in hits)
+    return sorted(found)

@@ -5,8 +5,8 @@ Below all of them in the import order: it needs only the scalar `Emitter`.
 """
 from __future__ import annotations
 
-from backends.numba_cpu.expr import Emitter
-from fusec.symbolic import upper
+from backends.numba_cpu.expr import Emitter, concat_splits
+from fusec.symbolic import is_sym, upper
 
 PARALLEL_MIN_ELEMENTS = 1 << 14
 
@@ -61,12 +61,18 @@ def emit_store(em: Emitter, nid: int, out: str, shape: tuple[int, ...], fixed: d
             em.w.line(f"{var} = {expr} % {shape[ax]}" if ax != outer[0] else f"{var} = {expr}")
             em.w.define(var)
             idx[ax] = var
-    j = em.tmp("j")
     loop = "range" if outer or not parallel else "prange"
-    opened.append(em.loop(f"for {j} in {loop}({shape[last]})", (j,)))
-    opened[-1].__enter__()
-    idx[last] = j
-    em.w.line(f"{out}[{', '.join(idx)}] = {store(em.value(nid, tuple(idx)))}")
+    # the last axis in parts where a concat along it switches operands: each part's loop reads one
+    # operand without a branch (the loop over a symbolic size, or a parallel one, stays whole)
+    splits = concat_splits(em.g, nid, last) if not is_sym(shape[last]) and loop == "range" else []
+    bounds = [0] + splits + [shape[last]]
+    for lo, hi in zip(bounds, bounds[1:]):
+        j = em.tmp("j")
+        with em.loop(f"for {j} in range({lo}, {hi})" if lo else f"for {j} in {loop}({hi})", (j,)):
+            if not is_sym(hi):
+                em.ranges[j] = (lo, hi)
+            idx[last] = j
+            em.w.line(f"{out}[{', '.join(idx)}] = {store(em.value(nid, tuple(idx)))}")
     for blk in reversed(opened):
         blk.__exit__(None, None, None)
 

@@ -1,0 +1,72 @@
+"""The loops the Numba backend emits for a Llama block: RoPE's rotate-half without a branch in the inner
+loop, attention written straight to its output with its buffers allocated once per parallel iteration,
+and attention's loops blocked by exactly the tiles the tiling pass recorded (from the cache sizes)."""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import torch
+
+import fusec
+import passes.tile
+from fusec.machines import KiB, cpu
+from fusec.models import load_model
+from fusec.tracing import trace
+from passes.pipeline import run_pipeline
+
+
+def kernel_source(source: str, kind: str) -> str:
+    """The generated function of the (first) kernel of this kind."""
+    return source.split(f"kind={kind}\n", 1)[1].split("\n\n\n", 1)[0]
+
+
+@pytest.fixture
+def tiny_cache_cpu(monkeypatch, tmp_path):
+    """A cpu whose L1 holds 56 keys of the tiny block's attention and whose L2 then 32 query rows: tiles
+    smaller than the 80-token sequence, neither dividing it."""
+    machine = dataclasses.replace(cpu(), cores=2, l1_bytes=8 * KiB, l2_bytes=32 * KiB, pmu_bytes=32 * KiB)
+    monkeypatch.setattr(passes.tile, "cpu", lambda: machine)
+    monkeypatch.setenv("FUSEC_CACHE_DIR", str(tmp_path))
+    return machine
+
+
+def test_rope_rotate_half_runs_as_two_loops_without_a_branch(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSEC_CACHE_DIR", str(tmp_path))
+    module, args = load_model("llama-block:tiny")
+    compiled = fusec.compile(module, args)
+    projection = kernel_source(compiled.source, "matmul")  # q, k, v and RoPE
+    assert "neg" not in projection and "(-t" in projection  # RoPE is in there
+    assert not re.search(r"^\s*if j\d+ <", projection, re.M), projection
+    assert re.search(r"for j\d+ in range\(8, 16\):", projection)  # the second half of head_dim 16
+    torch.testing.assert_close(compiled(*args), module(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_writes_its_output_directly_and_allocates_once_per_parallel_iteration(tiny_cache_cpu):
+    module, args = load_model("llama-block:tiny", seq_len=80)
+    compiled = fusec.compile(module, args)
+    attention = kernel_source(compiled.source, "attention")
+    assert "obuf" not in attention  # no copy of the output
+    chunk_loop = re.search(r"^( *)for c in prange\(", attention, re.M)
+    assert chunk_loop, attention
+    body = attention[chunk_loop.end():]
+    first_row_loop = body.index("for i in range(i0, i1)")
+    allocations = [m.start() for m in re.finditer(r"np\.empty", body)]
+    assert allocations and all(a < first_row_loop for a in allocations), attention
+    torch.testing.assert_close(compiled(*args), module(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_loops_use_the_tiles_of_the_tiled_program(tiny_cache_cpu):
+    module, args = load_model("llama-block:tiny", seq_len=80)
+    tiled = run_pipeline(trace(module, args).graph, until="tiled", target="cpu")
+    (node,) = [n for n in tiled.nodes if n.op == "kernel" and n.attr("kind") == "attention"]
+    tiles = dict(node.attr("tiles"))
+    assert (tiles["q"], tiles["kv"]) == (32, 56)  # 56 * (16*4 + 16*4 + 4) <= 8 KiB; then 32 rows fit 32 KiB
+    compiled = fusec.compile(module, args)
+    attention = kernel_source(compiled.source, "attention")
+    assert f"oacc = np.empty(({tiles['q']}, 16), np.float32)" in attention
+    assert f"i0 = (c % 3) * {tiles['q']}" in attention  # ceil(80 / 32) query blocks per head
+    assert f"for j0 in range(0, klim, {tiles['kv']}):" in attention
+    assert f"xblk = np.empty({tiles['kv']}, np.float32)" in attention
+    torch.testing.assert_close(compiled(*args), module(*args), rtol=1e-5, atol=1e-5)
