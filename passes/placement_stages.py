@@ -22,6 +22,7 @@ from fusec.kernels import kernel_outputs
 from fusec.machines import Machine
 from fusec.opset import OPS
 from passes.tile import AttentionShape, MatmulShape, choose_tiles, kernel_shape, working_set
+from passes.weights import dequantized
 
 PREVIOUS = "<stage>"  # "<stage>j": the source name of what a stage receives from stage j of its kernel
 
@@ -119,6 +120,24 @@ def _is_compute(n: Node) -> bool:
     return OPS[n.op] in ("elementwise", "reduce", "matmul", "gather")
 
 
+def _widening(body: Graph) -> set[int]:
+    """The nodes that widen a stored weight to float32 (a bf16 weight's cast; an int8 weight's cast and
+    scaling, `passes.weights.dequantized`). They are not stages: the weight streams from memory at its
+    stored size into the stage that reads it, whose pipeline widens it on the way (as the CPU kernels do
+    in their loads), so they count neither bytes passed between stages nor FLOPs of their own."""
+    out = set()
+    for i, n in enumerate(body.nodes):
+        if n.op == "cast" and n.dtype == "f32" and body.nodes[n.args[0]].op == "param":
+            out.add(i)
+        elif dequantized(body, i) is not None:
+            out.add(i)
+    return out
+
+
+def _computes(body: Graph, widening: set[int], i: int) -> bool:
+    return i not in widening and _is_compute(body.nodes[i])
+
+
 def _ancestors(body: Graph, start: set[int]) -> set[int]:
     """Every node the `start` nodes depend on, directly or not."""
     seen, stack = set(), list(start)
@@ -134,7 +153,8 @@ def _ancestors(body: Graph, start: set[int]) -> set[int]:
 def _roles(node: Node) -> dict[int, str]:
     """Stage role of every compute node of the kernel's body."""
     body, kind = node.attr("body"), node.attr("kind")
-    compute = [i for i, n in enumerate(body.nodes) if _is_compute(n)]
+    widening = _widening(body)
+    compute = [i for i in range(len(body.nodes)) if _computes(body, widening, i)]
     matmuls = [i for i in compute if body.nodes[i].op == "matmul"]
     anchors = tuple(node.attr("anchors") or ())
     if kind == "attention" and len(anchors) == 2:
@@ -158,7 +178,8 @@ def _kernel(graph: Graph, k: int, machine: Machine, sizer: Sizer) -> KernelSpec:
     names = [r for r in ORDER if r in roles.values()] or ["vector"]
     index = {r: j for j, r in enumerate(names)}
     home = _homes(body, {i: index[r] for i, r in roles.items()})
-    reads = _reads(graph, node, home, len(names), sizer)
+    widening = _widening(body)
+    reads = _reads(graph, node, home, len(names), sizer, widening)
     writes: list[list[tuple[str, int]]] = [[] for _ in names]
     for o, v in zip(body.outputs, kernel_outputs(graph, k)):
         if v >= 0:
@@ -168,7 +189,7 @@ def _kernel(graph: Graph, k: int, machine: Machine, sizer: Sizer) -> KernelSpec:
     total_read = sum(sum(r.values()) for r in reads) or 1
     stages = []
     for j, role in enumerate(names):
-        members = [i for i, h in home.items() if h == j and _is_compute(body.nodes[i])]
+        members = [i for i, h in home.items() if h == j and _computes(body, widening, i)]
         widest = max((_width(body, body.nodes[i]) for i in members),
                      default=max(body.nodes[o].type.numel for o in body.outputs))
         share = sum(reads[j].values()) / total_read
@@ -181,7 +202,7 @@ def _kernel(graph: Graph, k: int, machine: Machine, sizer: Sizer) -> KernelSpec:
     return KernelSpec(k, kernel_name(node), tuple(stages), _outer_tiles(body, node, shape, tiles))
 
 
-def _reads(graph: Graph, node: Node, home: dict[int, int], n_stages: int, sizer: Sizer
+def _reads(graph: Graph, node: Node, home: dict[int, int], n_stages: int, sizer: Sizer, widening: set[int]
            ) -> list[dict[tuple[str, str, int], int]]:
     """Per stage: (source, matmul side, value id) -> bytes. A kernel operand, weight or stored constant is
     read by every stage that uses it (as much of it as the view it is read through shows); a value one
@@ -194,7 +215,7 @@ def _reads(graph: Graph, node: Node, home: dict[int, int], n_stages: int, sizer:
         """(consumer, operand position, the node it reads) reached from i through views of i's stage."""
         out = [(i, 0, i)] if i in outputs and i not in home else []  # copied out as it is (a layout op kernel)
         for u in users[i]:
-            if _is_compute(body.nodes[u]):
+            if _computes(body, widening, u):
                 out.extend((u, pos, i) for pos, a in enumerate(body.nodes[u].args) if a == i)
             elif home.get(u) == home.get(i):
                 out.extend(consumers(u))
@@ -211,7 +232,7 @@ def _reads(graph: Graph, node: Node, home: dict[int, int], n_stages: int, sizer:
             for u, pos, via in consumers(i):
                 seen = min(size, sizer(body.nodes[via].type))  # a slice reads part of it
                 _add_read(reads[home.get(u, 0)], (source, _side(body, u, pos), -1), seen)
-        elif _is_compute(n):
+        elif _computes(body, widening, i):
             for u, pos, _ in consumers(i):
                 if home.get(u, home[i]) != home[i]:
                     _add_read(reads[home[u]], (f"{PREVIOUS}{home[i]}", _side(body, u, pos), i), sizer(n.type))

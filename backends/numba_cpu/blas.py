@@ -61,37 +61,92 @@ def gemm(a, b, c, b_transposed):
            _ptr(a), a.strides[0] // 4, _ptr(b), b.strides[0] // 4, np.float32(0.0), _ptr(c), c.strides[0] // 4)
 
 
-@njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True)  # vectorized sums; NaN and inf keep their meaning
-def matvec(a, w, c):
-    """c[M, N] = a[M, K] @ w[N, K]^T for a few rows M (decode): each weight row is streamed from memory
-    once, four at a time, by the parallel loop; BLAS spends its time on packing at these shapes."""
+@intrinsic
+def wide_vectors(typingctx):
+    """Let LLVM vectorize the function this is called in with 512-bit vectors where the CPU has them.
+
+    LLVM prefers 256-bit vectors on AVX-512 CPUs (a guard against frequency drops in mixed code); widening
+    int8 or bf16 weights then takes twice the shuffles per weight, and those (port 5) bound the low-precision
+    matrix-vector loops. A string function attribute, so it changes nothing on a CPU without AVX-512. Call
+    it inside the parallel loop's body: that body is a function of its own."""
+    def codegen(context, builder, signature, args):
+        set.add(builder.function.attributes, '"prefer-vector-width"="512"')  # (llvmlite knows no string attrs)
+        return context.get_dummy_value()
+    return types.none(), codegen
+
+
+@njit(inline="always")
+def row_groups(w):
+    """Groups of four rows of weight matrix w[N, K]: the unit the matrix-vector loops hand to a thread."""
+    return (w.shape[0] + 3) // 4
+
+
+@njit(inline="always")
+def _rows_f32(a, w, c, n0):
+    """c[:, n0:n0+4] = a @ w[n0:n0+4]^T: the four weight rows are streamed once, sharing the activation
+    loads; the vectorized sums (fastmath reassoc) keep one vector accumulator per row."""
     m_rows, k_dim = a.shape
     n_dim = w.shape[0]
-    for blk in prange((n_dim + 3) // 4):
-        n0 = blk * 4
-        if n0 + 4 <= n_dim:
+    if n0 + 4 <= n_dim:
+        for m in range(m_rows):
+            s0 = np.float32(0.0)
+            s1 = np.float32(0.0)
+            s2 = np.float32(0.0)
+            s3 = np.float32(0.0)
+            for k in range(k_dim):
+                x = a[m, k]
+                s0 += x * w[n0, k]
+                s1 += x * w[n0 + 1, k]
+                s2 += x * w[n0 + 2, k]
+                s3 += x * w[n0 + 3, k]
+            c[m, n0] = s0
+            c[m, n0 + 1] = s1
+            c[m, n0 + 2] = s2
+            c[m, n0 + 3] = s3
+    else:
+        for n in range(n0, n_dim):
             for m in range(m_rows):
-                s0 = np.float32(0.0)
-                s1 = np.float32(0.0)
-                s2 = np.float32(0.0)
-                s3 = np.float32(0.0)
+                s = np.float32(0.0)
                 for k in range(k_dim):
-                    x = a[m, k]
-                    s0 += x * w[n0, k]
-                    s1 += x * w[n0 + 1, k]
-                    s2 += x * w[n0 + 2, k]
-                    s3 += x * w[n0 + 3, k]
-                c[m, n0] = s0
-                c[m, n0 + 1] = s1
-                c[m, n0 + 2] = s2
-                c[m, n0 + 3] = s3
+                    s += a[m, k] * w[n, k]
+                c[m, n] = s
+
+
+# Matrix-vector products c[M, N] = a[M, K] @ w[N, K]^T for a few rows M (decode). Each weight row is
+# streamed from memory once, by the parallel loop over groups of four rows; numba gives each thread one
+# contiguous range of them. BLAS spends its time on packing at these shapes. `matvec2` and `matvec3` run
+# the products of two or three matrices that read the same activations (W1 and W3; Q, K and V) in one
+# parallel loop: one fork and join instead of one each, which costs most when a neighbour holds a core.
+_FASTMATH = {"reassoc", "contract"}  # vectorized sums; NaN and inf keep their meaning
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def matvec(a, w, c):
+    for g in prange(row_groups(w)):
+        _rows_f32(a, w, c, 4 * g)
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def matvec2(a, w0, w1, c0, c1):
+    g0 = row_groups(w0)
+    for g in prange(g0 + row_groups(w1)):
+        if g < g0:
+            _rows_f32(a, w0, c0, 4 * g)
         else:
-            for n in range(n0, n_dim):
-                for m in range(m_rows):
-                    s = np.float32(0.0)
-                    for k in range(k_dim):
-                        s += a[m, k] * w[n, k]
-                    c[m, n] = s
+            _rows_f32(a, w1, c1, 4 * (g - g0))
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def matvec3(a, w0, w1, w2, c0, c1, c2):
+    g0 = row_groups(w0)
+    g1 = g0 + row_groups(w1)
+    for g in prange(g1 + row_groups(w2)):
+        if g < g0:
+            _rows_f32(a, w0, c0, 4 * g)
+        elif g < g1:
+            _rows_f32(a, w1, c1, 4 * (g - g0))
+        else:
+            _rows_f32(a, w2, c2, 4 * (g - g1))
 
 
 @intrinsic

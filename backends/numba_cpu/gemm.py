@@ -75,6 +75,7 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
             emit_store(em, left, a, (m, k), parallel=parallel, block=rows)  # the prologue, e.g. RMSNorm
         else:
             a = view[0]
+    streamed: list[tuple[str, str, str]] = []  # (format, weight, product) of the matrix-vector products
     for j, mm in enumerate(matmuls):
         n = g.nodes[mm].shape[1]
         view = rights[j]
@@ -88,13 +89,13 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
         acc = outs[direct[0]] if direct else f"acc{j}"  # a product that is an output goes straight there
         if not direct:
             w.line(f"{acc} = np.empty(({m}, {n}), np.float32)")
-        if is_sym(m) and transposed and lower(m) <= MATVEC_ROWS:  # the product for the call's M
+        if not is_sym(m) and upper(m) <= MATVEC_ROWS and transposed:
+            streamed.append((widened, b, acc))
+        elif is_sym(m) and transposed and lower(m) <= MATVEC_ROWS:  # the product for the call's M
             with w.block(f"if {m} <= {MATVEC_ROWS}", barrier=True):
                 w.line(f"matvec{widened}({a}, {b}, {acc})")
             with w.block("else", barrier=True):
                 w.line(f"gemm{widened}({a}, {b}, {acc})" if widened else f"{gemm_fn}({a}, {b}, {acc}, True)")
-        elif upper(m) <= MATVEC_ROWS and transposed:
-            w.line(f"matvec{widened}({a}, {b}, {acc})")
         elif bf16[j]:
             w.line(f"gemm_bf16_mkl({a16}, {b}, {acc})")
         elif widened:
@@ -102,6 +103,7 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
         else:
             w.line(f"{gemm_fn}({a}, {b}, {acc}, {transposed})")
         em.overrides[mm] = (lambda name: lambda idx: f"{name}[{idx[0]}, {idx[1]}]")(acc)
+    _emit_matvecs(em, a, streamed)
     for o, out in zip(g.outputs, outs):  # the epilogue
         if o not in matmuls:
             shape = g.nodes[o].shape
@@ -110,3 +112,18 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
             outer = 0 if is_sym(m) or any(is_sym(d) for d in shape) else max(1, math.prod(shape[:-1]))
             emit_store(em, o, out, shape, parallel=parallel, block=rows * max(1, outer // m) if outer else 0)
     return "gemm" if upper(m) > MATVEC_ROWS else "matvec"
+
+
+MATVEC_GROUP = 3  # products run by one matrix-vector call at most (`blas.matvec3`)
+
+
+def _emit_matvecs(em: Emitter, a: str, streamed: list[tuple[str, str, str]]) -> None:
+    """The matrix-vector products of one kernel, which all read the activations `a`: those of one weight
+    format in calls of up to three (Q, K and V; W1 and W3), each one parallel loop over the rows of all its
+    matrices (`blas.matvec2`, `lowp.matvec2_bf16`, ...)."""
+    for fmt in dict.fromkeys(f for f, _, _ in streamed):
+        same = [(b, acc) for f, b, acc in streamed if f == fmt]
+        for i in range(0, len(same), MATVEC_GROUP):
+            group = same[i:i + MATVEC_GROUP]
+            arity = str(len(group)) if len(group) > 1 else ""
+            em.w.line(f"matvec{arity}{fmt}({a}, {', '.join(b for b, _ in group)}, {', '.join(c for _, c in group)})")

@@ -7,72 +7,138 @@ Decode streams every weight once per token, so these kernels must turn the halve
   each bit-cast to float32. Shifts, masks and FMAs on whole vectors (no per-element zero-extension); the
   activation row is split once per call into its even and odd elements to match.
 - int8 (`passes.weights`, Q8_0 layout): q[N, K/32, 32] int8 and scales s[N, K/32, 1] float32, a weight
-  being q * s. The kernel sums x * q over each block of 32 and scales the block's sum once. Indexing the
-  block and the lane as separate (non-negative) axes keeps LLVM's loads contiguous; a flat `k = 32b + i`
-  index made it emit gathers, 10x slower.
+  being q * s. Per weight row, 32 partial sums (one per lane of a block) run across the blocks,
+  acc[i] += x * (q * scale), and are added up once at the end (`_rows_int8`). Indexing the block and the
+  lane as separate (non-negative) axes keeps LLVM's loads contiguous; a flat `k = 32b + i` index made it
+  emit gathers, 10x slower.
+
+Both ask LLVM for 512-bit vectors (`blas.wide_vectors`): widening is shuffle-bound, and a 512-bit shuffle
+widens twice the weights of a 256-bit one (measured at stories110M's shapes, one thread: int8 1.5-1.8x,
+bf16 1.2-1.4x faster than with LLVM's default 256-bit vectors).
 
 Rows of the weight matrix are split across threads four at a time, as `blas.matvec` does (the activation
-loads are shared by the four rows). Large row counts (prefill) widen a block of weight rows to a float32
-tile and call the GEMM.
+loads are shared by the four rows); `matvec2_*` and `matvec3_*` run the rows of two or three matrices that
+read the same activations in one parallel loop. Large row counts (prefill) widen a block of weight rows to
+a float32 tile and call the GEMM.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
 
-from backends.numba_cpu.blas import _bits_as_f32, bf16, gemm
+from backends.numba_cpu.blas import _bits_as_f32, bf16, gemm, row_groups, wide_vectors
 
 _FASTMATH = {"reassoc", "contract"}  # vectorized sums; NaN and inf keep their meaning
 _HI = np.uint32(0xFFFF0000)
 _SHIFT = np.uint32(16)
+BLOCK = 32  # int8 weights per scale (`passes.weights.BLOCK`): a literal, so LLVM unrolls the lanes
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def matvec_bf16(a, w, c):
-    """c[M, N] = a[M, K] @ w[N, K]^T with bfloat16 weights (uint16 bits), for a few rows M (decode)."""
-    m_rows, k_dim = a.shape
-    n_dim = w.shape[0]
-    if k_dim % 2 or not w.flags.c_contiguous:
-        return _matvec_bf16_plain(a, w, c)
+@njit(inline="always")
+def _rows_bf16(even, odd, w, c, n0):
+    """c[:, n0:n0+4] = a @ w[n0:n0+4]^T for bf16 bits w[N, K] (C-contiguous, K even) and the activations
+    split into their even and odd elements."""
+    m_rows, half = even.shape
     pairs = w.view(np.uint32)  # [N, K/2]: low half the even element, high half the odd one
-    half = k_dim // 2
+    n_dim = pairs.shape[0]
+    if n0 + 4 <= n_dim:
+        for m in range(m_rows):
+            s0 = np.float32(0.0)
+            s1 = np.float32(0.0)
+            s2 = np.float32(0.0)
+            s3 = np.float32(0.0)
+            for j in range(half):
+                xe = even[m, j]
+                xo = odd[m, j]
+                b0 = pairs[n0, j]
+                b1 = pairs[n0 + 1, j]
+                b2 = pairs[n0 + 2, j]
+                b3 = pairs[n0 + 3, j]
+                s0 += xe * _bits_as_f32(b0 << _SHIFT) + xo * _bits_as_f32(b0 & _HI)
+                s1 += xe * _bits_as_f32(b1 << _SHIFT) + xo * _bits_as_f32(b1 & _HI)
+                s2 += xe * _bits_as_f32(b2 << _SHIFT) + xo * _bits_as_f32(b2 & _HI)
+                s3 += xe * _bits_as_f32(b3 << _SHIFT) + xo * _bits_as_f32(b3 & _HI)
+            c[m, n0] = s0
+            c[m, n0 + 1] = s1
+            c[m, n0 + 2] = s2
+            c[m, n0 + 3] = s3
+    else:
+        for n in range(n0, n_dim):
+            for m in range(m_rows):
+                s = np.float32(0.0)
+                for j in range(half):
+                    b = pairs[n, j]
+                    s += even[m, j] * _bits_as_f32(b << _SHIFT) + odd[m, j] * _bits_as_f32(b & _HI)
+                c[m, n] = s
+
+
+@njit(inline="always")
+def _split(a):
+    """The activation rows a[M, K] split into their even and odd elements, [M, K/2] each."""
+    m_rows, half = a.shape[0], a.shape[1] // 2
     even = np.empty((m_rows, half), np.float32)
     odd = np.empty((m_rows, half), np.float32)
     for m in range(m_rows):
         for j in range(half):
             even[m, j] = a[m, 2 * j]
             odd[m, j] = a[m, 2 * j + 1]
-    for blk in prange((n_dim + 3) // 4):
-        n0 = blk * 4
-        if n0 + 4 <= n_dim:
-            for m in range(m_rows):
-                s0 = np.float32(0.0)
-                s1 = np.float32(0.0)
-                s2 = np.float32(0.0)
-                s3 = np.float32(0.0)
-                for j in range(half):
-                    xe = even[m, j]
-                    xo = odd[m, j]
-                    b0 = pairs[n0, j]
-                    b1 = pairs[n0 + 1, j]
-                    b2 = pairs[n0 + 2, j]
-                    b3 = pairs[n0 + 3, j]
-                    s0 += xe * _bits_as_f32(b0 << _SHIFT) + xo * _bits_as_f32(b0 & _HI)
-                    s1 += xe * _bits_as_f32(b1 << _SHIFT) + xo * _bits_as_f32(b1 & _HI)
-                    s2 += xe * _bits_as_f32(b2 << _SHIFT) + xo * _bits_as_f32(b2 & _HI)
-                    s3 += xe * _bits_as_f32(b3 << _SHIFT) + xo * _bits_as_f32(b3 & _HI)
-                c[m, n0] = s0
-                c[m, n0 + 1] = s1
-                c[m, n0 + 2] = s2
-                c[m, n0 + 3] = s3
+    return even, odd
+
+
+@njit(inline="always")
+def _paired(a, w):
+    """Whether weight w can be read two bf16 values at a time (else `_matvec_bf16_plain`)."""
+    return a.shape[1] % 2 == 0 and w.flags.c_contiguous
+
+
+# c[M, N] = a[M, K] @ w[N, K]^T with bfloat16 weights (uint16 bits), for a few rows M (decode); `matvec2_bf16`
+# and `matvec3_bf16` run two or three matrices that read the same activations in one parallel loop (as
+# `blas.matvec2`).
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def matvec_bf16(a, w, c):
+    if not _paired(a, w):
+        _matvec_bf16_plain(a, w, c)
+        return
+    even, odd = _split(a)
+    for g in prange(row_groups(w)):
+        wide_vectors()
+        _rows_bf16(even, odd, w, c, 4 * g)
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def matvec2_bf16(a, w0, w1, c0, c1):
+    if not (_paired(a, w0) and _paired(a, w1)):
+        _matvec_bf16_plain(a, w0, c0)
+        _matvec_bf16_plain(a, w1, c1)
+        return
+    even, odd = _split(a)
+    g0 = row_groups(w0)
+    for g in prange(g0 + row_groups(w1)):
+        wide_vectors()
+        if g < g0:
+            _rows_bf16(even, odd, w0, c0, 4 * g)
         else:
-            for n in range(n0, n_dim):
-                for m in range(m_rows):
-                    s = np.float32(0.0)
-                    for j in range(half):
-                        b = pairs[n, j]
-                        s += even[m, j] * _bits_as_f32(b << _SHIFT) + odd[m, j] * _bits_as_f32(b & _HI)
-                    c[m, n] = s
+            _rows_bf16(even, odd, w1, c1, 4 * (g - g0))
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def matvec3_bf16(a, w0, w1, w2, c0, c1, c2):
+    if not (_paired(a, w0) and _paired(a, w1) and _paired(a, w2)):
+        _matvec_bf16_plain(a, w0, c0)
+        _matvec_bf16_plain(a, w1, c1)
+        _matvec_bf16_plain(a, w2, c2)
+        return
+    even, odd = _split(a)
+    g0 = row_groups(w0)
+    g1 = g0 + row_groups(w1)
+    for g in prange(g1 + row_groups(w2)):
+        wide_vectors()
+        if g < g0:
+            _rows_bf16(even, odd, w0, c0, 4 * g)
+        elif g < g1:
+            _rows_bf16(even, odd, w1, c1, 4 * (g - g0))
+        else:
+            _rows_bf16(even, odd, w2, c2, 4 * (g - g1))
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
@@ -87,51 +153,91 @@ def _matvec_bf16_plain(a, w, c):
             c[m, n] = s
 
 
+@njit(inline="always")
+def _rows_int8(x, q, s, c, n0):
+    """c[:, n0:n0+4] = x @ (q * s)[n0:n0+4]^T for activations x[M, K/32, 32] and int8 weights q[N, K/32, 32]
+    with scales s[N, K/32, 1]. Per row, 32 partial sums (one per lane of a block) run across the blocks,
+    acc[r, i] += x * (q * scale), and are added up once at the end: reducing every block's 32 products to
+    one number instead (to scale it once) costs more shuffles than the widening itself."""
+    m_rows, blocks = x.shape[0], x.shape[1]
+    n_dim = q.shape[0]
+    rows = min(4, n_dim - n0)
+    acc = np.empty((4, BLOCK), np.float32)
+    for m in range(m_rows):
+        acc[:] = 0.0
+        if rows == 4:
+            for b in range(blocks):
+                c0 = s[n0, b, 0]
+                c1 = s[n0 + 1, b, 0]
+                c2 = s[n0 + 2, b, 0]
+                c3 = s[n0 + 3, b, 0]
+                for i in range(BLOCK):
+                    xi = x[m, b, i]
+                    acc[0, i] += xi * (np.float32(q[n0, b, i]) * c0)
+                    acc[1, i] += xi * (np.float32(q[n0 + 1, b, i]) * c1)
+                    acc[2, i] += xi * (np.float32(q[n0 + 2, b, i]) * c2)
+                    acc[3, i] += xi * (np.float32(q[n0 + 3, b, i]) * c3)
+        else:
+            for r in range(rows):
+                for b in range(blocks):
+                    scale = s[n0 + r, b, 0]
+                    for i in range(BLOCK):
+                        acc[r, i] += x[m, b, i] * (np.float32(q[n0 + r, b, i]) * scale)
+        for r in range(rows):
+            total = np.float32(0.0)
+            for i in range(BLOCK):
+                total += acc[r, i]
+            c[m, n0 + r] = total
+
+
+@njit(inline="always")
+def _blocks(a, q):
+    """The activations a[M, K] as x[M, K/32, 32], the layout of the int8 weights q[N, K/32, 32]."""
+    if q.shape[2] != BLOCK or a.shape[1] != q.shape[1] * BLOCK:
+        raise ValueError("int8 matrix-vector: weights must be [N, K/32, 32] for activations [M, K]")
+    x = a if a.flags.c_contiguous else np.ascontiguousarray(a)
+    return x.reshape((a.shape[0], q.shape[1], BLOCK))
+
+
+# c[M, N] = a[M, K] @ (q * s)^T for a few rows M, with int8 weights q[N, K/32, 32] and float32 block scales
+# s[N, K/32, 1] (see the module docstring); `matvec2_int8` and `matvec3_int8` run two or three matrices that
+# read the same activations in one parallel loop (as `blas.matvec2`).
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def matvec_int8(a, q, s, c):
-    """c[M, N] = a[M, K] @ (q * s)^T for a few rows M, with int8 weights q[N, K/32, 32] and float32 block
-    scales s[N, K/32, 1] (see the module docstring)."""
-    m_rows = a.shape[0]
-    n_dim, blocks, width = q.shape
-    x = a.reshape((m_rows, blocks, width)) if a.flags.c_contiguous else np.ascontiguousarray(a).reshape(
-        (m_rows, blocks, width))
-    for blk in prange((n_dim + 3) // 4):
-        n0 = blk * 4
-        if n0 + 4 <= n_dim:
-            for m in range(m_rows):
-                s0 = np.float32(0.0)
-                s1 = np.float32(0.0)
-                s2 = np.float32(0.0)
-                s3 = np.float32(0.0)
-                for b in range(blocks):
-                    t0 = np.float32(0.0)
-                    t1 = np.float32(0.0)
-                    t2 = np.float32(0.0)
-                    t3 = np.float32(0.0)
-                    for i in range(width):
-                        xi = x[m, b, i]
-                        t0 += xi * np.float32(q[n0, b, i])
-                        t1 += xi * np.float32(q[n0 + 1, b, i])
-                        t2 += xi * np.float32(q[n0 + 2, b, i])
-                        t3 += xi * np.float32(q[n0 + 3, b, i])
-                    s0 += t0 * s[n0, b, 0]
-                    s1 += t1 * s[n0 + 1, b, 0]
-                    s2 += t2 * s[n0 + 2, b, 0]
-                    s3 += t3 * s[n0 + 3, b, 0]
-                c[m, n0] = s0
-                c[m, n0 + 1] = s1
-                c[m, n0 + 2] = s2
-                c[m, n0 + 3] = s3
+    x = _blocks(a, q)
+    for g in prange(row_groups(q)):
+        wide_vectors()
+        _rows_int8(x, q, s, c, 4 * g)
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def matvec2_int8(a, q0, s0, q1, s1, c0, c1):
+    x = _blocks(a, q0)
+    _blocks(a, q1)
+    g0 = row_groups(q0)
+    for g in prange(g0 + row_groups(q1)):
+        wide_vectors()
+        if g < g0:
+            _rows_int8(x, q0, s0, c0, 4 * g)
         else:
-            for n in range(n0, n_dim):
-                for m in range(m_rows):
-                    acc = np.float32(0.0)
-                    for b in range(blocks):
-                        t = np.float32(0.0)
-                        for i in range(width):
-                            t += x[m, b, i] * np.float32(q[n, b, i])
-                        acc += t * s[n, b, 0]
-                    c[m, n] = acc
+            _rows_int8(x, q1, s1, c1, 4 * (g - g0))
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def matvec3_int8(a, q0, s0, q1, s1, q2, s2, c0, c1, c2):
+    x = _blocks(a, q0)
+    _blocks(a, q1)
+    _blocks(a, q2)
+    g0 = row_groups(q0)
+    g1 = g0 + row_groups(q1)
+    for g in prange(g1 + row_groups(q2)):
+        wide_vectors()
+        if g < g0:
+            _rows_int8(x, q0, s0, c0, 4 * g)
+        elif g < g1:
+            _rows_int8(x, q1, s1, c1, 4 * (g - g0))
+        else:
+            _rows_int8(x, q2, s2, c2, 4 * (g - g1))
 
 
 @njit(parallel=True, cache=True)

@@ -48,8 +48,9 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from backends.numba_cpu.blas import bf16, checked_index, gemm, gemm_bf16, load_bf16, matvec, rbf16
-from backends.numba_cpu.lowp import gemm_int8, matvec_bf16, matvec_int8
+from backends.numba_cpu.blas import bf16, checked_index, gemm, gemm_bf16, load_bf16, matvec, matvec2, matvec3, rbf16
+from backends.numba_cpu.lowp import (gemm_int8, matvec2_bf16, matvec2_int8, matvec3_bf16, matvec3_int8, matvec_bf16,
+                                     matvec_int8)
 from backends.numba_cpu.mkl import bf16_bits, gemm_bf16_mkl, gemm_mkl
 
 FASTMATH = {FASTMATH}

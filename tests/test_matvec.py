@@ -1,0 +1,124 @@
+"""Matrix-vector kernels of a decode step: sibling products (Q, K, V; W1, W3) in one parallel loop, every
+weight format, and the low-precision loops vectorized with 512-bit registers where the CPU has them."""
+import numpy as np
+import numba
+import pytest
+import torch
+
+from backends.numba_cpu import blas, lowp
+from backends.numba_cpu.runtime import Program
+from backends.reference import run_graph
+from fusec.models import load_model
+from fusec.models.registry import decode_inputs
+from fusec.tracing import trace
+from passes.pipeline import run_pipeline
+from passes.weights import quantize_int8, store_weights
+
+pytestmark = pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning")  # tiny kernels
+SUFFIX = {"fp32": "", "bf16": "_bf16", "int8": "_int8"}
+
+
+def bf16_bits(w: np.ndarray) -> np.ndarray:
+    return (w.view(np.uint32) >> 16).astype(np.uint16)
+
+
+def widened(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def call(fmt: str, a: np.ndarray, weights: list[np.ndarray], outs: list[np.ndarray]) -> None:
+    """The kernel for len(weights) matrices of format `fmt` on float32 `weights` (stored as that format)."""
+    arity = str(len(weights)) if len(weights) > 1 else ""
+    module = blas if fmt == "fp32" else lowp
+    kernel = getattr(module, f"matvec{arity}{SUFFIX[fmt]}")
+    if fmt == "int8":
+        stored = [x.numpy() for w in weights for x in quantize_int8(torch.from_numpy(w))]
+    elif fmt == "bf16":
+        stored = [bf16_bits(w) for w in weights]
+    else:
+        stored = weights
+    kernel(a, *stored, *outs)
+
+
+def dense(fmt: str, w: np.ndarray) -> np.ndarray:
+    """The float32 matrix a kernel of format `fmt` multiplies by when given float32 `w`."""
+    if fmt == "bf16":
+        return widened(bf16_bits(w))
+    if fmt == "int8":
+        q, s = (x.numpy() for x in quantize_int8(torch.from_numpy(w)))
+        return (q.astype(np.float32) * s).reshape(w.shape)
+    return w
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("rows,k,ns", [(1, 64, (10,)), (3, 96, (7, 1)), (2, 64, (5, 12, 9)), (1, 32, (3, 3, 3))])
+def test_one_loop_over_several_matrices_matches_numpy(fmt, rows, k, ns):
+    """Row counts that are not multiples of the 4-row groups, a matrix of one row, several activation rows."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((rows, k)).astype(np.float32)
+    weights = [rng.standard_normal((n, k)).astype(np.float32) for n in ns]
+    outs = [np.full((rows, n), np.nan, np.float32) for n in ns]
+    call(fmt, a, weights, outs)
+    for w, c in zip(weights, outs):
+        np.testing.assert_allclose(c, a @ dense(fmt, w).T, rtol=1e-5, atol=1e-4)
+
+
+def test_bf16_siblings_with_a_strided_weight_or_odd_k_take_the_plain_loop():
+    rng = np.random.default_rng(1)
+    for k, flip in ((33, False), (64, True)):
+        a = rng.standard_normal((2, k)).astype(np.float32)
+        bits = [bf16_bits(rng.standard_normal((n, k)).astype(np.float32)) for n in (6, 5)]
+        if flip:
+            bits = [b[:, ::-1] for b in bits]
+        outs = [np.zeros((2, b.shape[0]), np.float32) for b in bits]
+        lowp.matvec2_bf16(a, *bits, *outs)
+        for b, c in zip(bits, outs):
+            np.testing.assert_allclose(c, a @ widened(b).T, rtol=1e-5, atol=1e-4)
+
+
+def test_int8_kernel_refuses_weights_of_another_k():
+    a = np.ones((1, 64), np.float32)
+    q, s = (x.numpy() for x in quantize_int8(torch.ones(4, 96)))
+    with pytest.raises(ValueError, match=r"\[N, K/32, 32\]"):
+        lowp.matvec_int8(a, q, s, np.zeros((1, 4), np.float32))
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8"])
+def test_decode_step_runs_sibling_products_in_one_call(fmt):
+    """A stories15M block's decode step: Q, K and V in one call, W1 and W3 in one: four parallel loops per
+    layer (with Wo and W2), not seven; the results are the reference backend's."""
+    module, _ = load_model("llama-block:stories15M")
+    args, kwargs = decode_inputs(module.config, 12)
+    graph = run_pipeline(trace(module, args, kwargs).graph, until="canonical")
+    graph = run_pipeline(store_weights(graph, fmt), after="canonical")
+    program = Program(graph)
+    suffix = SUFFIX[fmt]
+    calls = [line.strip() for line in program.source.splitlines() if line.strip().startswith("matvec") and "(" in line]
+    assert [c.split("(")[0] for c in calls] == [f"matvec3{suffix}", f"matvec{suffix}", f"matvec2{suffix}",
+                                                f"matvec{suffix}"], calls
+    inputs = [t.numpy() for t in list(args) + list(kwargs.values())]
+    np.testing.assert_allclose(program.run(inputs)[0], run_graph(graph, inputs)[0], rtol=1e-4, atol=1e-4)
+
+
+def _has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_avx512(), reason="512-bit vectors need a CPU with AVX-512")
+@pytest.mark.parametrize("name,widen", [("matvec_int8", "vpmovsxbd"), ("matvec_bf16", "vpslld")])
+def test_low_precision_loops_widen_with_512_bit_vectors(name, widen):
+    """LLVM prefers 256-bit vectors on AVX-512 CPUs; the int8 and bf16 loops ask for 512 (`wide_vectors`):
+    half the shuffles per weight. Compiled afresh (machine code loaded from the cache cannot be inspected)."""
+    kernel = numba.njit(parallel=True, fastmath=lowp._FASTMATH)(getattr(lowp, name).py_func)
+    a = np.ones((1, 64), np.float32)
+    c = np.zeros((1, 8), np.float32)
+    if name == "matvec_int8":
+        kernel(a, *(x.numpy() for x in quantize_int8(torch.ones(8, 64))), c)
+    else:
+        kernel(a, np.zeros((8, 64), np.uint16), c)
+    asm = kernel.inspect_asm(kernel.signatures[0])
+    assert any(widen in line and "zmm" in line for line in asm.splitlines()), f"no 512-bit {widen} in {name}"
