@@ -338,3 +338,21 @@ def test_seq_len_with_a_file_spec_raises(tmp_path):
     path.write_text(FACTORY_FILE)
     with pytest.raises(ValueError, match="built-in"):
         load_model(f"{path}:make", seq_len=8)
+
+
+def test_rope_tables_are_float64_cos_and_sin_rounded_once_to_float32():
+    # torch's float32 cos/sin may differ in the last bit from one process to the next; the tables are
+    # buffers folded into programs and covered by the trace cache's key, so they must be the same bytes in
+    # every process: float64 cos/sin (math's, here) rounded once to float32
+    import math
+
+    import numpy as np
+
+    from fusec.models.llama import rope_tables
+    cos, sin = rope_tables(48, 256, 10000.0)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 48, 2, dtype=torch.float32) / 48))
+    freqs = torch.outer(torch.arange(256, dtype=torch.float32), inv_freq)
+    angles = torch.cat((freqs, freqs), dim=-1).double().flatten().tolist()
+    assert cos.dtype == sin.dtype == torch.float32 and cos.shape == (256, 48)
+    assert cos.flatten().tolist() == [float(np.float32(math.cos(a))) for a in angles]
+    assert sin.flatten().tolist() == [float(np.float32(math.sin(a))) for a in angles]

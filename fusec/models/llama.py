@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -122,8 +123,11 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, 
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     positions = torch.arange(max_seq_len, dtype=torch.float32)
     freqs = torch.outer(positions, inv_freq)
-    angles = torch.cat((freqs, freqs), dim=-1)
-    return angles.cos(), angles.sin()
+    angles = torch.cat((freqs, freqs), dim=-1).numpy().astype(np.float64)
+    # cos/sin by NumPy in float64, rounded once to float32: torch's cos/sin may differ in the last bit from
+    # one process to the next, which would make the tables (buffers, folded into the program, and covered
+    # by the trace cache's key) differ between runs of the same model
+    return torch.from_numpy(np.cos(angles).astype(np.float32)), torch.from_numpy(np.sin(angles).astype(np.float32))
 
 
 def rotate_half(x: Tensor) -> Tensor:
