@@ -1,0 +1,77 @@
+"""Time from `compile_generator` to the first generated token, cold (a fresh cache) and warm (a new process,
+the same cache), for built-in models with random weights.
+
+    python benchmarks/bench_startup.py [stories15M stories110M ...] [--warm 3] [--out bench_out]
+
+Each run is its own process (what a user starting a server or a script pays): it builds the model, then
+times `compile_generator` and the first `generate` of a 5-token prompt and 1 new token (which compiles, or
+loads, the prefill program). The first run in a fresh `FUSEC_CACHE_DIR` is cold; the next `--warm` runs
+reuse that directory. The import of torch and fusec and building the model are not counted (they are
+reported beside). Writes bench_startup.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from fusec import benchtools
+
+CHILD = """
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+from fusec.generate import compile_generator
+from fusec.models import LlamaConfig
+from fusec.models.causal_lm import random_model
+t1 = time.perf_counter()
+model = random_model(LlamaConfig.preset(sys.argv[1]))
+t2 = time.perf_counter()
+generator = compile_generator(model)
+t3 = time.perf_counter()
+generator.generate(torch.tensor([[1, 5, 9, 22, 7]]), max_new_tokens=1)
+t4 = time.perf_counter()
+how = sorted({str(p.stats.get("trace_cache")) for p in [*generator._prefill.values(), *generator._decode.values()]})
+print(json.dumps({"import_s": t1 - t0, "model_s": t2 - t1, "compile_generator_s": t3 - t2,
+                  "first_generate_s": t4 - t3, "to_first_token_s": t4 - t2, "trace_cache": how}))
+"""
+
+
+def run_once(model: str, cache: str) -> dict:
+    env = {**os.environ, "FUSEC_CACHE_DIR": cache}
+    done = subprocess.run([sys.executable, "-c", CHILD, model], env=env, capture_output=True, text=True,
+                          timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"{model}: the run failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("models", nargs="*", default=["stories15M", "stories110M"])
+    p.add_argument("--warm", type=int, default=3, help="warm runs per model (median reported)")
+    p.add_argument("--out", default="bench_out")
+    args = p.parse_args()
+    record, rows = benchtools.run_record(), []
+    for model in args.models:
+        with tempfile.TemporaryDirectory() as cache:
+            os.chmod(cache, 0o700)
+            cold = run_once(model, cache)
+            warm = [run_once(model, cache) for _ in range(args.warm)]
+        row = {"model": model, "cold_s": cold["to_first_token_s"],
+               "warm_s": statistics.median(w["to_first_token_s"] for w in warm),
+               "warm_runs_s": [w["to_first_token_s"] for w in warm], "cold": cold, "warm": warm}
+        rows.append(row)
+        print(f"{model:12s} cold {row['cold_s']:7.2f} s   warm {row['warm_s']:6.2f} s (median of {len(warm)}: "
+              f"{', '.join(f'{s:.2f}' for s in row['warm_runs_s'])}; trace cache {warm[-1]['trace_cache']})")
+    path = benchtools.write_json(Path(args.out) / "bench_startup.json", {"run": record, "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
