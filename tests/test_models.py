@@ -356,3 +356,11 @@ def test_rope_tables_are_float64_cos_and_sin_rounded_once_to_float32():
     assert cos.dtype == sin.dtype == torch.float32 and cos.shape == (256, 48)
     assert cos.flatten().tolist() == [float(np.float32(math.cos(a))) for a in angles]
     assert sin.flatten().tolist() == [float(np.float32(math.sin(a))) for a in angles]
+
+
+def test_rope_tables_follow_the_default_device():
+    # models are built on "meta" before their weights are loaded: the tables must be meta tensors there
+    from fusec.models.llama import rope_tables
+    with torch.device("meta"):
+        cos, sin = rope_tables(48, 256, 10000.0)
+    assert cos.device.type == sin.device.type == "meta" and cos.shape == sin.shape == (256, 48)

@@ -120,14 +120,17 @@ class RMSNorm(nn.Module):
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
     """cos and sin tables of shape [max_seq_len, head_dim] in the HF layout (the frequencies repeated twice)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    positions = torch.arange(max_seq_len, dtype=torch.float32)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
+    positions = torch.arange(max_seq_len, dtype=torch.float32, device="cpu")
     freqs = torch.outer(positions, inv_freq)
     angles = torch.cat((freqs, freqs), dim=-1).numpy().astype(np.float64)
     # cos/sin by NumPy in float64, rounded once to float32: torch's cos/sin may differ in the last bit from
     # one process to the next, which would make the tables (buffers, folded into the program, and covered
-    # by the trace cache's key) differ between runs of the same model
-    return torch.from_numpy(np.cos(angles).astype(np.float32)), torch.from_numpy(np.sin(angles).astype(np.float32))
+    # by the trace cache's key) differ between runs of the same model. Computed on the CPU, then placed on
+    # the default device (a model built on "meta" gets meta tables, as torch's own ops would give it).
+    device = torch.get_default_device()
+    return (torch.from_numpy(np.cos(angles).astype(np.float32)).to(device),
+            torch.from_numpy(np.sin(angles).astype(np.float32)).to(device))
 
 
 def rotate_half(x: Tensor) -> Tensor:
