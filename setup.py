@@ -5,7 +5,7 @@ setup(
     name="fusec",
     version="0.1.0",
     description="Dataflow-graph compiler with kernel fusion for PyTorch (RDU-style, Numba CPU backend)",
-    packages=find_packages(include=["fusec", "fusec.*", "passes", "passes.*", "backends", "backends.*"]),
+    packages=find_packages(include=["fusec", "fusec.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy", "numba", "llvmlite", "scipy"],
     # models: the checkpoint formats of `fusec generate` (fusec/loaders imports them only when used)

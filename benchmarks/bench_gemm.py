@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from backends.numba_cpu import blas, mkl
+from fusec.backends.numba_cpu import blas, mkl
 from fusec import benchtools
 
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backends.numba_cpu.blas import matvec
-from backends.numba_cpu.lowp import matvec_bf16, matvec_int8
+from fusec.backends.numba_cpu.blas import matvec
+from fusec.backends.numba_cpu.lowp import matvec_bf16, matvec_int8
 from fusec import benchtools
-from passes.weights import quantize_int8
+from fusec.passes.weights import quantize_int8
 
 SHAPES = {  # name: (rows N, columns K) of a weight matrix; c[1, N] = a[1, K] @ w^T
     "stories110M qkvo": (768, 768), "stories110M w1/w3": (2048, 768), "stories110M w2": (768, 2048),

@@ -103,7 +103,7 @@ class CompiledModule:
         such as layers, tp, decode, dtype pass through), computed on first use and kept. Its placement is
         `report["placement"]`, the graph's own when the "placed" stage made it for that machine."""
         from fusec.rdu.model import report, tokens_per_call
-        from passes.place import plan
+        from fusec.passes.place import plan
         cache = self.__dict__.setdefault("_rdu_reports", {})
         key = (machine if isinstance(machine, str) else id(machine), tuple(sorted(options.items())))
         if key not in cache:
@@ -234,7 +234,7 @@ def compile(module: torch.nn.Module, example_inputs: Any = (), example_kwargs: d
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    from passes.weights import FORMATS
+    from fusec.passes.weights import FORMATS
     if weights not in FORMATS:
         raise ValueError(f"unknown weight format {weights!r}; expected one of {', '.join(FORMATS)}")
     if loop is None:

@@ -16,7 +16,7 @@ import torch
 from fusec.dtypes import to_numpy
 from fusec.errors import FusecError
 from fusec.ir import Graph, TensorType, param_types
-from passes.weights import stored_form
+from fusec.passes.weights import stored_form
 
 _TORCH_DTYPES = {"f32": "torch.float32", "f64": "torch.float64", "f16": "torch.float16",
                  "bf16": "torch.bfloat16", "i64": "torch.int64", "i32": "torch.int32", "i8": "torch.int8"}

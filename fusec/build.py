@@ -62,7 +62,7 @@ class Specialization:
         if self.program is not None:
             self.program.bind_weights(tensors)
             return
-        from backends.reference import compile_graph
+        from fusec.backends.reference import compile_graph
         from fusec.binding import check_weights
         self.graph = replace(self.graph, tensors={**self.graph.tensors, **check_weights(self.graph, tensors)})
         self.run = compile_graph(self.graph)
@@ -125,10 +125,10 @@ def build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options,
     stats = program_stats(graph)
     stats["trace_cache"] = how
     if options.backend == "reference":
-        from backends.reference import compile_graph
+        from fusec.backends.reference import compile_graph
         spec = Specialization(traced, graph, compile_graph(graph), "", stats)
     else:
-        from backends.numba_cpu.runtime import Program
+        from fusec.backends.numba_cpu.runtime import Program
         program = Program(graph)
         debug(3, f"--- generated code of {traced.module_name} ({len(program.steps)} kernels)\n{program.source}")
         stats["intermediate_bytes"] = program.intermediate_bytes
@@ -144,7 +144,7 @@ def build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options,
             progress.close()
         stats["compile_seconds"] = time.perf_counter() - start
     from fusec.binding import Follow, weight_types
-    from passes.weights import module_names
+    from fusec.passes.weights import module_names
     spec.follow = Follow(module, module_names(weight_types(graph)))
     if dump:
         dump.write("numba.py", spec.source or "# reference backend: no generated code")
@@ -157,14 +157,14 @@ def lower(graph: Graph, fuse: bool = True, callback: Callable[[str, Graph], None
     """The pass pipeline from traced IR to the graph a backend runs (`passes.pipeline.TARGETS`): fused
     or unfused, tiled, and placed on the chip for the "rdu" target. `callback(pass_name, graph)` runs
     after every pass; `weights` picks the weights' storage format."""
-    from passes.pipeline import run_pipeline, target_for
+    from fusec.passes.pipeline import run_pipeline, target_for
     return run_pipeline(graph, callback=callback, target=target_for(target, fuse, loop), weights=weights)
 
 
 def program_stats(graph: Graph) -> dict:
     """Kernel launches per call, calls from Python per call, bytes of intermediate values (written by one
     kernel, read by another, outside loops) and ops run by PyTorch (`torch_ops`, see `fusec.fallback`)."""
-    from passes.fuse import fusion_stats
+    from fusec.passes.fuse import fusion_stats
     fused = fusion_stats(graph)
     loops = [n for n in graph.nodes if n.op == "loop"]
     looped = sum(n.attr("trips") * n.attr("body").ops().get("kernel", 0) for n in loops)
@@ -176,7 +176,7 @@ def program_stats(graph: Graph) -> dict:
 
 def summary(spec: Specialization, options: Options) -> dict:
     """A JSON-able description of one compiled program (FUSEC_DEBUG_DIR's summary.json)."""
-    from passes.fuse import describe
+    from fusec.passes.fuse import describe
     program = spec.program
     kernels = [{"kind": kind, "ops": ops} for kind, ops in describe(spec.graph)]
     if program is not None:

@@ -33,7 +33,7 @@ from fusec.models.causal_lm import CausalLM
 from fusec.rdu.cli import add_rdu_parser, dump_placed, rdu_main, write_bytes
 from fusec.sizes import concrete
 from fusec.tracing import trace
-from passes.pipeline import TARGETS, run_pipeline
+from fusec.passes.pipeline import TARGETS, run_pipeline
 
 
 def _frontend_stages() -> list[str]:

@@ -13,7 +13,7 @@ from typing import Any
 from fusec.api import lower, program_stats
 from fusec.ir import Graph
 from fusec.tracing import trace
-from passes.pipeline import run_pipeline
+from fusec.passes.pipeline import run_pipeline
 
 
 @dataclass

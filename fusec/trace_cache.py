@@ -224,7 +224,7 @@ def _parse(raw: bytes, key: str, kind: str) -> tuple[dict, dict]:
 def _module_weights(module: Any, types: dict) -> dict | None:
     """{name: the module's tensor in the form the program reads} for the parameters `types` names, or
     None if one is missing or does not fit (the key covers them: not expected)."""
-    from passes.weights import module_names, stored_form
+    from fusec.passes.weights import module_names, stored_form
 
     from fusec.dtypes import from_torch
     found = {}

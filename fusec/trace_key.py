@@ -41,10 +41,10 @@ class NoKey(Exception):
 
 @functools.lru_cache(maxsize=None)
 def source_digest() -> str:
-    """A hash of fusec's own Python files (the packages fusec, passes and backends), once per process."""
+    """A hash of fusec's own Python files (the package fusec, its passes and backends included), once per process."""
     import importlib.util
     digest = hashlib.sha256()
-    for package in ("fusec", "passes", "backends"):
+    for package in ("fusec",):
         spec = importlib.util.find_spec(package)
         for root in sorted(spec.submodule_search_locations or ()):
             for path in sorted(_python_files(root)):
@@ -92,7 +92,7 @@ def passes_key() -> dict:
     from fusec.machines import cpu
     # not imported yet: nobody registered a stage or replaced the machine, and the source digest covers
     # them (importing them costs a warm start 0.1 s)
-    pipeline, tile = sys.modules.get("passes.pipeline"), sys.modules.get("passes.tile")
+    pipeline, tile = sys.modules.get("fusec.passes.pipeline"), sys.modules.get("fusec.passes.tile")
     stages: Any = "as written"
     if pipeline is not None and (pipeline.STAGES, pipeline.TARGETS) != pipeline.BUILT_IN:
         stages = [[[stage, _functions(dict(passes), "pass")] for stage, passes in pipeline.STAGES.items()],
@@ -106,7 +106,7 @@ def _functions(table: dict, what: str) -> list:
     out = []
     for name, fn in table.items():
         where = f"{getattr(fn, '__module__', None)}.{getattr(fn, '__qualname__', type(fn).__name__)}"
-        if not where.startswith(("fusec.", "passes.", "backends.")):
+        if not where.startswith("fusec."):
             raise NoKey(f"the {what} {name} is {where}, not fusec's")
         out.append([name, where])
     return out

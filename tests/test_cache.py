@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import fusec.cache as cache
-from backends.numba_cpu.runtime import Program
-from backends.reference import run_graph
+from fusec.backends.numba_cpu.runtime import Program
+from fusec.backends.reference import run_graph
 from fusec.api import lower
 from fusec.printer import parse_graph
 
@@ -189,7 +189,7 @@ WORKER = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     warnings.filterwarnings("error", message="fusec")
     from test_cache import GRAPH, X
-    from backends.numba_cpu.runtime import Program
+    from fusec.backends.numba_cpu.runtime import Program
     out = Program(GRAPH).run([X])
     print(float(np.asarray(out[0], np.float64).sum()), float(np.asarray(out[1], np.float64).sum()))
 """)

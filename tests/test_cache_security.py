@@ -32,7 +32,7 @@ RUN = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from test_cache import GRAPH, X, WANT
     import numpy as np
-    from backends.numba_cpu.runtime import Program
+    from fusec.backends.numba_cpu.runtime import Program
     got = Program(GRAPH).run([X])
     for g, w in zip(got, WANT):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)

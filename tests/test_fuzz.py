@@ -19,14 +19,14 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 
-from backends.numba_cpu.runtime import Program
-from backends.reference import run_graph
+from fusec.backends.numba_cpu.runtime import Program
+from fusec.backends.reference import run_graph
 from fusec.dtypes import round_bf16
 from fusec.ir import Builder, Graph, TensorType
 from fusec.opset import broadcast_shapes
 from fusec.printer import parse_graph
-from passes.fuse import unfuse
-from passes.pipeline import run_pipeline
+from fusec.passes.fuse import unfuse
+from fusec.passes.pipeline import run_pipeline
 
 pytestmark = pytest.mark.filterwarnings("ignore::numba.NumbaPerformanceWarning")
 
@@ -254,7 +254,7 @@ def test_fuzz_everything(data):
     fuzz(data, ELEMENTWISE + ("view", "reduce", "argmax", "matmul"), max_steps=6, unfused=True)
 
 
-# --- known Numba-codegen bugs, as minimal IR (xfail until backends/numba_cpu is fixed) --------------------
+# --- known Numba-codegen bugs, as minimal IR (xfail until fusec/backends/numba_cpu is fixed) --------------------
 
 def _run_both(text: str, *inputs: np.ndarray) -> None:
     assert_same(parse_graph(text), [np.asarray(x) for x in inputs])

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fusec
-from backends.numba_cpu import mkl
+from fusec.backends.numba_cpu import mkl
 from fusec.errors import FusecError
 from fusec.models import load_model
 
@@ -67,7 +67,7 @@ def test_prologue_and_epilogue_run_over_the_tiled_row_blocks(block):
 def test_rows_tile_gives_every_core_a_block():
     from fusec.machines import cpu
     from fusec.tracing import trace
-    from passes.pipeline import run_pipeline
+    from fusec.passes.pipeline import run_pipeline
     module, args = load_model("llama-block:stories15M", seq_len=ROWS)
     graph = run_pipeline(trace(module, args).graph, until="tiled")
     cores = cpu().cores

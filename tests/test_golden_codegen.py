@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import fusec
-import passes.tile
+import fusec.passes.tile
 from fusec.machines import cpu
 from fusec.models import load_model
 from fusec.models.registry import decode_inputs
@@ -30,7 +30,7 @@ def fixed_cpu(monkeypatch):
     the first and mask the second, so the text is the same on every machine."""
     machine = dataclasses.replace(cpu(), cores=2, pcus=2, l1_bytes=48 * KIB, l2_bytes=2048 * KIB,
                                   pmu_bytes=2048 * KIB, l3_bytes=32768 * KIB)
-    monkeypatch.setattr(passes.tile, "cpu", lambda: machine)
+    monkeypatch.setattr(fusec.passes.tile, "cpu", lambda: machine)
 
 
 def program_text(case: str) -> str:

@@ -1,6 +1,6 @@
 """Kernels by body: a contiguous constant slice of a kernel input moves out of the body (passes.hoist_slices),
 and the Numba backend compiles each distinct kernel body once, shared by every call site and program
-(backends/numba_cpu/kernels.py)."""
+(fusec/backends/numba_cpu/kernels.py)."""
 from __future__ import annotations
 
 from textwrap import dedent
@@ -11,14 +11,14 @@ import torch
 from torch import nn
 
 import fusec
-from backends.numba_cpu.runtime import Program
-from backends.reference import run_graph
+from fusec.backends.numba_cpu.runtime import Program
+from fusec.backends.reference import run_graph
 from fusec.generate import Generator, eager_generate, fusec_compiler
 from fusec.verify import verify
 from fusec.models.causal_lm import DecodeStep, decode_example, random_model
 from fusec.models.llama import FeedForward, LlamaConfig
 from fusec.printer import format_graph, parse_graph
-from passes.hoist_slices import hoist_slices
+from fusec.passes.hoist_slices import hoist_slices
 
 pytestmark = pytest.mark.filterwarnings("ignore::numba.NumbaPerformanceWarning")
 

@@ -103,7 +103,7 @@ def test_gguf_files_give_the_tokens_of_transformers(tokenizer, tmp_path, arch):
 def test_q8_0_tensors_quantize_back_to_the_files_blocks_exactly(tokenizer, tmp_path):
     """weights="int8" (passes.weights.quantize_int8, blocks of 32 with a float32 scale) on a dequantized Q8_0
     tensor gives back the file's values: its int8 program reads the weights llama.cpp would."""
-    from passes.weights import quantize_int8
+    from fusec.passes.weights import quantize_int8
     model = from_hf(llama(tokenizer))
     loaded = load(write_gguf(model, tmp_path / "model.gguf", "llama", tokenizer, "Q8_0"))
     for w in (loaded.model.layers[0].attention.wq.weight, loaded.model.layers[1].feed_forward.w2.weight):

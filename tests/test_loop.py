@@ -1,4 +1,4 @@
-"""Kernel looping (passes/loop.py): equal layers become one loop node; the reference backend defines it and
+"""Kernel looping (fusec/passes/loop.py): equal layers become one loop node; the reference backend defines it and
 the Numba backend runs it as one call of a generated driver. Looped programs equal unlooped ones and eager."""
 import dataclasses
 import re
@@ -9,15 +9,15 @@ import torch
 from torch import nn
 
 import fusec
-from backends.reference import run_graph
+from fusec.backends.reference import run_graph
 from fusec.errors import IRError
 from fusec.verify import verify
 from fusec.models.causal_lm import CausalLM, DecodeStep, Prefill, decode_example
 from fusec.models.llama import LlamaConfig
 from fusec.printer import format_graph, parse_graph
 from fusec.tracing import trace
-from passes.loop import loop_kernels
-from passes.pipeline import run_pipeline
+from fusec.passes.loop import loop_kernels
+from fusec.passes.pipeline import run_pipeline
 
 TINY4 = LlamaConfig(dim=64, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=97, max_seq_len=32, n_layers=4)
 

@@ -5,14 +5,14 @@ import numba
 import pytest
 import torch
 
-from backends.numba_cpu import blas, lowp
-from backends.numba_cpu.runtime import Program
-from backends.reference import run_graph
+from fusec.backends.numba_cpu import blas, lowp
+from fusec.backends.numba_cpu.runtime import Program
+from fusec.backends.reference import run_graph
 from fusec.models import load_model
 from fusec.models.registry import decode_inputs
 from fusec.tracing import trace
-from passes.pipeline import run_pipeline
-from passes.weights import quantize_int8, store_weights
+from fusec.passes.pipeline import run_pipeline
+from fusec.passes.weights import quantize_int8, store_weights
 
 pytestmark = pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning")  # tiny kernels
 SUFFIX = {"fp32": "", "bf16": "_bf16", "int8": "_int8"}

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from backends.numba_cpu.runtime import Program
-from backends.reference import run_graph
+from fusec.backends.numba_cpu.runtime import Program
+from fusec.backends.reference import run_graph
 from fusec.ir import Builder, TensorType
 from fusec.kernels import add_kernel
 

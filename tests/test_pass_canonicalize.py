@@ -13,9 +13,9 @@ from fusec.errors import IRError
 from fusec.ir import Builder, Graph, TensorType
 from fusec.verify import verify
 from fusec.printer import format_graph, parse_graph
-from passes.canonicalize import (canonicalize, eliminate_common_subexpressions, eliminate_dead_code,
+from fusec.passes.canonicalize import (canonicalize, eliminate_common_subexpressions, eliminate_dead_code,
                                  fold_constants, simplify_algebra, simplify_views)
-from passes.rewrite import rewrite
+from fusec.passes.rewrite import rewrite
 
 
 def random_inputs(graph: Graph, seed: int = 0) -> list[np.ndarray]:
@@ -39,7 +39,7 @@ def check(run: Callable[[Graph], Graph], before: str, after: str, tensors: dict 
     verify(result)
     assert format_graph(result) == dedent(after).strip()
     assert format_graph(run(result)) == format_graph(result), "a second run changed the graph"
-    from backends.reference import run_graph
+    from fusec.backends.reference import run_graph
     inputs = random_inputs(graph)
     for want, got in zip(run_graph(graph, inputs), run_graph(result, inputs)):
         np.testing.assert_array_equal(got, want)

@@ -9,16 +9,16 @@ import pytest
 import torch
 import torch.utils._pytree as pytree
 
-from backends.reference import run_graph
+from fusec.backends.reference import run_graph
 from fusec.ir import Builder, Graph, TensorType
 from fusec.verify import verify
 from fusec.models import LlamaConfig, load_model
 from fusec.opset import OPS
 from fusec.printer import format_graph, parse_graph
 from fusec.tracing import trace
-from passes.fuse import decide, describe, fuse, fusion_stats, matmul_groups, unfuse
-from passes.fusion_rules import Plan
-from passes.pipeline import run_pipeline
+from fusec.passes.fuse import decide, describe, fuse, fusion_stats, matmul_groups, unfuse
+from fusec.passes.fusion_rules import Plan
+from fusec.passes.pipeline import run_pipeline
 
 RNG = np.random.default_rng(0)
 TENSORS = {name: RNG.standard_normal(shape).astype(np.float32)
@@ -584,8 +584,8 @@ def test_fusion_cuts_intermediate_bytes_at_least_five_times_on_the_llama_block()
 
 def test_fused_stage_runs_after_canonical():
     *_, canonical, fused = compiled("llama-block")
-    from passes.hoist_slices import hoist_slices
-    from passes.layout import choose_layout
+    from fusec.passes.hoist_slices import hoist_slices
+    from fusec.passes.layout import choose_layout
     stage = choose_layout(hoist_slices(fused))  # the fused stage: fuse, hoist_slices, layout
     assert format_graph(run_pipeline(canonical, until="fused")) == format_graph(stage)
 

@@ -1,5 +1,5 @@
 """The layout pass: attention's K and V are stored with the axis its inner loops walk last, decided once
-(passes/layout.py), shown in the dump as the attention kernel's `layout` attr, and obeyed by the Numba
+(fusec/passes/layout.py), shown in the dump as the attention kernel's `layout` attr, and obeyed by the Numba
 emitter (the dot product over the head depth reads K contiguously)."""
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import fusec
 from fusec.models import load_model
 from fusec.models.registry import decode_inputs
 from fusec.tracing import trace
-from passes.layout import choose_layout
-from passes.pipeline import run_pipeline
+from fusec.passes.layout import choose_layout
+from fusec.passes.pipeline import run_pipeline
 
 
 class KTransposed(nn.Module):

@@ -10,15 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backends.reference import run_graph
+from fusec.backends.reference import run_graph
 from fusec.ir import Builder, Graph, TensorType
 from fusec.verify import verify
 from fusec.kernels import add_kernel
 from fusec.machines import KiB, MiB, Machine, cpu, get_machine
 from fusec.printer import format_graph, format_node, parse_graph
-from passes.layout import choose_layout
-from passes.pipeline import STAGES, TARGETS, run_pipeline
-from passes.tile import choose_tiles, make_tile_pass, tile, working_set
+from fusec.passes.layout import choose_layout
+from fusec.passes.pipeline import STAGES, TARGETS, run_pipeline
+from fusec.passes.tile import choose_tiles, make_tile_pass, tile, working_set
 
 # An RMSNorm (reduce), a projection with a ReLU epilogue (matmul) and two-head attention over its output.
 BEFORE = """

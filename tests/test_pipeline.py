@@ -10,9 +10,9 @@ from fusec.api import lower
 from fusec.errors import FusecError, IRError
 from fusec.ir import Graph, TensorType
 from fusec.printer import format_graph, parse_graph
-from passes import pipeline
-from passes.canonicalize import canonicalize, eliminate_common_subexpressions, eliminate_dead_code
-from passes.pipeline import register_stage, run_pipeline
+from fusec.passes import pipeline
+from fusec.passes.canonicalize import canonicalize, eliminate_common_subexpressions, eliminate_dead_code
+from fusec.passes.pipeline import register_stage, run_pipeline
 
 SOURCE = """
     %0 = input {index=0, name="x"} : f32[2,3]

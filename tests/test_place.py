@@ -1,4 +1,4 @@
-"""The placement pass (`passes/place.py`): invariants of the layout and the memory plan, determinism,
+"""The placement pass (`fusec/passes/place.py`): invariants of the layout and the memory plan, determinism,
 the verifier, the "placed" stage and its dump (golden text for the tiny block, SVG/PNG/JSON), and the
 numerics of a compiled program, which placement must not change."""
 from __future__ import annotations
@@ -17,9 +17,9 @@ from fusec.machines import get_machine
 from fusec.models import load_model
 from fusec.rdu.placement import TIERS, Placement, Tensor, placement_of
 from fusec.tracing import trace
-from passes.pipeline import STAGES, TARGETS
-from passes.place import partition, place, plan, proportional, verify_placement
-from passes.placement_memory import allocate
+from fusec.passes.pipeline import STAGES, TARGETS
+from fusec.passes.place import partition, place, plan, proportional, verify_placement
+from fusec.passes.placement_memory import allocate
 
 MACHINES = ("sn40l", "plasticine", "test_grid")
 
@@ -389,7 +389,7 @@ def test_a_placed_program_runs_in_section_order_and_matches_eager():
 
 
 def test_partition_raises_when_a_kernel_cannot_fit(graphs):
-    from passes.placement_stages import Sizer, analyze
+    from fusec.passes.placement_stages import Sizer, analyze
     tiny = dataclasses.replace(get_machine("test_grid"), pcus=2, pmus=2, grid=(2, 2))
     with pytest.raises(IRError, match="needs"):
         partition(analyze(graphs["fused"], tiny, Sizer()), tiny)

@@ -13,7 +13,7 @@ from fusec.errors import FusecError
 from fusec.rdu.picture import HEAVIEST_FLOWS, draw, figure, human_bytes, memory_over_sections
 from fusec.rdu.placement import Placement
 from fusec.tracing import trace
-from passes.place import plan
+from fusec.passes.place import plan
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -129,7 +129,7 @@ def test_each_stage_sits_in_a_compact_region_and_the_hops_do_not_grow():
     every stage over the chip (spread 2.1-3.8); the compact start and the locality term keep each in a
     patch (1.0-1.2), with fewer hops and a busiest link no more loaded than the strip placements'."""
     from fusec.machines import get_machine
-    from passes import placement_grid as grid
+    from fusec.passes import placement_grid as grid
     m = get_machine("sn40l")
     groups, flows = [], []
     for i in range(6):

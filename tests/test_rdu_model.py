@@ -16,7 +16,7 @@ from fusec.models import load_model
 from fusec.models.registry import decode_inputs
 from fusec.rdu.model import format_report, report, stage_terms, with_figures
 from fusec.tracing import trace
-from passes.place import plan
+from fusec.passes.place import plan
 
 FIGURES = {"hbm_bw": 2.0, "ddr_bw": 2.0, "link_bw": 2.0, "peak_flops": 2.0, "launch_overhead_s": 0.5,
            "program_load_s": 0.5, "hbm_efficiency": 1.0}

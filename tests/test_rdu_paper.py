@@ -1,6 +1,6 @@
 """The RDU model against the papers (`fusec/rdu/paper.py`): every published figure has a row, ratios come
 from the model, kernel looping beats the unlooped decode, the JSON of `fusec rdu --paper --json`, the
-PyTorch-level unfused program (`passes/placement_torchops.py`) and the looped-program formula. Runs the
+PyTorch-level unfused program (`fusec/passes/placement_torchops.py`) and the looped-program formula. Runs the
 table on small shapes (`small=True`): the structure is the same, the numbers are not the paper's."""
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from fusec.models.registry import decode_inputs
 from fusec.rdu import paper as rdu_paper
 from fusec.rdu.model import report, with_figures
 from fusec.tracing import trace
-from passes.place import plan
-from passes.placement_torchops import kernel_ops, torch_op_groups
+from fusec.passes.place import plan
+from fusec.passes.placement_torchops import kernel_ops, torch_op_groups
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_rdu.py"
 QUICK = ("table-iv", "looping", "coe")
@@ -189,8 +189,8 @@ def test_the_cpu_loop_body_is_one_block_as_the_model_assumes():
     import torch
     from fusec.models.causal_lm import CausalLM, DecodeStep, decode_example
     from fusec.models.llama import LlamaBlock, LlamaConfig
-    from passes.loop import loop_kernels
-    from passes.pipeline import run_pipeline
+    from fusec.passes.loop import loop_kernels
+    from fusec.passes.pipeline import run_pipeline
     config = LlamaConfig(dim=64, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=97, max_seq_len=32,
                          n_layers=4)
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import mutually_broadcastable_shapes
 
-from backends.reference import _OPS, TakeIndexError, compile_graph, eval_node, run_graph
+from fusec.backends.reference import _OPS, TakeIndexError, compile_graph, eval_node, run_graph
 from fusec.dtypes import from_numpy, from_torch, round_bf16, to_numpy, to_torch
 from fusec.errors import FusecError
 from fusec.ir import Builder, Graph, TensorType

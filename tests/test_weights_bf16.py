@@ -3,13 +3,13 @@ import numpy as np
 import pytest
 import torch
 
-from backends.numba_cpu.runtime import Program
-from backends.reference import run_graph
+from fusec.backends.numba_cpu.runtime import Program
+from fusec.backends.reference import run_graph
 from fusec.models import load_model
 from fusec.models.registry import decode_inputs
 from fusec.tracing import trace
-from passes.pipeline import run_pipeline
-from passes.weights import store_weights
+from fusec.passes.pipeline import run_pipeline
+from fusec.passes.weights import store_weights
 
 
 def bf16_program(module, args, kwargs=None):

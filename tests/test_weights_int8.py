@@ -4,17 +4,17 @@ import pytest
 import torch
 
 import fusec
-from backends.numba_cpu.lowp import gemm_int8, matvec_bf16, matvec_int8
-from backends.numba_cpu.runtime import Program
-from backends.reference import run_graph
+from fusec.backends.numba_cpu.lowp import gemm_int8, matvec_bf16, matvec_int8
+from fusec.backends.numba_cpu.runtime import Program
+from fusec.backends.reference import run_graph
 from fusec.generate import compile_generator, eager_generate
 from fusec.models import load_model
 from fusec.models.causal_lm import random_model
 from fusec.models.llama import LlamaConfig
 from fusec.models.registry import decode_inputs
 from fusec.tracing import trace
-from passes.pipeline import run_pipeline
-from passes.weights import quantize_int8, store_weights
+from fusec.passes.pipeline import run_pipeline
+from fusec.passes.weights import quantize_int8, store_weights
 
 TINY = LlamaConfig(dim=64, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=97, max_seq_len=128, n_layers=2)
 # int8 with a scale per 32 weights: each weight is off by at most half a step, max|block| / 254; a block's

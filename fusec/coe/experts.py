@@ -30,7 +30,7 @@ from fusec.errors import FusecError
 from fusec.models.causal_lm import (CONFIG_KEY, HF_NAMES, CausalLM, config_from_hf, config_to_hf, from_hf,
                                     hf_names)
 from fusec.models.llama import LlamaConfig
-from passes.weights import SCALE, quantize_int8
+from fusec.passes.weights import SCALE, quantize_int8
 
 DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16, "F64": torch.float64}
 HEADER_LIMIT = 100 << 20  # a header past 100 MB is not a safetensors file

@@ -19,7 +19,7 @@ from fusec.coe.experts import Architecture, ExpertError, FileExpert, as_expert, 
 from fusec.coe.store import Policy, WeightStore
 from fusec.generate import Generator, compile_generator
 from fusec.models.causal_lm import load_hf_weights
-from passes.place import plan
+from fusec.passes.place import plan
 
 
 class ArchitectureSlot:

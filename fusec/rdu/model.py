@@ -35,7 +35,7 @@ from fusec.errors import FusecError
 from fusec.ir import Graph
 from fusec.machines import Machine, get_machine
 from fusec.rdu.placement import Placement, Section, Stage, pcu_rate, pmu_bandwidth, tier_bandwidth
-from passes.place import plan
+from fusec.passes.place import plan
 
 ALLREDUCES_PER_LAYER = 2       # Megatron-style TP: after attention and after the MLP
 BOUNDS = ("compute", "SRAM", "HBM", "DDR", "network")

@@ -34,7 +34,7 @@ from fusec.models.llama import LlamaBlock, LlamaConfig, example_inputs
 from fusec.models.registry import decode_inputs
 from fusec.rdu.model import report
 from fusec.tracing import trace
-from passes.place import plan
+from fusec.passes.place import plan
 
 TOLERANCE = 0.25          # issue target: every figure within +-25% of the paper's
 SOCKETS_VI_A, SOCKETS_TABLE_IV = 8, 16

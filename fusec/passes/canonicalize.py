@@ -18,7 +18,7 @@ from fusec.ir import DTYPES, Graph, Node, TensorType, make_attrs, prune
 from fusec.opset import OPS
 from fusec.printer import format_graph
 from fusec.symbolic import is_static
-from passes.rewrite import Ctx, Rule, rewrite
+from fusec.passes.rewrite import Ctx, Rule, rewrite
 
 
 def eliminate_dead_code(graph: Graph) -> Graph:
@@ -52,7 +52,7 @@ def _splat_value(arr: np.ndarray) -> Any:
 def _fold(c: Ctx, *args: int, max_elements: int) -> int | None:
     # folding evaluates with the reference semantics: a backend, above the passes, and SciPy with it
     # (seconds), so it loads when a constant first folds, not with the pass layer
-    from backends.reference import eval_node
+    from fusec.backends.reference import eval_node
     n = c.n
     if not args or not all(c.node(a).op in CONSTANT_OPS for a in args):
         return None

@@ -31,7 +31,7 @@ from fusec.ir import Builder, Graph, prune
 from fusec.kernels import add_kernel, kernel_outputs
 from fusec.opset import OPS
 from fusec.symbolic import upper
-from passes.fusion_rules import COPIED, Group, Plan
+from fusec.passes.fusion_rules import COPIED, Group, Plan
 
 __all__ = ["build", "decide", "describe", "fuse", "fusion_stats", "unfuse"]
 

@@ -22,15 +22,15 @@ from fusec.debug import debug, debug_level
 from fusec.errors import FusecError, IRError
 from fusec.ir import Graph
 from fusec.verify import verify
-from passes.canonicalize import (canonicalize, eliminate_common_subexpressions, eliminate_dead_code,
+from fusec.passes.canonicalize import (canonicalize, eliminate_common_subexpressions, eliminate_dead_code,
                                  fold_constants, simplify_algebra, simplify_views)
-from passes.fuse import fuse, unfuse
-from passes.hoist_slices import hoist_slices
-from passes.layout import choose_layout
-from passes.loop import loop_kernels
-from passes.place import place
-from passes.tile import tile
-from passes.weights import store_weights
+from fusec.passes.fuse import fuse, unfuse
+from fusec.passes.hoist_slices import hoist_slices
+from fusec.passes.layout import choose_layout
+from fusec.passes.loop import loop_kernels
+from fusec.passes.place import place
+from fusec.passes.tile import tile
+from fusec.passes.weights import store_weights
 
 Pass = tuple[str, Callable[[Graph], Graph]]
 Callback = Callable[[str, Graph], None]  # called after every pass with its name and the verified graph

@@ -29,16 +29,16 @@ import numba
 import numpy as np
 from numba.core.types.function_type import CompileResultWAP
 
-from backends.numba_cpu.codegen import KernelCode
-from backends.numba_cpu.kernels import FUNCTION
-from backends.numba_cpu.kernels import build as build_kernels
-from backends.numba_cpu.kernels import raise_bad_index
+from fusec.backends.numba_cpu.codegen import KernelCode
+from fusec.backends.numba_cpu.kernels import FUNCTION
+from fusec.backends.numba_cpu.kernels import build as build_kernels
+from fusec.backends.numba_cpu.kernels import raise_bad_index
 from fusec.cache import recover
 from fusec.dtypes import to_numpy
 from fusec.errors import FusecError
 from fusec.guards import take_index_checks
 from fusec.ir import Graph, output_types
-from passes.hoist_slices import is_contiguous_slice
+from fusec.passes.hoist_slices import is_contiguous_slice
 
 VIEWS = ("reshape", "slice")
 

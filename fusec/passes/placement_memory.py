@@ -22,7 +22,7 @@ from fusec.errors import IRError
 from fusec.ir import Graph
 from fusec.machines import Machine
 from fusec.rdu.placement import MemoryPlan, Tensor
-from passes.placement_stages import PREVIOUS, KernelSpec, Sizer, tensor_name
+from fusec.passes.placement_stages import PREVIOUS, KernelSpec, Sizer, tensor_name
 
 ALIGN = 64  # bytes; off-chip addresses are aligned to a 512-bit burst
 

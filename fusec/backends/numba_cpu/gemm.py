@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import math
 
-from backends.numba_cpu.expr import Emitter
-from backends.numba_cpu.mkl import blas_choice
-from backends.numba_cpu.stores import emit_store
+from fusec.backends.numba_cpu.expr import Emitter
+from fusec.backends.numba_cpu.mkl import blas_choice
+from fusec.backends.numba_cpu.stores import emit_store
 from fusec.symbolic import is_sym, lower, upper
-from passes.weights import dequantized
+from fusec.passes.weights import dequantized
 
 MATVEC_ROWS = 64  # up to this many rows of A, stream the weights in our parallel loop instead of calling BLAS:
 # at a few rows BLAS spends its time packing, and OpenBLAS's threads keep spinning after a call and slow

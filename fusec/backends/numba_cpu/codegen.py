@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from backends.numba_cpu.attention import emit_attention
-from backends.numba_cpu.expr import Emitter
-from backends.numba_cpu.gemm import emit_matmul
-from backends.numba_cpu.sizes import size_lines
-from backends.numba_cpu.stores import emit_outputs, emit_rows
-from backends.numba_cpu.writer import Writer
+from fusec.backends.numba_cpu.attention import emit_attention
+from fusec.backends.numba_cpu.expr import Emitter
+from fusec.backends.numba_cpu.gemm import emit_matmul
+from fusec.backends.numba_cpu.sizes import size_lines
+from fusec.backends.numba_cpu.stores import emit_outputs, emit_rows
+from fusec.backends.numba_cpu.writer import Writer
 from fusec.errors import FusecError
 from fusec.guards import describe_take, take_bound
 from fusec.ir import Graph, Node

@@ -20,11 +20,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from backends.numba_cpu.codegen import KernelCode
-from backends.numba_cpu.driver import build as build_driver
-from backends.numba_cpu.kernels import build as build_kernels
-from backends.numba_cpu.kernels import raise_bad_index
-from backends.numba_cpu.mkl import blas_choice
+from fusec.backends.numba_cpu.codegen import KernelCode
+from fusec.backends.numba_cpu.driver import build as build_driver
+from fusec.backends.numba_cpu.kernels import build as build_kernels
+from fusec.backends.numba_cpu.kernels import raise_bad_index
+from fusec.backends.numba_cpu.mkl import blas_choice
 from fusec.binding import check_weights
 from fusec.cache import load_source, recorded, recover, writable_dir
 from fusec.debug import debug
@@ -48,10 +48,11 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from backends.numba_cpu.blas import bf16, checked_index, gemm, gemm_bf16, load_bf16, matvec, matvec2, matvec3, rbf16
-from backends.numba_cpu.lowp import (gemm_int8, matvec2_bf16, matvec2_int8, matvec3_bf16, matvec3_int8, matvec_bf16,
-                                     matvec_int8)
-from backends.numba_cpu.mkl import bf16_bits, gemm_bf16_mkl, gemm_mkl
+from fusec.backends.numba_cpu.blas import (bf16, checked_index, gemm, gemm_bf16, load_bf16, matvec, matvec2, matvec3,
+                                           rbf16)
+from fusec.backends.numba_cpu.lowp import (gemm_int8, matvec2_bf16, matvec2_int8, matvec3_bf16, matvec3_int8, matvec_bf16,
+                                           matvec_int8)
+from fusec.backends.numba_cpu.mkl import bf16_bits, gemm_bf16_mkl, gemm_mkl
 
 FASTMATH = {FASTMATH}
 """

@@ -21,8 +21,8 @@ from fusec.ir import FLOAT_DTYPES, Graph, Node, TensorType, dtype_size
 from fusec.kernels import kernel_outputs
 from fusec.machines import Machine
 from fusec.opset import OPS
-from passes.tile import AttentionShape, MatmulShape, choose_tiles, kernel_shape, working_set
-from passes.weights import dequantized
+from fusec.passes.tile import AttentionShape, MatmulShape, choose_tiles, kernel_shape, working_set
+from fusec.passes.weights import dequantized
 
 PREVIOUS = "<stage>"  # "<stage>j": the source name of what a stage receives from stage j of its kernel
 

@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 from fusec.ir import Graph
 from fusec.opset import OPS, broadcast_shapes
 from fusec.symbolic import upper
-from passes.weights import dequantized
+from fusec.passes.weights import dequantized
 
 COPIED = ("param", "const", "iota")                      # sources every body holds its own copy of
 MAX_REDUCE_DEPTH = 2  # a reduce kernel passes over a row at most twice (softmax: max then sum; LayerNorm)

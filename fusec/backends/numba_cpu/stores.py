@@ -5,7 +5,7 @@ Below all of them in the import order: it needs only the scalar `Emitter`.
 """
 from __future__ import annotations
 
-from backends.numba_cpu.expr import Emitter, concat_splits
+from fusec.backends.numba_cpu.expr import Emitter, concat_splits
 from fusec.symbolic import is_sym, upper
 
 PARALLEL_MIN_ELEMENTS = 1 << 14

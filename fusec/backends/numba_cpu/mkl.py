@@ -28,7 +28,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from backends.numba_cpu.blas import _f32_as_bits, _ptr
+from fusec.backends.numba_cpu.blas import _f32_as_bits, _ptr
 from fusec.errors import FusecError
 
 SYMBOLS = ("sgemm_", "cblas_gemm_bf16bf16f32", "MKL_Set_Num_Threads_Local")

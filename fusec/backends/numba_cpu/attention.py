@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from backends.numba_cpu.expr import Emitter, _broadcast, reshape_index
-from backends.numba_cpu.stores import PARALLEL_MIN_ELEMENTS, emit_outputs
+from fusec.backends.numba_cpu.expr import Emitter, _broadcast, reshape_index
+from fusec.backends.numba_cpu.stores import PARALLEL_MIN_ELEMENTS, emit_outputs
 from fusec.symbolic import upper
 
 

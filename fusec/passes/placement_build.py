@@ -14,9 +14,9 @@ import math
 
 from fusec.machines import Machine
 from fusec.rdu.placement import Buffer, Flow, MemoryPlan, Read, Section, Stage, pcu_rate, pmu_bandwidth, tier_bandwidth
-from passes import placement_grid as grid
-from passes.placement_memory import pmus_for
-from passes.placement_stages import PREVIOUS, KernelSpec
+from fusec.passes import placement_grid as grid
+from fusec.passes.placement_memory import pmus_for
+from fusec.passes.placement_stages import PREVIOUS, KernelSpec
 
 REPAIR_ROUNDS = 3
 RESTARTS = 3        # annealing runs per placement while repairing congestion

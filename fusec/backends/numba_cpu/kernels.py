@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from backends.numba_cpu.codegen import KernelCode, generate
+from fusec.backends.numba_cpu.codegen import KernelCode, generate
 from fusec.errors import TakeIndexError
 from fusec.ir import Graph
 

@@ -20,8 +20,8 @@ from typing import Callable
 
 import numpy as np
 
-from backends.numba_cpu.index import _broadcast, _insert_axes, iadd, imul, reshape_index  # noqa: F401
-from backends.numba_cpu.writer import Writer
+from fusec.backends.numba_cpu.index import _broadcast, _insert_axes, iadd, imul, reshape_index  # noqa: F401
+from fusec.backends.numba_cpu.writer import Writer
 from fusec.dtypes import round_bf16
 from fusec.guards import index_source, take_bound
 from fusec.ir import Graph

@@ -29,10 +29,10 @@ from fusec.ir import Graph
 from fusec.machines import Machine, get_machine
 from fusec.rdu.placement import TIERS, MemoryPlan, Placement, pcu_rate
 from fusec.sizes import concrete
-from passes.placement_build import PlacementBuilder
-from passes.placement_memory import choose_on_chip, overlaps, plan_memory, pmus_for, tensor_uses
-from passes.placement_stages import KernelSpec, Sizer, a_bytes, analyze, operand_traffic
-from passes.placement_torchops import section_groups
+from fusec.passes.placement_build import PlacementBuilder
+from fusec.passes.placement_memory import choose_on_chip, overlaps, plan_memory, pmus_for, tensor_uses
+from fusec.passes.placement_stages import KernelSpec, Sizer, a_bytes, analyze, operand_traffic
+from fusec.passes.placement_torchops import section_groups
 
 
 def place(graph: Graph, machine: Machine | str = "sn40l", seed: int = 0, dtype: str | None = None) -> Graph:
