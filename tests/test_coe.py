@@ -11,6 +11,7 @@ import torch
 import fusec
 from fusec.coe import LFU, CoE, ExpertError, save_expert
 from fusec.coe.experts import FileExpert
+from fusec.generate import eager_generate
 from fusec.models.causal_lm import random_model
 from fusec.models.llama import LlamaConfig
 
@@ -72,9 +73,20 @@ def test_module_experts_and_fp32_weights_match_eager_generation():
     models = {name: random_model(CONFIG, seed=10 + i) for i, name in enumerate(NAMES)}
     coe = CoE(router(), models, hbm_bytes=1 << 30, weights="fp32", **OPTIONS)
     for name in ("poetry", "chat"):
-        from fusec.generate import eager_generate
         want, _ = eager_generate(models[name], torch.tensor([prompt_for(name)]), 8, max_seq_len=64)
         assert torch.equal(coe.generate(prompt_for(name), max_new_tokens=8).tokens, want[0])
+
+
+def test_by_default_one_symbolic_prefill_program_serves_every_prompt_length():
+    models = {name: random_model(CONFIG, seed=20 + i) for i, name in enumerate(NAMES[:2])}
+    coe = CoE(router(NAMES[:2]), models, hbm_bytes=1 << 30, weights="fp32", max_seq_len=64)
+    for extra in (0, 1, 6, 30):  # prompts of 6, 7, 12 and 36 tokens, each expert in turn
+        for name in NAMES[:2]:
+            prompt = [NAMES.index(name)] + PROMPT + [(5 * i + extra) % 256 for i in range(extra)]
+            want, _ = eager_generate(models[name], torch.tensor([prompt]), 4, max_seq_len=64)
+            assert torch.equal(coe.generate(prompt, max_new_tokens=4).tokens, want[0]), (name, len(prompt))
+    slot, = coe.pool.slots.values()  # one architecture
+    assert list(slot.generator._prefill) == [(1, "T")]  # one program for every length, no padding
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfu"])

@@ -42,7 +42,7 @@ class ExpertPool:
     """
 
     def __init__(self, experts: Mapping[str, Any], hbm_bytes: int, weights: str = "bf16", max_seq_len: int = 256,
-                 prompt_buckets: tuple[int, ...] | None = (16, 32, 64, 128), policy: str | Policy = "lru",
+                 prompt_buckets: tuple[int, ...] | None = None, policy: str | Policy = "lru",
                  backend: str = "numba"):
         if not experts:
             raise ValueError("a pool needs at least one expert, given none")

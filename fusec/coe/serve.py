@@ -42,14 +42,16 @@ class CoEResult:
 class CoE:
     """A router and experts `{name: safetensors path or Llama model}` under an HBM budget of `hbm_bytes`.
 
-    `weights` ("bf16" default, "fp32" or "int8") is the resident format; `policy` ("lru", "lfu" or an object,
+    `weights` ("bf16" default, "fp32" or "int8") is the resident format; every prompt length runs through
+    one symbolic prefill program per architecture (`prompt_buckets`, e.g. (16, 64), pads prompts to static
+    programs instead); `policy` ("lru", "lfu" or an object,
     see `fusec.coe.store.Policy`) chooses evictions; `prefetch` loads the next request's expert during
     the current one's generation in `generate_many`. `cluster="ray"` serves the experts from
     `workers` Ray actors (`ray_address` to join a running cluster; see `fusec.coe.cluster`).
     """
 
     def __init__(self, router, experts: Mapping[str, Any], hbm_bytes: int, *, weights: str = "bf16",
-                 max_seq_len: int = 256, prompt_buckets: Sequence[int] | None = (16, 32, 64, 128),
+                 max_seq_len: int = 256, prompt_buckets: Sequence[int] | None = None,
                  policy: Any = "lru", prefetch: bool = True, cluster: str | None = None, workers: int = 2,
                  ray_address: str | None = None, backend: str = "numba"):
         if router is not None:
