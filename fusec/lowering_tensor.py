@@ -16,13 +16,36 @@ def _sum(cx, x, dims=None, keepdim=False, dtype=None):
 @lowers("aten.mean")
 def _mean(cx, x, dims=None, keepdim=False, dtype=None):
     x = cx.tensor(x, cx.out_dtype())
+    return _divide_by(cx, cx.reduce("sum", x, dims, keepdim), _count(cx, x, dims))
+
+
+@lowers("aten.var")
+def _var(cx, x, dims=None, correction=None, keepdim=False, unbiased=None):
+    """sum((x - mean)^2) / (N - correction); `unbiased` is the older form of correction 1 or 0."""
+    if correction is None:
+        correction = 1 if unbiased is None or unbiased else 0
+    x = cx.tensor(x, cx.out_dtype())
+    count = _count(cx, x, dims)
+    centered = cx.add("sub", [x, _divide_by(cx, cx.reduce("sum", x, dims, True), count)])
+    squares = cx.reduce("sum", cx.add("mul", [centered, centered]), dims, keepdim)
+    return _divide_by(cx, squares, count - correction)
+
+
+def _count(cx, x, dims):
+    """How many elements a reduction over `dims` (None or empty: all) sums: an int or a Sym."""
     t = cx.type(x)
-    axes = {d % t.rank for d in dims} if dims else set(range(t.rank))
+    dims = [dims] if isinstance(dims, int) else dims
     count = 1
-    for a in axes:
+    for a in ({d % t.rank for d in dims} if dims else range(t.rank)):
         count *= t.shape[a]
-    total = cx.reduce("sum", x, dims, keepdim)
-    return cx.add("mul", [total, cx.tensor(1.0 / count, cx.out_dtype())])
+    return count
+
+
+def _divide_by(cx, total, count):
+    if isinstance(count, Sym):  # known at run time: divide by a one-element iota that starts at the count
+        return cx.add("div", [total, cx.add("iota", [], shape=(1,), axis=0, start=count, step=1,
+                                            dtype=cx.type(total).dtype)])
+    return cx.add("mul", [total, cx.tensor(1.0 / count if count else float("nan"), cx.type(total).dtype)])
 
 
 @lowers("aten.amax", "aten.max")

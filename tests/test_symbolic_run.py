@@ -169,3 +169,33 @@ def test_dump_and_rdu_report_a_symbolic_program_at_a_size():
     assert placement_of(graph).sections
     with pytest.raises(SizeError, match=r"s0 must be in \[2, 128\]; given 500"):
         _lowered("llama-block:tiny", 500, True, None, dynamic=True)
+
+
+class MeanAndVariance(torch.nn.Module):
+    """Statistics over the symbolic axis (LayerNorm-over-time, as in a pooling head): the count is a size."""
+
+    def forward(self, x):
+        centered = x - x.mean(dim=1, keepdim=True)
+        return centered / (x.var(dim=1, keepdim=True, unbiased=False) + 1e-5).sqrt() + x.mean(dim=(1, 2)).unsqueeze(1).unsqueeze(2)
+
+
+@pytest.mark.parametrize("backend", ["numba", "reference"])
+def test_mean_and_variance_over_a_symbolic_axis_need_no_torch_op(backend):
+    module = MeanAndVariance()
+    compiled = fusec.compile(module, (torch.randn(2, 9, 8),), dynamic={"x": {1: (1, 64)}}, backend=backend)
+    assert compiled.stats["torch_ops"] == 0  # mean and var lowered, the count read at run time
+    for t in (1, 2, 9, 31, 64):
+        x = torch.randn(2, t, 8, generator=torch.Generator().manual_seed(t))
+        torch.testing.assert_close(compiled(x), module(x), rtol=1e-4, atol=1e-5, msg=f"at size {t}")
+    assert compiled.stats["programs"] == 1
+
+
+def test_variance_with_the_default_correction_matches_torch_statically():
+    class Var(torch.nn.Module):
+        def forward(self, x):
+            return x.var(dim=-1) + x.var()
+
+    x = torch.randn(3, 5, 7)
+    compiled = fusec.compile(Var(), (x,))
+    assert compiled.stats["torch_ops"] == 0
+    torch.testing.assert_close(compiled(x), Var()(x), rtol=1e-4, atol=1e-5)
