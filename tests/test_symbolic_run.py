@@ -154,6 +154,7 @@ def test_hf_llama_for_causal_lm_one_program(backend, fuse):
             with torch.no_grad():
                 torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5, msg=f"at size {n}")
     assert compiled.stats["programs"] == 1 and compiled.graph.sizes == {"s0": (1, 64)}
+    assert compiled.stats["torch_ops"] == 0  # the mask's cumsum and index fold (fusec.passes.ranges)
 
 
 def test_dump_and_rdu_report_a_symbolic_program_at_a_size():

@@ -18,6 +18,7 @@ from fusec.ir import DTYPES, Graph, Node, TensorType, make_attrs, prune
 from fusec.opset import OPS
 from fusec.printer import format_graph
 from fusec.symbolic import is_static
+from fusec.passes.ranges import simplify_ranges
 from fusec.passes.rewrite import Ctx, Rule, rewrite
 
 
@@ -207,7 +208,7 @@ def simplify_views(graph: Graph) -> Graph:
 # --- all of it ----------------------------------------------------------------------------------------
 
 PASSES = (eliminate_dead_code, eliminate_common_subexpressions, fold_constants, simplify_algebra,
-          simplify_views)
+          simplify_views, simplify_ranges)
 
 
 def canonicalize(graph: Graph, max_rounds: int = 10) -> Graph:
