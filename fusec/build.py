@@ -114,7 +114,7 @@ def build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options,
 
     def run_passes(traced):
         return lower(traced.graph, fuse=options.fuse, callback=dump.stage if dump else None,
-                     weights=options.weights, loop=options.loop and not traced.graph.sizes)  # (no symbolic loops yet)
+                     weights=options.weights, loop=options.loop)
     if dump:  # every stage is written out: nothing comes from the trace cache
         traced = run_trace()
         graph, how = run_passes(traced), "uncached: FUSEC_DEBUG_DIR"

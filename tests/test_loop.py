@@ -157,6 +157,25 @@ def test_looped_decode_and_prefill_equal_unlooped_and_eager(tiny4_decode):
         close(a.numpy(), e.numpy())
 
 
+@pytest.mark.parametrize("backend", ["numba", "reference"])
+def test_a_symbolic_prefill_loops_with_one_driver_for_every_length(backend):
+    """The loop's driver takes the sizes at run time: its buffers are views at each call's length."""
+    m = model()
+    tokens = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(2))
+    looped = fusec.compile(Prefill(m, None), (tokens,), dynamic={"tokens": {1: (1, 32)}}, backend=backend)
+    [loop] = loops(looped.graph)
+    assert loop.attr("trips") == 4 and looped.graph.sizes == {"s0": (1, 32)}
+    for length in (1, 2, 7, 31, 32, 3):  # up and down again: buffers are resized both ways
+        tokens = torch.randint(0, 97, (1, length), generator=torch.Generator().manual_seed(length))
+        with torch.no_grad():
+            eager = Prefill(m, None)(tokens)
+        for a, e in zip(looped(tokens), eager):
+            close(a.numpy(), e.numpy())
+    assert looped.stats["programs"] == 1
+    if backend == "numba":
+        assert looped.stats["python_calls"] < looped.stats["kernel_calls"]
+
+
 def test_bf16_weights_looped_equal_unlooped():
     m = model()
     ins = decode_inputs(m)
@@ -183,8 +202,8 @@ def test_bound_and_followed_weights_reach_every_iteration():
 
 
 def test_hf_llama_generates_as_eager_looped_or_not():
-    # a model nobody here wrote: all 3 layers loop in the decode program (the generator's prefill program
-    # is symbolic, one for every prompt length, and symbolic programs are not looped yet)
+    # a model nobody here wrote: all 3 layers loop in the decode program and in the symbolic prefill
+    # program (one for every prompt length)
     transformers = pytest.importorskip("transformers")
     from fusec.generate import compile_generator, eager_generate
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
@@ -202,7 +221,8 @@ def test_hf_llama_generates_as_eager_looped_or_not():
         close(got_logits.numpy(), logits.numpy())
         assert [n.attr("trips") for n in loops(generator.decode_program(1).graph)] == ([3] if loop else [])
         prefill = [p.graph for p in generator._prefill.values()]
-        assert prefill and all(g.sizes and not loops(g) for g in prefill)
+        assert prefill and all(g.sizes and [n.attr("trips") for n in loops(g)] == ([3] if loop else [])
+                               for g in prefill)
 
 
 def python_calls(compiled, ins) -> int:

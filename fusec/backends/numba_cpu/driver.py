@@ -17,7 +17,10 @@ addresses: each `k*` argument is a first-class function (the C entry point of th
 specialization, `CompileResultWAP`), so the driver's module neither types nor links nor optimizes the
 kernels again. Importing them instead would link every kernel's code into the driver's module, where
 LLVM optimizes and emits it a second time: the driver cost about as much to compile as its kernels.
-Intermediate buffers (`b*`) belong to the driver, allocated once. Weights are passed as one tuple per
+Intermediate buffers (`b*`) belong to the driver, allocated once. With symbolic sizes the driver takes
+each size variable as an argument (`s0`, used by the body's reshapes and slices; the kernels read their
+sizes from their arrays) and its buffers are planned for the upper bounds and passed as views at each
+call's sizes (`resize`), so one compiled driver serves every size. Weights are passed as one tuple per
 body parameter (`args` rebuilds them when weights are rebound). Index checks of gathers run inside: a bad
 index stops the driver with its number in `chk`, and `check` raises as a kernel call would.
 """
@@ -39,6 +42,7 @@ from fusec.errors import FusecError
 from fusec.guards import take_index_checks
 from fusec.ir import Graph, output_types
 from fusec.passes.hoist_slices import is_contiguous_slice
+from fusec.symbolic import evaluate
 
 VIEWS = ("reshape", "slice")
 
@@ -54,15 +58,30 @@ class Driver:
     consts: list = field(default_factory=list)     # stored constant arrays, in argument order
     errors: list = field(default_factory=list)     # (error slot, kernel code) per kernel that checks gathers
     checks: list = field(default_factory=list)     # (bound, what) per index check, numbered from 1
-    buffers: list = field(default_factory=list)    # intermediate values of one iteration
+    buffer_types: list = field(default_factory=list)  # IR types of the intermediate values of one iteration
+    size_names: tuple = ()    # the graph's size variables, passed in this order
+    buffers: list = field(default_factory=list)    # those values' arrays at the current sizes (`resize`)
+    sizes: dict = field(default_factory=dict)
     chk: np.ndarray = None
+    _storage: list = None
     _functions: list = None
+
+    def resize(self, sizes: dict) -> None:
+        """Buffers at these sizes: views of storage planned once for the first sizes given (the upper
+        bounds), so every view is a C-contiguous array of one Numba type."""
+        shapes = [tuple(evaluate(d, sizes) for d in t.shape) for t in self.buffer_types]
+        if self._storage is None:
+            self._storage = [np.empty(shape, to_numpy(t.dtype)).reshape(-1)
+                             for shape, t in zip(shapes, self.buffer_types)]
+        self.buffers = [store[:int(np.prod(shape, dtype=np.int64))].reshape(shape)
+                        for store, shape in zip(self._storage, shapes)]
+        self.sizes = dict(sizes)
 
     def args(self, weights: dict) -> list:
         """The arguments after the loop's operands and before its outputs, for these weight arrays."""
         tuples = [tuple(weights[row[j]] for row in self.weight_rows) for j in range(len(self.weight_rows[0]))]
         return (self.functions(weights) + tuples + self.consts + [e for e, _ in self.errors] + [self.chk] +
-                self.buffers)
+                [np.int64(self.sizes[name]) for name in self.size_names] + self.buffers)
 
     def functions(self, weights: dict) -> list:
         """The body's kernels as first-class functions, each compiled (or loaded from the cache) for the
@@ -83,8 +102,9 @@ class Driver:
             raise_bad_index(err, code.gathers)
 
 
-def build(graph: Graph, loop: int, header: str, load) -> Driver:
-    """Generate and load the driver of loop node `loop` of `graph` (and the kernels of its body)."""
+def build(graph: Graph, loop: int, header: str, load, sizes: dict | None = None) -> Driver:
+    """Generate and load the driver of loop node `loop` of `graph` (and the kernels of its body); its
+    buffers are planned for `sizes` (the upper bounds of the graph's size variables)."""
     n = graph.nodes[loop]
     body: Graph = n.attr("body")
     trips, carried, sliced = n.attr("trips"), list(n.attr("carried")), set(n.attr("sliced"))
@@ -99,7 +119,7 @@ def build(graph: Graph, loop: int, header: str, load) -> Driver:
         if body.nodes[o].op == "input":
             raise FusecError(f"loop %{loop}: a carried value passed on unchanged is not supported by the "
                              "numba backend")
-    d = Driver(None, None, [], None, rows, chk=np.zeros(2, np.int64))
+    d = Driver(None, None, [], None, rows, chk=np.zeros(2, np.int64), size_names=tuple(sorted(graph.sizes)))
     names: dict[int, str] = {}     # body id -> expression
     params = ([f"x{k}" for k in range(len(n.args))] + [f"k{k}" for k in range(len(kernels))] +
               [f"W{j}" for j in range(len(rows[0]))])
@@ -144,11 +164,11 @@ def build(graph: Graph, loop: int, header: str, load) -> Driver:
                 d.errors.append((np.zeros(2, np.int64), code))
                 specs.append(("array", d.errors[-1][0]))
             for r, t in enumerate(output_types(m)):
-                name = f"b{len(d.buffers)}"
-                d.buffers.append(np.empty(t.shape, to_numpy(t.dtype)))
+                name = f"b{len(d.buffer_types)}"
+                d.buffer_types.append(t)
                 names[(i, r)] = name
                 args.append(name)
-                specs.append(("array", d.buffers[-1]))
+                specs.append(("type", t))
             d.calls.append((built.modules[kernels.index(i)], specs))
             names[i] = names[(i, 0)]
             body_lines.append(f"k{kernels.index(i)}({', '.join(args)})")
@@ -162,11 +182,13 @@ def build(graph: Graph, loop: int, header: str, load) -> Driver:
         body_lines.append(f"_copy(o{c}, {names[o]})")
     lines += ["        " + line for line in body_lines]
     params += ([f"c{k}" for k in range(len(d.consts))] + [f"e{k}" for k in range(len(d.errors))] + ["chk"] +
-               [f"b{k}" for k in range(len(d.buffers))] + [f"o{k}" for k in range(len(output_types(n)))])
+               list(d.size_names) + [f"b{k}" for k in range(len(d.buffer_types))] +
+               [f"o{k}" for k in range(len(output_types(n)))])
     source = (header + "\n\n" + INDICES_OK + "\n\n"
               f"# loop: {trips} iterations of {len(kernels)} kernels\n"
               "@njit(cache=True, nogil=True)\n"
               f"def driver({', '.join(params)}):\n" + "\n".join(lines) + "\n")
+    d.resize(sizes or {})
     d.module = load(source)
     d.fn = d.module.driver
     d.modules = list(built.distinct) + [d.module]
@@ -224,5 +246,7 @@ def _flat_slice(body: Graph, m) -> str:
     """The flat range of a contiguous slice (passes.hoist_slices.is_contiguous_slice) of a C array."""
     shape = body.nodes[m.args[0]].shape
     axis, start = m.attr("axis"), m.attr("start")
-    inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
+    inner = 1
+    for d in shape[axis + 1:]:
+        inner *= d  # an int, or a Sym whose text is an expression of the size arguments
     return f"{start * inner}:{start * inner + m.type.numel}"

@@ -101,7 +101,8 @@ class Program:
         kernels = [i for i in calls if graph.nodes[i].op == "kernel"]
         built = build_kernels(graph, kernels, HEADER, load_module)  # each distinct body compiled once
         # a loop node runs all its iterations in one call of its generated driver (`driver.py`)
-        self.drivers = {i: build_driver(graph, i, HEADER, load_module) for i in calls if i not in kernels}
+        self.drivers = {i: build_driver(graph, i, HEADER, load_module, upper_sizes(graph))
+                        for i in calls if i not in kernels}
         self.source, self.modules = built.source, list(built.distinct)
         for d in self.drivers.values():
             self.source += "\n\n" + d.code.source
@@ -117,8 +118,6 @@ class Program:
         # bounds and viewed at each call's sizes (`_resize`); what follows sees the graph at those sizes
         self.symbolic, self._sizes = (graph, None) if graph.sizes else (None, {})
         if self.symbolic is not None:
-            if self.drivers:
-                raise FusecError("the numba backend runs no loop node with symbolic sizes (compile with loop=False)")
             self._slots, self._bounds = size_slots(graph), graph.sizes
             self._sizes = upper_sizes(graph)
             graph = self.graph = specialize(graph, self._sizes)
@@ -254,6 +253,10 @@ class Program:
             dtype = to_numpy(t.dtype)
             self.buffers[s, k] = storage[:t.numel * dtype.itemsize].view(dtype).reshape(t.shape)
         self.index_checks = [take_index_checks(self.graph.nodes[step.kernel]) for step in self.steps]
+        for step in self.steps:
+            if step.kernel in self.drivers:  # its buffers and size arguments at the new sizes
+                self.drivers[step.kernel].resize(sizes)
+                step.weights = self.drivers[step.kernel].args(self.weights)
         self._plan_steps()
 
     def _plan_steps(self) -> None:
