@@ -5,7 +5,10 @@ setup(
     name="fusec",
     version="0.1.0",
     description="Dataflow-graph compiler with kernel fusion for PyTorch (RDU-style, Numba CPU backend)",
-    packages=find_packages(include=["fusec", "fusec.*"]),
+    # passes/ and backends/ are top-level folders of the repository, installed inside the package
+    packages=find_packages(include=["fusec", "fusec.*"]) + [
+        f"fusec.{p}" for p in find_packages(include=["passes", "passes.*", "backends", "backends.*"])],
+    package_dir={"fusec.passes": "passes", "fusec.backends": "backends"},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy", "numba", "llvmlite", "scipy"],
     # models: the checkpoint formats of `fusec generate` (fusec/loaders imports them only when used)

@@ -105,7 +105,7 @@ def environment_key() -> str:
 
 
 def _library_digest() -> str:
-    """A hash of the Numba functions generated code calls (fusec/backends/numba_cpu/blas.py, mkl.py): Numba's
+    """A hash of the Numba functions generated code calls (backends/numba_cpu/blas.py, mkl.py): Numba's
     cache of a generated module embeds their machine code and does not notice when they change, so a
     changed library must mean new module names (a stale one crashed with a segmentation fault)."""
     from fusec.backends.numba_cpu import blas, mkl

@@ -41,10 +41,10 @@ class NoKey(Exception):
 
 @functools.lru_cache(maxsize=None)
 def source_digest() -> str:
-    """A hash of fusec's own Python files (the package fusec, its passes and backends included), once per process."""
+    """A hash of fusec's own Python files (the package fusec with its passes and backends), once per process."""
     import importlib.util
     digest = hashlib.sha256()
-    for package in ("fusec",):
+    for package in ("fusec", "fusec.passes", "fusec.backends"):
         spec = importlib.util.find_spec(package)
         for root in sorted(spec.submodule_search_locations or ()):
             for path in sorted(_python_files(root)):

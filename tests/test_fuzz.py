@@ -254,7 +254,7 @@ def test_fuzz_everything(data):
     fuzz(data, ELEMENTWISE + ("view", "reduce", "argmax", "matmul"), max_steps=6, unfused=True)
 
 
-# --- known Numba-codegen bugs, as minimal IR (xfail until fusec/backends/numba_cpu is fixed) --------------------
+# --- known Numba-codegen bugs, as minimal IR (xfail until backends/numba_cpu is fixed) --------------------
 
 def _run_both(text: str, *inputs: np.ndarray) -> None:
     assert_same(parse_graph(text), [np.asarray(x) for x in inputs])

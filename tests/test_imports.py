@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("fusec",)
+# folder -> import name: passes/ and backends/ install as fusec.passes and fusec.backends (setup.py)
+PACKAGES = {"fusec": "fusec", "passes": "fusec.passes", "backends": "fusec.backends"}
 # The layering (IR types <- op set <- graph <- printer/verifier <- passes <- backends <- API <- CLI) leaves
 # no cycle: a new one fails here.
 KNOWN: set[frozenset[str]] = set()
@@ -16,9 +17,9 @@ KNOWN: set[frozenset[str]] = set()
 
 def modules() -> dict[str, Path]:
     found = {}
-    for package in PACKAGES:
-        for path in (ROOT / package).rglob("*.py"):
-            name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    for folder, package in PACKAGES.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            name = ".".join((package, *path.relative_to(ROOT / folder).with_suffix("").parts))
             found[name.removesuffix(".__init__")] = path
     return found
 

@@ -1,6 +1,6 @@
 """Kernels by body: a contiguous constant slice of a kernel input moves out of the body (passes.hoist_slices),
 and the Numba backend compiles each distinct kernel body once, shared by every call site and program
-(fusec/backends/numba_cpu/kernels.py)."""
+(backends/numba_cpu/kernels.py)."""
 from __future__ import annotations
 
 from textwrap import dedent

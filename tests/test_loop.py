@@ -1,4 +1,4 @@
-"""Kernel looping (fusec/passes/loop.py): equal layers become one loop node; the reference backend defines it and
+"""Kernel looping (passes/loop.py): equal layers become one loop node; the reference backend defines it and
 the Numba backend runs it as one call of a generated driver. Looped programs equal unlooped ones and eager."""
 import dataclasses
 import re

@@ -1,5 +1,5 @@
 """The layout pass: attention's K and V are stored with the axis its inner loops walk last, decided once
-(fusec/passes/layout.py), shown in the dump as the attention kernel's `layout` attr, and obeyed by the Numba
+(passes/layout.py), shown in the dump as the attention kernel's `layout` attr, and obeyed by the Numba
 emitter (the dot product over the head depth reads K contiguously)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Range algebra (fusec/passes/ranges.py): position bookkeeping computed from `arange` of a symbolic length
+"""Range algebra (passes/ranges.py): position bookkeeping computed from `arange` of a symbolic length
 folds as a static graph's does, so the cumsum and advanced index Hugging Face's mask builder runs over it
 need no PyTorch call; positions that are data keep their torch ops and stay right."""
 from __future__ import annotations

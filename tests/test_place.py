@@ -1,4 +1,4 @@
-"""The placement pass (`fusec/passes/place.py`): invariants of the layout and the memory plan, determinism,
+"""The placement pass (`passes/place.py`): invariants of the layout and the memory plan, determinism,
 the verifier, the "placed" stage and its dump (golden text for the tiny block, SVG/PNG/JSON), and the
 numerics of a compiled program, which placement must not change."""
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The RDU model against the papers (`fusec/rdu/paper.py`): every published figure has a row, ratios come
 from the model, kernel looping beats the unlooped decode, the JSON of `fusec rdu --paper --json`, the
-PyTorch-level unfused program (`fusec/passes/placement_torchops.py`) and the looped-program formula. Runs the
+PyTorch-level unfused program (`passes/placement_torchops.py`) and the looped-program formula. Runs the
 table on small shapes (`small=True`): the structure is the same, the numbers are not the paper's."""
 from __future__ import annotations
 

@@ -104,7 +104,7 @@ def add_rdu_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="count float tensors at this size (auto: bf16 on sn40l, else as traced)")
     r.add_argument("--weights", default="fp32", choices=("fp32", "bf16", "int8"),
-                   help="weight storage (int8: 1 byte per weight plus a scale per 32; see fusec/passes/weights.py)")
+                   help="weight storage (int8: 1 byte per weight plus a scale per 32; see passes/weights.py)")
     r.add_argument("--orchestration", default=None, choices=("software", "hardware"),
                    help="kernel launches from the host or the chip (default: hardware for --decode, else software)")
     r.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the placement's annealing")
