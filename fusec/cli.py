@@ -1,4 +1,5 @@
-"""The `fusec` command line: dump the IR at any stage, run the demo, list models, explain, check, cache.
+"""The `fusec` command line: dump the IR at any stage, explain, check, generate text, benchmark, model an RDU,
+serve experts, run the demo, list models, manage the cache.
 
     fusec dump llama-block --stage canonical
     fusec dump my_model.py:make_model --stage ir --format dot -o graph.dot
@@ -45,7 +46,8 @@ BACKEND_STAGES = ["numba"]  # generated source, after every pass
 
 def stage_names() -> list[str]:
     """Every stage `fusec dump` can show, in pipeline order."""
-    return _frontend_stages() + [s for s in TARGETS["rdu"] if s != "weights"] + ["looped"] + BACKEND_STAGES
+    rdu = [s for s in TARGETS["rdu"] if s != "weights"]  # the CPU stages, then placed (RDU target only)
+    return _frontend_stages() + [s for s in rdu if s != "placed"] + ["looped", "placed"] + BACKEND_STAGES
 
 
 def dump(spec: str, stage: str, fmt: str, seq_len: int | None = None, fuse: bool = True,

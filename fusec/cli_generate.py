@@ -39,8 +39,8 @@ def add_parser(sub) -> None:
                    "making up this probability (default 0.95; 1 for all)")
     g.add_argument("--seed", type=nonnegative_int, default=None, help="seed of the sampler (default: random, "
                    "reported at the end)")
-    g.add_argument("--weights", default="fp32", help="weight storage, as compile_generator's weights= "
-                   "(fp32, the default, or bf16)")
+    g.add_argument("--weights", choices=("fp32", "bf16", "int8"), default="fp32",
+                   help="weight storage, as compile_generator's weights= (default fp32)")
     g.add_argument("--threads", type=positive_int, default=None, help="threads for numba and torch")
     g.add_argument("--tokenizer", default=None, help="the tokenizer file, when not where the format keeps it")
     g.add_argument("--backend", choices=("numba", "reference"), default="numba", help=argparse.SUPPRESS)

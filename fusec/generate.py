@@ -1,5 +1,5 @@
-"""Token generation with a compiled Llama: one prefill program per prompt length, one decode program for
-every position, and a static KV cache the generator owns.
+"""Token generation with a compiled Llama: one symbolic prefill program for every prompt length, one decode
+program for every position (each per batch size), and a static KV cache the generator owns.
 
     gen = fusec.compile_generator(model, max_seq_len=256)      # a CausalLM or a transformers LlamaForCausalLM
     ids = gen.generate(input_ids, max_new_tokens=64)           # greedy; temperature=0.8, seed=0 samples
@@ -307,8 +307,8 @@ def compile_generator(model: nn.Module, max_seq_len: int | None = None, weights:
     `weights="bf16"` stores weights as bfloat16, `"int8"` as int8 blocks with float32 scales (see
     `fusec.compile`). `backend` is a
     fusec backend ("numba", "reference"). `prompt_buckets` (e.g. (16, 64, 256)) pads prompts on the right
-    to the next bucket so that few prefill programs serve every prompt; without it each prompt length
-    compiles its own. The decode program for `batch` is compiled here; nothing compiles while decoding.
+    to the next bucket, one static prefill program per bucket; without it one symbolic prefill program
+    serves every prompt length. The decode program for `batch` is compiled here; nothing compiles while decoding.
     `loop=False` (or FUSEC_LOOP=0) keeps one Python call per kernel instead of one per run of layers.
     """
     causal_lm = as_causal_lm(model)
