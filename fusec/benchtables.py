@@ -6,7 +6,7 @@
 A table is made from one JSON file, that is from one run, and says which: its command, date and commit
 (the `run` record `benchtools.write_json` adds). `--update` replaces, in each markdown file, the block
 between `<!-- table: NAME -->` and `<!-- /table -->`, where NAME is the JSON file's stem
-(`bench_generate`, `bench_block`); a file without that marker is left alone.
+(`bench_generate`, `bench_block`, `bench_startup`); a file without that marker is left alone.
 """
 from __future__ import annotations
 
@@ -57,11 +57,20 @@ def _block(report: dict) -> list[list[str]]:
     return _pivot(report["results"], "case", lambda r: f"{r['median_ms']:.2f} ms{_share(r)}")
 
 
+def _startup(report: dict) -> list[list[str]]:
+    warm = len(report["rows"][0]["warm_runs_s"]) if report["rows"] else 0
+    return [["to the first token", "cold", f"warm (median of {warm})"]] + [
+        [r["model"], f"{r['cold_s']:.1f} s", f"{r['warm_s']:.2f} s"] for r in report["rows"]]
+
+
 RENDERERS: dict[str, tuple[Callable[[dict], list[list[str]]], str]] = {
     "bench_generate": (_generate, "Decode tokens/s (batch 1, greedy) and, in brackets, its share of the "
                                   "bandwidth roofline."),
     "bench_block": (_block, "Median time per call and, in brackets, its share of the roofline (decode: "
                             "bandwidth; prefill: matmul peak)."),
+    "bench_startup": (_startup, "`compile_generator` and the first `generate` (5-token prompt, 1 new token), "
+                                "each run a new process with random weights: cold in a fresh cache directory, "
+                                "warm with the same one; importing torch and fusec is not counted."),
 }
 
 
@@ -88,7 +97,7 @@ def update_markdown(markdown: str, name: str, table: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Markdown tables from benchmark JSON files.")
-    p.add_argument("json", nargs="+", help="bench_generate.json, bench_block.json")
+    p.add_argument("json", nargs="+", help="bench_generate.json, bench_block.json, bench_startup.json")
     p.add_argument("--update", nargs="*", default=[], metavar="MARKDOWN",
                    help="replace the marked table blocks in these files instead of printing")
     args = p.parse_args(argv)

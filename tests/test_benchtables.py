@@ -41,6 +41,17 @@ def test_table_shows_the_json_numbers_and_its_run(tmp_path):
     assert "| stories42M | - | - | 125 tok/s (5.2%) |" in lines
 
 
+def test_startup_table_shows_cold_and_the_warm_median(tmp_path):
+    report = {"run": {"date": "2026-11-30 06:04 UTC", "commit": "8e11c85", "command": "python bench_startup.py"},
+              "rows": [{"model": "stories15M", "cold_s": 28.61, "warm_s": 1.032, "warm_runs_s": [1.05, 1.032, 1.01]}]}
+    path = tmp_path / "bench_startup.json"
+    path.write_text(json.dumps(report))
+    lines = render(path).splitlines()
+    assert lines[0].startswith("From `python bench_startup.py`, 2026-11-30 06:04 UTC, commit `8e11c85`.")
+    assert "| to the first token | cold | warm (median of 3) |" in lines
+    assert "| stories15M | 28.6 s | 1.03 s |" in lines
+
+
 def test_update_replaces_only_the_marked_block(tmp_path):
     path = tmp_path / "bench_generate.json"
     path.write_text(json.dumps(REPORT))
