@@ -7,15 +7,19 @@
 length. `generator`: a generator's one prefill program (every prompt length) against static prefill
 programs per length (random weights). Calls alternate between the two and each time is the median of
 `--repeat` calls; the spread (max - min) says how noisy the machine was. Compile times are of this
-process (cold or warm depending on the cache).
+process (cold or warm depending on the cache). Writes bench_symbolic_block.json or
+bench_symbolic_generator.json in `--out` (`benchmarks/tables.py` makes the table).
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
+
+from fusec import benchtools
 
 
 def _time(fn, x) -> float:
@@ -37,7 +41,7 @@ def compare(symbolic, specialized, x, repeat: int) -> tuple[float, float, float,
     return statistics.median(ts), statistics.median(tt), max(ts) - min(ts), max(tt) - min(tt), diff
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> Path:
     import fusec
     from fusec.generate import Generator, compile_generator, fusec_compiler
     from fusec.models import LlamaBlock, LlamaConfig, example_inputs
@@ -49,7 +53,8 @@ def main() -> None:
     p.add_argument("--lengths", default="1,17,128,256")
     p.add_argument("--upper", type=int, default=256)
     p.add_argument("--repeat", type=int, default=9)
-    args = p.parse_args()
+    p.add_argument("--out", default="bench_out", help="directory for the JSON report")
+    args = p.parse_args(argv)
     config = LlamaConfig.preset(args.preset)
     lengths = [int(n) for n in args.lengths.split(",")]
     start = time.perf_counter()
@@ -65,9 +70,11 @@ def main() -> None:
         static = Generator(model, args.upper, lambda m, example: fused(m, example))
         make = lambda n: static.prefill_program(1, n)  # noqa: E731
         inputs = lambda n: torch.randint(0, config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))  # noqa: E731
-    print(f"{args.what} {args.preset}: symbolic program compiled in {time.perf_counter() - start:.1f} s", flush=True)
+    symbolic_compile_s = time.perf_counter() - start
+    print(f"{args.what} {args.preset}: symbolic program compiled in {symbolic_compile_s:.1f} s", flush=True)
     print("| tokens | symbolic ms | specialized ms | ratio | spread ms (sym / spec) | specialized compile s |")
     print("|---|---|---|---|---|---|")
+    rows = []
     for n in lengths:
         start = time.perf_counter()
         specialized = make(n)
@@ -76,8 +83,14 @@ def main() -> None:
         assert diff < 1e-3, f"symbolic and specialized differ by {diff} at {n} tokens"
         print(f"| {n} | {1e3 * ms:.2f} | {1e3 * mt:.2f} | {ms / mt:.3f} | {1e3 * ss:.1f} / {1e3 * st:.1f} | "
               f"{compile_s:.1f} |", flush=True)
-    stats = getattr(symbolic, "stats", {})
-    print(f"programs compiled by the symbolic one: {stats.get('programs', 1)}")
+        rows.append({"tokens": n, "symbolic_ms": 1e3 * ms, "specialized_ms": 1e3 * mt, "ratio": ms / mt,
+                     "spread_symbolic_ms": 1e3 * ss, "spread_specialized_ms": 1e3 * st,
+                     "specialized_compile_s": compile_s})
+    programs = getattr(symbolic, "stats", {}).get("programs", 1)
+    print(f"programs compiled by the symbolic one: {programs}")
+    return benchtools.write_json(Path(args.out) / f"bench_symbolic_{args.what}.json", {
+        "what": args.what, "preset": args.preset, "upper": args.upper, "repeat": args.repeat,
+        "symbolic_compile_s": symbolic_compile_s, "programs": programs, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 A table is made from one JSON file, that is from one run, and says which: its command, date and commit
 (the `run` record `benchtools.write_json` adds). `--update` replaces, in each markdown file, the block
 between `<!-- table: NAME -->` and `<!-- /table -->`, where NAME is the JSON file's stem
-(`bench_generate`, `bench_block`, `bench_startup`); a file without that marker is left alone.
+(`bench_generate`, `bench_block`, `bench_startup`, `bench_symbolic_block`, ...); a file without that
+marker is left alone.
 """
 from __future__ import annotations
 
@@ -63,6 +64,15 @@ def _startup(report: dict) -> list[list[str]]:
         [r["model"], f"{r['cold_s']:.1f} s", f"{r['warm_s']:.2f} s"] for r in report["rows"]]
 
 
+def _symbolic(report: dict) -> list[list[str]]:
+    return [["tokens", "symbolic ms", "specialized ms", "ratio", "spread ms (sym / spec)"]] + [
+        [str(r["tokens"]), f"{r['symbolic_ms']:.2f}", f"{r['specialized_ms']:.2f}", f"{r['ratio']:.3f}",
+         f"{r['spread_symbolic_ms']:.1f} / {r['spread_specialized_ms']:.1f}"] for r in report["rows"]]
+
+
+SYMBOLIC = ("Medians of calls alternating between the one symbolic program and a program specialized to "
+            "each length; the spread (max - min) says how noisy the machine was.")
+
 RENDERERS: dict[str, tuple[Callable[[dict], list[list[str]]], str]] = {
     "bench_generate": (_generate, "Decode tokens/s (batch 1, greedy) and, in brackets, its share of the "
                                   "bandwidth roofline."),
@@ -71,6 +81,8 @@ RENDERERS: dict[str, tuple[Callable[[dict], list[list[str]]], str]] = {
     "bench_startup": (_startup, "`compile_generator` and the first `generate` (5-token prompt, 1 new token), "
                                 "each run a new process with random weights: cold in a fresh cache directory, "
                                 "warm with the same one; importing torch and fusec is not counted."),
+    "bench_symbolic_block": (_symbolic, SYMBOLIC),
+    "bench_symbolic_generator": (_symbolic, SYMBOLIC),
 }
 
 
