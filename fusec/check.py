@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
-from fusec.backends.reference import eval_node
+from fusec.semantics import eval_node
 import fusec
 from fusec.printer import format_graph, format_node
 TOL = 1e-4

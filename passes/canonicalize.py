@@ -17,6 +17,7 @@ from fusec.dtypes import to_numpy
 from fusec.ir import DTYPES, Graph, Node, TensorType, make_attrs, prune
 from fusec.opset import OPS
 from fusec.printer import format_graph
+from fusec.semantics import eval_node
 from fusec.symbolic import is_static
 from fusec.passes.ranges import simplify_ranges
 from fusec.passes.rewrite import Ctx, Rule, rewrite
@@ -51,9 +52,6 @@ def _splat_value(arr: np.ndarray) -> Any:
 
 
 def _fold(c: Ctx, *args: int, max_elements: int) -> int | None:
-    # folding evaluates with the reference semantics: a backend, above the passes, and SciPy with it
-    # (seconds), so it loads when a constant first folds, not with the pass layer
-    from fusec.backends.reference import eval_node
     n = c.n
     if not args or not all(c.node(a).op in CONSTANT_OPS for a in args):
         return None
@@ -76,8 +74,8 @@ def _fold(c: Ctx, *args: int, max_elements: int) -> int | None:
 
 def fold_constants(graph: Graph, max_elements: int = 1 << 22) -> Graph:
     """Evaluate every node whose operands are all constants (`const`, `iota`, or folded before) with the
-    reference backend and replace it by a `const`: a splat when all elements are equal, else a stored
-    array. Expects a verified graph; guarantees that no foldable node is left with only constant
+    reference semantics (`fusec.semantics`) and replace it by a `const`: a splat when all elements are
+    equal, else a stored array. Expects a verified graph; guarantees that no foldable node is left with only constant
     operands, except those whose result or operands exceed `max_elements` (a huge expand). Splat
     arithmetic and moving splats around fold at any size, since they never materialize an array.
     """

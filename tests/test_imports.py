@@ -77,6 +77,15 @@ def test_no_import_cycles():
     assert not new, "import cycles: " + "; ".join(" <-> ".join(sorted(c)) for c in new)
 
 
+def test_the_ir_and_the_passes_import_no_backend():
+    """One direction: the IR and the passes sit below the backends (the reference semantics, which
+    constant folding evaluates with, is `fusec.semantics`, not a backend)."""
+    graph = import_graph()
+    below = [m for m in graph if m.startswith("fusec.passes") or m in ("fusec.ir", "fusec.opset", "fusec.semantics")]
+    upward = {m: sorted(t for t in graph[m] if t.startswith("fusec.backends")) for m in below}
+    assert not {m: t for m, t in upward.items() if t}
+
+
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == {frozenset("abc")}
 

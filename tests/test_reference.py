@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import mutually_broadcastable_shapes
 
-from fusec.backends.reference import _OPS, TakeIndexError, compile_graph, eval_node, run_graph
+from fusec.backends.reference import compile_graph, run_graph
+from fusec.semantics import _OPS, TakeIndexError, eval_node
 from fusec.dtypes import from_numpy, from_torch, round_bf16, to_numpy, to_torch
 from fusec.errors import FusecError
 from fusec.ir import Builder, Graph, TensorType
