@@ -92,3 +92,13 @@ def test_no_workers_without_a_cache_directory_or_for_one_body(cache_dir, monkeyp
     assert compile_pool.worker_count(8) == 0
     monkeypatch.setenv("FUSEC_COMPILE_WORKERS", "3")
     assert compile_pool.worker_count(8) == 3 and compile_pool.worker_count(2) == 1
+
+
+def test_a_worker_that_hangs_is_killed_and_the_kernels_compile_here(cache_dir, monkeypatch):
+    compile_pool._POOL.close()
+    monkeypatch.setattr(compile_pool, "BOOT", "import time; time.sleep(120)")  # never answers
+    monkeypatch.setattr(compile_pool, "JOB_SECONDS", 1.0)
+    program = fresh_program()
+    assert program.compile_counts["in_workers"] == 0 and program.compile_counts["worker_failures"] >= 1
+    assert compiled_here(program) == {m.__name__ for m in program.modules}
+    assert all(w.poll() is not None for w in compile_pool._POOL.workers.values())  # none left behind

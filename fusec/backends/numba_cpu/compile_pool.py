@@ -29,6 +29,7 @@ import warnings
 from fusec.debug import debug
 
 IDLE_SECONDS = 60.0   # a worker exits after this long without a job (a later compile starts a new one)
+JOB_SECONDS = 900.0   # a worker that does not answer within this long is killed (the job compiles here)
 _HEADER = struct.Struct("<Q")
 # a worker's program: this fusec first on its path, whatever the parent's script or working directory
 BOOT = "import sys; sys.path.insert(0, {root!r}); from fusec.backends.numba_cpu.compile_pool import serve; serve()"
@@ -128,6 +129,16 @@ def compile_all(jobs: list[tuple[object, str, list]]) -> dict:
     return counts
 
 
+def prestart() -> None:
+    """Start the workers a cold compile will use (they import torch and Numba meanwhile, a second or more),
+    without waiting for them. For a program that is being traced: its kernels are most likely in no cache."""
+    from fusec.cache import choose_dir
+    n = worker_count(1 << 20)
+    if n and choose_dir()[0] is not None:
+        for k in range(n):
+            _POOL._worker(k, restart=False)
+
+
 def _after_worker(module) -> None:
     """Check the files a worker wrote like any cached ones: kept when they match the checksums recorded,
     discarded (compiled here on the first call) when not."""
@@ -141,30 +152,42 @@ def _after_worker(module) -> None:
 
 
 class _Pool:
-    """Worker processes, started on first need and kept while they are busy."""
+    """Worker processes, started on first need; each serves one job at a time."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.workers: dict[int, subprocess.Popen] = {}
+        self.busy: dict[int, threading.Lock] = {}  # per worker: one request and its reply at a time
+        self.pid = os.getpid()
 
     def run(self, number: int, job: tuple) -> tuple[bool, str]:
-        """Run one job on worker `number` (started, or restarted once if it had exited): (ok, why not)."""
+        """Run one job on worker `number` (started, or restarted once if it had exited): (ok, why not).
+        A worker silent for JOB_SECONDS is killed (the job then compiles here)."""
         module, function, signatures = job
         request = pickle.dumps((module.__fusec_source__, module.__fusec_cache__, function, signatures,
                                 {k: v for k, v in os.environ.items() if k.startswith(("FUSEC_", "NUMBA_"))}))
-        for attempt in range(2):
-            worker = self._worker(number, restart=attempt > 0)
-            if worker is None:
-                return False, "it could not start"
-            try:
-                _send(worker.stdin, request)
-                return pickle.loads(_receive(worker.stdout))  # noqa: S301 - our own child, over its pipe
-            except (OSError, EOFError, pickle.UnpicklingError) as e:
-                why = f"{type(e).__name__}: {e}"
-        return False, why
+        with self.lock:
+            busy = self.busy.setdefault(number, threading.Lock())
+        with busy:
+            why = ""
+            for attempt in range(2):
+                worker = self._worker(number, restart=attempt > 0)
+                if worker is None:
+                    return False, "it could not start"
+                try:
+                    _send(worker.stdin, request)
+                    return pickle.loads(_read(worker.stdout.fileno(), JOB_SECONDS))  # noqa: S301 - our child
+                except TimeoutError as e:
+                    worker.kill()
+                    return False, str(e)
+                except (OSError, EOFError, pickle.UnpicklingError) as e:
+                    why = f"{type(e).__name__}: {e}"
+            return False, why
 
     def _worker(self, number: int, restart: bool) -> subprocess.Popen | None:
         with self.lock:
+            if self.pid != os.getpid():  # a forked child: its parent's workers are not its own
+                self.workers, self.busy, self.pid = {}, {}, os.getpid()
             worker = self.workers.get(number)
             if worker is not None and (restart or worker.poll() is not None):
                 _stop(worker)
@@ -182,8 +205,9 @@ class _Pool:
 
     def close(self) -> None:
         with self.lock:
-            for worker in self.workers.values():
-                _stop(worker)
+            if self.pid == os.getpid():
+                for worker in self.workers.values():
+                    _stop(worker)
             self.workers.clear()
 
 
@@ -204,6 +228,24 @@ atexit.register(_POOL.close)
 def _send(stream, data: bytes) -> None:
     stream.write(_HEADER.pack(len(data)) + data)
     stream.flush()
+
+
+def _read(fd: int, seconds: float) -> bytes:
+    """One message from file descriptor `fd`, waiting at most `seconds` for it (TimeoutError)."""
+    import select
+    import time
+    deadline, data, size = time.monotonic() + seconds, b"", None
+    while size is None or len(data) < _HEADER.size + size:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise TimeoutError(f"no answer within {seconds:.0f} s")
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            raise EOFError("the worker exited")
+        data += chunk
+        if size is None and len(data) >= _HEADER.size:
+            size, = _HEADER.unpack(data[:_HEADER.size])
+    return data[_HEADER.size:]
 
 
 def _receive(stream) -> bytes:
