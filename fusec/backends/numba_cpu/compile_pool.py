@@ -142,13 +142,17 @@ def prestart() -> None:
 def _after_worker(module) -> None:
     """Check the files a worker wrote like any cached ones: kept when they match the checksums recorded,
     discarded (compiled here on the first call) when not."""
-    from fusec.cache import verify_numba_files
-    with_cache = getattr(module, "__fusec_cache__", None)
-    if with_cache:
-        from fusec.cache_trust import locked
-        directory, ndir, name = with_cache
+    from fusec.cache import purge, verify_numba_files
+    from fusec.cache_trust import locked
+    directory, ndir, name = module.__fusec_cache__
+    try:
         with locked(directory):
             verify_numba_files(directory, ndir, name)
+    except OSError:  # not checked (the lock is held elsewhere): not used either
+        try:
+            purge(directory, ndir, name)
+        except OSError:
+            pass
 
 
 class _Pool:
