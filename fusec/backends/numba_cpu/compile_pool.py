@@ -77,13 +77,13 @@ def pending(calls: list[tuple[object, str, tuple]]) -> list[tuple[object, str, l
     from fusec.cache import numba_files
     jobs: dict[tuple[str, str], tuple[object, str, list]] = {}
     for module, function, sig in calls:
-        where = getattr(module, "__fusec_cache__", None)
-        if not where or sig in getattr(module, function).overloads or numba_files(where[1], where[2], function):
-            continue
-        job = jobs.setdefault((module.__name__, function), (module, function, []))
-        if sig not in job[2]:
-            job[2].append(sig)
-    return sorted(jobs.values(), key=lambda j: (j[1] != "driver", -len(j[0].__fusec_source__)))
+        if getattr(module, "__fusec_cache__", None) and sig not in getattr(module, function).overloads:
+            job = jobs.setdefault((module.__name__, function), (module, function, []))
+            if sig not in job[2]:
+                job[2].append(sig)
+    cold = [(module, function, sigs) for module, function, sigs in jobs.values()  # (one look per module)
+            if not numba_files(module.__fusec_cache__[1], module.__fusec_cache__[2], function)]
+    return sorted(cold, key=lambda j: (j[1] != "driver", -len(j[0].__fusec_source__)))
 
 
 def compile_all(jobs: list[tuple[object, str, list]]) -> dict:
