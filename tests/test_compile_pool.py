@@ -102,3 +102,13 @@ def test_a_worker_that_hangs_is_killed_and_the_kernels_compile_here(cache_dir, m
     assert program.compile_counts["in_workers"] == 0 and program.compile_counts["worker_failures"] >= 1
     assert compiled_here(program) == {m.__name__ for m in program.modules}
     assert all(w.poll() is not None for w in compile_pool._POOL.workers.values())  # none left behind
+
+
+def test_default_worker_count_follows_the_cpus_up_to_a_cap(monkeypatch):
+    monkeypatch.delenv("FUSEC_COMPILE_WORKERS", raising=False)
+    monkeypatch.setattr(compile_pool, "_cpus", lambda: 64)
+    assert compile_pool.worker_count(1 << 20) == compile_pool.MAX_WORKERS  # (each worker imports torch)
+    monkeypatch.setattr(compile_pool, "_cpus", lambda: 2)
+    assert compile_pool.worker_count(8) == 1
+    monkeypatch.setattr(compile_pool, "_cpus", lambda: 1)
+    assert compile_pool.worker_count(8) == 0

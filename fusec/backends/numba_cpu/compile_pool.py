@@ -13,7 +13,7 @@ Nothing here changes what runs: when a worker cannot start, fails, or compiled f
 kernel is compiled in this process on its first call, as without workers, raising the same error if it
 fails. Workers are used only with a cache directory and two or more bodies to compile; they exit when
 idle for `IDLE_SECONDS` or when this process exits. `FUSEC_COMPILE_WORKERS=N` sets their number
-(default: one fewer than the CPUs this process may use; 0 turns them off).
+(default: one fewer than the CPUs this process may use, at most MAX_WORKERS; 0 turns them off).
 """
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ from fusec.debug import debug
 
 IDLE_SECONDS = 60.0   # a worker exits after this long without a job (a later compile starts a new one)
 JOB_SECONDS = 900.0   # a worker that does not answer within this long is killed (the job compiles here)
+# default most workers: each imports torch (a few hundred MB while it lives), and a program has about 8
+# distinct bodies, the largest of which bounds the time anyway
+MAX_WORKERS = 4
 _HEADER = struct.Struct("<Q")
 # a worker's program: this fusec first on its path, whatever the parent's script or working directory
 BOOT = "import sys; sys.path.insert(0, {root!r}); from fusec.backends.numba_cpu.compile_pool import serve; serve()"
@@ -37,7 +40,8 @@ BOOT = "import sys; sys.path.insert(0, {root!r}); from fusec.backends.numba_cpu.
 
 def worker_count(jobs: int) -> int:
     """How many workers to use for `jobs` bodies: none for fewer than two (this process compiles one
-    itself meanwhile), else FUSEC_COMPILE_WORKERS or one fewer than the usable CPUs, at most jobs - 1."""
+    itself meanwhile), else FUSEC_COMPILE_WORKERS or one fewer than the usable CPUs (at most MAX_WORKERS),
+    at most jobs - 1."""
     if jobs < 2:
         return 0
     setting = os.environ.get("FUSEC_COMPILE_WORKERS", "").strip()
@@ -47,9 +51,9 @@ def worker_count(jobs: int) -> int:
         except ValueError:
             warnings.warn(f"fusec: FUSEC_COMPILE_WORKERS must be a whole number, given {setting!r}; "
                           "using the default", stacklevel=3)
-            wanted = _cpus() - 1
+            wanted = min(_cpus() - 1, MAX_WORKERS)
     else:
-        wanted = _cpus() - 1
+        wanted = min(_cpus() - 1, MAX_WORKERS)
     return max(0, min(wanted, jobs - 1))
 
 
