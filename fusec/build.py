@@ -107,6 +107,9 @@ def build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options,
     dump = DebugDump.start(type(module).__name__ if isinstance(module, torch.nn.Module) else "module")
 
     def run_trace():
+        if options.backend == "numba":  # traced: its kernels are likely cold, compiled by workers
+            from fusec.backends.numba_cpu.compile_pool import prestart
+            prestart()
         traced = trace(module, args, kwargs, strict=options.strict, dynamic=dynamic)
         if dump:
             dump.traced(traced.graph, getattr(traced.fx_graph, "code", ""))
@@ -133,6 +136,7 @@ def build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options,
         debug(3, f"--- generated code of {traced.module_name} ({len(program.steps)} kernels)\n{program.source}")
         stats["intermediate_bytes"] = program.intermediate_bytes
         stats["distinct_kernels"] = len(program.modules)  # kernels with equal bodies share one function
+        stats["compiled_in_workers"] = program.compile_counts["in_workers"]  # (backends.numba_cpu.compile_pool)
         stats.update(program.blas)  # {"blas": the library its GEMMs call[, "blas_note": why not MKL]}
         spec = Specialization(traced, graph, program.run, program.source, stats, program)
         steps = len(program.steps) + sum(len(v) for v in program.torch_steps.values())

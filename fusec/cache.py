@@ -278,6 +278,7 @@ def _build(name: str, source: str) -> types.ModuleType:
     else:
         module.__file__ = os.path.join(where[0], name + ".py")
     module.__fusec_cache__ = (*where, name) if where else None
+    module.__fusec_source__ = source  # what a compile worker loads (`backends.numba_cpu.compile_pool`)
     exec(compile(source, module.__file__, "exec"), module.__dict__)  # the verified text, never a .pyc
     return module
 

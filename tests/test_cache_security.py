@@ -214,7 +214,9 @@ def numba_cache_files(numba_dir, suffix):
 
 @pytest.mark.parametrize("which, damage", [(".nbc", "flip"), (".nbi", "truncate")])
 def test_damaged_files_under_numba_cache_dir_are_found_and_rebuilt(tmp_path, which, damage):
-    env = {"FUSEC_CACHE_DIR": str(tmp_path / "cache"), "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    # (no compile workers: "ok 0" below means every kernel compiled in the process that found the damage)
+    env = {"FUSEC_CACHE_DIR": str(tmp_path / "cache"), "NUMBA_CACHE_DIR": str(tmp_path / "numba"),
+           "FUSEC_COMPILE_WORKERS": "0"}
     out = run_in_new_process(env)
     assert out.returncode == 0, out.stderr[-3000:]
     found = numba_cache_files(tmp_path / "numba", which)

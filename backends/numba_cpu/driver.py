@@ -33,6 +33,7 @@ import numpy as np
 from numba.core.types.function_type import CompileResultWAP
 
 from fusec.backends.numba_cpu.codegen import KernelCode
+from fusec.backends.numba_cpu.compile_pool import array_type
 from fusec.backends.numba_cpu.kernels import FUNCTION
 from fusec.backends.numba_cpu.kernels import build as build_kernels
 from fusec.backends.numba_cpu.kernels import raise_bad_index
@@ -79,21 +80,34 @@ class Driver:
 
     def args(self, weights: dict) -> list:
         """The arguments after the loop's operands and before its outputs, for these weight arrays."""
+        return self.functions(weights) + self._data(weights)
+
+    def _data(self, weights: dict) -> list:
+        """The arguments after the kernels: per-iteration weight tuples, constants, slots and buffers."""
         tuples = [tuple(weights[row[j]] for row in self.weight_rows) for j in range(len(self.weight_rows[0]))]
-        return (self.functions(weights) + tuples + self.consts + [e for e, _ in self.errors] + [self.chk] +
+        return (tuples + self.consts + [e for e, _ in self.errors] + [self.chk] +
                 [np.int64(self.sizes[name]) for name in self.size_names] + self.buffers)
+
+    def signature(self, weights: dict, operands: list, outputs: list) -> tuple:
+        """The driver's own Numba signature for these weights and the types of its operands and outputs,
+        without compiling anything: each kernel is a first-class function of its signature."""
+        kernels = [numba.types.FunctionType(numba.types.none(*sig)) for _, sig in self.signatures(weights)]
+        return tuple(operands + kernels + [numba.typeof(x) for x in self._data(weights)] + outputs)
 
     def functions(self, weights: dict) -> list:
         """The body's kernels as first-class functions, each compiled (or loaded from the cache) for the
         argument types the driver passes: C-contiguous arrays of the values' types, the weights' own."""
         if self._functions is None:
-            first = self.weight_rows[0]
-            self._functions = [
-                _compiled(module, [_array_type(spec) if kind == "type" else
-                                   numba.typeof(weights[first[spec]] if kind == "weight" else spec)
-                                   for kind, spec in specs])
-                for module, specs in self.calls]
+            self._functions = [_compiled(module, sig) for module, sig in self.signatures(weights)]
         return self._functions
+
+    def signatures(self, weights: dict) -> list:
+        """[(kernel module, its Numba signature)] per body kernel, for these weight arrays."""
+        first = self.weight_rows[0]
+        return [(module, tuple(array_type(spec) if kind == "type" else
+                               numba.typeof(weights[first[spec]] if kind == "weight" else spec)
+                               for kind, spec in specs))
+                for module, specs in self.calls]
 
     def check(self) -> None:
         """Raise TakeIndexError for a bad index the last call found (as a kernel call would)."""
@@ -196,15 +210,10 @@ def build(graph: Graph, loop: int, header: str, load, sizes: dict | None = None)
     return d
 
 
-def _array_type(t) -> numba.types.Array:
-    """The Numba type of a C-contiguous, writable array holding values of IR type `t`."""
-    return numba.types.Array(numba.from_dtype(to_numpy(t.dtype)), len(t.shape), "C")
-
-
-def _compiled(module, argtypes: list) -> CompileResultWAP:
-    """The module's kernel compiled (or loaded from Numba's cache) for `argtypes`, as a first-class function.
+def _compiled(module, sig: tuple) -> CompileResultWAP:
+    """The module's kernel compiled (or loaded from Numba's cache) for `sig`, as a first-class function.
     Cached code that fails to load is discarded and compiled again, as on a kernel's first call."""
-    fn, sig = getattr(module, FUNCTION), tuple(argtypes)
+    fn = getattr(module, FUNCTION)
     try:
         fn.compile(sig)
     except Exception as e:

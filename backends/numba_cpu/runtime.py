@@ -17,13 +17,15 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Callable
 
+import numba
 import numpy as np
 import torch
 
 from fusec.backends.numba_cpu.codegen import KernelCode
+from fusec.backends.numba_cpu.compile_pool import array_type, compile_all, pending
 from fusec.backends.numba_cpu.driver import build as build_driver
 from fusec.backends.numba_cpu.kernels import build as build_kernels
-from fusec.backends.numba_cpu.kernels import raise_bad_index
+from fusec.backends.numba_cpu.kernels import FUNCTION, raise_bad_index
 from fusec.backends.numba_cpu.mkl import blas_choice
 from fusec.binding import check_weights
 from fusec.cache import load_source, recorded, recover, writable_dir
@@ -124,6 +126,9 @@ class Program:
         self.weights = {name: _weight(graph.tensors[name]) for name in param_types(graph)}
         # a kernel that checks gather indices it computes reports a bad one in its error slot (`kerr`)
         self.errors = [np.zeros(2, np.int64) if code.gathers else None for code in self.codes]
+        # bodies in no cache yet compile at once, in worker processes too (`compile_pool`), before the
+        # steps below load the loop's kernels and the first run the others
+        self.compile_counts = compile_all(pending(self._signatures(calls, by_node)))
         self.steps = [Step(by_node[i][1], i, list(graph.nodes[i].args),
                            self._extra(i, code, err), self.outputs_of[i], by_node[i][2])
                       for code, i, err in zip(self.codes, calls, self.errors)]
@@ -142,6 +147,23 @@ class Program:
         self._lock = threading.Lock()
         self._loaded: set[int] = set()  # steps whose machine code is loaded (they ran once)
         self._plan_steps()
+
+    def _signatures(self, calls: list[int], by_node: dict) -> list[tuple[object, str, tuple]]:
+        """[(module, function, Numba signature)] of every kernel call, for the arrays `run` will pass: weights and
+        constants as they are, computed values and inputs C-contiguous and writable (`_writable`)."""
+        g, out = self.graph, []
+        for i, code, err in zip(calls, self.codes, self.errors):
+            operands = [numba.typeof(self._value({}, a)) if g.nodes[_root(g, a)].op in ("param", "const")
+                        else array_type(g.nodes[a].type) for a in g.nodes[i].args]
+            outputs = [array_type(t) for t in output_types(g.nodes[i])]
+            if i in self.drivers:
+                d = self.drivers[i]
+                out += [(module, FUNCTION, sig) for module, sig in d.signatures(self.weights)]
+                out.append((d.module, "driver", d.signature(self.weights, operands, outputs)))
+                continue
+            extra = [numba.typeof(x) for x in self._extra(i, code, err)]
+            out.append((by_node[i][2], FUNCTION, tuple(operands + extra + outputs)))
+        return out
 
     def _extra(self, i: int, code: KernelCode, err) -> list:
         """The arguments of call `i` after its operands: weights, constants, error slot (a kernel), or

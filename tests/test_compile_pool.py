@@ -1,0 +1,114 @@
+"""Compiling a program's distinct kernel bodies in worker processes (fusec/backends/numba_cpu/compile_pool.py):
+the program then loads them from the cache and computes the same; a failing worker, or none, changes
+nothing but where the kernels compile."""
+from __future__ import annotations
+
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+import fusec.cache as cache
+from fusec.api import lower
+from fusec.backends.numba_cpu import compile_pool
+from fusec.backends.numba_cpu.runtime import Program
+from fusec.backends.reference import run_graph
+from fusec.printer import parse_graph
+
+pytestmark = pytest.mark.filterwarnings("ignore::numba.NumbaPerformanceWarning")
+
+TEXT = """
+%0 = input {index=0, name="x"} : f32[4,8]
+%1 = exp %0 : f32[4,8]
+%2 = sum %1 {axes=[1], keepdim=true} : f32[4,1]
+%3 = div %1, %2 : f32[4,8]
+%4 = tanh %3 : f32[4,8]
+%5 = amax %4 {axes=[0], keepdim=false} : f32[8]
+%6 = input {index=1, name="w"} : f32[8,4]
+%7 = matmul %4, %6 : f32[4,4]
+%8 = sigmoid %7 : f32[4,4]
+return %5, %8
+"""
+X = np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32)
+W = np.random.default_rng(2).standard_normal((8, 4)).astype(np.float32)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    path = tmp_path / "cache"
+    monkeypatch.setenv("FUSEC_CACHE_DIR", str(path))
+    monkeypatch.setenv("FUSEC_COMPILE_WORKERS", "1")
+    yield path
+    compile_pool._POOL.close()
+
+
+def fresh_program() -> Program:
+    """A Program built as a new process would: not from this process's module table."""
+    for name in [n for n in sys.modules if n.startswith(cache.PREFIX)]:
+        del sys.modules[name]
+    program = Program(lower(parse_graph(TEXT)))
+    for got, want in zip(program.run([X, W]), run_graph(parse_graph(TEXT), [X, W])):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    return program
+
+
+def compiled_here(program: Program) -> set[str]:
+    """The modules whose kernel this process compiled (rather than loaded from the cache)."""
+    return {s.module.__name__ for s in program.steps if sum(s.fn.stats.cache_misses.values())}
+
+
+def test_a_worker_compiles_bodies_the_program_then_loads_from_the_cache(cache_dir):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fusec")
+        program = fresh_program()
+    counts = program.compile_counts
+    assert len(program.modules) >= 3
+    assert counts["in_workers"] >= 1 and counts["worker_failures"] == 0
+    assert counts["in_workers"] + counts["in_process"] == len(program.modules)
+    assert len(compiled_here(program)) == counts["in_process"]  # the rest were loaded
+    again = fresh_program()  # a warm start: everything from the cache, nothing for the workers
+    assert again.compile_counts == {"in_process": 0, "in_workers": 0, "worker_failures": 0}
+    assert not compiled_here(again)
+
+
+def test_a_worker_that_fails_leaves_the_kernels_to_compile_here(cache_dir, monkeypatch):
+    compile_pool._POOL.close()
+    monkeypatch.setattr(compile_pool, "BOOT", "import sys; sys.exit(3)")  # every worker dies at once
+    program = fresh_program()
+    assert program.compile_counts["in_workers"] == 0 and program.compile_counts["worker_failures"] >= 1
+    assert compiled_here(program) == {m.__name__ for m in program.modules}
+
+
+def test_no_workers_without_a_cache_directory_or_for_one_body(cache_dir, monkeypatch):
+    monkeypatch.setattr(cache, "writable_dir", lambda: None)  # compile in memory
+    started = []
+    monkeypatch.setattr(compile_pool._POOL, "run", lambda *a: started.append(a) or (True, ""))
+    program = fresh_program()
+    assert program.modules[0].__file__.startswith("<fusec") and not started
+    assert program.compile_counts == {"in_process": 0, "in_workers": 0, "worker_failures": 0}
+    assert compile_pool.worker_count(1) == 0
+    monkeypatch.setenv("FUSEC_COMPILE_WORKERS", "0")
+    assert compile_pool.worker_count(8) == 0
+    monkeypatch.setenv("FUSEC_COMPILE_WORKERS", "3")
+    assert compile_pool.worker_count(8) == 3 and compile_pool.worker_count(2) == 1
+
+
+def test_a_worker_that_hangs_is_killed_and_the_kernels_compile_here(cache_dir, monkeypatch):
+    compile_pool._POOL.close()
+    monkeypatch.setattr(compile_pool, "BOOT", "import time; time.sleep(120)")  # never answers
+    monkeypatch.setattr(compile_pool, "JOB_SECONDS", 1.0)
+    program = fresh_program()
+    assert program.compile_counts["in_workers"] == 0 and program.compile_counts["worker_failures"] >= 1
+    assert compiled_here(program) == {m.__name__ for m in program.modules}
+    assert all(w.poll() is not None for w in compile_pool._POOL.workers.values())  # none left behind
+
+
+def test_default_worker_count_follows_the_cpus_up_to_a_cap(monkeypatch):
+    monkeypatch.delenv("FUSEC_COMPILE_WORKERS", raising=False)
+    monkeypatch.setattr(compile_pool, "_cpus", lambda: 64)
+    assert compile_pool.worker_count(1 << 20) == compile_pool.MAX_WORKERS  # (each worker imports torch)
+    monkeypatch.setattr(compile_pool, "_cpus", lambda: 2)
+    assert compile_pool.worker_count(8) == 1
+    monkeypatch.setattr(compile_pool, "_cpus", lambda: 1)
+    assert compile_pool.worker_count(8) == 0
