@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from fusec.backends.numba_cpu.attention_gemm import online_softmax_gemm
 from fusec.backends.numba_cpu.expr import Emitter, _broadcast, reshape_index
+from fusec.backends.numba_cpu.mkl import blas_choice
 from fusec.backends.numba_cpu.stores import PARALLEL_MIN_ELEMENTS, emit_outputs
 from fusec.symbolic import upper
+
+GEMM_MIN_ROWS = 16  # query rows from which a block's products are MKL GEMMs (`attention_gemm.py`)
 
 
 def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles: dict) -> str:
@@ -56,6 +60,8 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
     blocks = -(-tq // q_block) if isinstance(tq, int) else f"((({tq}) + {q_block - 1}) // {q_block})"
     chunks = entries * blocks if isinstance(blocks, int) else f"{entries} * {blocks}"
     loop = "prange" if parallel and upper(rows) > q_block else "range"
+    # the products as MKL GEMMs per block when that pays (not for a few query rows: decode)
+    gemms = blas_choice()[0] == "mkl" and upper(tq) >= GEMM_MIN_ROWS
     with em.loop(f"for c in {loop}({chunks})", ("c",)):
         w.line(f"oacc = np.empty(({q_block}, {dv}), np.float32)")  # per parallel iteration, not per row
         w.define("oacc")
@@ -82,7 +88,12 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
                 v = em.value(vv, _broadcast(bidx, g.nodes[vv].shape[:-2]) + (j, "e"))
                 w.line(f"oacc[r, e] += {p} * {v}")
 
-        if softmax is not None:
+        if softmax is not None and gemms:
+            online_softmax_gemm(em, s_id, (x_row, x_index, bidx), q_block, kv_block, depth, dv, limit,
+                                lambda i, d: em.value(qv, _broadcast(bidx, g.nodes[qv].shape[:-2]) + (i, d)),
+                                lambda j, d: em.value(kv, _broadcast(bidx, g.nodes[kv].shape[:-2]) + (d, j)),
+                                lambda j, e: em.value(vv, _broadcast(bidx, g.nodes[vv].shape[:-2]) + (j, e)))
+        elif softmax is not None:
             _online_softmax(em, s_id, softmax, bidx, q_block, kv_block, limit, score, accumulate)
         else:
             w.line(f"srow = np.empty({tk}, np.float32)")
