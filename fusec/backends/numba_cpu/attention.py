@@ -55,8 +55,6 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
         em.overrides[o_id] = store
     parallel = upper(rows * tk * (depth + dv)) >= PARALLEL_MIN_ELEMENTS * 4  # symbolic: its upper bound
     masked = x_row is not None and _key_limit(em, x_row, x_index(tuple("0" for _ in s_shape))) is not None
-    if masked:
-        _scan_masked_values(em, vv, x_row, x_index, batch, tq, tk, dv, parallel)
     blocks = -(-tq // q_block) if isinstance(tq, int) else f"((({tq}) + {q_block - 1}) // {q_block})"
     chunks = entries * blocks if isinstance(blocks, int) else f"{entries} * {blocks}"
     loop = "prange" if parallel and upper(rows) > q_block else "range"
@@ -74,6 +72,9 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
         def limit(i: str) -> str:
             bound = _key_limit(em, x_row, x_index(bidx + (i, "0"))) if x_row is not None else None
             return bound if bound is not None else str(tk)
+
+        if masked:
+            _scan_masked_values(em, vv, bidx, tk, dv, limit)
 
         def score(i: str, j: str) -> None:  # s = q_i . k_j
             w.line("s = np.float32(0.0)")
@@ -107,7 +108,7 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
                     w.line("oacc[r, e0] = np.float32(0.0)")
                 _row_buffer(em, s_id, p_id, bidx, score, accumulate)
             if masked:  # keys past the limit weigh 0, and 0 * inf or nan is nan (`_scan_masked_values`)
-                with em.loop("if vlast[bflat] >= lim", barrier=True):
+                with em.loop("if vlast >= lim", barrier=True):
                     with em.loop(f"for jm in range(lim, {tk})", ("jm",)):
                         accumulate("jm", "np.float32(0.0)")
             with em.loop(f"for e2 in range({dv})", ("e2",)):
@@ -155,32 +156,26 @@ def _split_index(em: Emitter, flat: str, dims: list[int]) -> tuple[tuple[str, ..
     return tuple(idx[:-1]), idx[-1]
 
 
-def _scan_masked_values(em: Emitter, vv: int, x_row: int, x_index, batch, tq: int, tk: int, dv: int,
-                        parallel: bool) -> None:
-    """`vlast[b]`: the last masked key of batch entry b whose value row holds an inf or nan (else -1).
+def _scan_masked_values(em: Emitter, vv: int, bidx, tk, dv: int, limit) -> None:
+    """`vlast`: the last key masked for some row of this block (at or past the least of the rows'
+    limits) whose value row holds an inf or nan (else -1).
 
     Eager multiplies masked keys' values by their probability 0, and 0 * inf or 0 * nan is nan: one
     such key makes every row that masks it nan. The key loops stop at the limit, so the rows where this
-    matters add those products back (only they: `vlast[b] >= lim`). One pass over the masked values per
-    call, not per row (a tenth of the masked P.V work this would otherwise cost at prefill)."""
+    matters add those products back (only they: `vlast >= lim`). One pass over the block's masked values,
+    not per row (a tenth of the masked P.V work this would otherwise cost at prefill), inside the block's
+    parallel iteration: a parallel loop of its own costs more than the pass whenever the cores are busy."""
     w, g = em.w, em.g
-    entries = 1
-    for d in batch:
-        entries *= d
-    w.line(f"vlast = np.empty({entries}, np.int64)")
+    w.line(f"lo = {tk}")
+    with em.loop("for qi in range(i0, i1)", ("qi",)):
+        w.line(f"lo = min(lo, {limit('qi')})")
+    w.line("vlast = -1")
     w.define("vlast")
-    with em.loop(f"for vb in {'prange' if parallel and upper(entries) > 1 else 'range'}({entries})", ("vb",)):
-        bidx, _ = _split_index(em, "vb", list(batch) + [1])
-        w.line(f"lo = {tk}")
-        with em.loop(f"for qi in range({tq})", ("qi",)):
-            w.line(f"lo = min(lo, {_key_limit(em, x_row, x_index(bidx + ('qi', '0')))})")
-        w.line("last = -1")
-        with em.loop(f"for jm in range(lo, {tk})", ("jm",)):
-            with em.loop(f"for e in range({dv})", ("e",)):
-                v = em.value(vv, _broadcast(bidx, g.nodes[vv].shape[:-2]) + ("jm", "e"))
-                w.line(f"if not np.isfinite({v}):")
-                w.line("    last = jm")
-        w.line("vlast[vb] = last")
+    with em.loop(f"for jm in range(lo, {tk})", ("jm",)):
+        with em.loop(f"for e in range({dv})", ("e",)):
+            v = em.value(vv, _broadcast(bidx, g.nodes[vv].shape[:-2]) + ("jm", "e"))
+            w.line(f"if not np.isfinite({v}):")
+            w.line("    vlast = jm")
 
 
 def _online_softmax(em: Emitter, s_id: int, softmax, bidx, q_block: int, kv_block: int, limit, score,
