@@ -212,13 +212,13 @@ def _online_softmax(em: Emitter, s_id: int, softmax, bidx, q_block: int, kv_bloc
             w.line("m = mrow[r]")
             w.line("mn = max(m, mb)")
             with em.loop("if mn > np.float32(-np.inf)", barrier=True):  # only masked keys so far: adds 0
-                w.line("scale = np.exp(m - mn)")
+                w.line("scale = exp32(m - mn)")
                 w.line("lrow[r] = lrow[r] * scale")
                 with em.loop("for e1 in range(oacc.shape[1])", ("e1",)):  # a loop, not `*= scale`:
                     w.line("oacc[r, e1] *= scale")                       # that would be a parallel loop
                 w.line("l = np.float32(0.0)")
                 with em.loop("for j in range(j0, j1)", ("j",)):
-                    w.line("p = np.exp(xblk[j - j0] - mn)")
+                    w.line("p = exp32(xblk[j - j0] - mn)")
                     w.line("l += p")
                     accumulate("j", "p")
                 w.line("lrow[r] += l")

@@ -72,15 +72,15 @@ def online_softmax_gemm(em, s_id: int, softmax, q_block: int, kv_block: int, dep
                 w.line("m = mrow[r]")
                 w.line("mn = max(m, mb)")
                 with em.loop("if mn > np.float32(-np.inf)", barrier=True):
-                    w.line("scale = np.exp(m - mn)")
+                    w.line("scale = exp32(m - mn)")
                     w.line("lrow[r] = lrow[r] * scale")
                     with em.loop("for e1 in range(oacc.shape[1])", ("e1",)):  # a loop, not `*= scale`:
                         w.line("oacc[r, e1] *= scale")                       # that would be a parallel loop
+                    with em.loop("for j in range(j0, j1)", ("j",)):  # (no sum in it: it vectorizes)
+                        w.line("sblk[r, j - j0] = exp32(sblk[r, j - j0] - mn)")
                     w.line("l = np.float32(0.0)")
                     with em.loop("for j in range(j0, j1)", ("j",)):
-                        w.line("p = np.exp(sblk[r, j - j0] - mn)")
-                        w.line("l += p")
-                        w.line("sblk[r, j - j0] = p")
+                        w.line("l += sblk[r, j - j0]")
                     w.line("lrow[r] += l")
                     w.line("mrow[r] = mn")
                 with em.loop("else", barrier=True):  # every key so far masked: all weigh 0

@@ -52,6 +52,7 @@ from fusec.backends.numba_cpu.blas import (bf16, checked_index, gemm, gemm_bf16,
                                            rbf16)
 from fusec.backends.numba_cpu.lowp import (gemm_int8, matvec2_bf16, matvec2_int8, matvec3_bf16, matvec3_int8, matvec_bf16,
                                            matvec_int8)
+from fusec.backends.numba_cpu.fastexp import exp32
 from fusec.backends.numba_cpu.mkl import bf16_bits, gemm2_mkl, gemm3_mkl, gemm_bf16_mkl, gemm_mkl, gemm_tile_mkl
 
 FASTMATH = {FASTMATH}
