@@ -7,7 +7,8 @@ flash style: keys stream in blocks of the `kv` tile, all the block's rows agains
 the next; each row's running max and sum rescale its output row once per key block (online softmax), and
 nothing of size T x T exists anywhere. Any other row region (e.g. a guard for fully masked rows) runs row
 by row with a buffer of scores: reductions first, then P.V. Either way a constant mask that hides every
-key after a row-dependent limit (causal) bounds the key loop, so masked keys cost nothing.
+key after a row-dependent limit (causal) bounds the key loop, so masked keys cost nothing. With MKL and
+enough query rows (prefill), the flash blocks' two products are GEMMs (`attention_gemm.py`).
 """
 from __future__ import annotations
 
