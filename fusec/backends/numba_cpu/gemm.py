@@ -77,6 +77,7 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
             a = view[0]
     streamed: list[tuple[str, str, str]] = []  # (format, weight, product) of the matrix-vector products
     joint: list[tuple[str, str]] = []  # (weight [N, K], product) of the fp32 MKL GEMMs, run together
+    either = []  # the same for a symbolic M that may be matrix-vector sized (chosen per call)
     for j, mm in enumerate(matmuls):
         n = g.nodes[mm].shape[1]
         view = rights[j]
@@ -92,6 +93,8 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
             w.line(f"{acc} = np.empty(({m}, {n}), np.float32)")
         if not is_sym(m) and upper(m) <= MATVEC_ROWS and transposed:
             streamed.append((widened, b, acc))
+        elif is_sym(m) and transposed and lower(m) <= MATVEC_ROWS and not widened and blas == "mkl":
+            either.append((b, acc))  # the product for the call's M, with the kernel's other such ones
         elif is_sym(m) and transposed and lower(m) <= MATVEC_ROWS:  # the product for the call's M
             with w.block(f"if {m} <= {MATVEC_ROWS}", barrier=True):
                 w.line(f"matvec{widened}({a}, {b}, {acc})")
@@ -106,6 +109,12 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
         else:
             w.line(f"{gemm_fn}({a}, {b}, {acc}, {transposed})")
         em.overrides[mm] = (lambda name: lambda idx: f"{name}[{idx[0]}, {idx[1]}]")(acc)
+    if either:  # matrix-vector products up to MATVEC_ROWS rows, else one joint GEMM call
+        with w.block(f"if {m} <= {MATVEC_ROWS}", barrier=True):
+            for b, acc in either:
+                w.line(f"matvec({a}, {b}, {acc})")
+        with w.block("else", barrier=True):
+            _emit_joint_gemms(em, a, either)
     _emit_joint_gemms(em, a, joint)
     _emit_matvecs(em, a, streamed)
     for o, out in zip(g.outputs, outs):  # the epilogue
