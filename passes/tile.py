@@ -269,10 +269,17 @@ def _best_pair(dim_a: int, dim_b: int, fits: Callable[[int, int], bool]) -> tupl
 def _gemm_rows(shape: MatmulShape, budget: int, cores: int) -> int:
     """Rows of A per parallel block of a GEMM's prologue and epilogue on a cpu: as many as fit the budget
     with a row of A and a row of the output streamed (double-buffered), but no more than an even share
-    of M per core (rounded up to a multiple of 8), so that every core gets a block."""
-    share = _ceil_div(shape.m, max(cores, 1))
+    of M per core (rounded up to a multiple of 8), so that every core gets a block; then, when the blocks
+    do not come out a multiple of the cores, the most rows (a multiple of 8, more than half as many) that
+    make them one (5 blocks on 2 cores take 3 blocks' time, 6 smaller blocks 3 smaller ones)."""
+    cores = max(cores, 1)
+    share = _ceil_div(shape.m, cores)
     share = min(shape.m, _ceil_div(share, ALIGN) * ALIGN) if shape.m > ALIGN else shape.m
-    return _largest(_sizes(share), lambda r: r * shape.row_bytes <= budget)
+    rows = _largest(_sizes(share), lambda r: r * shape.row_bytes <= budget)
+    if _ceil_div(shape.m, rows) % cores:
+        even = [r for r in range(rows // ALIGN * ALIGN, rows // 2, -ALIGN) if _ceil_div(shape.m, r) % cores == 0]
+        rows = even[0] if even else rows
+    return rows
 
 
 def _depth(shape: MatmulShape, budget: int) -> int:

@@ -61,7 +61,17 @@ def test_prologue_and_epilogue_run_over_the_tiled_row_blocks(block):
         # the prologue (a norm into the A tile) or the first epilogue loop: blocks of `rows` rows
         assert re.search(rf"for (\w+) in prange\({-(-ROWS // rows)}\):\n\s+for \w+ in range\(\1 \* {rows}, "
                          rf"min\({ROWS}, \1 \* {rows} \+ {rows}\)\)", code.source), code.source
-        assert "prange(" in code.source.split("gemm_mkl(")[-1]  # the epilogue after the last GEMM too
+        assert "prange(" in re.split(r"gemm\d?_mkl\(", code.source)[-1]  # the epilogue after the last GEMM too
+
+
+def test_products_of_one_kernel_share_one_parallel_gemm_call(block):
+    """Q, K and V (and W1 and W3) are one `gemm3_mkl` (`gemm2_mkl`) call: one parallel loop over the
+    columns of all of them, not one loop per product with the narrow K and V split in narrower calls."""
+    module, args, want = block
+    compiled = fusec.compile(module, args)
+    calls = [re.findall(r"\b(gemm\d?_mkl)\(", c.source) for c in compiled.program.codes if c.loop == "gemm"]
+    assert ["gemm3_mkl"] in calls and ["gemm2_mkl"] in calls, calls
+    _close(compiled(*args), want, 1e-5)
 
 
 def test_rows_tile_gives_every_core_a_block():
@@ -118,6 +128,29 @@ def test_gemm_mkl_shapes_strides_and_threads(threads):
     finally:
         numba.set_num_threads(before)
     assert torch.get_num_threads() == torch_threads
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_joint_gemms_split_the_columns_of_all_products(threads):
+    """gemm2_mkl / gemm3_mkl over odd widths (a thread's block straddles products, one product narrower
+    than a block, one with no columns), outputs that are column windows of wider arrays."""
+    rng = np.random.default_rng(threads)
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        for m, k, widths in [(70, 40, (50, 3, 29)), (33, 17, (0, 65, 1)), (5, 9, (100, 20))]:
+            a = rng.standard_normal((m, k), dtype=np.float32)
+            ws = [rng.standard_normal((n, k), dtype=np.float32) for n in widths]
+            wides = [np.full((m, n + 9), np.nan, np.float32) for n in widths]
+            args = [x for w, wide in zip(ws, wides) for x in (w, wide[:, 4:4 + w.shape[0]])]
+            (mkl.gemm3_mkl if len(widths) == 3 else mkl.gemm2_mkl)(a, *args)
+            for w, wide in zip(ws, wides):
+                want = a.astype(np.float64) @ w.T.astype(np.float64)
+                got = wide[:, 4:4 + w.shape[0]]
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(want).max(initial=0)))
+                assert np.isnan(wide[:, :4]).all() and np.isnan(wide[:, 4 + w.shape[0]:]).all()
+    finally:
+        numba.set_num_threads(before)
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:

@@ -44,6 +44,8 @@ def test_symbolic_kernels_read_sizes_from_their_arrays(block):
     compiled = fusec.compile(block, (x,), dynamic={"x": {1: (1, 128)}})
     assert "s0 = a0.shape[1]" in compiled.source
     assert "if s0 <= 64:" in compiled.source  # the product (matvec or BLAS) is chosen per call
+    # over 64 rows Q, K and V (W1 and W3) are one joint GEMM call, as in a program of fixed sizes
+    assert "gemm3_mkl(" in compiled.source and "gemm2_mkl(" in compiled.source
 
 
 def test_outside_the_bounds_is_a_clear_error(block):

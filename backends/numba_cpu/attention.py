@@ -7,15 +7,20 @@ flash style: keys stream in blocks of the `kv` tile, all the block's rows agains
 the next; each row's running max and sum rescale its output row once per key block (online softmax), and
 nothing of size T x T exists anywhere. Any other row region (e.g. a guard for fully masked rows) runs row
 by row with a buffer of scores: reductions first, then P.V. Either way a constant mask that hides every
-key after a row-dependent limit (causal) bounds the key loop, so masked keys cost nothing.
+key after a row-dependent limit (causal) bounds the key loop, so masked keys cost nothing. With MKL and
+enough query rows (prefill), the flash blocks' two products are GEMMs (`attention_gemm.py`).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from fusec.backends.numba_cpu.attention_gemm import online_softmax_gemm
 from fusec.backends.numba_cpu.expr import Emitter, _broadcast, reshape_index
+from fusec.backends.numba_cpu.mkl import blas_choice
 from fusec.backends.numba_cpu.stores import PARALLEL_MIN_ELEMENTS, emit_outputs
 from fusec.symbolic import upper
+
+GEMM_MIN_ROWS = 16  # query rows from which a block's products are MKL GEMMs (`attention_gemm.py`)
 
 
 def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles: dict) -> str:
@@ -51,11 +56,11 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
         em.overrides[o_id] = store
     parallel = upper(rows * tk * (depth + dv)) >= PARALLEL_MIN_ELEMENTS * 4  # symbolic: its upper bound
     masked = x_row is not None and _key_limit(em, x_row, x_index(tuple("0" for _ in s_shape))) is not None
-    if masked:
-        _scan_masked_values(em, vv, x_row, x_index, batch, tq, tk, dv, parallel)
     blocks = -(-tq // q_block) if isinstance(tq, int) else f"((({tq}) + {q_block - 1}) // {q_block})"
     chunks = entries * blocks if isinstance(blocks, int) else f"{entries} * {blocks}"
     loop = "prange" if parallel and upper(rows) > q_block else "range"
+    # the products as MKL GEMMs per block when that pays (not for a few query rows: decode)
+    gemms = blas_choice()[0] == "mkl" and upper(tq) >= GEMM_MIN_ROWS
     with em.loop(f"for c in {loop}({chunks})", ("c",)):
         w.line(f"oacc = np.empty(({q_block}, {dv}), np.float32)")  # per parallel iteration, not per row
         w.define("oacc")
@@ -68,6 +73,9 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
         def limit(i: str) -> str:
             bound = _key_limit(em, x_row, x_index(bidx + (i, "0"))) if x_row is not None else None
             return bound if bound is not None else str(tk)
+
+        if masked:
+            _scan_masked_values(em, vv, bidx, tk, dv, limit)
 
         def score(i: str, j: str) -> None:  # s = q_i . k_j
             w.line("s = np.float32(0.0)")
@@ -82,7 +90,12 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
                 v = em.value(vv, _broadcast(bidx, g.nodes[vv].shape[:-2]) + (j, "e"))
                 w.line(f"oacc[r, e] += {p} * {v}")
 
-        if softmax is not None:
+        if softmax is not None and gemms:
+            online_softmax_gemm(em, s_id, (x_row, x_index, bidx), q_block, kv_block, depth, dv, limit,
+                                lambda i, d: em.value(qv, _broadcast(bidx, g.nodes[qv].shape[:-2]) + (i, d)),
+                                lambda j, d: em.value(kv, _broadcast(bidx, g.nodes[kv].shape[:-2]) + (d, j)),
+                                lambda j, e: em.value(vv, _broadcast(bidx, g.nodes[vv].shape[:-2]) + (j, e)))
+        elif softmax is not None:
             _online_softmax(em, s_id, softmax, bidx, q_block, kv_block, limit, score, accumulate)
         else:
             w.line(f"srow = np.empty({tk}, np.float32)")
@@ -96,7 +109,7 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
                     w.line("oacc[r, e0] = np.float32(0.0)")
                 _row_buffer(em, s_id, p_id, bidx, score, accumulate)
             if masked:  # keys past the limit weigh 0, and 0 * inf or nan is nan (`_scan_masked_values`)
-                with em.loop("if vlast[bflat] >= lim", barrier=True):
+                with em.loop("if vlast >= lim", barrier=True):
                     with em.loop(f"for jm in range(lim, {tk})", ("jm",)):
                         accumulate("jm", "np.float32(0.0)")
             with em.loop(f"for e2 in range({dv})", ("e2",)):
@@ -144,32 +157,26 @@ def _split_index(em: Emitter, flat: str, dims: list[int]) -> tuple[tuple[str, ..
     return tuple(idx[:-1]), idx[-1]
 
 
-def _scan_masked_values(em: Emitter, vv: int, x_row: int, x_index, batch, tq: int, tk: int, dv: int,
-                        parallel: bool) -> None:
-    """`vlast[b]`: the last masked key of batch entry b whose value row holds an inf or nan (else -1).
+def _scan_masked_values(em: Emitter, vv: int, bidx, tk, dv: int, limit) -> None:
+    """`vlast`: the last key masked for some row of this block (at or past the least of the rows'
+    limits) whose value row holds an inf or nan (else -1).
 
     Eager multiplies masked keys' values by their probability 0, and 0 * inf or 0 * nan is nan: one
     such key makes every row that masks it nan. The key loops stop at the limit, so the rows where this
-    matters add those products back (only they: `vlast[b] >= lim`). One pass over the masked values per
-    call, not per row (a tenth of the masked P.V work this would otherwise cost at prefill)."""
+    matters add those products back (only they: `vlast >= lim`). One pass over the block's masked values,
+    not per row (a tenth of the masked P.V work this would otherwise cost at prefill), inside the block's
+    parallel iteration: a parallel loop of its own costs more than the pass whenever the cores are busy."""
     w, g = em.w, em.g
-    entries = 1
-    for d in batch:
-        entries *= d
-    w.line(f"vlast = np.empty({entries}, np.int64)")
+    w.line(f"lo = {tk}")
+    with em.loop("for qi in range(i0, i1)", ("qi",)):
+        w.line(f"lo = min(lo, {limit('qi')})")
+    w.line("vlast = -1")
     w.define("vlast")
-    with em.loop(f"for vb in {'prange' if parallel and upper(entries) > 1 else 'range'}({entries})", ("vb",)):
-        bidx, _ = _split_index(em, "vb", list(batch) + [1])
-        w.line(f"lo = {tk}")
-        with em.loop(f"for qi in range({tq})", ("qi",)):
-            w.line(f"lo = min(lo, {_key_limit(em, x_row, x_index(bidx + ('qi', '0')))})")
-        w.line("last = -1")
-        with em.loop(f"for jm in range(lo, {tk})", ("jm",)):
-            with em.loop(f"for e in range({dv})", ("e",)):
-                v = em.value(vv, _broadcast(bidx, g.nodes[vv].shape[:-2]) + ("jm", "e"))
-                w.line(f"if not np.isfinite({v}):")
-                w.line("    last = jm")
-        w.line("vlast[vb] = last")
+    with em.loop(f"for jm in range(lo, {tk})", ("jm",)):
+        with em.loop(f"for e in range({dv})", ("e",)):
+            v = em.value(vv, _broadcast(bidx, g.nodes[vv].shape[:-2]) + ("jm", "e"))
+            w.line(f"if not np.isfinite({v}):")
+            w.line("    vlast = jm")
 
 
 def _online_softmax(em: Emitter, s_id: int, softmax, bidx, q_block: int, kv_block: int, limit, score,
@@ -206,13 +213,13 @@ def _online_softmax(em: Emitter, s_id: int, softmax, bidx, q_block: int, kv_bloc
             w.line("m = mrow[r]")
             w.line("mn = max(m, mb)")
             with em.loop("if mn > np.float32(-np.inf)", barrier=True):  # only masked keys so far: adds 0
-                w.line("scale = np.exp(m - mn)")
+                w.line("scale = exp32(m - mn)")
                 w.line("lrow[r] = lrow[r] * scale")
                 with em.loop("for e1 in range(oacc.shape[1])", ("e1",)):  # a loop, not `*= scale`:
                     w.line("oacc[r, e1] *= scale")                       # that would be a parallel loop
                 w.line("l = np.float32(0.0)")
                 with em.loop("for j in range(j0, j1)", ("j",)):
-                    w.line("p = np.exp(xblk[j - j0] - mn)")
+                    w.line("p = exp32(xblk[j - j0] - mn)")
                     w.line("l += p")
                     accumulate("j", "p")
                 w.line("lrow[r] += l")

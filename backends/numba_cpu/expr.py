@@ -176,7 +176,10 @@ class Emitter:
             e = iadd(imul(idx[n.attr("axis")], n.attr("step", 1)), str(n.attr("start", 0)))
             return f"{T}({e})"
         if op in UNARY:
-            return UNARY[op].format(self.operand(nid, n.args[0], idx), one=one, zero=zero, T=T)
+            text = UNARY[op]
+            if dt in ("f32", "bf16"):  # float32 math: the exp that vectorizes (`fastexp.py`)
+                text = text.replace("np.exp(", "exp32(")
+            return text.format(self.operand(nid, n.args[0], idx), one=one, zero=zero, T=T)
         if op in BINARY:
             a, b = (self.operand(nid, x, idx) for x in n.args)
             exponent = self.g.nodes[n.args[1]]

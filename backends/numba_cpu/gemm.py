@@ -76,6 +76,8 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
         else:
             a = view[0]
     streamed: list[tuple[str, str, str]] = []  # (format, weight, product) of the matrix-vector products
+    joint: list[tuple[str, str]] = []  # (weight [N, K], product) of the fp32 MKL GEMMs, run together
+    either = []  # the same for a symbolic M that may be matrix-vector sized (chosen per call)
     for j, mm in enumerate(matmuls):
         n = g.nodes[mm].shape[1]
         view = rights[j]
@@ -91,6 +93,8 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
             w.line(f"{acc} = np.empty(({m}, {n}), np.float32)")
         if not is_sym(m) and upper(m) <= MATVEC_ROWS and transposed:
             streamed.append((widened, b, acc))
+        elif is_sym(m) and transposed and lower(m) <= MATVEC_ROWS and not widened and blas == "mkl":
+            either.append((b, acc))  # the product for the call's M, with the kernel's other such ones
         elif is_sym(m) and transposed and lower(m) <= MATVEC_ROWS:  # the product for the call's M
             with w.block(f"if {m} <= {MATVEC_ROWS}", barrier=True):
                 w.line(f"matvec{widened}({a}, {b}, {acc})")
@@ -100,9 +104,18 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
             w.line(f"gemm_bf16_mkl({a16}, {b}, {acc})")
         elif widened:
             w.line(f"gemm{widened}({a}, {b}, {acc})")
+        elif blas == "mkl" and transposed:
+            joint.append((b, acc))
         else:
             w.line(f"{gemm_fn}({a}, {b}, {acc}, {transposed})")
         em.overrides[mm] = (lambda name: lambda idx: f"{name}[{idx[0]}, {idx[1]}]")(acc)
+    if either:  # matrix-vector products up to MATVEC_ROWS rows, else one joint GEMM call
+        with w.block(f"if {m} <= {MATVEC_ROWS}", barrier=True):
+            for b, acc in either:
+                w.line(f"matvec({a}, {b}, {acc})")
+        with w.block("else", barrier=True):
+            _emit_joint_gemms(em, a, either)
+    _emit_joint_gemms(em, a, joint)
     _emit_matvecs(em, a, streamed)
     for o, out in zip(g.outputs, outs):  # the epilogue
         if o not in matmuls:
@@ -115,6 +128,18 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
 
 
 MATVEC_GROUP = 3  # products run by one matrix-vector call at most (`blas.matvec3`)
+
+
+def _emit_joint_gemms(em: Emitter, a: str, joint: list[tuple[str, str]]) -> None:
+    """The fp32 MKL GEMMs of one kernel, which all read `a`, in calls of up to three (Q, K and V; W1 and
+    W3): each call one parallel loop over the columns of all its products (`mkl.gemm3_mkl`), so narrow
+    products (K and V of grouped-query heads) are not split into narrower calls, nor each its own loop."""
+    for i in range(0, len(joint), MATVEC_GROUP):
+        group = joint[i:i + MATVEC_GROUP]
+        if len(group) == 1:
+            em.w.line(f"gemm_mkl({a}, {group[0][0]}, {group[0][1]}, True)")
+        else:
+            em.w.line(f"gemm{len(group)}_mkl({a}, {', '.join(f'{b}, {acc}' for b, acc in group)})")
 
 
 def _emit_matvecs(em: Emitter, a: str, streamed: list[tuple[str, str, str]]) -> None:

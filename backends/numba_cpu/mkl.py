@@ -122,6 +122,11 @@ def _sgemm_block(a, b, c, b_transposed):
     _set_local_threads(before)
 
 
+# Generated kernels call it from a parallel loop of their own (one attention block per iteration, see
+# `attention_gemm.py`): one single-threaded call per block, on that loop's thread.
+gemm_tile_mkl = _sgemm_block
+
+
 @njit(cache=True, nogil=True)
 def _gemm_bf16_block(a, w, c):
     """One single-threaded MKL bf16 GEMM: c = a @ w^T (see `gemm_bf16_mkl`)."""
@@ -143,6 +148,42 @@ def gemm_mkl(a, b, c, b_transposed):
         n0 = t * block
         n1 = min(n, n0 + block)
         _sgemm_block(a, b[n0:n1] if b_transposed else b[:, n0:n1], c[:, n0:n1], b_transposed)
+
+
+@njit(inline="always")
+def _columns(a, w, c, lo, hi, first):
+    """The columns [lo, hi) of the concatenation that fall in c = a @ w^T, whose columns start at `first`."""
+    n0 = max(lo, first) - first
+    n1 = min(hi, first + c.shape[1]) - first
+    if n0 < n1:
+        _sgemm_block(a, w[n0:n1], c[:, n0:n1], True)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def gemm2_mkl(a, w0, c0, w1, c1):
+    """c0 = a @ w0^T and c1 = a @ w1^T as one parallel loop over the columns of both (Q and K, W1 and W3):
+    one block of the joint columns per thread, so the threads share the work evenly however the products
+    are sized, and a narrow product (K, V of grouped-query heads) is not split into narrower calls."""
+    n = c0.shape[1] + c1.shape[1]
+    block = _column_block(n, _threads())
+    for t in prange((n + block - 1) // block):
+        lo = t * block
+        hi = min(n, lo + block)
+        _columns(a, w0, c0, lo, hi, 0)
+        _columns(a, w1, c1, lo, hi, c0.shape[1])
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def gemm3_mkl(a, w0, c0, w1, c1, w2, c2):
+    """c0, c1, c2 = a @ w0^T, a @ w1^T, a @ w2^T (Q, K and V) as one parallel loop (see `gemm2_mkl`)."""
+    n = c0.shape[1] + c1.shape[1] + c2.shape[1]
+    block = _column_block(n, _threads())
+    for t in prange((n + block - 1) // block):
+        lo = t * block
+        hi = min(n, lo + block)
+        _columns(a, w0, c0, lo, hi, 0)
+        _columns(a, w1, c1, lo, hi, c0.shape[1])
+        _columns(a, w2, c2, lo, hi, c0.shape[1] + c1.shape[1])
 
 
 @njit(parallel=True, cache=True, nogil=True)

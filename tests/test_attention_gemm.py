@@ -1,0 +1,77 @@
+"""Prefill attention's two products as MKL GEMMs per (head, query block, key block) (`attention_gemm.py`):
+the same answers as eager, tiles that do not divide the sequence, grouped-query heads, and a NaN or inf in
+one token spreading to the same rows as in eager (a masked key inside a computed tile weighs exactly 0,
+and 0 * inf is nan there as in eager)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import fusec
+import fusec.passes.tile
+from fusec.backends.numba_cpu import mkl
+from fusec.machines import KiB, cpu
+from fusec.models.llama import LlamaBlock, LlamaConfig
+
+pytestmark = [pytest.mark.filterwarnings("ignore::numba.NumbaPerformanceWarning"),
+              pytest.mark.skipif(bool(mkl.UNAVAILABLE), reason=f"MKL unavailable: {mkl.UNAVAILABLE}")]
+SEQ = 40
+
+
+def kernel_source(source: str, kind: str) -> str:
+    return source.split(f"kind={kind}\n", 1)[1].split("\n\n\n", 1)[0]
+
+
+@pytest.fixture(scope="module")
+def block_and_program(tmp_path_factory):
+    """A grouped-query block (4 heads over 2 K/V heads) on a cpu whose caches make tiles of 16 query rows
+    and 32 keys: neither divides the 40 tokens."""
+    machine = dataclasses.replace(cpu(), cores=2, l1_bytes=5 * KiB, l2_bytes=16 * KiB, pmu_bytes=16 * KiB)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fusec.passes.tile, "cpu", lambda: machine)
+        mp.setenv("FUSEC_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        mp.delenv("FUSEC_BLAS", raising=False)
+        torch.manual_seed(0)
+        block = LlamaBlock(dataclasses.replace(LlamaConfig.tiny(), n_kv_heads=2)).eval()
+        for p in block.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+        x = torch.randn(1, SEQ, block.config.dim)
+        return block, x, fusec.compile(block, (x, 0))
+
+
+def test_prefill_attention_products_are_gemms_and_match_eager(block_and_program):
+    block, x, program = block_and_program
+    attention = kernel_source(program.source, "attention")
+    assert attention.count("gemm_tile_mkl(") == 2, attention  # S = Q.K^T and P.V, per block
+    assert "for c in prange(" in attention
+    assert "sblk = np.empty((16, 32), np.float32)" in attention  # the tiles: neither divides 40 tokens
+    with torch.no_grad():
+        torch.testing.assert_close(program(x, 0), block(x, 0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("token", [0, 17, SEQ - 1])
+def test_nonfinite_token_makes_the_same_rows_nan_as_eager(block_and_program, value, token):
+    block, x, program = block_and_program
+    x = x.clone()
+    x[0, token, 5] = value
+    with torch.no_grad():
+        want = block(x, 0)
+    got = program(x, 0)
+    assert torch.equal(got.isnan(), want.isnan()), (got.isnan().any(-1), want.isnan().any(-1))
+    finite = ~want.isnan()
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_openblas_keeps_the_scalar_loops(monkeypatch, tmp_path):
+    monkeypatch.setenv("FUSEC_BLAS", "openblas")
+    monkeypatch.setenv("FUSEC_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    block = LlamaBlock(LlamaConfig.tiny()).eval()
+    x = torch.randn(1, 24, block.config.dim)
+    program = fusec.compile(block, (x, 0))
+    assert "gemm_tile_mkl(" not in program.source and "for c in prange(" in program.source
+    with torch.no_grad():
+        torch.testing.assert_close(program(x, 0), block(x, 0), rtol=1e-5, atol=1e-5)
