@@ -1,4 +1,4 @@
-"""Compiling a program's distinct kernel bodies in worker processes (fusec/backends/numba_cpu/compile_pool.py):
+"""Compiling a program's distinct kernel bodies in worker processes (backends/numba_cpu/compile_pool.py):
 the program then loads them from the cache and computes the same; a failing worker, or none, changes
 nothing but where the kernels compile."""
 from __future__ import annotations
