@@ -6,15 +6,12 @@ Decode streams every weight once per token, so these kernels must turn the halve
 - bf16: two weights are read as one uint32; the even one is `bits << 16`, the odd one `bits & 0xFFFF0000`,
   each bit-cast to float32. Shifts, masks and FMAs on whole vectors (no per-element zero-extension); the
   activation row is split once per call into its even and odd elements to match.
-- int8 (`passes.weights`, Q8_0 layout): q[N, K/32, 32] int8 and scales s[N, K/32, 1] float32, a weight
-  being q * s. Per weight row, 32 partial sums (one per lane of a block) run across the blocks,
-  acc[i] += x * (q * scale), and are added up once at the end (`_rows_int8`). Indexing the block and the
-  lane as separate (non-negative) axes keeps LLVM's loads contiguous; a flat `k = 32b + i` index made it
-  emit gathers, 10x slower.
+- int8: integer dot products against activations quantized the same way, in `int8.py` (re-exported
+  here: generated code imports every low-precision kernel from this module).
 
-Both ask LLVM for 512-bit vectors (`blas.wide_vectors`): widening is shuffle-bound, and a 512-bit shuffle
-widens twice the weights of a 256-bit one (measured at stories110M's shapes, one thread: int8 1.5-1.8x,
-bf16 1.2-1.4x faster than with LLVM's default 256-bit vectors).
+The bf16 loops ask LLVM for 512-bit vectors (`blas.wide_vectors`): widening is shuffle-bound, and a
+512-bit shuffle widens twice the weights of a 256-bit one (measured at stories110M's shapes, one thread:
+1.2-1.4x faster than with LLVM's default 256-bit vectors).
 
 Rows of the weight matrix are split across threads four at a time, as `blas.matvec` does (the activation
 loads are shared by the four rows); `matvec2_*` and `matvec3_*` run the rows of two or three matrices that
@@ -27,11 +24,11 @@ import numpy as np
 from numba import njit, prange
 
 from fusec.backends.numba_cpu.blas import _bits_as_f32, bf16, gemm, row_groups, wide_vectors
+from fusec.backends.numba_cpu.int8 import gemm_int8, matvec2_int8, matvec3_int8, matvec_int8  # noqa: F401
 
 _FASTMATH = {"reassoc", "contract"}  # vectorized sums; NaN and inf keep their meaning
 _HI = np.uint32(0xFFFF0000)
 _SHIFT = np.uint32(16)
-BLOCK = 32  # int8 weights per scale (`passes.weights.BLOCK`): a literal, so LLVM unrolls the lanes
 
 
 @njit(inline="always")
@@ -151,114 +148,3 @@ def _matvec_bf16_plain(a, w, c):
             for k in range(k_dim):
                 s += a[m, k] * bf16(w[n, k])
             c[m, n] = s
-
-
-@njit(inline="always")
-def _rows_int8(x, q, s, c, n0):
-    """c[:, n0:n0+4] = x @ (q * s)[n0:n0+4]^T for activations x[M, K/32, 32] and int8 weights q[N, K/32, 32]
-    with scales s[N, K/32, 1]. Per row, 32 partial sums (one per lane of a block) run across the blocks,
-    acc[r, i] += x * (q * scale), and are added up once at the end: reducing every block's 32 products to
-    one number instead (to scale it once) costs more shuffles than the widening itself."""
-    m_rows, blocks = x.shape[0], x.shape[1]
-    n_dim = q.shape[0]
-    rows = min(4, n_dim - n0)
-    acc = np.empty((4, BLOCK), np.float32)
-    for m in range(m_rows):
-        acc[:] = 0.0
-        if rows == 4:
-            for b in range(blocks):
-                c0 = s[n0, b, 0]
-                c1 = s[n0 + 1, b, 0]
-                c2 = s[n0 + 2, b, 0]
-                c3 = s[n0 + 3, b, 0]
-                for i in range(BLOCK):
-                    xi = x[m, b, i]
-                    acc[0, i] += xi * (np.float32(q[n0, b, i]) * c0)
-                    acc[1, i] += xi * (np.float32(q[n0 + 1, b, i]) * c1)
-                    acc[2, i] += xi * (np.float32(q[n0 + 2, b, i]) * c2)
-                    acc[3, i] += xi * (np.float32(q[n0 + 3, b, i]) * c3)
-        else:
-            for r in range(rows):
-                for b in range(blocks):
-                    scale = s[n0 + r, b, 0]
-                    for i in range(BLOCK):
-                        acc[r, i] += x[m, b, i] * (np.float32(q[n0 + r, b, i]) * scale)
-        for r in range(rows):
-            total = np.float32(0.0)
-            for i in range(BLOCK):
-                total += acc[r, i]
-            c[m, n0 + r] = total
-
-
-@njit(inline="always")
-def _blocks(a, q):
-    """The activations a[M, K] as x[M, K/32, 32], the layout of the int8 weights q[N, K/32, 32]."""
-    if q.shape[2] != BLOCK or a.shape[1] != q.shape[1] * BLOCK:
-        raise ValueError("int8 matrix-vector: weights must be [N, K/32, 32] for activations [M, K]")
-    x = a if a.flags.c_contiguous else np.ascontiguousarray(a)
-    return x.reshape((a.shape[0], q.shape[1], BLOCK))
-
-
-# c[M, N] = a[M, K] @ (q * s)^T for a few rows M, with int8 weights q[N, K/32, 32] and float32 block scales
-# s[N, K/32, 1] (see the module docstring); `matvec2_int8` and `matvec3_int8` run two or three matrices that
-# read the same activations in one parallel loop (as `blas.matvec2`).
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def matvec_int8(a, q, s, c):
-    x = _blocks(a, q)
-    for g in prange(row_groups(q)):
-        wide_vectors()
-        _rows_int8(x, q, s, c, 4 * g)
-
-
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def matvec2_int8(a, q0, s0, q1, s1, c0, c1):
-    x = _blocks(a, q0)
-    _blocks(a, q1)
-    g0 = row_groups(q0)
-    for g in prange(g0 + row_groups(q1)):
-        wide_vectors()
-        if g < g0:
-            _rows_int8(x, q0, s0, c0, 4 * g)
-        else:
-            _rows_int8(x, q1, s1, c1, 4 * (g - g0))
-
-
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def matvec3_int8(a, q0, s0, q1, s1, q2, s2, c0, c1, c2):
-    x = _blocks(a, q0)
-    _blocks(a, q1)
-    _blocks(a, q2)
-    g0 = row_groups(q0)
-    g1 = g0 + row_groups(q1)
-    for g in prange(g1 + row_groups(q2)):
-        wide_vectors()
-        if g < g0:
-            _rows_int8(x, q0, s0, c0, 4 * g)
-        elif g < g1:
-            _rows_int8(x, q1, s1, c1, 4 * (g - g0))
-        else:
-            _rows_int8(x, q2, s2, c2, 4 * (g - g1))
-
-
-@njit(parallel=True, cache=True)
-def _dequantize_rows(q, s, n0, n1, out):
-    """out[n - n0, 32b + i] = q[n, b, i] * s[n, b] for rows n0..n1: what the reference backend computes."""
-    blocks, width = q.shape[1], q.shape[2]
-    for n in prange(n1 - n0):
-        for b in range(blocks):
-            scale = s[n0 + n, b, 0]
-            for i in range(width):
-                out[n, b * width + i] = np.float32(q[n0 + n, b, i]) * scale
-
-
-@njit(cache=True)
-def gemm_int8(a, q, s, c):
-    """c = a @ (q * s)^T for many rows (prefill): dequantize a block of weight rows to a float32 tile,
-    then one GEMM each; the tile stays in cache between the two."""
-    n_dim, blocks, width = q.shape
-    block = 256
-    tile = np.empty((min(block, n_dim), blocks * width), np.float32)
-    for n0 in range(0, n_dim, block):
-        n1 = min(n_dim, n0 + block)
-        _dequantize_rows(q, s, n0, n1, tile)
-        gemm(a, tile[: n1 - n0], c[:, n0:n1], True)
