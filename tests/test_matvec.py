@@ -77,6 +77,18 @@ def test_bf16_siblings_with_a_strided_weight_or_odd_k_take_the_plain_loop():
             np.testing.assert_allclose(c, a @ widened(b).T, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("k", [2, 34, 100])
+def test_bf16_columns_past_the_last_vector_are_added(k):
+    """The bf16 loop takes 32 columns (16 pairs) a vector; the rest (here all of K = 2) are added after."""
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((2, k)).astype(np.float32)
+    bits = [bf16_bits(rng.standard_normal((n, k)).astype(np.float32)) for n in (6, 4)]
+    outs = [np.full((2, b.shape[0]), np.nan, np.float32) for b in bits]
+    lowp.matvec2_bf16(a, *bits, *outs)
+    for b, c in zip(bits, outs):
+        np.testing.assert_allclose(c, a @ widened(b).T, rtol=1e-5, atol=1e-4)
+
+
 def test_int8_kernel_refuses_weights_of_another_k():
     a = np.ones((1, 64), np.float32)
     q, s = (x.numpy() for x in quantize_int8(torch.ones(4, 96)))

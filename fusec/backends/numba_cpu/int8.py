@@ -27,14 +27,12 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from fusec.backends.numba_cpu.blas import gemm, row_groups, wide_vectors
+from fusec.backends.numba_cpu.simd import (I8, I16, I32, V16F, V16I, Arrays, accumulators, fma_into, hsum, intp_args,
+                                           lanes, splat)
 
 _FASTMATH = {"reassoc", "contract"}  # vectorized sums; NaN and inf keep their meaning
 BLOCK = 32  # int8 values per scale (`passes.weights.BLOCK`)
 ROWS = 4    # weight rows per dot call: four independent FMA chains, one activation load for all four
-_I16, _I32, _F32 = ir.IntType(16), ir.IntType(32), ir.FloatType()
-_V16F, _V16I = ir.VectorType(_F32, 16), ir.VectorType(_I32, 16)
-
-
 def _target_features() -> set[str]:
     """The CPU features Numba compiles for: the host's, or those NUMBA_CPU_FEATURES names when
     NUMBA_CPU_NAME picks another CPU (then no x86 intrinsic unless named)."""
@@ -57,83 +55,46 @@ def _pairs(builder: ir.IRBuilder, a: ir.Value, b: ir.Value) -> ir.Value:
     """<16 x i32>: a[2j] * b[2j] + a[2j+1] * b[2j+1] of <32 x i16> vectors a and b."""
     module = builder.module
     if PMADDWD == "avx512":
-        fn = cgutils.get_or_insert_function(
-            module, ir.FunctionType(_V16I, [a.type, b.type]), "llvm.x86.avx512.pmaddw.d.512")
+        fn = cgutils.get_or_insert_function(module, ir.FunctionType(V16I, [a.type, b.type]),
+                                            "llvm.x86.avx512.pmaddw.d.512")
         return builder.call(fn, [a, b])
     if PMADDWD == "avx2":
-        v8 = ir.VectorType(_I32, 8)
         fn = cgutils.get_or_insert_function(
-            module, ir.FunctionType(v8, [ir.VectorType(_I16, 16)] * 2), "llvm.x86.avx2.pmadd.wd")
-        halves = [builder.call(fn, [_lanes(builder, a, h * 16, 16), _lanes(builder, b, h * 16, 16)])
-                  for h in (0, 1)]
-        return builder.shuffle_vector(halves[0], halves[1], ir.Constant(_V16I, list(range(16))))
-    wide = ir.VectorType(_I32, 32)
-    products = builder.mul(builder.sext(a, wide), builder.sext(b, wide))
-    even = builder.shuffle_vector(products, products, ir.Constant(_V16I, list(range(0, 32, 2))))
-    odd = builder.shuffle_vector(products, products, ir.Constant(_V16I, list(range(1, 32, 2))))
-    return builder.add(even, odd)
-
-
-def _lanes(builder: ir.IRBuilder, v: ir.Value, start: int, count: int) -> ir.Value:
-    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, count), list(range(start, start + count))))
-
-
-def _hsum(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
-    """The sum of a <16 x float>'s lanes (a halving tree; once per row, so its order does not matter)."""
-    width = 16
-    while width > 1:
-        width //= 2
-        v = builder.fadd(_lanes(builder, v, 0, width), _lanes(builder, v, width, width))
-    return builder.extract_element(v, ir.Constant(_I32, 0))
+            module, ir.FunctionType(ir.VectorType(I32, 8), [ir.VectorType(I16, 16)] * 2), "llvm.x86.avx2.pmadd.wd")
+        halves = [builder.call(fn, [lanes(builder, a, h, 16), lanes(builder, b, h, 16)]) for h in (0, 16)]
+        return builder.shuffle_vector(halves[0], halves[1], ir.Constant(V16I, list(range(16))))
+    products = builder.mul(builder.sext(a, ir.VectorType(I32, 32)), builder.sext(b, ir.VectorType(I32, 32)))
+    return builder.add(lanes(builder, products, 0, 16, 2), lanes(builder, products, 1, 16, 2))
 
 
 def _dot_rows(count: int):
     """An intrinsic dot(q, s, xq, xs, n0, m): the tuple of `count` float32 dot products of activation row m
-    (int16 xq[M, B, 32], scales xs[M, B]) with weight rows n0.. of q[N, B, 32] (int8) and s[N, B, 1]."""
+    (int16 xq[M, B, 32], scales xs[M, B]) with weight rows n0.. of q[N, B, 32] (int8) and s[N, B, 1]; a
+    block's 32 values are read as one vector, so q and xq must be C-contiguous (callers make sure)."""
     @intrinsic
     def dot(typingctx, q, s, xq, xs, n0, m):
         arrays = (q, s, xq, xs)
         want = ((types.int8, 3), (types.float32, 3), (types.int16, 3), (types.float32, 2))
         if not all(isinstance(t, types.Array) and (t.dtype, t.ndim) == w for t, w in zip(arrays, want)):
             return None
-        if q.layout != "C" or xq.layout != "C":  # a block's 32 values are read as one vector
-            return None
         if not (isinstance(n0, types.Integer) and isinstance(m, types.Integer)):
             return None
 
         def codegen(context, builder, signature, args):
-            intp = context.get_value_type(types.intp)
-            ary = [context.make_array(t)(context, builder, v) for t, v in zip(signature.args[:4], args[:4])]
-            n0v, mv = (context.cast(builder, v, t, types.intp) for v, t in zip(args[4:], signature.args[4:]))
-            zero = ir.Constant(intp, 0)
-
-            def at(i, index):
-                t = signature.args[i]
-                return cgutils.get_item_pointer2(context, builder, ary[i].data,
-                                                 cgutils.unpack_tuple(builder, ary[i].shape, t.ndim),
-                                                 cgutils.unpack_tuple(builder, ary[i].strides, t.ndim),
-                                                 t.layout, index)
-            blocks = cgutils.unpack_tuple(builder, ary[0].shape, 3)[1]
-            accs = [cgutils.alloca_once_value(builder, ir.Constant(_V16F, [0.0] * 16)) for _ in range(count)]
-            lanes = ir.Constant(_V16I, [0] * 16)
-            with cgutils.for_range(builder, blocks) as loop:
+            arrays = Arrays(context, builder, signature, args, 4)  # q, s, xq, xs
+            n0v, mv = intp_args(context, builder, signature, args, 4)
+            zero = ir.Constant(n0v.type, 0)
+            accs = accumulators(builder, count)
+            with cgutils.for_range(builder, arrays.shape(0, 1)) as loop:
                 b = loop.index
-                x = builder.load(builder.bitcast(at(2, [mv, b, zero]), ir.PointerType(ir.VectorType(_I16, 32))),
-                                 align=2)
-                xs = builder.load(at(3, [mv, b]))
-                for r in range(count):
-                    n = builder.add(n0v, ir.Constant(intp, r))
-                    w = builder.load(builder.bitcast(at(0, [n, b, zero]), ir.PointerType(ir.VectorType(ir.IntType(8), 32))),
-                                     align=1)
-                    dots = builder.sitofp(_pairs(builder, builder.sext(w, ir.VectorType(_I16, 32)), x), _V16F)
-                    scale = builder.fmul(builder.load(at(1, [n, b, zero])), xs)
-                    scale = builder.shuffle_vector(builder.insert_element(ir.Constant(_V16F, ir.Undefined), scale,
-                                                                          ir.Constant(_I32, 0)),
-                                                   ir.Constant(_V16F, ir.Undefined), lanes)
-                    acc = builder.load(accs[r])
-                    builder.store(builder.fadd(acc, builder.fmul(dots, scale, flags=["contract"]), flags=["contract"]),
-                                  accs[r])
-            sums = [_hsum(builder, builder.load(a)) for a in accs]
+                x = arrays.load(2, [mv, b, zero], ir.VectorType(I16, 32))
+                xs = arrays.load(3, [mv, b])
+                for r, acc in enumerate(accs):
+                    n = builder.add(n0v, ir.Constant(n0v.type, r))
+                    w = builder.sext(arrays.load(0, [n, b, zero], ir.VectorType(I8, 32)), ir.VectorType(I16, 32))
+                    dots = builder.sitofp(_pairs(builder, w, x), V16F)
+                    fma_into(builder, acc, dots, splat(builder, builder.fmul(arrays.load(1, [n, b, zero]), xs)))
+            sums = [hsum(builder, builder.load(a)) for a in accs]
             return context.make_tuple(builder, signature.return_type, sums)
         return types.UniTuple(types.float32, count)(q, s, xq, xs, n0, m), codegen
     return dot
@@ -198,6 +159,7 @@ def quantize_rows(a, q):
 
 @njit(inline="always")
 def _contiguous(q):
+    """q itself when C-contiguous, else a copy that is (int8 weights are, unless a caller sliced them)."""
     return q if q.flags.c_contiguous else np.ascontiguousarray(q)
 
 
@@ -207,24 +169,24 @@ def _contiguous(q):
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def matvec_int8(a, q, s, c):
     xq, xs = quantize_rows(a, q)
-    q = _contiguous(q)
-    for g in prange(row_groups(q)):
+    qc = _contiguous(q)
+    for g in prange(row_groups(qc)):
         wide_vectors()
-        _rows_int8(xq, xs, q, s, c, 4 * g)
+        _rows_int8(xq, xs, qc, s, c, 4 * g)
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def matvec2_int8(a, q0, s0, q1, s1, c0, c1):
     xq, xs = quantize_rows(a, q0)
     _check(a, q1)
-    q0, q1 = _contiguous(q0), _contiguous(q1)
-    g0 = row_groups(q0)
-    for g in prange(g0 + row_groups(q1)):
+    p0, p1 = _contiguous(q0), _contiguous(q1)
+    g0 = row_groups(p0)
+    for g in prange(g0 + row_groups(p1)):
         wide_vectors()
         if g < g0:
-            _rows_int8(xq, xs, q0, s0, c0, 4 * g)
+            _rows_int8(xq, xs, p0, s0, c0, 4 * g)
         else:
-            _rows_int8(xq, xs, q1, s1, c1, 4 * (g - g0))
+            _rows_int8(xq, xs, p1, s1, c1, 4 * (g - g0))
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
@@ -232,17 +194,17 @@ def matvec3_int8(a, q0, s0, q1, s1, q2, s2, c0, c1, c2):
     xq, xs = quantize_rows(a, q0)
     _check(a, q1)
     _check(a, q2)
-    q0, q1, q2 = _contiguous(q0), _contiguous(q1), _contiguous(q2)
-    g0 = row_groups(q0)
-    g1 = g0 + row_groups(q1)
-    for g in prange(g1 + row_groups(q2)):
+    p0, p1, p2 = _contiguous(q0), _contiguous(q1), _contiguous(q2)
+    g0 = row_groups(p0)
+    g1 = g0 + row_groups(p1)
+    for g in prange(g1 + row_groups(p2)):
         wide_vectors()
         if g < g0:
-            _rows_int8(xq, xs, q0, s0, c0, 4 * g)
+            _rows_int8(xq, xs, p0, s0, c0, 4 * g)
         elif g < g1:
-            _rows_int8(xq, xs, q1, s1, c1, 4 * (g - g0))
+            _rows_int8(xq, xs, p1, s1, c1, 4 * (g - g0))
         else:
-            _rows_int8(xq, xs, q2, s2, c2, 4 * (g - g1))
+            _rows_int8(xq, xs, p2, s2, c2, 4 * (g - g1))
 
 
 @njit(parallel=True, cache=True)
