@@ -18,7 +18,8 @@ from fusec.passes.weights import quantize_int8, store_weights
 
 TINY = LlamaConfig(dim=64, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=97, max_seq_len=128, n_layers=2)
 # int8 with a scale per 32 weights: each weight is off by at most half a step, max|block| / 254; a block's
-# output moves by ~1% of its scale (measured 0.05-0.07% on the block below, 1.3% on stories15M's logits)
+# output moves by ~1% of its scale (measured 0.05-0.07% on the block below, 1.8% on stories15M's logits
+# with the activations quantized as well)
 INT8_TOLERANCE = 2e-2
 
 pytestmark = pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning")  # tiny kernels
@@ -123,7 +124,7 @@ def test_compile_int8_fused_and_unfused_follows_a_replaced_parameter(fuse):
 
 def test_generator_int8_agrees_with_fp32_greedy():
     """Teacher-forced greedy agreement and logit error against fp32 eager (the bench_accuracy measure,
-    on a small model: stories15M measured 98% over 64 steps, 1.3% relative logit error)."""
+    on a small model: stories15M measured 98% over 64 steps, 1.8% relative logit error)."""
     from fusec.accuracy import agreement
     model = random_model(TINY, seed=0)
     prompt = torch.randint(0, TINY.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))

@@ -20,9 +20,10 @@ backends that know the pattern (`dequantized`) stream q and the scales instead.
 A matmul x @ W^T that reads an int8 weight gets attribute quantize="int8": its activations x are
 quantized the same way (blocks of 32 along K, which meet W's blocks) before the product, so that kernels
 multiply int8 by int8 and sum in int32 (`backends.numba_cpu.int8`); the reference backend defines the
-exact values (`backends.reference.quantize_activations`). Measured on random-weight stories15M and
-stories110M, this moves the logits about as much again as quantizing the weights (see the numbers in
-tests/test_weights_int8.py).
+exact values (`backends.reference.quantize_activations`). Measured with benchmarks/bench_accuracy.py
+(random weights, 64 greedy steps): stories15M agrees with fp32 on 98.4% of the tokens with or without
+quantized activations, its largest logit error growing from 1.3% to 1.8% of the largest logit;
+stories110M 98.4% either way, 2.8% to 3.1%.
 
 The stored copies live in the new graph's tensors (the module's own float32 parameters are untouched).
 Small weights (norm scales, biases) stay float32: they cost nothing to stream and carry most of the

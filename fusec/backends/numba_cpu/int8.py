@@ -140,11 +140,12 @@ def quantize_rows(a, q):
     for m in range(m_rows):
         for b in range(blocks):
             amax = np.float32(0.0)
-            finite = True
-            for i in range(BLOCK):
+            bad = False
+            for i in range(BLOCK):  # branch-free, so that LLVM vectorizes it
                 v = abs(a[m, b * BLOCK + i])
-                finite = finite and v < np.inf
+                bad |= (v != v) | (v == np.inf)
                 amax = max(amax, v)
+            finite = not bad
             if finite and amax > 0:
                 inv = np.float32(127.0) / amax
                 for i in range(BLOCK):
