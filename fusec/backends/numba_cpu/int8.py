@@ -16,6 +16,8 @@ lanes), a conversion and one FMA into 16 float32 lanes per row, reduced once at 
 LLVM does not form `pmaddwd` from Numba's code (Numba widens integer products to 64 bits, and from 32-bit
 products LLVM emits `pmulld`), so the loop over blocks is written in LLVM IR and calls the x86 intrinsic
 where the CPU has it; elsewhere the same IR in portable form (products of sign-extended lanes, pairs added).
+Measured side by side (one thread, one activation row, stories110M's shapes): the time of fp32's product
+over int8's went from 1.4-2.0x (float32 widening) to 2.5-4.4x.
 """
 from __future__ import annotations
 

@@ -4,16 +4,18 @@ Decode streams every weight once per token, so these kernels must turn the halve
 (int8) bytes into time saved, which only happens when the widening to float32 is vectorized:
 
 - bf16: two weights are read as one uint32; the even one is `bits << 16`, the odd one `bits & 0xFFFF0000`,
-  each bit-cast to float32. Shifts, masks and FMAs on whole vectors (no per-element zero-extension), each
-  16 activations split into their even and odd lanes once for four weight rows. Written in LLVM IR
-  (`_dot_bf16`): two accumulators per row (even and odd), reduced once per row; Numba's loop left a scalar
-  remainder per row (at stories15M's K = 288 most of the time) and an activation split per call.
+  each bit-cast to float32. Shifts, masks and FMAs on whole vectors (no per-element zero-extension); every
+  32 activations are split into their 16 even and 16 odd lanes once for four weight rows. Written in LLVM
+  IR (`_dot_bf16`), with two accumulators per row (even and odd) reduced once per row: the loop Numba
+  vectorized itself split the activations into two new arrays per call and ended every row with a scalar
+  remainder; measured side by side (one thread, one activation row), bf16's bytes per second went from
+  0.9-1.2x fp32's to 1.5-1.6x at stories110M's shapes, from 0.4-0.5x to 0.6-0.7x at stories15M's (K = 288:
+  matrices that small stay in the L2 cache, where fp32 is as fast per weight).
 - int8: integer dot products against activations quantized the same way, in `int8.py` (re-exported
   here: generated code imports every low-precision kernel from this module).
 
-The bf16 loops ask LLVM for 512-bit vectors (`blas.wide_vectors`): widening is shuffle-bound, and a
-512-bit shuffle widens twice the weights of a 256-bit one (measured at stories110M's shapes, one thread:
-1.2-1.4x faster than with LLVM's default 256-bit vectors).
+The loops ask LLVM for 512-bit vectors (`blas.wide_vectors`), so that the IR's 16-lane vectors are single
+registers on AVX-512 (LLVM otherwise prefers 256-bit ones there).
 
 Rows of the weight matrix are split across threads four at a time, as `blas.matvec` does (the activation
 loads are shared by the four rows); `matvec2_*` and `matvec3_*` run the rows of two or three matrices that
