@@ -1,16 +1,22 @@
 """Matrix-vector GB/s of the fp32, bf16 and int8 weight kernels at decode shapes, beside the read bandwidth.
 
-    python benchmarks/bench_matvec.py [--threads 2] [--rounds 30] [--out bench_out]
+    python benchmarks/bench_matvec.py [--threads 2] [--rounds 30] [--footprint 64] [--out bench_out]
 
 One activation row against each weight matrix of stories110M and TinyLlama-1.1B (the shapes a decode step
 streams; the 32000-row LM head too). The kernels run in turn, round after round, so that a neighbour's
 load hits all of them alike; reported: weight bytes read per second at the median and at the best round
 (the best is the kernel's own speed on a noisy machine). The machine's read bandwidth (a large sum, see
-`fusec.benchtools.measure_memory_bandwidth`) is measured in the same run. Writes bench_matvec.json.
+`fusec.benchtools.measure_memory_bandwidth`) is measured in the same run. With --footprint MB, each kernel
+cycles through copies of its weights that add up to at least that many MB, so that a call reads them from
+beyond the core's L2 cache as a decode step does (it streams every layer's weights once); otherwise a
+small matrix stays in L2 between calls and the kernels compare their arithmetic, not their bytes.
+Writes bench_matvec.json.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 import statistics
 import sys
 import time
@@ -31,15 +37,21 @@ SHAPES = {  # name: (rows N, columns K) of a weight matrix; c[1, N] = a[1, K] @ 
 }
 
 
-def kernels(n: int, k: int, rng: np.random.Generator) -> dict:
-    """{format: (call, weight bytes)} for one N x K matrix in every format."""
+def kernels(n: int, k: int, rng: np.random.Generator, footprint: float = 0.0) -> dict:
+    """{format: (call, weight bytes)} for one N x K matrix in every format; each call reads the next of
+    enough copies to fill `footprint` bytes."""
     a = rng.standard_normal((1, k), dtype=np.float32)
     w = rng.standard_normal((n, k), dtype=np.float32) * np.float32(0.02)
     bits = torch.from_numpy(w).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     q, s = (t.numpy() for t in quantize_int8(torch.from_numpy(w)))
     c = np.empty((1, n), np.float32)
-    return {"fp32": (lambda: matvec(a, w, c), w.nbytes), "bf16": (lambda: matvec_bf16(a, bits, c), bits.nbytes),
-            "int8": (lambda: matvec_int8(a, q, s, c), q.nbytes + s.nbytes)}
+
+    def cycled(arrays: tuple, kernel) -> tuple:
+        nbytes = sum(x.nbytes for x in arrays)
+        copies = [tuple(x.copy() for x in arrays) for _ in range(max(1, math.ceil(footprint / nbytes)))]
+        turn = itertools.cycle(copies)
+        return (lambda: kernel(a, *next(turn), c)), nbytes
+    return {"fp32": cycled((w,), matvec), "bf16": cycled((bits,), matvec_bf16), "int8": cycled((q, s), matvec_int8)}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -48,7 +60,7 @@ def run(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(0)
     rows = []
     for name, (n, k) in SHAPES.items():
-        calls = kernels(n, k, rng)
+        calls = kernels(n, k, rng, args.footprint * 1e6)
         times = {fmt: [] for fmt in calls}
         for call, _ in calls.values():
             call()  # compile / load
@@ -66,7 +78,8 @@ def run(args: argparse.Namespace) -> dict:
         row["int8_vs_fp32_time"] = row["int8_best_gb_s"] / 1.125 / (row["fp32_best_gb_s"] / 4)
         rows.append(row)
         print(f"  {name}: done", flush=True)
-    return {"threads": threads, "rounds": args.rounds, "bandwidth": bandwidth, "results": rows}
+    return {"threads": threads, "rounds": args.rounds, "footprint_mb": args.footprint, "bandwidth": bandwidth,
+            "results": rows}
 
 
 COLUMNS = [("shape", "weight", ""), ("n", "N", "d"), ("k", "K", "d"),
@@ -80,11 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_matvec", description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="numba threads")
     parser.add_argument("--rounds", type=int, default=30, help="timed calls of each kernel per shape")
+    parser.add_argument("--footprint", type=float, default=0.0,
+                        help="MB of weight copies each kernel cycles through (0: one copy, cache-resident)")
     parser.add_argument("--out", default="bench_out", help="directory for bench_matvec.json")
     args = parser.parse_args(argv)
     report = run(args)
     bw = report["bandwidth"]
-    print(f"\nmatvec, {report['threads']} numba threads, median and best of {report['rounds']} rounds; read "
+    print(f"\nmatvec, {report['threads']} numba threads, weights cycled over {report['footprint_mb']:g} MB, "
+          f"median and best of {report['rounds']} rounds; read "
           f"bandwidth {bw['best'] / 1e9:.1f} GB/s (numba {bw['numba'] / 1e9:.1f}, numpy {bw['numpy'] / 1e9:.1f}, "
           f"torch {bw['torch'] / 1e9:.1f})")
     print(benchtools.format_table(report["results"], COLUMNS))

@@ -11,6 +11,9 @@ Semantics decisions, beyond "what NumPy does":
 - `bf16` values are float32 arrays rounded to bfloat16 precision after every node (like torch eager,
   which computes each bf16 op in float32 and rounds its result).
 - f16 `sum` and `matmul` accumulate in float32, as torch does on CPU.
+- A `matmul` with attribute quantize="int8" (its right operand an int8 weight, `passes.weights`)
+  multiplies by its left operand quantized to int8 blocks of 32 along K (`quantize_activations`), as
+  int8 x int8 kernels (llama.cpp's Q8_0) do.
 - Integer `div` truncates toward zero (C semantics); integer division by zero gives 0.
 - Float-only unary ops (exp, log, sqrt, rsqrt, sin, cos, tanh, sigmoid, erf, reciprocal) on integer
   operands compute in float64 and cast back to the integer dtype (truncating).
@@ -183,8 +186,23 @@ def _argmax(node: Node, args: list, tensors: Mapping[str, Any]) -> np.ndarray:
     return np.argmax(x, axis=axes[0], keepdims=bool(node.attr("keepdim")))  # first maximum; NaN wins
 
 
+def quantize_activations(a: np.ndarray, block: int = 32) -> np.ndarray:
+    """float32 activations a[..., K] as int8 blocks of `block` along K, widened back: per block,
+    scale = max|a| / 127 and q = rint(a * (127 / max|a|)) (ties to even), the result q * scale (all in
+    float32). An all-zero block stays zero; a block holding inf or NaN becomes NaN."""
+    blocks = a.reshape(*a.shape[:-1], a.shape[-1] // block, block).astype(np.float32, copy=False)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    finite = np.isfinite(blocks).all(axis=-1, keepdims=True)
+    with np.errstate(all="ignore"):
+        q = np.where(finite & (amax > 0), np.rint(blocks * (np.float32(127.0) / amax)), np.float32(0.0))
+    scale = np.where(finite, amax / np.float32(127.0), np.float32(np.nan))
+    return (q * scale).astype(np.float32).reshape(a.shape)
+
+
 def _matmul(node: Node, args: list, tensors: Mapping[str, Any]) -> np.ndarray:
     a, b = args
+    if node.attr("quantize") == "int8":  # an int8 weight (`passes.weights`): int8 activations too
+        a = quantize_activations(a)
     acc = _accumulator(a)
     return np.matmul(a.astype(acc, copy=False), b.astype(acc, copy=False))
 

@@ -7,7 +7,7 @@ import torch
 
 from fusec.backends.numba_cpu import blas, lowp
 from fusec.backends.numba_cpu.runtime import Program
-from fusec.backends.reference import run_graph
+from fusec.backends.reference import quantize_activations, run_graph
 from fusec.models import load_model
 from fusec.models.registry import decode_inputs
 from fusec.tracing import trace
@@ -59,8 +59,9 @@ def test_one_loop_over_several_matrices_matches_numpy(fmt, rows, k, ns):
     weights = [rng.standard_normal((n, k)).astype(np.float32) for n in ns]
     outs = [np.full((rows, n), np.nan, np.float32) for n in ns]
     call(fmt, a, weights, outs)
+    x = quantize_activations(a) if fmt == "int8" else a  # int8 x int8: the activations quantized too
     for w, c in zip(weights, outs):
-        np.testing.assert_allclose(c, a @ dense(fmt, w).T, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(c, x @ dense(fmt, w).T, rtol=1e-5, atol=1e-4)
 
 
 def test_bf16_siblings_with_a_strided_weight_or_odd_k_take_the_plain_loop():
@@ -74,6 +75,18 @@ def test_bf16_siblings_with_a_strided_weight_or_odd_k_take_the_plain_loop():
         lowp.matvec2_bf16(a, *bits, *outs)
         for b, c in zip(bits, outs):
             np.testing.assert_allclose(c, a @ widened(b).T, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [2, 34, 100])
+def test_bf16_columns_past_the_last_vector_are_added(k):
+    """The bf16 loop takes 32 columns (16 pairs) a vector; the rest (here all of K = 2) are added after."""
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((2, k)).astype(np.float32)
+    bits = [bf16_bits(rng.standard_normal((n, k)).astype(np.float32)) for n in (6, 4)]
+    outs = [np.full((2, b.shape[0]), np.nan, np.float32) for b in bits]
+    lowp.matvec2_bf16(a, *bits, *outs)
+    for b, c in zip(bits, outs):
+        np.testing.assert_allclose(c, a @ widened(b).T, rtol=1e-5, atol=1e-4)
 
 
 def test_int8_kernel_refuses_weights_of_another_k():
@@ -103,16 +116,17 @@ def test_decode_step_runs_sibling_products_in_one_call(fmt):
 def _has_avx512() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
-            return " avx512f" in f.read()
+            return " avx512bw" in f.read()
     except OSError:
         return False
 
 
 @pytest.mark.skipif(not _has_avx512(), reason="512-bit vectors need a CPU with AVX-512")
-@pytest.mark.parametrize("name,widen", [("matvec_int8", "vpmovsxbd"), ("matvec_bf16", "vpslld")])
+@pytest.mark.parametrize("name,widen", [("matvec_int8", "vpmaddwd"), ("matvec_bf16", "vpslld")])
 def test_low_precision_loops_widen_with_512_bit_vectors(name, widen):
-    """LLVM prefers 256-bit vectors on AVX-512 CPUs; the int8 and bf16 loops ask for 512 (`wide_vectors`):
-    half the shuffles per weight. Compiled afresh (machine code loaded from the cache cannot be inspected)."""
+    """LLVM prefers 256-bit vectors on AVX-512 CPUs; the bf16 loops ask for 512 (`wide_vectors`): half the
+    shuffles per weight; the int8 loop's integer pair products (`int8._pairs`) are 512-bit `pmaddwd`.
+    Compiled afresh (machine code loaded from the cache cannot be inspected)."""
     kernel = numba.njit(parallel=True, fastmath=lowp._FASTMATH)(getattr(lowp, name).py_func)
     a = np.ones((1, 64), np.float32)
     c = np.zeros((1, 8), np.float32)

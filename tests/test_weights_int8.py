@@ -6,7 +6,7 @@ import torch
 import fusec
 from fusec.backends.numba_cpu.lowp import gemm_int8, matvec_bf16, matvec_int8
 from fusec.backends.numba_cpu.runtime import Program
-from fusec.backends.reference import run_graph
+from fusec.backends.reference import quantize_activations, run_graph
 from fusec.generate import compile_generator, eager_generate
 from fusec.models import load_model
 from fusec.models.causal_lm import random_model
@@ -18,7 +18,8 @@ from fusec.passes.weights import quantize_int8, store_weights
 
 TINY = LlamaConfig(dim=64, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=97, max_seq_len=128, n_layers=2)
 # int8 with a scale per 32 weights: each weight is off by at most half a step, max|block| / 254; a block's
-# output moves by ~1% of its scale (measured 0.05-0.07% on the block below, 1.3% on stories15M's logits)
+# output moves by ~1% of its scale (measured 0.05-0.07% on the block below, 1.8% on stories15M's logits
+# with the activations quantized as well)
 INT8_TOLERANCE = 2e-2
 
 pytestmark = pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning")  # tiny kernels
@@ -99,8 +100,8 @@ def test_low_precision_kernels_match_numpy(rows, n, k):
         dense = (q.astype(np.float32) * s).reshape(n, k)
         for kernel in (matvec_int8, gemm_int8):
             c[:] = 0
-            kernel(a, q, s, c)
-            np.testing.assert_allclose(c, a @ dense.T, rtol=1e-5, atol=1e-4)
+            kernel(a, q, s, c)  # int8 x int8: the activations quantized too
+            np.testing.assert_allclose(c, quantize_activations(a) @ dense.T, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("fuse", [True, False])
@@ -123,7 +124,7 @@ def test_compile_int8_fused_and_unfused_follows_a_replaced_parameter(fuse):
 
 def test_generator_int8_agrees_with_fp32_greedy():
     """Teacher-forced greedy agreement and logit error against fp32 eager (the bench_accuracy measure,
-    on a small model: stories15M measured 98% over 64 steps, 1.3% relative logit error)."""
+    on a small model: stories15M measured 98% over 64 steps, 1.8% relative logit error)."""
     from fusec.accuracy import agreement
     model = random_model(TINY, seed=0)
     prompt = torch.randint(0, TINY.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))

@@ -8,6 +8,7 @@ import math
 from fusec.backends.numba_cpu.expr import Emitter
 from fusec.backends.numba_cpu.mkl import blas_choice
 from fusec.backends.numba_cpu.stores import emit_store
+from fusec.errors import FusecError
 from fusec.symbolic import is_sym, lower, upper
 from fusec.passes.weights import dequantized
 
@@ -59,6 +60,7 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
     parallel = upper(m) <= MATVEC_ROWS or blas == "mkl"
     rows = tiles.get("rows", 0)
     rights = [_array_view(em, g.nodes[mm].args[1]) for mm in matmuls]
+    _check_int8(g, matmuls, rights)
     # bf16 weights [N, K] at prefill: a bf16 x bf16 -> f32 GEMM over A rounded to bf16 (in the prologue)
     bf16 = [lower(m) > MATVEC_ROWS and blas == "mkl" and v is not None and v[1] and v[2] == "_bf16"
             for v in rights]
@@ -125,6 +127,16 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
             outer = 0 if is_sym(m) or any(is_sym(d) for d in shape) else max(1, math.prod(shape[:-1]))
             emit_store(em, o, out, shape, parallel=parallel, block=rows * max(1, outer // m) if outer else 0)
     return "gemm" if upper(m) > MATVEC_ROWS else "matvec"
+
+
+def _check_int8(g, matmuls: list[int], rights: list) -> None:
+    """A matmul marked quantize="int8" (`passes.weights`) is only computed right by the int8 kernels,
+    which quantize its activations: refuse to emit it any other way."""
+    for mm, view in zip(matmuls, rights):
+        if g.nodes[mm].attr("quantize") == "int8" and (view is None or view[2] != "_int8" or not view[1]):
+            raise FusecError(f"matmul %{mm} reads an int8 weight (quantize=\"int8\") the numba backend does not "
+                             f"see as its q and scales, so it cannot quantize the activations: expected "
+                             f"x @ permute(reshape(cast(q) * scales)), given {g.nodes[g.nodes[mm].args[1]].op}")
 
 
 MATVEC_GROUP = 3  # products run by one matrix-vector call at most (`blas.matvec3`)

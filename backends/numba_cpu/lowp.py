@@ -4,17 +4,18 @@ Decode streams every weight once per token, so these kernels must turn the halve
 (int8) bytes into time saved, which only happens when the widening to float32 is vectorized:
 
 - bf16: two weights are read as one uint32; the even one is `bits << 16`, the odd one `bits & 0xFFFF0000`,
-  each bit-cast to float32. Shifts, masks and FMAs on whole vectors (no per-element zero-extension); the
-  activation row is split once per call into its even and odd elements to match.
-- int8 (`passes.weights`, Q8_0 layout): q[N, K/32, 32] int8 and scales s[N, K/32, 1] float32, a weight
-  being q * s. Per weight row, 32 partial sums (one per lane of a block) run across the blocks,
-  acc[i] += x * (q * scale), and are added up once at the end (`_rows_int8`). Indexing the block and the
-  lane as separate (non-negative) axes keeps LLVM's loads contiguous; a flat `k = 32b + i` index made it
-  emit gathers, 10x slower.
+  each bit-cast to float32. Shifts, masks and FMAs on whole vectors (no per-element zero-extension); every
+  32 activations are split into their 16 even and 16 odd lanes once for four weight rows. Written in LLVM
+  IR (`_dot_bf16`), with two accumulators per row (even and odd) reduced once per row: the loop Numba
+  vectorized itself split the activations into two new arrays per call and ended every row with a scalar
+  remainder; measured side by side (one thread, one activation row), bf16's bytes per second went from
+  0.9-1.2x fp32's to 1.5-1.6x at stories110M's shapes, from 0.4-0.5x to 0.6-0.7x at stories15M's (K = 288:
+  matrices that small stay in the L2 cache, where fp32 is as fast per weight).
+- int8: integer dot products against activations quantized the same way, in `int8.py` (re-exported
+  here: generated code imports every low-precision kernel from this module).
 
-Both ask LLVM for 512-bit vectors (`blas.wide_vectors`): widening is shuffle-bound, and a 512-bit shuffle
-widens twice the weights of a 256-bit one (measured at stories110M's shapes, one thread: int8 1.5-1.8x,
-bf16 1.2-1.4x faster than with LLVM's default 256-bit vectors).
+The loops ask LLVM for 512-bit vectors (`blas.wide_vectors`), so that the IR's 16-lane vectors are single
+registers on AVX-512 (LLVM otherwise prefers 256-bit ones there).
 
 Rows of the weight matrix are split across threads four at a time, as `blas.matvec` does (the activation
 loads are shared by the four rows); `matvec2_*` and `matvec3_*` run the rows of two or three matrices that
@@ -24,71 +25,92 @@ a float32 tile and call the GEMM.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from fusec.backends.numba_cpu.blas import _bits_as_f32, bf16, gemm, row_groups, wide_vectors
+from fusec.backends.numba_cpu.int8 import gemm_int8, matvec2_int8, matvec3_int8, matvec_int8  # noqa: F401
+from fusec.backends.numba_cpu.simd import F32, LANES, V16F, V16I, Arrays, accumulators, fma_into, hsum, intp_args, lanes
 
 _FASTMATH = {"reassoc", "contract"}  # vectorized sums; NaN and inf keep their meaning
 _HI = np.uint32(0xFFFF0000)
 _SHIFT = np.uint32(16)
-BLOCK = 32  # int8 weights per scale (`passes.weights.BLOCK`): a literal, so LLVM unrolls the lanes
+
+
+def _dot_bf16(count: int):
+    """An intrinsic dot(pairs, a, n0, m): the tuple of `count` float32 dot products of activation row m of
+    a[M, K] with bf16 weight rows n0.. read as pairs[N, K/2] (uint32: the even element in
+    the low half, the odd one in the high half; both C-contiguous, which callers check), over the first K - K % 32 columns (`_rows_bf16` adds the
+    rest). Per 16 pairs: one load of 32 activations, split into even and odd lanes (shared by the rows);
+    per row one load, a shift and a mask (the widening), and two FMAs into the row's even and odd
+    accumulators, reduced once at the end."""
+    @intrinsic
+    def dot(typingctx, pairs, a, n0, m):
+        if not (isinstance(pairs, types.Array) and pairs.dtype == types.uint32 and pairs.ndim == 2
+                and isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 2):
+            return None
+
+        def codegen(context, builder, signature, args):
+            arrays = Arrays(context, builder, signature, args, 2)
+            n0v, mv = intp_args(context, builder, signature, args, 2)
+            chunks = builder.udiv(arrays.shape(0, 1), ir.Constant(n0v.type, LANES))
+            accs = accumulators(builder, 2 * count)
+            shift, high = ir.Constant(V16I, [16] * LANES), ir.Constant(V16I, [-(1 << 16)] * LANES)
+            with cgutils.for_range(builder, chunks) as loop:
+                j = builder.mul(loop.index, ir.Constant(n0v.type, LANES))
+                x = arrays.load(1, [mv, builder.add(j, j)], ir.VectorType(F32, 2 * LANES))
+                even, odd = lanes(builder, x, 0, LANES, 2), lanes(builder, x, 1, LANES, 2)
+                for r in range(count):
+                    bits = arrays.load(0, [builder.add(n0v, ir.Constant(n0v.type, r)), j], V16I)
+                    fma_into(builder, accs[2 * r], even, builder.bitcast(builder.shl(bits, shift), V16F))
+                    fma_into(builder, accs[2 * r + 1], odd, builder.bitcast(builder.and_(bits, high), V16F))
+            sums = [hsum(builder, builder.fadd(builder.load(accs[2 * r]), builder.load(accs[2 * r + 1])))
+                    for r in range(count)]
+            return context.make_tuple(builder, signature.return_type, sums)
+        return types.UniTuple(types.float32, count)(pairs, a, n0, m), codegen
+    return dot
+
+
+_dot4 = _dot_bf16(4)
+_dot1 = _dot_bf16(1)
 
 
 @njit(inline="always")
-def _rows_bf16(even, odd, w, c, n0):
-    """c[:, n0:n0+4] = a @ w[n0:n0+4]^T for bf16 bits w[N, K] (C-contiguous, K even) and the activations
-    split into their even and odd elements."""
-    m_rows, half = even.shape
+def _pair_dot(a, pairs, m, n, start):
+    """The dot product of activation row m with weight row n from pair `start` on (scalar)."""
+    s = np.float32(0.0)
+    for j in range(start, pairs.shape[1]):
+        b = pairs[n, j]
+        s += a[m, 2 * j] * _bits_as_f32(b << _SHIFT) + a[m, 2 * j + 1] * _bits_as_f32(b & _HI)
+    return s
+
+
+@njit(inline="always")
+def _rows_bf16(a, w, c, n0):
+    """c[:, n0:n0+4] = a @ w[n0:n0+4]^T for bf16 bits w[N, K] and activations a[M, K] (both C-contiguous,
+    K even)."""
     pairs = w.view(np.uint32)  # [N, K/2]: low half the even element, high half the odd one
-    n_dim = pairs.shape[0]
-    if n0 + 4 <= n_dim:
-        for m in range(m_rows):
-            s0 = np.float32(0.0)
-            s1 = np.float32(0.0)
-            s2 = np.float32(0.0)
-            s3 = np.float32(0.0)
-            for j in range(half):
-                xe = even[m, j]
-                xo = odd[m, j]
-                b0 = pairs[n0, j]
-                b1 = pairs[n0 + 1, j]
-                b2 = pairs[n0 + 2, j]
-                b3 = pairs[n0 + 3, j]
-                s0 += xe * _bits_as_f32(b0 << _SHIFT) + xo * _bits_as_f32(b0 & _HI)
-                s1 += xe * _bits_as_f32(b1 << _SHIFT) + xo * _bits_as_f32(b1 & _HI)
-                s2 += xe * _bits_as_f32(b2 << _SHIFT) + xo * _bits_as_f32(b2 & _HI)
-                s3 += xe * _bits_as_f32(b3 << _SHIFT) + xo * _bits_as_f32(b3 & _HI)
-            c[m, n0] = s0
-            c[m, n0 + 1] = s1
-            c[m, n0 + 2] = s2
-            c[m, n0 + 3] = s3
-    else:
-        for n in range(n0, n_dim):
-            for m in range(m_rows):
-                s = np.float32(0.0)
-                for j in range(half):
-                    b = pairs[n, j]
-                    s += even[m, j] * _bits_as_f32(b << _SHIFT) + odd[m, j] * _bits_as_f32(b & _HI)
-                c[m, n] = s
-
-
-@njit(inline="always")
-def _split(a):
-    """The activation rows a[M, K] split into their even and odd elements, [M, K/2] each."""
-    m_rows, half = a.shape[0], a.shape[1] // 2
-    even = np.empty((m_rows, half), np.float32)
-    odd = np.empty((m_rows, half), np.float32)
-    for m in range(m_rows):
-        for j in range(half):
-            even[m, j] = a[m, 2 * j]
-            odd[m, j] = a[m, 2 * j + 1]
-    return even, odd
+    tail = pairs.shape[1] - pairs.shape[1] % LANES
+    rows = min(4, pairs.shape[0] - n0)
+    for m in range(a.shape[0]):
+        if rows == 4:
+            d = _dot4(pairs, a, n0, m)
+            c[m, n0] = d[0] + _pair_dot(a, pairs, m, n0, tail)
+            c[m, n0 + 1] = d[1] + _pair_dot(a, pairs, m, n0 + 1, tail)
+            c[m, n0 + 2] = d[2] + _pair_dot(a, pairs, m, n0 + 2, tail)
+            c[m, n0 + 3] = d[3] + _pair_dot(a, pairs, m, n0 + 3, tail)
+        else:
+            for r in range(rows):
+                c[m, n0 + r] = _dot1(pairs, a, n0 + r, m)[0] + _pair_dot(a, pairs, m, n0 + r, tail)
 
 
 @njit(inline="always")
 def _paired(a, w):
-    """Whether weight w can be read two bf16 values at a time (else `_matvec_bf16_plain`)."""
-    return a.shape[1] % 2 == 0 and w.flags.c_contiguous
+    """Whether weight w can be read two bf16 values at a time, and w and the activations a a vector at a
+    time (else `_matvec_bf16_plain`)."""
+    return a.shape[1] % 2 == 0 and w.flags.c_contiguous and a.flags.c_contiguous
 
 
 # c[M, N] = a[M, K] @ w[N, K]^T with bfloat16 weights (uint16 bits), for a few rows M (decode); `matvec2_bf16`
@@ -99,10 +121,9 @@ def matvec_bf16(a, w, c):
     if not _paired(a, w):
         _matvec_bf16_plain(a, w, c)
         return
-    even, odd = _split(a)
     for g in prange(row_groups(w)):
         wide_vectors()
-        _rows_bf16(even, odd, w, c, 4 * g)
+        _rows_bf16(a, w, c, 4 * g)
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
@@ -111,14 +132,13 @@ def matvec2_bf16(a, w0, w1, c0, c1):
         _matvec_bf16_plain(a, w0, c0)
         _matvec_bf16_plain(a, w1, c1)
         return
-    even, odd = _split(a)
     g0 = row_groups(w0)
     for g in prange(g0 + row_groups(w1)):
         wide_vectors()
         if g < g0:
-            _rows_bf16(even, odd, w0, c0, 4 * g)
+            _rows_bf16(a, w0, c0, 4 * g)
         else:
-            _rows_bf16(even, odd, w1, c1, 4 * (g - g0))
+            _rows_bf16(a, w1, c1, 4 * (g - g0))
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
@@ -128,17 +148,16 @@ def matvec3_bf16(a, w0, w1, w2, c0, c1, c2):
         _matvec_bf16_plain(a, w1, c1)
         _matvec_bf16_plain(a, w2, c2)
         return
-    even, odd = _split(a)
     g0 = row_groups(w0)
     g1 = g0 + row_groups(w1)
     for g in prange(g1 + row_groups(w2)):
         wide_vectors()
         if g < g0:
-            _rows_bf16(even, odd, w0, c0, 4 * g)
+            _rows_bf16(a, w0, c0, 4 * g)
         elif g < g1:
-            _rows_bf16(even, odd, w1, c1, 4 * (g - g0))
+            _rows_bf16(a, w1, c1, 4 * (g - g0))
         else:
-            _rows_bf16(even, odd, w2, c2, 4 * (g - g1))
+            _rows_bf16(a, w2, c2, 4 * (g - g1))
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
@@ -151,114 +170,3 @@ def _matvec_bf16_plain(a, w, c):
             for k in range(k_dim):
                 s += a[m, k] * bf16(w[n, k])
             c[m, n] = s
-
-
-@njit(inline="always")
-def _rows_int8(x, q, s, c, n0):
-    """c[:, n0:n0+4] = x @ (q * s)[n0:n0+4]^T for activations x[M, K/32, 32] and int8 weights q[N, K/32, 32]
-    with scales s[N, K/32, 1]. Per row, 32 partial sums (one per lane of a block) run across the blocks,
-    acc[r, i] += x * (q * scale), and are added up once at the end: reducing every block's 32 products to
-    one number instead (to scale it once) costs more shuffles than the widening itself."""
-    m_rows, blocks = x.shape[0], x.shape[1]
-    n_dim = q.shape[0]
-    rows = min(4, n_dim - n0)
-    acc = np.empty((4, BLOCK), np.float32)
-    for m in range(m_rows):
-        acc[:] = 0.0
-        if rows == 4:
-            for b in range(blocks):
-                c0 = s[n0, b, 0]
-                c1 = s[n0 + 1, b, 0]
-                c2 = s[n0 + 2, b, 0]
-                c3 = s[n0 + 3, b, 0]
-                for i in range(BLOCK):
-                    xi = x[m, b, i]
-                    acc[0, i] += xi * (np.float32(q[n0, b, i]) * c0)
-                    acc[1, i] += xi * (np.float32(q[n0 + 1, b, i]) * c1)
-                    acc[2, i] += xi * (np.float32(q[n0 + 2, b, i]) * c2)
-                    acc[3, i] += xi * (np.float32(q[n0 + 3, b, i]) * c3)
-        else:
-            for r in range(rows):
-                for b in range(blocks):
-                    scale = s[n0 + r, b, 0]
-                    for i in range(BLOCK):
-                        acc[r, i] += x[m, b, i] * (np.float32(q[n0 + r, b, i]) * scale)
-        for r in range(rows):
-            total = np.float32(0.0)
-            for i in range(BLOCK):
-                total += acc[r, i]
-            c[m, n0 + r] = total
-
-
-@njit(inline="always")
-def _blocks(a, q):
-    """The activations a[M, K] as x[M, K/32, 32], the layout of the int8 weights q[N, K/32, 32]."""
-    if q.shape[2] != BLOCK or a.shape[1] != q.shape[1] * BLOCK:
-        raise ValueError("int8 matrix-vector: weights must be [N, K/32, 32] for activations [M, K]")
-    x = a if a.flags.c_contiguous else np.ascontiguousarray(a)
-    return x.reshape((a.shape[0], q.shape[1], BLOCK))
-
-
-# c[M, N] = a[M, K] @ (q * s)^T for a few rows M, with int8 weights q[N, K/32, 32] and float32 block scales
-# s[N, K/32, 1] (see the module docstring); `matvec2_int8` and `matvec3_int8` run two or three matrices that
-# read the same activations in one parallel loop (as `blas.matvec2`).
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def matvec_int8(a, q, s, c):
-    x = _blocks(a, q)
-    for g in prange(row_groups(q)):
-        wide_vectors()
-        _rows_int8(x, q, s, c, 4 * g)
-
-
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def matvec2_int8(a, q0, s0, q1, s1, c0, c1):
-    x = _blocks(a, q0)
-    _blocks(a, q1)
-    g0 = row_groups(q0)
-    for g in prange(g0 + row_groups(q1)):
-        wide_vectors()
-        if g < g0:
-            _rows_int8(x, q0, s0, c0, 4 * g)
-        else:
-            _rows_int8(x, q1, s1, c1, 4 * (g - g0))
-
-
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def matvec3_int8(a, q0, s0, q1, s1, q2, s2, c0, c1, c2):
-    x = _blocks(a, q0)
-    _blocks(a, q1)
-    _blocks(a, q2)
-    g0 = row_groups(q0)
-    g1 = g0 + row_groups(q1)
-    for g in prange(g1 + row_groups(q2)):
-        wide_vectors()
-        if g < g0:
-            _rows_int8(x, q0, s0, c0, 4 * g)
-        elif g < g1:
-            _rows_int8(x, q1, s1, c1, 4 * (g - g0))
-        else:
-            _rows_int8(x, q2, s2, c2, 4 * (g - g1))
-
-
-@njit(parallel=True, cache=True)
-def _dequantize_rows(q, s, n0, n1, out):
-    """out[n - n0, 32b + i] = q[n, b, i] * s[n, b] for rows n0..n1: what the reference backend computes."""
-    blocks, width = q.shape[1], q.shape[2]
-    for n in prange(n1 - n0):
-        for b in range(blocks):
-            scale = s[n0 + n, b, 0]
-            for i in range(width):
-                out[n, b * width + i] = np.float32(q[n0 + n, b, i]) * scale
-
-
-@njit(cache=True)
-def gemm_int8(a, q, s, c):
-    """c = a @ (q * s)^T for many rows (prefill): dequantize a block of weight rows to a float32 tile,
-    then one GEMM each; the tile stays in cache between the two."""
-    n_dim, blocks, width = q.shape
-    block = 256
-    tile = np.empty((min(block, n_dim), blocks * width), np.float32)
-    for n0 in range(0, n_dim, block):
-        n1 = min(n_dim, n0 + block)
-        _dequantize_rows(q, s, n0, n1, tile)
-        gemm(a, tile[: n1 - n0], c[:, n0:n1], True)

@@ -1,0 +1,75 @@
+"""Helpers for the matrix-vector loops written in LLVM IR (`int8.py`, `lowp.py`): explicit vectors where
+Numba's code does not vectorize the way the loop needs (integer pair products, bf16 widening with a
+vector accumulator per row that is reduced once)."""
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+
+I8, I16, I32, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+LANES = 16  # float32 lanes of an accumulator (one 512-bit register, or two 256-bit ones)
+V16F, V16I = ir.VectorType(F32, LANES), ir.VectorType(I32, LANES)
+
+
+class Arrays:
+    """The arrays among an intrinsic's arguments, with element pointers and vector loads."""
+
+    def __init__(self, context, builder, signature, args, count: int):
+        self.context, self.builder = context, builder
+        self.types = signature.args[:count]
+        self.arrays = [context.make_array(t)(context, builder, v) for t, v in zip(self.types, args[:count])]
+
+    def shape(self, i: int, axis: int) -> ir.Value:
+        return cgutils.unpack_tuple(self.builder, self.arrays[i].shape, self.types[i].ndim)[axis]
+
+    def at(self, i: int, index: list) -> ir.Value:
+        """A pointer to element `index` of array i."""
+        t, a = self.types[i], self.arrays[i]
+        return cgutils.get_item_pointer2(self.context, self.builder, a.data,
+                                         cgutils.unpack_tuple(self.builder, a.shape, t.ndim),
+                                         cgutils.unpack_tuple(self.builder, a.strides, t.ndim), t.layout, index)
+
+    def load(self, i: int, index: list, vector: ir.VectorType | None = None) -> ir.Value:
+        """Element `index` of array i, or the `vector` of consecutive elements starting there."""
+        ptr = self.at(i, index)
+        if vector is None:
+            return self.builder.load(ptr)
+        return self.builder.load(self.builder.bitcast(ptr, vector.as_pointer()), align=self.types[i].dtype.bitwidth // 8)
+
+
+def intp_args(context, builder, signature, args, first: int) -> list[ir.Value]:
+    """The integer arguments from position `first` on, as intp."""
+    return [context.cast(builder, v, t, types.intp) for v, t in zip(args[first:], signature.args[first:])]
+
+
+def lanes(builder: ir.IRBuilder, v: ir.Value, start: int, count: int, step: int = 1) -> ir.Value:
+    """Lanes start, start + step, ... (count of them) of vector v."""
+    idx = ir.Constant(ir.VectorType(I32, count), list(range(start, start + count * step, step)))
+    return builder.shuffle_vector(v, v, idx)
+
+
+def splat(builder: ir.IRBuilder, x: ir.Value) -> ir.Value:
+    """A float32 broadcast to every lane of a V16F."""
+    one = builder.insert_element(ir.Constant(V16F, ir.Undefined), x, ir.Constant(I32, 0))
+    return builder.shuffle_vector(one, ir.Constant(V16F, ir.Undefined), ir.Constant(V16I, [0] * LANES))
+
+
+def accumulators(builder: ir.IRBuilder, count: int) -> list[ir.Value]:
+    """`count` zeroed V16F accumulators (stack slots LLVM keeps in registers)."""
+    return [cgutils.alloca_once_value(builder, ir.Constant(V16F, [0.0] * LANES)) for _ in range(count)]
+
+
+def fma_into(builder: ir.IRBuilder, acc: ir.Value, a: ir.Value, b: ir.Value) -> None:
+    """acc += a * b (one FMA: the kernels' `contract`)."""
+    product = builder.fmul(a, b, flags=["contract"])
+    builder.store(builder.fadd(builder.load(acc), product, flags=["contract"]), acc)
+
+
+def hsum(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """The sum of a V16F's lanes (a halving tree; once per row, so its order does not matter)."""
+    width = LANES
+    while width > 1:
+        width //= 2
+        v = builder.fadd(lanes(builder, v, 0, width), lanes(builder, v, width, width))
+    return builder.extract_element(v, ir.Constant(I32, 0))

@@ -1,0 +1,115 @@
+"""int8 x int8 products: activations quantized like the weights (blocks of 32), integer dot products, and
+the reference backend's definition of what they compute."""
+import numba
+import numpy as np
+import pytest
+import torch
+
+from fusec.backends.numba_cpu import int8
+from fusec.backends.numba_cpu.runtime import Program
+from fusec.backends.reference import quantize_activations, run_graph
+from fusec.errors import FusecError
+from fusec.ir import Builder, TensorType
+from fusec.models import load_model
+from fusec.passes.pipeline import run_pipeline
+from fusec.passes.weights import quantize_int8, store_weights
+from fusec.tracing import trace
+
+pytestmark = pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning")  # tiny kernels
+
+
+@numba.njit
+def _quantized(a, q):
+    xq, xs = int8.quantize_rows(a, q)
+    return xq, xs, xq.astype(np.float32) * xs.reshape((xs.shape[0], xs.shape[1], 1))
+
+
+def activations() -> np.ndarray:
+    a = np.random.default_rng(0).standard_normal((3, 160)).astype(np.float32)
+    a[0, :32] = np.linspace(-1.27, 1.27, 32)  # scale 0.01
+    a[0, 5], a[0, 6] = 0.025, -0.035           # exactly half a step: ties go to the even integer
+    a[1, 32:64] = 0.0                          # an all-zero block: scale 0
+    a[1, 64], a[2, 130] = np.nan, -np.inf      # a block holding NaN or inf reads as NaN
+    return a
+
+
+def test_activations_quantize_per_block_to_nearest_even_as_the_reference_defines():
+    a = activations()
+    q = np.zeros((1, 5, 32), np.int8)
+    xq, xs, widened = _quantized(a, q)
+    assert xs[0, 0] == pytest.approx(0.01) and (xq[0, 0, 0], xq[0, 0, 31]) == (-127, 127)
+    assert (xq[0, 0, 5], xq[0, 0, 6]) == (2, -4)  # 2.5 -> 2, -3.5 -> -4
+    assert xs[1, 1] == 0 and (xq[1, 1] == 0).all()
+    assert np.isnan(xs[1, 2]) and np.isnan(xs[2, 4]) and np.isfinite(np.delete(xs.ravel(), [7, 14])).all()
+    assert np.abs(xq).max() <= 127
+    want = quantize_activations(a)
+    np.testing.assert_array_equal(widened.reshape(a.shape), want)  # bit for bit, NaN where NaN
+    finite = np.isfinite(a).all(axis=1)
+    assert np.abs(want[finite] - a[finite]).max() <= np.abs(a[finite]).max() / 254 + 1e-7
+
+
+@pytest.mark.parametrize("kind", ["avx512", "avx2", "portable"])
+def test_every_form_of_the_pair_products_gives_the_same_dot_products(kind, monkeypatch):
+    """The x86 intrinsics where the CPU has them, else portable IR: all exact in int32. Compiled afresh."""
+    features = int8._target_features()
+    if kind != "portable" and {"avx512": "avx512bw", "avx2": "avx2"}[kind] not in features:
+        pytest.skip(f"the CPU has no {kind}")
+    monkeypatch.setattr(int8, "PMADDWD", kind)
+    kernel = numba.njit(parallel=True, fastmath=int8._FASTMATH)(int8.matvec_int8.py_func)
+    rng = np.random.default_rng(1)
+    a = activations()
+    a[1:] = rng.standard_normal((2, 160)).astype(np.float32)  # rows 1 and 2 finite
+    a[2, 7] = np.nan
+    w = rng.standard_normal((7, 160)).astype(np.float32)      # 7 rows: a group of four and three alone
+    q, s = (x.numpy() for x in quantize_int8(torch.from_numpy(w)))
+    c = np.zeros((3, 7), np.float32)
+    kernel(a, q, s, c)
+    want = quantize_activations(a) @ (q.astype(np.float32) * s).reshape(7, 160).T
+    np.testing.assert_allclose(c[:2], want[:2], rtol=1e-5, atol=1e-5)
+    assert np.isnan(c[2]).all()  # a NaN activation is not hidden by its quantization
+    if kind != "portable":
+        assert "vpmaddwd" in kernel.inspect_asm(kernel.signatures[0])
+
+
+def int8_graph():
+    module, args = load_model("llama-block")
+    graph = store_weights(run_pipeline(trace(module, args).graph, until="canonical"), "int8")
+    return module, args, graph
+
+
+def test_matmuls_of_int8_weights_quantize_their_activations_in_the_reference():
+    module, args, graph = int8_graph()
+    marked = [n for n in graph.nodes if n.op == "matmul" and n.attr("quantize") == "int8"]
+    for n in graph.nodes:
+        if n.op != "matmul":
+            continue
+        right = graph.nodes[n.args[1]]
+        reads_int8 = right.op == "permute" and graph.nodes[right.args[0]].op == "reshape" and \
+            graph.nodes[graph.nodes[right.args[0]].args[0]].op == "mul"
+        assert (n.attr("quantize") == "int8") == reads_int8
+    assert len(marked) == 5  # wq, wo, w1, w2, w3; not wk and wv (too small: float32) nor attention's
+    # one marked matmul evaluated alone: quantized activations times the dequantized weight
+    b = Builder(graph.tensors)
+    x = b.add("input", (), {"index": 0, "name": "x"}, TensorType((3, 64), "f32"))
+    q = b.add("param", (), {"name": "attention.wq.weight"}, TensorType((64, 2, 32), "i8"))
+    s = b.add("param", (), {"name": "attention.wq.weight.scale"}, TensorType((64, 2, 1), "f32"))
+    w = b.add("reshape", [b.add("mul", [b.add("cast", [q], {"dtype": "f32"}), s])], {"shape": (64, 64)})
+    mm = b.add("matmul", [x, b.add("permute", [w], {"perm": (1, 0)})], {"quantize": "int8"})
+    a = np.random.default_rng(2).standard_normal((3, 64)).astype(np.float32)
+    got = run_graph(b.finish([mm]), [a])[0]
+    dense = graph.tensors["attention.wq.weight"].numpy().astype(np.float32) * \
+        graph.tensors["attention.wq.weight.scale"].numpy()
+    np.testing.assert_allclose(got, quantize_activations(a) @ dense.reshape(64, 64).T, rtol=1e-6, atol=1e-6)
+    assert np.abs(got - a @ dense.reshape(64, 64).T).max() > 1e-4  # the activations really are quantized
+
+
+def test_numba_refuses_a_quantized_matmul_it_cannot_read_as_int8():
+    """A matmul marked quantize="int8" whose weight is not an int8 weight's dequantization: emitting a plain
+    GEMM would skip the activations' quantization (a silently different answer), so codegen refuses."""
+    b = Builder({"w": torch.ones(64, 64)})
+    x = b.add("input", (), {"index": 0, "name": "x"}, TensorType((2, 64), "f32"))
+    w = b.add("param", (), {"name": "w"}, TensorType((64, 64), "f32"))
+    mm = b.add("matmul", [x, b.add("permute", [w], {"perm": (1, 0)})], {"quantize": "int8"})
+    graph = run_pipeline(b.finish([mm]), after="canonical", target="cpu")
+    with pytest.raises(FusecError, match="int8 weight"):
+        Program(graph)
