@@ -7,7 +7,8 @@ import torch
 
 from fusec.backends.numba_cpu import int8
 from fusec.backends.numba_cpu.runtime import Program
-from fusec.backends.reference import quantize_activations, run_graph
+from fusec.backends.reference import run_graph
+from fusec.semantics import quantize_activations
 from fusec.errors import FusecError
 from fusec.ir import Builder, TensorType
 from fusec.models import load_model

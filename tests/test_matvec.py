@@ -7,7 +7,8 @@ import torch
 
 from fusec.backends.numba_cpu import blas, lowp
 from fusec.backends.numba_cpu.runtime import Program
-from fusec.backends.reference import quantize_activations, run_graph
+from fusec.backends.reference import run_graph
+from fusec.semantics import quantize_activations
 from fusec.models import load_model
 from fusec.models.registry import decode_inputs
 from fusec.tracing import trace

@@ -6,7 +6,8 @@ import torch
 import fusec
 from fusec.backends.numba_cpu.lowp import gemm_int8, matvec_bf16, matvec_int8
 from fusec.backends.numba_cpu.runtime import Program
-from fusec.backends.reference import quantize_activations, run_graph
+from fusec.backends.reference import run_graph
+from fusec.semantics import quantize_activations
 from fusec.generate import compile_generator, eager_generate
 from fusec.models import load_model
 from fusec.models.causal_lm import random_model

@@ -4,7 +4,7 @@ Weights (`passes.weights`, llama.cpp's Q8_0 layout): q[N, K/32, 32] int8 and sca
 a weight being q * s. A matrix-vector call first quantizes its activation rows the same way, once for all
 the matrices it runs (`quantize_rows`: x[M, K/32, 32] as int16 and scales xs[M, K/32]); each block's dot
 product is then a sum of integer products, exact in int32, times s * xs, summed in float32. What this
-computes is defined by the reference backend (`backends.reference.quantize_activations`): a matmul that
+computes is defined by the reference semantics (`fusec.semantics.quantize_activations`): a matmul that
 reads an int8 weight (marked `quantize="int8"` by the weights pass) multiplies by its activations
 quantized that way. Prefill (`gemm_int8`) computes the same: quantized activations times dequantized
 weights, in one BLAS GEMM per block of weight rows.
@@ -133,7 +133,7 @@ def quantize_rows(a, q):
     """Activations a[M, K] as int8 blocks of 32 like the weights q[N, K/32, 32]: (xq int16 [M, K/32, 32],
     xs float32 [M, K/32]) with a ~ xq * xs. Per block, xs = max|a| / 127 and xq = rint(a * (127 / max|a|))
     (ties to even); an all-zero block has scale 0, a block holding inf or NaN scale NaN (and xq 0), so the
-    non-finite value shows in every product that reads it. `backends.reference.quantize_activations`
+    non-finite value shows in every product that reads it. `fusec.semantics.quantize_activations`
     computes the same values."""
     _check(a, q)
     m_rows, blocks = a.shape[0], q.shape[1]
