@@ -72,6 +72,13 @@ def test_a_worker_compiles_bodies_the_program_then_loads_from_the_cache(cache_di
     assert not compiled_here(again)
 
 
+def test_a_worker_started_for_another_cache_directory_is_replaced(cache_dir, tmp_path, monkeypatch):
+    fresh_program()  # a worker now runs with FUSEC_CACHE_DIR = cache_dir
+    monkeypatch.setenv("FUSEC_CACHE_DIR", str(tmp_path / "another"))
+    counts = fresh_program().compile_counts  # cold again, in the other directory
+    assert counts["in_workers"] >= 1 and counts["worker_failures"] == 0
+
+
 def test_a_worker_that_fails_leaves_the_kernels_to_compile_here(cache_dir, monkeypatch):
     compile_pool._POOL.close()
     monkeypatch.setattr(compile_pool, "BOOT", "import sys; sys.exit(3)")  # every worker dies at once

@@ -139,8 +139,16 @@ def prestart() -> None:
     from fusec.cache import choose_dir
     n = worker_count(1 << 20)
     if n and choose_dir()[0] is not None:
+        env = _settings()
         for k in range(n):
-            _POOL._worker(k, restart=False)
+            _POOL._worker(k, restart=False, env=env)
+
+
+SETTINGS = ("FUSEC_", "NUMBA_")  # environment variables a worker compiles under, as its parent
+
+
+def _settings() -> dict:
+    return {k: v for k, v in os.environ.items() if k.startswith(SETTINGS)}
 
 
 def _after_worker(module) -> None:
@@ -166,20 +174,21 @@ class _Pool:
         self.lock = threading.Lock()
         self.workers: dict[int, subprocess.Popen] = {}
         self.busy: dict[int, threading.Lock] = {}  # per worker: one request and its reply at a time
+        self.envs: dict[int, dict] = {}  # per worker: the FUSEC_/NUMBA_ settings it was started with
         self.pid = os.getpid()
 
     def run(self, number: int, job: tuple) -> tuple[bool, str]:
         """Run one job on worker `number` (started, or restarted once if it had exited): (ok, why not).
         A worker silent for JOB_SECONDS is killed (the job then compiles here)."""
         module, function, signatures = job
-        request = pickle.dumps((module.__fusec_source__, module.__fusec_cache__, function, signatures,
-                                {k: v for k, v in os.environ.items() if k.startswith(("FUSEC_", "NUMBA_"))}))
+        env = _settings()
+        request = pickle.dumps((module.__fusec_source__, module.__fusec_cache__, function, signatures, env))
         with self.lock:
             busy = self.busy.setdefault(number, threading.Lock())
         with busy:
             why = ""
             for attempt in range(2):
-                worker = self._worker(number, restart=attempt > 0)
+                worker = self._worker(number, restart=attempt > 0, env=env)
                 if worker is None:
                     return False, "it could not start"
                 try:
@@ -192,23 +201,27 @@ class _Pool:
                     why = f"{type(e).__name__}: {e}"
             return False, why
 
-    def _worker(self, number: int, restart: bool) -> subprocess.Popen | None:
+    def _worker(self, number: int, restart: bool, env: dict) -> subprocess.Popen | None:
+        """Worker `number`, started with these settings: one started with others (the cache directory
+        changed since, say) would compile into the wrong place, so it is replaced."""
         with self.lock:
             if self.pid != os.getpid():  # a forked child: its parent's workers are not its own
-                self.workers, self.busy, self.pid = {}, {}, os.getpid()
+                self.workers, self.busy, self.envs, self.pid = {}, {}, {}, os.getpid()
             worker = self.workers.get(number)
-            if worker is not None and (restart or worker.poll() is not None):
+            if worker is not None and (restart or worker.poll() is not None or self.envs.get(number) != env):
                 _stop(worker)
                 worker = None
             if worker is None:
                 root = os.path.dirname(os.path.dirname(os.path.abspath(sys.modules["fusec"].__file__)))
                 try:
                     worker = subprocess.Popen([sys.executable, "-c", BOOT.format(root=root)], stdin=subprocess.PIPE,
-                                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                              env={k: v for k, v in os.environ.items()
+                                                   if not k.startswith(SETTINGS)} | env)
                 except OSError as e:
                     debug(1, f"[fusec] cannot start a compile worker ({e})")
                     return None
-                self.workers[number] = worker
+                self.workers[number], self.envs[number] = worker, dict(env)
             return worker
 
     def close(self) -> None:
