@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fusec.backends.numba_cpu.attention_gemm import online_softmax_gemm
+from fusec.backends.numba_cpu.attention_gemm import online_softmax_gemm, start_rows
 from fusec.backends.numba_cpu.expr import Emitter, _broadcast, reshape_index
 from fusec.backends.numba_cpu.mkl import blas_choice
 from fusec.backends.numba_cpu.stores import PARALLEL_MIN_ELEMENTS, emit_outputs
@@ -189,14 +189,8 @@ def _online_softmax(em: Emitter, s_id: int, softmax, bidx, q_block: int, kv_bloc
     for name, size in (("mrow", q_block), ("lrow", q_block), ("xblk", kv_block)):
         w.line(f"{name} = np.empty({size}, np.float32)")
         w.define(name)
-    w.line("klim = 0")
-    with em.loop("for i in range(i0, i1)", ("i",)):
-        w.line("r = i - i0")
-        w.line(f"klim = max(klim, {limit('i')})")
-        w.line("mrow[r] = np.float32(-np.inf)")
-        w.line("lrow[r] = np.float32(0.0)")
-        with em.loop("for e0 in range(oacc.shape[1])", ("e0",)):
-            w.line("oacc[r, e0] = np.float32(0.0)")
+    with start_rows(em, limit):
+        pass
     with em.loop(f"for j0 in range(0, klim, {kv_block})", ("j0",)):
         with em.loop("for i in range(i0, i1)", ("i",)):
             w.line("r = i - i0")

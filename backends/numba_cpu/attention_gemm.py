@@ -14,7 +14,26 @@ and below). Inside the rows' range, a key a row does not see weighs exactly 0 in
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
+
+
+@contextmanager
+def start_rows(em, limit: Callable[[str], str]):
+    """The rows i0..i1 of a query block before its key blocks (both online-softmax paths): each row's
+    running max `mrow[r]` and sum `lrow[r]` reset, its output accumulator zeroed, and `klim` the largest
+    key limit of the rows. Lines emitted inside the `with` run per row too (the GEMM path packs Q)."""
+    w = em.w
+    w.line("klim = 0")
+    with em.loop("for i in range(i0, i1)", ("i",)):
+        w.line("r = i - i0")
+        w.define("r")
+        w.line(f"klim = max(klim, {limit('i')})")
+        w.line("mrow[r] = np.float32(-np.inf)")
+        w.line("lrow[r] = np.float32(0.0)")
+        with em.loop("for e0 in range(oacc.shape[1])", ("e0",)):
+            w.line("oacc[r, e0] = np.float32(0.0)")
+        yield
 
 
 def online_softmax_gemm(em, s_id: int, softmax, q_block: int, kv_block: int, depth: int, dv: int,
@@ -28,15 +47,7 @@ def online_softmax_gemm(em, s_id: int, softmax, q_block: int, kv_block: int, dep
                         ("pv", (q_block, dv))):
         w.line(f"{name} = np.empty({shape}, np.float32)")
         w.define(name)
-    w.line("klim = 0")
-    with em.loop("for i in range(i0, i1)", ("i",)):
-        w.line("r = i - i0")
-        w.define("r")
-        w.line(f"klim = max(klim, {limit('i')})")
-        w.line("mrow[r] = np.float32(-np.inf)")
-        w.line("lrow[r] = np.float32(0.0)")
-        with em.loop("for e0 in range(oacc.shape[1])", ("e0",)):
-            w.line("oacc[r, e0] = np.float32(0.0)")
+    with start_rows(em, limit):
         with em.loop(f"for d in range({depth})", ("d",)):
             w.line(f"qbuf[r, d] = {q_at('i', 'd')}")
     with em.loop(f"for j0 in range(0, klim, {kv_block})", ("j0",)):
