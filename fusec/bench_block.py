@@ -376,11 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     benchtools.run_record()  # the commit and command of this run, taken as it starts
     if args.child_compile:
         return child_compile(args)
-    with benchtools.quiet_warnings():
-        report = run(args)
-    print_report(report)
-    write_outputs(report, Path(args.out))
-    return 0
+    return benchtools.run_and_report(args, run, print_report, write_outputs)
 
 
 if __name__ == "__main__":

@@ -296,11 +296,7 @@ def write_outputs(report: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     benchtools.run_record()  # the commit and command of this run, taken as it starts
-    with benchtools.quiet_warnings():
-        report = run(args)
-    print_report(report)
-    write_outputs(report, Path(args.out))
-    return 0
+    return benchtools.run_and_report(args, run, print_report, write_outputs)
 
 
 if __name__ == "__main__":

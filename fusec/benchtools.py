@@ -244,6 +244,16 @@ def quiet_warnings():
         yield
 
 
+def run_and_report(args, run: Callable, print_report: Callable, write_outputs: Callable) -> int:
+    """A benchmark's main after its arguments: `run(args)` with the noise silenced, its table printed and
+    its JSON (and chart) written to `args.out`."""
+    with quiet_warnings():
+        report = run(args)
+    print_report(report)
+    write_outputs(report, Path(args.out))
+    return 0
+
+
 def seconds_outside_kernels(program, inputs: list, repeat: int = 20) -> float:
     """Median seconds of one `program.run(inputs)` (a Numba `Program`) spent outside its kernels: the run
     with every kernel and loop driver replaced by a compiled function of as many parameters that does

@@ -16,19 +16,12 @@ from fusec.backends.numba_cpu.runtime import Program
 from fusec.backends.reference import run_graph
 from fusec.api import lower
 from fusec.printer import parse_graph
+from graphs import SOFTMAX_TANH
 
 pytestmark = pytest.mark.filterwarnings("ignore::numba.NumbaPerformanceWarning")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEXT = """
-%0 = input {index=0, name="x"} : f32[4,8]
-%1 = exp %0 : f32[4,8]
-%2 = sum %1 {axes=[1], keepdim=true} : f32[4,1]
-%3 = div %1, %2 : f32[4,8]
-%4 = tanh %3 : f32[4,8]
-%5 = amax %4 {axes=[0], keepdim=false} : f32[8]
-return %4, %5
-"""
+TEXT = SOFTMAX_TANH
 X = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
 GRAPH = lower(parse_graph(TEXT))
 WANT = run_graph(parse_graph(TEXT), [X])

@@ -15,21 +15,11 @@ from fusec.backends.numba_cpu import compile_pool
 from fusec.backends.numba_cpu.runtime import Program
 from fusec.backends.reference import run_graph
 from fusec.printer import parse_graph
+from graphs import SOFTMAX_TANH_MATMUL
 
 pytestmark = pytest.mark.filterwarnings("ignore::numba.NumbaPerformanceWarning")
 
-TEXT = """
-%0 = input {index=0, name="x"} : f32[4,8]
-%1 = exp %0 : f32[4,8]
-%2 = sum %1 {axes=[1], keepdim=true} : f32[4,1]
-%3 = div %1, %2 : f32[4,8]
-%4 = tanh %3 : f32[4,8]
-%5 = amax %4 {axes=[0], keepdim=false} : f32[8]
-%6 = input {index=1, name="w"} : f32[8,4]
-%7 = matmul %4, %6 : f32[4,4]
-%8 = sigmoid %7 : f32[4,4]
-return %5, %8
-"""
+TEXT = SOFTMAX_TANH_MATMUL
 X = np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32)
 W = np.random.default_rng(2).standard_normal((8, 4)).astype(np.float32)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fusec.backends.numba_cpu.attention_gemm import online_softmax_gemm, start_rows
+from fusec.backends.numba_cpu.attention_gemm import block_max, online_softmax_gemm, rescale_row, start_rows
 from fusec.backends.numba_cpu.expr import Emitter, _broadcast, reshape_index
 from fusec.backends.numba_cpu.mkl import blas_choice
 from fusec.backends.numba_cpu.stores import PARALLEL_MIN_ELEMENTS, emit_outputs
@@ -196,21 +196,9 @@ def _online_softmax(em: Emitter, s_id: int, softmax, bidx, q_block: int, kv_bloc
             w.line("r = i - i0")
             w.define("r")
             w.line(f"j1 = min({limit('i')}, j0 + {kv_block})")
-            w.line("mb = np.float32(-np.inf)")
-            with em.loop("for j in range(j0, j1)", ("j",)):
-                score("i", "j")
-                em.overrides[s_id] = lambda ix: "s"
-                w.line(f"x = {em.value(x_id, x_index(bidx + ('i', 'j')))}")
-                del em.overrides[s_id]
-                w.line("xblk[j - j0] = x")
-                w.line("mb = max(mb, x)")
-            w.line("m = mrow[r]")
-            w.line("mn = max(m, mb)")
+            block_max(em, s_id, (x_id, x_index, bidx), lambda: score("i", "j"), "xblk[j - j0]")
             with em.loop("if mn > np.float32(-np.inf)", barrier=True):  # only masked keys so far: adds 0
-                w.line("scale = exp32(m - mn)")
-                w.line("lrow[r] = lrow[r] * scale")
-                with em.loop("for e1 in range(oacc.shape[1])", ("e1",)):  # a loop, not `*= scale`:
-                    w.line("oacc[r, e1] *= scale")                       # that would be a parallel loop
+                rescale_row(em)
                 w.line("l = np.float32(0.0)")
                 with em.loop("for j in range(j0, j1)", ("j",)):
                     w.line("p = exp32(xblk[j - j0] - mn)")

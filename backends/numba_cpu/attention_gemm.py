@@ -36,12 +36,38 @@ def start_rows(em, limit: Callable[[str], str]):
         yield
 
 
+def block_max(em, s_id: int, softmax, read_score: Callable[[], None], store: str) -> None:
+    """Row r's scores of keys j0..j1 (both online-softmax paths): per key, the score (emitted by
+    `read_score` as `s`), the score expression X over it, stored to `store` and maxed into `mb`; then
+    `m` the row's running max so far and `mn` the new one."""
+    w = em.w
+    x_id, x_index, bidx = softmax
+    w.line("mb = np.float32(-np.inf)")
+    with em.loop("for j in range(j0, j1)", ("j",)):
+        read_score()
+        em.overrides[s_id] = lambda ix: "s"
+        w.line(f"x = {em.value(x_id, x_index(bidx + ('i', 'j')))}")
+        del em.overrides[s_id]
+        w.line(f"{store} = x")
+        w.line("mb = max(mb, x)")
+    w.line("m = mrow[r]")
+    w.line("mn = max(m, mb)")
+
+
+def rescale_row(em) -> None:
+    """Row r's sum and output accumulator scaled from the old running max `m` to the new one `mn`."""
+    w = em.w
+    w.line("scale = exp32(m - mn)")
+    w.line("lrow[r] = lrow[r] * scale")
+    with em.loop("for e1 in range(oacc.shape[1])", ("e1",)):  # a loop, not `*= scale`:
+        w.line("oacc[r, e1] *= scale")                       # that would be a parallel loop
+
+
 def online_softmax_gemm(em, s_id: int, softmax, q_block: int, kv_block: int, depth: int, dv: int,
                         limit: Callable[[str], str], q_at, k_at, v_at) -> None:
     """The flash recurrence of `attention._online_softmax` with GEMM products. `q_at(i, d)`, `k_at(j, d)`
     and `v_at(j, e)` are expressions of Q[i, d], K[j, d] and V[j, e] of this block's (batch, head)."""
     w = em.w
-    x_id, x_index, bidx = softmax
     for name, shape in (("mrow", q_block), ("lrow", q_block), ("qbuf", (q_block, depth)),
                         ("kbuf", (kv_block, depth)), ("vbuf", (kv_block, dv)), ("sblk", (q_block, kv_block)),
                         ("pv", (q_block, dv))):
@@ -71,22 +97,13 @@ def online_softmax_gemm(em, s_id: int, softmax, q_block: int, kv_block: int, dep
                 w.define("r")
                 w.line(f"j1 = max(j0, min({limit('i')}, j0 + jn))")
                 w.define("j1")
-                w.line("mb = np.float32(-np.inf)")
-                with em.loop("for j in range(j0, j1)", ("j",)):
+
+                def read_score():
                     w.line("s = sblk[r, j - j0]")
                     w.define("s")  # the override of S reads it: what depends on S stays in this key loop
-                    em.overrides[s_id] = lambda ix: "s"
-                    w.line(f"x = {em.value(x_id, x_index(bidx + ('i', 'j')))}")
-                    del em.overrides[s_id]
-                    w.line("sblk[r, j - j0] = x")
-                    w.line("mb = max(mb, x)")
-                w.line("m = mrow[r]")
-                w.line("mn = max(m, mb)")
+                block_max(em, s_id, softmax, read_score, "sblk[r, j - j0]")
                 with em.loop("if mn > np.float32(-np.inf)", barrier=True):
-                    w.line("scale = exp32(m - mn)")
-                    w.line("lrow[r] = lrow[r] * scale")
-                    with em.loop("for e1 in range(oacc.shape[1])", ("e1",)):  # a loop, not `*= scale`:
-                        w.line("oacc[r, e1] *= scale")                       # that would be a parallel loop
+                    rescale_row(em)
                     with em.loop("for j in range(j0, j1)", ("j",)):  # (no sum in it: it vectorizes)
                         w.line("sblk[r, j - j0] = exp32(sblk[r, j - j0] - mn)")
                     w.line("l = np.float32(0.0)")

@@ -160,22 +160,11 @@ def _columns(a, w, c, lo, hi, first):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def gemm2_mkl(a, w0, c0, w1, c1):
-    """c0 = a @ w0^T and c1 = a @ w1^T as one parallel loop over the columns of both (Q and K, W1 and W3):
-    one block of the joint columns per thread, so the threads share the work evenly however the products
-    are sized, and a narrow product (K, V of grouped-query heads) is not split into narrower calls."""
-    n = c0.shape[1] + c1.shape[1]
-    block = _column_block(n, _threads())
-    for t in prange((n + block - 1) // block):
-        lo = t * block
-        hi = min(n, lo + block)
-        _columns(a, w0, c0, lo, hi, 0)
-        _columns(a, w1, c1, lo, hi, c0.shape[1])
-
-
-@njit(parallel=True, cache=True, nogil=True)
 def gemm3_mkl(a, w0, c0, w1, c1, w2, c2):
-    """c0, c1, c2 = a @ w0^T, a @ w1^T, a @ w2^T (Q, K and V) as one parallel loop (see `gemm2_mkl`)."""
+    """c0, c1, c2 = a @ w0^T, a @ w1^T, a @ w2^T (Q, K and V) as one parallel loop over the columns of all
+    three: one block of the joint columns per thread, so the threads share the work evenly however the
+    products are sized, and a narrow product (K, V of grouped-query heads) is not split into narrower
+    calls."""
     n = c0.shape[1] + c1.shape[1] + c2.shape[1]
     block = _column_block(n, _threads())
     for t in prange((n + block - 1) // block):
@@ -184,6 +173,13 @@ def gemm3_mkl(a, w0, c0, w1, c1, w2, c2):
         _columns(a, w0, c0, lo, hi, 0)
         _columns(a, w1, c1, lo, hi, c0.shape[1])
         _columns(a, w2, c2, lo, hi, c0.shape[1] + c1.shape[1])
+
+
+@njit(cache=True, nogil=True)
+def gemm2_mkl(a, w0, c0, w1, c1):
+    """c0 = a @ w0^T and c1 = a @ w1^T (W1 and W3) as one parallel loop: `gemm3_mkl` with an empty third
+    product (no columns, so no call)."""
+    gemm3_mkl(a, w0, c0, w1, c1, w1[:0], c1[:, :0])
 
 
 @njit(parallel=True, cache=True, nogil=True)
