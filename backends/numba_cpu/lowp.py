@@ -32,7 +32,8 @@ from numba.extending import intrinsic
 
 from fusec.backends.numba_cpu.blas import _bits_as_f32, bf16, gemm, row_groups, wide_vectors
 from fusec.backends.numba_cpu.int8 import gemm_int8, matvec2_int8, matvec3_int8, matvec_int8  # noqa: F401
-from fusec.backends.numba_cpu.simd import F32, LANES, V16F, V16I, Arrays, accumulators, fma_into, hsum, intp_args, lanes
+from fusec.backends.numba_cpu.simd import (F32, LANES, V16F, V16I, Arrays, accumulators, fma_into, hsum, intp_args, lanes,
+                                           prefetch)
 
 _FASTMATH = {"reassoc", "contract"}  # vectorized sums; NaN and inf keep their meaning
 _HI = np.uint32(0xFFFF0000)
@@ -63,6 +64,7 @@ def _dot_bf16(count: int):
                 x = arrays.load(1, [mv, builder.add(j, j)], ir.VectorType(F32, 2 * LANES))
                 even, odd = lanes(builder, x, 0, LANES, 2), lanes(builder, x, 1, LANES, 2)
                 for r in range(count):
+                    prefetch(builder, arrays.at(0, [builder.add(n0v, ir.Constant(n0v.type, r + count)), j]))
                     bits = arrays.load(0, [builder.add(n0v, ir.Constant(n0v.type, r)), j], V16I)
                     fma_into(builder, accs[2 * r], even, builder.bitcast(builder.shl(bits, shift), V16F))
                     fma_into(builder, accs[2 * r + 1], odd, builder.bitcast(builder.and_(bits, high), V16F))

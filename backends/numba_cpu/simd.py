@@ -73,3 +73,13 @@ def hsum(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
         width //= 2
         v = builder.fadd(lanes(builder, v, 0, width), lanes(builder, v, width, width))
     return builder.extract_element(v, ir.Constant(I32, 0))
+
+
+def prefetch(builder: ir.IRBuilder, ptr: ir.Value) -> None:
+    """Ask for the cache line at `ptr` (a hint: no fault, whatever the address). The matrix-vector loops
+    fetch the next group of weight rows while they work on this one: a group's rows are short streams
+    (a few hundred bytes to a few KB at int8 and bf16), too short for the hardware prefetcher to ramp up,
+    and one core alone then reads far below the memory's bandwidth."""
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]),
+                                        "llvm.prefetch.p0")
+    builder.call(fn, [builder.bitcast(ptr, I8.as_pointer()), ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
