@@ -20,7 +20,7 @@ from fusec.backends.numba_cpu.simd import (F32, I8, I16, I32, V16F, V16I, Arrays
                                            lanes, prefetch)
 
 BLOCK = 32  # int8 values per scale (`passes.weights.BLOCK`)
-ROWS = 4    # weight rows per dot call: four independent FMA chains, one activation load for all four
+ROWS = 8    # weight rows per dot call: eight independent FMA chains, one activation chunk for all eight
 
 
 def _target_features() -> set[str]:
@@ -169,7 +169,8 @@ def _dot_rows(count: int):
     return dot
 
 
-dot4 = _dot_rows(ROWS)
+dot8 = _dot_rows(ROWS)
+dot4 = _dot_rows(4)
 dot1 = _dot_rows(1)
 
 
