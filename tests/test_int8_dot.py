@@ -43,6 +43,9 @@ def test_activations_quantize_per_block_to_nearest_even_as_the_reference_defines
     assert xs[1, 1] == 0 and (xq[1, 1] == 0).all()
     assert np.isnan(xs[1, 2]) and np.isnan(xs[2, 4]) and np.isfinite(np.delete(xs.ravel(), [7, 14])).all()
     assert np.abs(xq).max() <= 127
+    strided = _quantized(np.asfortranarray(a), q)  # read through a contiguous copy: the same blocks
+    np.testing.assert_array_equal(strided[0], xq)
+    np.testing.assert_array_equal(strided[1], xs)
     want = quantize_activations(a)
     np.testing.assert_array_equal(widened.reshape(a.shape), want)  # bit for bit, NaN where NaN
     finite = np.isfinite(a).all(axis=1)
@@ -100,7 +103,8 @@ def test_every_form_of_the_integer_products_gives_the_same_dot_products(kind, mo
 
 def test_the_int8_loop_uses_vnni_and_fetches_the_next_rows_ahead(monkeypatch):
     """Where the CPU has AVX512-VNNI, one vpdpbusd per 64 weight bytes of a row (not a widening and a
-    pmaddwd per 32); and the next group of rows is prefetched while this one is summed."""
+    pmaddwd per 32); the next group of rows is prefetched while this one is summed; and the activations'
+    quantization is vectorized (packed rounding, not a call or a scalar per value)."""
     kernel = _compiled("vnni", monkeypatch)
     a = np.ones((1, 128), np.float32)
     q, s = (x.numpy() for x in quantize_int8(torch.ones(8, 128)))
@@ -108,6 +112,7 @@ def test_the_int8_loop_uses_vnni_and_fetches_the_next_rows_ahead(monkeypatch):
     asm = kernel.inspect_asm(kernel.signatures[0])
     assert "vpdpbusd" in asm and "vpmaddwd" not in asm and "vpmovsxbw" not in asm
     assert "prefetch" in asm
+    assert "vrndscaleps" in asm
 
 
 def int8_graph():

@@ -127,8 +127,8 @@ def _has_avx512() -> bool:
                                         ("matvec_bf16", "vpslld")])
 def test_low_precision_loops_widen_with_512_bit_vectors(name, widen):
     """LLVM prefers 256-bit vectors on AVX-512 CPUs; the bf16 loops ask for 512 (`wide_vectors`): half the
-    shuffles per weight; the int8 loop's integer products (`int8._quads`) are 512-bit `vpdpbusd` (VNNI)
-    or `pmaddwd`.
+    shuffles per weight; the int8 loop's integer products (`int8_dot._quads`) are 512-bit `vpdpbusd` (VNNI)
+    or `pmaddwd`. Both prefetch the next group of weight rows while they sum this one.
     Compiled afresh (machine code loaded from the cache cannot be inspected)."""
     kernel = numba.njit(parallel=True, fastmath=lowp._FASTMATH)(getattr(lowp, name).py_func)
     a = np.ones((1, 64), np.float32)
@@ -139,3 +139,4 @@ def test_low_precision_loops_widen_with_512_bit_vectors(name, widen):
         kernel(a, np.zeros((8, 64), np.uint16), c)
     asm = kernel.inspect_asm(kernel.signatures[0])
     assert any(widen in line and "zmm" in line for line in asm.splitlines()), f"no 512-bit {widen} in {name}"
+    assert "prefetch" in asm, f"{name} does not fetch the next group of rows ahead (`simd.prefetch`)"
