@@ -17,7 +17,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from fusec.backends.numba_cpu.simd import (F32, I8, I16, I32, V16F, V16I, Arrays, accumulators, fma_into, hsum, intp_args,
-                                           lanes, prefetch)
+                                           at_byte, lanes, prefetch)
 
 BLOCK = 32  # int8 values per scale (`passes.weights.BLOCK`)
 ROWS = 8    # weight rows per dot call: eight independent FMA chains, one activation chunk for all eight
@@ -96,11 +96,6 @@ def _quads(builder: ir.IRBuilder, w: ir.Value, prepared) -> ir.Value:
     return products
 
 
-def _ptr(builder: ir.IRBuilder, base: ir.Value, offset: ir.Value, vector: ir.Type) -> ir.Value:
-    """A pointer to a `vector` at byte `offset` from `base`."""
-    return builder.bitcast(builder.gep(builder.bitcast(base, I8.as_pointer()), [offset]), vector.as_pointer())
-
-
 def _dot_rows(count: int):
     """An intrinsic dot(q, s, xq, xs, n0, m): the tuple of `count` float32 dot products of activation row m
     (int8 xq[M, B, 32], scales xs[M, B]) with weight rows n0.. of q[N, B, 32] (int8) and s[N, B, 1]. Two
@@ -137,20 +132,20 @@ def _dot_rows(count: int):
 
                 def chunk(base):
                     if width == 2:
-                        return builder.load(_ptr(builder, base, at, V64B), align=1)
-                    half = builder.load(_ptr(builder, base, at, V32B), align=1)
+                        return builder.load(at_byte(builder, base, at, V64B), align=1)
+                    half = builder.load(at_byte(builder, base, at, V32B), align=1)
                     return builder.shuffle_vector(half, ir.Constant(V32B, [0] * 32),
                                                   ir.Constant(ir.VectorType(I32, 64), list(range(64))))
 
                 def scales(base):
                     if width == 2:
-                        return builder.load(_ptr(builder, base, four, v2f), align=4)
+                        return builder.load(at_byte(builder, base, four, v2f), align=4)
                     return builder.insert_element(ir.Constant(v2f, [0.0, 0.0]),
-                                                  builder.load(_ptr(builder, base, four, F32)), ir.Constant(I32, 0))
+                                                  builder.load(at_byte(builder, base, four, F32)), ir.Constant(I32, 0))
                 if width == 2:
                     ahead = builder.add(at, builder.mul(blocks, ir.Constant(intp, BLOCK * count)))
                     for qrow in qrows:
-                        prefetch(builder, _ptr(builder, qrow, ahead, I8))
+                        prefetch(builder, at_byte(builder, qrow, ahead, I8))
                 prepared = _activation_chunk(builder, chunk(xrow))
                 xsv = scales(xsrow)
                 for acc, qrow, srow in zip(accs, qrows, srows):

@@ -36,8 +36,8 @@ from numba.extending import intrinsic
 
 from fusec.backends.numba_cpu.blas import _bits_as_f32, bf16, gemm, wide_vectors
 from fusec.backends.numba_cpu.int8 import gemm_int8, matvec2_int8, matvec3_int8, matvec_int8  # noqa: F401
-from fusec.backends.numba_cpu.simd import (F32, LANES, V16F, V16I, Arrays, accumulators, fma_into, hsum, intp_args, lanes,
-                                           prefetch)
+from fusec.backends.numba_cpu.simd import (F32, I8, LANES, V16F, V16I, Arrays, accumulators, at_byte, fma_into, hsum,
+                                           intp_args, lanes, prefetch)
 
 _FASTMATH = {"reassoc", "contract"}  # vectorized sums; NaN and inf keep their meaning
 _HI = np.uint32(0xFFFF0000)
@@ -46,11 +46,11 @@ _SHIFT = np.uint32(16)
 
 def _dot_bf16(count: int):
     """An intrinsic dot(pairs, a, n0, m): the tuple of `count` float32 dot products of activation row m of
-    a[M, K] with bf16 weight rows n0.. read as pairs[N, K/2] (uint32: the even element in
-    the low half, the odd one in the high half; both C-contiguous, which callers check), over the first K - K % 32 columns (`_rows_bf16` adds the
-    rest). Per 16 pairs: one load of 32 activations, split into even and odd lanes (shared by the rows);
-    per row one load, a shift and a mask (the widening), and two FMAs into the row's even and odd
-    accumulators, reduced once at the end."""
+    a[M, K] with bf16 weight rows n0.. read as pairs[N, K/2] (uint32: the even element in the low half, the
+    odd one in the high half; both C-contiguous, which callers check), over the first K - K % 32 columns
+    (`_rows_bf16` adds the rest). Per 16 pairs: one load of 32 activations, split into even and odd lanes
+    (shared by the rows); per row one load, a shift and a mask (the widening), two FMAs into the row's even
+    and odd accumulators (reduced once at the end), and a prefetch of the same place `count` rows on."""
     @intrinsic
     def dot(typingctx, pairs, a, n0, m):
         if not (isinstance(pairs, types.Array) and pairs.dtype == types.uint32 and pairs.ndim == 2
@@ -63,13 +63,15 @@ def _dot_bf16(count: int):
             chunks = builder.udiv(arrays.shape(0, 1), ir.Constant(n0v.type, LANES))
             accs = accumulators(builder, 2 * count)
             shift, high = ir.Constant(V16I, [16] * LANES), ir.Constant(V16I, [-(1 << 16)] * LANES)
+            ahead = builder.mul(arrays.shape(0, 1), ir.Constant(n0v.type, 4 * count))  # bytes of `count` rows
             with cgutils.for_range(builder, chunks) as loop:
                 j = builder.mul(loop.index, ir.Constant(n0v.type, LANES))
                 x = arrays.load(1, [mv, builder.add(j, j)], ir.VectorType(F32, 2 * LANES))
                 even, odd = lanes(builder, x, 0, LANES, 2), lanes(builder, x, 1, LANES, 2)
                 for r in range(count):
-                    prefetch(builder, arrays.at(0, [builder.add(n0v, ir.Constant(n0v.type, r + count)), j]))
-                    bits = arrays.load(0, [builder.add(n0v, ir.Constant(n0v.type, r)), j], V16I)
+                    row = arrays.at(0, [builder.add(n0v, ir.Constant(n0v.type, r)), j])
+                    prefetch(builder, at_byte(builder, row, ahead, I8))  # row r of the next group
+                    bits = builder.load(builder.bitcast(row, V16I.as_pointer()), align=4)
                     fma_into(builder, accs[2 * r], even, builder.bitcast(builder.shl(bits, shift), V16F))
                     fma_into(builder, accs[2 * r + 1], odd, builder.bitcast(builder.and_(bits, high), V16F))
             sums = [hsum(builder, builder.fadd(builder.load(accs[2 * r]), builder.load(accs[2 * r + 1])))

@@ -75,6 +75,12 @@ def hsum(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
     return builder.extract_element(v, ir.Constant(I32, 0))
 
 
+def at_byte(builder: ir.IRBuilder, base: ir.Value, offset: ir.Value, kind: ir.Type) -> ir.Value:
+    """A pointer to a `kind` at byte `offset` from pointer `base` (a plain GEP: it may point past the array,
+    as a prefetch's address does)."""
+    return builder.bitcast(builder.gep(builder.bitcast(base, I8.as_pointer()), [offset]), kind.as_pointer())
+
+
 def prefetch(builder: ir.IRBuilder, ptr: ir.Value) -> None:
     """Ask for the cache line at `ptr` (a hint: no fault, whatever the address). The matrix-vector loops
     fetch the next group of weight rows while they work on this one: a group's rows are short streams
