@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from fusec.backends.numba_cpu.blas import gemm, wide_vectors
+from fusec.backends.numba_cpu.blas import gemm, row_groups, wide_vectors
 from fusec.backends.numba_cpu.int8_dot import BLOCK, ROWS, dot1, dot4, dot8, quantize_block
 
 _FASTMATH = {"reassoc", "contract"}  # vectorized sums; NaN and inf keep their meaning
@@ -47,12 +47,6 @@ def _rows_int8(xq, xs, q, s, c, n0):
                 done = 4
             for r in range(done, rows):
                 c[m, n0 + r] = dot1(q, s, xq, xs, n0 + r, m)[0]
-
-
-@njit(inline="always")
-def _groups(q):
-    """Groups of `ROWS` weight rows: the unit the parallel loops hand to a thread."""
-    return (q.shape[0] + ROWS - 1) // ROWS
 
 
 @njit(inline="always")
@@ -93,7 +87,7 @@ def quantize_rows(a, q):
 def matvec_int8(a, q, s, c):
     xq, xs = quantize_rows(a, q)
     qc, sc = _contiguous(q), _contiguous(s)
-    for g in prange(_groups(qc)):
+    for g in prange(row_groups(qc, ROWS)):
         wide_vectors()
         _rows_int8(xq, xs, qc, sc, c, ROWS * g)
 
@@ -103,8 +97,8 @@ def matvec2_int8(a, q0, s0, q1, s1, c0, c1):
     xq, xs = quantize_rows(a, q0)
     _check(a, q1)
     p0, p1, t0, t1 = _contiguous(q0), _contiguous(q1), _contiguous(s0), _contiguous(s1)
-    g0 = _groups(p0)
-    for g in prange(g0 + _groups(p1)):
+    g0 = row_groups(p0, ROWS)
+    for g in prange(g0 + row_groups(p1, ROWS)):
         wide_vectors()
         if g < g0:
             _rows_int8(xq, xs, p0, t0, c0, ROWS * g)
@@ -119,9 +113,9 @@ def matvec3_int8(a, q0, s0, q1, s1, q2, s2, c0, c1, c2):
     _check(a, q2)
     p0, p1, p2 = _contiguous(q0), _contiguous(q1), _contiguous(q2)
     t0, t1, t2 = _contiguous(s0), _contiguous(s1), _contiguous(s2)
-    g0 = _groups(p0)
-    g1 = g0 + _groups(p1)
-    for g in prange(g1 + _groups(p2)):
+    g0 = row_groups(p0, ROWS)
+    g1 = g0 + row_groups(p1, ROWS)
+    for g in prange(g1 + row_groups(p2, ROWS)):
         wide_vectors()
         if g < g0:
             _rows_int8(xq, xs, p0, t0, c0, ROWS * g)

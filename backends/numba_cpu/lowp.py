@@ -34,7 +34,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from fusec.backends.numba_cpu.blas import _bits_as_f32, bf16, gemm, wide_vectors
+from fusec.backends.numba_cpu.blas import _bits_as_f32, bf16, gemm, row_groups, wide_vectors
 from fusec.backends.numba_cpu.int8 import gemm_int8, matvec2_int8, matvec3_int8, matvec_int8  # noqa: F401
 from fusec.backends.numba_cpu.simd import (F32, I8, LANES, V16F, V16I, Arrays, accumulators, at_byte, fma_into, hsum,
                                            intp_args, lanes, prefetch)
@@ -98,12 +98,6 @@ def _pair_dot(a, pairs, m, n, start):
 
 
 @njit(inline="always")
-def _groups(w):
-    """Groups of `ROWS` weight rows: the unit the parallel loops hand to a thread."""
-    return (w.shape[0] + ROWS - 1) // ROWS
-
-
-@njit(inline="always")
 def _rows_bf16(a, w, c, n0):
     """c[:, n0:n0+8] = a @ w[n0:n0+8]^T for bf16 bits w[N, K] and activations a[M, K] (both C-contiguous,
     K even); fewer rows at the end of w (four, then one at a time)."""
@@ -141,7 +135,7 @@ def matvec_bf16(a, w, c):
     if not _paired(a, w):
         _matvec_bf16_plain(a, w, c)
         return
-    for g in prange(_groups(w)):
+    for g in prange(row_groups(w, ROWS)):
         wide_vectors()
         _rows_bf16(a, w, c, ROWS * g)
 
@@ -152,8 +146,8 @@ def matvec2_bf16(a, w0, w1, c0, c1):
         _matvec_bf16_plain(a, w0, c0)
         _matvec_bf16_plain(a, w1, c1)
         return
-    g0 = _groups(w0)
-    for g in prange(g0 + _groups(w1)):
+    g0 = row_groups(w0, ROWS)
+    for g in prange(g0 + row_groups(w1, ROWS)):
         wide_vectors()
         if g < g0:
             _rows_bf16(a, w0, c0, ROWS * g)
@@ -168,9 +162,9 @@ def matvec3_bf16(a, w0, w1, w2, c0, c1, c2):
         _matvec_bf16_plain(a, w1, c1)
         _matvec_bf16_plain(a, w2, c2)
         return
-    g0 = _groups(w0)
-    g1 = g0 + _groups(w1)
-    for g in prange(g1 + _groups(w2)):
+    g0 = row_groups(w0, ROWS)
+    g1 = g0 + row_groups(w1, ROWS)
+    for g in prange(g1 + row_groups(w2, ROWS)):
         wide_vectors()
         if g < g0:
             _rows_bf16(a, w0, c0, ROWS * g)
