@@ -13,7 +13,7 @@ Decode streams every weight once per token, so these kernels must turn the halve
   matrices that small stay in the L2 cache, where fp32 is as fast per weight). Streamed from memory, one
   core read bf16 at 0.6-0.85x fp32's bytes per second: a group's rows are short streams that the hardware
   prefetcher does not ramp up on, so the loop prefetches the next group's rows (`simd.prefetch`); with
-  that and eight rows per group, 0.9-1.1x (bench_matvec, one thread).
+  that and eight rows per group, 0.85-1.05x (bench_matvec, one thread).
 - int8: integer dot products against activations quantized the same way, in `int8.py` (re-exported
   here: generated code imports every low-precision kernel from this module).
 
