@@ -1,5 +1,5 @@
 """The int8 matrix-vector loop's inner parts in LLVM IR (`int8.py` runs them): the activations' quantization
-(`quantize_block`) and the dot products of int8 weight rows with them (`dot_rows`).
+(`quantize_block`) and the dot products of int8 weight rows with them (`_dot_rows`: `dot8`, `dot4`, `dot1`).
 
 LLVM does not form the integer dot-product instructions from Numba's code (Numba widens integer products to
 64 bits), nor vectorize the quantization (Numba's `np.rint` is a call), so both are written here. The
@@ -32,6 +32,7 @@ def _target_features() -> set[str]:
 
 
 def _dot_kind() -> str:
+    """The integer products' form: the fastest the target CPU has (see the module docstring)."""
     features = _target_features()
     if {"avx512vnni", "avx512bw"} <= features:
         return "vnni"
@@ -87,9 +88,8 @@ def _quads(builder: ir.IRBuilder, w: ir.Value, prepared) -> ir.Value:
         products = builder.mul(builder.sext(w, ir.VectorType(I32, 64)), prepared)
     else:
         wide = builder.sext(w, ir.VectorType(I16, 64))
-        products = builder.shuffle_vector(_pairs(builder, lanes(builder, wide, 0, 32), lanes(builder, prepared, 0, 32)),
-                                          _pairs(builder, lanes(builder, wide, 32, 32), lanes(builder, prepared, 32, 32)),
-                                          ir.Constant(ir.VectorType(I32, 32), list(range(32))))
+        halves = [_pairs(builder, lanes(builder, wide, h, 32), lanes(builder, prepared, h, 32)) for h in (0, 32)]
+        products = builder.shuffle_vector(halves[0], halves[1], ir.Constant(ir.VectorType(I32, 32), list(range(32))))
     while products.type.count > 16:  # add neighbouring lanes until each holds its four products
         half = products.type.count // 2
         products = builder.add(lanes(builder, products, 0, half, 2), lanes(builder, products, 1, half, 2))
@@ -150,7 +150,8 @@ def _dot_rows(count: int):
                 xsv = scales(xsrow)
                 for acc, qrow, srow in zip(accs, qrows, srows):
                     dots = builder.sitofp(_quads(builder, chunk(qrow), prepared), V16F)
-                    scale = builder.shuffle_vector(builder.fmul(scales(srow), xsv), ir.Constant(v2f, ir.Undefined), spread)
+                    scale = builder.shuffle_vector(builder.fmul(scales(srow), xsv), ir.Constant(v2f, ir.Undefined),
+                                                   spread)
                     fma_into(builder, acc, dots, scale)
             pairs = builder.udiv(blocks, ir.Constant(intp, 2))
             with cgutils.for_range(builder, pairs) as loop:
@@ -186,7 +187,8 @@ def quantize_block(typingctx, a, xq, xs, m, b):
         v32f, v32i = ir.VectorType(F32, BLOCK), ir.VectorType(I32, BLOCK)
         x = arrays.load(0, [mv, builder.mul(bv, ir.Constant(mv.type, BLOCK))], v32f)
         magnitude = builder.and_(builder.bitcast(x, v32i), ir.Constant(v32i, [0x7FFFFFFF] * BLOCK))
-        umax = cgutils.get_or_insert_function(builder.module, ir.FunctionType(I32, [v32i]), "llvm.vector.reduce.umax.v32i32")
+        umax = cgutils.get_or_insert_function(builder.module, ir.FunctionType(I32, [v32i]),
+                                              "llvm.vector.reduce.umax.v32i32")
         top = builder.call(umax, [magnitude])
         amax = builder.bitcast(top, F32)
         finite = builder.icmp_unsigned("<", top, ir.Constant(I32, 0x7F800000))
@@ -201,7 +203,8 @@ def quantize_block(typingctx, a, xq, xs, m, b):
         # makes 127 / amax inf (the reference then gives inf or NaN, this +-127 or 0: a product of ~1e-37)
         bounds = [ir.Constant(v32f, [v] * BLOCK) for v in (-127.0, 127.0)]
         for name, bound in (("maxnum", bounds[0]), ("minnum", bounds[1])):
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32f, [v32f, v32f]), f"llvm.{name}.v32f32")
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32f, [v32f, v32f]),
+                                                f"llvm.{name}.v32f32")
             rounded = builder.call(fn, [rounded, bound])
         v32b = ir.VectorType(I8, BLOCK)
         q = builder.select(usable, builder.fptosi(rounded, v32b), ir.Constant(v32b, [0] * BLOCK))

@@ -86,6 +86,7 @@ def prefetch(builder: ir.IRBuilder, ptr: ir.Value) -> None:
     fetch the next group of weight rows while they work on this one: a group's rows are short streams
     (a few hundred bytes to a few KB at int8 and bf16), too short for the hardware prefetcher to ramp up,
     and one core alone then reads far below the memory's bandwidth."""
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]),
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer()] + [I32] * 3),
                                         "llvm.prefetch.p0")
-    builder.call(fn, [builder.bitcast(ptr, I8.as_pointer()), ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+    read, keep_in_all_caches, data = (ir.Constant(I32, v) for v in (0, 3, 1))
+    builder.call(fn, [builder.bitcast(ptr, I8.as_pointer()), read, keep_in_all_caches, data])
