@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusec.backends.numba_cpu import int8
+from fusec.backends.numba_cpu import int8, int8_dot
 from fusec.backends.numba_cpu.runtime import Program
 from fusec.backends.reference import run_graph
 from fusec.semantics import quantize_activations
@@ -43,33 +43,76 @@ def test_activations_quantize_per_block_to_nearest_even_as_the_reference_defines
     assert xs[1, 1] == 0 and (xq[1, 1] == 0).all()
     assert np.isnan(xs[1, 2]) and np.isnan(xs[2, 4]) and np.isfinite(np.delete(xs.ravel(), [7, 14])).all()
     assert np.abs(xq).max() <= 127
+    strided = _quantized(np.asfortranarray(a), q)  # read through a contiguous copy: the same blocks
+    np.testing.assert_array_equal(strided[0], xq)
+    np.testing.assert_array_equal(strided[1], xs)
     want = quantize_activations(a)
     np.testing.assert_array_equal(widened.reshape(a.shape), want)  # bit for bit, NaN where NaN
     finite = np.isfinite(a).all(axis=1)
     assert np.abs(want[finite] - a[finite]).max() <= np.abs(a[finite]).max() / 254 + 1e-7
 
 
-@pytest.mark.parametrize("kind", ["avx512", "avx2", "portable"])
-def test_every_form_of_the_pair_products_gives_the_same_dot_products(kind, monkeypatch):
-    """The x86 intrinsics where the CPU has them, else portable IR: all exact in int32. Compiled afresh."""
-    features = int8._target_features()
-    if kind != "portable" and {"avx512": "avx512bw", "avx2": "avx2"}[kind] not in features:
+FEATURES = {"vnni": {"avx512vnni", "avx512bw"}, "avx512": {"avx512bw"}, "avx2": {"avx2"}, "portable": set()}
+INSTRUCTION = {"vnni": "vpdpbusd", "avx512": "vpmaddwd", "avx2": "vpmaddwd"}
+
+
+def _compiled(kind, monkeypatch):
+    """matvec_int8 compiled afresh with the integer products in form `kind` (skipped where the CPU lacks it)."""
+    if not FEATURES[kind] <= int8_dot._target_features():
         pytest.skip(f"the CPU has no {kind}")
-    monkeypatch.setattr(int8, "PMADDWD", kind)
-    kernel = numba.njit(parallel=True, fastmath=int8._FASTMATH)(int8.matvec_int8.py_func)
+    monkeypatch.setattr(int8_dot, "KIND", kind)
+    return numba.njit(parallel=True, fastmath=int8._FASTMATH)(int8.matvec_int8.py_func)
+
+
+def _block_sums(a, q, s):
+    """What the kernel computes, per block: the exact integer dot product times s * xs (float32), summed."""
+    xq, xs, _ = _quantized(a, q)
+    dots = np.einsum("mbi,nbi->mnb", xq.astype(np.int64), q.astype(np.int64)).astype(np.float64)
+    scales = (s[None, :, :, 0] * xs[:, None, :]).astype(np.float32).astype(np.float64)
+    return (dots * scales).sum(axis=2)
+
+
+@pytest.mark.parametrize("kind", ["vnni", "avx512", "avx2", "portable"])
+def test_every_form_of_the_integer_products_gives_the_same_dot_products(kind, monkeypatch):
+    """VNNI's vpdpbusd, pmaddwd (AVX-512, AVX2) where the CPU has them, else portable IR: all exact in int32,
+    so every form gives the same bits as the portable one. Weights of every int8 value, -128 included
+    (vpdpbusd takes them as w + 128, unsigned); 5 blocks: two pairs and an odd last block."""
+    kernel = _compiled(kind, monkeypatch)
     rng = np.random.default_rng(1)
     a = activations()
     a[1:] = rng.standard_normal((2, 160)).astype(np.float32)  # rows 1 and 2 finite
     a[2, 7] = np.nan
-    w = rng.standard_normal((7, 160)).astype(np.float32)      # 7 rows: a group of four and three alone
+    w = rng.standard_normal((13, 160)).astype(np.float32)     # 13 rows: a group of eight, then four, then one
     q, s = (x.numpy() for x in quantize_int8(torch.from_numpy(w)))
-    c = np.zeros((3, 7), np.float32)
+    q[0, :, :] = np.arange(-128, 128, 1).reshape(8, 32)[:5].astype(np.int8)  # every value, -128 too
+    q[1, 0, :] = -128
+    c = np.zeros((3, 13), np.float32)
     kernel(a, q, s, c)
-    want = quantize_activations(a) @ (q.astype(np.float32) * s).reshape(7, 160).T
+    want = _block_sums(a, q, s)
     np.testing.assert_allclose(c[:2], want[:2], rtol=1e-5, atol=1e-5)
     assert np.isnan(c[2]).all()  # a NaN activation is not hidden by its quantization
+    portable = np.zeros_like(c)
+    monkeypatch.setattr(int8_dot, "KIND", "portable")
+    numba.njit(parallel=True, fastmath=int8._FASTMATH)(int8.matvec_int8.py_func)(a, q, s, portable)
+    np.testing.assert_array_equal(c, portable)
     if kind != "portable":
-        assert "vpmaddwd" in kernel.inspect_asm(kernel.signatures[0])
+        kernel = _compiled(kind, monkeypatch)
+        kernel(a, q, s, c)
+        assert INSTRUCTION[kind] in kernel.inspect_asm(kernel.signatures[0])
+
+
+def test_the_int8_loop_uses_vnni_and_fetches_the_next_rows_ahead(monkeypatch):
+    """Where the CPU has AVX512-VNNI, one vpdpbusd per 64 weight bytes of a row (not a widening and a
+    pmaddwd per 32); the next group of rows is prefetched while this one is summed; and the activations'
+    quantization is vectorized (packed rounding, not a call or a scalar per value)."""
+    kernel = _compiled("vnni", monkeypatch)
+    a = np.ones((1, 128), np.float32)
+    q, s = (x.numpy() for x in quantize_int8(torch.ones(8, 128)))
+    kernel(a, q, s, np.zeros((1, 8), np.float32))
+    asm = kernel.inspect_asm(kernel.signatures[0])
+    assert "vpdpbusd" in asm and "vpmaddwd" not in asm and "vpmovsxbw" not in asm
+    assert "prefetch" in asm
+    assert "vrndscaleps" in asm
 
 
 def int8_graph():

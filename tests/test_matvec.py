@@ -5,7 +5,7 @@ import numba
 import pytest
 import torch
 
-from fusec.backends.numba_cpu import blas, lowp
+from fusec.backends.numba_cpu import blas, int8_dot, lowp
 from fusec.backends.numba_cpu.runtime import Program
 from fusec.backends.reference import run_graph
 from fusec.semantics import quantize_activations
@@ -123,10 +123,12 @@ def _has_avx512() -> bool:
 
 
 @pytest.mark.skipif(not _has_avx512(), reason="512-bit vectors need a CPU with AVX-512")
-@pytest.mark.parametrize("name,widen", [("matvec_int8", "vpmaddwd"), ("matvec_bf16", "vpslld")])
+@pytest.mark.parametrize("name,widen", [("matvec_int8", "vpdpbusd" if int8_dot.KIND == "vnni" else "vpmaddwd"),
+                                        ("matvec_bf16", "vpslld")])
 def test_low_precision_loops_widen_with_512_bit_vectors(name, widen):
     """LLVM prefers 256-bit vectors on AVX-512 CPUs; the bf16 loops ask for 512 (`wide_vectors`): half the
-    shuffles per weight; the int8 loop's integer pair products (`int8._pairs`) are 512-bit `pmaddwd`.
+    shuffles per weight; the int8 loop's integer products (`int8_dot._quads`) are 512-bit `vpdpbusd` (VNNI)
+    or `pmaddwd`. Both prefetch the next group of weight rows while they sum this one.
     Compiled afresh (machine code loaded from the cache cannot be inspected)."""
     kernel = numba.njit(parallel=True, fastmath=lowp._FASTMATH)(getattr(lowp, name).py_func)
     a = np.ones((1, 64), np.float32)
@@ -137,3 +139,4 @@ def test_low_precision_loops_widen_with_512_bit_vectors(name, widen):
         kernel(a, np.zeros((8, 64), np.uint16), c)
     asm = kernel.inspect_asm(kernel.signatures[0])
     assert any(widen in line and "zmm" in line for line in asm.splitlines()), f"no 512-bit {widen} in {name}"
+    assert "prefetch" in asm, f"{name} does not fetch the next group of rows ahead (`simd.prefetch`)"

@@ -76,9 +76,10 @@ def wide_vectors(typingctx):
 
 
 @njit(inline="always")
-def row_groups(w):
-    """Groups of four rows of weight matrix w[N, K]: the unit the matrix-vector loops hand to a thread."""
-    return (w.shape[0] + 3) // 4
+def row_groups(w, rows):
+    """Groups of `rows` rows of weight matrix w[N, K] (the last one maybe short): the unit the matrix-vector
+    loops hand to a thread."""
+    return (w.shape[0] + rows - 1) // rows
 
 
 @njit(inline="always")
@@ -122,14 +123,14 @@ _FASTMATH = {"reassoc", "contract"}  # vectorized sums; NaN and inf keep their m
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def matvec(a, w, c):
-    for g in prange(row_groups(w)):
+    for g in prange(row_groups(w, 4)):
         _rows_f32(a, w, c, 4 * g)
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def matvec2(a, w0, w1, c0, c1):
-    g0 = row_groups(w0)
-    for g in prange(g0 + row_groups(w1)):
+    g0 = row_groups(w0, 4)
+    for g in prange(g0 + row_groups(w1, 4)):
         if g < g0:
             _rows_f32(a, w0, c0, 4 * g)
         else:
@@ -138,9 +139,9 @@ def matvec2(a, w0, w1, c0, c1):
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def matvec3(a, w0, w1, w2, c0, c1, c2):
-    g0 = row_groups(w0)
-    g1 = g0 + row_groups(w1)
-    for g in prange(g1 + row_groups(w2)):
+    g0 = row_groups(w0, 4)
+    g1 = g0 + row_groups(w1, 4)
+    for g in prange(g1 + row_groups(w2, 4)):
         if g < g0:
             _rows_f32(a, w0, c0, 4 * g)
         elif g < g1:

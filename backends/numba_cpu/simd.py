@@ -73,3 +73,20 @@ def hsum(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
         width //= 2
         v = builder.fadd(lanes(builder, v, 0, width), lanes(builder, v, width, width))
     return builder.extract_element(v, ir.Constant(I32, 0))
+
+
+def at_byte(builder: ir.IRBuilder, base: ir.Value, offset: ir.Value, kind: ir.Type) -> ir.Value:
+    """A pointer to a `kind` at byte `offset` from pointer `base` (a plain GEP: it may point past the array,
+    as a prefetch's address does)."""
+    return builder.bitcast(builder.gep(builder.bitcast(base, I8.as_pointer()), [offset]), kind.as_pointer())
+
+
+def prefetch(builder: ir.IRBuilder, ptr: ir.Value) -> None:
+    """Ask for the cache line at `ptr` (a hint: no fault, whatever the address). The matrix-vector loops
+    fetch the next group of weight rows while they work on this one: a group's rows are short streams
+    (a few hundred bytes to a few KB at int8 and bf16), too short for the hardware prefetcher to ramp up,
+    and one core alone then reads far below the memory's bandwidth."""
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer()] + [I32] * 3),
+                                        "llvm.prefetch.p0")
+    read, keep_in_all_caches, data = (ir.Constant(I32, v) for v in (0, 3, 1))
+    builder.call(fn, [builder.bitcast(ptr, I8.as_pointer()), read, keep_in_all_caches, data])
