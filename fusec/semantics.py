@@ -189,12 +189,14 @@ def _argmax(node: Node, args: list, tensors: Mapping[str, Any]) -> np.ndarray:
 def quantize_activations(a: np.ndarray, block: int = 32) -> np.ndarray:
     """float32 activations a[..., K] as int8 blocks of `block` along K, widened back: per block,
     scale = max|a| / 127 and q = rint(a * (127 / max|a|)) (ties to even), the result q * scale (all in
-    float32). An all-zero block stays zero; a block holding inf or NaN becomes NaN."""
+    float32). An all-zero block stays zero, and so does a block so small (max|a| < 127 / float32's
+    largest, ~3.7e-37) that 127 / max|a| overflows; a block holding inf or NaN becomes NaN."""
     blocks = a.reshape(*a.shape[:-1], a.shape[-1] // block, block).astype(np.float32, copy=False)
     amax = np.abs(blocks).max(axis=-1, keepdims=True)
     finite = np.isfinite(blocks).all(axis=-1, keepdims=True)
     with np.errstate(all="ignore"):
-        q = np.where(finite & (amax > 0), np.rint(blocks * (np.float32(127.0) / amax)), np.float32(0.0))
+        inverse = np.float32(127.0) / amax  # inf for a zero or too small block: that block quantizes to 0
+        q = np.where(finite & np.isfinite(inverse), np.rint(blocks * inverse), np.float32(0.0))
     scale = np.where(finite, amax / np.float32(127.0), np.float32(np.nan))
     return (q * scale).astype(np.float32).reshape(a.shape)
 

@@ -31,6 +31,7 @@ def activations() -> np.ndarray:
     a[0, 5], a[0, 6] = 0.025, -0.035           # exactly half a step: ties go to the even integer
     a[1, 32:64] = 0.0                          # an all-zero block: scale 0
     a[1, 64], a[2, 130] = np.nan, -np.inf      # a block holding NaN or inf reads as NaN
+    a[2, :32] *= np.float32(1e-38)              # so small that 127 / max|a| overflows: quantized to 0
     return a
 
 
@@ -41,6 +42,7 @@ def test_activations_quantize_per_block_to_nearest_even_as_the_reference_defines
     assert xs[0, 0] == pytest.approx(0.01) and (xq[0, 0, 0], xq[0, 0, 31]) == (-127, 127)
     assert (xq[0, 0, 5], xq[0, 0, 6]) == (2, -4)  # 2.5 -> 2, -3.5 -> -4
     assert xs[1, 1] == 0 and (xq[1, 1] == 0).all()
+    assert 0 < xs[2, 0] < 1e-38 and (xq[2, 0] == 0).all()  # not the +-127 of an overflowed 127 / max|a|
     assert np.isnan(xs[1, 2]) and np.isnan(xs[2, 4]) and np.isfinite(np.delete(xs.ravel(), [7, 14])).all()
     assert np.abs(xq).max() <= 127
     strided = _quantized(np.asfortranarray(a), q)  # read through a contiguous copy: the same blocks

@@ -192,15 +192,16 @@ def quantize_block(typingctx, a, xq, xs, m, b):
         top = builder.call(umax, [magnitude])
         amax = builder.bitcast(top, F32)
         finite = builder.icmp_unsigned("<", top, ir.Constant(I32, 0x7F800000))
-        usable = builder.and_(finite, builder.icmp_unsigned("!=", top, ir.Constant(I32, 0)))
         inv = builder.fdiv(ir.Constant(F32, 127.0), amax)
+        # a zero block, or one so small that 127 / amax overflows, quantizes to 0 (as the reference)
+        usable = builder.and_(finite, builder.fcmp_ordered("<", inv, ir.Constant(F32, float("inf"))))
         scaled = builder.fmul(x, builder.shuffle_vector(
             builder.insert_element(ir.Constant(v32f, ir.Undefined), inv, ir.Constant(I32, 0)),
             ir.Constant(v32f, ir.Undefined), ir.Constant(v32i, [0] * BLOCK)))
         rounded = builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32f, [v32f]),
                                                               "llvm.roundeven.v32f32"), [scaled])
-        # clamped to +-127 before the conversion, which is undefined for inf or NaN: a subnormal largest |a|
-        # makes 127 / amax inf (the reference then gives inf or NaN, this +-127 or 0: a product of ~1e-37)
+        # clamped to +-127 before the conversion, which is undefined for inf or NaN (unused lanes of a
+        # block that is not `usable` may hold them)
         bounds = [ir.Constant(v32f, [v] * BLOCK) for v in (-127.0, 127.0)]
         for name, bound in (("maxnum", bounds[0]), ("minnum", bounds[1])):
             fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32f, [v32f, v32f]),
