@@ -18,7 +18,7 @@ from __future__ import annotations
 from fusec.ir import Builder, Graph, Node
 from fusec.symbolic import upper
 
-__all__ = ["hoist_slices", "is_contiguous_slice"]
+__all__ = ["hoist_slices", "hoist_product_rows", "is_contiguous_slice"]
 
 
 def hoist_slices(graph: Graph) -> Graph:
@@ -47,6 +47,46 @@ def hoist_slices(graph: Graph) -> Graph:
             continue
         new[i] = b.add(n.op, args, dict(n.attrs), n.type, n.origin)
     return b.finish(new[o] for o in graph.outputs)
+
+
+def hoist_product_rows(graph: Graph) -> Graph:
+    """Move a rank-2 reshape of a kernel input that only matmuls read as their rows (the attention output's
+    heads, or the batch and token axes, reshaped to a matrix) out of every kernel, loop bodies included: a
+    free view outside, and products that then differ only in K (the attention output's projection and the
+    MLP's down projection) have one body (`backends.numba_cpu.kernels` compiles it once). Runs after
+    `passes.loop`, which relates kernel operands to kernel outputs (not to views of them)."""
+    b = Builder(graph.tensors)
+    new: dict[int, int] = {}
+    changed = False
+    for i, n in enumerate(graph.nodes):
+        args, attrs = [new[a] for a in n.args], dict(n.attrs)
+        if n.op == "kernel":
+            body, anchors = n.attr("body"), n.attr("anchors") or ()
+            while (chain := _rows_chain(body)) is not None:
+                body, args, anchors = _hoist(b, body, args, anchors, chain)
+                changed = True
+            attrs["body"] = body
+            if "anchors" in attrs:
+                attrs["anchors"] = tuple(anchors)
+        elif n.op == "loop" and (body := hoist_product_rows(n.attr("body"))) is not n.attr("body"):
+            attrs["body"], changed = body, True
+        new[i] = b.add(n.op, args, attrs, n.type, n.origin)
+    if not changed:
+        return graph
+    return Graph(tuple(b.nodes), tuple(new[o] for o in graph.outputs), b.tensors)
+
+
+def _rows_chain(body: Graph) -> list[int] | None:
+    """[the reshape] of the first input of the body reshaped to the rows of products (`hoist_product_rows`)."""
+    users = body.users()
+    for x in body.inputs:
+        for r in users[x]:
+            n = body.nodes[r]
+            if (n.op == "reshape" and len(n.shape) == 2 and users[r]
+                    and all(body.nodes[u].op == "matmul" and body.nodes[u].args[0] == r
+                            and r not in body.nodes[u].args[1:] for u in users[r])):
+                return [r]
+    return None
 
 
 def is_contiguous_slice(n: Node, operand_shape: tuple[int, ...]) -> bool:

@@ -25,7 +25,7 @@ from fusec.verify import verify
 from fusec.passes.canonicalize import (canonicalize, eliminate_common_subexpressions, eliminate_dead_code,
                                  fold_constants, simplify_algebra, simplify_views)
 from fusec.passes.fuse import fuse, unfuse
-from fusec.passes.hoist_slices import hoist_slices
+from fusec.passes.hoist_slices import hoist_product_rows, hoist_slices
 from fusec.passes.layout import choose_layout
 from fusec.passes.loop import loop_kernels
 from fusec.passes.place import place
@@ -149,7 +149,8 @@ register_stage("weights", ())  # filled per run from its `weights` (see _stage_p
 register_stage("fused", (("fuse", fuse), ("hoist_slices", hoist_slices), ("layout", choose_layout)))
 register_stage("unfused", (("unfuse", unfuse), ("hoist_slices", hoist_slices)))
 register_stage("tiled", (("tile", tile),))
-register_stage("looped", (("loop_kernels", loop_kernels),), after="tiled")
+register_stage("looped", (("loop_kernels", loop_kernels), ("hoist_product_rows", hoist_product_rows)),
+               after="tiled")
 register_stage("placed", (("place", place),))
 
 # the pipeline as written here: the trace cache (`fusec.trace_key.passes_key`) keys lowered programs on

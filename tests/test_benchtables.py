@@ -3,6 +3,7 @@ numbers and its run, and `--update` replaces only the marked block."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,20 @@ def test_unknown_json_names_what_is_expected(tmp_path):
     path.write_text("{}")
     with pytest.raises(ValueError, match="no table for other.json: expected one of bench_generate.json"):
         render(path)
+
+
+def test_symbolic_tables_show_compile_times_and_have_their_place_in_the_docs(tmp_path):
+    row = {"tokens": 5, "symbolic_ms": 1.0, "specialized_ms": 0.95, "ratio": 1.0526, "spread_symbolic_ms": 0.1,
+           "spread_specialized_ms": 0.2, "specialized_compile_s": 8.04}
+    report = {"run": {"date": "2026-11-30 11:00 UTC", "commit": "abc1234", "command": "python bench_symbolic.py"},
+              "what": "generator", "symbolic_compile_s": 12.34, "warm_up_s": 3.0, "programs": 1, "rows": [row]}
+    path = tmp_path / "bench_symbolic_generator.json"
+    path.write_text(json.dumps(report))
+    table = render(path)
+    assert "| 5 | 1.00 | 0.95 | 1.053 | 0.1 / 0.2 | 8.0 |" in table.splitlines()
+    assert "The symbolic program compiled in 12.3 s (after a warm-up compile, as each specialized one)." in table
+    path.write_text(json.dumps({**report, "warm_up_s": 0.0}))  # a run without the warm-up says so
+    assert "compiled in 12.3 s (first in its process)" in render(path)
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "symbolic.md").read_text()
+    for name in ("bench_symbolic_block", "bench_symbolic_generator"):  # `--update docs/symbolic.md` fills both
+        assert "NEW TABLE" in update_markdown(docs, name, "NEW TABLE"), f"docs/symbolic.md has no {name} marker"

@@ -38,7 +38,9 @@ def _array_view(em: Emitter, nid: int) -> tuple[str, bool, str] | None:
     if nid in em.arrays:
         return em.arrays[nid], transposed, stored
     if n.op == "reshape" and n.args[0] in em.arrays and g.nodes[n.args[0]].op == "input" and not transposed:
-        return f"{em.arrays[n.args[0]]}.reshape(({n.shape[0]}, {n.shape[1]}))", False, stored
+        # K left to the array (-1): products equal but for K (the attention output's and the MLP's down
+        # projection) then have one text, so one compiled kernel (`kernels.py`)
+        return f"{em.arrays[n.args[0]]}.reshape(({n.shape[0]}, -1))", False, stored
     int8 = dequantized(g, n.args[0]) if n.op == "reshape" else None
     if int8 is not None and all(p in em.arrays for p in int8):
         return ", ".join(em.arrays[p] for p in int8), transposed, "_int8"

@@ -71,14 +71,16 @@ def _without_weights(source: str) -> str:
 
 
 def _argument_types(body: Graph) -> str:
-    """A comment line of the types of the function's arguments, in `generate`'s order (inputs, weights,
-    stored constants, outputs): equal text then means one compiled specialization, never two dtypes
-    sharing a module."""
+    """A comment line of the dtypes and ranks of the function's arguments, in `generate`'s order (inputs,
+    weights, stored constants, outputs): what Numba compiles a specialization for, so equal text means one
+    compiled specialization, never two dtypes sharing a module. Not the sizes: every size the code uses is
+    in its text (a constant, or read from an array), so kernels that differ only in sizes the code reads
+    from its arrays (a matrix-vector product's K) share one compiled function."""
     inputs = [body.nodes[i].type for i in body.inputs]
     params = [n.type for n in body.nodes if n.op == "param"]
     consts = [n.type for n in body.nodes if n.op == "const" and n.attr("key") is not None]
     outputs = [body.nodes[o].type for o in body.outputs]
-    return "# arguments: " + ", ".join(str(t) for t in inputs + params + consts + outputs) + "\n"
+    return "# arguments: " + ", ".join(f"{t.dtype}[{len(t.shape)}d]" for t in inputs + params + consts + outputs) + "\n"
 
 
 def _named(source: str, name: str) -> str:
