@@ -44,10 +44,15 @@ def cache_dir(tmp_path, monkeypatch):
     compile_pool._POOL.close()
 
 
-def fresh_program() -> Program:
-    """A Program built as a new process would: not from this process's module table."""
+def forget_generated_modules() -> None:
+    """As in a new process: no generated module in this process's module table (its kernels compiled)."""
     for name in [n for n in sys.modules if n.startswith(cache.PREFIX)]:
         del sys.modules[name]
+
+
+def fresh_program() -> Program:
+    """A Program built as a new process would: not from this process's module table."""
+    forget_generated_modules()
     program = Program(lower(parse_graph(TEXT)))
     for got, want in zip(program.run([X, W]), run_graph(parse_graph(TEXT), [X, W])):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -136,6 +141,7 @@ def test_fusec_compile_starts_workers_while_tracing_and_reports_what_they_compil
     its stats count them, and the results are eager's."""
     import fusec
     compile_pool._POOL.close()
+    forget_generated_modules()  # (the tests above compiled these kernel bodies in this process)
     prestarted = []  # the workers running once prestart has returned
     prestart = compile_pool.prestart
     monkeypatch.setattr(compile_pool, "prestart",
