@@ -26,8 +26,10 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(BIN)/fusec demo
 
+# Two test processes, whole files each (a module's compiled fixtures are built once): the cold Numba compiles
+# that most of the time goes to run on one core each (tests/conftest.py turns the compile workers off there).
 test: install-test
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

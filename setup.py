@@ -12,8 +12,9 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy", "numba", "llvmlite", "scipy"],
     # models: the checkpoint formats of `fusec generate` (fusec/loaders imports them only when used)
-    extras_require={"test": ["pytest", "hypothesis", "transformers==4.57.6", "matplotlib", "ray==2.60.0",
-                             "safetensors", "tokenizers", "gguf==0.19.0"],
+    # pytest-xdist: `make test` runs two test processes (Makefile)
+    extras_require={"test": ["pytest", "pytest-xdist==3.8.0", "hypothesis", "transformers==4.57.6", "matplotlib",
+                             "ray==2.60.0", "safetensors", "tokenizers", "gguf==0.19.0"],
                     "models": ["safetensors", "tokenizers", "gguf>=0.19"],
                     "bench": ["matplotlib"], "ray": ["ray==2.60.0"]},
     entry_points={"console_scripts": ["fusec = fusec.cli:main"],

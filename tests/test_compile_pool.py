@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
 import fusec.cache as cache
 from fusec.api import lower
@@ -33,10 +34,15 @@ def cache_dir(tmp_path, monkeypatch):
     compile_pool._POOL.close()
 
 
-def fresh_program() -> Program:
-    """A Program built as a new process would: not from this process's module table."""
+def forget_generated_modules() -> None:
+    """As in a new process: no generated module in this process's module table (its kernels compiled)."""
     for name in [n for n in sys.modules if n.startswith(cache.PREFIX)]:
         del sys.modules[name]
+
+
+def fresh_program() -> Program:
+    """A Program built as a new process would: not from this process's module table."""
+    forget_generated_modules()
     program = Program(lower(parse_graph(TEXT)))
     for got, want in zip(program.run([X, W]), run_graph(parse_graph(TEXT), [X, W])):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -109,3 +115,31 @@ def test_default_worker_count_follows_the_cpus_up_to_a_cap(monkeypatch):
     assert compile_pool.worker_count(8) == 1
     monkeypatch.setattr(compile_pool, "_cpus", lambda: 1)
     assert compile_pool.worker_count(8) == 0
+
+
+class _Two(torch.nn.Module):
+    """The program of TEXT, as a module: a few distinct kernel bodies."""
+
+    def forward(self, x, w):
+        y = torch.tanh(torch.softmax(x, dim=1))
+        return y.amax(0), torch.sigmoid(y @ w)
+
+
+def test_fusec_compile_starts_workers_while_tracing_and_reports_what_they_compiled(cache_dir, monkeypatch):
+    """A user's first compile, end to end (the rest of the suite runs with the workers off when it runs in
+    several processes): fusec.compile starts the workers before tracing, they compile some of the kernels,
+    its stats count them, and the results are eager's."""
+    import fusec
+    compile_pool._POOL.close()
+    forget_generated_modules()  # (the tests above compiled these kernel bodies in this process)
+    prestarted = []  # the workers running once prestart has returned
+    prestart = compile_pool.prestart
+    monkeypatch.setattr(compile_pool, "prestart",
+                        lambda: prestart() or prestarted.append(dict(compile_pool._POOL.workers)))
+    x, w = torch.from_numpy(X), torch.from_numpy(W)
+    compiled = fusec.compile(_Two(), (x, w))
+    assert len(prestarted) == 1 and len(prestarted[0]) == 1
+    assert prestarted[0] == compile_pool._POOL.workers  # the same process served the compile
+    assert compiled.stats["compiled_in_workers"] >= 1
+    for got, want in zip(compiled(x, w), _Two()(x, w)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
