@@ -246,26 +246,26 @@ GOLDEN = """\
 # llama-block placed on sn40l (40x52 grid, 1040 PCUs, 1040 PMUs of 512 KiB), seed 0, dtype as traced
 # 1 section(s), 5 kernel(s), 13 stage(s)
 
-## section 0: A=%1 matmul, B=%5 attention, C=%6 matmul, D=%7 matmul, E=%8 matmul
+## section 0: A=%1 matmul, B=%5 attention, C=%7 matmul, D=%8 matmul, E=%10 matmul
 960 PCUs, 71 PMUs, 1 tile(s); busiest link (33, 5)->(34, 5) 3,712 bytes
 traffic-weighted hops 2,160,928 (random placement 7,382,000)
-stage            mode  PCUs  PMUs      FLOPs  HBM read  DDR read  SRAM read   sends
------------  --------  ----  ----  ---------  --------  --------  ---------  ------
-k1.prologue      simd    64     2       4144     4,352         0          0   4,096
-k1.gemm      systolic    64    10  2.621e+05    32,768         0      4,096   8,192
-k1.epilogue      simd    64     3       5376     2,048         0      6,144   6,144
-k5.qk        systolic    64     2  3.277e+04         0         0      6,144   4,096
-k5.softmax       simd    64     2       7168       256         0      4,096   4,096
-k5.pv        systolic    64     2  3.277e+04         0         0      6,144   4,096
-k6.gemm      systolic    64     6  1.311e+05    16,384         0      4,096   4,096
-k6.epilogue      simd    64     3       1024     4,096         0      4,096   8,192
-k7.prologue      simd    64     2       4144       256         0      4,096   4,096
-k7.gemm      systolic   128    18  5.243e+05    65,536         0      4,096  16,384
-k7.epilogue      simd   128     5       6144         0         0     16,384   8,192
-k8.gemm      systolic    64    11  2.621e+05    32,768         0      8,192   4,096
-k8.epilogue      simd    64     3       1024         0         0      8,192       0
-tensor %3     on chip     -     1          -         -         -          -       -
-tensor %4     on chip     -     1          -         -         -          -       -
+stage             mode  PCUs  PMUs      FLOPs  HBM read  DDR read  SRAM read   sends
+------------  --------  ----  ----  ---------  --------  --------  ---------  ------
+k1.prologue       simd    64     2       4144     4,352         0          0   4,096
+k1.gemm       systolic    64    10  2.621e+05    32,768         0      4,096   8,192
+k1.epilogue       simd    64     3       5376     2,048         0      6,144   6,144
+k5.qk         systolic    64     2  3.277e+04         0         0      6,144   4,096
+k5.softmax        simd    64     2       7168       256         0      4,096   4,096
+k5.pv         systolic    64     2  3.277e+04         0         0      6,144   4,096
+k7.gemm       systolic    64     6  1.311e+05    16,384         0      4,096   4,096
+k7.epilogue       simd    64     3       1024     4,096         0      4,096   8,192
+k8.prologue       simd    64     2       4144       256         0      4,096   4,096
+k8.gemm       systolic   128    18  5.243e+05    65,536         0      4,096  16,384
+k8.epilogue       simd   128     5       6144         0         0     16,384   8,192
+k10.gemm      systolic    64    11  2.621e+05    32,768         0      8,192   4,096
+k10.epilogue      simd    64     3       1024         0         0      8,192       0
+tensor %3      on chip     -     1          -         -         -          -       -
+tensor %4      on chip     -     1          -         -         -          -       -
 A.A.A.A.A.A.A.A.A.A.A.A.A.A.A.A.A.A.A.A.A.A.........
 .A.A.A.A.AaA.A.A.A.A.A.A.A.A.A.AaA.A.A.A.A.A........
 A.A.A.A.A.A.A.A.A.A.A.A.A.A.A.A.A.A.A.A.A.A.........
@@ -311,13 +311,13 @@ EeE.EeE.E.E.E.EeE.EeE.E.E.EeE.E.EeE.E.E.E.E.EeE.E.E.
 tensor                        kind   bytes             tier   offset  sections  bytes/call
 ----------------------  ----------  ------  ---------------  -------  --------  ----------
 %0                           input   4,096              hbm  147,456       0-0       8,192
+%10                         output   4,096              hbm  151,552       0-0       4,096
 %2                      activation   4,096  sram (streamed)        0       0-0       8,192
 %3                      activation   2,048             sram        0       0-0       4,096
 %4                      activation   2,048             sram  524,288       0-0       4,096
 %5                      activation   4,096  sram (streamed)        0       0-0       8,192
-%6                      activation   4,096  sram (streamed)        0       0-0      12,288
-%7                      activation   8,192  sram (streamed)        0       0-0      16,384
-%8                          output   4,096              hbm  151,552       0-0       4,096
+%7                      activation   4,096  sram (streamed)        0       0-0      12,288
+%8                      activation   8,192  sram (streamed)        0       0-0      16,384
 attention.wk.weight         weight   8,192              hbm  131,072       0-0       8,192
 attention.wo.weight         weight  16,384              hbm   98,304       0-0      16,384
 attention.wq.weight         weight  16,384              hbm  114,688       0-0      16,384
