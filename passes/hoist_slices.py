@@ -15,6 +15,8 @@ whose kernel bodies slice no input contiguously; a second run changes nothing.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from fusec.ir import Builder, Graph, Node
 from fusec.symbolic import upper
 
@@ -29,23 +31,8 @@ def hoist_slices(graph: Graph) -> Graph:
     new: dict[int, int] = {}
     for i, n in enumerate(graph.nodes):
         args = [new[a] for a in n.args]
-        if n.op == "kernel":
-            body, anchors = n.attr("body"), n.attr("anchors") or ()
-            view = None
-            while view is None and (chain := _chain(body)) is not None:
-                if len(body.outputs) == 1 and chain[-1] == body.outputs[0]:  # the whole kernel is a view
-                    view = _outer_view(b, body, args, chain)
-                else:
-                    body, args, anchors = _hoist(b, body, args, anchors, chain)
-            if view is not None:
-                new[i] = view
-                continue
-            attrs = {**dict(n.attrs), "body": body}
-            if "anchors" in attrs:
-                attrs["anchors"] = tuple(anchors)
-            new[i] = b.add("kernel", args, attrs, n.type, n.origin)
-            continue
-        new[i] = b.add(n.op, args, dict(n.attrs), n.type, n.origin)
+        new[i] = (_hoisted(b, n, args, _chain, whole_view=True)[0] if n.op == "kernel" else
+                  b.add(n.op, args, dict(n.attrs), n.type, n.origin))
     return b.finish(new[o] for o in graph.outputs)
 
 
@@ -61,14 +48,10 @@ def hoist_product_rows(graph: Graph) -> Graph:
     for i, n in enumerate(graph.nodes):
         args, attrs = [new[a] for a in n.args], dict(n.attrs)
         if n.op == "kernel":
-            body, anchors = n.attr("body"), n.attr("anchors") or ()
-            while (chain := _rows_chain(body)) is not None:
-                body, args, anchors = _hoist(b, body, args, anchors, chain)
-                changed = True
-            attrs["body"] = body
-            if "anchors" in attrs:
-                attrs["anchors"] = tuple(anchors)
-        elif n.op == "loop" and (body := hoist_product_rows(n.attr("body"))) is not n.attr("body"):
+            new[i], hoisted = _hoisted(b, n, args, _rows_chain)
+            changed = changed or hoisted
+            continue
+        if n.op == "loop" and (body := hoist_product_rows(n.attr("body"))) is not n.attr("body"):
             attrs["body"], changed = body, True
         new[i] = b.add(n.op, args, attrs, n.type, n.origin)
     if not changed:
@@ -119,6 +102,23 @@ def _chain(body: Graph) -> list[int] | None:
             if chain:
                 return chain
     return None
+
+
+def _hoisted(b: Builder, n: Node, args: list[int], find: Callable[[Graph], list[int] | None],
+             whole_view: bool = False) -> tuple[int, bool]:
+    """(id in `b`, whether anything moved) of kernel `n`, whose operands in `b` are `args`, rebuilt with
+    every chain `find` finds in its body hoisted out (`_hoist`). With `whole_view`, a body that is all one
+    chain (an unfused slice kernel) is replaced by the chain's view in the outer graph."""
+    body, anchors, moved = n.attr("body"), n.attr("anchors") or (), False
+    while (chain := find(body)) is not None:
+        if whole_view and len(body.outputs) == 1 and chain[-1] == body.outputs[0]:
+            return _outer_view(b, body, args, chain), True
+        body, args, anchors = _hoist(b, body, args, anchors, chain)
+        moved = True
+    attrs = {**dict(n.attrs), "body": body}
+    if "anchors" in attrs:
+        attrs["anchors"] = tuple(anchors)
+    return b.add("kernel", args, attrs, n.type, n.origin), moved
 
 
 def _outer_view(b: Builder, body: Graph, args: list[int], chain: list[int]) -> int:

@@ -28,6 +28,12 @@ What a tile is, per kernel kind (the names the Numba backend reads):
 - `reduce`, `pointwise`, other `op`: the domain (the largest of the body's outputs and reduction operands)
   is viewed as rows = all axes but the last; ("rows", rows per parallel chunk).
 
+On a cpu every kernel also carries the thresholds that choose between the Numba backend's loops
+(`CPU_LOOP_RULES`), so that one place decides and `fusec dump --stage tiled` shows what the code does:
+("parallel_min", elements from which a loop nest is a parallel loop), on a matmul ("matvec_rows", up to
+how many rows of A a product streams the weights itself instead of calling BLAS) and on an attention
+("gemm_rows", query rows from which a block's two products are MKL GEMMs).
+
 Budget: the working set of one tile must fit `machine.tile_budget`: the L2 per core on a cpu, and on an
 RDU pmu_bytes x stage_pmus (the PMUs one pipeline stage may use). Streamed buffers (input and output
 tiles) are double-buffered as the PMU stage buffers are (one fills while the other is used: SN40L §IV-B;
@@ -156,8 +162,9 @@ def kernel_shape(node: Node) -> MatmulShape | AttentionShape | RowShape:
 
 
 def working_set(node: Node, tiles: Tiles) -> int:
-    """Bytes one tile of kernel `node` keeps on chip (in cache) with these tiles."""
-    return kernel_shape(node).working_set(**dict(tiles))
+    """Bytes one tile of kernel `node` keeps on chip (in cache) with these tiles (sizes only: the loop
+    thresholds hold no data)."""
+    return kernel_shape(node).working_set(**{k: v for k, v in tiles if k not in LOOP_TILES})
 
 
 def _acc_size(*dtypes: str) -> int:
@@ -233,7 +240,29 @@ def choose_tiles(node: Node, machine: Machine) -> Tiles:
         tiles = {"q": q, "kv": kv}
     else:
         tiles = {"rows": _largest(_sizes(shape.rows), lambda r: shape.working_set(r) <= budget)}
+    if machine.kind == "cpu":
+        tiles.update(loop_tiles(machine, shape))
     return tuple(sorted(tiles.items()))
+
+
+# --- the thresholds of a cpu's loops ------------------------------------------------------------------
+# (tile, the loop nests it applies to, its value on a machine). The values are the crossovers measured on
+# a 2-core x86 with MKL (docs/passes.md says how); a machine where they differ changes them here, and the
+# emitter follows whatever the kernel carries.
+CPU_LOOP_RULES: tuple[tuple[str, tuple[type, ...], Callable[[Machine], int]], ...] = (
+    # waking the thread pool costs tens of microseconds: smaller loop nests run on the calling thread
+    ("parallel_min", (MatmulShape, AttentionShape, RowShape), lambda machine: 1 << 14),
+    # at a few rows BLAS spends its time packing, and a streamed weight is read once for all rows
+    ("matvec_rows", (MatmulShape,), lambda machine: 64),
+    # below this many query rows (decode) a block's GEMM calls cost more than the scalar loops
+    ("gemm_rows", (AttentionShape,), lambda machine: 16),
+)
+LOOP_TILES = tuple(name for name, _, _ in CPU_LOOP_RULES)
+
+
+def loop_tiles(machine: Machine, shape: MatmulShape | AttentionShape | RowShape | None = None) -> dict[str, int]:
+    """{threshold: value} of the rules for a kernel of `shape` on cpu `machine` (every rule: None)."""
+    return {name: rule(machine) for name, kinds, rule in CPU_LOOP_RULES if shape is None or isinstance(shape, kinds)}
 
 
 def _sizes(dim: int) -> list[int]:

@@ -17,10 +17,8 @@ import numpy as np
 from fusec.backends.numba_cpu.attention_gemm import block_max, online_softmax_gemm, rescale_row, start_rows
 from fusec.backends.numba_cpu.expr import Emitter, _broadcast, reshape_index
 from fusec.backends.numba_cpu.mkl import blas_choice
-from fusec.backends.numba_cpu.stores import PARALLEL_MIN_ELEMENTS, emit_outputs
+from fusec.backends.numba_cpu.stores import emit_outputs
 from fusec.symbolic import upper
-
-GEMM_MIN_ROWS = 16  # query rows from which a block's products are MKL GEMMs (`attention_gemm.py`)
 
 
 def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles: dict) -> str:
@@ -54,13 +52,13 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
         w.define("obuf")
         store = lambda ix: f"obuf[{', '.join(ix)}]"  # noqa: E731
         em.overrides[o_id] = store
-    parallel = upper(rows * tk * (depth + dv)) >= PARALLEL_MIN_ELEMENTS * 4  # symbolic: its upper bound
+    parallel = upper(rows * tk * (depth + dv)) >= tiles["parallel_min"] * 4  # symbolic: its upper bound
     masked = x_row is not None and _key_limit(em, x_row, x_index(tuple("0" for _ in s_shape))) is not None
     blocks = -(-tq // q_block) if isinstance(tq, int) else f"((({tq}) + {q_block - 1}) // {q_block})"
     chunks = entries * blocks if isinstance(blocks, int) else f"{entries} * {blocks}"
     loop = "prange" if parallel and upper(rows) > q_block else "range"
-    # the products as MKL GEMMs per block when that pays (not for a few query rows: decode)
-    gemms = blas_choice()[0] == "mkl" and upper(tq) >= GEMM_MIN_ROWS
+    # the products as MKL GEMMs per block from `gemm_rows` query rows (not for a few: decode)
+    gemms = blas_choice()[0] == "mkl" and upper(tq) >= tiles["gemm_rows"]
     with em.loop(f"for c in {loop}({chunks})", ("c",)):
         w.line(f"oacc = np.empty(({q_block}, {dv}), np.float32)")  # per parallel iteration, not per row
         w.define("oacc")

@@ -51,7 +51,8 @@ def generate(name: str, node: Node) -> KernelCode:
             arrays[i] = f"c{len(consts)}"
             consts.append(n.attr("key"))
     outs = [f"o{k}" for k in range(len(body.outputs))]
-    em = Emitter(body, w, arrays)
+    tiles = dict(node.attr("tiles") or ())
+    em = Emitter(body, w, arrays, tiles=tiles)
     # [gather number + 1, bad index] of a computed index out of range (`checked_index`): an array the
     # program owns and passes after the constants (allocating it per call costs more than the check)
     kerr = ["kerr"] if em.gathers else []
@@ -73,9 +74,9 @@ def generate(name: str, node: Node) -> KernelCode:
         # a bf16 attention runs the generic loops, which round every op to bf16 as eager does (the
         # flash loop keeps its scores and running sums in float32)
         if kind == "attention" and len(anchors) == 2 and all(body.nodes[a].dtype == "f32" for a in anchors):
-            loop = emit_attention(em, anchors, outs, dict(node.attr("tiles") or ()))
+            loop = emit_attention(em, anchors, outs, em.tiles)
         elif matmuls and _is_gemm(body, matmuls):
-            loop = emit_matmul(em, matmuls, outs, dict(node.attr("tiles") or ()))
+            loop = emit_matmul(em, matmuls, outs, em.tiles)
         elif any(n.op in REDUCE_OPS for n in body.nodes):
             loop = emit_rows(em, outs)
         else:

@@ -25,6 +25,8 @@ from fusec.backends.numba_cpu.writer import Writer
 from fusec.dtypes import round_bf16
 from fusec.guards import index_source, take_bound
 from fusec.ir import Graph
+from fusec.machines import cpu
+from fusec.passes.tile import loop_tiles
 from fusec.symbolic import is_sym
 
 NP = {"f32": "np.float32", "f64": "np.float64", "f16": "np.float16", "i64": "np.int64", "i32": "np.int32",
@@ -72,11 +74,14 @@ def _names(text: str) -> set[str]:
 class Emitter:
     """Renders body nodes as scalar statements into `w`. `arrays` maps body node ids to array variables
     (kernel operands, params, stored constants); `overrides` maps node ids to a function of the index
-    giving an expression (a matmul's accumulator tile, a score-row buffer)."""
+    giving an expression (a matmul's accumulator tile, a score-row buffer). `tiles` are the kernel's
+    tiles and loop thresholds (`passes.tile`); those it lacks are the tiling pass's for this cpu."""
 
     def __init__(self, body: Graph, w: Writer, arrays: dict[int, str],
-                 overrides: dict[int, Callable[[tuple[str, ...]], str]] | None = None):
+                 overrides: dict[int, Callable[[tuple[str, ...]], str]] | None = None,
+                 tiles: dict[str, int] | None = None):
         self.g, self.w, self.arrays = body, w, arrays
+        self.tiles = {**loop_tiles(cpu()), **(tiles or {})}
         self.overrides = overrides or {}
         self.memo: dict[tuple[int, tuple[str, ...]], tuple[str, int]] = {}
         self.count = 0

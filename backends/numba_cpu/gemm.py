@@ -12,10 +12,6 @@ from fusec.errors import FusecError
 from fusec.symbolic import is_sym, lower, upper
 from fusec.passes.weights import dequantized
 
-MATVEC_ROWS = 64  # up to this many rows of A, stream the weights in our parallel loop instead of calling BLAS:
-# at a few rows BLAS spends its time packing, and OpenBLAS's threads keep spinning after a call and slow
-# the parallel loops of the next kernels (measured: a 50 us attention kernel took 5 ms after a 32-row
-# sgemm), which only a large GEMM pays back
 
 
 def _array_view(em: Emitter, nid: int) -> tuple[str, bool, str] | None:
@@ -49,6 +45,11 @@ def _array_view(em: Emitter, nid: int) -> tuple[str, bool, str] | None:
 
 def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[str, int]) -> str:
     g, w = em.g, em.w
+    # up to `matvec_rows` rows of A (the tiling pass's threshold) the weights stream through our parallel
+    # loop instead of a BLAS call: at a few rows BLAS spends its time packing, and OpenBLAS's threads keep
+    # spinning after a call and slow the parallel loops of the next kernels (measured: a 50 us attention
+    # kernel took 5 ms after a 32-row sgemm), which only a large GEMM pays back
+    matvec_rows = tiles["matvec_rows"]
     left = g.nodes[matmuls[0]].args[0]
     m, k = g.nodes[left].shape
     blas = blas_choice()[0]
@@ -59,12 +60,12 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
     # cores: then the prologue and epilogue run on the calling thread (they are a few percent of the work).
     # Matrix-vector work is all ours. (A symbolic M counts at its upper bound; which product runs is then
     # chosen per call, below.)
-    parallel = upper(m) <= MATVEC_ROWS or blas == "mkl"
+    parallel = upper(m) <= matvec_rows or blas == "mkl"
     rows = tiles.get("rows", 0)
     rights = [_array_view(em, g.nodes[mm].args[1]) for mm in matmuls]
     _check_int8(g, matmuls, rights)
     # bf16 weights [N, K] at prefill: a bf16 x bf16 -> f32 GEMM over A rounded to bf16 (in the prologue)
-    bf16 = [lower(m) > MATVEC_ROWS and blas == "mkl" and v is not None and v[1] and v[2] == "_bf16"
+    bf16 = [lower(m) > matvec_rows and blas == "mkl" and v is not None and v[1] and v[2] == "_bf16"
             for v in rights]
     a = a16 = None
     if any(bf16):
@@ -95,12 +96,12 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
         acc = outs[direct[0]] if direct else f"acc{j}"  # a product that is an output goes straight there
         if not direct:
             w.line(f"{acc} = np.empty(({m}, {n}), np.float32)")
-        if not is_sym(m) and upper(m) <= MATVEC_ROWS and transposed:
+        if not is_sym(m) and upper(m) <= matvec_rows and transposed:
             streamed.append((widened, b, acc))
-        elif is_sym(m) and transposed and lower(m) <= MATVEC_ROWS and not widened and blas == "mkl":
+        elif is_sym(m) and transposed and lower(m) <= matvec_rows and not widened and blas == "mkl":
             either.append((b, acc))  # the product for the call's M, with the kernel's other such ones
-        elif is_sym(m) and transposed and lower(m) <= MATVEC_ROWS:  # the product for the call's M
-            with w.block(f"if {m} <= {MATVEC_ROWS}", barrier=True):
+        elif is_sym(m) and transposed and lower(m) <= matvec_rows:  # the product for the call's M
+            with w.block(f"if {m} <= {matvec_rows}", barrier=True):
                 w.line(f"matvec{widened}({a}, {b}, {acc})")
             with w.block("else", barrier=True):
                 w.line(f"gemm{widened}({a}, {b}, {acc})" if widened else f"{gemm_fn}({a}, {b}, {acc}, True)")
@@ -113,8 +114,8 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
         else:
             w.line(f"{gemm_fn}({a}, {b}, {acc}, {transposed})")
         em.overrides[mm] = (lambda name: lambda idx: f"{name}[{idx[0]}, {idx[1]}]")(acc)
-    if either:  # matrix-vector products up to MATVEC_ROWS rows, else one joint GEMM call
-        with w.block(f"if {m} <= {MATVEC_ROWS}", barrier=True):
+    if either:  # matrix-vector products up to matvec_rows rows, else one joint GEMM call
+        with w.block(f"if {m} <= {matvec_rows}", barrier=True):
             for b, acc in either:
                 w.line(f"matvec({a}, {b}, {acc})")
         with w.block("else", barrier=True):
@@ -128,7 +129,7 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
             # hold as many elements as `rows` rows of the product (symbolic sizes: no row blocks)
             outer = 0 if is_sym(m) or any(is_sym(d) for d in shape) else max(1, math.prod(shape[:-1]))
             emit_store(em, o, out, shape, parallel=parallel, block=rows * max(1, outer // m) if outer else 0)
-    return "gemm" if upper(m) > MATVEC_ROWS else "matvec"
+    return "gemm" if upper(m) > matvec_rows else "matvec"
 
 
 def _check_int8(g, matmuls: list[int], rights: list) -> None:

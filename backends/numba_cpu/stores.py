@@ -8,8 +8,6 @@ from __future__ import annotations
 from fusec.backends.numba_cpu.expr import Emitter, concat_splits
 from fusec.symbolic import is_sym, upper
 
-PARALLEL_MIN_ELEMENTS = 1 << 14
-
 
 def emit_outputs(em: Emitter, outs: list[str], only: list[int] | None = None, parallel: bool = True) -> None:
     """Write each output element by element: a parallel loop over all but the last axis (flattened)."""
@@ -38,9 +36,9 @@ def emit_store(em: Emitter, nid: int, out: str, shape: tuple[int, ...], fixed: d
     total = 1
     for ax in outer:
         total *= shape[ax]
-    # waking the thread pool costs tens of microseconds: small loops run on the calling thread (a
-    # symbolic size counts at its upper bound: prange over a few rows costs little)
-    parallel = parallel and upper(total * shape[last]) >= PARALLEL_MIN_ELEMENTS
+    # small loops run on the calling thread (the tiling pass's `parallel_min`; a symbolic size counts at
+    # its upper bound: prange over a few rows costs little)
+    parallel = parallel and upper(total * shape[last]) >= em.tiles["parallel_min"]
     opened = []
     if outer:
         r = em.tmp("p")
