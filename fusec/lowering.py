@@ -209,6 +209,6 @@ def _gelu(cx, x, approximate="none"):
 
 
 @lowers("aten.silu")
-def _silu(cx, x):
+def _silu(cx, x):  # as its decomposition (fusec.lowering_direct lowers from torch.export's own program)
     x = cx.tensor(x, cx.out_dtype())
     return cx.add("mul", [x, cx.add("sigmoid", [x])])
