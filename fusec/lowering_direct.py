@@ -49,6 +49,8 @@ def direct_ok(program) -> str | None:
         if node.op != "call_function" or node.target is operator.getitem:
             continue
         target = node.target
+        if getattr(target, "__module__", None) == "_operator" and isinstance(node.meta.get("val"), torch.SymInt):
+            continue  # size arithmetic (T * dim): a symbolic size either way
         if not isinstance(target, torch._ops.OpOverload):
             return str(target)
         name = _packet_name(target)

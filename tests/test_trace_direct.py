@@ -100,3 +100,21 @@ def test_stack_second_axis_raises_not_direct():
     assert direct_ok(program) is None
     with pytest.raises(NotDirect):
         tracing.lower_program(program, StackSecond(), direct=True)
+
+
+class SizeArithmetic(nn.Module):
+    """Views whose sizes are products of a symbolic size (`operator.mul` nodes in the exported program)."""
+
+    def forward(self, x):
+        b, t, d = x.shape
+        return (x.reshape(b * t, d) * 2).reshape(b, t * d)
+
+
+def test_symbolic_size_arithmetic_traces_directly(monkeypatch):
+    x = torch.randn(2, 5, 4)
+    dynamic = {"x": {1: (2, 16)}}
+    monkeypatch.setattr(tracing, "DIRECT", False)
+    decomposed = format_graph(tracing.trace(SizeArithmetic(), (x,), dynamic=dynamic).graph)
+    monkeypatch.setattr(tracing, "DIRECT", True)
+    monkeypatch.setattr(ExportedProgram, "run_decompositions", None)  # not called
+    assert format_graph(tracing.trace(SizeArithmetic(), (x,), dynamic=dynamic).graph) == decomposed
