@@ -56,6 +56,8 @@ def direct_ok(program) -> str | None:
         name = _packet_name(target)
         if name in HERE or name in SAME or name in IGNORED:
             continue
+        if name == "aten.dropout" and len(node.args) > 2 and node.args[2] is False:
+            continue  # not training: the identity, as its decomposition
         if (target._schema.is_mutable or name not in LOWERINGS or target in _DECOMPOSED
                 or torch._C._dispatch_has_kernel_for_dispatch_key(target.name(), "CompositeImplicitAutograd")):
             return str(target)

@@ -118,3 +118,30 @@ def test_symbolic_size_arithmetic_traces_directly(monkeypatch):
     monkeypatch.setattr(tracing, "DIRECT", True)
     monkeypatch.setattr(ExportedProgram, "run_decompositions", None)  # not called
     assert format_graph(tracing.trace(SizeArithmetic(), (x,), dynamic=dynamic).graph) == decomposed
+
+
+def test_hf_llama_layer_traces_directly(monkeypatch):
+    """A transformers decoder layer (eager attention; its dropout is not training): the same IR, without
+    run_decompositions."""
+    import warnings
+
+    from test_tracing import hf_config, hf_layer_inputs, randomize
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    config = hf_config("eager")
+    layer = randomize(LlamaDecoderLayer(config, layer_idx=0), seed=10)
+    x, kwargs = hf_layer_inputs(config, seq_len=12, seed=11)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        monkeypatch.setattr(tracing, "DIRECT", False)
+        decomposed = format_graph(tracing.trace(layer, (x,), kwargs).graph)
+        monkeypatch.setattr(tracing, "DIRECT", True)
+        monkeypatch.setattr(ExportedProgram, "run_decompositions", None)  # not called
+        assert format_graph(tracing.trace(layer, (x,), kwargs).graph) == decomposed
+
+
+def test_training_dropout_is_decomposed():
+    """Dropout while training is random: not the identity, so the program goes through the
+    decompositions (which refuse a random op) as before."""
+    from fusec.lowering_direct import direct_ok
+    program = tracing.export(nn.Dropout(0.5).train(), (torch.randn(4, 4),), decompose=False)
+    assert direct_ok(program) is not None
