@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from fusec.errors import FusecError
-from fusec.lowering import LOWERINGS, _binary, lowers
+from fusec.lowering import IGNORED, LOWERINGS, _binary, lowers, packet_name
 from fusec.lowering_tensor import _softmax
 
 
@@ -42,7 +42,6 @@ def direct_ok(program) -> str | None:
 
     import torch
 
-    from fusec.tracing import IGNORED, _packet_name
     if _DECOMPOSED is None:
         _DECOMPOSED = torch.export.default_decompositions()
     for node in program.graph.nodes:
@@ -53,7 +52,7 @@ def direct_ok(program) -> str | None:
             continue  # size arithmetic (T * dim): a symbolic size either way
         if not isinstance(target, torch._ops.OpOverload):
             return str(target)
-        name = _packet_name(target)
+        name = packet_name(target)
         if name in HERE or name in SAME or name in IGNORED:
             continue
         if name == "aten.dropout" and len(node.args) > 2 and node.args[2] is False:

@@ -32,12 +32,9 @@ from fusec.debug import debug
 from fusec.dtypes import from_torch
 from fusec.errors import FusecError, UnsupportedOpError
 from fusec.ir import Builder, Graph, TensorType
-from fusec.lowering import LOWERINGS, TV, Lowerer
+from fusec.lowering import IGNORED, LOWERINGS, TV, Lowerer, packet_name as _packet_name
 from fusec.symbolic import Sym
 
-# fx nodes that only check metadata at run time; they produce nothing the graph needs
-IGNORED = {"aten._assert_tensor_metadata", "aten._assert_scalar", "aten.sym_constrain_range_for_size",
-           "aten._assert_async", "aten.sym_constrain_range"}
 FOLD_LIMIT = 1 << 24  # largest constant (elements) evaluated at trace time
 DIRECT = os.environ.get("FUSEC_DIRECT", "1") != "0"  # 0: always decompose to core ATen first (for comparing)
 
@@ -313,13 +310,6 @@ def _fallback(cx: Lowerer, target, args, kwargs: dict, error: UnsupportedOpError
     if not any(isinstance(r, TV) for r in results):
         raise UnsupportedOpError(str(target), cx.origin, "it returns no tensor") from cause
     return pytree.tree_unflatten(results, out_spec)
-
-
-def _packet_name(target) -> str:
-    name = getattr(target, "name", None)
-    text = name() if callable(name) else str(target)
-    text = text.replace("::", ".")
-    return ".".join(text.split(".")[:2])
 
 
 def _numel(val) -> int:
