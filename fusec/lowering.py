@@ -105,6 +105,19 @@ def _resolve_shape(shape: list[int], numel: int) -> list[int]:
     return shape
 
 
+# fx nodes that only check metadata at run time; they produce nothing the graph needs
+IGNORED = {"aten._assert_tensor_metadata", "aten._assert_scalar", "aten.sym_constrain_range_for_size",
+           "aten._assert_async", "aten.sym_constrain_range"}
+
+
+def packet_name(target) -> str:
+    """'aten.mm' for torch.ops.aten.mm.default: the key of an op in LOWERINGS."""
+    name = getattr(target, "name", None)
+    text = name() if callable(name) else str(target)
+    text = text.replace("::", ".")
+    return ".".join(text.split(".")[:2])
+
+
 Lowering = Callable[..., Any]
 LOWERINGS: dict[str, Lowering] = {}
 
@@ -209,6 +222,6 @@ def _gelu(cx, x, approximate="none"):
 
 
 @lowers("aten.silu")
-def _silu(cx, x):
+def _silu(cx, x):  # as its decomposition (fusec.lowering_direct lowers from torch.export's own program)
     x = cx.tensor(x, cx.out_dtype())
     return cx.add("mul", [x, cx.add("sigmoid", [x])])

@@ -113,7 +113,7 @@ def _prod(xs) -> int:
 
 
 # -- contraction --------------------------------------------------------------------------------------
-@lowers("aten.mm", "aten.bmm", "aten.matmul")
+@lowers("aten.mm", "aten.bmm")  # aten.matmul: fusec.lowering_direct
 def _matmul(cx, a, b):
     dt = cx.out_dtype()
     return cx.add("matmul", [cx.tensor(a, dt), cx.tensor(b, dt)])

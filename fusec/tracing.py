@@ -1,7 +1,9 @@
-"""Tracing: nn.Module + example inputs -> torch.fx graph in core ATen -> fusec IR.
+"""Tracing: nn.Module + example inputs -> torch.fx graph (torch.export's, or in core ATen) -> fusec IR.
 
-torch.export captures the module and `run_decompositions` brings it to core ATen; each fx node is then
-lowered through the table in `fusec.lowering`. This is the only module that touches torch.fx.
+torch.export captures the module; each fx node is then lowered through the table in `fusec.lowering`.
+When every op of the captured program has a lowering that gives what its core-ATen decomposition would
+(`fusec.lowering_direct`), it is lowered as captured; otherwise `run_decompositions` first brings it to
+core ATen (that retrace costs about as much as the export). This is the only module that touches torch.fx.
 
 Constant subgraphs (masks from `arange`/comparisons, rotary tables from buffers and constant positions)
 are evaluated here with torch on their real values and enter the IR as constants, so any ATen op may
@@ -15,24 +17,26 @@ from __future__ import annotations
 
 import copy
 import operator
+import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
+import fusec.lowering_direct  # noqa: F401 - registers the lowerings of torch.export's own ops
 import fusec.lowering_tensor  # noqa: F401 - registers the tensor lowerings
+from fusec.debug import debug
 from fusec.dtypes import from_torch
 from fusec.errors import FusecError, UnsupportedOpError
 from fusec.ir import Builder, Graph, TensorType
-from fusec.lowering import LOWERINGS, TV, Lowerer
+from fusec.lowering import IGNORED, LOWERINGS, TV, Lowerer, packet_name as _packet_name
 from fusec.symbolic import Sym
 
-# fx nodes that only check metadata at run time; they produce nothing the graph needs
-IGNORED = {"aten._assert_tensor_metadata", "aten._assert_scalar", "aten.sym_constrain_range_for_size",
-           "aten._assert_async", "aten.sym_constrain_range"}
 FOLD_LIMIT = 1 << 24  # largest constant (elements) evaluated at trace time
+DIRECT = os.environ.get("FUSEC_DIRECT", "1") != "0"  # 0: always decompose to core ATen first (for comparing)
 
 
 @dataclass
@@ -40,7 +44,7 @@ class Traced:
     """The IR of a module plus what the runtime needs to call it with the module's signature."""
 
     graph: Graph
-    fx_graph: Any          # the core-ATen torch.fx GraphModule (for `fusec dump --stage fx`)
+    fx_graph: Any          # the torch.fx GraphModule lowered (for `fusec dump --stage fx`)
     in_spec: Any           # pytree spec of (args, kwargs)
     out_spec: Any          # pytree spec of the outputs
     input_leaves: list     # per flat input leaf: "tensor" or the constant the trace specialized on
@@ -49,20 +53,37 @@ class Traced:
     output_constants: dict = field(default_factory=dict)  # flat output position -> a non-tensor output
 
 
-def export(module: torch.nn.Module, args: tuple, kwargs: dict | None = None, dynamic_shapes: Any = None):
-    """torch.export the module (`dynamic_shapes`: see `fusec.tracing_sym`) and decompose it to core ATen."""
+def export(module: torch.nn.Module, args: tuple, kwargs: dict | None = None, dynamic_shapes: Any = None,
+           decompose: bool = True):
+    """torch.export the module (`dynamic_shapes`: see `fusec.tracing_sym`) and, with `decompose`,
+    decompose it to core ATen (`decompose(program)` does that later)."""
     kwargs = kwargs or {}
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"fusec.compile expects a torch.nn.Module, got {type(module).__name__}")
     if not isinstance(args, tuple):
         args = (args,)
-    try:
+    with _export_errors(module, dynamic_shapes):
         with torch.no_grad():
             program = torch.export.export(module, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+    return decompose(program, module, dynamic_shapes) if decompose else program
+
+
+def decompose(program, module: Any = None, dynamic_shapes: Any = None):
+    """The exported `program` in core ATen."""
+    with _export_errors(module, dynamic_shapes):
+        with torch.no_grad():
             return program.run_decompositions()
+
+
+@contextmanager
+def _export_errors(module: Any, dynamic_shapes: Any):
+    """torch.export's errors as a FusecError naming the module (its own messages are long: the first line
+    and the type are kept, and the bounds it suggests for a dynamic size)."""
+    try:
+        yield
     except FusecError:
         raise
-    except Exception as e:  # export's own errors are long; keep the first line and the type
+    except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         fixes = [ln.strip() for ln in str(e).splitlines() if "= Dim(" in ln or "must be" in ln][:3]
         if dynamic_shapes is not None and fixes:  # torch.export's suggested bounds for a dynamic size
@@ -82,8 +103,20 @@ def trace(module: torch.nn.Module, args: tuple, kwargs: dict | None = None, stri
     from fusec.tracing_sym import dynamic_spec
     shapes, _ = dynamic_spec(module, args, kwargs or {}, dynamic)
     with _EXPORT_LOCK:  # torch.export keeps global state: two threads exporting at once break each other
-        program = export(module_tree_copy(module), args, kwargs, shapes)
-    traced = lower_program(program, module, strict)
+        program = export(module_tree_copy(module), args, kwargs, shapes, decompose=False)
+    from fusec.lowering_direct import NotDirect, direct_ok
+    why = direct_ok(program) if DIRECT else "FUSEC_DIRECT=0"
+    traced = None
+    if why is None:
+        try:
+            traced = lower_program(program, module, strict, direct=True)
+        except NotDirect as e:
+            why = str(e)
+    if traced is None:
+        debug(2, f"[fusec] {type(module).__name__}: decomposed to core ATen first ({why})")
+        with _EXPORT_LOCK:
+            program = decompose(program, module, shapes)
+        traced = lower_program(program, module, strict)
     traced.module_name = type(module).__name__
     return traced
 
@@ -129,7 +162,9 @@ def _origin(node) -> str:
     return path or where or node.name
 
 
-def lower_program(program, module: torch.nn.Module, strict: bool = False) -> Traced:
+def lower_program(program, module: torch.nn.Module, strict: bool = False, direct: bool = False) -> Traced:
+    """The IR of an exported `program`: in core ATen, or (`direct`) as torch.export gave it, where an op
+    that would fall back to PyTorch raises NotDirect instead (its decomposition may lower)."""
     from torch.export.graph_signature import InputKind
 
     from fusec.tracing_sym import SizeMap
@@ -138,6 +173,7 @@ def lower_program(program, module: torch.nn.Module, strict: bool = False) -> Tra
     cx = Lowerer(b)
     cx.size = SizeMap(program)  # torch's symbolic sizes -> fusec.symbolic (ints stay ints)
     cx.strict = strict
+    cx.direct = direct
     env: dict[Any, Any] = {}
     state = dict(program.state_dict)
     state.update(getattr(program, "constants", {}) or {})
@@ -206,7 +242,7 @@ def _lower_node(cx: Lowerer, node, env: dict) -> Any:
         with torch.no_grad():
             return target(*args, **kwargs)  # a shape/value-only computation: fold it now
     lower = LOWERINGS.get(name)
-    cx.out, cx.origin, cx.current = val, _origin(node), name
+    cx.out, cx.origin, cx.current, cx.node = val, _origin(node), name, node
     if lower is None:
         return _fallback(cx, target, args, kwargs, UnsupportedOpError(str(target), cx.origin), "no lowering")
     call_kwargs = {k: v for k, v in kwargs.items() if k not in ("device", "layout", "pin_memory",
@@ -237,6 +273,9 @@ def _fallback(cx: Lowerer, target, args, kwargs: dict, error: UnsupportedOpError
     """One `extern` node per tensor the op returns (see `fusec.fallback`), or `error` when strict or
     when the op cannot run as a fallback (a random op, an argument JSON cannot carry, an odd result)."""
     from fusec.fallback import EXTERN, encode_call, is_random, qualified_name
+    if getattr(cx, "direct", False):
+        from fusec.lowering_direct import NotDirect
+        raise NotDirect(f"{target} would run in PyTorch") from cause
     if cx.strict:
         raise error from cause
     qualified = qualified_name(target)
@@ -271,13 +310,6 @@ def _fallback(cx: Lowerer, target, args, kwargs: dict, error: UnsupportedOpError
     if not any(isinstance(r, TV) for r in results):
         raise UnsupportedOpError(str(target), cx.origin, "it returns no tensor") from cause
     return pytree.tree_unflatten(results, out_spec)
-
-
-def _packet_name(target) -> str:
-    name = getattr(target, "name", None)
-    text = name() if callable(name) else str(target)
-    text = text.replace("::", ".")
-    return ".".join(text.split(".")[:2])
 
 
 def _numel(val) -> int:

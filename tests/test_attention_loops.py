@@ -70,3 +70,33 @@ def test_attention_loops_use_the_tiles_of_the_tiled_program(tiny_cache_cpu):
     assert f"for j0 in range(0, klim, {tiles['kv']}):" in attention
     assert f"sblk = np.empty(({tiles['q']}, {tiles['kv']}), np.float32)" in attention  # one score tile
     torch.testing.assert_close(compiled(*args), module(*args), rtol=1e-5, atol=1e-5)
+
+
+class DecodeAttention(torch.nn.Module):
+    """One decode query against a cache, keys after the run-time position `pos` hidden, as the
+    generator's decode step attends (its output is the attention's, nothing mixes its columns after)."""
+
+    def forward(self, q, k, v, pos):
+        key_index = torch.arange(k.shape[2]).view(1, k.shape[2])
+        scores = (q @ k.transpose(-2, -1) / 4.0).masked_fill(key_index > pos, float("-inf"))
+        return torch.softmax(scores, dim=-1) @ v
+
+
+def test_masked_nonfinite_values_make_only_their_columns_nan_without_a_second_pass(tmp_path, monkeypatch):
+    """A key past the position weighs 0, and 0 * inf is nan in eager: the columns where such a value is
+    not finite are nan, the others exact. The kernel finds them in its one pass over the masked values
+    (`vcol`) instead of reading the masked values again for every row."""
+    monkeypatch.setenv("FUSEC_CACHE_DIR", str(tmp_path))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 1, 16, generator=g), torch.randn(1, 2, 24, 16, generator=g),
+               torch.randn(1, 2, 24, 16, generator=g))
+    pos = torch.tensor([9])
+    module = DecodeAttention()
+    compiled = fusec.compile(module, (q, k, v, pos))
+    attention = kernel_source(compiled.source, "attention")
+    assert len(re.findall(r"for jm in range\(", attention)) == 1, attention  # the scan only
+    v[0, 1, 15, 3], v[0, 1, 20, 7] = float("inf"), float("nan")  # masked keys (after 9) of head 1
+    v[0, 0, 4, 5] = float("inf")  # a key head 0 sees: inf (or nan) in eager as well
+    got, want = compiled(q, k, v, pos), module(q, k, v, pos)
+    torch.testing.assert_close(got, want, equal_nan=True)
+    assert torch.isnan(got[0, 1, 0, [3, 7]]).all() and torch.isfinite(got[0, 1, 0, :3]).all()

@@ -108,8 +108,9 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
                 _row_buffer(em, s_id, p_id, bidx, score, accumulate)
             if masked:  # keys past the limit weigh 0, and 0 * inf or nan is nan (`_scan_masked_values`)
                 with em.loop("if vlast >= lim", barrier=True):
-                    with em.loop(f"for jm in range(lim, {tk})", ("jm",)):
-                        accumulate("jm", "np.float32(0.0)")
+                    with em.loop(f"for e3 in range({dv})", ("e3",)):
+                        w.line("if vcol[e3] >= lim:")
+                        w.line("    oacc[r, e3] = np.float32(np.nan)")
             with em.loop(f"for e2 in range({dv})", ("e2",)):
                 w.line(f"{store(bidx + ('i', 'e2'))} = oacc[r, e2]{' / lrow[r]' if softmax is not None else ''}")
     if o_id in em.overrides:
@@ -157,24 +158,29 @@ def _split_index(em: Emitter, flat: str, dims: list[int]) -> tuple[tuple[str, ..
 
 def _scan_masked_values(em: Emitter, vv: int, bidx, tk, dv: int, limit) -> None:
     """`vlast`: the last key masked for some row of this block (at or past the least of the rows'
-    limits) whose value row holds an inf or nan (else -1).
+    limits) whose value row holds an inf or nan (else -1), and per value column `vcol[e]` the last such
+    key with column e not finite.
 
     Eager multiplies masked keys' values by their probability 0, and 0 * inf or 0 * nan is nan: one
-    such key makes every row that masks it nan. The key loops stop at the limit, so the rows where this
-    matters add those products back (only they: `vlast >= lim`). One pass over the block's masked values,
-    not per row (a tenth of the masked P.V work this would otherwise cost at prefill), inside the block's
-    parallel iteration: a parallel loop of its own costs more than the pass whenever the cores are busy."""
+    such key makes every row that masks it nan in that column. The key loops stop at the limit, so the
+    rows where this matters (only they: `vlast >= lim`) set those columns to nan (`vcol[e] >= lim`),
+    without reading the values again. One pass over the block's masked values, not per row, inside the
+    block's parallel iteration: a parallel loop of its own costs more than the pass whenever the cores
+    are busy."""
     w, g = em.w, em.g
     w.line(f"lo = {tk}")
     with em.loop("for qi in range(i0, i1)", ("qi",)):
         w.line(f"lo = min(lo, {limit('qi')})")
     w.line("vlast = -1")
     w.define("vlast")
+    w.line(f"vcol = np.full({dv}, -1, np.int64)")
+    w.define("vcol")
     with em.loop(f"for jm in range(lo, {tk})", ("jm",)):
         with em.loop(f"for e in range({dv})", ("e",)):
             v = em.value(vv, _broadcast(bidx, g.nodes[vv].shape[:-2]) + ("jm", "e"))
             w.line(f"if not np.isfinite({v}):")
             w.line("    vlast = jm")
+            w.line("    vcol[e] = jm")
 
 
 def _online_softmax(em: Emitter, s_id: int, softmax, bidx, q_block: int, kv_block: int, limit, score,
