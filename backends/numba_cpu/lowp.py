@@ -6,7 +6,7 @@ Decode streams every weight once per token, so these kernels must turn the halve
 - bf16: two weights are read as one uint32; the even one is `bits << 16`, the odd one `bits & 0xFFFF0000`,
   each bit-cast to float32. Shifts, masks and FMAs on whole vectors (no per-element zero-extension); every
   32 activations are split into their 16 even and 16 odd lanes once for eight weight rows. Written in LLVM
-  IR (`_dot_bf16`), with two accumulators per row (even and odd) reduced once per row: the loop Numba
+  IR (`simd.float_dot`, which fp32 shares), with two accumulators per row (even and odd) reduced once per row: the loop Numba
   vectorized itself split the activations into two new arrays per call and ended every row with a scalar
   remainder; measured side by side (one thread, one activation row), bf16's bytes per second went from
   0.9-1.2x fp32's to 1.5-1.6x at stories110M's shapes, from 0.4-0.5x to 0.6-0.7x at stories15M's (K = 288:
@@ -21,61 +21,18 @@ The loops ask LLVM for 512-bit vectors (`blas.wide_vectors`), so that the IR's 1
 registers on AVX-512 (LLVM otherwise prefers 256-bit ones there; measured at stories15M's K = 288, the two
 widths ran alike).
 
-Rows of the weight matrix are split across threads eight at a time (the activation loads are shared by the
-eight rows); `matvec2_*` and `matvec3_*` run the rows of two or three matrices that
-read the same activations in one parallel loop. Large row counts (prefill) widen a block of weight rows to
-a float32 tile and call the GEMM.
+The loop over groups of eight rows, and over two or three matrices that read the same activations
+(`matvec2_*`, `matvec3_*`), is every format's (`matvec.py`). Large row counts (prefill) widen a block of
+weight rows to a float32 tile and call the GEMM (`blas.gemm_bf16`, `int8.gemm_int8`).
 """
 from __future__ import annotations
 
-import numpy as np
-from numba import njit
-
 from fusec.backends.numba_cpu.blas import gemm  # noqa: F401  (gemm_bf16 lives in blas)
 from fusec.backends.numba_cpu.int8 import gemm_int8, matvec2_int8, matvec3_int8, matvec_int8  # noqa: F401
-from fusec.backends.numba_cpu.matvec import FASTMATH as _FASTMATH
-from fusec.backends.numba_cpu.matvec import matvec_plain, run1, run2, run3, streams
+from fusec.backends.numba_cpu.matvec import FASTMATH as _FASTMATH  # noqa: F401
+from fusec.backends.numba_cpu.matvec import matvec, matvec2, matvec3
 
-
-@njit(inline="always")
-def _paired(a, w):
-    """Whether the vector loop can read bf16 weight w two values at a time (an even K) and w and the
-    activations a a vector at a time (else `matvec_plain`)."""
-    return a.shape[1] % 2 == 0 and streams(a, w)
-
-
-@njit(inline="always")
-def _pairs(w):
-    """The bf16 bits w[N, K] as pairs[N, K/2] (uint32: the even element in the low half, the odd one in
-    the high half)."""
-    return (w.view(np.uint32),)
-
-
-# c[M, N] = a[M, K] @ w[N, K]^T with bfloat16 weights (uint16 bits), for a few rows M (decode); `matvec2_bf16`
-# and `matvec3_bf16` run two or three matrices that read the same activations in one parallel loop (as
-# `blas.matvec2`).
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def matvec_bf16(a, w, c):
-    if _paired(a, w):
-        run1((a,), _pairs(w), c)
-    else:
-        matvec_plain(a, w, c)
-
-
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def matvec2_bf16(a, w0, w1, c0, c1):
-    if _paired(a, w0) and _paired(a, w1):
-        run2((a,), _pairs(w0), _pairs(w1), c0, c1)
-    else:
-        matvec_plain(a, w0, c0)
-        matvec_plain(a, w1, c1)
-
-
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def matvec3_bf16(a, w0, w1, w2, c0, c1, c2):
-    if _paired(a, w0) and _paired(a, w1) and _paired(a, w2):
-        run3((a,), _pairs(w0), _pairs(w1), _pairs(w2), c0, c1, c2)
-    else:
-        matvec_plain(a, w0, c0)
-        matvec_plain(a, w1, c1)
-        matvec_plain(a, w2, c2)
+# c[M, N] = a[M, K] @ w[N, K]^T with bfloat16 weights (uint16 bits), for a few rows M (decode): the fp32
+# kernels, which read uint16 weights as bf16 pairs (`matvec.operands`); `matvec2_bf16` and `matvec3_bf16`
+# run two or three matrices that read the same activations in one parallel loop.
+matvec_bf16, matvec2_bf16, matvec3_bf16 = matvec, matvec2, matvec3
