@@ -104,14 +104,19 @@ def environment_key() -> str:
     return "\n".join(parts)
 
 
+# The modules of the Numba functions generated code calls (the header's imports) and of what those inline
+# (the matrix-vector loop and its LLVM IR): tests/test_cache.py checks that none is missing.
+LIBRARY = ("blas", "mkl", "lowp", "int8", "int8_dot", "matvec", "simd", "fastexp")
+
+
 def _library_digest() -> str:
-    """A hash of the Numba functions generated code calls (backends/numba_cpu/blas.py, mkl.py): Numba's
-    cache of a generated module embeds their machine code and does not notice when they change, so a
-    changed library must mean new module names (a stale one crashed with a segmentation fault)."""
-    from fusec.backends.numba_cpu import blas, mkl
+    """A hash of the Numba functions generated code calls (the `LIBRARY` modules of backends/numba_cpu):
+    Numba's cache of a generated module embeds their machine code and does not notice when they change, so
+    a changed library must mean new module names (a stale one crashed with a segmentation fault)."""
+    import importlib
     digest = hashlib.sha256()
-    for module in (blas, mkl):
-        with open(module.__file__, "rb") as f:
+    for name in LIBRARY:
+        with open(importlib.import_module(f"fusec.backends.numba_cpu.{name}").__file__, "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()[:16]
 

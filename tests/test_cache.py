@@ -253,3 +253,47 @@ def test_a_run_that_compiled_nothing_does_not_hash_numba_files_again(cache_dir, 
     program = load_and_run()
     assert hits(program) == len(program.steps)
     assert sorted(hashed) == sorted(set(hashed)) == sorted(str(p) for p in files(cache_dir, ".nb?"))
+
+
+def _library_modules() -> set[str]:
+    """The backend modules whose code a generated module embeds: those its header imports from, and those
+    their functions come from, transitively."""
+    import importlib
+    import re
+    from fusec.backends.numba_cpu.runtime import HEADER
+    package = "fusec.backends.numba_cpu."
+    todo = re.findall(r"from fusec\.backends\.numba_cpu\.(\w+) import", HEADER)
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for value in vars(importlib.import_module(package + name)).values():
+            for owner in (value, getattr(value, "py_func", None), getattr(value, "_defn", None)):
+                module = getattr(owner, "__module__", None) or ""
+                if module.startswith(package):
+                    todo.append(module[len(package):])
+    return seen
+
+
+def test_library_digest_covers_every_module_generated_code_embeds(monkeypatch):
+    """Generated modules embed the machine code of the backend functions they call (matvec loops, their
+    LLVM IR dot products, exp32): a change to any of those modules must give new module names, else Numba
+    loads stale code (it does not check callees)."""
+    import builtins
+    import importlib
+    real_open = builtins.open
+    before = cache._library_digest()
+    for name in sorted(_library_modules()):
+        path = importlib.import_module(f"fusec.backends.numba_cpu.{name}").__file__
+
+        def edited(file, mode="r", *args, _path=path, **kwargs):
+            f = real_open(file, mode, *args, **kwargs)
+            if os.path.abspath(str(file)) == os.path.abspath(_path) and "b" in mode:
+                import io
+                return io.BytesIO(f.read() + b"\n# edited\n")
+            return f
+        monkeypatch.setattr(builtins, "open", edited)
+        assert cache._library_digest() != before, f"a change to {name}.py leaves the library digest as it was"
+        monkeypatch.setattr(builtins, "open", real_open)

@@ -90,6 +90,22 @@ def test_bf16_columns_past_the_last_vector_are_added(k):
         np.testing.assert_allclose(c, a @ widened(b).T, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("k", [3, 17, 40, 290])
+def test_fp32_columns_past_the_last_vector_and_strided_weights(k):
+    """The fp32 loop takes 16 columns a vector and adds the rest after; strided weights (a transposed or
+    reversed view) take the plain loop. 13 rows: a group of eight, then four, then one."""
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((2, k)).astype(np.float32)
+    ws = [rng.standard_normal((13, k)).astype(np.float32), rng.standard_normal((k, 5)).astype(np.float32).T]
+    outs = [np.full((2, w.shape[0]), np.nan, np.float32) for w in ws]
+    blas.matvec2(a, *ws, *outs)
+    for w, c in zip(ws, outs):
+        np.testing.assert_allclose(c, a @ w.T, rtol=1e-5, atol=1e-4)
+    c = np.full((2, 13), np.nan, np.float32)
+    blas.matvec(a, ws[0][::-1], c)
+    np.testing.assert_allclose(c, a @ ws[0][::-1].T, rtol=1e-5, atol=1e-4)
+
+
 def test_int8_kernel_refuses_weights_of_another_k():
     a = np.ones((1, 64), np.float32)
     q, s = (x.numpy() for x in quantize_int8(torch.ones(4, 96)))
@@ -124,7 +140,7 @@ def _has_avx512() -> bool:
 
 @pytest.mark.skipif(not _has_avx512(), reason="512-bit vectors need a CPU with AVX-512")
 @pytest.mark.parametrize("name,widen", [("matvec_int8", "vpdpbusd" if int8_dot.KIND == "vnni" else "vpmaddwd"),
-                                        ("matvec_bf16", "vpslld")])
+                                        ("matvec_bf16", "vpslld"), ("matvec", "vfmadd")])
 def test_low_precision_loops_widen_with_512_bit_vectors(name, widen):
     """LLVM prefers 256-bit vectors on AVX-512 CPUs; the bf16 loops ask for 512 (`wide_vectors`): half the
     shuffles per weight; the int8 loop's integer products (`int8_dot._quads`) are 512-bit `vpdpbusd` (VNNI)
@@ -135,6 +151,8 @@ def test_low_precision_loops_widen_with_512_bit_vectors(name, widen):
     c = np.zeros((1, 8), np.float32)
     if name == "matvec_int8":
         kernel(a, *(x.numpy() for x in quantize_int8(torch.ones(8, 64))), c)
+    elif name == "matvec":  # fp32: the same loop (`matvec.py`), prefetching too
+        kernel(a, np.zeros((8, 64), np.float32), c)
     else:
         kernel(a, np.zeros((8, 64), np.uint16), c)
     asm = kernel.inspect_asm(kernel.signatures[0])

@@ -82,74 +82,6 @@ def row_groups(w, rows):
     return (w.shape[0] + rows - 1) // rows
 
 
-@njit(inline="always")
-def _rows_f32(a, w, c, n0):
-    """c[:, n0:n0+4] = a @ w[n0:n0+4]^T: the four weight rows are streamed once, sharing the activation
-    loads; the vectorized sums (fastmath reassoc) keep one vector accumulator per row."""
-    m_rows, k_dim = a.shape
-    n_dim = w.shape[0]
-    if n0 + 4 <= n_dim:
-        for m in range(m_rows):
-            s0 = np.float32(0.0)
-            s1 = np.float32(0.0)
-            s2 = np.float32(0.0)
-            s3 = np.float32(0.0)
-            for k in range(k_dim):
-                x = a[m, k]
-                s0 += x * w[n0, k]
-                s1 += x * w[n0 + 1, k]
-                s2 += x * w[n0 + 2, k]
-                s3 += x * w[n0 + 3, k]
-            c[m, n0] = s0
-            c[m, n0 + 1] = s1
-            c[m, n0 + 2] = s2
-            c[m, n0 + 3] = s3
-    else:
-        for n in range(n0, n_dim):
-            for m in range(m_rows):
-                s = np.float32(0.0)
-                for k in range(k_dim):
-                    s += a[m, k] * w[n, k]
-                c[m, n] = s
-
-
-# Matrix-vector products c[M, N] = a[M, K] @ w[N, K]^T for a few rows M (decode). Each weight row is
-# streamed from memory once, by the parallel loop over groups of four rows; numba gives each thread one
-# contiguous range of them. BLAS spends its time on packing at these shapes. `matvec2` and `matvec3` run
-# the products of two or three matrices that read the same activations (W1 and W3; Q, K and V) in one
-# parallel loop: one fork and join instead of one each, which costs most when a neighbour holds a core.
-_FASTMATH = {"reassoc", "contract"}  # vectorized sums; NaN and inf keep their meaning
-
-
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def matvec(a, w, c):
-    for g in prange(row_groups(w, 4)):
-        _rows_f32(a, w, c, 4 * g)
-
-
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def matvec2(a, w0, w1, c0, c1):
-    g0 = row_groups(w0, 4)
-    for g in prange(g0 + row_groups(w1, 4)):
-        if g < g0:
-            _rows_f32(a, w0, c0, 4 * g)
-        else:
-            _rows_f32(a, w1, c1, 4 * (g - g0))
-
-
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def matvec3(a, w0, w1, w2, c0, c1, c2):
-    g0 = row_groups(w0, 4)
-    g1 = g0 + row_groups(w1, 4)
-    for g in prange(g1 + row_groups(w2, 4)):
-        if g < g0:
-            _rows_f32(a, w0, c0, 4 * g)
-        elif g < g1:
-            _rows_f32(a, w1, c1, 4 * (g - g0))
-        else:
-            _rows_f32(a, w2, c2, 4 * (g - g1))
-
-
 @intrinsic
 def _bits_as_f32(typingctx, bits):
     """Reinterpret a uint32 as the float32 with the same bits."""
@@ -225,3 +157,7 @@ def checked_index(j, bound, err, take):
     err[0] = take + 1
     err[1] = j
     return j - j
+
+
+# The matrix-vector kernels live with the loop all weight formats share; generated code imports them from here.
+from fusec.backends.numba_cpu.matvec import matvec, matvec2, matvec3  # noqa: E402,F401  (matvec.py imports this module)

@@ -22,31 +22,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from fusec.backends.numba_cpu.blas import gemm, row_groups, wide_vectors
-from fusec.backends.numba_cpu.int8_dot import BLOCK, ROWS, dot1, dot4, dot8, quantize_block
-
-_FASTMATH = {"reassoc", "contract"}  # vectorized sums; NaN and inf keep their meaning
-
-
-@njit(inline="always")
-def _rows_int8(xq, xs, q, s, c, n0):
-    """c[:, n0:n0+8] = the activations' rows (quantized: xq, xs) times int8 weight rows n0..n0+7 (fewer at
-    the end of q: four, then one at a time)."""
-    rows = min(ROWS, q.shape[0] - n0)
-    for m in range(xq.shape[0]):
-        if rows == ROWS:
-            d = dot8(q, s, xq, xs, n0, m)
-            for r in range(ROWS):
-                c[m, n0 + r] = d[r]
-        else:
-            done = 0
-            if rows >= 4:
-                d4 = dot4(q, s, xq, xs, n0, m)
-                for r in range(4):
-                    c[m, n0 + r] = d4[r]
-                done = 4
-            for r in range(done, rows):
-                c[m, n0 + r] = dot1(q, s, xq, xs, n0 + r, m)[0]
+from fusec.backends.numba_cpu.blas import gemm
+from fusec.backends.numba_cpu.int8_dot import BLOCK, quantize_block
+from fusec.backends.numba_cpu.matvec import FASTMATH as _FASTMATH
+from fusec.backends.numba_cpu.matvec import run1, run2, run3
 
 
 @njit(inline="always")
@@ -85,44 +64,23 @@ def quantize_rows(a, q):
 # matrices that read the same activations (quantized once) in one parallel loop (as `blas.matvec2`).
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def matvec_int8(a, q, s, c):
-    xq, xs = quantize_rows(a, q)
-    qc, sc = _contiguous(q), _contiguous(s)
-    for g in prange(row_groups(qc, ROWS)):
-        wide_vectors()
-        _rows_int8(xq, xs, qc, sc, c, ROWS * g)
+    run1(quantize_rows(a, q), (_contiguous(q), _contiguous(s)), c)
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def matvec2_int8(a, q0, s0, q1, s1, c0, c1):
-    xq, xs = quantize_rows(a, q0)
+    x = quantize_rows(a, q0)
     _check(a, q1)
-    p0, p1, t0, t1 = _contiguous(q0), _contiguous(q1), _contiguous(s0), _contiguous(s1)
-    g0 = row_groups(p0, ROWS)
-    for g in prange(g0 + row_groups(p1, ROWS)):
-        wide_vectors()
-        if g < g0:
-            _rows_int8(xq, xs, p0, t0, c0, ROWS * g)
-        else:
-            _rows_int8(xq, xs, p1, t1, c1, ROWS * (g - g0))
+    run2(x, (_contiguous(q0), _contiguous(s0)), (_contiguous(q1), _contiguous(s1)), c0, c1)
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def matvec3_int8(a, q0, s0, q1, s1, q2, s2, c0, c1, c2):
-    xq, xs = quantize_rows(a, q0)
+    x = quantize_rows(a, q0)
     _check(a, q1)
     _check(a, q2)
-    p0, p1, p2 = _contiguous(q0), _contiguous(q1), _contiguous(q2)
-    t0, t1, t2 = _contiguous(s0), _contiguous(s1), _contiguous(s2)
-    g0 = row_groups(p0, ROWS)
-    g1 = g0 + row_groups(p1, ROWS)
-    for g in prange(g1 + row_groups(p2, ROWS)):
-        wide_vectors()
-        if g < g0:
-            _rows_int8(xq, xs, p0, t0, c0, ROWS * g)
-        elif g < g1:
-            _rows_int8(xq, xs, p1, t1, c1, ROWS * (g - g0))
-        else:
-            _rows_int8(xq, xs, p2, t2, c2, ROWS * (g - g1))
+    run3(x, (_contiguous(q0), _contiguous(s0)), (_contiguous(q1), _contiguous(s1)),
+         (_contiguous(q2), _contiguous(s2)), c0, c1, c2)
 
 
 @njit(parallel=True, cache=True)

@@ -90,3 +90,55 @@ def prefetch(builder: ir.IRBuilder, ptr: ir.Value) -> None:
                                         "llvm.prefetch.p0")
     read, keep_in_all_caches, data = (ir.Constant(I32, v) for v in (0, 3, 1))
     builder.call(fn, [builder.bitcast(ptr, I8.as_pointer()), read, keep_in_all_caches, data])
+
+
+def float_dot(count: int, pairs: bool):
+    """An intrinsic dot(w, a, n0, m): the tuple of `count` float32 dot products of activation row m of
+    a[M, K] (float32) with weight rows n0.. of w, over the columns that fill whole chunks of 16 weights
+    (`matvec.rest` adds the others). w is float32 [N, K], or with `pairs` bf16 read as pairs[N, K/2]
+    (uint32: the even element in the low half, the odd one in the high half); both C-contiguous (callers
+    check). Per chunk: one load of the activations (split into even and odd lanes for pairs), shared by the
+    rows; per row one load (for pairs a shift and a mask widen it), one FMA per vector into the row's
+    accumulators (reduced once at the end), and a prefetch of the same place `count` rows on: the next
+    group's rows, short streams the hardware prefetcher does not ramp up on."""
+    from numba.extending import intrinsic
+    elem, per = (types.uint32, 2) if pairs else (types.float32, 1)  # activations per weight element
+
+    @intrinsic
+    def dot(typingctx, w, a, n0, m):
+        if not (isinstance(w, types.Array) and w.dtype == elem and w.ndim == 2
+                and isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 2):
+            return None
+
+        def codegen(context, builder, signature, args):
+            arrays = Arrays(context, builder, signature, args, 2)
+            n0v, mv = intp_args(context, builder, signature, args, 2)
+            intp = n0v.type
+            chunks = builder.udiv(arrays.shape(0, 1), ir.Constant(intp, LANES))
+            accs = accumulators(builder, per * count)
+            shift, high = ir.Constant(V16I, [16] * LANES), ir.Constant(V16I, [-(1 << 16)] * LANES)
+            ahead = builder.mul(arrays.shape(0, 1), ir.Constant(intp, 4 * count))  # bytes of `count` rows
+            with cgutils.for_range(builder, chunks) as loop:
+                j = builder.mul(loop.index, ir.Constant(intp, LANES))
+                x = arrays.load(1, [mv, builder.mul(j, ir.Constant(intp, per))], ir.VectorType(F32, per * LANES))
+                xs = [lanes(builder, x, 0, LANES, 2), lanes(builder, x, 1, LANES, 2)] if pairs else [x]
+                for r in range(count):
+                    row = arrays.at(0, [builder.add(n0v, ir.Constant(intp, r)), j])
+                    prefetch(builder, at_byte(builder, row, ahead, I8))  # row r of the next group
+                    if pairs:
+                        bits = builder.load(builder.bitcast(row, V16I.as_pointer()), align=4)
+                        ws = [builder.bitcast(builder.shl(bits, shift), V16F),
+                              builder.bitcast(builder.and_(bits, high), V16F)]
+                    else:
+                        ws = [builder.load(builder.bitcast(row, V16F.as_pointer()), align=4)]
+                    for k, (xk, wk) in enumerate(zip(xs, ws)):
+                        fma_into(builder, accs[per * r + k], xk, wk)
+            sums = []
+            for r in range(count):
+                total = builder.load(accs[per * r])
+                for k in range(1, per):
+                    total = builder.fadd(total, builder.load(accs[per * r + k]))
+                sums.append(hsum(builder, total))
+            return context.make_tuple(builder, signature.return_type, sums)
+        return types.UniTuple(types.float32, count)(w, a, n0, m), codegen
+    return dot

@@ -1,0 +1,250 @@
+"""The matrix-vector loop every weight format shares: c[M, N] = a[M, K] @ w[N, K]^T for a few rows M (decode).
+
+Decode streams every weight once per token, so the loop's one job is to read the weights at the memory's
+bandwidth. Rows of each weight matrix are split across threads eight at a time (numba gives each thread
+one contiguous range of groups); a group's dot products share the loads of the activations (`dot`); fewer
+rows at the end of a matrix (four, then one at a time). `run2` and `run3` run the rows of two or three
+matrices that read the same activations (W1 and W3; Q, K and V) in one parallel loop: one fork and join
+instead of one each, which costs most when a neighbour holds a core.
+
+What a format contributes is its operands and its dot products, chosen when a call is compiled from the
+operands' types:
+
+- fp32: weights W = (w,) float32 [N, K], activations X = (a,);
+- bf16: W = (pairs,), the bits w[N, K] read two at a time as uint32 [N, K/2] (`lowp.py`), X = (a,);
+- int8: W = (q, s), int8 blocks and their scales, X = (xq, xs), the activations quantized once per call
+  (`int8.py`).
+
+The dot products are written in LLVM IR (`simd.float_dot`, `int8_dot`): they prefetch the next group's
+rows, which one core otherwise reads below the memory's bandwidth (short streams the hardware prefetcher
+does not ramp up on). For fp32 this replaced a Numba loop over four rows without prefetch: measured side
+by side (alternating calls, weights cycled over 600 MB, a loaded machine), 1.03-1.10x its bytes per
+second at stories110M's shapes on one or two threads, except W2 (K = 2048: 0.95-1.02x).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from fusec.backends.numba_cpu.blas import _bits_as_f32, load_bf16, row_groups, wide_vectors
+from fusec.backends.numba_cpu.simd import LANES
+
+FASTMATH = {"reassoc", "contract"}  # vectorized sums; NaN and inf keep their meaning
+ROWS = 8  # weight rows per group: the activations' loads (for bf16 their even/odd split) shared by eight rows
+_HI = np.uint32(0xFFFF0000)
+_SHIFT = np.uint32(16)
+
+
+def _format(w: types.Type) -> str:
+    """The weight format of a call's weight operands W (see the module docstring)."""
+    if isinstance(w, types.BaseTuple) and len(w) == 2:
+        return "int8"
+    return "bf16" if w[0].dtype == types.uint32 else "fp32"
+
+
+_DOTS: dict = {}
+
+
+def _dots(fmt: str, count: int):
+    """The intrinsic summing `count` rows of weights of format `fmt` (made once per format and count)."""
+    if (fmt, count) not in _DOTS:
+        if fmt == "int8":
+            from fusec.backends.numba_cpu.int8_dot import dot1, dot4, dot8
+            _DOTS[fmt, count] = {8: dot8, 4: dot4, 1: dot1}[count]
+        else:
+            from fusec.backends.numba_cpu.simd import float_dot
+            _DOTS[fmt, count] = float_dot(count, pairs=fmt == "bf16")
+    return _DOTS[fmt, count]
+
+
+def dot(w, x, n0, m, count):
+    """The tuple of `count` dot products of activation row m with weight rows n0.. (njit code only)."""
+    raise NotImplementedError("matvec.dot runs inside njit code only")
+
+
+@overload(dot, inline="always", prefer_literal=True)
+def _dot(w, x, n0, m, count):
+    fn = _dots(_format(w), count.literal_value)
+    if _format(w) == "int8":
+        return lambda w, x, n0, m, count: fn(w[0], w[1], x[0], x[1], n0, m)
+    return lambda w, x, n0, m, count: fn(w[0], x[0], n0, m)
+
+
+def rest(w, x, m, n):
+    """What `dot` leaves of row n's dot product with activation row m: the last K % 16 columns of an fp32
+    row, the last pairs (K/2 % 16) of a bf16 row; nothing of an int8 row (its dot takes every block)."""
+    raise NotImplementedError("matvec.rest runs inside njit code only")
+
+
+@overload(rest)
+def _rest(w, x, m, n):
+    fmt = _format(w)
+    if fmt == "int8":
+        return lambda w, x, m, n: np.float32(0.0)
+    if fmt == "bf16":
+        def pairs_rest(w, x, m, n):
+            pairs, a = w[0], x[0]
+            s = np.float32(0.0)
+            for j in range(pairs.shape[1] - pairs.shape[1] % LANES, pairs.shape[1]):
+                b = pairs[n, j]
+                s += a[m, 2 * j] * _bits_as_f32(b << _SHIFT) + a[m, 2 * j + 1] * _bits_as_f32(b & _HI)
+            return s
+        return pairs_rest
+
+    def floats_rest(w, x, m, n):
+        v, a = w[0], x[0]
+        s = np.float32(0.0)
+        for k in range(v.shape[1] - v.shape[1] % LANES, v.shape[1]):
+            s += a[m, k] * v[n, k]
+        return s
+    return floats_rest
+
+
+@njit(inline="always")
+def rows_into(w, x, c, n0):
+    """c[:, n0:n0+8] = the activation rows times weight rows n0..n0+7 (fewer at the end: four, then one
+    at a time)."""
+    rows = min(ROWS, w[0].shape[0] - n0)
+    for m in range(x[0].shape[0]):
+        if rows == ROWS:
+            d = dot(w, x, n0, m, 8)
+            for r in range(ROWS):
+                c[m, n0 + r] = d[r] + rest(w, x, m, n0 + r)
+        else:
+            done = 0
+            if rows >= 4:
+                d4 = dot(w, x, n0, m, 4)
+                for r in range(4):
+                    c[m, n0 + r] = d4[r] + rest(w, x, m, n0 + r)
+                done = 4
+            for r in range(done, rows):
+                c[m, n0 + r] = dot(w, x, n0 + r, m, 1)[0] + rest(w, x, m, n0 + r)
+
+
+# The parallel loops, inlined into each format's kernels (`blas.matvec`, `lowp.matvec2_bf16`, ...): their
+# prange becomes the kernel's own. `wide_vectors` sits in the loop's body, which is a function of its own.
+@njit(inline="always")
+def run1(x, w0, c0):
+    for g in prange(row_groups(w0[0], ROWS)):
+        wide_vectors()
+        rows_into(w0, x, c0, ROWS * g)
+
+
+@njit(inline="always")
+def run2(x, w0, w1, c0, c1):
+    g0 = row_groups(w0[0], ROWS)
+    for g in prange(g0 + row_groups(w1[0], ROWS)):
+        wide_vectors()
+        if g < g0:
+            rows_into(w0, x, c0, ROWS * g)
+        else:
+            rows_into(w1, x, c1, ROWS * (g - g0))
+
+
+@njit(inline="always")
+def run3(x, w0, w1, w2, c0, c1, c2):
+    g0 = row_groups(w0[0], ROWS)
+    g1 = g0 + row_groups(w1[0], ROWS)
+    for g in prange(g1 + row_groups(w2[0], ROWS)):
+        wide_vectors()
+        if g < g0:
+            rows_into(w0, x, c0, ROWS * g)
+        elif g < g1:
+            rows_into(w1, x, c1, ROWS * (g - g0))
+        else:
+            rows_into(w2, x, c2, ROWS * (g - g1))
+
+
+@njit(inline="always")
+def _rows_plain(a, w, c, n0):
+    """c[:, n0:n0+4] = a @ w[n0:n0+4]^T for weights of any strides (float32, or bf16 bits widened one at a
+    time): four rows share the activation loads; the sums are vectorized where the strides allow."""
+    m_rows, k_dim = a.shape
+    n_dim = w.shape[0]
+    if n0 + 4 <= n_dim:
+        for m in range(m_rows):
+            s0 = np.float32(0.0)
+            s1 = np.float32(0.0)
+            s2 = np.float32(0.0)
+            s3 = np.float32(0.0)
+            for k in range(k_dim):
+                x = a[m, k]
+                s0 += x * load_bf16(w[n0, k])
+                s1 += x * load_bf16(w[n0 + 1, k])
+                s2 += x * load_bf16(w[n0 + 2, k])
+                s3 += x * load_bf16(w[n0 + 3, k])
+            c[m, n0] = s0
+            c[m, n0 + 1] = s1
+            c[m, n0 + 2] = s2
+            c[m, n0 + 3] = s3
+    else:
+        for n in range(n0, n_dim):
+            for m in range(m_rows):
+                s = np.float32(0.0)
+                for k in range(k_dim):
+                    s += a[m, k] * load_bf16(w[n, k])
+                c[m, n] = s
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def matvec_plain(a, w, c):
+    """c = a @ w^T one weight row at a time, for weights the vector loop cannot read (`streams`)."""
+    for g in prange(row_groups(w, 4)):
+        _rows_plain(a, w, c, 4 * g)
+
+
+def streams(a, w):
+    """Whether the vector loop can read weight w and the activations a: both C-contiguous, and for bf16
+    bits an even K (they are read two at a time). Else `matvec_plain`."""
+    raise NotImplementedError("matvec.streams runs inside njit code only")
+
+
+@overload(streams)
+def _streams(a, w):
+    if w.dtype == types.uint16:
+        return lambda a, w: a.shape[1] % 2 == 0 and w.flags.c_contiguous and a.flags.c_contiguous
+    return lambda a, w: w.flags.c_contiguous and a.flags.c_contiguous
+
+
+def operands(w):
+    """A weight matrix as the loop reads it: (w,) for float32, the bf16 bits w[N, K] as pairs (uint32
+    [N, K/2]: the even element in the low half, the odd one in the high half)."""
+    raise NotImplementedError("matvec.operands runs inside njit code only")
+
+
+@overload(operands)
+def _operands(w):
+    if w.dtype == types.uint16:
+        return lambda w: (w.view(np.uint32),)
+    return lambda w: (w,)
+
+
+# c[M, N] = a[M, K] @ w[N, K]^T with float32 weights or bfloat16 ones (their uint16 bits: `lowp.matvec_bf16`
+# is this function); `matvec2` and `matvec3` run two or three matrices that read the same activations in one
+# parallel loop (`run2`, `run3`).
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def matvec(a, w, c):
+    if streams(a, w):
+        run1((a,), operands(w), c)
+    else:
+        matvec_plain(a, w, c)
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def matvec2(a, w0, w1, c0, c1):
+    if streams(a, w0) and streams(a, w1):
+        run2((a,), operands(w0), operands(w1), c0, c1)
+    else:
+        matvec_plain(a, w0, c0)
+        matvec_plain(a, w1, c1)
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def matvec3(a, w0, w1, w2, c0, c1, c2):
+    if streams(a, w0) and streams(a, w1) and streams(a, w2):
+        run3((a,), operands(w0), operands(w1), operands(w2), c0, c1, c2)
+    else:
+        matvec_plain(a, w0, c0)
+        matvec_plain(a, w1, c1)
+        matvec_plain(a, w2, c2)
