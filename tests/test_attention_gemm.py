@@ -5,6 +5,7 @@ and 0 * inf is nan there as in eager)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -63,6 +64,51 @@ def test_nonfinite_token_makes_the_same_rows_nan_as_eager(block_and_program, val
     assert torch.equal(got.isnan(), want.isnan()), (got.isnan().any(-1), want.isnan().any(-1))
     finite = ~want.isnan()
     torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_causal_mask_is_not_read_and_row_reductions_run_in_lanes(block_and_program):
+    """The key loop stops at the causal limit, so the constant mask is False wherever it runs: it is not
+    read there (a load and a select per score that kept the loop from vectorizing). A row's max and sum
+    run in 16 lanes; rows of 1..40 keys against key blocks of 32 exercise every tail length."""
+    block, x, program = block_and_program
+    attention = kernel_source(program.source, "attention")
+    assert not re.search(r"\bc\d+\[", attention), attention  # the mask constant is an argument, never read
+    assert "lane[u] = max(lane[u], sblk[r, jb - j0 + u])" in attention
+    assert "lane[u] = lane[u] + sblk[r, jb - j0 + u]" in attention
+    with torch.no_grad():
+        torch.testing.assert_close(program(x, 0), block(x, 0), rtol=1e-5, atol=1e-5)
+
+
+class MaskedAttention(torch.nn.Module):
+    """softmax(q.k^T / 4 with a constant mask) @ v."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, q, k, v):
+        s = (q @ k.transpose(-1, -2) / 4.0).masked_fill(self.mask, float("-inf"))
+        return torch.softmax(s, -1) @ v
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_a_mask_that_is_not_causal_is_still_read(monkeypatch, tmp_path, window):
+    """Causal: the mask is not read in the key loop. A sliding window (keys more than `window` back are
+    masked too) is no causal limit: the key loop runs over every key and reads the mask at each."""
+    monkeypatch.setenv("FUSEC_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FUSEC_BLAS", raising=False)
+    t = 37
+    i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+    mask = (j > i) | ((i - j > window) if window else torch.zeros(t, t, dtype=torch.bool))
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, t, 16) for _ in range(3))
+    module = MaskedAttention(mask).eval()
+    program = fusec.compile(module, (q, k, v))
+    attention = kernel_source(program.source, "attention")
+    assert "gemm_tile_mkl(" in attention
+    assert bool(re.search(r"\bc\d+\[", attention)) == (window is not None), attention
+    with torch.no_grad():
+        torch.testing.assert_close(program(q, k, v), module(q, k, v), rtol=1e-5, atol=1e-5)
 
 
 def test_openblas_keeps_the_scalar_loops(monkeypatch, tmp_path):
