@@ -8,13 +8,16 @@ the next; each row's running max and sum rescale its output row once per key blo
 nothing of size T x T exists anywhere. Any other row region (e.g. a guard for fully masked rows) runs row
 by row with a buffer of scores: reductions first, then P.V. Either way a constant mask that hides every
 key after a row-dependent limit (causal) bounds the key loop, so masked keys cost nothing. With MKL and
-enough query rows (prefill), the flash blocks' two products are GEMMs (`attention_gemm.py`).
+enough query rows (prefill), the flash blocks' two products are GEMMs (`attention_gemm.py`); else (decode)
+Q.K and P.V are vector operations on rows of the operand arrays where the rows are plain arrays
+(`attention_rows.py`, `rowops.py`).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from fusec.backends.numba_cpu.attention_gemm import block_max, online_softmax_gemm, rescale_row, start_rows
+from fusec.backends.numba_cpu.attention_rows import array_row, lane_dot, row_call
 from fusec.backends.numba_cpu.expr import Emitter, _broadcast, reshape_index
 from fusec.backends.numba_cpu.mkl import blas_choice
 from fusec.backends.numba_cpu.stores import emit_outputs
@@ -83,12 +86,12 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
         def score(i: str, j: str) -> None:  # s = q_i . k_j
             q_at = lambda d: em.value(qv, _broadcast(bidx, g.nodes[qv].shape[:-2]) + (i, d))  # noqa: E731
             k_at = lambda d: em.value(kv, _broadcast(bidx, g.nodes[kv].shape[:-2]) + (d, j))  # noqa: E731
-            qrow = _array_row(em, qv, _broadcast(bidx, g.nodes[qv].shape[:-2]) + (i, ":"))
-            krow = _array_row(em, kv, _broadcast(bidx, g.nodes[kv].shape[:-2]) + (":", j))
+            qrow = array_row(em, qv, _broadcast(bidx, g.nodes[qv].shape[:-2]) + (i, ":"))
+            krow = array_row(em, kv, _broadcast(bidx, g.nodes[kv].shape[:-2]) + (":", j))
             if qrow and krow:  # contiguous rows: an explicit vector dot (`rowops`)
-                w.line(f"s = row_dot({qrow[0]}, ({qrow[1]},), {krow[0]}, ({krow[1]},))")
+                w.line("s = " + row_call(qrow, lambda x: row_call(krow, lambda y: f"row_dot({x}, {y})")))
             elif lanes and softmax is not None:
-                _lane_dot(em, depth, lanes, q_at, k_at)
+                lane_dot(em, depth, lanes, q_at, k_at)
             else:
                 w.line("s = np.float32(0.0)")
                 with em.loop(f"for d in range({depth})", ("d",)):
@@ -96,9 +99,9 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
             w.define("s")  # the override of S reads it: what depends on S stays in this key loop
 
         def accumulate(j: str, p: str) -> None:  # oacc[r] += p * v_j
-            vrow = _array_row(em, vv, _broadcast(bidx, g.nodes[vv].shape[:-2]) + (j, ":"))
+            vrow = array_row(em, vv, _broadcast(bidx, g.nodes[vv].shape[:-2]) + (j, ":"))
             if vrow:  # a contiguous row: an explicit vector update (`rowops`)
-                w.line(f"row_axpy(oacc, (r,), {vrow[0]}, ({vrow[1]},), {p})")
+                w.line(row_call(vrow, lambda y: f"row_axpy(oacc, (r,), {y}, {p})"))
                 return
             with em.loop(f"for e in range({dv})", ("e",)):
                 v = em.value(vv, _broadcast(bidx, g.nodes[vv].shape[:-2]) + (j, "e"))
@@ -132,61 +135,6 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
     if o_id in em.overrides:
         emit_outputs(em, outs)
     return "attention-online" if softmax is not None else "attention-rowbuffer"
-
-
-def _lane_dot(em: Emitter, depth: int, lanes: int, q_at, k_at) -> None:
-    """`s` = the dot product of a query and a key row over the head dimension, in `lanes` partial sums
-    (lane l sums the elements d = l mod lanes, in order), then halved pairwise: a vector FMA per chunk
-    of the head dimension, where one running sum cannot vectorize without `reassoc` (left out of
-    generated kernels on purpose: see `runtime.FASTMATH`)."""
-    w = em.w
-    with em.loop(f"for l in range({lanes})", ("l",)):
-        w.line("slane[l] = np.float32(0.0)")
-    with em.loop(f"for d0 in range(0, {depth}, {lanes})", ("d0",)):
-        with em.loop(f"for l in range({lanes})", ("l",)):
-            w.line("d = d0 + l")
-            w.define("d")
-            w.line(f"slane[l] += {q_at('d')} * {k_at('d')}")
-    half = lanes // 2
-    while half:
-        with em.loop(f"for l in range({half})", ("l",)):
-            w.line(f"slane[l] += slane[l + {half}]")
-        half //= 2
-    w.line("s = slane[0]")
-
-
-def _array_row(em: Emitter, nid: int, idx: tuple[str, ...]) -> tuple[str, str] | None:
-    """(`aN`, "i, j, ..."): an operand array and the index of its leading axes, whose last axis holds the
-    row that node `nid` reads along the axis marked ":" in `idx`, when `nid` is that float32 array seen
-    through permutes, expands and reshapes that keep the row whole, and the row is a multiple of 16 long
-    (`simd.row_intrinsics`); else None (the caller's loop reads the node element by element)."""
-    g = em.g
-    while nid not in em.arrays:
-        n = g.nodes[nid]
-        if n.op not in ("permute", "expand", "reshape"):
-            return None
-        src = g.nodes[n.args[0]].shape
-        if n.op == "permute":
-            inner = ["0"] * len(idx)
-            for out_axis, in_axis in enumerate(n.attr("perm")):
-                inner[in_axis] = idx[out_axis]
-            idx = tuple(inner)
-        elif n.op == "expand":
-            if any(s == 1 and i == ":" for s, i in zip(src, idx)):
-                return None
-            idx = tuple("0" if s == 1 else i for s, i in zip(src, idx))
-        else:  # a reshape of the axes before the row's, the row's axis and those after it kept
-            tail = len(idx) - idx.index(":")
-            if len(src) < tail or tuple(src[-tail:]) != tuple(n.shape[-tail:]):
-                return None
-            idx = tuple(reshape_index(idx[:-tail], n.shape[:-tail], src[:-tail])) + idx[-tail:]
-        nid = n.args[0]
-    n = g.nodes[nid]
-    if n.dtype != "f32" or idx.count(":") != 1 or idx[-1] != ":":
-        return None
-    if len(n.shape) < 2 or not isinstance(n.shape[-1], int) or n.shape[-1] % 16:
-        return None  # the intrinsics take whole 16-lane chunks (`simd.row_intrinsics`)
-    return em.arrays[nid], ", ".join("0" if d == 1 else i for d, i in zip(n.shape[:-1], idx[:-1]))
 
 
 def _direct_store(g, o_id: int, outs: list[str]):
