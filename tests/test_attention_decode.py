@@ -14,6 +14,8 @@ import torch
 import fusec
 from fusec.backends.numba_cpu.rowops import row_axpy, row_dot
 from fusec.backends.numba_cpu.runtime import HEADER
+from fusec.models.causal_lm import DecodeStep, decode_example, random_model
+from fusec.models.llama import LlamaConfig
 
 
 class DecodeAttention(torch.nn.Module):
@@ -105,3 +107,46 @@ def test_row_operations_on_strided_arrays_take_the_plain_loops():
     xc, yc, oc = np.ascontiguousarray(x), np.ascontiguousarray(y), np.ones((1, 64), np.float32)
     np.testing.assert_allclose(both(xc, yc, oc), s, rtol=1e-5)
     np.testing.assert_allclose(oc, o, rtol=1e-6)
+
+
+
+class PastAndNew(torch.nn.Module):
+    """Keys and values of the past and of this step concatenated (a Llama block's decode)."""
+
+    def forward(self, q, k_past, v_past, k, v, pos):
+        k_all, v_all = torch.cat((k_past, k), dim=2), torch.cat((v_past, v), dim=2)
+        key_index = torch.arange(k_all.shape[2]).view(1, k_all.shape[2])
+        scores = (q @ k_all.transpose(-2, -1) / 8.0).masked_fill(key_index > pos, float("-inf"))
+        return torch.softmax(scores, dim=-1) @ v_all
+
+
+def _chooses_rows_per_key(attention: str) -> None:
+    assert re.search(r"s = \(row_dot\(.*\) if .* else row_dot\(", attention), attention
+    assert re.search(r"\(row_axpy\(.*\) if .* else row_axpy\(", attention), attention
+
+
+def test_past_and_new_rows_are_chosen_per_key_and_match_eager(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSEC_CACHE_DIR", str(tmp_path))
+    q, k_past, v_past, pos = _inputs(2, 2, 24, 32, 24)
+    k, v = torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32)
+    module, args = PastAndNew(), (q, k_past, v_past, k, v, pos)
+    compiled = fusec.compile(module, args)
+    _chooses_rows_per_key(_attention_source(compiled))
+    torch.testing.assert_close(compiled(*args), module(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_generator_decode_step_reads_the_new_row_or_the_cache_row_and_matches_eager(tmp_path, monkeypatch):
+    """`DecodeStep`: K is where(is_new, k, k_cache): per key the new row or the cache's."""
+    monkeypatch.setenv("FUSEC_CACHE_DIR", str(tmp_path))
+    config = LlamaConfig(dim=128, n_heads=2, n_kv_heads=1, hidden_dim=128, vocab_size=97, max_seq_len=32,
+                         n_layers=1)
+    model = random_model(config)
+    token, _, k_cache, v_cache = decode_example(model, max_seq_len=32)
+    k_cache.normal_(generator=torch.Generator().manual_seed(1))
+    v_cache.normal_(generator=torch.Generator().manual_seed(2))
+    step, pos = DecodeStep(model), torch.tensor([9])
+    compiled = fusec.compile(step, (token, pos, k_cache, v_cache))
+    _chooses_rows_per_key(_attention_source(compiled))
+    with torch.no_grad():
+        for got, want in zip(compiled(token, pos, k_cache, v_cache), step(token, pos, k_cache, v_cache)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
