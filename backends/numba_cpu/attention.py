@@ -8,13 +8,16 @@ the next; each row's running max and sum rescale its output row once per key blo
 nothing of size T x T exists anywhere. Any other row region (e.g. a guard for fully masked rows) runs row
 by row with a buffer of scores: reductions first, then P.V. Either way a constant mask that hides every
 key after a row-dependent limit (causal) bounds the key loop, so masked keys cost nothing. With MKL and
-enough query rows (prefill), the flash blocks' two products are GEMMs (`attention_gemm.py`).
+enough query rows (prefill), the flash blocks' two products are GEMMs (`attention_gemm.py`); else (decode)
+Q.K and P.V are vector operations on rows of the operand arrays where the rows are plain arrays
+(`attention_rows.py`, `rowops.py`).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from fusec.backends.numba_cpu.attention_gemm import block_max, online_softmax_gemm, rescale_row, start_rows
+from fusec.backends.numba_cpu.attention_rows import array_row, lane_dot, row_call
 from fusec.backends.numba_cpu.expr import Emitter, _broadcast, reshape_index
 from fusec.backends.numba_cpu.mkl import blas_choice
 from fusec.backends.numba_cpu.stores import emit_outputs
@@ -75,15 +78,31 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
         if masked:
             _scan_masked_values(em, vv, bidx, tk, dv, limit)
 
+        lanes = next((n for n in (16, 8) if depth % n == 0), 0) if isinstance(depth, int) else 0
+        if lanes and softmax is not None and not gemms:
+            w.line(f"slane = np.empty({lanes}, np.float32)")  # per parallel iteration, not per key
+            w.define("slane")
+
         def score(i: str, j: str) -> None:  # s = q_i . k_j
-            w.line("s = np.float32(0.0)")
+            q_at = lambda d: em.value(qv, _broadcast(bidx, g.nodes[qv].shape[:-2]) + (i, d))  # noqa: E731
+            k_at = lambda d: em.value(kv, _broadcast(bidx, g.nodes[kv].shape[:-2]) + (d, j))  # noqa: E731
+            qrow = array_row(em, qv, _broadcast(bidx, g.nodes[qv].shape[:-2]) + (i, ":"))
+            krow = array_row(em, kv, _broadcast(bidx, g.nodes[kv].shape[:-2]) + (":", j))
+            if qrow and krow:  # contiguous rows: an explicit vector dot (`rowops`)
+                w.line("s = " + row_call(qrow, lambda x: row_call(krow, lambda y: f"row_dot({x}, {y})")))
+            elif lanes and softmax is not None:
+                lane_dot(em, depth, lanes, q_at, k_at)
+            else:
+                w.line("s = np.float32(0.0)")
+                with em.loop(f"for d in range({depth})", ("d",)):
+                    w.line(f"s += {q_at('d')} * {k_at('d')}")
             w.define("s")  # the override of S reads it: what depends on S stays in this key loop
-            with em.loop(f"for d in range({depth})", ("d",)):
-                q = em.value(qv, _broadcast(bidx, g.nodes[qv].shape[:-2]) + (i, "d"))
-                k = em.value(kv, _broadcast(bidx, g.nodes[kv].shape[:-2]) + ("d", j))
-                w.line(f"s += {q} * {k}")
 
         def accumulate(j: str, p: str) -> None:  # oacc[r] += p * v_j
+            vrow = array_row(em, vv, _broadcast(bidx, g.nodes[vv].shape[:-2]) + (j, ":"))
+            if vrow:  # a contiguous row: an explicit vector update (`rowops`)
+                w.line(row_call(vrow, lambda y: f"row_axpy(oacc, (r,), {y}, {p})"))
+                return
             with em.loop(f"for e in range({dv})", ("e",)):
                 v = em.value(vv, _broadcast(bidx, g.nodes[vv].shape[:-2]) + (j, "e"))
                 w.line(f"oacc[r, e] += {p} * {v}")

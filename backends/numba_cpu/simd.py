@@ -15,10 +15,12 @@ V16F, V16I = ir.VectorType(F32, LANES), ir.VectorType(I32, LANES)
 class Arrays:
     """The arrays among an intrinsic's arguments, with element pointers and vector loads."""
 
-    def __init__(self, context, builder, signature, args, count: int):
+    def __init__(self, context, builder, signature, args, count: int, positions: tuple = ()):
+        """The first `count` arguments, or those at `positions` when given."""
         self.context, self.builder = context, builder
-        self.types = signature.args[:count]
-        self.arrays = [context.make_array(t)(context, builder, v) for t, v in zip(self.types, args[:count])]
+        positions = positions or tuple(range(count))
+        self.types = [signature.args[i] for i in positions]
+        self.arrays = [context.make_array(signature.args[i])(context, builder, args[i]) for i in positions]
 
     def shape(self, i: int, axis: int) -> ir.Value:
         return cgutils.unpack_tuple(self.builder, self.arrays[i].shape, self.types[i].ndim)[axis]
@@ -142,3 +144,56 @@ def float_dot(count: int, pairs: bool):
             return context.make_tuple(builder, signature.return_type, sums)
         return types.UniTuple(types.float32, count)(w, a, n0, m), codegen
     return dot
+
+
+
+def row_intrinsics():
+    """(dot, axpy), intrinsics over rows of float32 C-contiguous arrays named by an array and the index
+    tuple of their leading axes (no view is made: a view per call costs more than the row's work):
+    dot(x, xi, y, yi) the dot product of rows x[xi] and y[yi] in 16 lane sums (lane l the elements
+    l mod 16, in order; added pairwise at the end); axpy(o, oi, v, vi, p): o[oi] += p * v[vi]. The rows'
+    length, the arrays' last axis, is a multiple of 16 (callers check)."""
+    from numba.extending import intrinsic
+
+    def ok(*arrays):
+        return all(isinstance(a, types.Array) and a.dtype == types.float32 and a.layout == "C" for a in arrays)
+
+    def row_pointer(context, builder, arrays, i, index_type, index):
+        idx = [context.cast(builder, v, t, types.intp)
+               for v, t in zip(cgutils.unpack_tuple(builder, index, len(index_type)), index_type)]
+        return idx, arrays.shape(i, len(idx))
+
+    @intrinsic
+    def dot(typingctx, x, xi, y, yi):
+        if not (ok(x, y) and len(xi) == x.ndim - 1 and len(yi) == y.ndim - 1):
+            return None
+
+        def codegen(context, builder, signature, args):
+            arrays = Arrays(context, builder, signature, args, 0, (0, 2))
+            xidx, n = row_pointer(context, builder, arrays, 0, signature.args[1], args[1])
+            yidx, _ = row_pointer(context, builder, arrays, 1, signature.args[3], args[3])
+            (acc,) = accumulators(builder, 1)
+            with cgutils.for_range(builder, builder.udiv(n, ir.Constant(n.type, LANES))) as loop:
+                j = builder.mul(loop.index, ir.Constant(n.type, LANES))
+                fma_into(builder, acc, arrays.load(0, xidx + [j], V16F), arrays.load(1, yidx + [j], V16F))
+            return hsum(builder, builder.load(acc))
+        return types.float32(x, xi, y, yi), codegen
+
+    @intrinsic
+    def axpy(typingctx, o, oi, v, vi, p):
+        if not (ok(o, v) and p == types.float32 and len(oi) == o.ndim - 1 and len(vi) == v.ndim - 1):
+            return None
+
+        def codegen(context, builder, signature, args):
+            arrays = Arrays(context, builder, signature, args, 0, (0, 2))
+            oidx, n = row_pointer(context, builder, arrays, 0, signature.args[1], args[1])
+            vidx, _ = row_pointer(context, builder, arrays, 1, signature.args[3], args[3])
+            pv = splat(builder, args[4])
+            with cgutils.for_range(builder, builder.udiv(n, ir.Constant(n.type, LANES))) as loop:
+                j = builder.mul(loop.index, ir.Constant(n.type, LANES))
+                ptr = builder.bitcast(arrays.at(0, oidx + [j]), V16F.as_pointer())
+                product = builder.fmul(pv, arrays.load(1, vidx + [j], V16F), flags=["contract"])
+                builder.store(builder.fadd(builder.load(ptr, align=4), product, flags=["contract"]), ptr, align=4)
+            return context.get_dummy_value()
+        return types.none(o, oi, v, vi, p), codegen
+    return dot, axpy
