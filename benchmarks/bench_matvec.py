@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fusec.backends.numba_cpu.blas import matvec
+from fusec.backends.numba_cpu.matvec import matvec
 from fusec.backends.numba_cpu.lowp import matvec_bf16, matvec_int8
 from fusec import benchtools
 from fusec.passes.weights import quantize_int8

@@ -5,7 +5,7 @@ import numba
 import pytest
 import torch
 
-from fusec.backends.numba_cpu import blas, int8_dot, lowp
+from fusec.backends.numba_cpu import int8_dot, lowp, matvec
 from fusec.backends.numba_cpu.runtime import Program
 from fusec.backends.reference import run_graph
 from fusec.semantics import quantize_activations
@@ -30,7 +30,7 @@ def widened(bits: np.ndarray) -> np.ndarray:
 def call(fmt: str, a: np.ndarray, weights: list[np.ndarray], outs: list[np.ndarray]) -> None:
     """The kernel for len(weights) matrices of format `fmt` on float32 `weights` (stored as that format)."""
     arity = str(len(weights)) if len(weights) > 1 else ""
-    module = blas if fmt == "fp32" else lowp
+    module = matvec if fmt == "fp32" else lowp
     kernel = getattr(module, f"matvec{arity}{SUFFIX[fmt]}")
     if fmt == "int8":
         stored = [x.numpy() for w in weights for x in quantize_int8(torch.from_numpy(w))]
@@ -98,11 +98,11 @@ def test_fp32_columns_past_the_last_vector_and_strided_weights(k):
     a = rng.standard_normal((2, k)).astype(np.float32)
     ws = [rng.standard_normal((13, k)).astype(np.float32), rng.standard_normal((k, 5)).astype(np.float32).T]
     outs = [np.full((2, w.shape[0]), np.nan, np.float32) for w in ws]
-    blas.matvec2(a, *ws, *outs)
+    matvec.matvec2(a, *ws, *outs)
     for w, c in zip(ws, outs):
         np.testing.assert_allclose(c, a @ w.T, rtol=1e-5, atol=1e-4)
     c = np.full((2, 13), np.nan, np.float32)
-    blas.matvec(a, ws[0][::-1], c)
+    matvec.matvec(a, ws[0][::-1], c)
     np.testing.assert_allclose(c, a @ ws[0][::-1].T, rtol=1e-5, atol=1e-4)
 
 

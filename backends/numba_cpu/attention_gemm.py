@@ -22,6 +22,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Callable
 
+from fusec.backends.numba_cpu.attention_mask import key_limit
+
 
 @contextmanager
 def start_rows(em, limit: Callable[[str], str]):
@@ -98,11 +100,10 @@ def _lane_reduce(em, row: Callable[[str], str], out: str, init: str, combine: Ca
 
 def _causal_condition(em, x_id: int, row_idx: tuple[str, ...]) -> int | None:
     """The condition node of X = where(mask, -inf, ...) when the mask is a constant causal one, the key
-    limit (`attention._key_limit`) is taken from it, and so it is False at every key below the limit;
+    limit (`attention_mask.key_limit`) is taken from it, and so it is False at every key below the limit;
     else None."""
-    from fusec.backends.numba_cpu.attention import _key_limit  # (attention imports this module)
     x = em.g.nodes[x_id]
-    if x.op != "where" or em.g.nodes[x.args[0]].op != "const" or _key_limit(em, x_id, row_idx) is None:
+    if x.op != "where" or em.g.nodes[x.args[0]].op != "const" or key_limit(em, x_id, row_idx) is None:
         return None
     return x.args[0]
 

@@ -158,6 +158,3 @@ def checked_index(j, bound, err, take):
     err[1] = j
     return j - j
 
-
-# The matrix-vector kernels live with the loop all weight formats share; generated code imports them from here.
-from fusec.backends.numba_cpu.matvec import matvec, matvec2, matvec3  # noqa: E402,F401  (matvec.py imports this module)

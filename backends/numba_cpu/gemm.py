@@ -142,7 +142,7 @@ def _check_int8(g, matmuls: list[int], rights: list) -> None:
                              f"x @ permute(reshape(cast(q) * scales)), given {g.nodes[g.nodes[mm].args[1]].op}")
 
 
-MATVEC_GROUP = 3  # products run by one matrix-vector call at most (`blas.matvec3`)
+MATVEC_GROUP = 3  # products run by one matrix-vector call at most (`matvec.matvec3`)
 
 
 def _emit_joint_gemms(em: Emitter, a: str, joint: list[tuple[str, str]]) -> None:
@@ -160,7 +160,7 @@ def _emit_joint_gemms(em: Emitter, a: str, joint: list[tuple[str, str]]) -> None
 def _emit_matvecs(em: Emitter, a: str, streamed: list[tuple[str, str, str]]) -> None:
     """The matrix-vector products of one kernel, which all read the activations `a`: those of one weight
     format in calls of up to three (Q, K and V; W1 and W3), each one parallel loop over the rows of all its
-    matrices (`blas.matvec2`, `lowp.matvec2_bf16`, ...)."""
+    matrices (`matvec.matvec2`, `lowp.matvec2_bf16`, ...)."""
     for fmt in dict.fromkeys(f for f, _, _ in streamed):
         same = [(b, acc) for f, b, acc in streamed if f == fmt]
         for i in range(0, len(same), MATVEC_GROUP):

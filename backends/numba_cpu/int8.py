@@ -61,7 +61,7 @@ def quantize_rows(a, q):
 
 # c[M, N] = quantized(a[M, K]) @ (q * s)^T for a few rows M, with int8 weights q[N, K/32, 32] and float32
 # block scales s[N, K/32, 1] (see the module docstring); `matvec2_int8` and `matvec3_int8` run two or three
-# matrices that read the same activations (quantized once) in one parallel loop (as `blas.matvec2`).
+# matrices that read the same activations (quantized once) in one parallel loop (as `matvec.matvec2`).
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def matvec_int8(a, q, s, c):
     run1(quantize_rows(a, q), (_contiguous(q), _contiguous(s)), c)

@@ -16,9 +16,8 @@ from numba import config, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from fusec.backends.numba_cpu.matvec import ROWS  # eight FMA chains, one activation chunk for all eight
-from fusec.backends.numba_cpu.simd import (F32, I8, I16, I32, V16F, V16I, Arrays, accumulators, fma_into, hsum, intp_args,
-                                           at_byte, lanes, prefetch)
+from fusec.backends.numba_cpu.simd import (F32, I8, I16, I32, ROWS, V16F, V16I, Arrays, accumulators, fma_into, hsum,
+                                           intp_args, at_byte, lanes, prefetch)
 
 BLOCK = 32  # int8 values per scale (`passes.weights.BLOCK`)
 

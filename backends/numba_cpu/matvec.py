@@ -28,10 +28,9 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from fusec.backends.numba_cpu.blas import _bits_as_f32, load_bf16, row_groups, wide_vectors
-from fusec.backends.numba_cpu.simd import LANES
+from fusec.backends.numba_cpu.simd import LANES, ROWS
 
 FASTMATH = {"reassoc", "contract"}  # vectorized sums; NaN and inf keep their meaning
-ROWS = 8  # weight rows per group: the activations' loads (for bf16 their even/odd split) shared by eight rows
 _HI = np.uint32(0xFFFF0000)
 _SHIFT = np.uint32(16)
 
@@ -122,7 +121,7 @@ def rows_into(w, x, c, n0):
                 c[m, n0 + r] = dot(w, x, n0 + r, m, 1)[0] + rest(w, x, m, n0 + r)
 
 
-# The parallel loops, inlined into each format's kernels (`blas.matvec`, `lowp.matvec2_bf16`, ...): their
+# The parallel loops, inlined into each format's kernels (`matvec.matvec`, `lowp.matvec2_bf16`, ...): their
 # prange becomes the kernel's own. `wide_vectors` sits in the loop's body, which is a function of its own.
 @njit(inline="always")
 def run1(x, w0, c0):
