@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import fusec
+from fusec.backends.numba_cpu.int8_dot import _target_features
 from fusec.backends.numba_cpu.rowops import row_axpy, row_dot
 from fusec.backends.numba_cpu.runtime import HEADER
 from fusec.models.causal_lm import DecodeStep, decode_example, random_model
@@ -43,14 +44,6 @@ def _attention_source(compiled) -> str:
     return compiled.source.split("kind=attention\n", 1)[1].split("\n\n\n", 1)[0]
 
 
-def _has_fma() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " fma" in f.read()
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("rep", [1, 2])
 def test_decode_products_are_vector_row_operations_and_match_eager(tmp_path, monkeypatch, rep):
     monkeypatch.setenv("FUSEC_CACHE_DIR", str(tmp_path))
@@ -61,7 +54,7 @@ def test_decode_products_are_vector_row_operations_and_match_eager(tmp_path, mon
     torch.testing.assert_close(compiled(*args), module(*args), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not _has_fma(), reason="needs a CPU with FMA instructions")
+@pytest.mark.skipif("fma" not in _target_features(), reason="needs a CPU with FMA instructions")
 def test_decode_attention_machine_code_has_more_packed_than_scalar_fmas(tmp_path, monkeypatch):
     """Before: 8 packed FMAs (the exp's) against 34 scalar ones, Q.K one scalar chain and P.V unrolled
     into scalar FMAs; now the rows' products are packed. Compiled afresh from the generated text (machine

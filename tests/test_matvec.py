@@ -130,15 +130,7 @@ def test_decode_step_runs_sibling_products_in_one_call(fmt):
     np.testing.assert_allclose(program.run(inputs)[0], run_graph(graph, inputs)[0], rtol=1e-4, atol=1e-4)
 
 
-def _has_avx512() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " avx512bw" in f.read()
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _has_avx512(), reason="512-bit vectors need a CPU with AVX-512")
+@pytest.mark.skipif("avx512bw" not in int8_dot._target_features(), reason="512-bit vectors need a CPU with AVX-512")
 @pytest.mark.parametrize("name,widen", [("matvec_int8", "vpdpbusd" if int8_dot.KIND == "vnni" else "vpmaddwd"),
                                         ("matvec_bf16", "vpslld"), ("matvec", "vfmadd")])
 def test_low_precision_loops_widen_with_512_bit_vectors(name, widen):
