@@ -3,6 +3,7 @@
     python benchmarks/bench_block.py                          # tinyllama_1b: prefill 256 tokens, decode at 512
     python benchmarks/bench_block.py --preset tiny --seq 8 --past 8 --repeat 3
 
+Implementations: PyTorch eager and torch.compile; fusec unfused, fused, and fused with bf16 or int8 weights.
 Two cases: prefill (batch 1, --seq tokens, no past) and decode (1 new token attending to --past tokens of
 K/V that are passed in and concatenated). Everything runs in one process with torch and numba on the same
 thread count; times are medians after warm-up. The machine's read bandwidth and float32 matmul peak are
@@ -30,13 +31,18 @@ import torch
 import fusec
 from fusec import benchtools
 from fusec.argtypes import nonnegative_int, positive_int
+from fusec.ir_types import TensorType
 from fusec.models.llama import PRESETS, LlamaBlock, LlamaConfig, example_inputs, init_weights
 from fusec.models.registry import decode_inputs
+from fusec.passes.weights import stored_bytes
 
-IMPLEMENTATIONS = ("eager", "torch.compile", "fusec unfused", "fusec fused", "fusec bf16")
-# fusec.compile options of each fusec implementation; "fusec bf16" stores the weights as bfloat16
+IMPLEMENTATIONS = ("eager", "torch.compile", "fusec unfused", "fusec fused", "fusec bf16", "fusec int8")
+# fusec.compile options of each fusec implementation; "fusec bf16" / "fusec int8" store the weights as
+# bfloat16 / int8 blocks (passes.weights)
 FUSEC_IMPLEMENTATIONS = {"fusec unfused": {"fuse": False}, "fusec fused": {"fuse": True},
-                         "fusec bf16": {"fuse": True, "weights": "bf16"}}
+                         "fusec bf16": {"fuse": True, "weights": "bf16"},
+                         "fusec int8": {"fuse": True, "weights": "int8"}}
+WEIGHT_FORMATS = {"fusec bf16": "bf16", "fusec int8": "int8"}  # the rest read float32 weights
 CASES = ("prefill", "decode")
 CHILD_PREFIX = "FUSEC_BENCH_CHILD "  # marks the line the warm-compile subprocess reports on
 COLUMNS = [("implementation", "implementation", ""), ("case", "case", ""), ("median_ms", "median ms", ".3f"),
@@ -203,14 +209,16 @@ def roofline(block: LlamaBlock, case: str, seq: int, past: int, machine: dict) -
     config = block.config
     params = sum(p.numel() for p in block.parameters())
     if case == "decode":
-        weight_bytes = sum(p.numel() * p.element_size() for p in block.parameters())
-        # bf16 storage keeps matrices in 2 bytes (passes.weights; vectors stay float32)
-        bf16_bytes = sum(p.numel() * (2 if p.dim() == 2 else p.element_size()) for p in block.parameters())
         kv_bytes = 2 * config.n_kv_heads * past * config.head_dim * 4  # past K and V, float32, batch 1
-        moved = weight_bytes + kv_bytes
-        return {"bound": "memory", "bytes": moved, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
-                "seconds": moved / machine["bandwidth"]["best"],
-                "seconds_bf16": (bf16_bytes + kv_bytes) / machine["bandwidth"]["best"]}
+        stored = {fmt: sum(stored_bytes(TensorType(tuple(p.shape), "f32"), fmt) for p in block.parameters())
+                  for fmt in ("fp32", *WEIGHT_FORMATS.values())}
+        line = {"bound": "memory", "bytes": stored["fp32"] + kv_bytes, "weight_bytes": stored["fp32"],
+                "kv_bytes": kv_bytes}
+        # each weight format's own bytes: "seconds" (fp32), "seconds_bf16", "seconds_int8"
+        for fmt, weight_bytes in stored.items():
+            key = "seconds" if fmt == "fp32" else f"seconds_{fmt}"
+            line[key] = (weight_bytes + kv_bytes) / machine["bandwidth"]["best"]
+        return line
     # Causal attention without a past: query i sees i + 1 keys; QK^T and PV cost 2 * head_dim flops per
     # query-key pair each.
     pairs = seq * (seq + 1) // 2
@@ -332,8 +340,8 @@ def run(args: argparse.Namespace) -> dict:
     for row in results:
         if row.get("median_ms"):
             line = lines[row["case"]]
-            bf16 = row["implementation"].endswith("bf16") and "seconds_bf16" in line  # its own bytes
-            row["roofline_fraction"] = line["seconds_bf16" if bf16 else "seconds"] / (row["median_ms"] / 1e3)
+            key = f"seconds_{WEIGHT_FORMATS.get(row['implementation'])}"  # its own bytes (decode)
+            row["roofline_fraction"] = line.get(key, line["seconds"]) / (row["median_ms"] / 1e3)
     return {"preset": args.preset, "seq": args.seq, "past": args.past, "repeat": args.repeat,
             "warmup": args.warmup, "threads": {"torch": torch.get_num_threads(), "numba": threads},
             "machine": machine, "roofline": lines, "results": results,

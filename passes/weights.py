@@ -88,6 +88,14 @@ def _stored(t: TensorType, weights: str) -> bool:
     return weights != "int8" or t.shape[-1] % BLOCK == 0
 
 
+def stored_bytes(t: TensorType, weights: str) -> float:
+    """Bytes a float32 weight of type `t` occupies when the program stores weights as `weights`: bf16 two
+    per element, int8 one plus its block's float32 scale; weights the pass leaves alone keep theirs."""
+    if weights == "fp32" or not _stored(t, weights):
+        return t.nbytes
+    return t.numel * (2 if weights == "bf16" else 1 + 4 / BLOCK)
+
+
 def to_bf16(t: Any) -> Any:
     return t.detach().to(torch.bfloat16)
 
