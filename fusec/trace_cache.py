@@ -29,6 +29,9 @@ from typing import Any, Callable
 import numpy as np
 import torch.utils._pytree as pytree
 
+from fusec.cache import choose_dir
+from fusec.cache_manifest import write_atomic
+from fusec.cache_trust import untrusted
 from fusec.debug import debug
 from fusec.export import UnstorableValue, graph_from_data, graph_to_data
 from fusec.ir import Graph, TensorType, param_types
@@ -71,8 +74,6 @@ def trace_and_lower(module: Any, args: tuple, kwargs: dict, dynamic: Any, strict
 
 def cache_directory() -> str | None:
     """`traces/` in the compile cache directory (created private), None when there is no usable one."""
-    from fusec.cache import choose_dir
-    from fusec.cache_trust import untrusted
     root, _ = choose_dir()  # (the Numba cache warns about a refused directory)
     if root is None:
         return None
@@ -159,9 +160,8 @@ def _store(directory: str, key: str, kind: str, graph: Graph, header: dict) -> N
     np.savez(buffer, header=np.frombuffer(json.dumps(header).encode(), np.uint8),
              **{names[name]: np.ascontiguousarray(t) for name, t in arrays.items()})
     body = buffer.getvalue()
-    from fusec.cache import _write_atomic
     try:
-        _write_atomic(_path(directory, key, kind), MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+        write_atomic(_path(directory, key, kind), MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
     except OSError as e:
         debug(1, f"[fusec] trace cache: cannot write {kind} entry {key}: {e}")
 
