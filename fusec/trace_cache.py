@@ -33,9 +33,12 @@ from fusec.cache import choose_dir
 from fusec.cache_manifest import write_atomic
 from fusec.cache_trust import untrusted
 from fusec.debug import debug
+from fusec.dtypes import from_torch
 from fusec.export import UnstorableValue, graph_from_data, graph_to_data
 from fusec.ir import Graph, TensorType, param_types
+from fusec.passes.weights import module_names, stored_form
 from fusec.trace_key import NoKey, passes_key, trace_key
+from fusec.tracing import Traced
 
 MAGIC = b"fusec-trace-1 "
 SUBDIR = "traces"
@@ -109,7 +112,6 @@ def store_graph(directory: str, key: str, graph: Graph) -> None:
 
 def load_traced(directory: str, key: str, module: Any):
     """The cached trace of `key` (a `fusec.tracing.Traced` without its fx graph), or None."""
-    from fusec.tracing import Traced
     entry = _load(directory, key, "trace", module)
     if entry is None:
         return None
@@ -224,9 +226,6 @@ def _parse(raw: bytes, key: str, kind: str) -> tuple[dict, dict]:
 def _module_weights(module: Any, types: dict) -> dict | None:
     """{name: the module's tensor in the form the program reads} for the parameters `types` names, or
     None if one is missing or does not fit (the key covers them: not expected)."""
-    from fusec.passes.weights import module_names, stored_form
-
-    from fusec.dtypes import from_torch
     found = {}
     for name in module_names(types):
         try:
