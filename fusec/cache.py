@@ -34,12 +34,15 @@ import contextlib
 import functools
 import glob
 import hashlib
+import importlib
 import os
+import platform
 import sys
 import tempfile
 import threading
 import types
 import warnings
+from importlib import metadata
 
 from fusec.cache_manifest import numba_files, purge, record_manifest, verify_numba_files, write_atomic
 from fusec.cache_trust import LOCK_NAME, CacheLocked, locked, unusable, untrusted
@@ -83,10 +86,7 @@ def writable_dir() -> str | None:
 @functools.lru_cache(maxsize=None)
 def environment_key() -> str:
     """What besides the source decides the machine code: versions and the host CPU."""
-    import platform
-    from importlib import metadata
-
-    import llvmlite
+    import llvmlite  # Numba and llvmlite load in seconds: only a compile needs them
     import numba
     import numpy
     from llvmlite import binding
@@ -113,7 +113,6 @@ def _library_digest() -> str:
     """A hash of the Numba functions generated code calls (the `LIBRARY` modules of backends/numba_cpu):
     Numba's cache of a generated module embeds their machine code and does not notice when they change, so
     a changed library must mean new module names (a stale one crashed with a segmentation fault)."""
-    import importlib
     digest = hashlib.sha256()
     for name in LIBRARY:
         with open(importlib.import_module(f"fusec.backends.numba_cpu.{name}").__file__, "rb") as f:
