@@ -155,10 +155,12 @@ def test_the_cpu_target_never_places(monkeypatch, capsys):
     assert "placement" in placed.annotations and "placed/place" in capsys.readouterr().err
 
 
-def test_a_generator_compile_never_places(monkeypatch, capsys):
+def test_a_generator_compile_never_places(monkeypatch, capsys, tmp_path):
     """A KV-cache generator's programs (prefill and decode step) go through the cpu pipeline too: the
-    passes FUSEC_DEBUG=1 lists end with tiling, with no placement."""
+    passes FUSEC_DEBUG=1 lists end with tiling, with no placement. (An empty cache directory: a cached
+    lowering would run no pass at all.)"""
     monkeypatch.setenv("FUSEC_DEBUG", "1")
+    monkeypatch.setenv("FUSEC_CACHE_DIR", str(tmp_path / "cache"))
     torch.manual_seed(0)
     generator = fusec.compile_generator(CausalLM(LlamaConfig.tiny()).eval(), backend="reference")
     generator.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
