@@ -9,12 +9,12 @@ locators say (NUMBA_CACHE_DIR: `<it>/<dir name>_<hash of dir>/`; see `numba_dir`
 
 - Trust: Numba's files are pickles, and loading a pickle runs the code it names. So a Numba file is
   loaded only when it matches the checksum fusec recorded (`<name>.manifest.json`) after the kernels it
-  holds ran; fusec itself only hashes them, never unpickles one. A file with no record is deleted and
-  compiled again (quietly: an interrupted compile, one still running in another process, or a lost
-  manifest leave such files); a file whose checksum differs is damage (a warning). A record is evidence
-  only when nobody else could have written it: the cache directory, and Numba's, must be owned by this
-  user and writable by no one else, the directories above them too (or sticky), as ssh requires of
-  ~/.ssh (`fusec.cache_trust`). One that is not is refused with a warning naming it and why; a new one
+  holds ran; fusec itself only hashes them, never unpickles one (`fusec.cache_manifest`). A file with no
+  record is deleted and compiled again (quietly: an interrupted compile, one still running in another
+  process, or a lost manifest leave such files); a file whose checksum differs is damage (a warning). A
+  record is evidence only when nobody else could have written it: the cache directory, and Numba's,
+  must be owned by this user and writable by no one else, the directories above them too (or sticky),
+  as ssh requires of ~/.ssh (`fusec.cache_trust`). One that is not is refused with a warning naming it and why; a new one
   is created 0700.
 - Damage: before a module is used, its `.py` must equal the source it names and its Numba files must
   match their checksums; anything else is discarded (with a warning) and rebuilt. The module is executed
@@ -34,14 +34,17 @@ import contextlib
 import functools
 import glob
 import hashlib
-import json
+import importlib
 import os
+import platform
 import sys
 import tempfile
 import threading
 import types
 import warnings
+from importlib import metadata
 
+from fusec.cache_manifest import numba_files, purge, record_manifest, verify_numba_files, write_atomic
 from fusec.cache_trust import LOCK_NAME, CacheLocked, locked, unusable, untrusted
 
 PREFIX = "fusec_gen_"
@@ -83,10 +86,7 @@ def writable_dir() -> str | None:
 @functools.lru_cache(maxsize=None)
 def environment_key() -> str:
     """What besides the source decides the machine code: versions and the host CPU."""
-    import platform
-    from importlib import metadata
-
-    import llvmlite
+    import llvmlite  # Numba and llvmlite load in seconds: only a compile needs them
     import numba
     import numpy
     from llvmlite import binding
@@ -113,7 +113,6 @@ def _library_digest() -> str:
     """A hash of the Numba functions generated code calls (the `LIBRARY` modules of backends/numba_cpu):
     Numba's cache of a generated module embeds their machine code and does not notice when they change, so
     a changed library must mean new module names (a stale one crashed with a segmentation fault)."""
-    import importlib
     digest = hashlib.sha256()
     for name in LIBRARY:
         with open(importlib.import_module(f"fusec.backends.numba_cpu.{name}").__file__, "rb") as f:
@@ -124,18 +123,6 @@ def _library_digest() -> str:
 def module_name(source: str) -> str:
     digest = hashlib.sha256((source + "\n" + environment_key()).encode()).hexdigest()[:24]
     return PREFIX + digest
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # --- Numba's files -------------------------------------------------------------------------------------
@@ -153,102 +140,6 @@ def numba_dir(py_file: str) -> str | None:
         return CompileResultCacheImpl(probe).locator.get_cache_path()
     except RuntimeError:  # no locator found
         return None
-
-
-def numba_files(ndir: str, name: str, function: str = "*") -> list[str]:
-    """Numba's index and data files for module `name` in `ndir` (one kernel function, or all)."""
-    base = os.path.join(ndir, f"{name}.{function}-")
-    return sorted(glob.glob(base + "*.nbi") + glob.glob(base + "*.nbc"))
-
-
-def _manifest_path(directory: str, name: str) -> str:
-    return os.path.join(directory, name + ".manifest.json")
-
-
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def purge(directory: str, ndir: str, name: str, function: str = "*", source: bool = False) -> int:
-    """Remove Numba's files of module `name` (and its manifest; with `source`, the `.py` too)."""
-    paths = numba_files(ndir, name, function)
-    paths.append(_manifest_path(directory, name))
-    paths += glob.glob(os.path.join(directory, "__pycache__", f"{name}.*.pyc"))
-    if source:
-        paths.append(os.path.join(directory, name + ".py"))
-    removed = 0
-    for p in paths:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(p)
-            removed += 1
-    return removed
-
-
-def verify_numba_files(directory: str, ndir: str, name: str) -> bool:
-    """Keep Numba's files of `name` only when every one matches the checksum recorded after its kernels
-    ran; none is unpickled to check it (they are pickles: loading runs code). A mismatch is damage,
-    discarded with a warning; files with no record (a compile interrupted before its first run, or
-    still running in another process, or a lost manifest) are discarded quietly and compiled again.
-    Returns whether they were kept."""
-    try:
-        with open(_manifest_path(directory, name)) as f:
-            recorded = json.load(f)
-        if not isinstance(recorded, dict):
-            raise ValueError("not a mapping")
-    except FileNotFoundError:
-        recorded = {}
-    except (OSError, ValueError) as e:
-        return _discard(directory, ndir, name, f"its manifest is unreadable ({e})")
-    present = numba_files(ndir, name)
-    for path in present:
-        want = recorded.get(os.path.basename(path))
-        try:
-            if want is not None and _sha256(path) != want:
-                return _discard(directory, ndir, name, f"{os.path.basename(path)} is truncated or corrupted")
-        except FileNotFoundError:
-            continue
-    if any(os.path.basename(p) not in recorded for p in present):
-        purge(directory, ndir, name)
-        return False
-    _unchanged[directory, name] = _stats(present)
-    return True
-
-
-# (cache directory, module) -> the stats of its Numba files when last verified or recorded: a run that
-# compiled nothing leaves them as they were, and recording them again (hashing every file) is skipped
-_unchanged: dict[tuple[str, str], dict] = {}
-
-
-def _stats(paths: list[str]) -> dict:
-    out = {}
-    for p in paths:
-        with contextlib.suppress(FileNotFoundError):
-            st = os.stat(p)
-            out[p] = (st.st_size, st.st_mtime_ns, st.st_ino)
-    return out
-
-
-def _discard(directory: str, ndir: str, name: str, why: str) -> bool:
-    warnings.warn(f"fusec: the compile cache of {name} in {ndir} is damaged ({why}); discarding it "
-                  "and compiling again", stacklevel=5)
-    purge(directory, ndir, name)
-    return False
-
-
-def record_manifest(directory: str, ndir: str, name: str) -> None:
-    """Record the checksums of Numba's files of `name`, after a run that used them succeeded."""
-    if _unchanged.get((directory, name)) == _stats(numba_files(ndir, name)):
-        return  # the files verified (or recorded) before: their record stands
-    try:
-        with locked(directory):
-            paths = numba_files(ndir, name)
-            before = _stats(paths)  # (taken first: a file replaced while hashed is recorded again next time)
-            sums = {os.path.basename(p): _sha256(p) for p in paths}
-            _write_atomic(_manifest_path(directory, name), json.dumps(sums, indent=1).encode())
-            _unchanged[directory, name] = before
-    except OSError:
-        pass  # unrecorded files are compiled again by the next process
 
 
 # --- loading a generated module -------------------------------------------------------------------------
@@ -330,7 +221,7 @@ def _ensure_source(directory: str, ndir: str, name: str, source: str) -> None:
         warnings.warn(f"fusec: the cached module {path} is truncated or corrupted; writing it again and "
                       "discarding its compiled code", stacklevel=6)
     purge(directory, ndir, name)  # Numba files of an older or damaged .py are stale
-    _write_atomic(path, source.encode("utf-8"))
+    write_atomic(path, source.encode("utf-8"))
 
 
 def recover(module: types.ModuleType, function: str, error: BaseException) -> bool:

@@ -1,6 +1,6 @@
 """Machine descriptions as plain data: the figures the tiling, placement and RDU-model passes read.
 
-    m = get_machine("sn40l")           # a preset: sn40l, plasticine, test_grid, cpu
+    m = get_machine("sn40l")           # a preset: sn40l, plasticine, test_grid, cpu, test_cpu
     m = get_machine("my_rdu.toml")     # a JSON/TOML file: {"base": "sn40l", "hbm_bw": 1.6e12, ...}
     m.pcu_flops, m.tile_budget, m.source("hbm_bw")
 
@@ -63,6 +63,7 @@ class Machine:
     l1_bytes: int = 0             # cpu only: L1 data cache per core
     l2_bytes: int = 0             # cpu only: L2 per core (the tile budget)
     l3_bytes: int = 0             # cpu only: last-level cache, shared
+    fork_join_s: float = 0.0      # cpu only: one parallel loop's fork and join (waking the pool, the barrier)
     # rdu only, unpublished (parameters calibrated in docs/rdu-model.md, "Calibration"):
     call_sync_s: float = 0.0      # every kernel call: argument load and the barrier at its end (KL)
     p2p_bw: float = 0.0           # bytes/s per socket for tensor-parallel all-reduces (SN40L §IV-D P2P)
@@ -264,6 +265,11 @@ def _cpuinfo_field(name: str) -> str:
     return ""
 
 
+# One parallel loop's fork and join in Numba's thread pool (omp layer): 1.8 us measured on a 2-core x86 (a
+# median); not measured at start-up (a compile, and noise), so a machine file sets another host's.
+FORK_JOIN_S = 2e-6
+
+
 @functools.lru_cache(maxsize=None)
 def cpu() -> Machine:
     """This machine, for the Numba backend: caches and cores from the OS; peak and DRAM bandwidth are
@@ -281,14 +287,29 @@ def cpu() -> Machine:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (OSError, ValueError):
         ram = 8 * GiB
+    return _cpu("cpu", cores, l1, l2, l3, clock, lanes, ram, {
+        "pcus": "os.sched_getaffinity [P]", "cores": "os.sched_getaffinity [P]", "pmu_bytes": s2,
+        "l1_bytes": s1, "l2_bytes": s2, "l3_bytes": s3, "clock_hz": s_clock,
+        "lanes": "f32 SIMD width from /proc/cpuinfo flags (avx512f 16, avx 8, else 4) [M]",
+        "ddr_bytes": "os.sysconf SC_PHYS_PAGES x SC_PAGE_SIZE [P]"})
+
+
+def _test_cpu() -> Machine:  # not `test_cpu`: pytest would collect it
+    """A fixed 2-core cpu (48 KiB L1d and 2 MiB L2 per core, 2.3 GHz, AVX-512): what the host is for
+    tests that must give the same tiles, and so the same generated code, on every machine."""
+    made_up = "test value [M]"
+    return _cpu("test_cpu", 2, 48 * KiB, 2 * MiB, 32 * MiB, 2.3e9, 16, 8 * GiB, {
+        k: made_up for k in ("pcus", "cores", "pmu_bytes", "l1_bytes", "l2_bytes", "l3_bytes", "clock_hz",
+                             "lanes", "ddr_bytes")})
+
+
+def _cpu(name: str, cores: int, l1: int, l2: int, l3: int, clock: float, lanes: int, ram: int,
+         sources: dict[str, str]) -> Machine:
+    """A cpu Machine from its cores, caches (bytes per core; L3 whole), clock, f32 SIMD lanes and RAM."""
     fma_pipes = 2
     return _machine({
-        "pcus": "os.sched_getaffinity [P]", "cores": "os.sched_getaffinity [P]", "pmus": "one L2 per core",
-        "pmu_bytes": s2, "l1_bytes": s1, "l2_bytes": s2, "l3_bytes": s3, "clock_hz": s_clock,
-        "lanes": "f32 SIMD width from /proc/cpuinfo flags (avx512f 16, avx 8, else 4) [M]",
-        "stages": "2 FMA pipes per core assumed [M]",
+        "pmus": "one L2 per core", "stages": "2 FMA pipes per core assumed [M]",
         "peak_flops": "cores x clock x lanes x FMA pipes x 2 [D from M]; the benchmarks measure it",
-        "ddr_bytes": "os.sysconf SC_PHYS_PAGES x SC_PAGE_SIZE [P]",
         "ddr_bw": "not measured here; 20 GB/s default, the benchmarks measure it [M]",
         "hbm_bytes": "no HBM", "layout": "cores share memory (smp)",
         "launch_overhead_s": "one Numba kernel call, ~5 us assumed [M]", "grid": "cores in a row",
@@ -296,18 +317,20 @@ def cpu() -> Machine:
         "hop_latency_s": "no on-chip network modelled", "program_load_s": "none: code is loaded once",
         "hbm_efficiency": "unused (no HBM)", "ddr_efficiency": "0.8 assumed [M]",
         "systolic_efficiency": "BLAS fraction of peak, 0.8 assumed [M]", "stage_pmus": "one L2 per thread",
-    }, name="cpu", kind="cpu", pcus=cores, pmus=cores, pmu_bytes=l2, grid=(1, cores), layout="smp",
+        "fork_join_s": "measured on a 2-core x86: median of an empty Numba prange loop, 1.8 us; 2 us assumed "
+                       "(machines.FORK_JOIN_S) [M]",
+    } | sources, name=name, kind="cpu", pcus=cores, pmus=cores, pmu_bytes=l2, grid=(1, cores), layout="smp",
         peak_flops=cores * clock * lanes * fma_pipes * 2, clock_hz=clock, lanes=lanes, stages=fma_pipes,
         hbm_bytes=0, hbm_bw=0.0, ddr_bytes=ram, ddr_bw=20e9, ddr_to_hbm_bw=0.0, link_bw=0.0,
         hop_latency_s=0.0, launch_overhead_s=5e-6, program_load_s=0.0, hbm_efficiency=0.85,
         ddr_efficiency=0.8, systolic_efficiency=0.8, stage_pmus=1, cores=cores, l1_bytes=l1,
-        l2_bytes=l2, l3_bytes=l3)
+        l2_bytes=l2, l3_bytes=l3, fork_join_s=FORK_JOIN_S)
 
 
 # --- lookup --------------------------------------------------------------------------------------------
 
 PRESETS: dict[str, Callable[[], Machine]] = {"sn40l": sn40l, "plasticine": plasticine,
-                                             "test_grid": _test_grid, "cpu": cpu}
+                                             "test_grid": _test_grid, "cpu": cpu, "test_cpu": _test_cpu}
 FIELDS = tuple(f.name for f in dataclasses.fields(Machine))
 
 

@@ -29,10 +29,16 @@ from typing import Any, Callable
 import numpy as np
 import torch.utils._pytree as pytree
 
+from fusec.cache import choose_dir
+from fusec.cache_manifest import write_atomic
+from fusec.cache_trust import untrusted
 from fusec.debug import debug
+from fusec.dtypes import from_torch
 from fusec.export import UnstorableValue, graph_from_data, graph_to_data
 from fusec.ir import Graph, TensorType, param_types
+from fusec.passes.weights import module_names, stored_form
 from fusec.trace_key import NoKey, passes_key, trace_key
+from fusec.tracing import Traced
 
 MAGIC = b"fusec-trace-1 "
 SUBDIR = "traces"
@@ -71,8 +77,6 @@ def trace_and_lower(module: Any, args: tuple, kwargs: dict, dynamic: Any, strict
 
 def cache_directory() -> str | None:
     """`traces/` in the compile cache directory (created private), None when there is no usable one."""
-    from fusec.cache import choose_dir
-    from fusec.cache_trust import untrusted
     root, _ = choose_dir()  # (the Numba cache warns about a refused directory)
     if root is None:
         return None
@@ -108,7 +112,6 @@ def store_graph(directory: str, key: str, graph: Graph) -> None:
 
 def load_traced(directory: str, key: str, module: Any):
     """The cached trace of `key` (a `fusec.tracing.Traced` without its fx graph), or None."""
-    from fusec.tracing import Traced
     entry = _load(directory, key, "trace", module)
     if entry is None:
         return None
@@ -159,9 +162,8 @@ def _store(directory: str, key: str, kind: str, graph: Graph, header: dict) -> N
     np.savez(buffer, header=np.frombuffer(json.dumps(header).encode(), np.uint8),
              **{names[name]: np.ascontiguousarray(t) for name, t in arrays.items()})
     body = buffer.getvalue()
-    from fusec.cache import _write_atomic
     try:
-        _write_atomic(_path(directory, key, kind), MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+        write_atomic(_path(directory, key, kind), MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
     except OSError as e:
         debug(1, f"[fusec] trace cache: cannot write {kind} entry {key}: {e}")
 
@@ -224,9 +226,6 @@ def _parse(raw: bytes, key: str, kind: str) -> tuple[dict, dict]:
 def _module_weights(module: Any, types: dict) -> dict | None:
     """{name: the module's tensor in the form the program reads} for the parameters `types` names, or
     None if one is missing or does not fit (the key covers them: not expected)."""
-    from fusec.passes.weights import module_names, stored_form
-
-    from fusec.dtypes import from_torch
     found = {}
     for name in module_names(types):
         try:

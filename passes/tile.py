@@ -32,7 +32,9 @@ On a cpu every kernel also carries the thresholds that choose between the Numba 
 (`CPU_LOOP_RULES`), so that one place decides and `fusec dump --stage tiled` shows what the code does:
 ("parallel_min", elements from which a loop nest is a parallel loop), on a matmul ("matvec_rows", up to
 how many rows of A a product streams the weights itself instead of calling BLAS) and on an attention
-("gemm_rows", query rows from which a block's two products are MKL GEMMs).
+("gemm_rows", query rows from which a block's two products are MKL GEMMs). Each rule derives its value
+from the machine (fork/join cost, clock, cores, SIMD lanes, memory bandwidth, L2) and the kernel's shape;
+its docstring says how.
 
 Budget: the working set of one tile must fit `machine.tile_budget`: the L2 per core on a cpu, and on an
 RDU pmu_bytes x stage_pmus (the PMUs one pipeline stage may use). Streamed buffers (input and output
@@ -52,6 +54,7 @@ block, then the larger second size. If not even the smallest tile fits, the smal
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -246,23 +249,59 @@ def choose_tiles(node: Node, machine: Machine) -> Tiles:
 
 
 # --- the thresholds of a cpu's loops ------------------------------------------------------------------
-# (tile, the loop nests it applies to, its value on a machine). The values are the crossovers measured on
-# a 2-core x86 with MKL (docs/passes.md says how); a machine where they differ changes them here, and the
-# emitter follows whatever the kernel carries.
-CPU_LOOP_RULES: tuple[tuple[str, tuple[type, ...], Callable[[Machine], int]], ...] = (
-    # waking the thread pool costs tens of microseconds: smaller loop nests run on the calling thread
-    ("parallel_min", (MatmulShape, AttentionShape, RowShape), lambda machine: 1 << 14),
-    # at a few rows BLAS spends its time packing, and a streamed weight is read once for all rows
-    ("matvec_rows", (MatmulShape,), lambda machine: 64),
-    # below this many query rows (decode) a block's GEMM calls cost more than the scalar loops
-    ("gemm_rows", (AttentionShape,), lambda machine: 16),
+# Each is chosen from the machine's figures (caches, cores, clock, fork/join cost, memory bandwidth) and,
+# where it matters, the kernel's shape; the emitter follows whatever the kernel carries. On the 2-core x86
+# the project is measured on (48 KiB L1d and 2 MiB L2 per core, 2.3 GHz, AVX-512) they come to
+# parallel_min 16384, matvec_rows 18 (fp32 weights), gemm_rows 16 (docs/passes.md).
+
+def _parallel_min(machine: Machine, shape=None) -> int:
+    """Elements from which a loop nest runs parallel. Splitting n elements over c cores saves (1 - 1/c)
+    of their serial time and costs one fork and join (`machine.fork_join_s`); at the cheapest loops' one
+    element per clock cycle that pays from fork_join_s * clock * c / (c - 1) elements, rounded up to a
+    power of two (a fork/join that meets a busy core costs more than its median). One core: never."""
+    if machine.cores <= 1:
+        return NEVER
+    elements = machine.fork_join_s * machine.clock_hz * machine.cores / (machine.cores - 1)
+    return 1 << max(math.ceil(math.log2(max(elements, 1))), 0)
+
+
+def _matvec_rows(machine: Machine, shape: MatmulShape | None = None) -> int:
+    """Up to how many rows of A a product streams its weights through the matrix-vector loop (matvec.py)
+    instead of a BLAS GEMM. That loop reads each weight once and does one vector FMA per cycle with it per
+    row of A: it is the faster while streaming a weight costs more than the row's arithmetic on it,
+    rows <= |W| * lanes * clock / (a core's share of the memory bandwidth), beyond which a GEMM's higher
+    arithmetic rate wins. And the rows of A, read again for every group of weight rows, must stay in the
+    L2 (the rows x K x |A| bytes). At least 1: one row (decode) is always a matrix-vector product."""
+    weight = shape.b if shape is not None else 4
+    per_core_bw = machine.ddr_bw * machine.ddr_efficiency / max(machine.cores, 1)
+    rows = int(weight * machine.lanes * machine.clock_hz / per_core_bw)
+    if shape is not None:
+        rows = min(rows, machine.l2_bytes // max(shape.k * shape.a, 1))
+    return max(rows, 1)
+
+
+def _attention_gemm_rows(machine: Machine, shape=None) -> int:
+    """Query rows from which an attention block's two products are MKL GEMMs: below it (decode) a GEMM
+    call costs more than the scalar loops. Not a cache figure but MKL's call overhead against those
+    loops, measured on the 2-core x86 (no machine figure predicts it yet)."""
+    return 16
+
+
+NEVER = 1 << 62  # a loop size no program reaches: the loop never runs parallel
+
+CPU_LOOP_RULES: tuple[tuple[str, tuple[type, ...], Callable[..., int]], ...] = (
+    ("parallel_min", (MatmulShape, AttentionShape, RowShape), _parallel_min),
+    ("matvec_rows", (MatmulShape,), _matvec_rows),
+    ("gemm_rows", (AttentionShape,), _attention_gemm_rows),
 )
 LOOP_TILES = tuple(name for name, _, _ in CPU_LOOP_RULES)
 
 
 def loop_tiles(machine: Machine, shape: MatmulShape | AttentionShape | RowShape | None = None) -> dict[str, int]:
-    """{threshold: value} of the rules for a kernel of `shape` on cpu `machine` (every rule: None)."""
-    return {name: rule(machine) for name, kinds, rule in CPU_LOOP_RULES if shape is None or isinstance(shape, kinds)}
+    """{threshold: value} of the rules for a kernel of `shape` on cpu `machine` (None: every rule, with
+    the values that do not depend on a shape)."""
+    return {name: rule(machine, shape) for name, kinds, rule in CPU_LOOP_RULES
+            if shape is None or isinstance(shape, kinds)}
 
 
 def _sizes(dim: int) -> list[int]:

@@ -1,7 +1,11 @@
-"""Checks shared by the fusion tests: the kinds of a fused program's kernels and the kernel contract."""
+"""Checks shared by the fusion tests: the kinds of a fused program's kernels, the kernel contract, and
+random inputs on which a program and its fused form must agree."""
 
 from __future__ import annotations
 
+import numpy as np
+
+from fusec.backends.reference import run_graph
 from fusec.ir import Graph
 from fusec.opset import OPS
 from fusec.passes.fuse import describe
@@ -32,3 +36,13 @@ def assert_kernel_contract(graph: Graph) -> None:
             assert ids["matmul"] == anchors != () and len({body.nodes[m].args[0] for m in anchors}) == 1
         else:
             assert kind == "attention" and ids["matmul"] == anchors and len(anchors) == 2
+
+
+def random_inputs(graph: Graph, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(t.shape).astype(np.float32) for t in graph.input_types]
+
+
+def assert_same_outputs(want: Graph, got: Graph, inputs: list) -> None:
+    for a, b in zip(run_graph(want, inputs), run_graph(got, inputs), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import fusec.cache as cache
+import fusec.cache_manifest as cache_manifest
 from fusec.backends.numba_cpu.runtime import Program
 from fusec.backends.reference import run_graph
 from fusec.api import lower
@@ -121,7 +122,7 @@ def test_unrecorded_file_is_discarded_unread(cache_dir, monkeypatch):
     os.unlink(cache_dir / f"{name}.manifest.json")
     path.write_bytes(b"not a pickle")
     read = []
-    monkeypatch.setattr(cache, "_sha256", lambda path: read.append(path))
+    monkeypatch.setattr(cache_manifest, "_sha256", lambda path: read.append(path))
     assert not cache.verify_numba_files(str(cache_dir), str(cache_dir / "__pycache__"), name)
     assert not read and not [f for f in files(cache_dir, ".nb") if module_of(f) == name]
 
@@ -248,8 +249,8 @@ def test_a_run_that_compiled_nothing_does_not_hash_numba_files_again(cache_dir, 
     """A warm load checks every Numba file against its record once; the record after the run stands when
     the files did not change (hashing them again cost a warm start a large part of its time)."""
     load_and_run()
-    hashed, real = [], cache._sha256
-    monkeypatch.setattr(cache, "_sha256", lambda path: hashed.append(path) or real(path))
+    hashed, real = [], cache_manifest._sha256
+    monkeypatch.setattr(cache_manifest, "_sha256", lambda path: hashed.append(path) or real(path))
     program = load_and_run()
     assert hits(program) == len(program.steps)
     assert sorted(hashed) == sorted(set(hashed)) == sorted(str(p) for p in files(cache_dir, ".nb?"))

@@ -7,7 +7,6 @@ A deliberate change: regenerate with `FUSEC_UPDATE_GOLDEN=1 python -m pytest tes
 and read the diff of tests/golden/ before committing it."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from pathlib import Path
@@ -16,20 +15,18 @@ import pytest
 
 import fusec
 import fusec.passes.tile
-from fusec.machines import cpu
+from fusec.machines import get_machine
 from fusec.models import load_model
 from fusec.models.registry import decode_inputs
 
 GOLDEN = Path(__file__).parent / "golden"
-KIB = 1024
 
 
 @pytest.fixture(autouse=True)
 def fixed_cpu(monkeypatch):
     """Tiles come from the host's caches and module names from a hash that includes the host CPU: pin
     the first and mask the second, so the text is the same on every machine."""
-    machine = dataclasses.replace(cpu(), cores=2, pcus=2, l1_bytes=48 * KIB, l2_bytes=2048 * KIB,
-                                  pmu_bytes=2048 * KIB, l3_bytes=32768 * KIB)
+    machine = get_machine("test_cpu")
     monkeypatch.setattr(fusec.passes.tile, "cpu", lambda: machine)
 
 

@@ -10,6 +10,7 @@ import re
 import pytest
 
 from fusec.machines import (GiB, KiB, MiB, TiB, Machine, cache_size, cpu, get_machine, list_machines)
+from fusec.passes.tile import loop_tiles
 
 TAG = re.compile(r"\[(P|S|M|D)[^\]]*\]")
 RDU_FIGURES = ("pcus", "pmus", "pmu_bytes", "grid", "peak_flops", "clock_hz", "lanes", "stages", "hbm_bytes",
@@ -18,7 +19,7 @@ RDU_FIGURES = ("pcus", "pmus", "pmu_bytes", "grid", "peak_flops", "clock_hz", "l
 
 
 def test_list_machines():
-    assert list_machines() == ["sn40l", "plasticine", "test_grid", "cpu"]
+    assert list_machines() == ["sn40l", "plasticine", "test_grid", "cpu", "test_cpu"]
     assert all(isinstance(get_machine(n), Machine) for n in list_machines())
 
 
@@ -157,3 +158,17 @@ def test_machines_are_frozen_plain_data():
     with pytest.raises(dataclasses.FrozenInstanceError):
         m.pcus = 1  # type: ignore[misc]
     assert m == get_machine("sn40l") and hash(m) == hash(get_machine("sn40l"))
+
+
+def test_test_cpu_is_fixed_and_a_machine_file_sets_the_fork_join_cost(tmp_path):
+    """`test_cpu` does not read the host (tests that pin tiles use it); `fork_join_s`, which the tiling
+    pass's parallel_min follows, comes from a machine file like any figure."""
+    m = get_machine("test_cpu")
+    assert (m.kind, m.cores, m.l1_bytes, m.l2_bytes, m.clock_hz, m.fork_join_s) == ("cpu", 2, 48 * KiB, 2 * MiB,
+                                                                                    2.3e9, 2e-6)
+    assert m.source("fork_join_s").endswith("[M]") and cpu().fork_join_s == m.fork_join_s
+    path = tmp_path / "slow_pool.json"
+    path.write_text(json.dumps({"base": "test_cpu", "fork_join_s": 8e-6}))
+    slow = get_machine(str(path))
+    assert slow.fork_join_s == 8e-6 and "override" in slow.source("fork_join_s")
+    assert loop_tiles(m)["parallel_min"] == 1 << 14 and loop_tiles(slow)["parallel_min"] == 1 << 16

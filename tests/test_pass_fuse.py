@@ -1,5 +1,6 @@
 """The fusion pass: IR text in, fused IR text out; a second run changes nothing; the reference backend
-computes the same outputs before and after; whole models are in test_fuse_models.py."""
+computes the same outputs before and after; whole models are in test_fuse_models.py, random programs in
+test_pass_fuse_random.py."""
 from __future__ import annotations
 
 from textwrap import dedent
@@ -7,9 +8,8 @@ from textwrap import dedent
 import numpy as np
 import pytest
 
-from fuse_checks import assert_kernel_contract, kinds
-from fusec.backends.reference import run_graph
-from fusec.ir import Builder, Graph, TensorType
+from fuse_checks import assert_kernel_contract, assert_same_outputs, kinds, random_inputs
+from fusec.ir import Graph
 from fusec.verify import verify
 from fusec.printer import format_graph, parse_graph
 from fusec.passes.fuse import decide, describe, fuse, fusion_stats, matmul_groups, unfuse
@@ -18,11 +18,6 @@ from fusec.passes.fusion_rules import Plan
 RNG = np.random.default_rng(0)
 TENSORS = {name: RNG.standard_normal(shape).astype(np.float32)
            for name, shape in {"w": (4, 8), "v": (6, 8), "b": (4,), "g": (8,)}.items()}
-
-
-def random_inputs(graph: Graph, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.standard_normal(t.shape).astype(np.float32) for t in graph.input_types]
 
 
 def check(before: str, after: str) -> Graph:
@@ -37,11 +32,6 @@ def check(before: str, after: str) -> Graph:
     assert format_graph(fuse(fused)) == format_graph(fused), "a second run changed the graph"
     assert_same_outputs(graph, fused, random_inputs(graph))
     return fused
-
-
-def assert_same_outputs(want: Graph, got: Graph, inputs: list) -> None:
-    for a, b in zip(run_graph(want, inputs), run_graph(got, inputs), strict=True):
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
 
 
 # --- small graphs, golden text ---------------------------------------------------------------------------
@@ -378,59 +368,3 @@ def test_decide_puts_every_compute_node_in_exactly_one_group():
     members = [m for g in plan.groups for m in g.members]
     assert len(members) == len(set(members))
     assert [g.kind for g in plan.groups] == ["attention"]
-
-
-def random_graph(seed: int) -> Graph:
-    """A random program over [4, 8] values: elementwise ops, row reductions, matmuls with weights and
-    activations, softmax attention, relayouts, masks, column reductions and returned views."""
-    rng = np.random.default_rng(seed)
-    b = Builder({"w": rng.standard_normal((8, 8)).astype(np.float32)})
-    values = [b.add("input", (), {"index": i, "name": f"x{i}"}, TensorType((4, 8), "f32"))
-              for i in range(rng.integers(1, 4))]
-    weight = b.add("param", (), {"name": "w"}, TensorType((8, 8), "f32"))
-    outputs = []
-    for _ in range(rng.integers(3, 20)):
-        x, y = (values[int(k)] for k in rng.integers(0, len(values), 2))
-        step = rng.integers(0, 9)
-        if step == 0:
-            v = b.add(["add", "mul", "sub", "max"][rng.integers(0, 4)], [x, y])
-        elif step == 1:
-            v = b.add(["exp", "neg", "tanh", "sigmoid"][rng.integers(0, 4)], [x])
-        elif step == 2:
-            red = b.add(["sum", "amax"][rng.integers(0, 2)], [x], {"axes": (1,), "keepdim": True})
-            v = b.add(["sub", "div", "mul"][rng.integers(0, 3)], [x, red])
-        elif step == 3:
-            rhs = b.add("permute", [weight], {"perm": (1, 0)}) if rng.random() < 0.5 else weight
-            v = b.add("matmul", [x, rhs])
-        elif step == 4:  # softmax(x y^T) z
-            s = b.add("matmul", [x, b.add("permute", [y], {"perm": (1, 0)})])
-            e = b.add("exp", [b.add("sub", [s, b.add("amax", [s], {"axes": (1,), "keepdim": True})])])
-            p = b.add("div", [e, b.add("sum", [e], {"axes": (1,), "keepdim": True})])
-            v = b.add("matmul", [p, values[int(rng.integers(0, len(values)))]])
-        elif step == 5:
-            v = b.add("reshape", [b.add("exp", [b.add("permute", [x], {"perm": (1, 0)})])], {"shape": (4, 8)})
-        elif step == 6:
-            v = b.add("where", [b.add("gt", [x, y]), x, b.const(float("-inf"), "f32")])
-        elif step == 7:
-            v = b.add("add", [x, b.add("sum", [x], {"axes": (0,), "keepdim": True})])
-        else:
-            half = b.add("slice", [x], {"axis": 1, "start": 0, "stop": 4, "step": 1})
-            v = b.add("concat", [half, b.add("neg", [half])], {"axis": 1})
-            if rng.random() < 0.3:
-                outputs.append(b.add("reshape", [v], {"shape": (32,)}))
-        values.append(v)
-    picks = rng.choice(len(values), size=min(3, len(values)), replace=False)
-    return b.finish(outputs + [values[int(k)] for k in picks])
-
-
-@pytest.mark.parametrize("seed", range(0, 400, 4))
-def test_random_programs_fuse_legally_and_compute_the_same(seed):
-    graph = random_graph(seed)
-    fused = fuse(graph)
-    verify(fused)
-    assert_kernel_contract(fused)
-    assert format_graph(fuse(fused)) == format_graph(fused)
-    inputs = random_inputs(graph, seed)
-    assert_same_outputs(graph, fused, inputs)
-    assert_same_outputs(graph, unfuse(graph), inputs)
-    assert_same_outputs(graph, fuse(unfuse(graph)), inputs)

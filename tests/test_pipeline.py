@@ -4,11 +4,16 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import torch
+
+import fusec
 
 from fusec import debug
 from fusec.api import lower
 from fusec.errors import FusecError, IRError
 from fusec.ir import Graph, TensorType
+from fusec.models.causal_lm import CausalLM
+from fusec.models.llama import LlamaConfig
 from fusec.printer import format_graph, parse_graph
 from fusec.passes import pipeline
 from fusec.passes.canonicalize import canonicalize, eliminate_common_subexpressions, eliminate_dead_code
@@ -148,6 +153,19 @@ def test_the_cpu_target_never_places(monkeypatch, capsys):
     assert "placement" not in graph.annotations and "placed/" not in err and "tiled/tile" in err
     placed = lower(parse_graph(SOURCE), target="rdu")
     assert "placement" in placed.annotations and "placed/place" in capsys.readouterr().err
+
+
+def test_a_generator_compile_never_places(monkeypatch, capsys, tmp_path):
+    """A KV-cache generator's programs (prefill and decode step) go through the cpu pipeline too: the
+    passes FUSEC_DEBUG=1 lists end with tiling, with no placement. (An empty cache directory: a cached
+    lowering would run no pass at all.)"""
+    monkeypatch.setenv("FUSEC_DEBUG", "1")
+    monkeypatch.setenv("FUSEC_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    generator = fusec.compile_generator(CausalLM(LlamaConfig.tiny()).eval(), backend="reference")
+    generator.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
+    err = capsys.readouterr().err
+    assert err.count("tiled/tile") >= 2 and "placed/" not in err and "/place " not in err
 
 
 def test_unfused_and_weight_formats_are_stages_of_one_description(capsys, monkeypatch):

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import fusec
+from fusec.machines import cpu
 from fusec.models import LlamaBlock, LlamaConfig, example_inputs
 from fusec.models.llama import init_weights
+from fusec.passes.tile import loop_tiles
 from fusec.sizes import SizeError
 
 SIZES = (1, 2, 3, 7, 13, 31, 64, 65, 127, 128)
@@ -43,8 +45,9 @@ def test_symbolic_kernels_read_sizes_from_their_arrays(block):
     (x,) = example_inputs(LlamaConfig.tiny(), batch=1, seq_len=10)
     compiled = fusec.compile(block, (x,), dynamic={"x": {1: (1, 128)}})
     assert "s0 = a0.shape[1]" in compiled.source
-    assert "if s0 <= 64:" in compiled.source  # the product (matvec or BLAS) is chosen per call
-    # over 64 rows Q, K and V (W1 and W3) are one joint GEMM call, as in a program of fixed sizes
+    # the product (matvec or BLAS) is chosen per call, at the tiling pass's threshold for this cpu
+    assert f"if s0 <= {loop_tiles(cpu())['matvec_rows']}:" in compiled.source
+    # over that many rows Q, K and V (W1 and W3) are one joint GEMM call, as in a program of fixed sizes
     assert "gemm3_mkl(" in compiled.source and "gemm2_mkl(" in compiled.source
 
 

@@ -1,38 +1,78 @@
-"""The thresholds that choose a cpu kernel's loops are tiles: the tiling pass sets them from its rules
-(`passes.tile.CPU_LOOP_RULES`), `fusec dump --stage tiled` prints them, and the generated Numba code
-follows whatever values a kernel carries (computing the same outputs either way)."""
+"""The thresholds that choose a cpu kernel's loops are tiles: the tiling pass derives them from the
+machine's figures and the kernel's shape (`passes.tile.CPU_LOOP_RULES`), `fusec dump --stage tiled`
+prints them, and the generated Numba code follows whatever values a kernel carries (computing the same
+outputs either way): another machine gives other thresholds and other loops."""
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
 import pytest
 
+import fusec.passes.tile
 from fusec.backends.numba_cpu.mkl import blas_choice
 from fusec.backends.numba_cpu.runtime import Program
 from fusec.backends.reference import run_graph
 from fusec.cli import dump
 from fusec.ir import Builder, Graph
-from fusec.machines import cpu
+from fusec.machines import KiB, get_machine
 from fusec.models import load_model
 from fusec.passes.pipeline import run_pipeline
-from fusec.passes.tile import CPU_LOOP_RULES, loop_tiles
+from fusec.passes.tile import CPU_LOOP_RULES, LOOP_TILES, MatmulShape, kernel_shape, loop_tiles, tile
 from fusec.tracing import trace
 
-SEQ = 24  # prefill rows: matrix-vector sized (<= 64) and enough query rows for attention GEMMs (>= 16)
+SEQ = 16  # prefill rows: matrix-vector sized (<= matvec_rows, 18 here) and enough query rows for attention GEMMs (>= 16)
+REFERENCE_CPU = get_machine("test_cpu")  # the 2-core x86 the thresholds were measured on (its figures)
+# A cpu with more cores, a smaller L2 and the same clock: other thresholds, and other tiles
+SMALL_L2 = dataclasses.replace(REFERENCE_CPU, name="small_l2", cores=8, pcus=8, pmus=8, grid=(1, 8),
+                               l1_bytes=2 * KiB, l2_bytes=4 * KiB, pmu_bytes=4 * KiB)
 
 
-def test_the_tiled_dump_shows_each_kernels_loop_thresholds():
-    rules = loop_tiles(cpu())
-    assert rules == {"parallel_min": 1 << 14, "matvec_rows": 64, "gemm_rows": 16}
-    kernels = [line for line in dump("llama-block", "tiled", "text", seq_len=SEQ).splitlines() if " = kernel " in line]
-    assert kernels
-    for line in kernels:
-        kind = re.search(r'kind="(\w+)"', line).group(1)
-        assert f'["parallel_min",{rules["parallel_min"]}]' in line, line
-        assert (f'["matvec_rows",{rules["matvec_rows"]}]' in line) == (kind == "matmul"), line
-        assert (f'["gemm_rows",{rules["gemm_rows"]}]' in line) == (kind == "attention"), line
-    assert {name for name, _, _ in CPU_LOOP_RULES} == set(rules)
+def test_the_rules_reproduce_the_measured_thresholds_and_follow_the_machine():
+    """On the machine they were measured on the rules give the measured crossovers (parallel_min 16384,
+    gemm_rows 16) and a matvec_rows (18) measured at least as fast as the old 64; more cores make a fork
+    and join pay sooner and give each core less memory bandwidth, one core never forks, a small L2
+    bounds the rows of A the matrix-vector loop keeps in it."""
+    assert loop_tiles(REFERENCE_CPU) == {"parallel_min": 1 << 14, "matvec_rows": 18, "gemm_rows": 16}
+    assert loop_tiles(SMALL_L2) == {"parallel_min": 1 << 13, "matvec_rows": 73, "gemm_rows": 16}
+    assert loop_tiles(dataclasses.replace(REFERENCE_CPU, cores=1))["parallel_min"] > 1 << 60
+    projection = MatmulShape(m=SEQ, n=64, k=64, a=4, b=4, out=4, acc=4)
+    assert loop_tiles(REFERENCE_CPU, projection)["matvec_rows"] == 18
+    assert loop_tiles(SMALL_L2, projection)["matvec_rows"] == 4 * KiB // (64 * 4)  # 16 rows of A fill its L2
+    assert {name for name, _, _ in CPU_LOOP_RULES} == set(loop_tiles(REFERENCE_CPU))
+
+
+def kernel_thresholds(machine, monkeypatch) -> list[tuple[str, dict, dict]]:
+    """(kind, the loop thresholds `fusec dump --stage tiled` prints, those the rules give for its shape)
+    per kernel of the tiny block's prefill tiled for `machine`."""
+    monkeypatch.setattr(fusec.passes.tile, "cpu", lambda: machine)
+    module, args = load_model("llama-block", seq_len=SEQ)
+    graph = run_pipeline(trace(module, args).graph, until="tiled", target="cpu")
+    kernels = [n for n in graph.nodes if n.op == "kernel"]
+    lines = [line for line in dump("llama-block", "tiled", "text", seq_len=SEQ).splitlines() if " = kernel " in line]
+    assert len(lines) == len(kernels) > 0
+    out = []
+    for line, node in zip(lines, kernels):
+        printed = {k: int(v) for k, v in re.findall(r'\["(\w+)",(\d+)\]', line) if k in LOOP_TILES}
+        out.append((node.attr("kind"), printed, loop_tiles(machine, kernel_shape(node))))
+    return out
+
+
+@pytest.mark.parametrize("machine", [REFERENCE_CPU, SMALL_L2], ids=lambda m: m.name)
+def test_the_tiled_dump_shows_each_kernels_loop_thresholds(machine, monkeypatch):
+    for kind, printed, rules in kernel_thresholds(machine, monkeypatch):
+        assert printed == rules, kind
+        assert ("matvec_rows" in printed) == (kind == "matmul") and ("gemm_rows" in printed) == (kind == "attention")
+
+
+def test_a_smaller_l2_gives_other_tiles_in_the_dump(monkeypatch):
+    """The small-L2 cpu's tiled dump differs from the reference cpu's in its thresholds: a lower
+    parallel_min everywhere, and on the down projection (K = 128) fewer matrix-vector rows than SEQ."""
+    reference, small = (kernel_thresholds(m, monkeypatch) for m in (REFERENCE_CPU, SMALL_L2))
+    assert all(r[1]["parallel_min"] == 1 << 14 and s[1]["parallel_min"] == 1 << 13 for r, s in zip(reference, small))
+    rows = [(r[1]["matvec_rows"], s[1]["matvec_rows"]) for r, s in zip(reference, small) if r[0] == "matmul"]
+    assert all(r == 18 for r, _ in rows) and sorted({s for _, s in rows}) == [8, 16]
 
 
 def retiled(graph: Graph, **changes: int) -> Graph:
@@ -50,10 +90,11 @@ def retiled(graph: Graph, **changes: int) -> Graph:
 
 @pytest.fixture(scope="module")
 def tiled():
+    """The tiny block's prefill, fused (tiles are set per test), its inputs and the reference outputs."""
     module, args = load_model("llama-block", seq_len=SEQ)
-    graph = run_pipeline(trace(module, args).graph, until="tiled", target="cpu")
+    fused = run_pipeline(trace(module, args).graph, until="fused", target="cpu")
     inputs = [np.ascontiguousarray(a.detach().numpy()) for a in args]
-    return graph, inputs, run_graph(graph, inputs)
+    return fused, inputs, run_graph(fused, inputs)
 
 
 def _sources(program: Program, loop: str) -> list[str]:
@@ -61,10 +102,11 @@ def _sources(program: Program, loop: str) -> list[str]:
 
 
 def test_the_generated_code_follows_changed_thresholds(tiled):
-    """At the pass's thresholds, 24 rows are matrix-vector products, the attention blocks are MKL GEMMs
-    and no other loop is big enough to run parallel; with matvec_rows 8, gemm_rows 32 and parallel_min 1 the
-    products are GEMMs, the attention blocks scalar loops and the loops parallel."""
-    graph, inputs, want = tiled
+    """At the reference cpu's thresholds, 16 rows are matrix-vector products, the attention blocks are
+    MKL GEMMs and no other loop is big enough to run parallel; with matvec_rows 8, gemm_rows 32 and
+    parallel_min 1 the products are GEMMs, the attention blocks scalar loops and the loops parallel."""
+    fused, inputs, want = tiled
+    graph = tile(fused, REFERENCE_CPU)
     assert blas_choice()[0] == "mkl", "the attention GEMMs are MKL's"
     as_tiled = Program(graph)
     changed = Program(retiled(graph, matvec_rows=8, gemm_rows=32, parallel_min=1))
@@ -78,3 +120,17 @@ def test_the_generated_code_follows_changed_thresholds(tiled):
     # (the attention's own rule is parallel_min x 4 of its work: its 4 heads run parallel either way)
     assert not any("prange(" in c.source for c in as_tiled.codes if not c.loop.startswith("attention"))
     assert all("prange(" in c.source for c in changed.codes)
+
+
+def test_the_generated_code_follows_a_smaller_l2(tiled):
+    """Tiled for the small-L2 cpu, the down projection (K = 128: 8 rows of A fill its L2) is a GEMM and
+    the other products (K = 64: 16 rows) matrix-vector streams, where the reference cpu streams them all;
+    the outputs equal the reference backend's either way."""
+    fused, inputs, want = tiled
+    programs = {m.name: Program(tile(fused, m)) for m in (REFERENCE_CPU, SMALL_L2)}
+    for program in programs.values():
+        for got, expected in zip(program.run(inputs), want):
+            np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-5)
+    reference, small = programs[REFERENCE_CPU.name], programs[SMALL_L2.name]
+    assert len(_sources(reference, "matvec")) == len(_sources(small, "matvec")) + 1 and not _sources(reference, "gemm")
+    assert len(_sources(small, "gemm")) == 1
