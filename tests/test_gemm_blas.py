@@ -76,6 +76,18 @@ def test_products_of_one_kernel_share_one_parallel_gemm_call(block):
     _close(compiled(*args), want, 1e-5)
 
 
+def test_attention_projection_outputs_share_one_parallel_loop(block):
+    """Q and K with their RoPE and V, the three outputs of the projection kernel, are written by one
+    parallel loop after the GEMM (each iteration a share of each), not by a parallel loop each."""
+    module, args, want = block
+    compiled = fusec.compile(module, args)
+    qkv = [c.source for c in compiled.program.codes if "gemm3_mkl(" in c.source]
+    assert len(qkv) == 1
+    epilogue = qkv[0].split("gemm3_mkl(")[-1]
+    assert epilogue.count("prange(") == 1 and epilogue.count("o0[") and epilogue.count("o2["), epilogue
+    _close(compiled(*args), want, 1e-5)
+
+
 def test_rows_tile_gives_every_core_a_block():
     from fusec.machines import cpu
     from fusec.tracing import trace

@@ -7,7 +7,7 @@ import math
 
 from fusec.backends.numba_cpu.expr import Emitter
 from fusec.backends.numba_cpu.mkl import blas_choice
-from fusec.backends.numba_cpu.stores import emit_store
+from fusec.backends.numba_cpu.stores import emit_store, shared_stores
 from fusec.errors import FusecError
 from fusec.symbolic import is_sym, lower, upper
 from fusec.passes.weights import dequantized
@@ -126,6 +126,9 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
             _emit_joint_gemms(em, a, either)
     _emit_joint_gemms(em, a, joint)
     _emit_matvecs(em, a, streamed)
+    epilogue = [(o, out) for o, out in zip(g.outputs, outs) if o not in matmuls]
+    if parallel and 0 < rows < upper(m) and not is_sym(m) and shared_stores(em, epilogue, -(-m // rows)):
+        return "gemm" if upper(m) > matvec_rows else "matvec"  # one parallel loop over all the outputs
     for o, out in zip(g.outputs, outs):  # the epilogue
         if o not in matmuls:
             shape = g.nodes[o].shape
