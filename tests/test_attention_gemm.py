@@ -79,6 +79,52 @@ def test_causal_mask_is_not_read_and_row_reductions_run_in_lanes(block_and_progr
         torch.testing.assert_close(program(x, 0), block(x, 0), rtol=1e-5, atol=1e-5)
 
 
+def test_grouped_query_keys_and_values_are_read_in_place(block_and_program):
+    """K and V rows lie in the projection's output, key after key: each key block is a slice the GEMMs
+    read in place, not a copy per head (two heads share each K/V head here)."""
+    block, x, program = block_and_program
+    attention = kernel_source(program.source, "attention")
+    assert "kbuf" not in attention and "vbuf" not in attention, attention
+    assert re.search(r"kblk = a\d+\[0, .*, j0:j0 \+ jn\]", attention), attention
+    assert re.search(r"vblk = a\d+\[0, .*, j0:j0 \+ jn\]", attention), attention
+    with torch.no_grad():
+        torch.testing.assert_close(program(x, 0), block(x, 0), rtol=1e-5, atol=1e-5)
+
+
+class TokenMajorAttention(torch.nn.Module):
+    """Causal attention over K (and V, or not) given token-major [B, T, H, D]: a key's row is not the
+    array's axis before the row, so that operand is packed per key block."""
+
+    def __init__(self, t: int, v_token_major: bool):
+        super().__init__()
+        self.register_buffer("mask", torch.ones(t, t, dtype=torch.bool).triu(1))
+        self.v_token_major = v_token_major
+
+    def forward(self, q, k, v):
+        k = k.transpose(1, 2)
+        v = v.transpose(1, 2) if self.v_token_major else v
+        s = (q @ k.transpose(-1, -2) / 4.0).masked_fill(self.mask, float("-inf"))
+        return torch.softmax(s, -1) @ v
+
+
+@pytest.mark.parametrize("v_token_major", [False, True])
+def test_keys_that_are_not_rows_of_one_array_are_packed(monkeypatch, tmp_path, v_token_major):
+    monkeypatch.setenv("FUSEC_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FUSEC_BLAS", raising=False)
+    t = 37
+    torch.manual_seed(1)
+    q = torch.randn(1, 2, t, 16)
+    k = torch.randn(1, t, 2, 16)
+    v = torch.randn(1, t, 2, 16) if v_token_major else torch.randn(1, 2, t, 16)
+    module = TokenMajorAttention(t, v_token_major).eval()
+    program = fusec.compile(module, (q, k, v))
+    attention = kernel_source(program.source, "attention")
+    assert "gemm_tile_mkl(" in attention and "kblk = kbuf[:jn]" in attention, attention
+    assert ("vblk = vbuf[:jn]" in attention) == v_token_major, attention
+    with torch.no_grad():
+        torch.testing.assert_close(program(q, k, v), module(q, k, v), rtol=1e-5, atol=1e-5)
+
+
 class MaskedAttention(torch.nn.Module):
     """softmax(q.k^T / 4 with a constant mask) @ v."""
 

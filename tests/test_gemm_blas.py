@@ -44,7 +44,7 @@ def test_prefill_gemms_call_mkl_and_match_eager(block):
     module, args, want = block
     compiled = fusec.compile(module, args)
     assert compiled.stats["blas"] == "mkl" and "blas_note" not in compiled.stats
-    assert "gemm_mkl(" in compiled.source and not re.search(r"\bgemm\(", compiled.source)
+    assert re.search(r"\bgemm(\d|_add)?_mkl\(", compiled.source) and not re.search(r"\bgemm\(", compiled.source)
     _close(compiled(*args), want, 1e-5)
 
 
@@ -56,6 +56,8 @@ def test_prologue_and_epilogue_run_over_the_tiled_row_blocks(block):
     kernels = _matmul_kernels(compiled)
     assert kernels
     for node, code in zip(kernels, [c for c in compiled.program.codes if c.loop == "gemm"]):
+        if "gemm_add_mkl(" in code.source:  # a projection plus residual: one call, neither around it
+            continue
         rows = dict(node.attr("tiles"))["rows"]
         assert 8 <= rows < ROWS and rows % 8 == 0
         # the prologue (a norm into the A tile) or the first epilogue loop: blocks of `rows` rows
@@ -71,6 +73,18 @@ def test_products_of_one_kernel_share_one_parallel_gemm_call(block):
     compiled = fusec.compile(module, args)
     calls = [re.findall(r"\b(gemm\d?_mkl)\(", c.source) for c in compiled.program.codes if c.loop == "gemm"]
     assert ["gemm3_mkl"] in calls and ["gemm2_mkl"] in calls, calls
+    _close(compiled(*args), want, 1e-5)
+
+
+def test_attention_projection_outputs_share_one_parallel_loop(block):
+    """Q and K with their RoPE and V, the three outputs of the projection kernel, are written by one
+    parallel loop after the GEMM (each iteration a share of each), not by a parallel loop each."""
+    module, args, want = block
+    compiled = fusec.compile(module, args)
+    qkv = [c.source for c in compiled.program.codes if "gemm3_mkl(" in c.source]
+    assert len(qkv) == 1
+    epilogue = qkv[0].split("gemm3_mkl(")[-1]
+    assert epilogue.count("prange(") == 1 and epilogue.count("o0[") and epilogue.count("o2["), epilogue
     _close(compiled(*args), want, 1e-5)
 
 
@@ -151,6 +165,71 @@ def test_joint_gemms_split_the_columns_of_all_products(threads):
                 assert np.isnan(wide[:, :4]).all() and np.isnan(wide[:, 4 + w.shape[0]:]).all()
     finally:
         numba.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gemm_add_mkl_adds_the_product_to_the_residual(threads):
+    """c = r + a @ w^T over odd shapes, into a column window of a wider array, and in place (r is c)."""
+    rng = np.random.default_rng(threads)
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        for m, k, n in [(100, 96, 200), (257, 130, 77), (65, 7, 1), (3, 5, 33)]:
+            a = rng.standard_normal((m, k), dtype=np.float32)
+            w = rng.standard_normal((n, k), dtype=np.float32)
+            r = rng.standard_normal((m, n), dtype=np.float32)
+            want = r + a.astype(np.float64) @ w.T.astype(np.float64)
+            wide = np.full((m, n + 20), np.nan, np.float32)
+            mkl.gemm_add_mkl(a, w, wide[:, 7:7 + n], r)
+            np.testing.assert_allclose(wide[:, 7:7 + n], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+            assert np.isnan(wide[:, :7]).all() and np.isnan(wide[:, 7 + n:]).all()
+            mkl.gemm_add_mkl(a, w, r, r)
+            np.testing.assert_allclose(r, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    finally:
+        numba.set_num_threads(before)
+
+
+class _Residual(torch.nn.Module):
+    """x + x @ W^T (or the product first), plus a row bias that is no residual (same last axis only)."""
+
+    def __init__(self, width: int, product_first: bool, bias: bool):
+        super().__init__()
+        self.proj = torch.nn.Linear(width, width, bias=False)
+        self.row = torch.nn.Parameter(torch.randn(width)) if bias else None
+        self.product_first = product_first
+
+    def forward(self, x):
+        y = self.proj(x)
+        y = y + x if self.product_first else x + y
+        return y + self.row if self.row is not None else y
+
+
+@pytest.mark.parametrize("rank, product_first, bias", [(3, False, False), (2, True, False), (3, True, True)])
+def test_residual_projection_is_one_gemm_add_call(rank, product_first, bias):
+    """A projection plus residual over more rows than the matrix-vector limit (and no multiple of the
+    tiles) is one `gemm_add_mkl` call with no epilogue, equal to eager; with a bias added after it, the
+    kernel is no plain residual sum and keeps its GEMM and epilogue."""
+    torch.manual_seed(rank)
+    module = _Residual(48, product_first, bias).eval()
+    x = torch.randn((1, ROWS, 48) if rank == 3 else (ROWS, 48))
+    with torch.no_grad():
+        want = module(x)
+    compiled = fusec.compile(module, (x,))
+    folded = "gemm_add_mkl(" in compiled.source
+    assert folded != bias, compiled.source
+    if folded:
+        assert "prange(" not in compiled.source.split("gemm_add_mkl(")[-1]
+    _close(compiled(x), want, 1e-5)
+
+
+def test_block_residual_projections_fold_into_the_gemm(block):
+    """The attention output and MLP down projections of a block add the residual in the GEMM."""
+    module, args, want = block
+    compiled = fusec.compile(module, args)
+    assert len(re.findall(r"gemm_add_mkl\(", compiled.source)) >= 1
+    codes = [c for c in compiled.program.codes if "gemm_add_mkl(" in c.source]
+    assert len(codes) == 2, [c.name for c in compiled.program.codes]  # o-proj and down-proj call sites
+    _close(compiled(*args), want, 1e-5)
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:

@@ -112,7 +112,9 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
             online_softmax_gemm(em, s_id, (x_row, x_index, bidx), q_block, kv_block, depth, dv, limit,
                                 lambda i, d: em.value(qv, _broadcast(bidx, g.nodes[qv].shape[:-2]) + (i, d)),
                                 lambda j, d: em.value(kv, _broadcast(bidx, g.nodes[kv].shape[:-2]) + (d, j)),
-                                lambda j, e: em.value(vv, _broadcast(bidx, g.nodes[vv].shape[:-2]) + (j, e)))
+                                lambda j, e: em.value(vv, _broadcast(bidx, g.nodes[vv].shape[:-2]) + (j, e)),
+                                lambda j: array_row(em, kv, _broadcast(bidx, g.nodes[kv].shape[:-2]) + (":", j)),
+                                lambda j: array_row(em, vv, _broadcast(bidx, g.nodes[vv].shape[:-2]) + (j, ":")))
         elif softmax is not None:
             _online_softmax(em, s_id, softmax, bidx, q_block, kv_block, limit, score, accumulate)
         else:

@@ -6,7 +6,8 @@ Per key block: the block's query rows (packed once into `qbuf`) times the key bl
 into the score tile `sblk`, the score expression X and the online softmax row by row over the tile (each
 score replaced by its probability), then `sblk @ vbuf` added to the rows' outputs. Packing reads Q, K and
 V through their views (grouped-query heads, concatenated past/new K/V): a copy of q + 2 kv rows per block,
-small next to the q * kv * (D + Dv) multiply-adds it feeds.
+small next to the q * kv * (D + Dv) multiply-adds it feeds; K and V rows that lie in one array, key after
+key, are read in place (`_in_place`), so grouped-query heads do not copy the same rows once per head.
 
 Only the rows whose key limit reaches into the key block take part (causal prefill: the diagonal blocks
 and below). Inside the rows' range, a key a row does not see weighs exactly 0 in the P.V product, so
@@ -117,14 +118,37 @@ def rescale_row(em) -> None:
         w.line("oacc[r, e1] *= scale")                       # that would be a parallel loop
 
 
+KEY = "jkey"  # a placeholder for the key index when asking where a key's row lies
+
+
+def _in_place(row_of: Callable[[str], object] | None) -> str:
+    """The key block's rows [j0, j0 + jn) of K or V as a slice of its operand array, `aN[..., j0:j0 + jn]`,
+    when `row_of(j)` (`attention_rows.array_row` of the row of key j) says the row is the last axis of one
+    array and the key its axis before: the GEMM then reads them in place (unit stride along the row, any
+    stride between rows), not through a packed copy. '' otherwise (a choice per key, a key axis
+    elsewhere, an index computed from the key)."""
+    row = row_of(KEY) if row_of is not None else None
+    if not row or row[0] != "row" or row[2].count(KEY) != 1:
+        return ""
+    lead, _, last = row[2].rpartition(", ")
+    if last.strip("()") != KEY or last.count("(") != last.count(")"):  # the key itself, parenthesized
+        return ""
+    return f"{row[1]}[{lead + ', ' if lead else ''}j0:j0 + jn]"
+
+
 def online_softmax_gemm(em, s_id: int, softmax, q_block: int, kv_block: int, depth: int, dv: int,
-                        limit: Callable[[str], str], q_at, k_at, v_at) -> None:
+                        limit: Callable[[str], str], q_at, k_at, v_at, k_row=None, v_row=None) -> None:
     """The flash recurrence of `attention._online_softmax` with GEMM products. `q_at(i, d)`, `k_at(j, d)`
-    and `v_at(j, e)` are expressions of Q[i, d], K[j, d] and V[j, e] of this block's (batch, head)."""
+    and `v_at(j, e)` are expressions of Q[i, d], K[j, d] and V[j, e] of this block's (batch, head);
+    `k_row(j)` and `v_row(j)`, where the rows of K and V lie (`_in_place`: a key block read in place
+    instead of packed: grouped-query heads would copy the same rows once per head)."""
     w = em.w
+    k_in, v_in = _in_place(k_row), _in_place(v_row)
     for name, shape in (("mrow", q_block), ("lrow", q_block), ("qbuf", (q_block, depth)),
                         ("kbuf", (kv_block, depth)), ("vbuf", (kv_block, dv)), ("sblk", (q_block, kv_block)),
                         ("pv", (q_block, dv)), ("lane", LANES)):
+        if (name == "kbuf" and k_in) or (name == "vbuf" and v_in):
+            continue
         w.line(f"{name} = np.empty({shape}, np.float32)")
         w.define(name)
     with start_rows(em, limit):
@@ -133,11 +157,17 @@ def online_softmax_gemm(em, s_id: int, softmax, q_block: int, kv_block: int, dep
     with em.loop(f"for j0 in range(0, klim, {kv_block})", ("j0",)):
         w.line(f"jn = min(klim, j0 + {kv_block}) - j0")
         w.define("jn")
-        with em.loop("for j in range(j0, j0 + jn)", ("j",)):
-            with em.loop(f"for d in range({depth})", ("d",)):
-                w.line(f"kbuf[j - j0, d] = {k_at('j', 'd')}")
-            with em.loop(f"for e in range({dv})", ("e",)):
-                w.line(f"vbuf[j - j0, e] = {v_at('j', 'e')}")
+        if not (k_in and v_in):
+            with em.loop("for j in range(j0, j0 + jn)", ("j",)):
+                if not k_in:
+                    with em.loop(f"for d in range({depth})", ("d",)):
+                        w.line(f"kbuf[j - j0, d] = {k_at('j', 'd')}")
+                if not v_in:
+                    with em.loop(f"for e in range({dv})", ("e",)):
+                        w.line(f"vbuf[j - j0, e] = {v_at('j', 'e')}")
+        for name, block in (("kblk", k_in or "kbuf[:jn]"), ("vblk", v_in or "vbuf[:jn]")):
+            w.line(f"{name} = {block}")
+            w.define(name)
         w.line("rlo = i1")  # the rows that see a key of this block: [rlo, rhi)
         w.line("rhi = i0")
         with em.loop("for i in range(i0, i1)", ("i",)):
@@ -145,7 +175,7 @@ def online_softmax_gemm(em, s_id: int, softmax, q_block: int, kv_block: int, dep
                 w.line("rlo = min(rlo, i)")
                 w.line("rhi = i + 1")
         with em.loop("if rlo < rhi", barrier=True):
-            w.line("gemm_tile_mkl(qbuf[rlo - i0:rhi - i0], kbuf[:jn], sblk[rlo - i0:rhi - i0, :jn], True)")
+            w.line("gemm_tile_mkl(qbuf[rlo - i0:rhi - i0], kblk, sblk[rlo - i0:rhi - i0, :jn], True)")
             with em.loop("for i in range(rlo, rhi)", ("i",)):
                 w.line("r = i - i0")
                 w.define("r")
@@ -168,7 +198,7 @@ def online_softmax_gemm(em, s_id: int, softmax, q_block: int, kv_block: int, dep
                         w.line("sblk[r, j - j0] = np.float32(0.0)")
                 with em.loop("for j in range(j1, j0 + jn)", ("j",)):  # past the row's limit: weight 0
                     w.line("sblk[r, j - j0] = np.float32(0.0)")
-            w.line("gemm_tile_mkl(sblk[rlo - i0:rhi - i0, :jn], vbuf[:jn], pv[rlo - i0:rhi - i0], False)")
+            w.line("gemm_tile_mkl(sblk[rlo - i0:rhi - i0, :jn], vblk, pv[rlo - i0:rhi - i0], False)")
             with em.loop("for r in range(rlo - i0, rhi - i0)", ("r",)):
                 with em.loop(f"for e1 in range({dv})", ("e1",)):
                     w.line("oacc[r, e1] += pv[r, e1]")

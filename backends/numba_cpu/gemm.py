@@ -7,7 +7,7 @@ import math
 
 from fusec.backends.numba_cpu.expr import Emitter
 from fusec.backends.numba_cpu.mkl import blas_choice
-from fusec.backends.numba_cpu.stores import emit_store
+from fusec.backends.numba_cpu.stores import emit_store, shared_stores
 from fusec.errors import FusecError
 from fusec.symbolic import is_sym, lower, upper
 from fusec.passes.weights import dequantized
@@ -80,6 +80,10 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
             emit_store(em, left, a, (m, k), parallel=parallel, block=rows)  # the prologue, e.g. RMSNorm
         else:
             a = view[0]
+    folded = _residual_gemm(em, matmuls, rights, outs, a) if blas == "mkl" and lower(m) > matvec_rows else None
+    if folded:  # out = residual + a @ w^T: one call, no epilogue
+        w.line(folded)
+        return "gemm"
     streamed: list[tuple[str, str, str]] = []  # (format, weight, product) of the matrix-vector products
     joint: list[tuple[str, str]] = []  # (weight [N, K], product) of the fp32 MKL GEMMs, run together
     either = []  # the same for a symbolic M that may be matrix-vector sized (chosen per call)
@@ -122,6 +126,9 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
             _emit_joint_gemms(em, a, either)
     _emit_joint_gemms(em, a, joint)
     _emit_matvecs(em, a, streamed)
+    epilogue = [(o, out) for o, out in zip(g.outputs, outs) if o not in matmuls]
+    if parallel and 0 < rows < upper(m) and not is_sym(m) and shared_stores(em, epilogue, -(-m // rows)):
+        return "gemm" if upper(m) > matvec_rows else "matvec"  # one parallel loop over all the outputs
     for o, out in zip(g.outputs, outs):  # the epilogue
         if o not in matmuls:
             shape = g.nodes[o].shape
@@ -130,6 +137,42 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
             outer = 0 if is_sym(m) or any(is_sym(d) for d in shape) else max(1, math.prod(shape[:-1]))
             emit_store(em, o, out, shape, parallel=parallel, block=rows * max(1, outer // m) if outer else 0)
     return "gemm" if upper(m) > matvec_rows else "matvec"
+
+
+def _residual_gemm(em: Emitter, matmuls: list[int], rights: list, outs: list[str], a: str | None) -> str:
+    """The call `gemm_add_mkl(a, w, out, residual)` when the kernel computes only out = residual + a @ w^T
+    (either order of the add; the product possibly reshaped to the output's shape, rows flattened): a
+    projection followed by the residual connection. MKL adds the product to a copy of the residual
+    (`mkl.gemm_add_mkl`) instead of the product going to a buffer that a pass of its own then adds to the
+    residual. '' when the kernel is anything else (its epilogue then runs as usual)."""
+    g = em.g
+    if len(matmuls) != 1 or len(g.outputs) != 1 or a is None:
+        return ""
+    mm, out = matmuls[0], g.nodes[g.outputs[0]]
+    view = rights[0]
+    if view is None or not view[1] or view[2] or mm in g.outputs:  # an fp32 weight [N, K], read in place
+        return ""
+    m, n = g.nodes[mm].shape
+    shape = out.shape
+    if out.op != "add" or out.dtype != "f32" or any(is_sym(d) for d in shape + (m, n)) or shape[-1:] != (n,):
+        return ""
+
+    def is_product(i: int) -> bool:
+        x = g.nodes[i]
+        if x.op == "reshape" and x.args[0] == mm and x.shape == shape:
+            return True  # the rows of [M, N] as the output's leading axes (same last axis, row-major)
+        return i == mm and shape == (m, n)
+
+    x, y = out.args
+    product, residual = (x, y) if is_product(x) else (y, x)
+    r = g.nodes[residual]
+    if not is_product(product) or r.op != "input" or r.shape != shape or r.dtype != "f32" \
+            or residual not in em.arrays or math.prod(shape) != m * n:
+        return ""
+
+    def rows(name: str) -> str:
+        return name if len(shape) == 2 else f"{name}.reshape(({m}, {n}))"
+    return f"gemm_add_mkl({a}, {view[0]}, {rows(outs[0])}, {rows(em.arrays[residual])})"
 
 
 def _check_int8(g, matmuls: list[int], rights: list) -> None:

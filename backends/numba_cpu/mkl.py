@@ -110,16 +110,22 @@ def _column_block(n, threads):
 # The library calls are functions of their own: called straight from a parallel loop's body, an external
 # function makes Numba refuse to cache the kernel ("dynamic globals").
 @njit(cache=True, nogil=True)
-def _sgemm_block(a, b, c, b_transposed):
-    """One single-threaded MKL sgemm: c = a @ B (see `gemm_mkl`)."""
+def _sgemm_beta(a, b, c, b_transposed, beta):
+    """One single-threaded MKL sgemm: c = a @ B + beta * c (see `gemm_mkl`; beta 0 does not read c)."""
     m, k = a.shape
     n = c.shape[1]
     # row-major C = A.B is column-major C^T = B^T.A^T: B comes first, no transposes of our own
     before = _set_local_threads(1)
     _sgemm(_ref(np.uint8(84 if b_transposed else 78)), _ref(np.uint8(78)), _ref(np.int32(n)), _ref(np.int32(m)),
            _ref(np.int32(k)), _ref(np.float32(1.0)), _ptr(b), _ref(np.int32(b.strides[0] // 4)), _ptr(a),
-           _ref(np.int32(a.strides[0] // 4)), _ref(np.float32(0.0)), _ptr(c), _ref(np.int32(c.strides[0] // 4)))
+           _ref(np.int32(a.strides[0] // 4)), _ref(np.float32(beta)), _ptr(c), _ref(np.int32(c.strides[0] // 4)))
     _set_local_threads(before)
+
+
+@njit(cache=True, nogil=True)
+def _sgemm_block(a, b, c, b_transposed):
+    """One single-threaded MKL sgemm: c = a @ B (see `gemm_mkl`)."""
+    _sgemm_beta(a, b, c, b_transposed, 0.0)
 
 
 # Generated kernels call it from a parallel loop of their own (one attention block per iteration, see
@@ -148,6 +154,23 @@ def gemm_mkl(a, b, c, b_transposed):
         n0 = t * block
         n1 = min(n, n0 + block)
         _sgemm_block(a, b[n0:n1] if b_transposed else b[:, n0:n1], c[:, n0:n1], b_transposed)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def gemm_add_mkl(a, w, c, r):
+    """c[M, N] = r[M, N] + a[M, K] @ w[N, K]^T (a residual added to a projection): per thread, its block
+    of columns of r copied into c, then MKL's sgemm with beta = 1 adds the product to them, so the sum is
+    not a pass of its own over the output after the GEMM (nor the product a buffer of its own). `r` may
+    be `c` itself. Operands have unit stride in their last axis."""
+    m, n = c.shape
+    block = _column_block(n, _threads())
+    for t in prange((n + block - 1) // block):
+        n0 = t * block
+        n1 = min(n, n0 + block)
+        for i in range(m):
+            for j in range(n0, n1):
+                c[i, j] = r[i, j]
+        _sgemm_beta(a, w[n0:n1], c[:, n0:n1], True, 1.0)
 
 
 @njit(inline="always")

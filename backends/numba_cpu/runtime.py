@@ -55,7 +55,8 @@ from fusec.backends.numba_cpu.matvec import matvec, matvec2, matvec3
 from fusec.backends.numba_cpu.lowp import (gemm_int8, matvec2_bf16, matvec2_int8, matvec3_bf16, matvec3_int8, matvec_bf16,
                                            matvec_int8)
 from fusec.backends.numba_cpu.fastexp import exp32
-from fusec.backends.numba_cpu.mkl import bf16_bits, gemm2_mkl, gemm3_mkl, gemm_bf16_mkl, gemm_mkl, gemm_tile_mkl
+from fusec.backends.numba_cpu.mkl import (bf16_bits, gemm2_mkl, gemm3_mkl, gemm_add_mkl, gemm_bf16_mkl, gemm_mkl,
+                                         gemm_tile_mkl)
 from fusec.backends.numba_cpu.rowops import row_axpy, row_dot
 
 FASTMATH = {FASTMATH}
@@ -66,7 +67,7 @@ def blas_used(source: str) -> dict:
     """{"blas": the library the GEMM calls of generated `source` go to, "mkl", "openblas" or "none"}, with
     "blas_note" saying why when it is OpenBLAS. The generated code names it: `gemm_mkl` / `gemm_bf16_mkl`
     or `gemm` / `gemm_bf16`."""
-    if re.search(r"\bgemm(_bf16|_tile|2|3)?_mkl\(", source):
+    if re.search(r"\bgemm(_bf16|_tile|_add|2|3)?_mkl\(", source):
         return {"blas": "mkl"}
     if re.search(r"\bgemm(_bf16)?\(", source):
         return {"blas": "openblas", "blas_note": blas_choice()[1] or "FUSEC_BLAS=openblas when it was compiled"}

@@ -5,6 +5,8 @@ Below all of them in the import order: it needs only the scalar `Emitter`.
 """
 from __future__ import annotations
 
+import math
+
 from fusec.backends.numba_cpu.expr import Emitter, concat_splits
 from fusec.symbolic import is_sym, upper
 
@@ -19,11 +21,13 @@ def emit_outputs(em: Emitter, outs: list[str], only: list[int] | None = None, pa
 
 
 def emit_store(em: Emitter, nid: int, out: str, shape: tuple[int, ...], fixed: dict[int, str] | None = None,
-               parallel: bool = True, block: int = 0, convert: str = "") -> None:
+               parallel: bool = True, block: int = 0, convert: str = "", share: tuple[str, int] | None = None) -> None:
     """`out[idx] = convert(value(nid, idx))` over `shape`; axes in `fixed` take the given index expression.
     The outer loop is parallel when `parallel` and the loop nest is big enough to pay for the threads;
     with `block` (rows, a tile of the tiling pass) it runs over blocks of that many rows of the flattened
-    outer axes, each block a parallel iteration (a row at a time otherwise)."""
+    outer axes, each block a parallel iteration (a row at a time otherwise). With `share` = (b, n), the
+    store is emitted inside a parallel loop `for b in prange(n)` of the caller's and writes its b-th of n
+    equal shares of the outer rows (`shared_stores`)."""
     fixed = fixed or {}
     free = [ax for ax in range(len(shape)) if ax not in fixed and shape[ax] != 1]
     idx = ["0" if shape[ax] == 1 else fixed.get(ax, "") for ax in range(len(shape))]
@@ -42,7 +46,10 @@ def emit_store(em: Emitter, nid: int, out: str, shape: tuple[int, ...], fixed: d
     opened = []
     if outer:
         r = em.tmp("p")
-        if parallel and isinstance(total, int) and 0 < block < total:  # row blocks (a symbolic size: rows)
+        if share is not None:
+            size = -(-total // share[1])
+            opened.append(em.loop(f"for {r} in range({share[0]} * {size}, min({total}, {share[0]} * {size} + {size}))", (r,)))
+        elif parallel and isinstance(total, int) and 0 < block < total:  # row blocks (a symbolic size: rows)
             b = em.tmp("b")
             opened.append(em.loop(f"for {b} in prange({-(-total // block)})", (b,)))
             opened[-1].__enter__()
@@ -73,6 +80,25 @@ def emit_store(em: Emitter, nid: int, out: str, shape: tuple[int, ...], fixed: d
             em.w.line(f"{out}[{', '.join(idx)}] = {store(em.value(nid, tuple(idx)))}")
     for blk in reversed(opened):
         blk.__exit__(None, None, None)
+
+
+def shared_stores(em: Emitter, stores: list[tuple[int, str]], blocks: int) -> bool:
+    """The outputs `stores` ((node, output array) of fixed shapes) written by one parallel loop over
+    `blocks` iterations, each writing a share of every output's outer rows, instead of a parallel loop per
+    output: the threads meet once after all of them (the Q, K and V of an attention projection with their
+    RoPE). False, emitting nothing, unless there are two or more such outputs, each with outer rows and
+    enough elements for the threads (the tiling pass's `parallel_min`)."""
+    shapes = [em.g.nodes[o].shape for o, _ in stores]
+    if len(stores) < 2 or blocks < 2 or any(is_sym(d) for shape in shapes for d in shape):
+        return False
+    if any(len([d for d in shape[:-1] if d != 1]) == 0 or math.prod(shape) < em.tiles["parallel_min"]
+           for shape in shapes):
+        return False
+    b = em.tmp("b")
+    with em.loop(f"for {b} in prange({blocks})", (b,)):
+        for (o, out), shape in zip(stores, shapes):
+            emit_store(em, o, out, shape, share=(b, blocks))
+    return True
 
 
 def emit_rows(em: Emitter, outs: list[str]) -> str:
