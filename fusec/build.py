@@ -4,7 +4,9 @@ backend, and run it once; `Specialization` is the result, one per input signatur
 """
 from __future__ import annotations
 
+import gc
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -100,7 +102,31 @@ def _array(x: torch.Tensor) -> np.ndarray:
 def build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options,
           dynamic: Any = None) -> Specialization:
     """Trace, lower and compile `module` for exactly these inputs, or with `dynamic` for every size in its
-    ranges (`fusec.tracing_sym`); run it once (JIT-compiling the kernels or loading them from the cache)."""
+    ranges (`fusec.tracing_sym`); run it once (JIT-compiling the kernels), unless all of their machine code
+    loads from the cache."""
+    with young_gc():
+        return _build(module, args, kwargs, options, dynamic)
+
+
+@contextmanager
+def young_gc():
+    """Collect only objects made inside: a build allocates many small objects (IR nodes, Numba's types),
+    and each full collection walks every object of the process (torch's and Numba's modules: ~0.1 s
+    each, a third of a warm start). Objects that existed before are moved out of the collector's sight
+    (`gc.freeze`) and put back afterwards, so nothing is collected less in the end: only later. Not when
+    something else froze objects (a server before it forks, or another build): unfreezing would undo it."""
+    if not gc.isenabled() or gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def _build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options,
+           dynamic: Any = None) -> Specialization:
     from fusec.trace_cache import trace_and_lower
     from fusec.tracing import trace
     start = time.perf_counter()
@@ -139,13 +165,17 @@ def build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options,
         stats["compiled_in_workers"] = program.compile_counts["in_workers"]  # (backends.numba_cpu.compile_pool)
         stats.update(program.blas)  # {"blas": the library its GEMMs call[, "blas_note": why not MKL]}
         spec = Specialization(traced, graph, program.run, program.source, stats, program)
-        steps = len(program.steps) + sum(len(v) for v in program.torch_steps.values())
-        progress = Progress(traced.module_name, steps)
-        leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
-        try:  # JIT-compile (or load from the cache) every kernel now
-            program.run([_array(x) for x in leaves], observe=lambda *_: progress.step())
-        finally:
-            progress.close()
+        # machine code that all loads from the cache ran in the process that compiled it (its checksums
+        # are recorded after a run): nothing to run; else run the example once, JIT-compiling every kernel
+        stats["example_run"] = bool(dump) or not program.load_cached()
+        if stats["example_run"]:
+            steps = len(program.steps) + sum(len(v) for v in program.torch_steps.values())
+            progress = Progress(traced.module_name, steps)
+            leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+            try:
+                program.run([_array(x) for x in leaves], observe=lambda *_: progress.step())
+            finally:
+                progress.close()
         stats["compile_seconds"] = time.perf_counter() - start
     from fusec.binding import Follow, weight_types
     from fusec.passes.weights import module_names

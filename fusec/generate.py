@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from fusec.generate_programs import (PREFIX, WEIGHTS, Compiler, Program, bind, program_weights,  # noqa: F401
                                      decode_stepper, eager_compiler, fusec_compiler)
-from fusec.models.causal_lm import CausalLM, DecodeStep, Prefill, cache_shape, decode_example, from_hf
+from fusec.models.causal_lm import CausalLM, DecodeStep, Prefill, cache_shape, from_hf
 from fusec.sampling import sampler as _sampler
 
 
@@ -102,8 +102,10 @@ class Generator:
     def decode_program(self, batch: int = 1) -> Program:
         """The decode program for `batch` sequences (compiled on first use)."""
         if batch not in self._decode:
-            self._decode[batch] = self._compile(DecodeStep(self.model),
-                                                decode_example(self.model, batch, self.max_seq_len))
+            # the example's caches are the generator's own (zero until a generation writes them): a second
+            # pair of cache-sized tensors cost a warm start tens of milliseconds
+            token, pos = torch.zeros(batch, 1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+            self._decode[batch] = self._compile(DecodeStep(self.model), (token, pos, *self.caches(batch)))
         return self._decode[batch]
 
     def prefill_length(self, prompt_len: int) -> int:

@@ -90,6 +90,31 @@ def pending(calls: list[tuple[object, str, tuple]]) -> list[tuple[object, str, l
     return sorted(cold, key=lambda j: (j[1] != "driver", -len(j[0].__fusec_source__)))
 
 
+def load_cached(calls: list[tuple[object, str, tuple]]) -> bool:
+    """Load the machine code of every call of `calls` ([(module, function, signature)], as for `pending`)
+    from the cache, running nothing: True when all of it was there (a warm start needs no example run),
+    False as soon as one is not (it is then compiled here, as its first call would) or fails to load
+    (its files discarded, as on a first call): the caller runs the program once, which compiles what is
+    missing and records its checksums (`fusec.cache.recorded`)."""
+    from fusec.cache import recover
+    if not all(getattr(module, "__fusec_cache__", None) for module, _, _ in calls) or pending(calls):
+        return False
+    for module, function, sig in calls:
+        fn = getattr(module, function)
+        if sig in fn.overloads:
+            continue
+        misses = sum(fn.stats.cache_misses.values())
+        try:
+            fn.compile(sig)
+        except Exception as e:
+            if not recover(module, function, e):
+                raise
+            return False
+        if sum(fn.stats.cache_misses.values()) != misses:
+            return False
+    return True
+
+
 def compile_all(jobs: list[tuple[object, str, list]]) -> dict:
     """Compile `jobs` ([(generated module, function, [Numba signature, ...])], see `pending`), spread over
     worker processes and this one. Returns counts for stats: {"in_process": n, "in_workers": n,

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from fusec.backends.numba_cpu.codegen import KernelCode
-from fusec.backends.numba_cpu.compile_pool import array_type, compile_all, pending
+from fusec.backends.numba_cpu.compile_pool import array_type, compile_all, load_cached, pending
 from fusec.backends.numba_cpu.driver import build as build_driver
 from fusec.backends.numba_cpu.kernels import build as build_kernels
 from fusec.backends.numba_cpu.kernels import FUNCTION, raise_bad_index
@@ -131,7 +131,10 @@ class Program:
         self.errors = [np.zeros(2, np.int64) if code.gathers else None for code in self.codes]
         # bodies in no cache yet compile at once, in worker processes too (`compile_pool`), before the
         # steps below load the loop's kernels and the first run the others
-        self.compile_counts = compile_all(pending(self._signatures(calls, by_node)))
+        self._calls = self._signatures(calls, by_node)
+        cold = pending(self._calls)
+        self._cold = bool(cold)  # something compiles for this program: its first run is at build time
+        self.compile_counts = compile_all(cold)
         self.steps = [Step(by_node[i][1], i, list(graph.nodes[i].args),
                            self._extra(i, code, err), self.outputs_of[i], by_node[i][2])
                       for code, i, err in zip(self.codes, calls, self.errors)]
@@ -150,6 +153,15 @@ class Program:
         self._lock = threading.Lock()
         self._loaded: set[int] = set()  # steps whose machine code is loaded (they ran once)
         self._plan_steps()
+
+    def load_cached(self) -> bool:
+        """Load every kernel's machine code from the cache without running anything; False when some is
+        not there (then the first run compiles it, see `compile_pool.load_cached`) or was not there when
+        the program was made (it was compiled for it, here or in workers: a new program runs once)."""
+        if self._cold or not load_cached(self._calls):
+            return False
+        self._loaded.update(range(len(self.steps)))
+        return True
 
     def _signatures(self, calls: list[int], by_node: dict) -> list[tuple[object, str, tuple]]:
         """[(module, function, Numba signature)] of every kernel call, for the arrays `run` will pass: weights and
