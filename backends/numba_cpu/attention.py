@@ -26,10 +26,10 @@ from fusec.symbolic import upper
 
 # A decode step's attention (one query row per batch and head) of at most this many elements (rows x keys
 # x (depth + value depth)) runs on the calling thread: Numba's parallel-loop passes cost its compile
-# about 2 s of CPU (3.7 against 1.6 s), a tenth of a cold start, and the parallel loop saves at most a
-# tenth of a millisecond per call (stories110M at 1024 keys: 0.19 against 0.30 ms, a decode step being
-# ~30 ms); under a busy machine the serial loop is the steadier one.
-DECODE_SERIAL = 1 << 22
+# about 2 s of CPU (3.7 against 1.6 s), a tenth of a cold start. Below this size the parallel loop saves a
+# few microseconds per call (stories15M: 6 heads x 256 keys x 96); above it, a share of the step worth
+# keeping (stories110M at 1024 keys: 0.15 against 0.30 ms per layer on an idle machine, ~1.8 ms a step).
+DECODE_SERIAL = 1 << 18
 
 
 def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles: dict) -> str:
