@@ -1,10 +1,9 @@
 """Row operations of the decode attention loops (`attention.py`) with explicit 16-lane float32 vectors
-(`simd.row_intrinsics`): the Q.K dot product, the P.V row update and the check of masked value rows for
-inf and nan, each row named by its array and the
-index of its leading axes. Generated kernels leave `reassoc` out, so a running sum never vectorizes; and
-LLVM unrolls a head-sized loop fully, then cannot tell the output row apart from the value row, so the
-update stays scalar too. Arrays that are not C-contiguous float32 take plain loops (the same answers up
-to the order of the dot's sum)."""
+(`simd.row_intrinsics`): the Q.K dot product, the P.V row update and the check of a masked value row for
+inf and nan, each row named by its array and the index of its leading axes. Generated kernels leave
+`reassoc` out, so a running sum never vectorizes; and LLVM unrolls a head-sized loop fully, then cannot
+tell the output row apart from the value row, so the update stays scalar too. Arrays that are not
+C-contiguous float32 take plain loops (the same answers up to the order of the dot's sum)."""
 from __future__ import annotations
 
 import numpy as np
