@@ -13,7 +13,7 @@ import torch
 
 import fusec
 from fusec.backends.numba_cpu.int8_dot import _target_features
-from fusec.backends.numba_cpu.rowops import row_axpy, row_dot
+from fusec.backends.numba_cpu.rowops import row_axpy, row_dot, row_finite
 from fusec.backends.numba_cpu.runtime import HEADER
 from fusec.models.causal_lm import DecodeStep, decode_example, random_model
 from fusec.models.llama import LlamaConfig
@@ -143,3 +143,39 @@ def test_generator_decode_step_reads_the_new_row_or_the_cache_row_and_matches_ea
     with torch.no_grad():
         for got, want in zip(compiled(token, pos, k_cache, v_cache), step(token, pos, k_cache, v_cache)):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_row_finite_finds_inf_and_nan_in_any_lane_and_takes_extreme_finite_values():
+    @numba.njit
+    def check(x, i):
+        return row_finite(x, (i,))
+
+    rows = np.full((6, 48), np.float32(3.0e38))  # extreme but finite: x - x is still 0
+    rows[1, 0], rows[2, 17], rows[3, 47], rows[4, 30] = np.inf, -np.inf, np.nan, np.nan
+    rows[5] = 0.0
+    assert [check(rows, i) for i in range(6)] == [True, False, False, False, False, True]
+    strided = np.ascontiguousarray(np.repeat(rows, 2, axis=1))[:, ::2]  # the plain loop, same answers
+    assert [check(strided, i) for i in range(6)] == [True, False, False, False, False, True]
+
+
+def test_masked_value_rows_are_checked_a_row_at_a_time_and_match_eager_nans(tmp_path, monkeypatch):
+    """The decode step's scan of the value rows after the position (0 * inf is nan in eager): one vector
+    check per row (`row_finite`; the columns are read only for a row that holds an inf or nan), the rows
+    chosen per key from the new row or the cache's like the products."""
+    monkeypatch.setenv("FUSEC_CACHE_DIR", str(tmp_path))
+    config = LlamaConfig(dim=128, n_heads=2, n_kv_heads=1, hidden_dim=128, vocab_size=97, max_seq_len=32,
+                         n_layers=1)
+    model = random_model(config)
+    token, _, k_cache, v_cache = decode_example(model, max_seq_len=32)
+    k_cache.normal_(generator=torch.Generator().manual_seed(1))
+    v_cache.normal_(generator=torch.Generator().manual_seed(2))
+    step, pos = DecodeStep(model), torch.tensor([9])
+    compiled = fusec.compile(step, (token, pos, k_cache, v_cache))
+    assert re.search(r"if \(row_finite\(.*\) if .* else row_finite\(.*\)\):\n\s*continue",
+                     _attention_source(compiled)), _attention_source(compiled)
+    v_cache[0, 0, 0, 20, 5], v_cache[0, 0, 0, 31, 60] = float("inf"), float("nan")  # masked: after 9
+    with torch.no_grad():
+        got, want = compiled(token, pos, k_cache, v_cache), step(token, pos, k_cache, v_cache)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert torch.isnan(got[0]).all() and torch.isnan(want[0]).all()  # the NaN columns reach every logit

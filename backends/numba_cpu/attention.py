@@ -205,9 +205,14 @@ def _scan_masked_values(em: Emitter, vv: int, bidx, tk, dv: int, limit) -> None:
     w.define("vlast")
     w.line(f"vcol = np.full({dv}, -1, np.int64)")
     w.define("vcol")
+    lead = _broadcast(bidx, g.nodes[vv].shape[:-2])
     with em.loop(f"for jm in range(lo, {tk})", ("jm",)):
+        vrow = array_row(em, vv, lead + ("jm", ":"))
+        if vrow:  # a contiguous row: one vector check, the columns only when it holds an inf or nan
+            w.line(f"if {row_call(vrow, lambda y: f'row_finite({y})')}:")
+            w.line("    continue")
         with em.loop(f"for e in range({dv})", ("e",)):
-            v = em.value(vv, _broadcast(bidx, g.nodes[vv].shape[:-2]) + ("jm", "e"))
+            v = em.value(vv, lead + ("jm", "e"))
             w.line(f"if not np.isfinite({v}):")
             w.line("    vlast = jm")
             w.line("    vcol[e] = jm")

@@ -57,7 +57,7 @@ from fusec.backends.numba_cpu.lowp import (gemm_int8, matvec2_bf16, matvec2_int8
 from fusec.backends.numba_cpu.fastexp import exp32
 from fusec.backends.numba_cpu.mkl import (bf16_bits, gemm2_mkl, gemm3_mkl, gemm_add_mkl, gemm_bf16_mkl, gemm_mkl,
                                          gemm_tile_mkl)
-from fusec.backends.numba_cpu.rowops import row_axpy, row_dot
+from fusec.backends.numba_cpu.rowops import row_axpy, row_dot, row_finite
 
 FASTMATH = {FASTMATH}
 """

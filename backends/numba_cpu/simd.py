@@ -149,11 +149,12 @@ def float_dot(count: int, pairs: bool):
 
 
 def row_intrinsics():
-    """(dot, axpy), intrinsics over rows of float32 C-contiguous arrays named by an array and the index
-    tuple of their leading axes (no view is made: a view per call costs more than the row's work):
+    """(dot, axpy, finite), intrinsics over rows of float32 C-contiguous arrays named by an array and the
+    index tuple of their leading axes (no view is made: a view per call costs more than the row's work):
     dot(x, xi, y, yi) the dot product of rows x[xi] and y[yi] in 16 lane sums (lane l the elements
-    l mod 16, in order; added pairwise at the end); axpy(o, oi, v, vi, p): o[oi] += p * v[vi]. The rows'
-    length, the arrays' last axis, is a multiple of 16 (callers check)."""
+    l mod 16, in order; added pairwise at the end); axpy(o, oi, v, vi, p): o[oi] += p * v[vi];
+    finite(x, xi): whether every element of row x[xi] is finite. The rows' length, the arrays' last
+    axis, is a multiple of 16 (callers check)."""
     from numba.extending import intrinsic
 
     def ok(*arrays):
@@ -197,4 +198,22 @@ def row_intrinsics():
                 builder.store(builder.fadd(builder.load(ptr, align=4), product, flags=["contract"]), ptr, align=4)
             return context.get_dummy_value()
         return types.none(o, oi, v, vi, p), codegen
-    return dot, axpy
+
+    @intrinsic
+    def finite(typingctx, x, xi):
+        if not (ok(x) and len(xi) == x.ndim - 1):
+            return None
+
+        def codegen(context, builder, signature, args):
+            # x - x is 0 for a finite x and nan for inf or nan; the lanes' sum of them is nan exactly when
+            # one is (no fast-math flags here: the generated kernels' `contract` and `afn` keep it so)
+            arrays = Arrays(context, builder, signature, args, 0, (0,))
+            xidx, n = row_pointer(context, builder, arrays, 0, signature.args[1], args[1])
+            (acc,) = accumulators(builder, 1)
+            with cgutils.for_range(builder, builder.udiv(n, ir.Constant(n.type, LANES))) as loop:
+                x = arrays.load(0, xidx + [builder.mul(loop.index, ir.Constant(n.type, LANES))], V16F)
+                builder.store(builder.fadd(builder.load(acc), builder.fsub(x, x)), acc)
+            total = hsum(builder, builder.load(acc))
+            return builder.fcmp_ordered("==", total, total)
+        return types.boolean(x, xi), codegen
+    return dot, axpy, finite
