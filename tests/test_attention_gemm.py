@@ -13,7 +13,7 @@ import torch
 import fusec
 import fusec.passes.tile
 from fusec.backends.numba_cpu import mkl
-from fusec.machines import KiB, cpu
+from fusec.machines import KiB, get_machine
 from fusec.models.llama import LlamaBlock, LlamaConfig
 
 pytestmark = [pytest.mark.filterwarnings("ignore::numba.NumbaPerformanceWarning"),
@@ -29,7 +29,7 @@ def kernel_source(source: str, kind: str) -> str:
 def block_and_program(tmp_path_factory):
     """A grouped-query block (4 heads over 2 K/V heads) on a cpu whose caches make tiles of 16 query rows
     and 32 keys: neither divides the 40 tokens."""
-    machine = dataclasses.replace(cpu(), cores=2, l1_bytes=5 * KiB, l2_bytes=16 * KiB, pmu_bytes=16 * KiB)
+    machine = dataclasses.replace(get_machine("test_cpu"), cores=2, l1_bytes=5 * KiB, l2_bytes=16 * KiB, pmu_bytes=16 * KiB)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fusec.passes.tile, "cpu", lambda: machine)
         mp.setenv("FUSEC_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))

@@ -11,7 +11,7 @@ import torch
 
 import fusec
 import fusec.passes.tile
-from fusec.machines import KiB, cpu
+from fusec.machines import KiB, get_machine
 from fusec.models import load_model
 from fusec.tracing import trace
 from fusec.passes.pipeline import run_pipeline
@@ -26,7 +26,7 @@ def kernel_source(source: str, kind: str) -> str:
 def tiny_cache_cpu(monkeypatch, tmp_path):
     """A cpu whose L1 holds 56 keys of the tiny block's attention and whose L2 then 32 query rows: tiles
     smaller than the 80-token sequence, neither dividing it."""
-    machine = dataclasses.replace(cpu(), cores=2, l1_bytes=8 * KiB, l2_bytes=32 * KiB, pmu_bytes=32 * KiB)
+    machine = dataclasses.replace(get_machine("test_cpu"), cores=2, l1_bytes=8 * KiB, l2_bytes=32 * KiB, pmu_bytes=32 * KiB)
     monkeypatch.setattr(fusec.passes.tile, "cpu", lambda: machine)
     monkeypatch.setenv("FUSEC_CACHE_DIR", str(tmp_path))
     return machine
