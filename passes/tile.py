@@ -271,10 +271,13 @@ def _matvec_rows(machine: Machine, shape: MatmulShape | None = None) -> int:
     row of A: it is the faster while streaming a weight costs more than the row's arithmetic on it,
     rows <= |W| * lanes * clock / (a core's share of the memory bandwidth), beyond which a GEMM's higher
     arithmetic rate wins. And the rows of A, read again for every group of weight rows, must stay in the
-    L2 (the rows x K x |A| bytes). At least 1: one row (decode) is always a matrix-vector product."""
+    L2 (the rows x K x |A| bytes). At least 1: one row (decode) is always a matrix-vector product.
+    Weights narrower than float32 (bf16, int8) compare against GEMMs that do not run at MKL's float32
+    rate (int8: Numba loops; bf16: MKL's emulation without AVX512-BF16), which that formula assumes: they
+    keep the measured LOWP_MATVEC_ROWS (at 18 rows a 32-token bf16 prefill ran 100x slower than at 64)."""
     weight = shape.b if shape is not None else 4
     per_core_bw = machine.ddr_bw * machine.ddr_efficiency / max(machine.cores, 1)
-    rows = int(weight * machine.lanes * machine.clock_hz / per_core_bw)
+    rows = int(weight * machine.lanes * machine.clock_hz / per_core_bw) if weight >= 4 else LOWP_MATVEC_ROWS
     if shape is not None:
         rows = min(rows, machine.l2_bytes // max(shape.k * shape.a, 1))
     return max(rows, 1)
@@ -287,6 +290,7 @@ def _attention_gemm_rows(machine: Machine, shape=None) -> int:
     return 16
 
 
+LOWP_MATVEC_ROWS = 64  # matvec_rows of bf16 and int8 weights, measured (see _matvec_rows)
 NEVER = 1 << 62  # a loop size no program reaches: the loop never runs parallel
 
 CPU_LOOP_RULES: tuple[tuple[str, tuple[type, ...], Callable[..., int]], ...] = (

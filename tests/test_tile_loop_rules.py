@@ -43,6 +43,16 @@ def test_the_rules_reproduce_the_measured_thresholds_and_follow_the_machine():
     assert {name for name, _, _ in CPU_LOOP_RULES} == set(loop_tiles(REFERENCE_CPU))
 
 
+def test_narrow_weights_keep_the_measured_matvec_rows():
+    """bf16 and int8 weights are not weighed against an fp32 MKL GEMM (theirs are slower): a 32-token
+    prefill over them streams the weights (at 9 or 4 rows it took their GEMM paths and ran 100x slower)."""
+    for weight in (2, 1):
+        shape = MatmulShape(m=32, n=768, k=768, a=4, b=weight, out=4, acc=4)
+        assert loop_tiles(REFERENCE_CPU, shape)["matvec_rows"] == fusec.passes.tile.LOWP_MATVEC_ROWS >= 32
+    small = MatmulShape(m=32, n=64, k=64, a=4, b=2, out=4, acc=4)  # the L2 still bounds the rows of A
+    assert loop_tiles(SMALL_L2, small)["matvec_rows"] == 4 * KiB // (64 * 4)
+
+
 def kernel_thresholds(machine, monkeypatch) -> list[tuple[str, dict, dict]]:
     """(kind, the loop thresholds `fusec dump --stage tiled` prints, those the rules give for its shape)
     per kernel of the tiny block's prefill tiled for `machine`."""
