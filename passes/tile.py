@@ -185,8 +185,21 @@ def _matmul_shape(node: Node, body: Graph, matmuls: list[int]) -> MatmulShape:
     a, b = (body.nodes[x] for x in body.nodes[matmuls[0]].args)
     rows = _prod(a.shape[:-1]) if len(b.shape) == 2 else a.shape[-2]
     n = sum(body.nodes[mm].shape[-1] for mm in matmuls)
-    return MatmulShape(rows, n, a.shape[-1], dtype_size(a.dtype), dtype_size(b.dtype), dtype_size(node.dtype),
-                       _acc_size(a.dtype, b.dtype))
+    return MatmulShape(rows, n, a.shape[-1], dtype_size(a.dtype), _stored_size(body, body.nodes[matmuls[0]].args[1]),
+                       dtype_size(node.dtype), _acc_size(a.dtype, b.dtype))
+
+
+WIDENING = ("cast", "permute", "reshape", "mul")  # how a kernel widens a bf16 or int8 weight (passes.weights)
+
+
+def _stored_size(body: Graph, i: int) -> int:
+    """Element size of B as stored: a bf16 or int8 weight reaches the product widened to float32 (a
+    cast, its int8 block scales multiplied in, a reshape and transpose), but its loop streams the narrow
+    bytes."""
+    node = body.nodes[i]
+    while node.op in WIDENING and node.args:
+        node = body.nodes[node.args[0]]
+    return min(dtype_size(node.dtype), dtype_size(body.nodes[i].dtype))
 
 
 def _attention_shape(node: Node, body: Graph, anchors: tuple[int, ...]) -> AttentionShape:

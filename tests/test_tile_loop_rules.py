@@ -53,6 +53,18 @@ def test_narrow_weights_keep_the_measured_matvec_rows():
     assert loop_tiles(SMALL_L2, small)["matvec_rows"] == 4 * KiB // (64 * 4)
 
 
+@pytest.mark.parametrize("weights, stored", [("fp32", 4), ("bf16", 2), ("int8", 1)])
+def test_a_kernel_shape_sees_the_weights_as_stored(weights, stored):
+    """A bf16 or int8 weight reaches its product widened (cast, scales, transpose): the tiles are chosen
+    for the bytes its loop streams, so a bf16 or int8 prefill keeps LOWP_MATVEC_ROWS."""
+    module, args = load_model("llama-block", seq_len=SEQ)
+    graph = run_pipeline(trace(module, args).graph, until="tiled", target="cpu", weights=weights)
+    assert matmuls and {kernel_shape(n).b for n in matmuls} == {stored}
+    matmuls = [n for n in graph.nodes if n.op == "kernel" and n.attr("kind") == "matmul"]
+    rows = {dict(n.attr("tiles"))["matvec_rows"] for n in matmuls}
+    assert rows == ({18} if weights == "fp32" else {fusec.passes.tile.LOWP_MATVEC_ROWS})
+
+
 def kernel_thresholds(machine, monkeypatch) -> list[tuple[str, dict, dict]]:
     """(kind, the loop thresholds `fusec dump --stage tiled` prints, those the rules give for its shape)
     per kernel of the tiny block's prefill tiled for `machine`."""
