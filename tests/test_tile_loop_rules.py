@@ -59,8 +59,8 @@ def test_a_kernel_shape_sees_the_weights_as_stored(weights, stored):
     for the bytes its loop streams, so a bf16 or int8 prefill keeps LOWP_MATVEC_ROWS."""
     module, args = load_model("llama-block", seq_len=SEQ)
     graph = run_pipeline(trace(module, args).graph, until="tiled", target="cpu", weights=weights)
-    assert matmuls and {kernel_shape(n).b for n in matmuls} == {stored}
     matmuls = [n for n in graph.nodes if n.op == "kernel" and n.attr("kind") == "matmul"]
+    assert matmuls and {kernel_shape(n).b for n in matmuls} == {stored}
     rows = {dict(n.attr("tiles"))["matvec_rows"] for n in matmuls}
     assert rows == ({18} if weights == "fp32" else {fusec.passes.tile.LOWP_MATVEC_ROWS})
 
