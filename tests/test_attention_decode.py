@@ -128,8 +128,8 @@ def test_past_and_new_rows_are_chosen_per_key_and_match_eager(tmp_path, monkeypa
     torch.testing.assert_close(compiled(*args), module(*args), rtol=1e-5, atol=1e-5)
 
 
-def test_generator_decode_step_reads_the_new_row_or_the_cache_row_and_matches_eager(tmp_path, monkeypatch):
-    """`DecodeStep`: K is where(is_new, k, k_cache): per key the new row or the cache's."""
+def _compiled_decode_step(tmp_path, monkeypatch):
+    """(compiled, eager, inputs) of a one-layer generator's `DecodeStep` at position 9 over random caches."""
     monkeypatch.setenv("FUSEC_CACHE_DIR", str(tmp_path))
     config = LlamaConfig(dim=128, n_heads=2, n_kv_heads=1, hidden_dim=128, vocab_size=97, max_seq_len=32,
                          n_layers=1)
@@ -137,8 +137,13 @@ def test_generator_decode_step_reads_the_new_row_or_the_cache_row_and_matches_ea
     token, _, k_cache, v_cache = decode_example(model, max_seq_len=32)
     k_cache.normal_(generator=torch.Generator().manual_seed(1))
     v_cache.normal_(generator=torch.Generator().manual_seed(2))
-    step, pos = DecodeStep(model), torch.tensor([9])
-    compiled = fusec.compile(step, (token, pos, k_cache, v_cache))
+    step, args = DecodeStep(model), (token, torch.tensor([9]), k_cache, v_cache)
+    return fusec.compile(step, args), step, args
+
+
+def test_generator_decode_step_reads_the_new_row_or_the_cache_row_and_matches_eager(tmp_path, monkeypatch):
+    """`DecodeStep`: K is where(is_new, k, k_cache): per key the new row or the cache's."""
+    compiled, step, (token, pos, k_cache, v_cache) = _compiled_decode_step(tmp_path, monkeypatch)
     _chooses_rows_per_key(_attention_source(compiled))
     with torch.no_grad():
         for got, want in zip(compiled(token, pos, k_cache, v_cache), step(token, pos, k_cache, v_cache)):
@@ -162,15 +167,7 @@ def test_masked_value_rows_are_checked_a_row_at_a_time_and_match_eager_nans(tmp_
     """The decode step's scan of the value rows after the position (0 * inf is nan in eager): one vector
     check per row (`row_finite`; the columns are read only for a row that holds an inf or nan), the rows
     chosen per key from the new row or the cache's like the products."""
-    monkeypatch.setenv("FUSEC_CACHE_DIR", str(tmp_path))
-    config = LlamaConfig(dim=128, n_heads=2, n_kv_heads=1, hidden_dim=128, vocab_size=97, max_seq_len=32,
-                         n_layers=1)
-    model = random_model(config)
-    token, _, k_cache, v_cache = decode_example(model, max_seq_len=32)
-    k_cache.normal_(generator=torch.Generator().manual_seed(1))
-    v_cache.normal_(generator=torch.Generator().manual_seed(2))
-    step, pos = DecodeStep(model), torch.tensor([9])
-    compiled = fusec.compile(step, (token, pos, k_cache, v_cache))
+    compiled, step, (token, pos, k_cache, v_cache) = _compiled_decode_step(tmp_path, monkeypatch)
     assert re.search(r"if \(row_finite\(.*\) if .* else row_finite\(.*\)\):\n\s*continue",
                      _attention_source(compiled)), _attention_source(compiled)
     v_cache[0, 0, 0, 20, 5], v_cache[0, 0, 0, 31, 60] = float("inf"), float("nan")  # masked: after 9

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import numba
 import numpy as np
@@ -17,6 +18,17 @@ import fusec
 from fusec.backends.numba_cpu import mkl
 from fusec.errors import FusecError
 from fusec.models import load_model
+
+
+@contextmanager
+def numba_threads(threads: int):
+    """Numba's thread count set to `threads` (at most its pool) inside, restored after."""
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
 
 ROWS = 100  # prefill rows: over the matrix-vector limit (64) and no multiple of 8, 16 or 64
 
@@ -125,9 +137,7 @@ def test_gemm_mkl_shapes_strides_and_threads(threads):
     setting and torch's are left as they were (MKL runs single-threaded on each Numba thread)."""
     rng = np.random.default_rng(threads)
     torch_threads = torch.get_num_threads()
-    before = numba.get_num_threads()
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    try:
+    with numba_threads(threads):
         for m, k, n in [(100, 96, 200), (257, 130, 77), (65, 7, 1), (3, 5, 33)]:
             a = rng.standard_normal((m, k), dtype=np.float32)
             w = rng.standard_normal((n, k), dtype=np.float32)
@@ -139,8 +149,6 @@ def test_gemm_mkl_shapes_strides_and_threads(threads):
             c = np.full((m, n), np.nan, np.float32)
             mkl.gemm_mkl(a, np.ascontiguousarray(w.T), c, False)
             np.testing.assert_allclose(c, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-    finally:
-        numba.set_num_threads(before)
     assert torch.get_num_threads() == torch_threads
 
 
@@ -149,9 +157,7 @@ def test_joint_gemms_split_the_columns_of_all_products(threads):
     """gemm2_mkl / gemm3_mkl over odd widths (a thread's block straddles products, one product narrower
     than a block, one with no columns), outputs that are column windows of wider arrays."""
     rng = np.random.default_rng(threads)
-    before = numba.get_num_threads()
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    try:
+    with numba_threads(threads):
         for m, k, widths in [(70, 40, (50, 3, 29)), (33, 17, (0, 65, 1)), (5, 9, (100, 20))]:
             a = rng.standard_normal((m, k), dtype=np.float32)
             ws = [rng.standard_normal((n, k), dtype=np.float32) for n in widths]
@@ -163,17 +169,13 @@ def test_joint_gemms_split_the_columns_of_all_products(threads):
                 got = wide[:, 4:4 + w.shape[0]]
                 np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(want).max(initial=0)))
                 assert np.isnan(wide[:, :4]).all() and np.isnan(wide[:, 4 + w.shape[0]:]).all()
-    finally:
-        numba.set_num_threads(before)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_gemm_add_mkl_adds_the_product_to_the_residual(threads):
     """c = r + a @ w^T over odd shapes, into a column window of a wider array, and in place (r is c)."""
     rng = np.random.default_rng(threads)
-    before = numba.get_num_threads()
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    try:
+    with numba_threads(threads):
         for m, k, n in [(100, 96, 200), (257, 130, 77), (65, 7, 1), (3, 5, 33)]:
             a = rng.standard_normal((m, k), dtype=np.float32)
             w = rng.standard_normal((n, k), dtype=np.float32)
@@ -185,8 +187,6 @@ def test_gemm_add_mkl_adds_the_product_to_the_residual(threads):
             assert np.isnan(wide[:, :7]).all() and np.isnan(wide[:, 7 + n:]).all()
             mkl.gemm_add_mkl(a, w, r, r)
             np.testing.assert_allclose(r, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-    finally:
-        numba.set_num_threads(before)
 
 
 class _Residual(torch.nn.Module):
