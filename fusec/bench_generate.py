@@ -36,9 +36,9 @@ from fusec.bench_block import contention_warning, failure
 from fusec.generate import Generator, compile_generator, eager_generator
 from fusec.models.causal_lm import CausalLM, decode_example, load_safetensors
 from fusec.models.llama import PRESETS
+from fusec.passes.weights import BYTES_PER_WEIGHT
 
 IMPLEMENTATIONS = ("eager", "torch.compile", "fusec fp32", "fusec bf16", "fusec int8", "fusec fp32 unlooped")
-BYTES_PER_WEIGHT = {"fp32": 4, "bf16": 2, "int8": 1 + 4 / 32}  # int8: one float32 scale per 32 weights
 IMPL_FLAGS = {name.replace(" ", "-"): name for name in IMPLEMENTATIONS}  # --impl fusec-fp32
 # on request only: fusec with one Python call per kernel instead of one per run of equal layers (passes.loop)
 OPTIONAL = ("fusec-fp32-unlooped",)

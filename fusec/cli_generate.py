@@ -22,6 +22,7 @@ import torch
 from fusec import benchtools
 from fusec.argtypes import nonnegative_float, nonnegative_int, positive_int
 from fusec.generate import compile_generator
+from fusec.passes.weights import BYTES_PER_WEIGHT
 CACHE_ROWS = 64  # the KV cache is sized to prompt + new tokens rounded up to this: fewer distinct programs
 from fusec.loaders import load
 
@@ -130,9 +131,6 @@ def generate_main(args: argparse.Namespace) -> int:
         print()
         print(summary(result), file=sys.stderr)
     return 0
-
-
-BYTES_PER_WEIGHT = {"fp32": 4, "bf16": 2, "int8": 1}
 
 
 def roofline(model, weights: str, decode_tokens_per_s: float) -> dict:

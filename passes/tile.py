@@ -62,6 +62,7 @@ from fusec.ir import Builder, Graph, Node, dtype_size
 from fusec.machines import Machine, cpu, get_machine
 from fusec.opset import REDUCE
 from fusec.sizes import specialize, upper_sizes
+from fusec.passes.weights import stored_weight
 
 ALIGN = 8        # tile sizes are multiples of this where the dimension allows
 MIN_BLOCK = 32   # the smallest output block (m, n) worth keeping the full K for
@@ -182,24 +183,14 @@ def _prod(dims) -> int:
 
 
 def _matmul_shape(node: Node, body: Graph, matmuls: list[int]) -> MatmulShape:
-    a, b = (body.nodes[x] for x in body.nodes[matmuls[0]].args)
+    a_id, b_id = body.nodes[matmuls[0]].args
+    a, b = body.nodes[a_id], body.nodes[b_id]
     rows = _prod(a.shape[:-1]) if len(b.shape) == 2 else a.shape[-2]
     n = sum(body.nodes[mm].shape[-1] for mm in matmuls)
-    return MatmulShape(rows, n, a.shape[-1], dtype_size(a.dtype), _stored_size(body, body.nodes[matmuls[0]].args[1]),
-                       dtype_size(node.dtype), _acc_size(a.dtype, b.dtype))
-
-
-WIDENING = ("cast", "permute", "reshape", "mul")  # how a kernel widens a bf16 or int8 weight (passes.weights)
-
-
-def _stored_size(body: Graph, i: int) -> int:
-    """Element size of B as stored: a bf16 or int8 weight reaches the product widened to float32 (a
-    cast, its int8 block scales multiplied in, a reshape and transpose), but its loop streams the narrow
-    bytes."""
-    node = body.nodes[i]
-    while node.op in WIDENING and node.args:
-        node = body.nodes[node.args[0]]
-    return min(dtype_size(node.dtype), dtype_size(body.nodes[i].dtype))
+    # B as its loop streams it: a bf16 or int8 weight reaches the product widened to float32
+    stored = min(dtype_size(body.nodes[stored_weight(body, b_id)].dtype), dtype_size(b.dtype))
+    return MatmulShape(rows, n, a.shape[-1], dtype_size(a.dtype), stored, dtype_size(node.dtype),
+                       _acc_size(a.dtype, b.dtype))
 
 
 def _attention_shape(node: Node, body: Graph, anchors: tuple[int, ...]) -> AttentionShape:

@@ -41,6 +41,7 @@ from fusec.ir import Builder, Graph, TensorType
 MIN_ELEMENTS = 4096  # weights smaller than this stay float32
 FORMATS = ("fp32", "bf16", "int8")
 BLOCK = 32           # int8 weights per scale
+BYTES_PER_WEIGHT = {"fp32": 4, "bf16": 2, "int8": 1 + 4 / BLOCK}  # int8: one float32 scale per block
 SCALE = ".scale"     # the int8 scales of weight `w` are param `w.scale` (never a module name: w is a tensor)
 
 
@@ -93,7 +94,7 @@ def stored_bytes(t: TensorType, weights: str) -> float:
     per element, int8 one plus its block's float32 scale; weights the pass leaves alone keep theirs."""
     if weights == "fp32" or not _stored(t, weights):
         return t.nbytes
-    return t.numel * (2 if weights == "bf16" else 1 + 4 / BLOCK)
+    return t.numel * BYTES_PER_WEIGHT[weights]
 
 
 def to_bf16(t: Any) -> Any:
@@ -130,6 +131,17 @@ def dequantized(graph: Graph, i: int) -> tuple[int, int] | None:
     if q.op != "param" or q.dtype != "i8" or q.attr("name") + SCALE != scale.attr("name"):
         return None
     return wide.args[0], n.args[1]
+
+
+WIDENING = ("cast", "permute", "reshape", "mul")  # the ops between a stored weight and its product
+
+
+def stored_weight(graph: Graph, i: int) -> int:
+    """The node a weight operand `i` widens (what `store_weights` built: a cast, int8 block scales
+    multiplied in, a reshape and transpose): its stored bf16/int8 param, or `i` itself."""
+    while graph.nodes[i].op in WIDENING and graph.nodes[i].args:
+        i = graph.nodes[i].args[0]
+    return i
 
 
 def stored_form(types: Mapping[str, TensorType], tensors: Mapping[str, Any]) -> dict[str, Any]:

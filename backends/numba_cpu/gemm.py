@@ -127,15 +127,14 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
     _emit_joint_gemms(em, a, joint)
     _emit_matvecs(em, a, streamed)
     epilogue = [(o, out) for o, out in zip(g.outputs, outs) if o not in matmuls]
-    if parallel and 0 < rows < upper(m) and not is_sym(m) and shared_stores(em, epilogue, -(-m // rows)):
-        return "gemm" if upper(m) > matvec_rows else "matvec"  # one parallel loop over all the outputs
-    for o, out in zip(g.outputs, outs):  # the epilogue
-        if o not in matmuls:
-            shape = g.nodes[o].shape
-            # an output laid out otherwise (heads first, after a permute) has other outer rows: its blocks
-            # hold as many elements as `rows` rows of the product (symbolic sizes: no row blocks)
-            outer = 0 if is_sym(m) or any(is_sym(d) for d in shape) else max(1, math.prod(shape[:-1]))
-            emit_store(em, o, out, shape, parallel=parallel, block=rows * max(1, outer // m) if outer else 0)
+    # several outputs share one parallel loop when they can (`shared_stores`), else each has its own
+    shared = parallel and 0 < rows < upper(m) and not is_sym(m) and shared_stores(em, epilogue, -(-m // rows))
+    for o, out in ([] if shared else epilogue):
+        shape = g.nodes[o].shape
+        # an output laid out otherwise (heads first, after a permute) has other outer rows: its blocks
+        # hold as many elements as `rows` rows of the product (symbolic sizes: no row blocks)
+        outer = 0 if is_sym(m) or any(is_sym(d) for d in shape) else max(1, math.prod(shape[:-1]))
+        emit_store(em, o, out, shape, parallel=parallel, block=rows * max(1, outer // m) if outer else 0)
     return "gemm" if upper(m) > matvec_rows else "matvec"
 
 
