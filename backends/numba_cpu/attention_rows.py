@@ -11,7 +11,7 @@ def lane_dot(em: Emitter, depth: int, lanes: int, q_at, k_at) -> None:
     """`s` = the dot product of a query and a key row over the head dimension, in `lanes` partial sums
     (lane l sums the elements d = l mod lanes, in order), then halved pairwise: a vector FMA per chunk
     of the head dimension, where one running sum cannot vectorize without `reassoc` (left out of
-    generated kernels on purpose: see `runtime.FASTMATH`)."""
+    generated kernels on purpose: see `generated.FASTMATH`)."""
     w = em.w
     with em.loop(f"for l in range({lanes})", ("l",)):
         w.line("slane[l] = np.float32(0.0)")
