@@ -15,13 +15,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
-import re
 import tomllib
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
-KiB, MiB, GiB, TiB = 2**10, 2**20, 2**30, 2**40
+from fusec.host import GiB, KiB, MiB, cache_size, read_host  # noqa: F401 - cache_size is part of this API
+
+TiB = 2**40
 
 
 class MemoryTier(NamedTuple):
@@ -209,61 +209,7 @@ def _test_grid() -> Machine:  # not `test_grid`: pytest would collect it
                     call_sync_s=0.5e-6, p2p_bw=10e9, allreduce_latency_s=1e-6)
 
 
-# --- this machine --------------------------------------------------------------------------------------
-
-_CACHE_SYSCONF = {1: "SC_LEVEL1_DCACHE_SIZE", 2: "SC_LEVEL2_CACHE_SIZE", 3: "SC_LEVEL3_CACHE_SIZE"}
-_CACHE_FALLBACK = {1: 32 * KiB, 2: 1 * MiB, 3: 8 * MiB}
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def _size(text: str) -> int:
-    m = re.fullmatch(r"(\d+)\s*([KMG]?)", text.upper())
-    return int(m.group(1)) * {"": 1, "K": KiB, "M": MiB, "G": GiB}[m.group(2)] if m else 0
-
-
-def _cpu_count(cpu_list: str) -> int:
-    """Number of CPUs in a list like '0-3,8'."""
-    n = 0
-    for part in filter(None, cpu_list.split(",")):
-        lo, _, hi = part.partition("-")
-        n += int(hi or lo) - int(lo) + 1
-    return n
-
-
-def cache_size(level: int, root: str = "/sys/devices/system/cpu/cpu0/cache") -> tuple[int, str]:
-    """(bytes per core, source) of the data/unified cache at `level`: os.sysconf, else sysfs, else a
-    fallback. A sysfs cache shared by several CPUs is divided among them (L3 is reported whole)."""
-    name = _CACHE_SYSCONF[level]
-    if name in os.sysconf_names:
-        try:
-            if (v := os.sysconf(name)) > 0:
-                return v, f"os.sysconf({name}) [P]"
-        except (OSError, ValueError):
-            pass
-    for index in sorted(os.listdir(root)) if os.path.isdir(root) else ():
-        d = os.path.join(root, index)
-        if _read(f"{d}/level") == str(level) and _read(f"{d}/type") in ("Data", "Unified"):
-            size, sharing = _size(_read(f"{d}/size")), _cpu_count(_read(f"{d}/shared_cpu_list")) or 1
-            if size > 0:
-                per = size if level == 3 else size // sharing
-                return per, f"{d}/size" + (f" / {sharing} CPUs sharing it" if per != size else "") + " [P]"
-    return _CACHE_FALLBACK[level], "fallback default: the cache size could not be read [M]"
-
-
-def _cpuinfo_field(name: str) -> str:
-    for line in _read("/proc/cpuinfo").splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == name:
-            return value.strip()
-    return ""
-
+# --- this machine (its figures are read from the OS by fusec/host.py) -----------------------------------
 
 # One parallel loop's fork and join in Numba's thread pool (omp layer): 1.8 us measured on a 2-core x86 (a
 # median); not measured at start-up (a compile, and noise), so a machine file sets another host's.
@@ -274,22 +220,11 @@ FORK_JOIN_S = 2e-6
 def cpu() -> Machine:
     """This machine, for the Numba backend: caches and cores from the OS; peak and DRAM bandwidth are
     estimates (the benchmarks measure both in the same run)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    (l1, s1), (l2, s2), (l3, s3) = (cache_size(level) for level in (1, 2, 3))
-    khz = _read("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
-    mhz = _cpuinfo_field("cpu MHz")
-    clock, s_clock = ((int(khz) * 1e3, "cpufreq cpuinfo_max_freq [P]") if khz.isdigit() else
-                      (float(mhz) * 1e6, "/proc/cpuinfo cpu MHz [P]") if mhz else
-                      (2.5e9, "fallback default [M]"))
-    flags = set(_cpuinfo_field("flags").split())
-    lanes = 16 if "avx512f" in flags else 8 if flags & {"avx", "avx2"} else 4
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (OSError, ValueError):
-        ram = 8 * GiB
-    return _cpu("cpu", cores, l1, l2, l3, clock, lanes, ram, {
+    host = read_host()
+    (l1, s1), (l2, s2), (l3, s3) = host.caches
+    return _cpu("cpu", host.cores, l1, l2, l3, host.clock_hz, host.lanes, host.ram_bytes, {
         "pcus": "os.sched_getaffinity [P]", "cores": "os.sched_getaffinity [P]", "pmu_bytes": s2,
-        "l1_bytes": s1, "l2_bytes": s2, "l3_bytes": s3, "clock_hz": s_clock,
+        "l1_bytes": s1, "l2_bytes": s2, "l3_bytes": s3, "clock_hz": host.clock_source,
         "lanes": "f32 SIMD width from /proc/cpuinfo flags (avx512f 16, avx 8, else 4) [M]",
         "ddr_bytes": "os.sysconf SC_PHYS_PAGES x SC_PAGE_SIZE [P]"})
 
