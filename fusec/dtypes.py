@@ -1,19 +1,14 @@
 """Mapping between fusec dtype names ('f32', 'i64', ...) and NumPy / PyTorch dtypes.
 
 NumPy has no bfloat16, so on the NumPy side a `bf16` value is stored as float32 whose values are rounded
-to bfloat16 precision (`round_bf16`). torch is imported only inside the functions that need it, so the
-IR stays importable without loading torch.
+to bfloat16 precision (`round_bf16`).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
+import torch
 
 from fusec.errors import FusecError
-
-if TYPE_CHECKING:
-    import torch
 
 _NUMPY: dict[str, np.dtype] = {
     "f32": np.dtype(np.float32), "f64": np.dtype(np.float64), "f16": np.dtype(np.float16),
@@ -46,14 +41,12 @@ def from_numpy(dtype: np.dtype | type) -> str:
 
 
 def to_torch(dtype: str) -> torch.dtype:
-    import torch
     if dtype not in _TORCH_NAMES:
         raise FusecError(f"unknown dtype {dtype!r}; expected one of {', '.join(_TORCH_NAMES)}")
     return getattr(torch, _TORCH_NAMES[dtype])
 
 
 def from_torch(dtype: torch.dtype) -> str:
-    import torch
     for name, torch_name in _TORCH_NAMES.items():
         if getattr(torch, torch_name) == dtype:
             return name

@@ -19,14 +19,21 @@ import dataclasses
 import enum
 import functools
 import hashlib
+import importlib.util
 import json
 import os
 import platform
+import sys
 from typing import Any
 
+import numpy
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
+from torch.nn.modules import module as torch_module
+
+from fusec import tracing
+from fusec.lowering import LOWERINGS
 
 FORMAT = 1  # the layout of a cache entry (`fusec.trace_cache`); a new layout means new keys
 
@@ -42,7 +49,6 @@ class NoKey(Exception):
 @functools.lru_cache(maxsize=None)
 def source_digest() -> str:
     """A hash of fusec's own Python files (the package fusec with its passes and backends), once per process."""
-    import importlib.util
     digest = hashlib.sha256()
     for package in ("fusec", "fusec.passes", "fusec.backends"):
         spec = importlib.util.find_spec(package)
@@ -62,15 +68,12 @@ def _python_files(root: str):
 
 def trace_key(module: nn.Module, args: tuple, kwargs: dict, dynamic: Any, strict: bool) -> str:
     """The key of tracing `module` on these inputs; NoKey says why there is none."""
-    import numpy
     leaves, spec = pytree.tree_flatten((args, kwargs))
     try:
         structure = pytree.treespec_dumps(spec)
     except Exception as e:  # a container type torch cannot write down
         raise NoKey(f"the inputs' structure cannot be written ({type(e).__name__})") from None
     seen: dict[int, str] = {}
-    from fusec import tracing
-    from fusec.lowering import LOWERINGS
     described = {
         "lowerings": _functions(LOWERINGS, "lowering"), "fold_limit": tracing.FOLD_LIMIT,
         "format": FORMAT, "fusec": source_digest(), "torch": torch.__version__, "numpy": numpy.__version__,
@@ -87,8 +90,6 @@ def trace_key(module: nn.Module, args: tuple, kwargs: dict, dynamic: Any, strict
 def passes_key() -> dict:
     """What the passes depend on besides the traced IR and their options: the pipeline's stages and
     passes (NoKey when one is not fusec's) and the machine the tiles are chosen for."""
-    import sys
-
     from fusec.machines import cpu
     # not imported yet: nobody registered a stage or replaced the machine, and the source digest covers
     # them (importing them costs a warm start 0.1 s)
@@ -224,7 +225,6 @@ def _dim(bounds: Any) -> Any:
 
 
 def _check_global_hooks() -> None:
-    from torch.nn.modules import module as torch_module
     for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_always_called",
                  "_global_forward_hooks_with_kwargs"):
         if getattr(torch_module, name, None):
