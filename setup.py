@@ -9,7 +9,7 @@ setup(
     packages=find_packages(include=["fusec", "fusec.*"]) + [
         f"fusec.{p}" for p in find_packages(include=["passes", "passes.*", "backends", "backends.*"])],
     package_dir={"fusec.passes": "passes", "fusec.backends": "backends"},
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # tomllib (machine files); tested on 3.11
     install_requires=["torch>=2.6", "numpy", "numba", "llvmlite", "scipy"],
     # models: the checkpoint formats of `fusec generate` (fusec/loaders imports them only when used)
     # pytest-xdist: `make test` runs two test processes (Makefile)

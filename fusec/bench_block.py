@@ -67,6 +67,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="skip the warm-compile subprocess (cold compile times are still recorded)")
     parser.add_argument("--no-torch-compile", action="store_true", help="skip torch.compile (inductor)")
     parser.add_argument("--child-compile", action="store_true", help=argparse.SUPPRESS)
+    # `fusec bench` takes the block first (fusec.cli.bench turns it into --preset): say so in the usage
+    parser.usage = parser.format_usage().removeprefix("usage: ").replace(
+        "fusec bench", "fusec bench [llama-block[:PRESET]]", 1).strip()
+    parser.epilog = ("llama-block:PRESET is --preset PRESET; without a block, tinyllama_1b; `llama-block` "
+                     "alone is the tiny preset. Whole-model generation tokens/s: `fusec bench generate --help`.")
     return parser.parse_args(argv)
 
 

@@ -24,6 +24,15 @@ def test_every_command_help_exits_0(command, capsys):
     assert out.startswith(f"usage: fusec {' '.join(command)}")
 
 
+def test_bench_help_shows_the_block_to_run_and_the_generation_benchmark(capsys):
+    """`fusec bench --help` is the block benchmark's own parser: its usage names the block argument the
+    command takes (`llama-block[:PRESET]`, which --preset alone does not say) and points to `bench generate`."""
+    assert run(["bench", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: fusec bench [llama-block[:PRESET]]"), out
+    assert "fusec bench generate --help" in " ".join(out.split())
+
+
 def test_coe_without_an_action_names_the_actions(capsys):
     assert run(["coe"]) == 2
     assert "bench" in capsys.readouterr().err
