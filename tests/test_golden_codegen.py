@@ -1,17 +1,22 @@
 """Golden tests of the generated Numba code: the whole program text of the tiny Llama block's prefill
 (16 rows: matrix-vector streams, attention; 80 rows: BLAS GEMMs with parallel row-block prologues
 and epilogues), its decode step (matrix-vector streams) and its decode step over
-bf16 weights, and the unfused prefill (one kernel per op), so that any change to the emitter shows up as a diff in review.
+bf16 weights, the unfused prefill (one kernel per op), and an RMS norm beside a gated activation (a
+`reduce` and a `pointwise` kernel, whose parallel row loops a Llama block's kernels never show), so that
+every kernel kind is covered and any change to the emitter shows up as a diff in review.
 
 A deliberate change: regenerate with `FUSEC_UPDATE_GOLDEN=1 python -m pytest tests/test_golden_codegen.py`
 and read the diff of tests/golden/ before committing it."""
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 import fusec
 import fusec.passes.tile
@@ -43,16 +48,38 @@ def program_text(case: str) -> str:
     return re.sub(r"fusec_gen_[0-9a-f]+", "fusec_gen_<hash>", source)
 
 
+class NormAndGate(nn.Module):
+    """An RMS norm (a `reduce` kernel) and, apart from it, a gated activation (a `pointwise` kernel), on 64
+    rows of 512: enough elements for parallel row loops."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, 512))
+
+    def forward(self, x, g):
+        norm = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * self.weight
+        return norm, nn.functional.silu(g) * g + 1.0
+
+
 @pytest.mark.parametrize("case", ["prefill", "prefill_gemm", "decode", "decode_bf16", "prefill_unfused"])
 def test_generated_code_is_the_golden_text(case):
-    path = GOLDEN / f"numba_tiny_block_{case}.txt"
-    text = program_text(case)
+    assert_golden(GOLDEN / f"numba_tiny_block_{case}.txt", program_text(case))
+
+
+def test_reduce_and_pointwise_kernels_are_the_golden_text():
+    compiled = fusec.compile(NormAndGate().eval(), (torch.randn(64, 512), torch.randn(64, 512)))
+    assert [n.attr("kind") for n in compiled.graph.nodes if n.op == "kernel"] == ["reduce", "pointwise"]
+    text = re.sub(r"fusec_gen_[0-9a-f]+", "fusec_gen_<hash>", compiled.program.source)
+    assert "parallel=True" in text and "prange(64)" in text
+    assert_golden(GOLDEN / "numba_norm_and_gate.txt", text)
+
+
+def assert_golden(path: Path, text: str) -> None:
     if os.environ.get("FUSEC_UPDATE_GOLDEN") == "1":
         path.write_text(text)
     assert path.exists(), f"{path.name} missing: run with FUSEC_UPDATE_GOLDEN=1 to write it"
     want = path.read_text()
     if text != want:
-        import difflib
         diff = "".join(difflib.unified_diff(want.splitlines(True), text.splitlines(True), "golden", "generated",
                                             n=2))
         pytest.fail(f"generated code differs from {path.name} (FUSEC_UPDATE_GOLDEN=1 to accept):\n{diff[:4000]}")
