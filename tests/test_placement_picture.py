@@ -184,3 +184,12 @@ def test_a_program_without_kernels_draws_a_note_not_a_crash():
     from fusec.rdu.placement import MemoryPlan
     empty = Placement(get_machine("sn40l"), 0, None, (), (), (), (), MemoryPlan((), (), ()), ())
     assert any("nothing is placed" in t for t in svg_texts(draw(empty, "svg")))
+
+
+def test_a_picture_without_matplotlib_says_which_extra_to_install(block, monkeypatch):
+    """matplotlib is optional (the `bench` extra): without it, drawing names the package and the extra
+    instead of surfacing a bare ModuleNotFoundError."""
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what a missing package looks like to `import`
+    with pytest.raises(FusecError, match=r"matplotlib.*fusec\[bench\]"):
+        draw(block["test_grid"], "png")

@@ -31,11 +31,15 @@ KIND_COLOURS = {"stage buffers": "#76b7b2", "on-chip tensors": "#b07aa1", "weigh
 
 
 def draw(p: Placement, fmt: str, title: str = "") -> str | bytes:
-    """The picture as SVG text or PNG bytes. FusecError for another format."""
+    """The picture as SVG text or PNG bytes. FusecError for another format, or without matplotlib."""
     if fmt not in FORMATS:
         raise FusecError(f"a placement is drawn as {' or '.join(FORMATS)}, not {fmt!r} "
                          f"(text and json: fusec.rdu.view.format_placement, Placement.to_dict)")
-    import matplotlib
+    try:
+        import matplotlib  # optional (the `bench` extra): only pictures need it
+    except ImportError as e:
+        raise FusecError(f"drawing a placement needs matplotlib ({e}): pip install 'fusec[bench]' "
+                         f"(or use --format text or json)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig = figure(p, title)
