@@ -44,6 +44,8 @@ import types
 import warnings
 from importlib import metadata
 
+import numpy
+
 from fusec.cache_manifest import numba_files, purge, record_manifest, verify_numba_files, write_atomic
 from fusec.cache_trust import LOCK_NAME, CacheLocked, locked, unusable, untrusted
 
@@ -88,7 +90,6 @@ def environment_key() -> str:
     """What besides the source decides the machine code: versions and the host CPU."""
     import llvmlite  # Numba and llvmlite load in seconds: only a compile needs them
     import numba
-    import numpy
     from llvmlite import binding
 
     def version(dist: str) -> str:

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fusec.api import compile as compile_module
+
 Program = Callable[..., tuple]                    # a compiled (or eager) Prefill / DecodeStep
 Compiler = Callable[[nn.Module, tuple], Program]  # (module, example inputs) -> program
 WEIGHTS = ("fp32", "bf16", "int8")
@@ -18,7 +20,6 @@ WEIGHTS = ("fp32", "bf16", "int8")
 def fusec_compiler(backend: str = "numba", weights: str = "fp32", fuse: bool = True,
                    loop: bool | None = None) -> Compiler:
     """A Compiler running `fusec.compile` with these options."""
-    from fusec.api import compile as compile_module
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, given {weights!r}")
     options = {}

@@ -12,7 +12,10 @@ a lowering here for a form of its op it does not reproduce.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any
+
+import torch
 
 from fusec.errors import FusecError
 from fusec.lowering import IGNORED, LOWERINGS, _binary, lowers, packet_name
@@ -38,10 +41,6 @@ def direct_ok(program) -> str | None:
     """None when every op of the exported `program` lowers without decompositions, else the first op
     that does not (for the debug log)."""
     global _DECOMPOSED
-    import operator
-
-    import torch
-
     if _DECOMPOSED is None:
         _DECOMPOSED = torch.export.default_decompositions()
     for node in program.graph.nodes:

@@ -25,15 +25,18 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
+from torch.export.graph_signature import InputKind
 
-import fusec.lowering_direct  # noqa: F401 - registers the lowerings of torch.export's own ops
 import fusec.lowering_tensor  # noqa: F401 - registers the tensor lowerings
 from fusec.debug import debug
 from fusec.dtypes import from_torch
 from fusec.errors import FusecError, UnsupportedOpError
+from fusec.fallback import EXTERN, encode_call, is_random, qualified_name
 from fusec.ir import Builder, Graph, TensorType
 from fusec.lowering import IGNORED, LOWERINGS, TV, Lowerer, packet_name as _packet_name
+from fusec.lowering_direct import NotDirect, direct_ok  # also registers torch.export's own ops' lowerings
 from fusec.symbolic import Sym
+from fusec.tracing_sym import SizeMap, dynamic_spec
 
 FOLD_LIMIT = 1 << 24  # largest constant (elements) evaluated at trace time
 DIRECT = os.environ.get("FUSEC_DIRECT", "1") != "0"  # 0: always decompose to core ATen first (for comparing)
@@ -100,11 +103,9 @@ def trace(module: torch.nn.Module, args: tuple, kwargs: dict | None = None, stri
     docstring; `dynamic`: symbolic sizes, see `fusec.tracing_sym`)."""
     if not isinstance(args, tuple):
         args = (args,)
-    from fusec.tracing_sym import dynamic_spec
     shapes, _ = dynamic_spec(module, args, kwargs or {}, dynamic)
     with _EXPORT_LOCK:  # torch.export keeps global state: two threads exporting at once break each other
         program = export(module_tree_copy(module), args, kwargs, shapes, decompose=False)
-    from fusec.lowering_direct import NotDirect, direct_ok
     why = direct_ok(program) if DIRECT else "FUSEC_DIRECT=0"
     traced = None
     if why is None:
@@ -165,9 +166,6 @@ def _origin(node) -> str:
 def lower_program(program, module: torch.nn.Module, strict: bool = False, direct: bool = False) -> Traced:
     """The IR of an exported `program`: in core ATen, or (`direct`) as torch.export gave it, where an op
     that would fall back to PyTorch raises NotDirect instead (its decomposition may lower)."""
-    from torch.export.graph_signature import InputKind
-
-    from fusec.tracing_sym import SizeMap
     sig = program.graph_signature
     b = Builder()
     cx = Lowerer(b)
@@ -272,9 +270,7 @@ def _fallback(cx: Lowerer, target, args, kwargs: dict, error: UnsupportedOpError
               cause: Exception | None = None) -> Any:
     """One `extern` node per tensor the op returns (see `fusec.fallback`), or `error` when strict or
     when the op cannot run as a fallback (a random op, an argument JSON cannot carry, an odd result)."""
-    from fusec.fallback import EXTERN, encode_call, is_random, qualified_name
     if getattr(cx, "direct", False):
-        from fusec.lowering_direct import NotDirect
         raise NotDirect(f"{target} would run in PyTorch") from cause
     if cx.strict:
         raise error from cause

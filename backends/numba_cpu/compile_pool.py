@@ -20,13 +20,16 @@ from __future__ import annotations
 import atexit
 import os
 import pickle
+import select
 import struct
 import subprocess
 import sys
 import threading
+import time
 import warnings
 
 from fusec.debug import debug
+from fusec.dtypes import to_numpy
 
 IDLE_SECONDS = 60.0   # a worker exits after this long without a job (a later compile starts a new one)
 JOB_SECONDS = 900.0   # a worker that does not answer within this long is killed (the job compiles here)
@@ -68,8 +71,6 @@ def array_type(t):
     """The Numba type of a C-contiguous, writable array holding values of IR type `t` (what the runtime
     passes for a value it computes or takes as an input)."""
     import numba
-
-    from fusec.dtypes import to_numpy
     return numba.types.Array(numba.from_dtype(to_numpy(t.dtype)), len(t.shape), "C")
 
 
@@ -278,8 +279,6 @@ def _send(stream, data: bytes) -> None:
 
 def _read(fd: int, seconds: float) -> bytes:
     """One message from file descriptor `fd`, waiting at most `seconds` for it (TimeoutError)."""
-    import select
-    import time
     deadline, data, size = time.monotonic() + seconds, b"", None
     while size is None or len(data) < _HEADER.size + size:
         left = deadline - time.monotonic()
@@ -312,7 +311,6 @@ def serve() -> None:
     environment), load the module from the cache, compile the function for those signatures, record the
     checksums of its files, answer (ok, why not).
     Exits at the end of its input or after IDLE_SECONDS without a request."""
-    import select
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything printed goes to stderr, never into the replies
     requests = sys.stdin.buffer
