@@ -149,15 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     d = sub.add_parser("dump", help="print a model's IR after a stage")
     d.add_argument("model", help="registry name (see `fusec models`) or path/to/file.py:factory")
-    d.add_argument("--stage", default="canonical", help="one of: " + ", ".join(stage_names()))
-    d.add_argument("--format", default="text", choices=("text", "json", "dot", "svg", "png"))
+    d.add_argument("--stage", default="canonical", help="one of: " + ", ".join(stage_names()) + " (default canonical)")
+    d.add_argument("--format", default="text", choices=("text", "json", "dot", "svg", "png"),
+                   help="text (default), json or dot (Graphviz); svg or png draw the placement (--stage placed)")
     d.add_argument("--seq-len", type=positive_int, default=None, help="sequence length of the example input")
     d.add_argument("--unfused", action="store_true", help="show the unfused program (one kernel per op)")
     d.add_argument("--dynamic", action="store_true",
                    help="the symbolic program (sequence axis symbolic); with --seq-len, at that size")
     d.add_argument("-o", "--output", help="write to this file instead of standard output")
     m = sub.add_parser("demo", help="trace a built-in model, run it and compare with PyTorch")
-    m.add_argument("model", nargs="?", default="llama-block")
+    m.add_argument("model", nargs="?", default="llama-block",
+                   help="registry name (see `fusec models`) or path/to/file.py:factory (default llama-block)")
     m.add_argument("--no-bench", action="store_true", help="skip the benchmark table")
     sub.add_parser("models", help="list the built-in model names")
     add_generate_parser(sub)
@@ -196,7 +198,7 @@ def _add_debug_commands(sub) -> None:
     c.add_argument("--float64", action="store_true", help="measure errors against PyTorch in float64")
     c.add_argument("--tol", type=nonnegative_float, default=1e-4, help="largest error, scaled by the output's magnitude")
     k = sub.add_parser("cache", help="the on-disk compile cache: where it is and how big, or clear it")
-    k.add_argument("action", choices=("info", "clear"))
+    k.add_argument("action", choices=("info", "clear"), help="info: where it is, what it holds; clear: empty it")
 
 
 def _debug_command(args) -> int:

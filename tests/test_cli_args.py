@@ -33,6 +33,16 @@ def test_bench_help_shows_the_block_to_run_and_the_generation_benchmark(capsys):
     assert "fusec bench generate --help" in " ".join(out.split())
 
 
+def test_every_argument_of_every_command_says_what_it_is():
+    """`fusec COMMAND --help` is where a newcomer looks: no argument is listed without a line of help."""
+    import argparse
+
+    from fusec.cli import build_parser
+    bare = [f"{name} {action.option_strings or action.dest}" for name, sub in build_parser().commands.items()
+            for action in sub._actions if not isinstance(action, argparse._HelpAction) and not action.help]
+    assert not bare, f"arguments without help: {bare}"
+
+
 def test_coe_without_an_action_names_the_actions(capsys):
     assert run(["coe"]) == 2
     assert "bench" in capsys.readouterr().err

@@ -108,7 +108,7 @@ def add_rdu_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--orchestration", default=None, choices=("software", "hardware"),
                    help="kernel launches from the host or the chip (default: hardware for --decode, else software)")
     r.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the placement's annealing")
-    r.add_argument("--format", default="text", choices=("text", "json"))
+    r.add_argument("--format", default="text", choices=("text", "json"), help="the report as text (default) or JSON")
     r.add_argument("--stages", action="store_true", help="always print the per-stage tables")
     r.add_argument("-o", "--output", help="write to this file instead of standard output")
     return r
