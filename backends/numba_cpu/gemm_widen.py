@@ -8,7 +8,9 @@ Numba thread; each thread widens `tile_rows` of its rows into a buffer of its ow
 is still in that core's L2 cache when sgemm reads it) and calls a single-threaded sgemm on it. Before,
 int8 dequantized each 256-row block in a parallel loop, then called NumPy's OpenBLAS from one thread,
 whose own thread pool then fought Numba's for the cores: the tinyllama_1b block's 256-token prefill took
-7.8x fp32's time (docs/numba-backend.md has the measurements).
+7.8x fp32's time on a quiet machine. Measured after (2 threads, 4 rounds alternating with the code before,
+each format's time over fp32's in the same process, on a busy 2-core machine, load 6-17): int8 1.03-1.23x
+(median 1.15x; before 12-14x there), bf16 1.08-1.25x (median 1.18x; MKL's emulated bf16 GEMM 1.27-1.30x).
 
 int8 (`gemm3_int8_mkl`): the activations are quantized as the matrix-vector kernels quantize them
 (`int8.quantize_rows`, what the reference computes) and widened back to float32 once per call, for all the

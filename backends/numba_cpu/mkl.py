@@ -62,8 +62,9 @@ def bf16_gemm_in_hardware() -> bool:
     activations rounded to bf16): only where the CPU multiplies bf16 itself (AVX512-BF16 or AMX-BF16, which
     MKL uses). Elsewhere MKL emulates it, and widening the weights to float32 tiles per thread for sgemm
     (`gemm_widen.gemm_bf16w_mkl`, float32 activations: also closer to the reference) is faster: measured
-    on a 2-core AVX-512 + VNNI CPU without either, tinyllama_1b block, 256-token prefill, alternating runs
-    in one process each: the bf16 GEMM 1.20-1.35x fp32's time, the widened tiles 1.13-1.15x."""
+    on a 2-core AVX-512 + VNNI CPU without either, tinyllama_1b block, 256-token prefill, time over fp32's
+    in the same process, alternating processes: the bf16 GEMM 1.14-1.35x, the widened tiles 1.08-1.25x
+    (medians 1.27x and 1.15x, 9 and 8 rounds on a busy machine)."""
     return bool({"avx512bf16", "amx-bf16"} & _target_features())
 
 
