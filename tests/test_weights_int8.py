@@ -64,7 +64,8 @@ def int8_program(module, args, kwargs=None):
 
 @pytest.mark.parametrize("case", ["prefill", "decode"])
 def test_numba_int8_matches_reference_and_stays_close_to_fp32(case):
-    # 80 prompt rows dequantize tiles for the GEMM (gemm_int8); a decode step streams int8 (matvec_int8)
+    # 80 prompt rows dequantize tiles for MKL's sgemm per thread (gemm3_int8_mkl, ...: OpenBLAS's gemm_int8
+    # without MKL, tests/test_gemm_widen.py); a decode step streams int8 (matvec_int8)
     module, args = load_model("llama-block:stories15M", seq_len=80 if case == "prefill" else None)
     kwargs = {}
     if case == "decode":
@@ -73,7 +74,7 @@ def test_numba_int8_matches_reference_and_stays_close_to_fp32(case):
     inputs = [t.numpy() for t in list(args) + list(kwargs.values())]
     program = Program(graph)
     assert len(program.steps) == 5  # dequantized inside the kernels, not by kernels of their own
-    assert ("matvec_int8(" if case == "decode" else "gemm_int8(") in program.source
+    assert ("matvec_int8(" if case == "decode" else "gemm3_int8_mkl(") in program.source
     got = program.run(inputs)[0]
     want = run_graph(graph, inputs)[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -1,12 +1,14 @@
 """The `matmul` kernel: row-wise prologue into an A tile, one BLAS GEMM per horizontally fused product,
 then the epilogue read straight from the accumulators. The GEMM is MKL's (`mkl.py`) unless FUSEC_BLAS or a
-torch without MKL says NumPy's OpenBLAS (`blas.gemm`); bf16 weights at prefill use MKL's bf16 GEMM."""
+torch without MKL says NumPy's OpenBLAS (`blas.gemm`); int8 and bf16 weights at prefill are widened to
+float32 tiles by each thread for MKL's sgemm (`gemm_widen.py`; bf16 ones go to MKL's bf16 GEMM on a CPU
+with bf16 products)."""
 from __future__ import annotations
 
 import math
 
 from fusec.backends.numba_cpu.expr import Emitter
-from fusec.backends.numba_cpu.mkl import blas_choice
+from fusec.backends.numba_cpu.mkl import bf16_gemm_in_hardware, blas_choice
 from fusec.backends.numba_cpu.stores import emit_store, shared_stores
 from fusec.errors import FusecError
 from fusec.symbolic import is_sym, lower, upper
@@ -64,9 +66,10 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
     rows = tiles.get("rows", 0)
     rights = [_array_view(em, g.nodes[mm].args[1]) for mm in matmuls]
     _check_int8(g, matmuls, rights)
-    # bf16 weights [N, K] at prefill: a bf16 x bf16 -> f32 GEMM over A rounded to bf16 (in the prologue)
+    # bf16 weights [N, K] at prefill on a CPU with bf16 products: a bf16 x bf16 -> f32 GEMM over A rounded
+    # to bf16 (in the prologue); elsewhere the weights are widened per thread (`mkl.bf16_gemm_in_hardware`)
     bf16 = [lower(m) > matvec_rows and blas == "mkl" and v is not None and v[1] and v[2] == "_bf16"
-            for v in rights]
+            and bf16_gemm_in_hardware() for v in rights]
     a = a16 = None
     if any(bf16):
         a16 = "abuf16"
@@ -86,6 +89,7 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
         return "gemm"
     streamed: list[tuple[str, str, str]] = []  # (format, weight, product) of the matrix-vector products
     joint: list[tuple[str, str]] = []  # (weight [N, K], product) of the fp32 MKL GEMMs, run together
+    widened_joint: list[tuple[str, str, str]] = []  # (format, weight, product): the same for bf16 / int8
     either = []  # the same for a symbolic M that may be matrix-vector sized (chosen per call)
     for j, mm in enumerate(matmuls):
         n = g.nodes[mm].shape[1]
@@ -108,9 +112,14 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
             with w.block(f"if {m} <= {matvec_rows}", barrier=True):
                 w.line(f"matvec{widened}({a}, {b}, {acc})")
             with w.block("else", barrier=True):
-                w.line(f"gemm{widened}({a}, {b}, {acc})" if widened else f"{gemm_fn}({a}, {b}, {acc}, True)")
+                if widened and blas == "mkl":
+                    _emit_widened_gemms(em, a, [(widened, b, acc)])
+                else:
+                    w.line(f"gemm{widened}({a}, {b}, {acc})" if widened else f"{gemm_fn}({a}, {b}, {acc}, True)")
         elif bf16[j]:
             w.line(f"gemm_bf16_mkl({a16}, {b}, {acc})")
+        elif widened and blas == "mkl":
+            widened_joint.append((widened, b, acc))
         elif widened:
             w.line(f"gemm{widened}({a}, {b}, {acc})")
         elif blas == "mkl" and transposed:
@@ -125,6 +134,7 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
         with w.block("else", barrier=True):
             _emit_joint_gemms(em, a, either)
     _emit_joint_gemms(em, a, joint)
+    _emit_widened_gemms(em, a, widened_joint)
     _emit_matvecs(em, a, streamed)
     epilogue = [(o, out) for o, out in zip(g.outputs, outs) if o not in matmuls]
     # several outputs share one parallel loop when they can (`shared_stores`), else each has its own
@@ -197,6 +207,22 @@ def _emit_joint_gemms(em: Emitter, a: str, joint: list[tuple[str, str]]) -> None
             em.w.line(f"gemm_mkl({a}, {group[0][0]}, {group[0][1]}, True)")
         else:
             em.w.line(f"gemm{len(group)}_mkl({a}, {', '.join(f'{b}, {acc}' for b, acc in group)})")
+
+
+WIDENED_GEMMS = {"_int8": "int8", "_bf16": "bf16w"}  # a weight format's GEMMs in `gemm_widen.py`
+
+
+def _emit_widened_gemms(em: Emitter, a: str, products: list[tuple[str, str, str]]) -> None:
+    """The prefill GEMMs over bf16 or int8 weights of one kernel (format, weight, product), which all read
+    `a`: those of one format in calls of up to three (`gemm_widen.gemm3_int8_mkl`, ...), each one parallel
+    loop over the columns of all its products in which every thread widens its own weight tiles; the int8
+    ones quantize `a` once per call."""
+    for fmt in dict.fromkeys(f for f, _, _ in products):
+        same = [(b, acc) for f, b, acc in products if f == fmt]
+        for i in range(0, len(same), MATVEC_GROUP):
+            group = same[i:i + MATVEC_GROUP]
+            arity = str(len(group)) if len(group) > 1 else ""
+            em.w.line(f"gemm{arity}_{WIDENED_GEMMS[fmt]}_mkl({a}, {', '.join(f'{b}, {acc}' for b, acc in group)})")
 
 
 def _emit_matvecs(em: Emitter, a: str, streamed: list[tuple[str, str, str]]) -> None:

@@ -24,6 +24,8 @@ from fusec.backends.numba_cpu.matvec import matvec, matvec2, matvec3
 from fusec.backends.numba_cpu.lowp import (gemm_int8, matvec2_bf16, matvec2_int8, matvec3_bf16, matvec3_int8, matvec_bf16,
                                            matvec_int8)
 from fusec.backends.numba_cpu.fastexp import exp32
+from fusec.backends.numba_cpu.gemm_widen import (gemm2_bf16w_mkl, gemm2_int8_mkl, gemm3_bf16w_mkl, gemm3_int8_mkl,
+                                                gemm_bf16w_mkl, gemm_int8_mkl)
 from fusec.backends.numba_cpu.mkl import (bf16_bits, gemm2_mkl, gemm3_mkl, gemm_add_mkl, gemm_bf16_mkl, gemm_mkl,
                                          gemm_tile_mkl)
 from fusec.backends.numba_cpu.rowops import row_axpy, row_dot, row_finite
@@ -34,11 +36,11 @@ FASTMATH = {FASTMATH}
 
 def blas_used(source: str) -> dict:
     """{"blas": the library the GEMM calls of generated `source` go to, "mkl", "openblas" or "none"}, with
-    "blas_note" saying why when it is OpenBLAS. The generated code names it: `gemm_mkl` / `gemm_bf16_mkl`
-    or `gemm` / `gemm_bf16`."""
-    if re.search(r"\bgemm(_bf16|_tile|_add|2|3)?_mkl\(", source):
+    "blas_note" saying why when it is OpenBLAS. The generated code names it: `gemm_mkl`, `gemm3_int8_mkl`,
+    ... (every MKL call ends in `_mkl`) or `gemm` / `gemm_bf16` / `gemm_int8`."""
+    if re.search(r"\bgemm\w*_mkl\(", source):
         return {"blas": "mkl"}
-    if re.search(r"\bgemm(_bf16)?\(", source):
+    if re.search(r"\bgemm(_bf16|_int8)?\(", source):
         return {"blas": "openblas", "blas_note": blas_choice()[1] or "FUSEC_BLAS=openblas when it was compiled"}
     return {"blas": "none"}
 

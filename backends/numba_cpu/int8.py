@@ -6,8 +6,9 @@ the matrices it runs (`quantize_rows`: x[M, K/32, 32] int8 and scales xs[M, K/32
 product is then a sum of integer products, exact in int32, times s * xs, summed in float32. What this
 computes is defined by the reference semantics (`fusec.semantics.quantize_activations`): a matmul that
 reads an int8 weight (marked `quantize="int8"` by the weights pass) multiplies by its activations
-quantized that way. Prefill (`gemm_int8`) computes the same: quantized activations times dequantized
-weights, in one BLAS GEMM per block of weight rows.
+quantized that way. Prefill computes the same: quantized activations times dequantized weights, with MKL
+by each thread on its own weight tiles (`gemm_widen.gemm3_int8_mkl`, ...), else in one OpenBLAS GEMM per
+block of weight rows (`gemm_int8`).
 
 Why integer products: widening every weight to float32 (sign-extend, convert, scale, FMA) is shuffle- and
 port-bound and read int8 weights at half fp32's bytes per second. Here two blocks (64 bytes) of a row cost
@@ -110,7 +111,8 @@ def _dequantized_activations(xq, xs):
 def gemm_int8(a, q, s, c):
     """c = quantized(a) @ (q * s)^T for many rows (prefill), what `matvec_int8` computes: the activations
     quantized and widened back, a block of weight rows dequantized to a float32 tile, then one GEMM per
-    tile (it stays in cache between the two)."""
+    tile (it stays in cache between the two). NumPy's OpenBLAS, for when MKL is not used: with MKL,
+    `gemm_widen.gemm_int8_mkl` does this per thread (OpenBLAS's own threads would fight Numba's)."""
     xq, xs = quantize_rows(a, q)
     x = _dequantized_activations(xq, xs)
     n_dim, blocks, width = q.shape

@@ -29,6 +29,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from fusec.backends.numba_cpu.blas import _f32_as_bits, _ptr
+from fusec.backends.numba_cpu.int8_dot import _target_features
 from fusec.errors import FusecError
 
 SYMBOLS = ("sgemm_", "cblas_gemm_bf16bf16f32", "MKL_Set_Num_Threads_Local")
@@ -54,6 +55,17 @@ def _load() -> str:
 
 
 UNAVAILABLE = _load()  # '' when MKL is usable
+
+
+def bf16_gemm_in_hardware() -> bool:
+    """Whether prefill GEMMs over bf16 weights call MKL's bf16 x bf16 -> f32 GEMM (`gemm_bf16_mkl`, over
+    activations rounded to bf16): only where the CPU multiplies bf16 itself (AVX512-BF16 or AMX-BF16, which
+    MKL uses). Elsewhere MKL emulates it, and widening the weights to float32 tiles per thread for sgemm
+    (`gemm_widen.gemm_bf16w_mkl`, float32 activations: also closer to the reference) is faster: measured
+    on a 2-core AVX-512 + VNNI CPU without either, tinyllama_1b block, 256-token prefill, time over fp32's
+    in the same process, alternating processes: the bf16 GEMM 1.14-1.35x, the widened tiles 1.08-1.25x
+    (medians 1.27x and 1.15x, 9 and 8 rounds on a busy machine)."""
+    return bool({"avx512bf16", "amx-bf16"} & _target_features())
 
 
 def blas_choice() -> tuple[str, str]:
@@ -89,7 +101,7 @@ def _ref(typingctx, value):
 
 
 @intrinsic
-def _threads(typingctx):
+def threads(typingctx):
     """Numba's thread count for the next parallel region (`numba.get_num_threads()`), through the symbol
     the threading layer registers: Numba's own `get_num_threads` in njit code is a ctypes pointer, which
     makes a function uncacheable."""
@@ -101,7 +113,7 @@ def _threads(typingctx):
 
 
 @njit(inline="always")
-def _column_block(n, threads):
+def column_block(n, threads):
     """Columns per thread: N split evenly, rounded up to COLUMN_ALIGN."""
     per = (n + threads - 1) // threads
     return (per + COLUMN_ALIGN - 1) // COLUMN_ALIGN * COLUMN_ALIGN
@@ -123,14 +135,14 @@ def _sgemm_beta(a, b, c, b_transposed, beta):
 
 
 @njit(cache=True, nogil=True)
-def _sgemm_block(a, b, c, b_transposed):
+def sgemm_block(a, b, c, b_transposed):
     """One single-threaded MKL sgemm: c = a @ B (see `gemm_mkl`)."""
     _sgemm_beta(a, b, c, b_transposed, 0.0)
 
 
 # Generated kernels call it from a parallel loop of their own (one attention block per iteration, see
 # `attention_gemm.py`): one single-threaded call per block, on that loop's thread.
-gemm_tile_mkl = _sgemm_block
+gemm_tile_mkl = sgemm_block
 
 
 @njit(cache=True, nogil=True)
@@ -149,11 +161,11 @@ def gemm_mkl(a, b, c, b_transposed):
     """c[M, N] = a[M, K] @ B (B is b[K, N], or b[N, K] transposed when `b_transposed`) by MKL's sgemm,
     one block of columns per Numba thread. Operands have unit stride in their last axis."""
     n = c.shape[1]
-    block = _column_block(n, _threads())
+    block = column_block(n, threads())
     for t in prange((n + block - 1) // block):
         n0 = t * block
         n1 = min(n, n0 + block)
-        _sgemm_block(a, b[n0:n1] if b_transposed else b[:, n0:n1], c[:, n0:n1], b_transposed)
+        sgemm_block(a, b[n0:n1] if b_transposed else b[:, n0:n1], c[:, n0:n1], b_transposed)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -163,7 +175,7 @@ def gemm_add_mkl(a, w, c, r):
     not a pass of its own over the output after the GEMM (nor the product a buffer of its own). `r` may
     be `c` itself. Operands have unit stride in their last axis."""
     m, n = c.shape
-    block = _column_block(n, _threads())
+    block = column_block(n, threads())
     for t in prange((n + block - 1) // block):
         n0 = t * block
         n1 = min(n, n0 + block)
@@ -179,7 +191,7 @@ def _columns(a, w, c, lo, hi, first):
     n0 = max(lo, first) - first
     n1 = min(hi, first + c.shape[1]) - first
     if n0 < n1:
-        _sgemm_block(a, w[n0:n1], c[:, n0:n1], True)
+        sgemm_block(a, w[n0:n1], c[:, n0:n1], True)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -189,7 +201,7 @@ def gemm3_mkl(a, w0, c0, w1, c1, w2, c2):
     products are sized, and a narrow product (K, V of grouped-query heads) is not split into narrower
     calls."""
     n = c0.shape[1] + c1.shape[1] + c2.shape[1]
-    block = _column_block(n, _threads())
+    block = column_block(n, threads())
     for t in prange((n + block - 1) // block):
         lo = t * block
         hi = min(n, lo + block)
@@ -210,7 +222,7 @@ def gemm_bf16_mkl(a, w, c):
     """c[M, N] = a[M, K] @ w[N, K]^T over bfloat16 bits (uint16) a and w, float32 sums and result, by
     MKL's `cblas_gemm_bf16bf16f32`, one block of columns per Numba thread."""
     n = c.shape[1]
-    block = _column_block(n, _threads())
+    block = column_block(n, threads())
     for t in prange((n + block - 1) // block):
         n0 = t * block
         n1 = min(n, n0 + block)

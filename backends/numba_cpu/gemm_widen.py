@@ -1,0 +1,206 @@
+"""Prefill GEMMs over weights stored narrow (bfloat16 bits, int8 blocks): each thread widens its own
+weight rows to float32, a cache-sized tile at a time, and multiplies each tile by MKL's sgemm.
+
+Why: a GEMM reads every weight M times, so at prefill the weights' bytes hardly matter; what matters is
+that the widening costs little next to the multiply and that both run on every core. The tile scheme of
+`mkl.gemm3_mkl`: the output columns (= weight rows) of all the kernel's products split into one block per
+Numba thread; each thread widens `tile_rows` of its rows into a buffer of its own (about TILE_BYTES, so it
+is still in that core's L2 cache when sgemm reads it) and calls a single-threaded sgemm on it. Before,
+int8 dequantized each 256-row block in a parallel loop, then called NumPy's OpenBLAS from one thread,
+whose own thread pool then fought Numba's for the cores: the tinyllama_1b block's 256-token prefill took
+7.8x fp32's time on a quiet machine. Measured after (2 threads, 4 rounds alternating with the code before,
+each format's time over fp32's in the same process, on a busy 2-core machine, load 6-17): int8 1.03-1.23x
+(median 1.15x; before 12-14x there), bf16 1.08-1.25x (median 1.18x; MKL's emulated bf16 GEMM 1.27-1.30x).
+
+int8 (`gemm3_int8_mkl`): the activations are quantized as the matrix-vector kernels quantize them
+(`int8.quantize_rows`, what the reference computes) and widened back to float32 once per call, for all the
+products that read them; each weight tile is q * s. bf16 (`gemm3_bf16w_mkl`): a tile is the weights'
+bits shifted into float32's top half, the activations float32 as they are (the reference's
+`cast(w) @ x`).
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+from fusec.backends.numba_cpu.blas import bf16
+from fusec.backends.numba_cpu.int8_dot import BLOCK, quantize_block
+from fusec.backends.numba_cpu.mkl import COLUMN_ALIGN, column_block, sgemm_block, threads
+from fusec.backends.numba_cpu.simd import F32, I8, I32, Arrays, intp_args
+
+# bytes of a thread's float32 weight tile: small enough to stay in the core's L2 cache (2 MiB a core on the
+# machine measured) between its widening and sgemm. Measured with tinyllama_1b's products at 256 rows, 2
+# threads, alternating: 128 KiB, 512 KiB and 2 MiB tiles within the (large) noise of a busy machine
+TILE_BYTES = 512 * 1024
+
+
+@njit(inline="always")
+def tile_rows(k):
+    """Weight rows per tile at K = k: TILE_BYTES of float32, a multiple of COLUMN_ALIGN, at least that."""
+    rows = TILE_BYTES // (4 * max(k, 1)) // COLUMN_ALIGN * COLUMN_ALIGN
+    return max(rows, COLUMN_ALIGN)
+
+
+@intrinsic
+def _widen_block(typingctx, q, n, b, scale, out, row):
+    """out[row, 32b : 32b + 32] = q[n, b, :] * scale (q int8 [N, K/32, 32] with unit stride in its last
+    axis): one vector load, conversion, multiply and store. Numba's loop for it stays scalar (LLVM unrolls
+    the 32 steps and cannot prove the stores miss q), at a third of the bf16 widening's speed."""
+    if not (isinstance(q, types.Array) and q.dtype == types.int8 and q.ndim == 3 and q.layout == "C"):
+        return None
+
+    def codegen(context, builder, signature, args):
+        arrays = Arrays(context, builder, signature, args, 0, positions=(0, 4))
+        nv, bv = intp_args(context, builder, signature, args[:3], 1)
+        rv = intp_args(context, builder, signature, args, 5)[0]
+        zero = ir.Constant(nv.type, 0)
+        v32f = ir.VectorType(F32, BLOCK)
+        x = builder.sitofp(arrays.load(0, [nv, bv, zero], ir.VectorType(I8, BLOCK)), v32f)
+        splat = builder.shuffle_vector(builder.insert_element(ir.Constant(v32f, ir.Undefined), args[3],
+                                                              ir.Constant(I32, 0)),
+                                       ir.Constant(v32f, ir.Undefined), ir.Constant(ir.VectorType(I32, BLOCK), [0] * BLOCK))
+        target = arrays.at(1, [rv, builder.mul(bv, ir.Constant(bv.type, BLOCK))])
+        builder.store(builder.fmul(x, splat), builder.bitcast(target, v32f.as_pointer()), align=4)
+        return context.get_dummy_value()
+    return types.none(q, n, b, types.float32, out, row), codegen
+
+
+def widen_rows(w, n0, n1, out):
+    """Weight rows [n0, n1) widened to float32 into out[:n1 - n0]: w the bf16 bits [N, K] (uint16) or an
+    int8 weight's (q [N, K/32, 32], s [N, K/32, 1]), each value q * s."""
+    raise NotImplementedError("gemm_widen.widen_rows runs inside njit code only")
+
+
+@overload(widen_rows, inline="always")
+def _widen_rows(w, n0, n1, out):
+    if isinstance(w, types.BaseTuple):
+        if w[0].layout == "C" and out.layout == "C":
+            def int8_vectors(w, n0, n1, out):
+                q, s = w
+                for n in range(n1 - n0):
+                    for b in range(q.shape[1]):
+                        _widen_block(q, n0 + n, b, s[n0 + n, b, 0], out, n)
+            return int8_vectors
+
+        def int8(w, n0, n1, out):
+            q, s = w
+            for n in range(n1 - n0):
+                for b in range(q.shape[1]):
+                    scale = s[n0 + n, b, 0]
+                    for i in range(BLOCK):
+                        out[n, b * BLOCK + i] = np.float32(q[n0 + n, b, i]) * scale
+        return int8
+
+    def bf16_bits(w, n0, n1, out):
+        for n in range(n1 - n0):
+            for k in range(w.shape[1]):
+                out[n, k] = bf16(w[n0 + n, k])
+    return bf16_bits
+
+
+def weight_rows(w):
+    """N of a weight in either format (see `widen_rows`)."""
+    raise NotImplementedError("gemm_widen.weight_rows runs inside njit code only")
+
+
+@overload(weight_rows, inline="always")
+def _weight_rows(w):
+    if isinstance(w, types.BaseTuple):
+        return lambda w: w[0].shape[0]
+    return lambda w: w.shape[0]
+
+
+@njit(inline="always")
+def _tiled_columns(x, w, c, lo, hi, first, tile):
+    """The columns [lo, hi) of the concatenation that fall in c = x @ widened(w)^T, whose columns start
+    at `first`: tile by tile, widened into `tile` and multiplied by one single-threaded sgemm."""
+    n0 = max(lo, first) - first
+    n1 = min(hi, first + c.shape[1]) - first
+    for t0 in range(n0, n1, tile.shape[0]):
+        t1 = min(n1, t0 + tile.shape[0])
+        widen_rows(w, t0, t1, tile)
+        sgemm_block(x, tile[: t1 - t0], c[:, t0:t1], True)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _gemm3(x, w0, c0, w1, c1, w2, c2):
+    """c0, c1, c2 = x @ widened(w0)^T, x @ widened(w1)^T, x @ widened(w2)^T: one parallel loop over the
+    columns of all three (as `mkl.gemm3_mkl`), each thread widening its rows a tile at a time."""
+    n = c0.shape[1] + c1.shape[1] + c2.shape[1]
+    block = column_block(n, threads())
+    k = x.shape[1]
+    rows = min(tile_rows(k), block)
+    for t in prange((n + block - 1) // block):
+        lo = t * block
+        hi = min(n, lo + block)
+        tile = np.empty((rows, k), np.float32)  # this thread's own
+        _tiled_columns(x, w0, c0, lo, hi, 0, tile)
+        _tiled_columns(x, w1, c1, lo, hi, c0.shape[1], tile)
+        _tiled_columns(x, w2, c2, lo, hi, c0.shape[1] + c1.shape[1], tile)
+
+
+@njit(cache=True, nogil=True)
+def quantized_activations(a, q):
+    """a[M, K] quantized to int8 blocks of 32 as the int8 matrix-vector kernels do (`int8.quantize_rows`)
+    and widened back to float32: what an int8 weight's matmul multiplies (`semantics.quantize_activations`).
+    Serial: 0.15 ms at 256 x 2048 on one core, less than a parallel region costs on a busy machine (a
+    thread that starts late holds up the others)."""
+    if q.shape[2] != BLOCK or a.shape[1] != q.shape[1] * BLOCK:
+        raise ValueError("int8 GEMM: weights must be [N, K/32, 32] for activations [M, K]")
+    ac = a if a.flags.c_contiguous else np.ascontiguousarray(a)
+    m_rows, blocks = a.shape[0], q.shape[1]
+    xq = np.empty((m_rows, blocks, BLOCK), np.int8)
+    xs = np.empty((m_rows, blocks), np.float32)
+    x = np.empty((m_rows, blocks * BLOCK), np.float32)
+    for m in range(m_rows):
+        for b in range(blocks):
+            quantize_block(ac, xq, xs, m, b)
+            _widen_block(xq, m, b, xs[m, b], x, m)
+    return x
+
+
+# c = quantized(a) @ (q * s)^T for one, two or three int8 weights that read the same activations (Q, K and
+# V; W1 and W3), quantized once: generated kernels call these at prefill when the GEMMs are MKL's
+@njit(cache=True, nogil=True)
+def gemm_int8_mkl(a, q0, s0, c0):
+    x = quantized_activations(a, q0)
+    _gemm3(x, (q0, s0), c0, (q0[:0], s0[:0]), c0[:, :0], (q0[:0], s0[:0]), c0[:, :0])
+
+
+@njit(cache=True, nogil=True)
+def gemm2_int8_mkl(a, q0, s0, c0, q1, s1, c1):
+    x = quantized_activations(a, q0)
+    _check(x, q1)
+    _gemm3(x, (q0, s0), c0, (q1, s1), c1, (q1[:0], s1[:0]), c1[:, :0])
+
+
+@njit(cache=True, nogil=True)
+def gemm3_int8_mkl(a, q0, s0, c0, q1, s1, c1, q2, s2, c2):
+    x = quantized_activations(a, q0)
+    _check(x, q1)
+    _check(x, q2)
+    _gemm3(x, (q0, s0), c0, (q1, s1), c1, (q2, s2), c2)
+
+
+@njit(inline="always")
+def _check(x, q):
+    if q.shape[2] != BLOCK or x.shape[1] != q.shape[1] * BLOCK:
+        raise ValueError("int8 GEMM: weights must be [N, K/32, 32] for activations [M, K]")
+
+
+# c = a @ widen(w)^T for one, two or three bfloat16 weights (uint16 bits) that read the same activations
+@njit(cache=True, nogil=True)
+def gemm_bf16w_mkl(a, w0, c0):
+    _gemm3(a, w0, c0, w0[:0], c0[:, :0], w0[:0], c0[:, :0])
+
+
+@njit(cache=True, nogil=True)
+def gemm2_bf16w_mkl(a, w0, c0, w1, c1):
+    _gemm3(a, w0, c0, w1, c1, w1[:0], c1[:, :0])
+
+
+@njit(cache=True, nogil=True)
+def gemm3_bf16w_mkl(a, w0, c0, w1, c1, w2, c2):
+    _gemm3(a, w0, c0, w1, c1, w2, c2)
