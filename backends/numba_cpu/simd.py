@@ -216,4 +216,3 @@ def row_intrinsics():
             return builder.fcmp_ordered("==", total, total)
         return types.boolean(x, xi), codegen
     return dot, axpy, finite
-
