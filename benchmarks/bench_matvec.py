@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fusec.backends.numba_cpu.matvec import matvec
+from fusec.backends.numba_cpu.matvec import matvec, with_group
 from fusec.backends.numba_cpu.lowp import matvec_bf16, matvec_int8
 from fusec import benchtools
 from fusec.machines import cpu
@@ -53,7 +53,8 @@ def kernels(n: int, k: int, rng: np.random.Generator, footprint: float = 0.0) ->
         copies = [tuple(x.copy() for x in arrays) for _ in range(max(1, math.ceil(footprint / nbytes)))]
         turn = itertools.cycle(copies)
         group = loop_tiles(cpu(), MatmulShape(m=1, n=n, k=k, a=4, b=stored, out=4, acc=4))["matvec_group"]
-        return (lambda: kernel(a, *next(turn), c, group)), nbytes
+        call = with_group(kernel, group, len(arrays) + 2)
+        return (lambda: call(a, *next(turn), c)), nbytes
     return {"fp32": cycled((w,), matvec, 4), "bf16": cycled((bits,), matvec_bf16, 2),
             "int8": cycled((q, s), matvec_int8, 1)}
 

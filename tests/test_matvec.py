@@ -131,6 +131,18 @@ def test_groups_of_16_rows_give_the_same_bits_as_groups_of_8(fmt):
         np.testing.assert_array_equal(c8, c16)
 
 
+def test_a_kernel_with_its_group_bound_computes_what_the_kernel_does():
+    """Python calls a kernel through `with_group` (the group compiled in as a constant, as generated code
+    passes it): the same values as the kernel called with the group."""
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((1, 64)).astype(np.float32)
+    q, s = (x.numpy() for x in quantize_int8(torch.from_numpy(rng.standard_normal((40, 64)).astype(np.float32))))
+    want, got = np.zeros((1, 40), np.float32), np.zeros((1, 40), np.float32)
+    lowp.matvec_int8(a, q, s, want, 16)
+    matvec.with_group(lowp.matvec_int8, 16, 4)(a, q, s, got)
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8"])
 def test_decode_step_runs_sibling_products_in_one_call(fmt):
     """A stories15M block's decode step: Q, K and V in one call, W1 and W3 in one: four parallel loops per

@@ -253,3 +253,13 @@ def matvec3(a, w0, w1, w2, c0, c1, c2, group):
         matvec_plain(a, w0, c0)
         matvec_plain(a, w1, c1)
         matvec_plain(a, w2, c2)
+
+
+def with_group(kernel, group: int, arity: int):
+    """`kernel` (of `arity` arguments before the group) as Python calls it: compiled with the constant
+    `group`. The group must be a literal (`literally`): a group passed from Python types the kernel anew
+    on every call (about 10 ms); generated kernels pass a constant, as this does."""
+    names = ", ".join(f"x{i}" for i in range(arity))
+    scope = {"kernel": kernel}
+    exec(f"def call({names}):\n    return kernel({names}, {int(group)})", scope)
+    return njit(scope["call"])
