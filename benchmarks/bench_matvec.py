@@ -25,9 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fusec.backends.numba_cpu.matvec import matvec
+from fusec.backends.numba_cpu.matvec import matvec, with_group
 from fusec.backends.numba_cpu.lowp import matvec_bf16, matvec_int8
 from fusec import benchtools
+from fusec.machines import cpu
+from fusec.passes.tile import MatmulShape, loop_tiles
 from fusec.passes.weights import quantize_int8
 
 SHAPES = {  # name: (rows N, columns K) of a weight matrix; c[1, N] = a[1, K] @ w^T
@@ -46,12 +48,15 @@ def kernels(n: int, k: int, rng: np.random.Generator, footprint: float = 0.0) ->
     q, s = (t.numpy() for t in quantize_int8(torch.from_numpy(w)))
     c = np.empty((1, n), np.float32)
 
-    def cycled(arrays: tuple, kernel) -> tuple:
+    def cycled(arrays: tuple, kernel, stored: int) -> tuple:
         nbytes = sum(x.nbytes for x in arrays)
         copies = [tuple(x.copy() for x in arrays) for _ in range(max(1, math.ceil(footprint / nbytes)))]
         turn = itertools.cycle(copies)
-        return (lambda: kernel(a, *next(turn), c)), nbytes
-    return {"fp32": cycled((w,), matvec), "bf16": cycled((bits,), matvec_bf16), "int8": cycled((q, s), matvec_int8)}
+        group = loop_tiles(cpu(), MatmulShape(m=1, n=n, k=k, a=4, b=stored, out=4, acc=4))["matvec_group"]
+        call = with_group(kernel, group, len(arrays) + 2)
+        return (lambda: call(a, *next(turn), c)), nbytes
+    return {"fp32": cycled((w,), matvec, 4), "bf16": cycled((bits,), matvec_bf16, 2),
+            "int8": cycled((q, s), matvec_int8, 1)}
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -89,18 +89,21 @@ def test_every_form_of_the_integer_products_gives_the_same_dot_products(kind, mo
     q[0, :, :] = np.arange(-128, 128, 1).reshape(8, 32)[:5].astype(np.int8)  # every value, -128 too
     q[1, 0, :] = -128
     c = np.zeros((3, 13), np.float32)
-    kernel(a, q, s, c)
+    kernel(a, q, s, c, 8)
     want = _block_sums(a, q, s)
     np.testing.assert_allclose(c[:2], want[:2], rtol=1e-5, atol=1e-5)
     assert np.isnan(c[2]).all()  # a NaN activation is not hidden by its quantization
     portable = np.zeros_like(c)
     monkeypatch.setattr(int8_dot, "KIND", "portable")
-    numba.njit(parallel=True, fastmath=int8._FASTMATH)(int8.matvec_int8.py_func)(a, q, s, portable)
+    numba.njit(parallel=True, fastmath=int8._FASTMATH)(int8.matvec_int8.py_func)(a, q, s, portable, 8)
     np.testing.assert_array_equal(c, portable)
     if kind != "portable":
         kernel = _compiled(kind, monkeypatch)
-        kernel(a, q, s, c)
+        kernel(a, q, s, c, 8)
         assert INSTRUCTION[kind] in kernel.inspect_asm(kernel.signatures[0])
+        sixteen = np.zeros_like(c)
+        kernel(a, q, s, sixteen, 16)  # groups of 16 rows (int8's `matvec_group` tile on AVX-512): 13 rows are the rest
+        np.testing.assert_array_equal(sixteen, portable)
 
 
 def test_the_int8_loop_uses_vnni_and_fetches_the_next_rows_ahead(monkeypatch):
@@ -110,7 +113,7 @@ def test_the_int8_loop_uses_vnni_and_fetches_the_next_rows_ahead(monkeypatch):
     kernel = _compiled("vnni", monkeypatch)
     a = np.ones((1, 128), np.float32)
     q, s = (x.numpy() for x in quantize_int8(torch.ones(8, 128)))
-    kernel(a, q, s, np.zeros((1, 8), np.float32))
+    kernel(a, q, s, np.zeros((1, 8), np.float32), 8)
     asm = kernel.inspect_asm(kernel.signatures[0])
     assert "vpdpbusd" in asm and "vpmaddwd" not in asm and "vpmovsxbw" not in asm
     assert "prefetch" in asm

@@ -27,8 +27,9 @@ def widened(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def call(fmt: str, a: np.ndarray, weights: list[np.ndarray], outs: list[np.ndarray]) -> None:
-    """The kernel for len(weights) matrices of format `fmt` on float32 `weights` (stored as that format)."""
+def call(fmt: str, a: np.ndarray, weights: list[np.ndarray], outs: list[np.ndarray], group: int = 8) -> None:
+    """The kernel for len(weights) matrices of format `fmt` on float32 `weights` (stored as that format),
+    `group` weight rows a thread's unit."""
     arity = str(len(weights)) if len(weights) > 1 else ""
     module = matvec if fmt == "fp32" else lowp
     kernel = getattr(module, f"matvec{arity}{SUFFIX[fmt]}")
@@ -38,7 +39,7 @@ def call(fmt: str, a: np.ndarray, weights: list[np.ndarray], outs: list[np.ndarr
         stored = [bf16_bits(w) for w in weights]
     else:
         stored = weights
-    kernel(a, *stored, *outs)
+    kernel(a, *stored, *outs, group)
 
 
 def dense(fmt: str, w: np.ndarray) -> np.ndarray:
@@ -52,14 +53,17 @@ def dense(fmt: str, w: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8"])
-@pytest.mark.parametrize("rows,k,ns", [(1, 64, (10,)), (3, 96, (7, 1)), (2, 64, (5, 12, 9)), (1, 32, (3, 3, 3))])
-def test_one_loop_over_several_matrices_matches_numpy(fmt, rows, k, ns):
-    """Row counts that are not multiples of the 4-row groups, a matrix of one row, several activation rows."""
+@pytest.mark.parametrize("rows,k,ns", [(1, 64, (10,)), (3, 96, (7, 1)), (2, 64, (5, 12, 9)), (1, 32, (3, 3, 3)),
+                                       (1, 64, (37, 16))])
+@pytest.mark.parametrize("group", [8, 16])
+def test_one_loop_over_several_matrices_matches_numpy(fmt, rows, k, ns, group):
+    """Row counts that are not multiples of the groups (the rest four rows at a time, then one), a matrix
+    of one row, several activation rows; groups of 8 and of 16 weight rows (the `matvec_group` tile)."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((rows, k)).astype(np.float32)
     weights = [rng.standard_normal((n, k)).astype(np.float32) for n in ns]
     outs = [np.full((rows, n), np.nan, np.float32) for n in ns]
-    call(fmt, a, weights, outs)
+    call(fmt, a, weights, outs, group)
     x = quantize_activations(a) if fmt == "int8" else a  # int8 x int8: the activations quantized too
     for w, c in zip(weights, outs):
         np.testing.assert_allclose(c, x @ dense(fmt, w).T, rtol=1e-5, atol=1e-4)
@@ -73,7 +77,7 @@ def test_bf16_siblings_with_a_strided_weight_or_odd_k_take_the_plain_loop():
         if flip:
             bits = [b[:, ::-1] for b in bits]
         outs = [np.zeros((2, b.shape[0]), np.float32) for b in bits]
-        lowp.matvec2_bf16(a, *bits, *outs)
+        lowp.matvec2_bf16(a, *bits, *outs, 8)
         for b, c in zip(bits, outs):
             np.testing.assert_allclose(c, a @ widened(b).T, rtol=1e-5, atol=1e-4)
 
@@ -85,7 +89,7 @@ def test_bf16_columns_past_the_last_vector_are_added(k):
     a = rng.standard_normal((2, k)).astype(np.float32)
     bits = [bf16_bits(rng.standard_normal((n, k)).astype(np.float32)) for n in (6, 4)]
     outs = [np.full((2, b.shape[0]), np.nan, np.float32) for b in bits]
-    lowp.matvec2_bf16(a, *bits, *outs)
+    lowp.matvec2_bf16(a, *bits, *outs, 8)
     for b, c in zip(bits, outs):
         np.testing.assert_allclose(c, a @ widened(b).T, rtol=1e-5, atol=1e-4)
 
@@ -98,11 +102,11 @@ def test_fp32_columns_past_the_last_vector_and_strided_weights(k):
     a = rng.standard_normal((2, k)).astype(np.float32)
     ws = [rng.standard_normal((13, k)).astype(np.float32), rng.standard_normal((k, 5)).astype(np.float32).T]
     outs = [np.full((2, w.shape[0]), np.nan, np.float32) for w in ws]
-    matvec.matvec2(a, *ws, *outs)
+    matvec.matvec2(a, *ws, *outs, 8)
     for w, c in zip(ws, outs):
         np.testing.assert_allclose(c, a @ w.T, rtol=1e-5, atol=1e-4)
     c = np.full((2, 13), np.nan, np.float32)
-    matvec.matvec(a, ws[0][::-1], c)
+    matvec.matvec(a, ws[0][::-1], c, 8)
     np.testing.assert_allclose(c, a @ ws[0][::-1].T, rtol=1e-5, atol=1e-4)
 
 
@@ -110,7 +114,33 @@ def test_int8_kernel_refuses_weights_of_another_k():
     a = np.ones((1, 64), np.float32)
     q, s = (x.numpy() for x in quantize_int8(torch.ones(4, 96)))
     with pytest.raises(ValueError, match=r"\[N, K/32, 32\]"):
-        lowp.matvec_int8(a, q, s, np.zeros((1, 4), np.float32))
+        lowp.matvec_int8(a, q, s, np.zeros((1, 4), np.float32), 8)
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8"])
+def test_groups_of_16_rows_give_the_same_bits_as_groups_of_8(fmt):
+    """A row's dot product is summed alike whatever the group it is in: the group size (a tile) changes
+    the time, never the result."""
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((2, 96)).astype(np.float32)
+    weights = [rng.standard_normal((n, 96)).astype(np.float32) for n in (53, 16, 8)]
+    outs = {g: [np.full((2, w.shape[0]), np.nan, np.float32) for w in weights] for g in (8, 16)}
+    for g, o in outs.items():
+        call(fmt, a, weights, o, g)
+    for c8, c16 in zip(outs[8], outs[16]):
+        np.testing.assert_array_equal(c8, c16)
+
+
+def test_a_kernel_with_its_group_bound_computes_what_the_kernel_does():
+    """Python calls a kernel through `with_group` (the group compiled in as a constant, as generated code
+    passes it): the same values as the kernel called with the group."""
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((1, 64)).astype(np.float32)
+    q, s = (x.numpy() for x in quantize_int8(torch.from_numpy(rng.standard_normal((40, 64)).astype(np.float32))))
+    want, got = np.zeros((1, 40), np.float32), np.zeros((1, 40), np.float32)
+    lowp.matvec_int8(a, q, s, want, 16)
+    matvec.with_group(lowp.matvec_int8, 16, 4)(a, q, s, got)
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8"])
@@ -142,11 +172,11 @@ def test_low_precision_loops_widen_with_512_bit_vectors(name, widen):
     a = np.ones((1, 64), np.float32)
     c = np.zeros((1, 8), np.float32)
     if name == "matvec_int8":
-        kernel(a, *(x.numpy() for x in quantize_int8(torch.ones(8, 64))), c)
+        kernel(a, *(x.numpy() for x in quantize_int8(torch.ones(8, 64))), c, 8)
     elif name == "matvec":  # fp32: the same loop (`matvec.py`), prefetching too
-        kernel(a, np.zeros((8, 64), np.float32), c)
+        kernel(a, np.zeros((8, 64), np.float32), c, 8)
     else:
-        kernel(a, np.zeros((8, 64), np.uint16), c)
+        kernel(a, np.zeros((8, 64), np.uint16), c, 8)
     asm = kernel.inspect_asm(kernel.signatures[0])
     assert any(widen in line and "zmm" in line for line in asm.splitlines()), f"no 512-bit {widen} in {name}"
     assert "prefetch" in asm, f"{name} does not fetch the next group of rows ahead (`simd.prefetch`)"

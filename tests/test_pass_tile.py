@@ -78,7 +78,7 @@ TEST_GRID = """
 # the 2 cores gets a block: 32. Beside the sizes, the loop thresholds of `CPU_LOOP_RULES`.
 SMALL_CPU = """
 %1 = kernel %0 {anchors=[2], kind="reduce", tiles=[["parallel_min",16384],["rows",24]]} : f32[64,128]
-%2 = kernel %1 {anchors=[2], kind="matmul", tiles=[["k",64],["m",40],["matvec_rows",18],["n",40],["parallel_min",16384],["rows",32]]} : f32[64,96]
+%2 = kernel %1 {anchors=[2], kind="matmul", tiles=[["k",64],["m",40],["matvec_group",8],["matvec_rows",18],["n",40],["parallel_min",16384],["rows",32]]} : f32[64,96]
 %3 = kernel %2 {anchors=[6,14], kind="attention", tiles=[["gemm_rows",16],["kv",32],["parallel_min",16384],["q",32]]} : f32[2,32,32]
 """
 

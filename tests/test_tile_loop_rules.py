@@ -34,8 +34,9 @@ def test_the_rules_reproduce_the_measured_thresholds_and_follow_the_machine():
     gemm_rows 16) and a matvec_rows (18) measured at least as fast as the old 64; more cores make a fork
     and join pay sooner and give each core less memory bandwidth, one core never forks, a small L2
     bounds the rows of A the matrix-vector loop keeps in it."""
-    assert loop_tiles(REFERENCE_CPU) == {"parallel_min": 1 << 14, "matvec_rows": 18, "gemm_rows": 16}
-    assert loop_tiles(SMALL_L2) == {"parallel_min": 1 << 13, "matvec_rows": 73, "gemm_rows": 16}
+    assert loop_tiles(REFERENCE_CPU) == {"parallel_min": 1 << 14, "matvec_rows": 18, "matvec_group": 8,
+                                         "gemm_rows": 16}
+    assert loop_tiles(SMALL_L2) == {"parallel_min": 1 << 13, "matvec_rows": 73, "matvec_group": 8, "gemm_rows": 16}
     assert loop_tiles(dataclasses.replace(REFERENCE_CPU, cores=1))["parallel_min"] > 1 << 60
     projection = MatmulShape(m=SEQ, n=64, k=64, a=4, b=4, out=4, acc=4)
     assert loop_tiles(REFERENCE_CPU, projection)["matvec_rows"] == 18
@@ -51,6 +52,34 @@ def test_narrow_weights_keep_the_measured_matvec_rows():
         assert loop_tiles(REFERENCE_CPU, shape)["matvec_rows"] == fusec.passes.tile.LOWP_MATVEC_ROWS >= 32
     small = MatmulShape(m=32, n=64, k=64, a=4, b=2, out=4, acc=4)  # the L2 still bounds the rows of A
     assert loop_tiles(SMALL_L2, small)["matvec_rows"] == 4 * KiB // (64 * 4)
+
+
+def test_int8_weights_stream_in_groups_of_16_rows_where_vectors_are_512_bits():
+    """The matrix-vector loop hands a thread 16 int8 weight rows at a time on AVX-512 (their per-chunk work
+    on the activations shared by twice the rows; 16 accumulators fit its 32 registers), 8 on narrower
+    vectors and for fp32 and bf16 weights."""
+    group = {b: loop_tiles(REFERENCE_CPU, MatmulShape(m=1, n=768, k=768, a=4, b=b, out=4, acc=4))["matvec_group"]
+             for b in (4, 2, 1)}
+    assert group == {4: 8, 2: 8, 1: 16}
+    avx2 = dataclasses.replace(REFERENCE_CPU, lanes=8)
+    assert loop_tiles(avx2, MatmulShape(m=1, n=768, k=768, a=4, b=1, out=4, acc=4))["matvec_group"] == 8
+
+
+@pytest.mark.parametrize("weights, group", [("fp32", 8), ("int8", 16)])
+def test_the_decode_code_streams_weights_in_the_groups_the_tiles_show(weights, group, monkeypatch):
+    """`fusec dump --stage tiled` shows each matmul's matvec_group; the generated matrix-vector calls pass
+    that number (the loop's rows per group), and the program computes the reference's outputs."""
+    monkeypatch.setattr(fusec.passes.tile, "cpu", lambda: REFERENCE_CPU)
+    module, args = load_model("llama-block", seq_len=1)
+    graph = run_pipeline(trace(module, args).graph, until="tiled", target="cpu", weights=weights)
+    groups = {dict(n.attr("tiles"))["matvec_group"] for n in graph.nodes
+              if n.op == "kernel" and n.attr("kind") == "matmul"}
+    assert groups == {group}
+    program = Program(graph)
+    calls = [line.strip() for line in program.source.splitlines() if re.match(r"\s*matvec\w*\(", line)]
+    assert calls and all(c.endswith(f", {group})") for c in calls), calls
+    inputs = [a.numpy() for a in args]
+    np.testing.assert_allclose(program.run(inputs)[0], run_graph(graph, inputs)[0], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("weights, stored", [("fp32", 4), ("bf16", 2), ("int8", 1)])

@@ -92,15 +92,15 @@ def test_low_precision_kernels_match_numpy(rows, n, k):
     w = rng.standard_normal((n, k)).astype(np.float32)
     bits = (w.view(np.uint32) >> 16).astype(np.uint16)
     c = np.zeros((rows, n), np.float32)
-    matvec_bf16(a, bits, c)
+    matvec_bf16(a, bits, c, 8)
     np.testing.assert_allclose(c, a @ (bits.astype(np.uint32) << 16).view(np.float32).T, rtol=1e-5, atol=1e-4)
-    matvec_bf16(a, bits[:, ::-1], c)  # a strided weight takes the plain loop
+    matvec_bf16(a, bits[:, ::-1], c, 8)  # a strided weight takes the plain loop
     np.testing.assert_allclose(c, a @ (bits[:, ::-1].astype(np.uint32) << 16).view(np.float32).T, rtol=1e-5,
                                atol=1e-4)
     if k % 32 == 0:
         q, s = (x.numpy() for x in quantize_int8(torch.from_numpy(w)))
         dense = (q.astype(np.float32) * s).reshape(n, k)
-        for kernel in (matvec_int8, gemm_int8):
+        for kernel in (lambda *args: matvec_int8(*args, 16), gemm_int8):
             c[:] = 0
             kernel(a, q, s, c)  # int8 x int8: the activations quantized too
             np.testing.assert_allclose(c, quantize_activations(a) @ dense.T, rtol=1e-5, atol=1e-4)

@@ -51,7 +51,7 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
     # loop instead of a BLAS call: at a few rows BLAS spends its time packing, and OpenBLAS's threads keep
     # spinning after a call and slow the parallel loops of the next kernels (measured: a 50 us attention
     # kernel took 5 ms after a 32-row sgemm), which only a large GEMM pays back
-    matvec_rows = tiles["matvec_rows"]
+    matvec_rows, group = tiles["matvec_rows"], tiles["matvec_group"]  # group: weight rows a thread takes at once
     left = g.nodes[matmuls[0]].args[0]
     m, k = g.nodes[left].shape
     blas = blas_choice()[0]
@@ -110,7 +110,7 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
             either.append((b, acc))  # the product for the call's M, with the kernel's other such ones
         elif is_sym(m) and transposed and lower(m) <= matvec_rows:  # the product for the call's M
             with w.block(f"if {m} <= {matvec_rows}", barrier=True):
-                w.line(f"matvec{widened}({a}, {b}, {acc})")
+                w.line(f"matvec{widened}({a}, {b}, {acc}, {group})")
             with w.block("else", barrier=True):
                 if widened and blas == "mkl":
                     _emit_widened_gemms(em, a, [(widened, b, acc)])
@@ -130,12 +130,12 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
     if either:  # matrix-vector products up to matvec_rows rows, else one joint GEMM call
         with w.block(f"if {m} <= {matvec_rows}", barrier=True):
             for b, acc in either:
-                w.line(f"matvec({a}, {b}, {acc})")
+                w.line(f"matvec({a}, {b}, {acc}, {group})")
         with w.block("else", barrier=True):
             _emit_joint_gemms(em, a, either)
     _emit_joint_gemms(em, a, joint)
     _emit_widened_gemms(em, a, widened_joint)
-    _emit_matvecs(em, a, streamed)
+    _emit_matvecs(em, a, streamed, group)
     epilogue = [(o, out) for o, out in zip(g.outputs, outs) if o not in matmuls]
     # several outputs share one parallel loop when they can (`shared_stores`), else each has its own
     shared = parallel and 0 < rows < upper(m) and not is_sym(m) and shared_stores(em, epilogue, -(-m // rows))
@@ -225,13 +225,14 @@ def _emit_widened_gemms(em: Emitter, a: str, products: list[tuple[str, str, str]
             em.w.line(f"gemm{arity}_{WIDENED_GEMMS[fmt]}_mkl({a}, {', '.join(f'{b}, {acc}' for b, acc in group)})")
 
 
-def _emit_matvecs(em: Emitter, a: str, streamed: list[tuple[str, str, str]]) -> None:
+def _emit_matvecs(em: Emitter, a: str, streamed: list[tuple[str, str, str]], group: int) -> None:
     """The matrix-vector products of one kernel, which all read the activations `a`: those of one weight
     format in calls of up to three (Q, K and V; W1 and W3), each one parallel loop over the rows of all its
-    matrices (`matvec.matvec2`, `lowp.matvec2_bf16`, ...)."""
+    matrices (`matvec.matvec2`, `lowp.matvec2_bf16`, ...), `group` weight rows at a time."""
     for fmt in dict.fromkeys(f for f, _, _ in streamed):
         same = [(b, acc) for f, b, acc in streamed if f == fmt]
         for i in range(0, len(same), MATVEC_GROUP):
-            group = same[i:i + MATVEC_GROUP]
-            arity = str(len(group)) if len(group) > 1 else ""
-            em.w.line(f"matvec{arity}{fmt}({a}, {', '.join(b for b, _ in group)}, {', '.join(c for _, c in group)})")
+            products = same[i:i + MATVEC_GROUP]
+            arity = str(len(products)) if len(products) > 1 else ""
+            em.w.line(f"matvec{arity}{fmt}({a}, {', '.join(b for b, _ in products)}, "
+                      f"{', '.join(c for _, c in products)}, {group})")

@@ -21,7 +21,7 @@ per block and no prefetch; 0.85-0.95x with these (fp32 time over int8 time: 2.0-
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import literally, njit, prange
 
 from fusec.backends.numba_cpu.blas import gemm
 from fusec.backends.numba_cpu.int8_dot import BLOCK, quantize_block
@@ -61,26 +61,30 @@ def quantize_rows(a, q):
 
 
 # c[M, N] = quantized(a[M, K]) @ (q * s)^T for a few rows M, with int8 weights q[N, K/32, 32] and float32
-# block scales s[N, K/32, 1] (see the module docstring); `matvec2_int8` and `matvec3_int8` run two or three
-# matrices that read the same activations (quantized once) in one parallel loop (as `matvec.matvec2`).
+# block scales s[N, K/32, 1] (see the module docstring), weight rows `group` at a time (a constant: the
+# kernel's `matvec_group` tile); `matvec2_int8` and `matvec3_int8` run two or three matrices that read the
+# same activations (quantized once) in one parallel loop (as `matvec.matvec2`).
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def matvec_int8(a, q, s, c):
-    run1(quantize_rows(a, q), (_contiguous(q), _contiguous(s)), c)
+def matvec_int8(a, q, s, c, group):
+    literally(group)
+    run1(group, quantize_rows(a, q), (_contiguous(q), _contiguous(s)), c)
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def matvec2_int8(a, q0, s0, q1, s1, c0, c1):
+def matvec2_int8(a, q0, s0, q1, s1, c0, c1, group):
+    literally(group)
     x = quantize_rows(a, q0)
     _check(a, q1)
-    run2(x, (_contiguous(q0), _contiguous(s0)), (_contiguous(q1), _contiguous(s1)), c0, c1)
+    run2(group, x, (_contiguous(q0), _contiguous(s0)), (_contiguous(q1), _contiguous(s1)), c0, c1)
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def matvec3_int8(a, q0, s0, q1, s1, q2, s2, c0, c1, c2):
+def matvec3_int8(a, q0, s0, q1, s1, q2, s2, c0, c1, c2, group):
+    literally(group)
     x = quantize_rows(a, q0)
     _check(a, q1)
     _check(a, q2)
-    run3(x, (_contiguous(q0), _contiguous(s0)), (_contiguous(q1), _contiguous(s1)),
+    run3(group, x, (_contiguous(q0), _contiguous(s0)), (_contiguous(q1), _contiguous(s1)),
          (_contiguous(q2), _contiguous(s2)), c0, c1, c2)
 
 

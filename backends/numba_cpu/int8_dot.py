@@ -1,5 +1,6 @@
 """The int8 matrix-vector loop's inner parts in LLVM IR (`int8.py` runs them): the activations' quantization
-(`quantize_block`) and the dot products of int8 weight rows with them (`_dot_rows`: `dot8`, `dot4`, `dot1`).
+(`quantize_block`) and the dot products of int8 weight rows with them (`dot_rows(count)`, one intrinsic per
+row count: the loop's group, four, one).
 
 LLVM does not form the integer dot-product instructions from Numba's code (Numba widens integer products to
 64 bits), nor vectorize the quantization (Numba's `np.rint` is a call), so both are written here. The
@@ -16,7 +17,7 @@ from numba import config, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from fusec.backends.numba_cpu.simd import (F32, I8, I16, I32, ROWS, V16F, V16I, Arrays, accumulators, fma_into, hsum,
+from fusec.backends.numba_cpu.simd import (F32, I8, I16, I32, V16F, V16I, Arrays, accumulators, fma_into, hsum,
                                            intp_args, at_byte, lanes, prefetch)
 
 BLOCK = 32  # int8 values per scale (`passes.weights.BLOCK`)
@@ -164,9 +165,14 @@ def _dot_rows(count: int):
     return dot
 
 
-dot8 = _dot_rows(ROWS)
-dot4 = _dot_rows(4)
-dot1 = _dot_rows(1)
+_DOT_ROWS: dict = {}
+
+
+def dot_rows(count: int):
+    """The intrinsic of `count` rows (`_dot_rows`), made once per count."""
+    if count not in _DOT_ROWS:
+        _DOT_ROWS[count] = _dot_rows(count)
+    return _DOT_ROWS[count]
 
 
 @intrinsic

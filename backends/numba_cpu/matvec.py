@@ -1,9 +1,11 @@
 """The matrix-vector loop every weight format shares: c[M, N] = a[M, K] @ w[N, K]^T for a few rows M (decode).
 
 Decode streams every weight once per token, so the loop's one job is to read the weights at the memory's
-bandwidth. Rows of each weight matrix are split across threads eight at a time (numba gives each thread
+bandwidth. Rows of each weight matrix are split across threads a group at a time (numba gives each thread
 one contiguous range of groups); a group's dot products share the loads of the activations (`dot`); fewer
-rows at the end of a matrix (four, then one at a time). `run2` and `run3` run the rows of two or three
+rows at the end of a matrix (four at a time, then one). The rows of a group are the kernel's
+`matvec_group` tile (`passes.tile`: 16 for int8 weights on AVX-512, else 8), passed by the generated code
+as the last argument, a constant: each size is its own compiled loop (`literally`). `run2` and `run3` run the rows of two or three
 matrices that read the same activations (W1 and W3; Q, K and V) in one parallel loop: one fork and join
 instead of one each, which costs most when a neighbour holds a core.
 
@@ -24,11 +26,11 @@ second at stories110M's shapes on one or two threads, except W2 (K = 2048: 0.95-
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, types
+from numba import literally, njit, prange, types
 from numba.extending import overload
 
 from fusec.backends.numba_cpu.blas import _bits_as_f32, load_bf16, row_groups, wide_vectors
-from fusec.backends.numba_cpu.simd import LANES, ROWS
+from fusec.backends.numba_cpu.simd import LANES
 
 FASTMATH = {"reassoc", "contract"}  # vectorized sums; NaN and inf keep their meaning
 _HI = np.uint32(0xFFFF0000)
@@ -49,8 +51,8 @@ def _dots(fmt: str, count: int):
     """The intrinsic summing `count` rows of weights of format `fmt` (made once per format and count)."""
     if (fmt, count) not in _DOTS:
         if fmt == "int8":
-            from fusec.backends.numba_cpu.int8_dot import dot1, dot4, dot8
-            _DOTS[fmt, count] = {8: dot8, 4: dot4, 1: dot1}[count]
+            from fusec.backends.numba_cpu.int8_dot import dot_rows
+            _DOTS[fmt, count] = dot_rows(count)
         else:
             from fusec.backends.numba_cpu.simd import float_dot
             _DOTS[fmt, count] = float_dot(count, pairs=fmt == "bf16")
@@ -101,22 +103,22 @@ def _rest(w, x, m, n):
 
 
 @njit(inline="always")
-def rows_into(w, x, c, n0):
-    """c[:, n0:n0+8] = the activation rows times weight rows n0..n0+7 (fewer at the end: four, then one
-    at a time)."""
-    rows = min(ROWS, w[0].shape[0] - n0)
+def rows_into(w, x, c, n0, group):
+    """c[:, n0:n0+group] = the activation rows times weight rows n0..n0+group-1 (`group` a literal; fewer at
+    the end: four at a time, then one)."""
+    rows = min(group, w[0].shape[0] - n0)
     for m in range(x[0].shape[0]):
-        if rows == ROWS:
-            d = dot(w, x, n0, m, 8)
-            for r in range(ROWS):
+        if rows == group:
+            d = dot(w, x, n0, m, group)
+            for r in range(group):
                 c[m, n0 + r] = d[r] + rest(w, x, m, n0 + r)
         else:
             done = 0
-            if rows >= 4:
-                d4 = dot(w, x, n0, m, 4)
+            while rows - done >= 4:
+                d4 = dot(w, x, n0 + done, m, 4)
                 for r in range(4):
-                    c[m, n0 + r] = d4[r] + rest(w, x, m, n0 + r)
-                done = 4
+                    c[m, n0 + done + r] = d4[r] + rest(w, x, m, n0 + done + r)
+                done += 4
             for r in range(done, rows):
                 c[m, n0 + r] = dot(w, x, n0 + r, m, 1)[0] + rest(w, x, m, n0 + r)
 
@@ -124,35 +126,35 @@ def rows_into(w, x, c, n0):
 # The parallel loops, inlined into each format's kernels (`matvec.matvec`, `lowp.matvec2_bf16`, ...): their
 # prange becomes the kernel's own. `wide_vectors` sits in the loop's body, which is a function of its own.
 @njit(inline="always")
-def run1(x, w0, c0):
-    for g in prange(row_groups(w0[0], ROWS)):
+def run1(group, x, w0, c0):
+    for g in prange(row_groups(w0[0], group)):
         wide_vectors()
-        rows_into(w0, x, c0, ROWS * g)
+        rows_into(w0, x, c0, group * g, group)
 
 
 @njit(inline="always")
-def run2(x, w0, w1, c0, c1):
-    g0 = row_groups(w0[0], ROWS)
-    for g in prange(g0 + row_groups(w1[0], ROWS)):
+def run2(group, x, w0, w1, c0, c1):
+    g0 = row_groups(w0[0], group)
+    for g in prange(g0 + row_groups(w1[0], group)):
         wide_vectors()
         if g < g0:
-            rows_into(w0, x, c0, ROWS * g)
+            rows_into(w0, x, c0, group * g, group)
         else:
-            rows_into(w1, x, c1, ROWS * (g - g0))
+            rows_into(w1, x, c1, group * (g - g0), group)
 
 
 @njit(inline="always")
-def run3(x, w0, w1, w2, c0, c1, c2):
-    g0 = row_groups(w0[0], ROWS)
-    g1 = g0 + row_groups(w1[0], ROWS)
-    for g in prange(g1 + row_groups(w2[0], ROWS)):
+def run3(group, x, w0, w1, w2, c0, c1, c2):
+    g0 = row_groups(w0[0], group)
+    g1 = g0 + row_groups(w1[0], group)
+    for g in prange(g1 + row_groups(w2[0], group)):
         wide_vectors()
         if g < g0:
-            rows_into(w0, x, c0, ROWS * g)
+            rows_into(w0, x, c0, group * g, group)
         elif g < g1:
-            rows_into(w1, x, c1, ROWS * (g - g0))
+            rows_into(w1, x, c1, group * (g - g0), group)
         else:
-            rows_into(w2, x, c2, ROWS * (g - g1))
+            rows_into(w2, x, c2, group * (g - g1), group)
 
 
 @njit(inline="always")
@@ -220,30 +222,44 @@ def _operands(w):
 
 
 # c[M, N] = a[M, K] @ w[N, K]^T with float32 weights or bfloat16 ones (their uint16 bits: `lowp.matvec_bf16`
-# is this function); `matvec2` and `matvec3` run two or three matrices that read the same activations in one
-# parallel loop (`run2`, `run3`).
+# is this function), weight rows `group` at a time (a constant: the kernel's `matvec_group` tile);
+# `matvec2` and `matvec3` run two or three matrices that read the same activations in one parallel loop
+# (`run2`, `run3`).
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def matvec(a, w, c):
+def matvec(a, w, c, group):
+    literally(group)
     if streams(a, w):
-        run1((a,), operands(w), c)
+        run1(group, (a,), operands(w), c)
     else:
         matvec_plain(a, w, c)
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def matvec2(a, w0, w1, c0, c1):
+def matvec2(a, w0, w1, c0, c1, group):
+    literally(group)
     if streams(a, w0) and streams(a, w1):
-        run2((a,), operands(w0), operands(w1), c0, c1)
+        run2(group, (a,), operands(w0), operands(w1), c0, c1)
     else:
         matvec_plain(a, w0, c0)
         matvec_plain(a, w1, c1)
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def matvec3(a, w0, w1, w2, c0, c1, c2):
+def matvec3(a, w0, w1, w2, c0, c1, c2, group):
+    literally(group)
     if streams(a, w0) and streams(a, w1) and streams(a, w2):
-        run3((a,), operands(w0), operands(w1), operands(w2), c0, c1, c2)
+        run3(group, (a,), operands(w0), operands(w1), operands(w2), c0, c1, c2)
     else:
         matvec_plain(a, w0, c0)
         matvec_plain(a, w1, c1)
         matvec_plain(a, w2, c2)
+
+
+def with_group(kernel, group: int, arity: int):
+    """`kernel` (of `arity` arguments before the group) as Python calls it: compiled with the constant
+    `group`. The group must be a literal (`literally`): a group passed from Python types the kernel anew
+    on every call (about 10 ms); generated kernels pass a constant, as this does."""
+    names = ", ".join(f"x{i}" for i in range(arity))
+    scope = {"kernel": kernel}
+    exec(f"def call({names}):\n    return kernel({names}, {int(group)})", scope)
+    return njit(scope["call"])

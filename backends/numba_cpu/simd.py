@@ -9,7 +9,6 @@ from numba.core import cgutils
 
 I8, I16, I32, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 LANES = 16  # float32 lanes of an accumulator (one 512-bit register, or two 256-bit ones)
-ROWS = 8  # weight rows per matrix-vector group: the activations' loads (for bf16 their even/odd split) shared by eight rows
 V16F, V16I = ir.VectorType(F32, LANES), ir.VectorType(I32, LANES)
 
 
