@@ -19,6 +19,7 @@ def fusec_compiler(backend: str = "numba", weights: str = "fp32", fuse: bool = T
                    loop: bool | None = None) -> Compiler:
     """A Compiler running `fusec.compile` with these options."""
     from fusec.api import compile as compile_module
+    from fusec.api import compile_started
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, given {weights!r}")
     options = {}
@@ -30,7 +31,11 @@ def fusec_compiler(backend: str = "numba", weights: str = "fp32", fuse: bool = T
     def compile_program(module: nn.Module, example: tuple, dynamic=None) -> Program:
         return compile_module(module, example, backend=backend, fuse=fuse, dynamic=dynamic, **options)
 
+    def start_program(module: nn.Module, example: tuple, dynamic=None) -> Callable[[], Program]:
+        return compile_started(module, example, backend=backend, fuse=fuse, dynamic=dynamic, **options)
+
     compile_program.symbolic = True  # takes `dynamic`: one prefill program for every prompt length
+    compile_program.start = start_program  # in two halves (`Generator.compile_programs`)
     return compile_program
 
 

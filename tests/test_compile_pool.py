@@ -143,3 +143,37 @@ def test_fusec_compile_starts_workers_while_tracing_and_reports_what_they_compil
     assert compiled.stats["compiled_in_workers"] >= 1
     for got, want in zip(compiled(x, w), _Two()(x, w)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+class _Function:
+    """A stand-in for a generated kernel: records where it was compiled."""
+
+    def __init__(self, name: str, log: list):
+        self.name, self.log = name, log
+
+    def compile(self, sig) -> None:
+        self.log.append(("here", self.name))
+
+
+def test_a_body_two_programs_started_compiles_once(monkeypatch):
+    """Two programs started one after the other (`start`, as the generator does for its decode and prefill
+    programs) that share a kernel body compile it once, in a worker or here, not once each."""
+    import threading
+    import types
+    log, release = [], threading.Event()
+
+    def run(number, job):
+        release.wait(10)
+        log.append(("worker", job[0].__name__))
+        return True, ""
+    monkeypatch.setattr(compile_pool._POOL, "run", run)
+    monkeypatch.setattr(compile_pool, "_after_worker", lambda module: None)
+    monkeypatch.setattr(compile_pool, "worker_count", lambda jobs: 1 if jobs >= 2 else 0)
+    modules = [types.SimpleNamespace(__name__=f"m{k}", kernel=_Function(f"m{k}", log)) for k in range(4)]
+    first = compile_pool.start([(m, "kernel", ["sig"]) for m in modules[:2]])
+    second = compile_pool.start([(m, "kernel", ["sig"]) for m in modules])  # m0 and m1 are the first's
+    release.set()
+    first.finish()
+    second.finish()
+    assert sorted(name for _, name in log) == ["m0", "m1", "m2", "m3"]
+    assert not compile_pool._IN_FLIGHT  # nothing left in flight once both finished
