@@ -130,7 +130,11 @@ class Generator:
         began = time.perf_counter()
         finish_decode = start(*self._decode_example(batch))
         middle = time.perf_counter()
-        finish_prefill = start(*self._symbolic_prefill_example(batch))
+        try:
+            finish_prefill = start(*self._symbolic_prefill_example(batch))
+        except BaseException:  # the decode program is usable still (and its bodies are in flight)
+            self._decode[batch] = self._compiled(finish_decode(), began)
+            raise
         # (each program's time counts from its own start; the overlap is counted in both)
         self._decode[batch] = self._compiled(finish_decode(), began)
         self._prefill[batch, "T"] = self._compiled(finish_prefill(), middle)
