@@ -170,8 +170,8 @@ def test_a_body_two_programs_started_compiles_once(monkeypatch):
     monkeypatch.setattr(compile_pool, "_after_worker", lambda module: None)
     monkeypatch.setattr(compile_pool, "worker_count", lambda jobs: 1 if jobs >= 2 else 0)
     modules = [types.SimpleNamespace(__name__=f"m{k}", kernel=_Function(f"m{k}", log)) for k in range(4)]
-    first = compile_pool.start([(m, "kernel", ["sig"]) for m in modules[:2]])
-    second = compile_pool.start([(m, "kernel", ["sig"]) for m in modules])  # m0 and m1 are the first's
+    first = compile_batch.start([(m, "kernel", ["sig"]) for m in modules[:2]])
+    second = compile_batch.start([(m, "kernel", ["sig"]) for m in modules])  # m0 and m1 are the first's
     release.set()
     first.finish()
     second.finish()
@@ -194,8 +194,8 @@ def test_a_batch_waiting_for_a_worker_compiles_a_later_batchs_job(monkeypatch):
     monkeypatch.setattr(compile_pool, "_after_worker", lambda module: None)
     monkeypatch.setattr(compile_pool, "worker_count", lambda jobs: 1 if jobs >= 2 else 0)
     modules = [types.SimpleNamespace(__name__=f"m{k}", kernel=_Function(f"m{k}", log)) for k in range(4)]
-    first = compile_pool.start([(m, "kernel", ["sig"]) for m in modules[:2]])   # a worker takes m0
-    second = compile_pool.start([(m, "kernel", ["sig"]) for m in modules[2:]])  # a worker takes m2
+    first = compile_batch.start([(m, "kernel", ["sig"]) for m in modules[:2]])   # a worker takes m0
+    second = compile_batch.start([(m, "kernel", ["sig"]) for m in modules[2:]])  # a worker takes m2
     threading.Timer(1.0, release.set).start()
     first.finish()  # m1 here, then m3 (the second's) while m0 is still in the worker
     assert ("here", "m1") in log and ("here", "m3") in log

@@ -1,4 +1,4 @@
-"""The jobs of one program being compiled (`compile_pool.start`): handed to the worker processes at once,
+"""The jobs of one program being compiled (`start`): handed to the worker processes at once,
 finished by the program (`Batch.finish`: the rest compiled here, the workers waited for).
 
 Batches of several programs may be in flight together (a generator's decode and prefill programs): a
@@ -12,6 +12,22 @@ import threading
 
 from fusec.backends.numba_cpu import compile_pool as pool
 from fusec.debug import debug
+
+
+def compile_all(jobs: list[tuple[object, str, list]]) -> dict:
+    """Compile `jobs` ([(generated module, function, [Numba signature, ...])], see `compile_pool.pending`), spread over
+    worker processes and this one. Returns counts for stats: {"in_process": n, "in_workers": n,
+    "worker_failures": n}."""
+    return start(jobs).finish()
+
+
+def start(jobs: list[tuple[object, str, list]]):
+    """Hand `jobs` (as for `compile_all`) to the workers now, without waiting: this process can meanwhile
+    trace the next program (which must not overlap Numba compiling in this process: torch.export swaps
+    `builtins.min`/`max` while it runs). `Batch.finish()` then compiles here what no worker took yet and
+    waits for the rest. A function another unfinished batch is compiling is not compiled twice: `finish`
+    waits for it (or, if nobody took it yet, compiles it)."""
+    return Batch(jobs)
 
 
 _FLIGHT_LOCK = threading.Lock()

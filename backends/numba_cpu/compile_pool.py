@@ -1,7 +1,7 @@
 """Compiling a program's distinct kernel bodies at once, in worker processes.
 
 Numba compiles one function at a time under a lock held with the GIL, and a cold start is mostly that
-(a few seconds per kernel body). So before a program's first call, `compile_all` hands the bodies that
+(a few seconds per kernel body). So before a program's first call, `compile_batch.start` hands the bodies that
 are in no cache yet to worker processes (`python -c` running `serve`: no multiprocessing, so a user's
 script is never imported again in a worker) while this process compiles some itself. A worker loads the
 generated module through `fusec.cache.load_source` (the same file, under the cache's lock), compiles it
@@ -113,23 +113,6 @@ def load_cached(calls: list[tuple[object, str, tuple]]) -> bool:
         if sum(fn.stats.cache_misses.values()) != misses:
             return False
     return True
-
-
-def compile_all(jobs: list[tuple[object, str, list]]) -> dict:
-    """Compile `jobs` ([(generated module, function, [Numba signature, ...])], see `pending`), spread over
-    worker processes and this one. Returns counts for stats: {"in_process": n, "in_workers": n,
-    "worker_failures": n}."""
-    return start(jobs).finish()
-
-
-def start(jobs: list[tuple[object, str, list]]):
-    """Hand `jobs` (as for `compile_all`) to the workers now, without waiting: this process can meanwhile
-    trace the next program (which must not overlap Numba compiling in this process: torch.export swaps
-    `builtins.min`/`max` while it runs). `Batch.finish()` then compiles here what no worker took yet and
-    waits for the rest. A function another unfinished batch is compiling is not compiled twice: `finish`
-    waits for it (or, if nobody took it yet, compiles it)."""
-    from fusec.backends.numba_cpu.compile_batch import Batch
-    return Batch(jobs)
 
 
 def prestart() -> None:

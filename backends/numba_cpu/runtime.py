@@ -22,7 +22,7 @@ import torch
 
 from fusec.backends.numba_cpu.codegen import KernelCode
 from fusec.backends.numba_cpu.compile_pool import array_type, load_cached, pending
-from fusec.backends.numba_cpu.compile_pool import start as start_compiling
+from fusec.backends.numba_cpu.compile_batch import start as start_compiling
 from fusec.backends.numba_cpu.driver import build as build_driver
 from fusec.backends.numba_cpu.kernels import build as build_kernels
 from fusec.backends.numba_cpu.kernels import FUNCTION, raise_bad_index
