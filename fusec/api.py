@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from fusec.build import Options, Specialization, build, lower, program_stats, summary  # noqa: F401 (public here)
+from fusec.build import Options, Specialization, build, build_started, lower, program_stats, summary  # noqa: F401
 from fusec.debug import debug
 from fusec.errors import FusecError
 from fusec.guards import describe_leaves, kwarg_order, mismatch, parse_dynamic, signature_key
@@ -230,6 +230,18 @@ def compile(module: torch.nn.Module, example_inputs: Any = (), example_kwargs: d
     `share_memory()`) is rebound before the next call, without recompiling; one of another shape or dtype
     is a WeightBindingError. Buffers are constants, copied when traced. `bind_weights` stops the following.
     """
+    return compile_started(module, example_inputs, example_kwargs, backend=backend, fuse=fuse, strict=strict,
+                           dynamic=dynamic, recompile=recompile, cache_limit=cache_limit, weights=weights,
+                           loop=loop)()
+
+
+def compile_started(module: torch.nn.Module, example_inputs: Any = (), example_kwargs: dict | None = None, *,
+                    backend: str = "numba", fuse: bool = True, strict: bool = False, dynamic: Any = None,
+                    recompile: bool = False, cache_limit: int = CACHE_LIMIT, weights: str = "fp32",
+                    loop: bool | None = None):
+    """`compile` in two halves (`fusec.build.build_started`): traced, lowered and handed to the compile
+    workers now; the function returned finishes it and returns the CompiledModule. Meanwhile the caller may
+    trace another program, but not use Numba."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if not isinstance(example_inputs, tuple):
@@ -248,6 +260,6 @@ def compile(module: torch.nn.Module, example_inputs: Any = (), example_kwargs: d
                          f"empty batch, in a dynamic dimension, then run in PyTorch eager)")
     from fusec.tracing_sym import dynamic_spec
     _, declared = dynamic_spec(module, example_inputs, example_kwargs or {}, dynamic, dims=False)
-    first = build(module, example_inputs, example_kwargs or {}, options, dynamic)
+    finish = build_started(module, example_inputs, example_kwargs or {}, options, dynamic)
     key = signature_key(*pytree.tree_flatten((example_inputs, example_kwargs or {})))
-    return CompiledModule(module, first, options, key, dynamic, recompile, cache_limit, declared)
+    return lambda: CompiledModule(module, finish(), options, key, dynamic, recompile, cache_limit, declared)

@@ -104,8 +104,22 @@ def build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options,
     """Trace, lower and compile `module` for exactly these inputs, or with `dynamic` for every size in its
     ranges (`fusec.tracing_sym`); run it once (JIT-compiling the kernels), unless all of their machine code
     loads from the cache."""
+    return build_started(module, args, kwargs, options, dynamic)()
+
+
+def build_started(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options,
+                  dynamic: Any = None) -> Callable[[], Specialization]:
+    """`build` in two halves: trace, lower and generate the program now, its kernel bodies handed to the
+    compile workers; the function returned waits for them, runs the example and returns the
+    Specialization. Between the two, this thread may trace another program while the workers compile
+    (`Generator.compile_programs`); nothing else may use Numba meanwhile."""
     with young_gc():
-        return _build(module, args, kwargs, options, dynamic)
+        finish = _build(module, args, kwargs, options, dynamic)
+
+    def finished() -> Specialization:
+        with young_gc():
+            return finish()
+    return finished
 
 
 @contextmanager
@@ -126,7 +140,7 @@ def young_gc():
 
 
 def _build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options,
-           dynamic: Any = None) -> Specialization:
+           dynamic: Any = None) -> Callable[[], Specialization]:
     from fusec.trace_cache import trace_and_lower
     from fusec.tracing import trace
     start = time.perf_counter()
@@ -155,10 +169,12 @@ def _build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options,
     stats["trace_cache"] = how
     if options.backend == "reference":
         from fusec.backends.reference import compile_graph
-        spec = Specialization(traced, graph, compile_graph(graph), "", stats)
-    else:
-        from fusec.backends.numba_cpu.runtime import Program
-        program = Program(graph)
+        return lambda: _finish(Specialization(traced, graph, compile_graph(graph), "", stats), module, dump, options)
+    from fusec.backends.numba_cpu.runtime import Program
+    program = Program(graph, defer=True)
+
+    def finish() -> Specialization:
+        program.finish()
         debug(3, f"--- generated code of {traced.module_name} ({len(program.steps)} kernels)\n{program.source}")
         stats["intermediate_bytes"] = program.intermediate_bytes
         stats["distinct_kernels"] = len(program.modules)  # kernels with equal bodies share one function
@@ -177,9 +193,14 @@ def _build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options,
             finally:
                 progress.close()
         stats["compile_seconds"] = time.perf_counter() - start
+        return _finish(spec, module, dump, options)
+    return finish
+
+
+def _finish(spec: Specialization, module: Any, dump: Any, options: Options) -> Specialization:
     from fusec.binding import Follow, weight_types
     from fusec.passes.weights import module_names
-    spec.follow = Follow(module, module_names(weight_types(graph)))
+    spec.follow = Follow(module, module_names(weight_types(spec.graph)))
     if dump:
         dump.write("numba.py", spec.source or "# reference backend: no generated code")
         dump.summary(summary(spec, options))

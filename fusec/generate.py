@@ -73,6 +73,9 @@ class Generator:
     def _compile(self, module: nn.Module, example: tuple, dynamic=None) -> Program:
         start = time.perf_counter()
         program = self.compiler(module, example, dynamic=dynamic) if dynamic else self.compiler(module, example)
+        return self._compiled(program, start)
+
+    def _compiled(self, program: Program, start: float) -> Program:
         if self._bound is not None:
             bind(program, self._bound)
         self._totals["compiles"] += 1
@@ -102,11 +105,39 @@ class Generator:
     def decode_program(self, batch: int = 1) -> Program:
         """The decode program for `batch` sequences (compiled on first use)."""
         if batch not in self._decode:
-            # the example's caches are the generator's own (zero until a generation writes them): a second
-            # pair of cache-sized tensors cost a warm start tens of milliseconds
-            token, pos = torch.zeros(batch, 1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
-            self._decode[batch] = self._compile(DecodeStep(self.model), (token, pos, *self.caches(batch)))
+            self._decode[batch] = self._compile(*self._decode_example(batch))
         return self._decode[batch]
+
+    def _decode_example(self, batch: int) -> tuple:
+        # the example's caches are the generator's own (zero until a generation writes them): a second
+        # pair of cache-sized tensors cost a warm start tens of milliseconds
+        token, pos = torch.zeros(batch, 1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+        return DecodeStep(self.model), (token, pos, *self.caches(batch))
+
+    def _symbolic_prefill_example(self, batch: int) -> tuple:
+        tokens = torch.zeros(batch, min(8, self.max_seq_len), dtype=torch.int64)
+        return Prefill(self.model, None), (tokens,), {"tokens": {1: (1, self.max_seq_len)}}
+
+    def compile_programs(self, batch: int = 1) -> None:
+        """The decode program for `batch` and, when `symbolic`, the one prefill program, compiled so that
+        the compile workers build the decode program's kernel bodies while this process traces the prefill
+        (a cold start otherwise traced with the workers idle). A prefill of fixed lengths waits for its
+        first prompt (its length is not known yet)."""
+        start = getattr(self.compiler, "start", None)
+        if not self.symbolic or start is None or batch in self._decode or (batch, "T") in self._prefill:
+            self.decode_program(batch)
+            return
+        began = time.perf_counter()
+        finish_decode = start(*self._decode_example(batch))
+        middle = time.perf_counter()
+        try:
+            finish_prefill = start(*self._symbolic_prefill_example(batch))
+        except BaseException:  # the decode program is usable still (and its bodies are in flight)
+            self._decode[batch] = self._compiled(finish_decode(), began)
+            raise
+        # (each program's time counts from its own start; the overlap is counted in both)
+        self._decode[batch] = self._compiled(finish_decode(), began)
+        self._prefill[batch, "T"] = self._compiled(finish_prefill(), middle)
 
     def prefill_length(self, prompt_len: int) -> int:
         """The length the prefill of a `prompt_len`-token prompt runs at: the smallest bucket that holds
@@ -124,9 +155,7 @@ class Generator:
         `symbolic`, one program for every length 1..max_seq_len)."""
         if self.symbolic:
             if (batch, "T") not in self._prefill:
-                tokens = torch.zeros(batch, min(8, self.max_seq_len), dtype=torch.int64)
-                self._prefill[batch, "T"] = self._compile(Prefill(self.model, None), (tokens,),
-                                                          {"tokens": {1: (1, self.max_seq_len)}})
+                self._prefill[batch, "T"] = self._compile(*self._symbolic_prefill_example(batch))
             return self._prefill[batch, "T"]
         key = (batch, length)
         if key not in self._prefill:
@@ -310,14 +339,15 @@ def compile_generator(model: nn.Module, max_seq_len: int | None = None, weights:
     `fusec.compile`). `backend` is a
     fusec backend ("numba", "reference"). `prompt_buckets` (e.g. (16, 64, 256)) pads prompts on the right
     to the next bucket, one static prefill program per bucket; without it one symbolic prefill program
-    serves every prompt length. The decode program for `batch` is compiled here; nothing compiles while decoding.
+    serves every prompt length. The decode program for `batch` (and the symbolic prefill program) is compiled
+    here; nothing compiles while decoding.
     `loop=False` (or FUSEC_LOOP=0) keeps one Python call per kernel instead of one per run of layers.
     """
     causal_lm = as_causal_lm(model)
     generator = Generator(causal_lm, max_seq_len or causal_lm.config.max_seq_len,
                           fusec_compiler(backend, weights, fuse, loop), prompt_buckets,
                           name=f"fusec {backend} {weights}")
-    generator.decode_program(batch)
+    generator.compile_programs(batch)
     return generator
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from fusec.api import compile as compile_module
+from fusec.api import compile_started
 
 Program = Callable[..., tuple]                    # a compiled (or eager) Prefill / DecodeStep
 Compiler = Callable[[nn.Module, tuple], Program]  # (module, example inputs) -> program
@@ -31,7 +32,11 @@ def fusec_compiler(backend: str = "numba", weights: str = "fp32", fuse: bool = T
     def compile_program(module: nn.Module, example: tuple, dynamic=None) -> Program:
         return compile_module(module, example, backend=backend, fuse=fuse, dynamic=dynamic, **options)
 
+    def start_program(module: nn.Module, example: tuple, dynamic=None) -> Callable[[], Program]:
+        return compile_started(module, example, backend=backend, fuse=fuse, dynamic=dynamic, **options)
+
     compile_program.symbolic = True  # takes `dynamic`: one prefill program for every prompt length
+    compile_program.start = start_program  # in two halves (`Generator.compile_programs`)
     return compile_program
 
 

@@ -12,7 +12,7 @@ import torch
 
 import fusec.cache as cache
 from fusec.api import lower
-from fusec.backends.numba_cpu import compile_pool
+from fusec.backends.numba_cpu import compile_batch, compile_pool
 from fusec.backends.numba_cpu.runtime import Program
 from fusec.backends.reference import run_graph
 from fusec.printer import parse_graph
@@ -143,3 +143,61 @@ def test_fusec_compile_starts_workers_while_tracing_and_reports_what_they_compil
     assert compiled.stats["compiled_in_workers"] >= 1
     for got, want in zip(compiled(x, w), _Two()(x, w)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+class _Function:
+    """A stand-in for a generated kernel: records where it was compiled."""
+
+    def __init__(self, name: str, log: list):
+        self.name, self.log = name, log
+
+    def compile(self, sig) -> None:
+        self.log.append(("here", self.name))
+
+
+def test_a_body_two_programs_started_compiles_once(monkeypatch):
+    """Two programs started one after the other (`start`, as the generator does for its decode and prefill
+    programs) that share a kernel body compile it once, in a worker or here, not once each."""
+    import threading
+    import types
+    log, release = [], threading.Event()
+
+    def run(number, job):
+        release.wait(10)
+        log.append(("worker", job[0].__name__))
+        return True, ""
+    monkeypatch.setattr(compile_pool._POOL, "run", run)
+    monkeypatch.setattr(compile_pool, "_after_worker", lambda module: None)
+    monkeypatch.setattr(compile_pool, "worker_count", lambda jobs: 1 if jobs >= 2 else 0)
+    modules = [types.SimpleNamespace(__name__=f"m{k}", kernel=_Function(f"m{k}", log)) for k in range(4)]
+    first = compile_batch.start([(m, "kernel", ["sig"]) for m in modules[:2]])
+    second = compile_batch.start([(m, "kernel", ["sig"]) for m in modules])  # m0 and m1 are the first's
+    release.set()
+    first.finish()
+    second.finish()
+    assert sorted(name for _, name in log) == ["m0", "m1", "m2", "m3"]
+    assert not compile_batch._IN_FLIGHT  # nothing left in flight once both finished
+
+
+def test_a_batch_waiting_for_a_worker_compiles_a_later_batchs_job(monkeypatch):
+    """While its last body compiles in a worker, a program's batch compiles a body the next program queued
+    (this process would otherwise wait idle while the prefill's bodies wait for the worker)."""
+    import threading
+    import types
+    log, release = [], threading.Event()
+
+    def run(number, job):
+        release.wait(10)
+        log.append(("worker", job[0].__name__))
+        return True, ""
+    monkeypatch.setattr(compile_pool._POOL, "run", run)
+    monkeypatch.setattr(compile_pool, "_after_worker", lambda module: None)
+    monkeypatch.setattr(compile_pool, "worker_count", lambda jobs: 1 if jobs >= 2 else 0)
+    modules = [types.SimpleNamespace(__name__=f"m{k}", kernel=_Function(f"m{k}", log)) for k in range(4)]
+    first = compile_batch.start([(m, "kernel", ["sig"]) for m in modules[:2]])   # a worker takes m0
+    second = compile_batch.start([(m, "kernel", ["sig"]) for m in modules[2:]])  # a worker takes m2
+    threading.Timer(1.0, release.set).start()
+    first.finish()  # m1 here, then m3 (the second's) while m0 is still in the worker
+    assert ("here", "m1") in log and ("here", "m3") in log
+    assert second.finish()["in_process"] == 1
+    assert sorted(name for _, name in log) == ["m0", "m1", "m2", "m3"]

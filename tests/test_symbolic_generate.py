@@ -41,3 +41,25 @@ def test_buckets_still_pad_prompts():
     gen.generate(prompt(length=5), max_new_tokens=2)
     gen.generate(prompt(length=7), max_new_tokens=2)
     assert list(gen._prefill) == [(1, 16)]
+
+
+def test_prefill_is_traced_while_the_decode_program_compiles(monkeypatch, tmp_path):
+    """compile_generator compiles both programs, and traces the prefill before it waits for the decode
+    program's kernels (which compile in worker processes meanwhile): a cold start used to trace the
+    prefill only at the first prompt, after the decode program was done, the workers idle."""
+    import fusec.tracing as tracing
+    from fusec.backends.numba_cpu.runtime import Program
+    monkeypatch.setenv("FUSEC_CACHE_DIR", str(tmp_path))
+    events = []
+    export, load_cached = tracing.export, Program.load_cached
+    monkeypatch.setattr(tracing, "export", lambda module, *a, **k: events.append(
+        f"trace {type(module).__name__}") or export(module, *a, **k))
+    monkeypatch.setattr(Program, "load_cached", lambda self: events.append("compiled") or load_cached(self))
+    gen = compile_generator(random_model(TINY, seed=3), max_seq_len=16)
+    assert events == ["trace DecodeStep", "trace Prefill", "compiled", "compiled"]
+    assert gen.stats["compiles"] == 2 and (1, "T") in gen._prefill
+    tokens = prompt(length=5, seed=3)
+    ids, logits = gen.generate(tokens, max_new_tokens=4, return_logits=True)
+    assert gen.last["compiles"] == 0
+    ref_ids, ref_logits = eager_generate(random_model(TINY, seed=3), tokens, 4, max_seq_len=16)
+    assert assert_same_greedy(ids, logits, ref_ids, ref_logits, 5) >= 1

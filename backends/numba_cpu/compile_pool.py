@@ -1,7 +1,7 @@
 """Compiling a program's distinct kernel bodies at once, in worker processes.
 
 Numba compiles one function at a time under a lock held with the GIL, and a cold start is mostly that
-(a few seconds per kernel body). So before a program's first call, `compile_all` hands the bodies that
+(a few seconds per kernel body). So before a program's first call, `compile_batch.start` hands the bodies that
 are in no cache yet to worker processes (`python -c` running `serve`: no multiprocessing, so a user's
 script is never imported again in a worker) while this process compiles some itself. A worker loads the
 generated module through `fusec.cache.load_source` (the same file, under the cache's lock), compiles it
@@ -114,49 +114,6 @@ def load_cached(calls: list[tuple[object, str, tuple]]) -> bool:
         if sum(fn.stats.cache_misses.values()) != misses:
             return False
     return True
-
-
-def compile_all(jobs: list[tuple[object, str, list]]) -> dict:
-    """Compile `jobs` ([(generated module, function, [Numba signature, ...])], see `pending`), spread over
-    worker processes and this one. Returns counts for stats: {"in_process": n, "in_workers": n,
-    "worker_failures": n}."""
-    counts = {"in_process": 0, "in_workers": 0, "worker_failures": 0}
-    queue = list(jobs)
-    n = worker_count(len(queue))
-    if n == 0:
-        return counts  # each compiles on its first call, as always
-    lock = threading.Lock()
-
-    def take():
-        with lock:
-            return queue.pop(0) if queue else None
-
-    def drive(worker_number: int) -> None:  # a thread feeding one worker process
-        while True:
-            job = take()
-            if job is None:
-                return
-            ok, why = _POOL.run(worker_number, job)
-            _after_worker(job[0])
-            with lock:
-                counts["in_workers" if ok else "worker_failures"] += 1
-            if not ok:
-                debug(1, f"[fusec] a compile worker failed on {job[0].__name__} ({why}); it compiles here "
-                         "on its first call")
-    threads = [threading.Thread(target=drive, args=(k,), daemon=True) for k in range(n)]
-    for t in threads:
-        t.start()
-    while (job := take()) is not None:  # this process compiles too, taking jobs no worker took yet
-        module, function, signatures = job
-        for sig in signatures:
-            try:
-                getattr(module, function).compile(sig)
-            except Exception:  # noqa: BLE001 - compiled again on the first call, which raises it as always
-                pass
-        counts["in_process"] += 1
-    for t in threads:
-        t.join()
-    return counts
 
 
 def prestart() -> None:

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from fusec.backends.numba_cpu.codegen import KernelCode
-from fusec.backends.numba_cpu.compile_pool import array_type, compile_all, load_cached, pending
+from fusec.backends.numba_cpu.compile_pool import array_type, load_cached, pending
+from fusec.backends.numba_cpu.compile_batch import start as start_compiling
 from fusec.backends.numba_cpu.driver import build as build_driver
 from fusec.backends.numba_cpu.kernels import build as build_kernels
 from fusec.backends.numba_cpu.kernels import FUNCTION, raise_bad_index
@@ -52,7 +53,9 @@ class Step:
 class Program:
     """The compiled program: `run(inputs) -> outputs` on NumPy arrays."""
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, defer: bool = False):
+        """Generate and load the kernels of `graph` and start compiling the bodies in no cache yet; unless
+        `defer`, wait for them (`finish`, which must come before anything else is used)."""
         self.graph = graph
         calls = [i for i, n in enumerate(graph.nodes) if n.op in ("kernel", "loop")]
         kernels = [i for i in calls if graph.nodes[i].op == "kernel"]
@@ -86,7 +89,17 @@ class Program:
         self._calls = self._signatures(calls, by_node)
         cold = pending(self._calls)
         self._cold = bool(cold)  # something compiles for this program: its first run is at build time
-        self.compile_counts = compile_all(cold)
+        self._batch, self._made = start_compiling(cold), (calls, by_node)
+        if not defer:
+            self.finish()
+
+    def finish(self) -> None:
+        """Wait for the kernel bodies this program started compiling (compiling here those no worker took),
+        then set up its steps and buffers. Once; nothing to do after that."""
+        if self._batch is None:
+            return
+        self.compile_counts, self._batch = self._batch.finish(), None
+        (calls, by_node), graph = self._made, self.graph
         self.steps = [Step(by_node[i][1], i, list(graph.nodes[i].args),
                            self._extra(i, code, err), self.outputs_of[i], by_node[i][2])
                       for code, i, err in zip(self.codes, calls, self.errors)]

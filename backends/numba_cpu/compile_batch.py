@@ -1,0 +1,129 @@
+"""The jobs of one program being compiled (`start`): handed to the worker processes at once,
+finished by the program (`Batch.finish`: the rest compiled here, the workers waited for).
+
+Batches of several programs may be in flight together (a generator's decode and prefill programs): a
+function one batch is compiling is not compiled again for another (that one waits for it, or compiles it
+if nobody took it yet), and a batch waiting for its last job in a worker compiles another batch's queued
+jobs meanwhile, so this process's core stays busy.
+"""
+from __future__ import annotations
+
+import threading
+
+from fusec.backends.numba_cpu import compile_pool as pool
+from fusec.debug import debug
+
+
+def compile_all(jobs: list[tuple[object, str, list]]) -> dict:
+    """Compile `jobs` ([(generated module, function, [Numba signature, ...])], see `compile_pool.pending`), spread over
+    worker processes and this one. Returns counts for stats: {"in_process": n, "in_workers": n,
+    "worker_failures": n}."""
+    return start(jobs).finish()
+
+
+def start(jobs: list[tuple[object, str, list]]):
+    """Hand `jobs` (as for `compile_all`) to the workers now, without waiting: this process can meanwhile
+    trace the next program (which must not overlap Numba compiling in this process: torch.export swaps
+    `builtins.min`/`max` while it runs). `Batch.finish()` then compiles here what no worker took yet and
+    waits for the rest. A function another unfinished batch is compiling is not compiled twice: `finish`
+    waits for it (or, if nobody took it yet, compiles it)."""
+    return Batch(jobs)
+
+
+_FLIGHT_LOCK = threading.Lock()
+_IN_FLIGHT: dict[tuple[str, str], Batch] = {}  # (module, function) -> the unfinished batch compiling it
+_BATCHES: list[Batch] = []  # unfinished batches with workers, oldest first
+
+
+def _key(job: tuple) -> tuple[str, str]:
+    return job[0].__name__, job[1]
+
+
+class Batch:
+    """Jobs being compiled by the workers (`start`); `finish` completes them."""
+
+    def __init__(self, jobs: list[tuple[object, str, list]]):
+        self.counts = {"in_process": 0, "in_workers": 0, "worker_failures": 0}
+        with _FLIGHT_LOCK:
+            self.borrowed = [job for job in jobs if _IN_FLIGHT.get(_key(job)) not in (None, self)]
+            self.queue = [job for job in jobs if _key(job) not in _IN_FLIGHT]
+            self.done = {_key(job): threading.Event() for job in self.queue}
+            n = pool.worker_count(len(self.queue))
+            if n:  # (without workers each compiles on its first call, as always: nothing is in flight)
+                _IN_FLIGHT.update((k, self) for k in self.done)
+                _BATCHES.append(self)
+        self.threads = [threading.Thread(target=self._drive, args=(k,), daemon=True) for k in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def _take(self):
+        with _FLIGHT_LOCK:
+            return self.queue.pop(0) if self.queue else None
+
+    def _drive(self, worker_number: int) -> None:  # a thread feeding one worker process
+        while True:
+            job = self._take()
+            if job is None:
+                return
+            ok, why = pool._POOL.run(worker_number, job)
+            pool._after_worker(job[0])
+            with _FLIGHT_LOCK:
+                self.counts["in_workers" if ok else "worker_failures"] += 1
+            self.done[_key(job)].set()
+            if not ok:
+                debug(1, f"[fusec] a compile worker failed on {job[0].__name__} ({why}); it compiles here "
+                         "on its first call")
+
+    def finish(self) -> dict:
+        """Compile here the jobs no worker took yet, wait for the others (and for those borrowed from
+        other batches), and return the counts ({"in_process", "in_workers", "worker_failures"})."""
+        if self.threads:
+            while (job := self._take()) is not None:  # this process compiles too, taking jobs no worker took
+                _compile_here(job)
+                self.counts["in_process"] += 1
+                self.done[_key(job)].set()
+            # while a worker still compiles one of ours, compile a job a later batch has queued (the
+            # prefill's, while the decode program's last body compiles): this core stays busy too
+            while any(t.is_alive() for t in self.threads) and (stolen := self._steal()) is not None:
+                owner, job = stolen
+                _compile_here(job)
+                with _FLIGHT_LOCK:
+                    owner.counts["in_process"] += 1
+                owner.done[_key(job)].set()
+            for t in self.threads:
+                t.join()
+        for job in self.borrowed:
+            with _FLIGHT_LOCK:
+                owner = _IN_FLIGHT.get(_key(job))
+                queued = [j for j in owner.queue if _key(j) == _key(job)] if owner is not None else []
+                for j in queued:
+                    owner.queue.remove(j)
+            if queued:  # its batch has not got to it: compiled here, for both
+                _compile_here(queued[0])
+                owner.done[_key(job)].set()
+            elif owner is not None:
+                owner.done[_key(job)].wait()
+        with _FLIGHT_LOCK:
+            for k in self.done:
+                if _IN_FLIGHT.get(k) is self:
+                    del _IN_FLIGHT[k]
+            if self in _BATCHES:
+                _BATCHES.remove(self)
+        return self.counts
+
+    def _steal(self) -> tuple[Batch, tuple] | None:
+        """(its batch, a job) queued by another unfinished batch, taken from it; None when none is."""
+        with _FLIGHT_LOCK:
+            for batch in _BATCHES:
+                if batch is not self and batch.queue:
+                    return batch, batch.queue.pop(0)
+        return None
+
+
+def _compile_here(job: tuple) -> None:
+    module, function, signatures = job
+    for sig in signatures:
+        try:
+            getattr(module, function).compile(sig)
+        except Exception:  # noqa: BLE001 - compiled again on the first call, which raises it as always
+            pass
