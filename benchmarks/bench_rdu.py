@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 import time
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 
-from fusec.benchtools import format_table, write_json
+from fusec.benchtools import format_table, run_record, write_json
 from fusec.machines import get_machine
 from fusec.rdu import paper as rdu_paper
 
@@ -41,14 +39,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="bench_out", help="directory for bench_rdu.json and bench_rdu.png")
     p.add_argument("--markdown", metavar="JSON", help="print the docs' tables from a bench_rdu.json and exit")
     return p.parse_args(argv)
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def chart(data: dict, path: Path) -> Path | None:
@@ -81,7 +71,8 @@ def chart(data: dict, path: Path) -> Path | None:
         b.set_ylabel("decode tokens/s (model)")
         b.legend()
         b.set_title("kernel looping (KL: geomean 1.6x, up to 2.2x)")
-    fig.suptitle(f"RDU model vs the SN40L papers ({data['date']}, {data['commit']})")
+    run = data["run"]
+    fig.suptitle(f"RDU model vs the SN40L papers ({run['date']}, {run['commit']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -96,7 +87,8 @@ def _md(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
 def markdown(data: dict) -> str:
     """The docs' tables (paper vs model, looping, fit, sensitivity) from a run's JSON."""
-    out = [f"`python benchmarks/bench_rdu.py`, {data['date']}, commit `{data['commit']}`"
+    run = data.get("run") or {"date": data.get("date"), "commit": data.get("commit")}  # older runs: no record
+    out = [f"`{run.get('command', 'python benchmarks/bench_rdu.py')}`, {run['date']}, commit `{run['commit']}`"
            + (" (small shapes)" if data.get("small") else "")]
     rows = [{**r, "paper_text": rdu_paper._paper_text(r) + ("" if r["unit"] == "x" else f" {r['unit']}"),
              "model_text": f"{r['model']:.3g}", "ratio_text": f"{r['ratio']:.2f}",
@@ -138,14 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(json.loads(Path(args.markdown).read_text())))
         return 0
     from fusec.rdu import calibrate as rdu_calibrate
-    made_at = commit()  # the code this run loaded (HEAD may move while it runs)
+    run = run_record()  # taken now: the code this run loaded (HEAD may move while it runs)
     m = get_machine("test_grid" if args.small else "sn40l")  # small: small shapes on the small grid
     start = time.perf_counter()
     rows = rdu_paper.paper_rows(m, args.sections, small=args.small)
     print("# RDU model vs the papers (sn40l defaults; ratio = model / paper, 1 inside a published range)")
     print(rdu_paper.format_rows(rows))
-    data = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": made_at, "small": args.small,
-            "machine": m.name, "rows": rows}
+    data = {"run": run, "small": args.small, "machine": m.name, "rows": rows}
     if "looping" in args.sections:
         rdu_paper._SMALL[0] = args.small
         try:
