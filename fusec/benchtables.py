@@ -99,8 +99,8 @@ def _accuracy(report: dict) -> Cells:
 
 
 def _accuracy_legend(report: dict) -> str:
-    return (f"Random weights (seed {report['seed']}), {report['steps']} greedy steps after a "
-            f"{report['prompt_len']}-token prompt, teacher-forced: the share of positions whose greedy token "
+    return (f"Random weights (seed {report['seed']}), {report['steps']} greedy steps after a prompt of "
+            f"{report['prompt_len']} tokens, teacher-forced: the share of positions whose greedy token "
             "equals fp32 eager's, and the largest logit error.")
 
 
@@ -127,8 +127,10 @@ def _matvec(report: dict) -> Cells:
 
 
 def _matvec_legend(report: dict) -> str:
+    copies = (f"weights cycled over {report['footprint_mb']:g} MB of copies" if report["footprint_mb"]
+              else "one copy of each matrix (cache-resident when it fits)")
     return (f"Best of {report['rounds']} rounds in GB/s of weights read, {report['threads']} Numba thread(s), "
-            f"weights cycled over {report['footprint_mb']:g} MB; read bandwidth "
+            f"{copies}; read bandwidth "
             f"{report['bandwidth']['best'] / 1e9:.1f} GB/s measured in the run{_load(report)}. int8 speedup: "
             "int8's weights per second over fp32's.")
 

@@ -108,7 +108,7 @@ def test_accuracy_table(tmp_path):
     lines = _render(tmp_path, "bench_accuracy", {"steps": 64, "prompt_len": 8, "backend": "numba", "seed": 0,
                                                  "rows": [row]})
     assert lines[0].startswith("From `python benchmarks/bench_x.py`, 2026-11-30 19:00 UTC, commit `abc1234`.")
-    assert "64 greedy steps after a 8-token prompt" in lines[0]
+    assert "64 greedy steps after a prompt of 8 tokens" in lines[0]
     assert "| model | weights | greedy = fp32 | max logit error | relative to the largest logit |" in lines
     assert "| stories15M | int8 | 98.4% | 2.5e-02 | 1.32% |" in lines
 
