@@ -158,6 +158,9 @@ def test_rdu_tables_come_from_its_json_in_parts(tmp_path, capsys):
     text = md.read_text()
     assert "old fit" not in text and "1.13e-05" in text and "old sensitivity" in text
     assert "table bench_rdu.sensitivity left as it was" in capsys.readouterr().err
+    # runs before the shared run record kept their date and commit at the top level
+    old = render_report("bench_rdu", {**RDU, "date": "2026-11-30", "commit": "404227e"})
+    assert old.startswith("From `unknown command`, 2026-11-30, commit `404227e`.")
 
 
 def test_bench_rdu_markdown_is_the_same_renderer(tmp_path, capsys):
