@@ -81,8 +81,8 @@ def run(args: argparse.Namespace) -> dict:
         row["int8_vs_fp32_time"] = row["int8_best_gb_s"] / 1.125 / (row["fp32_best_gb_s"] / 4)
         rows.append(row)
         print(f"  {name}: done", flush=True)
-    return {"threads": threads, "rounds": args.rounds, "load_average": load, "footprint_mb": args.footprint, "bandwidth": bandwidth,
-            "results": rows}
+    return {"threads": threads, "rounds": args.rounds, "load_average": load, "footprint_mb": args.footprint,
+            "bandwidth": bandwidth, "results": rows}
 
 
 COLUMNS = [("shape", "weight", ""), ("n", "N", "d"), ("k", "K", "d"),
