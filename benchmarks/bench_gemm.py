@@ -7,7 +7,8 @@ Per library: GFLOP/s of wall time, and GFLOP per CPU-second of this process (`ti
 shared machine the second is the steadier measure of how much work a library needs, as other processes
 stretch wall times; spinning threads count against it. Calls alternate between the libraries, one call
 of each per round, and each figure is the median over the rounds. A is [M, K] and the weight is [N, K]
-(c = a @ w.T), as in a Linear layer.
+(c = a @ w.T), as in a Linear layer. Writes bench_gemm.json to --out (`benchmarks/tables.py` makes the
+docs' table of it).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,6 +32,7 @@ def parse_args(argv):
     parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--shapes", default="256x2048x5632,256x5632x2048,256x2048x2048",
                         help="comma-separated MxKxN")
+    parser.add_argument("--out", default="bench_out", help="directory for bench_gemm.json")
     return parser.parse_args(argv)
 
 
@@ -41,19 +44,21 @@ def libraries(m: int, k: int, n: int) -> dict:
     ta, tw = torch.from_numpy(a), torch.from_numpy(w)
     a16, w16 = ta.bfloat16(), tw.bfloat16()
     a16_bits, w16_bits = (t.view(torch.int16).numpy().view(np.uint16) for t in (a16, w16))
-    calls = {"openblas sgemm": lambda: blas.gemm(a, w, c, True), "torch fp32": lambda: ta @ tw.T,
-             "torch bf16": lambda: a16 @ w16.T}
+    calls = {"OpenBLAS sgemm": lambda: blas.gemm(a, w, c, True)}
     if not mkl.UNAVAILABLE:
-        calls["mkl sgemm"] = lambda: mkl.gemm_mkl(a, w, c, True)
-        calls["mkl bf16"] = lambda: mkl.gemm_bf16_mkl(a16_bits, w16_bits, c)
-    return calls
+        calls["MKL sgemm"] = lambda: mkl.gemm_mkl(a, w, c, True)
+        calls["MKL bf16"] = lambda: mkl.gemm_bf16_mkl(a16_bits, w16_bits, c)
+    return {**calls, "torch fp32": lambda: ta @ tw.T, "torch bf16": lambda: a16 @ w16.T}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    benchtools.run_record()  # the run's commit and date as it starts
     benchtools.set_threads(args.threads)
+    load = os.getloadavg()[0]
     print(f"{args.threads} threads; median of {args.repeat} alternating rounds; MKL: "
-          f"{mkl.UNAVAILABLE or 'bound from torch'}; 1-minute load average {os.getloadavg()[0]:.1f}")
+          f"{mkl.UNAVAILABLE or 'bound from torch'}; 1-minute load average {load:.1f}")
+    rows = []
     for shape in args.shapes.split(","):
         m, k, n = (int(x) for x in shape.split("x"))
         calls = libraries(m, k, n)
@@ -70,8 +75,15 @@ def main(argv=None) -> int:
         gflop = 2 * m * n * k / 1e9
         print(f"\n{m}x{k}x{n} ({gflop:.2f} GFLOP)")
         for name in calls:
-            print(f"  {name:15s} {gflop / statistics.median(wall[name]):7.1f} GFLOP/s  "
-                  f"{gflop / statistics.median(cpu[name]):7.1f} GFLOP per CPU-second")
+            rows.append({"shape": f"{m} x {k} x {n}", "implementation": name, "status": "ok", "gflop": gflop,
+                         "gflop_s": gflop / statistics.median(wall[name]),
+                         "gflop_per_cpu_s": gflop / statistics.median(cpu[name])})
+            print(f"  {name:15s} {rows[-1]['gflop_s']:7.1f} GFLOP/s  {rows[-1]['gflop_per_cpu_s']:7.1f} GFLOP per "
+                  "CPU-second")
+    path = benchtools.write_json(Path(args.out) / "bench_gemm.json", {
+        "threads": args.threads, "repeat": args.repeat, "load_average": load,
+        "mkl": mkl.UNAVAILABLE or "bound from torch", "results": rows})
+    print(f"\nwrote {path}")
     return 0
 
 

@@ -10,13 +10,14 @@ load hits all of them alike; reported: weight bytes read per second at the media
 cycles through copies of its weights that add up to at least that many MB, so that a call reads them from
 beyond the core's L2 cache as a decode step does (it streams every layer's weights once); otherwise a
 small matrix stays in L2 between calls and the kernels compare their arithmetic, not their bytes.
-Writes bench_matvec.json.
+Writes bench_matvec.json (`benchmarks/tables.py` makes the docs' table of it).
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import math
+import os
 import statistics
 import sys
 import time
@@ -60,6 +61,8 @@ def kernels(n: int, k: int, rng: np.random.Generator, footprint: float = 0.0) ->
 
 
 def run(args: argparse.Namespace) -> dict:
+    benchtools.run_record()  # the run's commit and date as it starts
+    load = os.getloadavg()[0]
     threads = benchtools.set_threads(args.threads)
     bandwidth = benchtools.measure_memory_bandwidth()
     rng = np.random.default_rng(0)
@@ -83,8 +86,8 @@ def run(args: argparse.Namespace) -> dict:
         row["int8_vs_fp32_time"] = row["int8_best_gb_s"] / 1.125 / (row["fp32_best_gb_s"] / 4)
         rows.append(row)
         print(f"  {name}: done", flush=True)
-    return {"threads": threads, "rounds": args.rounds, "footprint_mb": args.footprint, "bandwidth": bandwidth,
-            "results": rows}
+    return {"threads": threads, "rounds": args.rounds, "load_average": load, "footprint_mb": args.footprint,
+            "bandwidth": bandwidth, "results": rows}
 
 
 COLUMNS = [("shape", "weight", ""), ("n", "N", "d"), ("k", "K", "d"),

@@ -4,6 +4,7 @@ side, calibration fit and sensitivity.
     python benchmarks/bench_rdu.py                        # everything (~10 min: ~40 placements of 7B-405B blocks)
     python benchmarks/bench_rdu.py --no-sensitivity --no-fit
     python benchmarks/bench_rdu.py --markdown bench_out/bench_rdu.json   # the docs' tables from a run's JSON
+    python benchmarks/tables.py bench_out/bench_rdu.json --update docs/rdu-model.md   # ... written into the docs
 
 Rows and configurations: `fusec/rdu/paper.py`; fit and sensitivity: `fusec/rdu/calibrate.py`. No
 number here is measured on hardware: every model number is the analytical model's, on the machine
@@ -14,14 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 import time
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 
-from fusec.benchtools import format_table, write_json
+from fusec.benchtables import render_report
+from fusec.benchtools import format_table, run_record, write_json
 from fusec.machines import get_machine
 from fusec.rdu import paper as rdu_paper
 
@@ -41,14 +41,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="bench_out", help="directory for bench_rdu.json and bench_rdu.png")
     p.add_argument("--markdown", metavar="JSON", help="print the docs' tables from a bench_rdu.json and exit")
     return p.parse_args(argv)
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def chart(data: dict, path: Path) -> Path | None:
@@ -81,71 +73,28 @@ def chart(data: dict, path: Path) -> Path | None:
         b.set_ylabel("decode tokens/s (model)")
         b.legend()
         b.set_title("kernel looping (KL: geomean 1.6x, up to 2.2x)")
-    fig.suptitle(f"RDU model vs the SN40L papers ({data['date']}, {data['commit']})")
+    run = data["run"]
+    fig.suptitle(f"RDU model vs the SN40L papers ({run['date']}, {run['commit']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def _md(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(r[k]) for k, _ in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def markdown(data: dict) -> str:
-    """The docs' tables (paper vs model, looping, fit, sensitivity) from a run's JSON."""
-    out = [f"`python benchmarks/bench_rdu.py`, {data['date']}, commit `{data['commit']}`"
-           + (" (small shapes)" if data.get("small") else "")]
-    rows = [{**r, "paper_text": rdu_paper._paper_text(r) + ("" if r["unit"] == "x" else f" {r['unit']}"),
-             "model_text": f"{r['model']:.3g}", "ratio_text": f"{r['ratio']:.2f}",
-             "ok": "yes" if r["within"] else "**no**"} for r in data["rows"]]
-    out.append(_md(rows, [("figure", "figure"), ("source", "source"), ("config", "configuration"),
-                          ("paper_text", "paper"), ("model_text", "model"), ("ratio_text", "model/paper"),
-                          ("ok", "within 25%"), ("use", "fit / held out"), ("note", "note")]))
-    if data.get("looping"):
-        loops = [{**r, "off": f"{r['unlooped_tok_s']:,.0f}", "on": f"{r['looped_tok_s']:,.0f}",
-                  "g": f"{r['gain']:.2f}x", "u0": f"{r['unlooped_hbm_util']:.0%}", "u1": f"{r['looped_hbm_util']:.0%}"}
-                 for r in data["looping"]]
-        out.append(_md(loops, [("model", "model"), ("sockets", "sockets"), ("context", "context"),
-                               ("off", "not looped tok/s"), ("on", "looped tok/s"), ("g", "gain"),
-                               ("u0", "HBM of peak, not looped"), ("u1", "HBM of peak, looped")]))
-    if data.get("fit"):
-        out.append(_md([{"p": k, "v": f"{v['value']:.3g}", "d": f"{v['default']:.3g}", "t": v["target"]}
-                        for k, v in data["fit"].items()],
-                       [("p", "parameter"), ("v", "fitted"), ("d", "default"), ("t", "fitted to")]))
-        need = data.get("kl_would_need")
-        if need:
-            out.append(f"The KL geomean of 1.6x would need call_sync_s = {1e6 * need['call_sync_s']:.1f} us "
-                       f"(model geomean then {need['kl_geomean']:.2f}x), which drops Llama 3.1 8B on 16 sockets to "
-                       f"{need['table_iv_8b_tok_s']:,.0f} tok/s against Table IV's 1042.")
-    if data.get("sensitivity"):
-        sens = [{**r, "d": f"{r['default']:.3g}", "range": f"{r['low']:.3g} - {r['high']:.3g}",
-                 "moves": "; ".join(f"{x['figure']}: {x['low']:.3g} / {x['default']:.3g} / {x['high']:.3g}"
-                                    for x in r["moves"][:3]) or "-",
-                 "from": r["fitted_to"] or "assumed"} for r in data["sensitivity"]]
-        out.append(_md(sens, [("parameter", "parameter"), ("d", "default"), ("range", "range"),
-                              ("figures_moved", "figures moved >5%"),
-                              ("moves", "largest moves (low / default / high)"), ("from", "default from")]))
-    return "\n\n".join(out)
-
-
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     args = parse_args(argv)
     if args.markdown:
-        print(markdown(json.loads(Path(args.markdown).read_text())))
+        print(render_report("bench_rdu", json.loads(Path(args.markdown).read_text())))
         return 0
     from fusec.rdu import calibrate as rdu_calibrate
-    made_at = commit()  # the code this run loaded (HEAD may move while it runs)
+    run = run_record()  # taken now: the code this run loaded (HEAD may move while it runs)
     m = get_machine("test_grid" if args.small else "sn40l")  # small: small shapes on the small grid
     start = time.perf_counter()
     rows = rdu_paper.paper_rows(m, args.sections, small=args.small)
     print("# RDU model vs the papers (sn40l defaults; ratio = model / paper, 1 inside a published range)")
     print(rdu_paper.format_rows(rows))
-    data = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": made_at, "small": args.small,
-            "machine": m.name, "rows": rows}
+    data = {"run": run, "small": args.small, "machine": m.name, "rows": rows}
     if "looping" in args.sections:
         rdu_paper._SMALL[0] = args.small
         try:

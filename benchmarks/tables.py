@@ -1,8 +1,9 @@
 """Markdown tables from the benchmarks' JSON (one run per table, with its command, date and commit).
 
     python benchmarks/tables.py bench_out/bench_generate.json [--update docs/benchmarks.md README.md]
+    python benchmarks/tables.py bench_out/bench_rdu.json --update docs/rdu-model.md
 
-The code lives in `fusec/benchtables.py`.
+Every `<!-- table: NAME -->` block of the docs has a renderer; the code lives in `fusec/benchtables.py`.
 """
 import sys
 

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
 import fusec
+from fusec.benchtools import run_record, write_json
 from fusec.generate import eager_generate
 from fusec.models.causal_lm import CausalLM
-DEFAULT_MODELS = ("stories15M", "stories42M", "stories110M")
 from fusec.models.llama import PRESETS
+
+DEFAULT_MODELS = ("stories15M", "stories42M", "stories110M")
 
 
 def agreement(model, prompt: torch.Tensor, steps: int, weights: str, backend: str = "numba") -> dict:
@@ -44,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", nargs="+", default=["bf16", "int8"], choices=["fp32", "bf16", "int8"])
     parser.add_argument("--backend", default="numba")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench_out", help="directory for bench_accuracy.json")
     args = parser.parse_args(argv)
+    run_record()  # the run's commit and date as it starts
+    rows = []
     print(f"{'model':<14}{'weights':<9}{'greedy = fp32':>15}{'max logit err':>15}{'relative':>10}")
     for name in args.models:
         if name not in PRESETS:
@@ -54,8 +60,13 @@ def main(argv: list[str] | None = None) -> int:
                                generator=torch.Generator().manual_seed(args.seed))
         for weights in args.weights:
             r = agreement(model, prompt, args.steps, weights, args.backend)
+            rows.append({"model": name, "weights": weights, **r})
             print(f"{name:<14}{weights:<9}{r['agreement']:>15.1%}{r['max_logit_error']:>15.2e}"
                   f"{r['relative_error']:>10.2%}", flush=True)
+    path = write_json(Path(args.out) / "bench_accuracy.json",
+                      {"steps": args.steps, "prompt_len": args.prompt_len, "backend": args.backend,
+                       "seed": args.seed, "rows": rows})
+    print(f"wrote {path}")
     return 0
 
 

@@ -4,7 +4,7 @@
     m = get_machine("my_rdu.toml")     # a JSON/TOML file: {"base": "sn40l", "hbm_bw": 1.6e12, ...}
     m.pcu_flops, m.tile_budget, m.source("hbm_bw")
 
-Every figure carries its source key and reliability tag (as listed in docs/rdu-model.md) in `sources`
+Every figure carries its source key and reliability tag (as listed in docs/rdu-hardware.md) in `sources`
 (`[P]` primary text, `[S]` secondary, `[M]` unverified or an assumption of ours, `[D]` derived).
 Unpublished figures (network link bandwidth, hop latency, launch overhead, program load, efficiencies)
 are named parameters with stated defaults, meant to be calibrated, never read as facts.

@@ -3,12 +3,15 @@ numbers and its run, and `--update` replaces only the marked block."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from fusec.benchtables import main, render, update_markdown
+from fusec.benchtables import main, render, render_report, table_names, update_markdown
 from fusec.benchtools import write_json
+
+ROOT = Path(__file__).resolve().parent.parent
 
 REPORT = {"machine": {"bandwidth": {"best": 36.6e9}},
           "results": [
@@ -85,6 +88,136 @@ def test_symbolic_tables_show_compile_times_and_have_their_place_in_the_docs(tmp
     assert "The symbolic program compiled in 12.3 s (after a warm-up compile, as each specialized one)." in table
     path.write_text(json.dumps({**report, "warm_up_s": 0.0}))  # a run without the warm-up says so
     assert "compiled in 12.3 s (first in its process)" in render(path)
-    docs = (Path(__file__).resolve().parent.parent / "docs" / "symbolic.md").read_text()
+    docs = (ROOT / "docs" / "symbolic.md").read_text()
     for name in ("bench_symbolic_block", "bench_symbolic_generator"):  # `--update docs/symbolic.md` fills both
         assert "NEW TABLE" in update_markdown(docs, name, "NEW TABLE"), f"docs/symbolic.md has no {name} marker"
+
+
+RUN = {"date": "2026-11-30 19:00 UTC", "commit": "abc1234", "command": "python benchmarks/bench_x.py"}
+
+
+def _render(tmp_path, stem: str, report: dict) -> list[str]:
+    path = tmp_path / f"{stem}.json"
+    path.write_text(json.dumps({"run": RUN, **report}))
+    return render(path).splitlines()
+
+
+def test_accuracy_table(tmp_path):
+    row = {"model": "stories15M", "weights": "int8", "agreement": 0.984375, "max_logit_error": 0.02512,
+           "relative_error": 0.01318}
+    lines = _render(tmp_path, "bench_accuracy", {"steps": 64, "prompt_len": 8, "backend": "numba", "seed": 0,
+                                                 "rows": [row]})
+    assert lines[0].startswith("From `python benchmarks/bench_x.py`, 2026-11-30 19:00 UTC, commit `abc1234`.")
+    assert "64 greedy steps after a prompt of 8 tokens" in lines[0]
+    assert "| model | weights | greedy = fp32 | max logit error | relative to the largest logit |" in lines
+    assert "| stories15M | int8 | 98.4% | 2.5e-02 | 1.32% |" in lines
+
+
+def test_gemm_table_pivots_libraries_and_names_the_load(tmp_path):
+    rows = [{"shape": "256 x 2048 x 5632", "implementation": name, "status": "ok", "gflop_s": wall,
+             "gflop_per_cpu_s": cpu}
+            for name, wall, cpu in (("OpenBLAS sgemm", 23.14, 70.2), ("MKL sgemm", 37.9, 115.4))]
+    lines = _render(tmp_path, "bench_gemm", {"threads": 2, "repeat": 7, "load_average": 13.52, "results": rows})
+    assert "2 threads, medians of 7 rounds" in lines[0] and "load average 13.5" in lines[0]
+    assert "| M x K x N | OpenBLAS sgemm | MKL sgemm |" in lines
+    assert "| 256 x 2048 x 5632 | 23.1, 70 | 37.9, 115 |" in lines
+
+
+def test_matvec_table_shows_the_best_rounds(tmp_path):
+    row = {"shape": "stories110M qkvo", "n": 768, "k": 768, "fp32_gb_s": 20.0, "fp32_best_gb_s": 28.44,
+           "bf16_gb_s": 20.0, "bf16_best_gb_s": 25.7, "int8_gb_s": 9.0, "int8_best_gb_s": 10.7,
+           "bf16_vs_fp32_bytes": 0.9037, "int8_vs_fp32_time": 1.3377}
+    lines = _render(tmp_path, "bench_matvec", {"threads": 1, "rounds": 30, "footprint_mb": 0.0, "load_average": 11.0,
+                                               "bandwidth": {"best": 5.4e9}, "results": [row]})
+    assert "Best of 30 rounds" in lines[0] and "read bandwidth 5.4 GB/s" in lines[0]
+    assert "| stories110M qkvo | 768x768 | 28.4 | 25.7 | 10.7 | 0.90 | 1.34x |" in lines
+
+
+RDU = {"small": False, "machine": "sn40l",
+       "rows": [{"figure": "decode tok/s, llama3.1-8b 8K, 16 sockets", "source": "SN40L Table IV", "config": "HO",
+                 "paper": 1042, "unit": "tok/s", "kind": "value", "model": 1050.4, "ratio": 1.008, "within": True,
+                 "use": "fit", "note": ""}],
+       "looping": [{"model": "llama3.1-8b", "sockets": 16, "context": 4096, "unlooped_tok_s": 1074.2,
+                    "looped_tok_s": 1779.0, "gain": 1.656, "unlooped_hbm_util": 0.54, "looped_hbm_util": 0.9}],
+       "fit": {"call_sync_s": {"value": 1.13e-5, "default": 1.1e-5, "target": "SN40L Table IV"}},
+       "kl_would_need": {"call_sync_s": 29.3e-6, "kl_geomean": 1.6, "table_iv_8b_tok_s": 650.0}}
+
+
+def test_rdu_tables_come_from_its_json_in_parts(tmp_path, capsys):
+    lines = _render(tmp_path, "bench_rdu", RDU)
+    assert "| decode tok/s, llama3.1-8b 8K, 16 sockets | SN40L Table IV | HO | 1042 tok/s | 1.05e+03 | 1.01 | yes " \
+           "| fit |  |" in lines
+    assert "| llama3.1-8b | 16 | 4096 | 1,074 | 1,779 | 1.66x | 54% | 90% |" in lines
+    assert "| call_sync_s | 1.13e-05 | 1.1e-05 | SN40L Table IV |" in lines
+    assert any("would need call_sync_s = 29.3 us" in line for line in lines)
+    # a run without the sensitivity leaves its block as it was, and says so
+    md = tmp_path / "rdu.md"
+    md.write_text("<!-- table: bench_rdu.fit -->\nold fit\n<!-- /table -->\n"
+                  "<!-- table: bench_rdu.sensitivity -->\nold sensitivity\n<!-- /table -->\n")
+    assert main([str(tmp_path / "bench_rdu.json"), "--update", str(md)]) == 0
+    text = md.read_text()
+    assert "old fit" not in text and "1.13e-05" in text and "old sensitivity" in text
+    assert "table bench_rdu.sensitivity left as it was" in capsys.readouterr().err
+    # runs before the shared run record kept their date and commit at the top level
+    old = render_report("bench_rdu", {**RDU, "date": "2026-11-30", "commit": "404227e"})
+    assert old.startswith("From `unknown command`, 2026-11-30, commit `404227e`.")
+
+
+def test_bench_rdu_markdown_is_the_same_renderer(tmp_path, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_rdu", ROOT / "benchmarks" / "bench_rdu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    path = tmp_path / "run.json"  # --markdown reads a JSON file of any name
+    path.write_text(json.dumps({"run": RUN, **RDU}))
+    assert bench.main(["--markdown", str(path)]) == 0
+    assert capsys.readouterr().out.strip() == render_report("bench_rdu", {"run": RUN, **RDU})
+
+
+def test_coe_tables_show_the_run_and_the_modelled_switching(tmp_path):
+    from fusec.coe.switching import compare
+    measured = dict(requests=200, tokens_per_request=64, tokens_per_s=451.2, hit_rate=0.995,
+                    outcomes={"hit": 107, "prefetched": 92, "miss": 1}, switches=192, switch_p50_s=3.4e-3,
+                    switch_p99_s=9.1e-3, miss_switch_p50_s=0.05, miss_switch_p99_s=0.05, generate_median_s=0.111,
+                    loads=93, evictions=73, prefetches=92, prefetches_used=92, routing_accuracy=0.98,
+                    route_confidence_mean=0.87, expert_bytes=29 << 20, hbm_bytes=594 << 20,
+                    peak_resident_bytes=580 << 20, rss_growth_bytes=582 << 20, threads=2, ddr_bytes=4346 << 20,
+                    sram_bytes=51 << 20, switch_fraction_p50=0.031, switch_fraction_p99=0.082, memory_ok=True,
+                    naive_tokens_per_s=132.0, speedup_vs_naive=3.42)
+    report = {"measured": measured, "baseline": {"requests": 12, "tokens_per_s": 132.0},
+              "config": {"experts": 150, "hbm_experts": 20, "preset": "stories15M", "zipf": 1.1, "policy": "lru",
+                         "prefetch": True},
+              "rdu": compare(29 << 20, 30 << 20, 64, 0.005, measured={"switch_p50_s": 3.4e-3, "switch_p99_s": 9.1e-3})}
+    lines = _render(tmp_path, "bench_coe", report)
+    assert "| fusec CoE tokens/s | 451 |" in lines and "| hit rate (expert resident when asked for) | 99.5% |" in lines
+    assert "150 stories15M-sized experts" in lines[0] and "naive baseline runs 12 requests" in lines[0]
+    assert "| platform | switch (ms) | decode (ms/token) | tokens/s | switch / 64 tokens |" in lines
+    assert "| this CPU (measured) | 3.40 (p99 9.10) | - | - | - |" in lines
+    assert sum(line.startswith("From `python benchmarks/bench_x.py`") for line in lines) == 2  # each names its run
+
+
+MARKER = re.compile(r"^<!-- table: (\S+) -->$", re.M)
+
+
+def _docs() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("doc", _docs(), ids=lambda p: p.name)
+def test_every_table_marker_has_a_renderer(doc):
+    unknown = set(MARKER.findall(doc.read_text())) - set(table_names())
+    assert not unknown, f"{doc.name} marks tables no renderer writes: {', '.join(sorted(unknown))}"
+
+
+@pytest.mark.parametrize("name", ["benchmarks.md", "rdu-model.md"])
+def test_benchmark_docs_have_no_table_outside_markers(name):
+    """Every table in these pages is a benchmark's, so each is written from its run's JSON."""
+    inside, stray = False, []
+    for number, line in enumerate((ROOT / "docs" / name).read_text().splitlines(), 1):
+        if MARKER.match(line.strip()):
+            inside = True
+        elif line.strip() == "<!-- /table -->":
+            inside = False
+        elif line.startswith("|") and not inside:
+            stray.append(number)
+    assert not stray, f"docs/{name} has table lines outside <!-- table: NAME --> markers: lines {stray}"

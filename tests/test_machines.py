@@ -1,5 +1,5 @@
-"""Machine descriptions: the presets hold the published figures (docs/rdu-model.md) with their sources, derived
-figures follow from them, override files in JSON and TOML work, and mistakes name the valid choices."""
+"""Machine descriptions: the presets hold the published figures (docs/rdu-hardware.md) with their sources,
+derived figures follow from them, override files in JSON and TOML work, and mistakes name the valid choices."""
 from __future__ import annotations
 
 import dataclasses

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fusec.argtypes import nonnegative_float, nonnegative_int, positive_int
-from fusec.benchtools import format_table, quiet_warnings, set_threads, write_json
+from fusec.benchtools import format_table, quiet_warnings, run_record, set_threads, write_json
 from fusec.coe import CoE
 from fusec.coe.experts import Architecture, CONFIG_KEY, FileExpert, expected_shapes
 from fusec.coe.router import synthetic_prompts, train_router
@@ -193,8 +193,9 @@ def _pct(values: list, q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
-def format_report(result: dict) -> str:
-    m, b, c = result["measured"], result["baseline"], result["config"]
+def report_rows(result: dict) -> list[dict]:
+    """The run's figures as {"what", "value"} text rows (the printed report and the docs' table)."""
+    m, b = result["measured"], result["baseline"]
     ms = lambda s: None if s is None else s * 1e3  # noqa: E731
     rows = [
         dict(what="fusec CoE tokens/s", value=f"{m['tokens_per_s']:.0f}"),
@@ -219,10 +220,15 @@ def format_report(result: dict) -> str:
              value=f"{m['peak_resident_bytes'] / 2**20:.0f}; {m['rss_growth_bytes'] / 2**20:.0f} "
                    f"({'within' if m['memory_ok'] else 'OVER'} budget + one expert)"),
     ]
+    return rows
+
+
+def format_report(result: dict) -> str:
+    m, c = result["measured"], result["config"]
     head = (f"{c['experts']} x {c['preset']} experts (bf16), HBM budget {c['hbm_experts']} experts, "
             f"{m['requests']} requests (Zipf {c['zipf']}), {c['policy']}, prefetch {'on' if c['prefetch'] else 'off'}, "
             f"{m['threads']} threads")
-    table = format_table(rows, [("what", "measure", ""), ("value", "value", "")])
+    table = format_table(report_rows(result), [("what", "measure", ""), ("value", "value", "")])
     return f"{head}\n{table}\n\nRDU model of switching (same expert size; miss rate as measured):\n{rdu_table(result['rdu'])}"
 
 
@@ -241,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--smoke", action="store_true", help="a few tiny experts: checks the benchmark runs")
     p.add_argument("--json", type=Path, default=None, help="also write every figure to this file")
+    p.add_argument("--out", type=Path, default=None,
+                   help="also write every figure to OUT/bench_coe.json (what benchmarks/tables.py reads)")
     args = p.parse_args(argv)
+    run_record()  # the run's commit and date as it starts
     options = dict(experts=args.experts, hbm_experts=args.hbm_experts, requests=args.requests, tokens=args.tokens,
                    baseline_requests=args.baseline_requests, preset=args.preset)
     if args.smoke:
@@ -255,6 +264,6 @@ def main(argv: list[str] | None = None) -> int:
         result = run(**options, zipf=args.zipf, policy=args.policy, prefetch=not args.no_prefetch, folder=args.dir,
                      threads=args.threads)
     print(format_report(result))
-    if args.json:
-        write_json(args.json, result)
+    for path in filter(None, (args.json, args.out and args.out / "bench_coe.json")):
+        write_json(path, result)
     return 0

@@ -2,7 +2,7 @@
 
 A router picks one expert per request; unless it is already resident, the expert's weights are copied
 from the big slow tier (DDR on SN40L, host memory on a DGX) into HBM, then the expert generates tokens
-(docs/rdu-model.md: SN40L "Composition of Experts", formula 6):
+(docs/rdu-hardware.md: SN40L "Composition of Experts"; docs/rdu-model.md, formula 6):
     T_switch = expert_bytes / BW_tier->HBM
     T_decode = weight_bytes_per_token / (BW_HBM x efficiency)          memory-bound decode at batch 1
     T_request = miss_rate x T_switch + tokens x T_decode               (the router's own time is left out)
@@ -10,7 +10,7 @@ from the big slow tier (DDR on SN40L, host memory on a DGX) into HBM, then the e
     rows = compare(13.5e9, 13.5e9, tokens_per_request=20, miss_rate=1.0)
     print(format_table(rows))
 
-Tags as in docs/rdu-model.md: [P] primary text, [S] secondary, [D] derived, [M] unverified;
+Tags as in docs/rdu-hardware.md: [P] primary text, [S] secondary, [D] derived, [M] unverified;
 [A] = an assumption of ours from a source not listed there (e.g. a vendor datasheet).
 SN40L = Prabhakar et al., arXiv:2405.07518 (MICRO 2024); DFAYN = Gandhi et al., MLSys 2026 (notes only).
 """
@@ -75,11 +75,11 @@ _GPU_EFFICIENCY = ("efficiency 0.5: GPU decode 'rarely exceeds 50%' of HBM bandw
 DGX_A100 = Platform(
     "DGX A100", "host->GPU", 32e9, 8 * 2.039e12, 0.5,
     "link: 32 GB/s host->GPU assumed by SN40L §VI-C / Table V [P]; HBM: 8 x A100-80GB 2.039 TB/s = 16.3 TB/s, "
-    "[A] vendor datasheet (no figure in docs/rdu-model.md); " + _GPU_EFFICIENCY + ", assumed for A100 too [A]")
+    "[A] vendor datasheet (no figure in docs/rdu-hardware.md); " + _GPU_EFFICIENCY + ", assumed for A100 too [A]")
 DGX_H100 = Platform(
     "DGX H100", "host->GPU", 64e9, 24e12, 0.5,
     "link: 64 GB/s host->GPU assumed by SN40L §VI-C / Table V [P]; HBM: DGX H100 = 24 TB/s, DFAYN notes "
-    "(docs/rdu-model.md) [S] (datasheet 8 x 3.35 TB/s = 26.8 TB/s [A]); " + _GPU_EFFICIENCY)
+    "(docs/rdu-hardware.md) [S] (datasheet 8 x 3.35 TB/s = 26.8 TB/s [A]); " + _GPU_EFFICIENCY)
 
 PLATFORMS: tuple[Platform, ...] = (SN40L_SOCKET, SN40L_NODE, DGX_A100, DGX_H100)
 
@@ -177,9 +177,13 @@ def _num(x: float | None, scale: float = 1.0, suffix: str = "") -> str:
     return text + suffix
 
 
-def format_table(rows: list[dict]) -> str:
-    """A plain fixed-width table: platform | switch (ms) | decode (ms/token) | tokens/s | switch / N tokens.
-    A measured row with a p99 shows "p50 (p99 X)" in the switch column; None shows as "-"."""
+COLUMNS = [("platform", "platform", ""), ("switch", "switch (ms)", ""), ("decode", "decode (ms/token)", ""),
+           ("tps", "tokens/s", ""), ("fraction", "switch / N tokens", "")]
+
+
+def table_rows(rows: list[dict]) -> list[dict]:
+    """`compare`'s rows as text, keyed as COLUMNS: a measured row with a p99 shows "p50 (p99 X)" in the
+    switch column; None shows as "-"."""
     cells = []
     for r in rows:
         switch = _num(r.get("switch_s"), 1e3)
@@ -188,6 +192,10 @@ def format_table(rows: list[dict]) -> str:
         cells.append({"platform": r["platform"], "switch": switch,
                       "decode": _num(r.get("decode_s_per_token"), 1e3), "tps": _num(r.get("tokens_per_s")),
                       "fraction": _num(r.get("switch_fraction"), 100, "%")})
-    return _plain_table(cells, [("platform", "platform", ""), ("switch", "switch (ms)", ""),
-                                ("decode", "decode (ms/token)", ""), ("tps", "tokens/s", ""),
-                                ("fraction", "switch / N tokens", "")])
+    return cells
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain fixed-width table of `table_rows(rows)`: platform | switch (ms) | decode (ms/token) |
+    tokens/s | switch / N tokens."""
+    return _plain_table(table_rows(rows), COLUMNS)

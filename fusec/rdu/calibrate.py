@@ -18,7 +18,7 @@ from fusec.machines import Machine, get_machine
 from fusec.rdu.model import with_figures
 from fusec.rdu.paper import FIT, KL_SEQ, SOCKETS_TABLE_IV, SOCKETS_VI_A, looping_table, model_time, paper_rows
 
-# name -> (low, high, what it is); ranges are what the sources leave open (docs/rdu-model.md)
+# name -> (low, high, what it is); ranges are what the sources leave open (docs/rdu-hardware.md)
 PARAMETERS = {
     "launch_overhead_s": (1e-6, 50e-6, "host launch of one kernel call, software orchestration"),
     "call_sync_s": (0.0, 20e-6, "argument load and barrier of every kernel call (removed by looping)"),

@@ -33,6 +33,7 @@ from fusec.machines import Machine, get_machine
 from fusec.models.llama import LlamaBlock, LlamaConfig, example_inputs
 from fusec.models.registry import decode_inputs
 from fusec.rdu.model import report
+from fusec.rdu.tables import paper_text
 from fusec.tracing import trace
 from fusec.passes.place import plan
 
@@ -253,14 +254,8 @@ def paper_rows(machine: Machine | str = "sn40l", sections=tuple(SECTIONS), small
         _SMALL[0] = False
 
 
-def _paper_text(r: dict) -> str:
-    p = r["paper"]
-    text = f"{p[0]:g}-{p[1]:g}" if isinstance(p, (list, tuple)) else f"{p:g}"
-    return {"at least": "> ", "up to": "up to "}.get(r["kind"], "") + text
-
-
 def format_rows(rows: list[dict]) -> str:
-    cells = [{**r, "paper_text": _paper_text(r) + ("" if r["unit"] == "x" else f" {r['unit']}"),
+    cells = [{**r, "paper_text": paper_text(r),
               "model_text": f"{r['model']:.3g}", "ok": "yes" if r["within"] else "NO"} for r in rows]
     return format_table(cells, [("figure", "figure", ""), ("source", "source", ""), ("config", "configuration", ""),
                                 ("paper_text", "paper", ""), ("model_text", "model", ""), ("ratio", "ratio", ".2f"),
