@@ -90,8 +90,21 @@ def _export_errors(module: Any, dynamic_shapes: Any):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         fixes = [ln.strip() for ln in str(e).splitlines() if "= Dim(" in ln or "must be" in ln][:3]
         if dynamic_shapes is not None and fixes:  # torch.export's suggested bounds for a dynamic size
-            first += " (" + "; ".join(fixes) + ")"
+            asked = ", ".join(f"{d.__name__} in {d.min}..{d.max}" for d in _dims(dynamic_shapes))
+            first += " (" + "; ".join(fixes) + ")" + (f"; dynamic asked for {asked}" if asked else "")
         raise FusecError(f"torch.export could not capture {type(module).__name__}: {first}") from e
+
+
+def _dims(dynamic_shapes: Any) -> list:
+    """The named sizes (torch.export `Dim`s) in a `dynamic_shapes` tree, each once."""
+    if isinstance(dynamic_shapes, torch.export.ShapesCollection):
+        dynamic_shapes = dynamic_shapes._shapes  # tensor id -> its sizes (no public view of them)
+    if isinstance(dynamic_shapes, dict):
+        dynamic_shapes = list(dynamic_shapes.values())
+    if isinstance(dynamic_shapes, (list, tuple)):
+        found = [d for part in dynamic_shapes for d in _dims(part)]
+        return list({d.__name__: d for d in found}.values())
+    return [dynamic_shapes] if isinstance(dynamic_shapes, torch.export.Dim) else []
 
 
 _EXPORT_LOCK = threading.Lock()

@@ -61,9 +61,10 @@ def test_outside_the_bounds_is_a_clear_error(block):
     assert compiled.stats["programs"] == 1
 
 
-def test_bounds_the_model_cannot_take_name_torchs_suggestion(block):
+def test_bounds_the_model_cannot_take_name_torchs_suggestion_and_what_was_asked(block):
     (x,) = example_inputs(LlamaConfig.tiny(), batch=1, seq_len=10)
-    with pytest.raises(fusec.FusecError, match="max=128"):  # the rotary table has 128 rows
+    # the rotary table has 128 rows: torch's bound beside the one the caller gave
+    with pytest.raises(fusec.FusecError, match=r"max=128.*asked for x_1 in 1\.\.4096"):
         fusec.compile(block, (x,), dynamic={"x": {1: (1, 4096)}}, backend="reference")
 
 
