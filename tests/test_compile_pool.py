@@ -4,6 +4,8 @@ nothing but where the kernels compile."""
 from __future__ import annotations
 
 import sys
+import threading
+import types
 import warnings
 
 import numpy as np
@@ -155,11 +157,9 @@ class _Function:
         self.log.append(("here", self.name))
 
 
-def test_a_body_two_programs_started_compiles_once(monkeypatch):
-    """Two programs started one after the other (`start`, as the generator does for its decode and prefill
-    programs) that share a kernel body compile it once, in a worker or here, not once each."""
-    import threading
-    import types
+def _one_slow_worker(monkeypatch):
+    """One compile worker that waits for `release` before it compiles; four modules of one kernel each.
+    Returns (the log of where each body compiled, release, the modules)."""
     log, release = [], threading.Event()
 
     def run(number, job):
@@ -170,6 +170,13 @@ def test_a_body_two_programs_started_compiles_once(monkeypatch):
     monkeypatch.setattr(compile_pool, "_after_worker", lambda module: None)
     monkeypatch.setattr(compile_pool, "worker_count", lambda jobs: 1 if jobs >= 2 else 0)
     modules = [types.SimpleNamespace(__name__=f"m{k}", kernel=_Function(f"m{k}", log)) for k in range(4)]
+    return log, release, modules
+
+
+def test_a_body_two_programs_started_compiles_once(monkeypatch):
+    """Two programs started one after the other (`start`, as the generator does for its decode and prefill
+    programs) that share a kernel body compile it once, in a worker or here, not once each."""
+    log, release, modules = _one_slow_worker(monkeypatch)
     first = compile_batch.start([(m, "kernel", ["sig"]) for m in modules[:2]])
     second = compile_batch.start([(m, "kernel", ["sig"]) for m in modules])  # m0 and m1 are the first's
     release.set()
@@ -182,18 +189,7 @@ def test_a_body_two_programs_started_compiles_once(monkeypatch):
 def test_a_batch_waiting_for_a_worker_compiles_a_later_batchs_job(monkeypatch):
     """While its last body compiles in a worker, a program's batch compiles a body the next program queued
     (this process would otherwise wait idle while the prefill's bodies wait for the worker)."""
-    import threading
-    import types
-    log, release = [], threading.Event()
-
-    def run(number, job):
-        release.wait(10)
-        log.append(("worker", job[0].__name__))
-        return True, ""
-    monkeypatch.setattr(compile_pool._POOL, "run", run)
-    monkeypatch.setattr(compile_pool, "_after_worker", lambda module: None)
-    monkeypatch.setattr(compile_pool, "worker_count", lambda jobs: 1 if jobs >= 2 else 0)
-    modules = [types.SimpleNamespace(__name__=f"m{k}", kernel=_Function(f"m{k}", log)) for k in range(4)]
+    log, release, modules = _one_slow_worker(monkeypatch)
     first = compile_batch.start([(m, "kernel", ["sig"]) for m in modules[:2]])   # a worker takes m0
     second = compile_batch.start([(m, "kernel", ["sig"]) for m in modules[2:]])  # a worker takes m2
     threading.Timer(1.0, release.set).start()

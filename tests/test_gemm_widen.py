@@ -3,9 +3,7 @@ weight tiles and multiplies them with MKL's sgemm; without MKL, the OpenBLAS ker
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
 
-import numba
 import numpy as np
 import pytest
 import torch
@@ -13,22 +11,11 @@ import torch
 import fusec
 from fusec.backends.numba_cpu import gemm_widen, mkl
 from fusec.backends.numba_cpu.lowp import gemm_int8
-from fusec.models import load_model
 from fusec.passes.weights import quantize_int8
 from fusec.semantics import quantize_activations
+from test_gemm_blas import ROWS, block, numba_threads  # noqa: F401 (block: a fixture)
 
-ROWS = 100  # prefill rows: over the matrix-vector limit (64), no multiple of 8, 16 or 64
 INT8_TOLERANCE = 0.05  # as tests/test_weights_int8.py: of the fp32 output's largest magnitude
-
-
-@contextmanager
-def numba_threads(threads: int):
-    before = numba.get_num_threads()
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    try:
-        yield
-    finally:
-        numba.set_num_threads(before)
 
 
 def _int8(rng, n, k):
@@ -111,14 +98,6 @@ def test_int8_gemm_non_contiguous_activations_and_non_finite_blocks():
     assert np.isnan(c[3]).all()
     keep = np.arange(80) != 3
     np.testing.assert_allclose(c[keep], want[keep], rtol=1e-4, atol=1e-4 * np.abs(want[keep]).max())
-
-
-@pytest.fixture(scope="module")
-def block():
-    module, args = load_model("llama-block:stories15M", seq_len=ROWS)
-    with torch.no_grad():
-        want = module(*args)
-    return module, args, want
 
 
 def _gemm_calls(compiled):
