@@ -2,8 +2,9 @@
 (16 rows: matrix-vector streams, attention; 80 rows: BLAS GEMMs with parallel row-block prologues
 and epilogues), its decode step (matrix-vector streams) and its decode step over
 bf16 weights, the unfused prefill (one kernel per op), and an RMS norm beside a gated activation (a
-`reduce` and a `pointwise` kernel, whose parallel row loops a Llama block's kernels never show), so that
-every kernel kind is covered and any change to the emitter shows up as a diff in review.
+`reduce` and a `pointwise` kernel, whose parallel row loops a Llama block's kernels never show), and the
+loop driver of a two-layer decode step (kernel looping), so that every kernel kind and the driver are
+covered and any change to the emitter shows up as a diff in review.
 
 A deliberate change: regenerate with `FUSEC_UPDATE_GOLDEN=1 python -m pytest tests/test_golden_codegen.py`
 and read the diff of tests/golden/ before committing it."""
@@ -22,6 +23,8 @@ import fusec
 import fusec.passes.tile
 from fusec.machines import get_machine
 from fusec.models import load_model
+from fusec.models.causal_lm import CausalLM, DecodeStep, decode_example
+from fusec.models.llama import LlamaConfig
 from fusec.models.registry import decode_inputs
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -72,6 +75,18 @@ def test_reduce_and_pointwise_kernels_are_the_golden_text():
     text = re.sub(r"fusec_gen_[0-9a-f]+", "fusec_gen_<hash>", compiled.program.source)
     assert "parallel=True" in text and "prange(64)" in text
     assert_golden(GOLDEN / "numba_norm_and_gate.txt", text)
+
+
+def test_loop_driver_is_the_golden_text():
+    config = LlamaConfig(dim=64, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=97, max_seq_len=32, n_layers=2)
+    torch.manual_seed(0)
+    model = CausalLM(config).eval()
+    compiled = fusec.compile(DecodeStep(model), decode_example(model, 1, config.max_seq_len, pos=5))
+    [driver] = compiled.program.drivers.values()
+    source = driver.code.source
+    text = source[source.index("# loop:"):]  # the driver itself (its kernels are the other goldens' kinds)
+    assert "for l in range(2):" in text
+    assert_golden(GOLDEN / "numba_loop_driver.txt", text)
 
 
 def assert_golden(path: Path, text: str) -> None:
