@@ -13,7 +13,7 @@ each format's time over fp32's in the same process, on a busy 2-core machine, lo
 (median 1.15x; before 12-14x there), bf16 1.08-1.25x (median 1.18x; MKL's emulated bf16 GEMM 1.27-1.30x).
 
 int8 (`gemm3_int8_mkl`): the activations are quantized as the matrix-vector kernels quantize them
-(`int8.quantize_rows`, what the reference computes) and widened back to float32 once per call, for all the
+(`int8.quantized_activations`, what the reference computes) and widened back to float32 once per call, for all the
 products that read them; each weight tile is q * s. bf16 (`gemm3_bf16w_mkl`): a tile is the weights'
 bits shifted into float32's top half, the activations float32 as they are (the reference's
 `cast(w) @ x`).
@@ -21,14 +21,13 @@ bits shifted into float32's top half, the activations float32 as they are (the r
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic, overload
+from numba.extending import overload
 
 from fusec.backends.numba_cpu.blas import bf16
-from fusec.backends.numba_cpu.int8_dot import BLOCK, quantize_block
+from fusec.backends.numba_cpu.int8 import check_blocks, quantized_activations
+from fusec.backends.numba_cpu.int8_dot import BLOCK, widen_block
 from fusec.backends.numba_cpu.mkl import COLUMN_ALIGN, column_block, sgemm_block, threads
-from fusec.backends.numba_cpu.simd import F32, I8, I32, Arrays, intp_args
 
 # bytes of a thread's float32 weight tile: small enough to stay in the core's L2 cache (2 MiB a core on the
 # machine measured) between its widening and sgemm. Measured with tinyllama_1b's products at 256 rows, 2
@@ -41,30 +40,6 @@ def tile_rows(k):
     """Weight rows per tile at K = k: TILE_BYTES of float32, a multiple of COLUMN_ALIGN, at least that."""
     rows = TILE_BYTES // (4 * max(k, 1)) // COLUMN_ALIGN * COLUMN_ALIGN
     return max(rows, COLUMN_ALIGN)
-
-
-@intrinsic
-def _widen_block(typingctx, q, n, b, scale, out, row):
-    """out[row, 32b : 32b + 32] = q[n, b, :] * scale (q int8 [N, K/32, 32] with unit stride in its last
-    axis): one vector load, conversion, multiply and store. Numba's loop for it stays scalar (LLVM unrolls
-    the 32 steps and cannot prove the stores miss q), at a third of the bf16 widening's speed."""
-    if not (isinstance(q, types.Array) and q.dtype == types.int8 and q.ndim == 3 and q.layout == "C"):
-        return None
-
-    def codegen(context, builder, signature, args):
-        arrays = Arrays(context, builder, signature, args, 0, positions=(0, 4))
-        nv, bv = intp_args(context, builder, signature, args[:3], 1)
-        rv = intp_args(context, builder, signature, args, 5)[0]
-        zero = ir.Constant(nv.type, 0)
-        v32f = ir.VectorType(F32, BLOCK)
-        x = builder.sitofp(arrays.load(0, [nv, bv, zero], ir.VectorType(I8, BLOCK)), v32f)
-        splat = builder.shuffle_vector(builder.insert_element(ir.Constant(v32f, ir.Undefined), args[3],
-                                                              ir.Constant(I32, 0)),
-                                       ir.Constant(v32f, ir.Undefined), ir.Constant(ir.VectorType(I32, BLOCK), [0] * BLOCK))
-        target = arrays.at(1, [rv, builder.mul(bv, ir.Constant(bv.type, BLOCK))])
-        builder.store(builder.fmul(x, splat), builder.bitcast(target, v32f.as_pointer()), align=4)
-        return context.get_dummy_value()
-    return types.none(q, n, b, types.float32, out, row), codegen
 
 
 def widen_rows(w, n0, n1, out):
@@ -81,7 +56,7 @@ def _widen_rows(w, n0, n1, out):
                 q, s = w
                 for n in range(n1 - n0):
                     for b in range(q.shape[1]):
-                        _widen_block(q, n0 + n, b, s[n0 + n, b, 0], out, n)
+                        widen_block(q, n0 + n, b, s[n0 + n, b, 0], out, n)
             return int8_vectors
 
         def int8(w, n0, n1, out):
@@ -141,26 +116,6 @@ def _gemm3(x, w0, c0, w1, c1, w2, c2):
         _tiled_columns(x, w2, c2, lo, hi, c0.shape[1] + c1.shape[1], tile)
 
 
-@njit(cache=True, nogil=True)
-def quantized_activations(a, q):
-    """a[M, K] quantized to int8 blocks of 32 as the int8 matrix-vector kernels do (`int8.quantize_rows`)
-    and widened back to float32: what an int8 weight's matmul multiplies (`semantics.quantize_activations`).
-    Serial: 0.15 ms at 256 x 2048 on one core, less than a parallel region costs on a busy machine (a
-    thread that starts late holds up the others)."""
-    if q.shape[2] != BLOCK or a.shape[1] != q.shape[1] * BLOCK:
-        raise ValueError("int8 GEMM: weights must be [N, K/32, 32] for activations [M, K]")
-    ac = a if a.flags.c_contiguous else np.ascontiguousarray(a)
-    m_rows, blocks = a.shape[0], q.shape[1]
-    xq = np.empty((m_rows, blocks, BLOCK), np.int8)
-    xs = np.empty((m_rows, blocks), np.float32)
-    x = np.empty((m_rows, blocks * BLOCK), np.float32)
-    for m in range(m_rows):
-        for b in range(blocks):
-            quantize_block(ac, xq, xs, m, b)
-            _widen_block(xq, m, b, xs[m, b], x, m)
-    return x
-
-
 # c = quantized(a) @ (q * s)^T for one, two or three int8 weights that read the same activations (Q, K and
 # V; W1 and W3), quantized once: generated kernels call these at prefill when the GEMMs are MKL's
 @njit(cache=True, nogil=True)
@@ -172,22 +127,16 @@ def gemm_int8_mkl(a, q0, s0, c0):
 @njit(cache=True, nogil=True)
 def gemm2_int8_mkl(a, q0, s0, c0, q1, s1, c1):
     x = quantized_activations(a, q0)
-    _check(x, q1)
+    check_blocks(x, q1)
     _gemm3(x, (q0, s0), c0, (q1, s1), c1, (q1[:0], s1[:0]), c1[:, :0])
 
 
 @njit(cache=True, nogil=True)
 def gemm3_int8_mkl(a, q0, s0, c0, q1, s1, c1, q2, s2, c2):
     x = quantized_activations(a, q0)
-    _check(x, q1)
-    _check(x, q2)
+    check_blocks(x, q1)
+    check_blocks(x, q2)
     _gemm3(x, (q0, s0), c0, (q1, s1), c1, (q2, s2), c2)
-
-
-@njit(inline="always")
-def _check(x, q):
-    if q.shape[2] != BLOCK or x.shape[1] != q.shape[1] * BLOCK:
-        raise ValueError("int8 GEMM: weights must be [N, K/32, 32] for activations [M, K]")
 
 
 # c = a @ widen(w)^T for one, two or three bfloat16 weights (uint16 bits) that read the same activations
