@@ -132,11 +132,9 @@ class Generator:
         middle = time.perf_counter()
         try:
             finish_prefill = start(*self._symbolic_prefill_example(batch))
-        except BaseException:  # the decode program is usable still (and its bodies are in flight)
+        finally:  # the decode program is finished even when the prefill fails to start (its bodies are in flight)
             self._decode[batch] = self._compiled(finish_decode(), began)
-            raise
         # (each program's time counts from its own start; the overlap is counted in both)
-        self._decode[batch] = self._compiled(finish_decode(), began)
         self._prefill[batch, "T"] = self._compiled(finish_prefill(), middle)
 
     def prefill_length(self, prompt_len: int) -> int:

@@ -14,7 +14,7 @@ import torch
 import fusec
 from fusec.backends.numba_cpu.int8_dot import _target_features
 from fusec.backends.numba_cpu.rowops import row_axpy, row_dot, row_finite
-from fusec.backends.numba_cpu.runtime import HEADER
+from fusec.backends.numba_cpu.generated import HEADER
 from fusec.models.causal_lm import DecodeStep, decode_example, random_model
 from fusec.models.llama import LlamaConfig
 

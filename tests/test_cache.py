@@ -261,7 +261,7 @@ def _library_modules() -> set[str]:
     their functions come from, transitively."""
     import importlib
     import re
-    from fusec.backends.numba_cpu.runtime import HEADER
+    from fusec.backends.numba_cpu.generated import HEADER
     package = "fusec.backends.numba_cpu."
     todo = re.findall(r"from fusec\.backends\.numba_cpu\.(\w+) import", HEADER)
     seen: set[str] = set()

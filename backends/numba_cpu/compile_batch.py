@@ -79,17 +79,12 @@ class Batch:
         other batches), and return the counts ({"in_process", "in_workers", "worker_failures"})."""
         if self.threads:
             while (job := self._take()) is not None:  # this process compiles too, taking jobs no worker took
-                _compile_here(job)
-                self.counts["in_process"] += 1
-                self.done[_key(job)].set()
+                self._compile_here(job)
             # while a worker still compiles one of ours, compile a job a later batch has queued (the
             # prefill's, while the decode program's last body compiles): this core stays busy too
             while any(t.is_alive() for t in self.threads) and (stolen := self._steal()) is not None:
                 owner, job = stolen
-                _compile_here(job)
-                with _FLIGHT_LOCK:
-                    owner.counts["in_process"] += 1
-                owner.done[_key(job)].set()
+                owner._compile_here(job)
             for t in self.threads:
                 t.join()
         for job in self.borrowed:
@@ -110,6 +105,13 @@ class Batch:
             if self in _BATCHES:
                 _BATCHES.remove(self)
         return self.counts
+
+    def _compile_here(self, job: tuple) -> None:
+        """Compile one of this batch's jobs in this process, count it and mark it done."""
+        _compile_here(job)
+        with _FLIGHT_LOCK:
+            self.counts["in_process"] += 1
+        self.done[_key(job)].set()
 
     def _steal(self) -> tuple[Batch, tuple] | None:
         """(its batch, a job) queued by another unfinished batch, taken from it; None when none is."""

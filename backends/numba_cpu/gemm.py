@@ -68,8 +68,8 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
     _check_int8(g, matmuls, rights)
     # bf16 weights [N, K] at prefill on a CPU with bf16 products: a bf16 x bf16 -> f32 GEMM over A rounded
     # to bf16 (in the prologue); elsewhere the weights are widened per thread (`mkl.bf16_gemm_in_hardware`)
-    bf16 = [lower(m) > matvec_rows and blas == "mkl" and v is not None and v[1] and v[2] == "_bf16"
-            and bf16_gemm_in_hardware() for v in rights]
+    bf16_gemm = lower(m) > matvec_rows and blas == "mkl" and bf16_gemm_in_hardware()
+    bf16 = [bf16_gemm and v is not None and v[1] and v[2] == "_bf16" for v in rights]
     a = a16 = None
     if any(bf16):
         a16 = "abuf16"
@@ -212,27 +212,30 @@ def _emit_joint_gemms(em: Emitter, a: str, joint: list[tuple[str, str]]) -> None
 WIDENED_GEMMS = {"_int8": "int8", "_bf16": "bf16w"}  # a weight format's GEMMs in `gemm_widen.py`
 
 
+def _by_format(products: list[tuple[str, str, str]]):
+    """(format, [(weight, product), ...]) of up to MATVEC_GROUP products of one weight format at a time, in
+    order of the formats' first appearance: the calls that run them together."""
+    for fmt in dict.fromkeys(f for f, _, _ in products):
+        same = [(b, acc) for f, b, acc in products if f == fmt]
+        for i in range(0, len(same), MATVEC_GROUP):
+            yield fmt, same[i:i + MATVEC_GROUP]
+
+
 def _emit_widened_gemms(em: Emitter, a: str, products: list[tuple[str, str, str]]) -> None:
     """The prefill GEMMs over bf16 or int8 weights of one kernel (format, weight, product), which all read
     `a`: those of one format in calls of up to three (`gemm_widen.gemm3_int8_mkl`, ...), each one parallel
     loop over the columns of all its products in which every thread widens its own weight tiles; the int8
     ones quantize `a` once per call."""
-    for fmt in dict.fromkeys(f for f, _, _ in products):
-        same = [(b, acc) for f, b, acc in products if f == fmt]
-        for i in range(0, len(same), MATVEC_GROUP):
-            group = same[i:i + MATVEC_GROUP]
-            arity = str(len(group)) if len(group) > 1 else ""
-            em.w.line(f"gemm{arity}_{WIDENED_GEMMS[fmt]}_mkl({a}, {', '.join(f'{b}, {acc}' for b, acc in group)})")
+    for fmt, group in _by_format(products):
+        arity = str(len(group)) if len(group) > 1 else ""
+        em.w.line(f"gemm{arity}_{WIDENED_GEMMS[fmt]}_mkl({a}, {', '.join(f'{b}, {acc}' for b, acc in group)})")
 
 
 def _emit_matvecs(em: Emitter, a: str, streamed: list[tuple[str, str, str]], group: int) -> None:
     """The matrix-vector products of one kernel, which all read the activations `a`: those of one weight
     format in calls of up to three (Q, K and V; W1 and W3), each one parallel loop over the rows of all its
     matrices (`matvec.matvec2`, `lowp.matvec2_bf16`, ...), `group` weight rows at a time."""
-    for fmt in dict.fromkeys(f for f, _, _ in streamed):
-        same = [(b, acc) for f, b, acc in streamed if f == fmt]
-        for i in range(0, len(same), MATVEC_GROUP):
-            products = same[i:i + MATVEC_GROUP]
-            arity = str(len(products)) if len(products) > 1 else ""
-            em.w.line(f"matvec{arity}{fmt}({a}, {', '.join(b for b, _ in products)}, "
-                      f"{', '.join(c for _, c in products)}, {group})")
+    for fmt, products in _by_format(streamed):
+        arity = str(len(products)) if len(products) > 1 else ""
+        em.w.line(f"matvec{arity}{fmt}({a}, {', '.join(b for b, _ in products)}, "
+                  f"{', '.join(c for _, c in products)}, {group})")

@@ -26,7 +26,7 @@ from fusec.backends.numba_cpu.compile_batch import start as start_compiling
 from fusec.backends.numba_cpu.driver import build as build_driver
 from fusec.backends.numba_cpu.kernels import build as build_kernels
 from fusec.backends.numba_cpu.kernels import FUNCTION, raise_bad_index
-from fusec.backends.numba_cpu.generated import FASTMATH, HEADER, blas_used, load_module  # noqa: F401
+from fusec.backends.numba_cpu.generated import HEADER, blas_used, load_module
 from fusec.binding import check_weights
 from fusec.cache import recorded, recover
 from fusec.debug import debug
