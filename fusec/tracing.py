@@ -56,6 +56,21 @@ class Traced:
     output_constants: dict = field(default_factory=dict)  # flat output position -> a non-tensor output
 
 
+_EXPORT_LOCK = threading.RLock()  # re-entered, it is no deadlock: torch.export raises instead
+
+
+@contextmanager
+def exporting():
+    """Held while torch.export runs. Two threads exporting at once break each other's global state, and
+    while it traces, torch.export swaps the builtins min and max (and math.pow) for tensor-aware versions:
+    Numba, typing a function in another thread meanwhile, would find those instead of the builtins and
+    fail. So the export also holds Numba's compiler lock, keeping out every Numba compile of this process
+    (fusec's kernels or a user's own) for that time."""
+    from numba.core.compiler_lock import global_compiler_lock
+    with _EXPORT_LOCK, global_compiler_lock:
+        yield
+
+
 def export(module: torch.nn.Module, args: tuple, kwargs: dict | None = None, dynamic_shapes: Any = None,
            decompose: bool = True):
     """torch.export the module (`dynamic_shapes`: see `fusec.tracing_sym`) and, with `decompose`,
@@ -65,7 +80,7 @@ def export(module: torch.nn.Module, args: tuple, kwargs: dict | None = None, dyn
         raise TypeError(f"fusec.compile expects a torch.nn.Module, got {type(module).__name__}")
     if not isinstance(args, tuple):
         args = (args,)
-    with _export_errors(module, dynamic_shapes):
+    with _export_errors(module, dynamic_shapes), exporting():
         with torch.no_grad():
             program = torch.export.export(module, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     return decompose(program, module, dynamic_shapes) if decompose else program
@@ -73,7 +88,7 @@ def export(module: torch.nn.Module, args: tuple, kwargs: dict | None = None, dyn
 
 def decompose(program, module: Any = None, dynamic_shapes: Any = None):
     """The exported `program` in core ATen."""
-    with _export_errors(module, dynamic_shapes):
+    with _export_errors(module, dynamic_shapes), exporting():
         with torch.no_grad():
             return program.run_decompositions()
 
@@ -107,9 +122,6 @@ def _dims(dynamic_shapes: Any) -> list:
     return [dynamic_shapes] if isinstance(dynamic_shapes, torch.export.Dim) else []
 
 
-_EXPORT_LOCK = threading.Lock()
-
-
 def trace(module: torch.nn.Module, args: tuple, kwargs: dict | None = None, strict: bool = False,
           dynamic: Any = None) -> Traced:
     """Trace `module` on example inputs into fusec IR (`strict`: unsupported ops raise, see the module
@@ -117,8 +129,7 @@ def trace(module: torch.nn.Module, args: tuple, kwargs: dict | None = None, stri
     if not isinstance(args, tuple):
         args = (args,)
     shapes, _ = dynamic_spec(module, args, kwargs or {}, dynamic)
-    with _EXPORT_LOCK:  # torch.export keeps global state: two threads exporting at once break each other
-        program = export(module_tree_copy(module), args, kwargs, shapes, decompose=False)
+    program = export(module_tree_copy(module), args, kwargs, shapes, decompose=False)
     why = direct_ok(program) if DIRECT else "FUSEC_DIRECT=0"
     traced = None
     if why is None:
@@ -128,8 +139,7 @@ def trace(module: torch.nn.Module, args: tuple, kwargs: dict | None = None, stri
             why = str(e)
     if traced is None:
         debug(2, f"[fusec] {type(module).__name__}: decomposed to core ATen first ({why})")
-        with _EXPORT_LOCK:
-            program = decompose(program, module, shapes)
+        program = decompose(program, module, shapes)
         traced = lower_program(program, module, strict)
     traced.module_name = type(module).__name__
     return traced

@@ -119,3 +119,39 @@ def test_eager_calls_from_another_thread_while_compiling(block):
     for c in compiled:
         torch.testing.assert_close(c(x), want, rtol=1e-4, atol=1e-5)
     assert all(isinstance(p, torch.nn.Parameter) for p in block.parameters())
+
+
+def test_a_numba_compile_in_another_thread_while_tracing_waits_and_succeeds():
+    """While torch.export traces, the builtins min and max are tensor-aware stand-ins: a Numba function
+    typed meanwhile in another thread found those and failed to compile.
+    The export holds Numba's compiler lock, so that compile waits for the trace and then succeeds."""
+    import threading
+
+    import numba
+
+    results = {}
+
+    def compile_with_min():
+        @numba.njit(cache=False)
+        def smaller(a, b):
+            return min(a, b) + max(a, b) * 0
+        try:
+            results["value"] = smaller(3, 5)
+        except Exception as e:  # noqa: BLE001 - the assertion below shows it
+            results["error"] = repr(e)[:300]
+
+    class StartsACompileWhileTraced(torch.nn.Module):
+        def forward(self, x):
+            if "thread" not in results:  # the first call is torch.export's trace
+                results["thread"] = threading.Thread(target=compile_with_min)
+                results["thread"].start()
+                results["thread"].join(timeout=1.0)  # it cannot finish inside the trace: it waits for it
+                results["finished_inside_trace"] = not results["thread"].is_alive()
+            return x * 2
+
+    x = torch.randn(2, 3)
+    compiled = fusec.compile(StartsACompileWhileTraced(), (x,), backend="reference")
+    results["thread"].join(timeout=120)
+    assert results.get("value") == 3, results.get("error")
+    assert not results["finished_inside_trace"]
+    torch.testing.assert_close(compiled(x), x * 2)
