@@ -141,11 +141,13 @@ def build(graph: Graph, loop: int, header: str, load, sizes: dict | None = None)
     for k in carried:
         names[body.inputs[k]] = f"o{carried.index(k)}"
         lines.append(f"    _copy(o{carried.index(k)}, x{k})")
-    lines.append(f"    for l in range({trips}):")
+    loop_line = f"    for l in range({trips}):"
     column = {name: j for j, name in enumerate(rows[0])}
     for k, i in enumerate(body.inputs):
         if k not in carried:
             names[i] = f"x{k}[l]" if k in sliced else f"x{k}"
+    invariant = {f"x{k}" for k in range(len(n.args)) if k not in carried and k not in sliced}
+    checked: set[tuple[str, int]] = set()
     body_lines: list[str] = []
     for i, m in enumerate(body.nodes):
         if m.op == "reshape":
@@ -163,10 +165,18 @@ def build(graph: Graph, loop: int, header: str, load, sizes: dict | None = None)
         elif m.op == "kernel":
             code = built.codes[kernels.index(i)]
             for pos, bound, what in take_index_checks(m):
+                operand = names[m.args[pos]]
+                if (operand, bound) in checked:
+                    continue  # the same indices against the same bound: checked already
+                checked.add((operand, bound))
                 d.checks.append((bound, what))
-                body_lines.append(f"if not _indices_ok({names[m.args[pos]]}, np.int64({bound}), chk, "
-                                  f"np.int64({len(d.checks)})):")
-                body_lines.append("    return")
+                # indices the loop does not change (a driver input not sliced per iteration) are checked
+                # once, before the loop; they stop the driver before any kernel runs, as at iteration 0
+                into = lines if operand in invariant else body_lines
+                indent = "    " if into is lines else ""
+                into.append(f"{indent}if not _indices_ok({operand}, np.int64({bound}), chk, "
+                            f"np.int64({len(d.checks)})):")
+                into.append(f"{indent}    return")
             args = [names[a] for a in m.args] + [f"W{column[p]}[l]" for p in code.params]
             specs = [("type", body.nodes[a].type) for a in m.args] + [("weight", column[p]) for p in code.params]
             for key in code.consts:
@@ -194,7 +204,7 @@ def build(graph: Graph, loop: int, header: str, load, sizes: dict | None = None)
         body_lines.append(f"_copy(o{nc + s}[l], {names[o]})")
     for c, o in enumerate(body.outputs[:nc]):
         body_lines.append(f"_copy(o{c}, {names[o]})")
-    lines += ["        " + line for line in body_lines]
+    lines += [loop_line] + ["        " + line for line in body_lines]
     params += ([f"c{k}" for k in range(len(d.consts))] + [f"e{k}" for k in range(len(d.errors))] + ["chk"] +
                list(d.size_names) + [f"b{k}" for k in range(len(d.buffer_types))] +
                [f"o{k}" for k in range(len(output_types(n)))])
