@@ -162,7 +162,7 @@ def test_decode_step_runs_sibling_products_in_one_call(fmt):
 
 @pytest.mark.skipif("avx512bw" not in int8_dot._target_features(), reason="512-bit vectors need a CPU with AVX-512")
 @pytest.mark.parametrize("name,widen", [("matvec_int8", "vpdpbusd" if int8_dot.KIND == "vnni" else "vpmaddwd"),
-                                        ("matvec_bf16", "vpslld"), ("matvec", "vfmadd")])
+                                        ("matvec_bf16", "vpunpcklwd"), ("matvec", "vfmadd")])
 def test_low_precision_loops_widen_with_512_bit_vectors(name, widen):
     """LLVM prefers 256-bit vectors on AVX-512 CPUs; the bf16 loops ask for 512 (`wide_vectors`): half the
     shuffles per weight; the int8 loop's integer products (`int8_dot._quads`) are 512-bit `vpdpbusd` (VNNI)
