@@ -257,7 +257,7 @@ def choose_tiles(node: Node, machine: Machine) -> Tiles:
 # Each is chosen from the machine's figures (caches, cores, clock, fork/join cost, memory bandwidth) and,
 # where it matters, the kernel's shape; the emitter follows whatever the kernel carries. On the 2-core x86
 # the project is measured on (48 KiB L1d and 2 MiB L2 per core, 2.3 GHz, AVX-512) they come to
-# parallel_min 16384, matvec_rows 18 (fp32 weights), matvec_group 8 (16 for int8 and bf16), gemm_rows 16
+# parallel_min 16384, matvec_rows 18 (fp32 weights), matvec_group 8 (16 for int8), gemm_rows 16
 # (docs/passes.md).
 
 def _parallel_min(machine: Machine, shape=None) -> int:
@@ -292,17 +292,16 @@ def _matvec_rows(machine: Machine, shape: MatmulShape | None = None) -> int:
 def _matvec_group(machine: Machine, shape: MatmulShape | None = None) -> int:
     """Weight rows per group of the matrix-vector loop (matvec.py): the unit a thread takes, whose rows
     share every load of the activations and whose successor is prefetched while it is summed. 8, but 16
-    for int8 and bf16 weights where the vectors are 512 bits (lanes 16, 32 vector registers): their dot
-    products prepare each chunk of activations once for the group (int8: VNNI's offset, the scales; bf16:
-    the activations permuted to the widened weights' order) and keep one accumulator per row, so twice the
-    rows halve that work per row and still fit the registers. Measured side by side on the kernels alone
-    (2 threads, stories110M's shapes, weights cycled over 60-120 MB, much of it held by a large L3): int8
-    took 0.6-0.75x the time of 8 rows (32 rows spill: 1.5-2x); bf16 read 1.0-1.04x the bytes per second of
-    8 rows; fp32 (nothing to share but one load) ran alike or up to 7% slower at 16, so it keeps 8. In
-    whole decode steps the gain shows where the weights come from cache (stories15M int8, one thread: its
-    matrix-vector kernels 5-10% faster) and not where one core's DRAM stream bounds them (stories110M:
-    alike)."""
-    if shape is not None and shape.b in (1, 2) and machine.lanes >= 16:
+    for int8 weights where the vectors are 512 bits (lanes 16, 32 vector registers): their dot products
+    prepare each 64-byte chunk of activations once for the group (VNNI's offset, the scales) and keep one
+    accumulator per row, so twice the rows halve that work per row and still fit the registers. Measured
+    side by side on the kernels alone (2 threads, stories110M's shapes, weights cycled over 60-120 MB, much
+    of it held by a large L3): int8 took 0.6-0.75x the time of 8 rows (32 rows spill: 1.5-2x); fp32 ran
+    alike or up to 7% slower at 16, and bf16 (one accumulator a row too, but only a permutation of the
+    activations to share) 0-5% slower at 16 and alike at 4, so both keep 8. In whole decode steps the gain
+    shows where the weights come from cache (stories15M int8, one thread: its matrix-vector kernels 5-10%
+    faster) and not where one core's DRAM stream bounds them (stories110M: alike)."""
+    if shape is not None and shape.b == 1 and machine.lanes >= 16:
         return 16
     return 8
 

@@ -4,7 +4,7 @@ Decode streams every weight once per token, so the loop's one job is to read the
 bandwidth. Rows of each weight matrix are split across threads a group at a time (numba gives each thread
 one contiguous range of groups); a group's dot products share the loads of the activations (`dot`); fewer
 rows at the end of a matrix (four at a time, then one). The rows of a group are the kernel's
-`matvec_group` tile (`passes.tile`: 16 for int8 and bf16 weights on AVX-512, else 8), passed by the generated code
+`matvec_group` tile (`passes.tile`: 16 for int8 weights on AVX-512, else 8), passed by the generated code
 as the last argument, a constant: each size is its own compiled loop (`literally`). `run2` and `run3` run the rows of two or three
 matrices that read the same activations (W1 and W3; Q, K and V) in one parallel loop: one fork and join
 instead of one each, which costs most when a neighbour holds a core.

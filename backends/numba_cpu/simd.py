@@ -120,12 +120,13 @@ def float_dot(count: int, pairs: bool):
     fp32: one FMA per 16 weights. bf16: a chunk is 32 weights (64 bytes), widened by two unpacks against
     zeros (`_widen`: no shift, mask or constant vector) and summed by two FMAs into the row's accumulator;
     the chunk's 32 activations are permuted to the unpacks' order once for all rows, and the next group's
-    rows are fetched into the L2 cache only. Widening with a shift and a mask into two accumulators a row
-    cost more instructions per byte (a constant reloaded every chunk, a mask, twice the registers: at most
-    eight rows a group), and a decode step streams its weights at the rate the loop issues their loads:
-    measured side by side (bench_matvec's kernels, weights cycled over 64 MB, stories110M's K = 768 and
-    2048), bf16's bytes per second went from 0.86-0.93x fp32's to 0.95-0.97x on two threads, 0.92-0.98x
-    to 0.99-1.01x on one (with 16 rows a group: `passes.tile`'s `matvec_group`)."""
+    rows are fetched into the L2 cache only (into L1 they ran 3-5% slower). The loop before widened with
+    a shift and a mask into two accumulators a row: more instructions per byte (a permutation constant
+    reloaded every chunk, a mask), and bf16 rows, half as long as fp32's, leave it fewer bytes per row to
+    spread each group's fixed work over. Measured side by side (bench_matvec's kernels, alternating calls,
+    weights cycled over 64 MB, stories110M's and TinyLlama's shapes, the median of each round's ratio):
+    bf16's bytes per second went from 0.88-0.96x fp32's to 0.94-1.03x on two threads, from 0.92-1.01x to
+    0.95-1.02x on one."""
     from numba.extending import intrinsic
     elem, per = (types.uint32, 2) if pairs else (types.float32, 1)  # activations per weight element
     idx16 = ir.VectorType(I32, LANES)
