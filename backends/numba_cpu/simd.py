@@ -125,8 +125,9 @@ def float_dot(count: int, pairs: bool):
     reloaded every chunk, a mask), and bf16 rows, half as long as fp32's, leave it fewer bytes per row to
     spread each group's fixed work over. Measured side by side (bench_matvec's kernels, alternating calls,
     weights cycled over 64 MB, stories110M's and TinyLlama's shapes, the median of each round's ratio):
-    bf16's bytes per second went from 0.88-0.96x fp32's to 0.94-1.03x on two threads, from 0.92-1.01x to
-    0.95-1.02x on one."""
+    bf16's bytes per second went from 0.83-0.96x fp32's to 0.89-1.03x on two threads, from 0.91-1.01x to
+    0.95-1.05x on one (K = 768 gained most; there a two-thread call is short enough that its fork and join
+    show)."""
     from numba.extending import intrinsic
     elem, per = (types.uint32, 2) if pairs else (types.float32, 1)  # activations per weight element
     idx16 = ir.VectorType(I32, LANES)
