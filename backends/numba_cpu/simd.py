@@ -10,6 +10,7 @@ from numba.core import cgutils
 I8, I16, I32, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 LANES = 16  # float32 lanes of an accumulator (one 512-bit register, or two 256-bit ones)
 V16F, V16I = ir.VectorType(F32, LANES), ir.VectorType(I32, LANES)
+V32S = ir.VectorType(I16, 2 * LANES)  # the bits of 32 bf16 weights
 
 
 class Arrays:
@@ -154,7 +155,7 @@ def float_dot(count: int, pairs: bool):
                     row = arrays.at(0, [builder.add(n0v, ir.Constant(intp, r)), j])
                     prefetch(builder, at_byte(builder, row, ahead, I8), into_l1=not pairs)  # row r, next group
                     if pairs:
-                        bits = builder.load(builder.bitcast(row, ir.VectorType(I16, 2 * LANES).as_pointer()), align=4)
+                        bits = builder.load(builder.bitcast(row, V32S.as_pointer()), align=4)
                         for xk, order in zip(xs, (_LOW, _HIGH)):
                             fma_into(builder, accs[r], xk, _widen(builder, bits, order))
                     else:
