@@ -296,10 +296,11 @@ def _matvec_group(machine: Machine, shape: MatmulShape | None = None) -> int:
     prepare each 64-byte chunk of activations once for the group (VNNI's offset, the scales) and keep one
     accumulator per row, so twice the rows halve that work per row and still fit the registers. Measured
     side by side on the kernels alone (2 threads, stories110M's shapes, weights cycled over 60-120 MB, much
-    of it held by a large L3): int8 took 0.6-0.75x the time of 8 rows (32 rows spill: 1.5-2x); fp32 and
-    bf16 (two accumulators a row) ran alike or up to 7% slower at 16, so they keep 8. In whole decode steps
-    the gain shows where the weights come from cache (stories15M int8, one thread: its matrix-vector
-    kernels 5-10% faster) and not where one core's DRAM stream bounds them (stories110M: alike)."""
+    of it held by a large L3): int8 took 0.6-0.75x the time of 8 rows (32 rows spill: 1.5-2x); fp32 ran
+    alike or up to 7% slower at 16, and bf16 (one accumulator a row too, but only a permutation of the
+    activations to share) 0-5% slower at 16 and alike at 4, so both keep 8. In whole decode steps the gain
+    shows where the weights come from cache (stories15M int8, one thread: its matrix-vector kernels 5-10%
+    faster) and not where one core's DRAM stream bounds them (stories110M: alike)."""
     if shape is not None and shape.b == 1 and machine.lanes >= 16:
         return 16
     return 8

@@ -94,6 +94,23 @@ def test_bf16_columns_past_the_last_vector_are_added(k):
         np.testing.assert_allclose(c, a @ widened(b).T, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("group", [8, 16])
+def test_bf16_widening_pairs_every_weight_with_its_own_activation(group):
+    """The bf16 loop widens 32 weights by two unpacks and permutes the activations to their order: a
+    weight matrix with one power of two per row (row n at column n mod K, every position of a 32-weight
+    chunk and of the rest) must give that activation times it exactly. 117 rows: whole groups, then four
+    rows at a time, then one; K = 102: three chunks and 6 columns of rest; two activation rows."""
+    k, n = 102, 117
+    rng = np.random.default_rng(6)
+    a = rng.standard_normal((2, k)).astype(np.float32)
+    scale = np.float32(2.0) ** rng.integers(-3, 4, n).astype(np.float32)
+    w = np.zeros((n, k), np.float32)
+    w[np.arange(n), np.arange(n) % k] = scale
+    c = np.full((2, n), np.nan, np.float32)
+    lowp.matvec_bf16(a, bf16_bits(w), c, group)
+    np.testing.assert_array_equal(c, a[:, np.arange(n) % k] * scale)
+
+
 @pytest.mark.parametrize("k", [3, 17, 40, 290])
 def test_fp32_columns_past_the_last_vector_and_strided_weights(k):
     """The fp32 loop takes 16 columns a vector and adds the rest after; strided weights (a transposed or
@@ -162,7 +179,7 @@ def test_decode_step_runs_sibling_products_in_one_call(fmt):
 
 @pytest.mark.skipif("avx512bw" not in int8_dot._target_features(), reason="512-bit vectors need a CPU with AVX-512")
 @pytest.mark.parametrize("name,widen", [("matvec_int8", "vpdpbusd" if int8_dot.KIND == "vnni" else "vpmaddwd"),
-                                        ("matvec_bf16", "vpslld"), ("matvec", "vfmadd")])
+                                        ("matvec_bf16", "vpunpcklwd"), ("matvec", "vfmadd")])
 def test_low_precision_loops_widen_with_512_bit_vectors(name, widen):
     """LLVM prefers 256-bit vectors on AVX-512 CPUs; the bf16 loops ask for 512 (`wide_vectors`): half the
     shuffles per weight; the int8 loop's integer products (`int8_dot._quads`) are 512-bit `vpdpbusd` (VNNI)

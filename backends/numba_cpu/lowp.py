@@ -3,17 +3,17 @@
 Decode streams every weight once per token, so these kernels must turn the halved (bf16) or quartered
 (int8) bytes into time saved, which only happens when the widening to float32 is vectorized:
 
-- bf16: two weights are read as one uint32; the even one is `bits << 16`, the odd one `bits & 0xFFFF0000`,
-  each bit-cast to float32. Shifts, masks and FMAs on whole vectors (no per-element zero-extension); every
-  32 activations are split into their 16 even and 16 odd lanes once for eight weight rows. Written in LLVM
-  IR (`simd.float_dot`, which fp32 shares), with two accumulators per row (even and odd) reduced once per row: the loop Numba
-  vectorized itself split the activations into two new arrays per call and ended every row with a scalar
-  remainder; measured side by side (one thread, one activation row), bf16's bytes per second went from
-  0.9-1.2x fp32's to 1.5-1.6x at stories110M's shapes, from 0.4-0.5x to 0.6-0.7x at stories15M's (K = 288:
-  matrices that small stay in the L2 cache, where fp32 is as fast per weight). Streamed from memory, one
-  core read bf16 at 0.6-0.85x fp32's bytes per second: a group's rows are short streams that the hardware
-  prefetcher does not ramp up on, so the loop prefetches the next group's rows (`simd.prefetch`); with
-  that and eight rows per group, 0.85-1.05x (bench_matvec, one thread).
+- bf16: 32 weights (64 bytes) are one vector load; unpacking their 16-bit halves against zeros makes
+  two vectors of float32 whose top halves are the weights' bits (`simd._widen`), summed by two FMAs into
+  the row's one accumulator; every 32 activations are permuted to the unpacks' order once for the group's
+  rows. Written in LLVM IR (`simd.float_dot`, which fp32 shares). History, measured side by side: the
+  loop Numba vectorized itself split the activations into two new arrays per call and ended every row
+  with a scalar remainder; an IR loop of shifts and masks into two accumulators a row took bf16's bytes
+  per second from 0.9-1.2x fp32's to 1.5-1.6x at stories110M's shapes (one thread, one activation row,
+  weights in cache); streamed from memory it read 0.6-0.85x fp32's bytes per second until the next
+  group's rows were prefetched (`simd.prefetch`: short streams the hardware prefetcher does not ramp up
+  on), then 0.85-1.05x. The unpacks need fewer instructions per byte (no mask, no constant reloaded per
+  chunk): `simd.float_dot` says what they gained.
 - int8: integer dot products against activations quantized the same way, in `int8.py` (re-exported
   here: generated code imports every low-precision kernel from this module).
 
@@ -21,7 +21,7 @@ The loops ask LLVM for 512-bit vectors (`blas.wide_vectors`), so that the IR's 1
 registers on AVX-512 (LLVM otherwise prefers 256-bit ones there; measured at stories15M's K = 288, the two
 widths ran alike).
 
-The loop over groups of eight rows, and over two or three matrices that read the same activations
+The loop over groups of rows, and over two or three matrices that read the same activations
 (`matvec2_*`, `matvec3_*`), is every format's (`matvec.py`). Large row counts (prefill) widen a block of
 weight rows to a float32 tile and call the GEMM (`blas.gemm_bf16`, `int8.gemm_int8`).
 """
