@@ -52,6 +52,7 @@ class Plan:
         self.outputs = set(graph.outputs)
         self.groups: list[Group] = []
         self.group_of: dict[int, Group] = {}
+        self._spans: list[tuple[int, int]] | None = None  # the groups' (first, last) member, sorted
         self.copied = [False] * len(self.nodes)  # params, consts and views (or casts) of them only
         self.weight = [False] * len(self.nodes)   # a param, or a view or cast of one
         self.anc = [0] * len(self.nodes)          # ancestors of each node, as a bitset
@@ -146,7 +147,8 @@ class Plan:
     def reaches(self, src: set[int], dst: set[int]) -> bool:
         """Is there a path from `src` to `dst` through a node that neither holds nor copies as a view?
         Entering a group continues from all its members: a kernel runs as a whole."""
-        stack = [(u, False) for m in src for u in self.users[m] if u not in src]
+        last = self._last_on_path(max(dst))
+        stack = [(u, False) for m in src for u in self.users[m] if u not in src and u <= last]
         seen: set[tuple[int, bool]] = set()
         while stack:
             u, through = stack.pop()
@@ -161,8 +163,23 @@ class Plan:
             seen.add(key)
             through = through or not self.transparent(u)
             stack.extend((w, through) for m in (group.members if group else (u,)) for w in self.users[m]
-                         if w not in src)
+                         if w not in src and w <= last)
         return False
+
+    def _last_on_path(self, target: int) -> int:
+        """The largest node id a path to `target` can pass through. Users come after their operands, so a
+        path only goes back to smaller ids by entering a group with a member before where it entered;
+        a node after the returned id (and every group it is in) lies wholly after `target` then, and no
+        path from it comes back. Without this bound each `reaches` walked the rest of the graph: quadratic
+        in the layers of a model."""
+        if self._spans is None:  # (kept until a group changes: `add`, `remove`)
+            self._spans = sorted((min(g.members), max(g.members)) for g in self.groups if g.members)
+        last = target
+        for lo, hi in self._spans:
+            if lo > last:
+                break
+            last = max(last, hi)
+        return last
 
     def can_fuse(self, group: Group, node: int) -> bool:
         """Legal to put `node` into `group`: it is in no group, the kind's body form is kept, and the
@@ -190,12 +207,14 @@ class Plan:
         return group
 
     def add(self, group: Group, node: int, epilogue: bool = False) -> None:
+        self._spans = None
         group.members.add(node)
         self.group_of[node] = group
         if epilogue:
             group.epilogue.add(node)
 
     def remove(self, group: Group, node: int) -> None:
+        self._spans = None
         group.members.discard(node)
         group.epilogue.discard(node)
         del self.group_of[node]
