@@ -14,6 +14,9 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python setup.py
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e .
+	# an editable install leaves fusec's own modules uncompiled (pip byte-compiles a regular install): where
+	# the environment turns off writing bytecode, every start would compile them from source again
+	$(BIN)/python -m compileall -q fusec passes backends
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
