@@ -201,11 +201,33 @@ def streams(a, w):
     raise NotImplementedError("matvec.streams runs inside njit code only")
 
 
+def _always_streams(a, w) -> bool:
+    """Whether the types alone say the vector loop can read them: float32 weights and activations that
+    are C-contiguous arrays (what generated kernels pass)."""
+    return a.layout == "C" and w.layout == "C" and w.dtype != types.uint16
+
+
 @overload(streams)
 def _streams(a, w):
+    if _always_streams(a, w):
+        return lambda a, w: True
     if w.dtype == types.uint16:
         return lambda a, w: a.shape[1] % 2 == 0 and w.flags.c_contiguous and a.flags.c_contiguous
     return lambda a, w: w.flags.c_contiguous and a.flags.c_contiguous
+
+
+def plain(a, w, c, ws):
+    """`matvec_plain(a, w, c)`, the fallback of a call on weights `ws` (a tuple), unless `streams` is true
+    for all of them by their types alone: then nothing (the branch never runs), so that a kernel calling the
+    matrix-vector loop does not link (and LLVM optimize again) a parallel loop it never runs. njit code only."""
+    raise NotImplementedError("matvec.plain runs inside njit code only")
+
+
+@overload(plain)
+def _plain(a, w, c, ws):
+    if all(_always_streams(a, v) for v in ws):
+        return lambda a, w, c, ws: None
+    return lambda a, w, c, ws: matvec_plain(a, w, c)
 
 
 def operands(w):
@@ -231,7 +253,7 @@ def matvec(a, w, c, group):
     if streams(a, w):
         run1(group, (a,), operands(w), c)
     else:
-        matvec_plain(a, w, c)
+        plain(a, w, c, (w,))
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -240,8 +262,8 @@ def matvec2(a, w0, w1, c0, c1, group):
     if streams(a, w0) and streams(a, w1):
         run2(group, (a,), operands(w0), operands(w1), c0, c1)
     else:
-        matvec_plain(a, w0, c0)
-        matvec_plain(a, w1, c1)
+        plain(a, w0, c0, (w0, w1))
+        plain(a, w1, c1, (w0, w1))
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -250,9 +272,9 @@ def matvec3(a, w0, w1, w2, c0, c1, c2, group):
     if streams(a, w0) and streams(a, w1) and streams(a, w2):
         run3(group, (a,), operands(w0), operands(w1), operands(w2), c0, c1, c2)
     else:
-        matvec_plain(a, w0, c0)
-        matvec_plain(a, w1, c1)
-        matvec_plain(a, w2, c2)
+        plain(a, w0, c0, (w0, w1, w2))
+        plain(a, w1, c1, (w0, w1, w2))
+        plain(a, w2, c2, (w0, w1, w2))
 
 
 def with_group(kernel, group: int, arity: int):
