@@ -137,10 +137,7 @@ def run2(group, x, w0, w1, c0, c1):
     g0 = row_groups(w0[0], group)
     for g in prange(g0 + row_groups(w1[0], group)):
         wide_vectors()
-        if g < g0:
-            rows_into(w0, x, c0, group * g, group)
-        else:
-            rows_into(w1, x, c1, group * (g - g0), group)
+        rows_of(g, (g0,), group, x, (w0, w1), (c0, c1))
 
 
 @njit(inline="always")
@@ -149,12 +146,43 @@ def run3(group, x, w0, w1, w2, c0, c1, c2):
     g1 = g0 + row_groups(w1[0], group)
     for g in prange(g1 + row_groups(w2[0], group)):
         wide_vectors()
-        if g < g0:
-            rows_into(w0, x, c0, group * g, group)
-        elif g < g1:
-            rows_into(w1, x, c1, group * (g - g0), group)
+        rows_of(g, (g0, g1), group, x, (w0, w1, w2), (c0, c1, c2))
+
+
+def rows_of(g, starts, group, x, ws, cs):
+    """`rows_into` for row group g of the matrices `ws` (outputs `cs`) taken in turn, whose groups start at
+    0 and `starts` (njit code only)."""
+    raise NotImplementedError("matvec.rows_of runs inside njit code only")
+
+
+@overload(rows_of, inline="always", prefer_literal=True)
+def _rows_of(g, starts, group, x, ws, cs):
+    if isinstance(ws, types.UniTuple) and isinstance(cs, types.UniTuple):
+        # matrices of one type (the usual case): one copy of the row loop, the matrix picked by index;
+        # each copy is code that every kernel calling the loop links and LLVM optimizes again
+        def same(g, starts, group, x, ws, cs):
+            k, first = 0, 0
+            for s in starts:
+                if g >= s:
+                    k, first = k + 1, s
+            rows_into(ws[k], x, cs[k], group * (g - first), group)
+        return same
+    if len(ws) == 2:
+        def two(g, starts, group, x, ws, cs):
+            if g < starts[0]:
+                rows_into(ws[0], x, cs[0], group * g, group)
+            else:
+                rows_into(ws[1], x, cs[1], group * (g - starts[0]), group)
+        return two
+
+    def three(g, starts, group, x, ws, cs):
+        if g < starts[0]:
+            rows_into(ws[0], x, cs[0], group * g, group)
+        elif g < starts[1]:
+            rows_into(ws[1], x, cs[1], group * (g - starts[0]), group)
         else:
-            rows_into(w2, x, c2, group * (g - g1), group)
+            rows_into(ws[2], x, cs[2], group * (g - starts[1]), group)
+    return three
 
 
 @njit(inline="always")
