@@ -68,6 +68,7 @@ class Driver:
     chk: np.ndarray = None
     _storage: list = None
     _functions: list = None
+    _table: tuple = None      # (the weight arrays, their address table), see `_addresses`
 
     def resize(self, sizes: dict) -> None:
         """Buffers at these sizes: views of storage planned once for the first sizes given (the upper
@@ -85,7 +86,20 @@ class Driver:
         return self.functions(weights) + self._data(weights)
 
     def _data(self, weights: dict) -> list:
-        """The arguments after the kernels: per-iteration weight tuples, constants, slots and buffers."""
+        """The arguments after the kernels: iteration 0's weights, the address table of every iteration's,
+        constants, slots and buffers."""
+        first = [weights[name] for name in self.weight_rows[0]]
+        return (first + [self._addresses(weights)] + self.consts + [e for e, _ in self.errors] + [self.chk] +
+                [np.int64(self.sizes[name]) for name in self.size_names] + self.buffers)
+
+    def _addresses(self, weights: dict) -> np.ndarray:
+        """int64 [weights, iterations]: the data address of each iteration's weight, checked to have
+        iteration 0's shape, strides and dtype (`borrowed` gives it those). Made again only when some
+        array changed (a symbolic program's `resize` asks at every new size; `.ctypes` costs microseconds)."""
+        arrays = [weights[name] for row in self.weight_rows for name in row]
+        if self._table is not None and len(arrays) == len(self._table[0]) and all(
+                a is b for a, b in zip(arrays, self._table[0])):
+            return self._table[1]
         first = [weights[name] for name in self.weight_rows[0]]
         for row in self.weight_rows[1:]:
             for name, like in zip(row, first):
@@ -96,8 +110,8 @@ class Driver:
                                      f"{like.dtype} (iteration 0's), as every iteration runs one kernel")
         addresses = np.array([[weights[row[j]].ctypes.data for row in self.weight_rows]
                               for j in range(len(first))], np.int64).reshape(len(first), len(self.weight_rows))
-        return (first + [addresses] + self.consts + [e for e, _ in self.errors] + [self.chk] +
-                [np.int64(self.sizes[name]) for name in self.size_names] + self.buffers)
+        self._table = (arrays, addresses)
+        return addresses
 
     def signature(self, weights: dict, operands: list, outputs: list) -> tuple:
         """The driver's own Numba signature for these weights and the types of its operands and outputs,
