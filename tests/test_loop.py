@@ -338,3 +338,23 @@ def test_time_outside_kernels_is_measured_with_the_kernels_put_back():
     assert [step.fn for step in compiled.program.steps] == functions
     with torch.no_grad():
         close(compiled(*ins)[0].numpy(), DecodeStep(m)(*ins)[0].numpy())
+
+
+def test_a_driver_reaches_each_iterations_weight_by_its_address():
+    """`borrowed` (how a driver reads iteration l's weight, see backends/numba_cpu/borrowed.py): the array
+    at another address with the given one's shape and strides, for C-contiguous and strided arrays."""
+    from numba import njit
+
+    from fusec.backends.numba_cpu.borrowed import borrowed
+
+    @njit
+    def total(like, addresses, l):
+        return borrowed(like, addresses[l]).sum()
+
+    layers = [np.arange(12, dtype=np.float32).reshape(3, 4) * (k + 1) for k in range(3)]
+    addresses = np.array([a.ctypes.data for a in layers], np.int64)
+    for k, a in enumerate(layers):
+        assert total(layers[0], addresses, k) == a.sum()
+    strided = [a[:, ::2] for a in layers]
+    addresses = np.array([a.ctypes.data for a in strided], np.int64)
+    assert total(strided[0], addresses, 2) == strided[2].sum()

@@ -2,10 +2,10 @@
 and calls the body's kernels from Numba, with no Python between kernels or layers.
 
     @njit(cache=True, nogil=True)
-    def driver(x0, x1, x2, k0, k1, ..., W0, W1, ..., c0, e0, chk, b0, b1, ..., o0, o1):
+    def driver(x0, x1, x2, k0, k1, ..., W0, W1, ..., P, c0, e0, chk, b0, b1, ..., o0, o1):
         _copy(o0, x0)                     # carried values live in the loop's outputs
         for l in range(trips):
-            k0(o0, W0[l], W1[l], b0)      # iteration l's weights: a homogeneous tuple indexed by l
+            k0(o0, borrowed(W0, P[0, l]), borrowed(W1, P[1, l]), b0)   # iteration l's weights (below)
             k1(b0, x1, x2[l], b1)         # a sliced operand: row l, a C-contiguous view
             ...
             _copy(o1[l], b1)              # a per-iteration output, stacked
@@ -20,9 +20,12 @@ LLVM optimizes and emits it a second time: the driver cost about as much to comp
 Intermediate buffers (`b*`) belong to the driver, allocated once. With symbolic sizes the driver takes
 each size variable as an argument (`s0`, used by the body's reshapes and slices; the kernels read their
 sizes from their arrays) and its buffers are planned for the upper bounds and passed as views at each
-call's sizes (`resize`), so one compiled driver serves every size. Weights are passed as one tuple per
-body parameter (`args` rebuilds them when weights are rebound). Index checks of gathers run inside: a bad
-index stops the driver with its number in `chk`, and `check` raises as a kernel call would.
+call's sizes (`resize`), so one compiled driver serves every size. Weights are passed as iteration 0's
+array of each body parameter (its type and shape) and one int64 array P of the data addresses of every
+iteration's (`args` rebuilds it when weights are rebound), from which `borrowed` makes iteration l's
+array: a tuple of arrays per parameter cost seconds of LLVM time to unbox (`borrowed.py`). Index checks
+of gathers run inside: a bad index stops the driver with its number in `chk`, and `check` raises as a
+kernel call would; indices the loop does not change are checked once, before the loop.
 """
 from __future__ import annotations
 
@@ -66,6 +69,7 @@ class Driver:
     chk: np.ndarray = None
     _storage: list = None
     _functions: list = None
+    _table: tuple = None      # (the weight arrays, their address table), see `_addresses`
 
     def resize(self, sizes: dict) -> None:
         """Buffers at these sizes: views of storage planned once for the first sizes given (the upper
@@ -83,10 +87,32 @@ class Driver:
         return self.functions(weights) + self._data(weights)
 
     def _data(self, weights: dict) -> list:
-        """The arguments after the kernels: per-iteration weight tuples, constants, slots and buffers."""
-        tuples = [tuple(weights[row[j]] for row in self.weight_rows) for j in range(len(self.weight_rows[0]))]
-        return (tuples + self.consts + [e for e, _ in self.errors] + [self.chk] +
+        """The arguments after the kernels: iteration 0's weights, the address table of every iteration's,
+        constants, slots and buffers."""
+        first = [weights[name] for name in self.weight_rows[0]]
+        return (first + [self._addresses(weights)] + self.consts + [e for e, _ in self.errors] + [self.chk] +
                 [np.int64(self.sizes[name]) for name in self.size_names] + self.buffers)
+
+    def _addresses(self, weights: dict) -> np.ndarray:
+        """int64 [weights, iterations]: the data address of each iteration's weight, checked to have
+        iteration 0's shape, strides and dtype (`borrowed` gives it those). Made again only when some
+        array changed (a symbolic program's `resize` asks at every new size; `.ctypes` costs microseconds)."""
+        arrays = [weights[name] for row in self.weight_rows for name in row]
+        if self._table is not None and len(arrays) == len(self._table[0]) and all(
+                a is b for a, b in zip(arrays, self._table[0])):
+            return self._table[1]
+        first = [weights[name] for name in self.weight_rows[0]]
+        for row in self.weight_rows[1:]:
+            for name, like in zip(row, first):
+                w = weights[name]
+                if (w.shape, w.strides, w.dtype) != (like.shape, like.strides, like.dtype):
+                    raise FusecError(f"loop weight {name}: shape {list(w.shape)}, strides {w.strides}, "
+                                     f"{w.dtype}; expected those of {list(like.shape)}, {like.strides}, "
+                                     f"{like.dtype} (iteration 0's), as every iteration runs one kernel")
+        addresses = np.array([[weights[row[j]].ctypes.data for row in self.weight_rows]
+                              for j in range(len(first))], np.int64).reshape(len(first), len(self.weight_rows))
+        self._table = (arrays, addresses)
+        return addresses
 
     def signature(self, weights: dict, operands: list, outputs: list) -> tuple:
         """The driver's own Numba signature for these weights and the types of its operands and outputs,
@@ -136,7 +162,7 @@ def build(graph: Graph, loop: int, header: str, load, sizes: dict | None = None)
     d = Driver(None, None, [], None, rows, chk=np.zeros(2, np.int64), size_names=tuple(sorted(graph.sizes)))
     names: dict[int, str] = {}     # body id -> expression
     params = ([f"x{k}" for k in range(len(n.args))] + [f"k{k}" for k in range(len(kernels))] +
-              [f"W{j}" for j in range(len(rows[0]))])
+              [f"W{j}" for j in range(len(rows[0]))] + ["P"])
     lines: list[str] = []
     for k in carried:
         names[body.inputs[k]] = f"o{carried.index(k)}"
@@ -177,7 +203,7 @@ def build(graph: Graph, loop: int, header: str, load, sizes: dict | None = None)
                 into.append(f"{indent}if not _indices_ok({operand}, np.int64({bound}), chk, "
                             f"np.int64({len(d.checks)})):")
                 into.append(f"{indent}    return")
-            args = [names[a] for a in m.args] + [f"W{column[p]}[l]" for p in code.params]
+            args = [names[a] for a in m.args] + [f"borrowed(W{column[p]}, P[{column[p]}, l])" for p in code.params]
             specs = [("type", body.nodes[a].type) for a in m.args] + [("weight", column[p]) for p in code.params]
             for key in code.consts:
                 args.append(f"c{len(d.consts)}")
@@ -236,7 +262,10 @@ def _compiled(module, sig: tuple) -> CompileResultWAP:
 # Helpers of every driver. Copies are loops rather than `dst[...] = src`: NumPy's broadcasting assignment
 # brings its error path (a message formatted from the shapes), which alone took about half of a driver's
 # cold compile. Bounds and check numbers are passed as int64, so one specialization serves every check.
-INDICES_OK = '''@njit(cache=True, nogil=True)
+INDICES_OK = '''from fusec.backends.numba_cpu.borrowed import borrowed
+
+
+@njit(cache=True, nogil=True)
 def _copy(dst, src):
     """dst[...] = src for C-contiguous arrays of one size."""
     d = dst.reshape(-1)

@@ -137,10 +137,7 @@ def run2(group, x, w0, w1, c0, c1):
     g0 = row_groups(w0[0], group)
     for g in prange(g0 + row_groups(w1[0], group)):
         wide_vectors()
-        if g < g0:
-            rows_into(w0, x, c0, group * g, group)
-        else:
-            rows_into(w1, x, c1, group * (g - g0), group)
+        rows_of(g, (g0,), group, x, (w0, w1), (c0, c1))
 
 
 @njit(inline="always")
@@ -149,12 +146,43 @@ def run3(group, x, w0, w1, w2, c0, c1, c2):
     g1 = g0 + row_groups(w1[0], group)
     for g in prange(g1 + row_groups(w2[0], group)):
         wide_vectors()
-        if g < g0:
-            rows_into(w0, x, c0, group * g, group)
-        elif g < g1:
-            rows_into(w1, x, c1, group * (g - g0), group)
+        rows_of(g, (g0, g1), group, x, (w0, w1, w2), (c0, c1, c2))
+
+
+def rows_of(g, starts, group, x, ws, cs):
+    """`rows_into` for row group g of the matrices `ws` (outputs `cs`) taken in turn, whose groups start at
+    0 and `starts` (njit code only)."""
+    raise NotImplementedError("matvec.rows_of runs inside njit code only")
+
+
+@overload(rows_of, inline="always", prefer_literal=True)
+def _rows_of(g, starts, group, x, ws, cs):
+    if isinstance(ws, types.UniTuple) and isinstance(cs, types.UniTuple):
+        # matrices of one type (the usual case): one copy of the row loop, the matrix picked by index;
+        # each copy is code that every kernel calling the loop links and LLVM optimizes again
+        def same(g, starts, group, x, ws, cs):
+            k, first = 0, 0
+            for s in starts:
+                if g >= s:
+                    k, first = k + 1, s
+            rows_into(ws[k], x, cs[k], group * (g - first), group)
+        return same
+    if len(ws) == 2:
+        def two(g, starts, group, x, ws, cs):
+            if g < starts[0]:
+                rows_into(ws[0], x, cs[0], group * g, group)
+            else:
+                rows_into(ws[1], x, cs[1], group * (g - starts[0]), group)
+        return two
+
+    def three(g, starts, group, x, ws, cs):
+        if g < starts[0]:
+            rows_into(ws[0], x, cs[0], group * g, group)
+        elif g < starts[1]:
+            rows_into(ws[1], x, cs[1], group * (g - starts[0]), group)
         else:
-            rows_into(w2, x, c2, group * (g - g1), group)
+            rows_into(ws[2], x, cs[2], group * (g - starts[1]), group)
+    return three
 
 
 @njit(inline="always")
@@ -201,11 +229,33 @@ def streams(a, w):
     raise NotImplementedError("matvec.streams runs inside njit code only")
 
 
+def _always_streams(a, w) -> bool:
+    """Whether the types alone say the vector loop can read them: float32 weights and activations that
+    are C-contiguous arrays (what generated kernels pass)."""
+    return a.layout == "C" and w.layout == "C" and w.dtype != types.uint16
+
+
 @overload(streams)
 def _streams(a, w):
+    if _always_streams(a, w):
+        return lambda a, w: True
     if w.dtype == types.uint16:
         return lambda a, w: a.shape[1] % 2 == 0 and w.flags.c_contiguous and a.flags.c_contiguous
     return lambda a, w: w.flags.c_contiguous and a.flags.c_contiguous
+
+
+def plain(a, w, c, ws):
+    """`matvec_plain(a, w, c)`, the fallback of a call on weights `ws` (a tuple), unless `streams` is true
+    for all of them by their types alone: then nothing (the branch never runs), so that a kernel calling the
+    matrix-vector loop does not link (and LLVM optimize again) a parallel loop it never runs. njit code only."""
+    raise NotImplementedError("matvec.plain runs inside njit code only")
+
+
+@overload(plain)
+def _plain(a, w, c, ws):
+    if all(_always_streams(a, v) for v in ws):
+        return lambda a, w, c, ws: None
+    return lambda a, w, c, ws: matvec_plain(a, w, c)
 
 
 def operands(w):
@@ -231,7 +281,7 @@ def matvec(a, w, c, group):
     if streams(a, w):
         run1(group, (a,), operands(w), c)
     else:
-        matvec_plain(a, w, c)
+        plain(a, w, c, (w,))
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -240,8 +290,8 @@ def matvec2(a, w0, w1, c0, c1, group):
     if streams(a, w0) and streams(a, w1):
         run2(group, (a,), operands(w0), operands(w1), c0, c1)
     else:
-        matvec_plain(a, w0, c0)
-        matvec_plain(a, w1, c1)
+        plain(a, w0, c0, (w0, w1))
+        plain(a, w1, c1, (w0, w1))
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -250,9 +300,9 @@ def matvec3(a, w0, w1, w2, c0, c1, c2, group):
     if streams(a, w0) and streams(a, w1) and streams(a, w2):
         run3(group, (a,), operands(w0), operands(w1), operands(w2), c0, c1, c2)
     else:
-        matvec_plain(a, w0, c0)
-        matvec_plain(a, w1, c1)
-        matvec_plain(a, w2, c2)
+        plain(a, w0, c0, (w0, w1, w2))
+        plain(a, w1, c1, (w0, w1, w2))
+        plain(a, w2, c2, (w0, w1, w2))
 
 
 def with_group(kernel, group: int, arity: int):
