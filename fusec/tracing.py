@@ -18,8 +18,9 @@ from __future__ import annotations
 import copy
 import operator
 import os
+import sys
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,9 +66,10 @@ def exporting():
     while it traces, torch.export swaps the builtins min and max (and math.pow) for tensor-aware versions:
     Numba, typing a function in another thread meanwhile, would find those instead of the builtins and
     fail. So the export also holds Numba's compiler lock, keeping out every Numba compile of this process
-    (fusec's kernels or a user's own) for that time."""
-    from numba.core.compiler_lock import global_compiler_lock
-    with _EXPORT_LOCK, global_compiler_lock:
+    (fusec's kernels or a user's own) for that time. Where Numba is not loaded yet (the reference backend),
+    nothing compiles with it, and loading it here would bring SciPy into every cold trace."""
+    numba_lock = sys.modules.get("numba.core.compiler_lock")
+    with _EXPORT_LOCK, (numba_lock.global_compiler_lock if numba_lock else nullcontext()):
         yield
 
 
