@@ -131,7 +131,6 @@ def float_dot(count: int, pairs: bool):
     show)."""
     from numba.extending import intrinsic
     elem, per = (types.uint32, 2) if pairs else (types.float32, 1)  # activations per weight element
-    idx16 = ir.VectorType(I32, LANES)
 
     @intrinsic
     def dot(typingctx, w, a, n0, m):
@@ -150,7 +149,7 @@ def float_dot(count: int, pairs: bool):
                 j = builder.mul(loop.index, ir.Constant(intp, LANES))
                 x = arrays.load(1, [mv, builder.mul(j, ir.Constant(intp, per))], ir.VectorType(F32, per * LANES))
                 if pairs:
-                    xs = [builder.shuffle_vector(x, x, ir.Constant(idx16, order)) for order in (_LOW, _HIGH)]
+                    xs = [builder.shuffle_vector(x, x, ir.Constant(V16I, order)) for order in (_LOW, _HIGH)]
                 for r in range(count):
                     row = arrays.at(0, [builder.add(n0v, ir.Constant(intp, r)), j])
                     prefetch(builder, at_byte(builder, row, ahead, I8), into_l1=not pairs)  # row r, next group
