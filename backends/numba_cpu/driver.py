@@ -2,21 +2,23 @@
 and calls the body's kernels from Numba, with no Python between kernels or layers.
 
     @njit(cache=True, nogil=True)
-    def driver(x0, x1, x2, k0, k1, ..., W0, W1, ..., P, c0, e0, chk, b0, b1, ..., o0, o1):
+    def driver(x0, x1, x2, K, W0, W1, ..., P, c0, e0, chk, b0, b1, ..., o0, o1):
         _copy(o0, x0)                     # carried values live in the loop's outputs
         for l in range(trips):
-            k0(o0, borrowed(W0, P[0, l]), borrowed(W1, P[1, l]), b0)   # iteration l's weights (below)
-            k1(b0, x1, x2[l], b1)         # a sliced operand: row l, a C-contiguous view
+            call_at(K[0], "<types>", o0, borrowed(W0, P[0, l]), borrowed(W1, P[1, l]), b0)   # (below)
+            call_at(K[1], "<types>", b0, x1, x2[l], b1)   # a sliced operand: row l, a C-contiguous view
             ...
             _copy(o1[l], b1)              # a per-iteration output, stacked
             _copy(o0, b3)                 # the next carried value
 
 The body's kernels are generated and cached like every kernel (`kernels.build`, one module per distinct
 body); the driver is its own module, keyed by its text. It calls the kernels through their compiled
-addresses: each `k*` argument is a first-class function (the C entry point of the kernel's compiled
-specialization, `CompileResultWAP`), so the driver's module neither types nor links nor optimizes the
-kernels again. Importing them instead would link every kernel's code into the driver's module, where
-LLVM optimizes and emits it a second time: the driver cost about as much to compile as its kernels.
+addresses: K holds the native entry point of each kernel's compiled specialization, and `call_at` calls
+it with the argument types written beside it, checked when the driver compiles (`call_at.py`; first-class
+function arguments cost ~0.1 ms per call to type and unbox in Python), so the driver's module neither types
+nor links nor optimizes the kernels again. Importing them instead would link every kernel's code into the
+driver's module, where LLVM optimizes and emits it a second time: the driver cost about as much to compile
+as its kernels.
 Intermediate buffers (`b*`) belong to the driver, allocated once. With symbolic sizes the driver takes
 each size variable as an argument (`s0`, used by the body's reshapes and slices; the kernels read their
 sizes from their arrays) and its buffers are planned for the upper bounds and passed as views at each
@@ -33,8 +35,8 @@ from dataclasses import dataclass, field
 
 import numba
 import numpy as np
-from numba.core.types.function_type import CompileResultWAP
 
+from fusec.backends.numba_cpu.call_at import entry_address, signature_text
 from fusec.backends.numba_cpu.codegen import KernelCode
 from fusec.backends.numba_cpu.compile_pool import array_type
 from fusec.backends.numba_cpu.kernels import FUNCTION
@@ -58,7 +60,8 @@ class Driver:
     modules: list            # the kernel modules it calls, then its own
     code: KernelCode          # readable name and source (no weights of its own: see `args`)
     weight_rows: tuple        # the loop's `weights`: per iteration, the names under iteration 0's
-    calls: list = field(default_factory=list)      # per body kernel: (module, argument specs), see `functions`
+    calls: list = field(default_factory=list)      # per body kernel: (module, argument specs), see `kernels`
+    texts: list = field(default_factory=list)      # per body kernel: its arguments' types, as in the source
     consts: list = field(default_factory=list)     # stored constant arrays, in argument order
     errors: list = field(default_factory=list)     # (error slot, kernel code) per kernel that checks gathers
     checks: list = field(default_factory=list)     # (bound, what) per index check, numbered from 1
@@ -68,7 +71,7 @@ class Driver:
     sizes: dict = field(default_factory=dict)
     chk: np.ndarray = None
     _storage: list = None
-    _functions: list = None
+    _kernels: np.ndarray = None  # the kernels' entry points (`kernels`)
     _table: tuple = None      # (the weight arrays, their address table), see `_addresses`
 
     def resize(self, sizes: dict) -> None:
@@ -84,7 +87,7 @@ class Driver:
 
     def args(self, weights: dict) -> list:
         """The arguments after the loop's operands and before its outputs, for these weight arrays."""
-        return self.functions(weights) + self._data(weights)
+        return [self.kernels(weights)] + self._data(weights)
 
     def _data(self, weights: dict) -> list:
         """The arguments after the kernels: iteration 0's weights, the address table of every iteration's,
@@ -116,16 +119,23 @@ class Driver:
 
     def signature(self, weights: dict, operands: list, outputs: list) -> tuple:
         """The driver's own Numba signature for these weights and the types of its operands and outputs,
-        without compiling anything: each kernel is a first-class function of its signature."""
-        kernels = [numba.types.FunctionType(numba.types.none(*sig)) for _, sig in self.signatures(weights)]
-        return tuple(operands + kernels + [numba.typeof(x) for x in self._data(weights)] + outputs)
+        without compiling anything: the kernels are addresses, an int64 array."""
+        kernels = numba.types.Array(numba.types.int64, 1, "C")
+        return tuple(operands + [kernels] + [numba.typeof(x) for x in self._data(weights)] + outputs)
 
-    def functions(self, weights: dict) -> list:
-        """The body's kernels as first-class functions, each compiled (or loaded from the cache) for the
-        argument types the driver passes: C-contiguous arrays of the values' types, the weights' own."""
-        if self._functions is None:
-            self._functions = [_compiled(module, sig) for module, sig in self.signatures(weights)]
-        return self._functions
+    def kernels(self, weights: dict) -> np.ndarray:
+        """int64 [kernels]: the entry point of each body kernel compiled (or loaded from the cache) for the
+        argument types the driver passes, C-contiguous arrays of the values' types and the weights' own,
+        which must be the types written in the driver's source (the calls are checked against those)."""
+        if self._kernels is None:
+            addresses = []
+            for (module, sig), text in zip(self.signatures(weights), self.texts):
+                if signature_text(sig) != text:
+                    raise FusecError(f"loop driver: a kernel would be called with ({signature_text(sig)}); "
+                                     f"the driver was generated for ({text})")
+                addresses.append(entry_address(_compiled(module, sig)))
+            self._kernels = np.array(addresses, np.int64)
+        return self._kernels
 
     def signatures(self, weights: dict) -> list:
         """[(kernel module, its Numba signature)] per body kernel, for these weight arrays."""
@@ -161,7 +171,9 @@ def build(graph: Graph, loop: int, header: str, load, sizes: dict | None = None)
                              "numba backend")
     d = Driver(None, None, [], None, rows, chk=np.zeros(2, np.int64), size_names=tuple(sorted(graph.sizes)))
     names: dict[int, str] = {}     # body id -> expression
-    params = ([f"x{k}" for k in range(len(n.args))] + [f"k{k}" for k in range(len(kernels))] +
+    weight_types = {p.attr("name"): p.type for i in kernels for p in body.nodes[i].attr("body").walk()
+                    if p.op == "param"}  # iteration 0's weights: the kernels' params
+    params = ([f"x{k}" for k in range(len(n.args))] + ["K"] +
               [f"W{j}" for j in range(len(rows[0]))] + ["P"])
     lines: list[str] = []
     for k in carried:
@@ -220,8 +232,11 @@ def build(graph: Graph, loop: int, header: str, load, sizes: dict | None = None)
                 args.append(name)
                 specs.append(("type", t))
             d.calls.append((built.modules[kernels.index(i)], specs))
+            d.texts.append(signature_text(_weight_type(weight_types[rows[0][spec]]) if kind == "weight" else
+                                          array_type(spec) if kind == "type" else numba.typeof(spec)
+                                          for kind, spec in specs))
             names[i] = names[(i, 0)]
-            body_lines.append(f"k{kernels.index(i)}({', '.join(args)})")
+            body_lines.append(f"call_at(K[{kernels.index(i)}], \"{d.texts[-1]}\", {', '.join(args)})")
             if code.gathers:
                 body_lines.append(f"if e{len(d.errors) - 1}[0]:")
                 body_lines.append("    return")
@@ -246,8 +261,16 @@ def build(graph: Graph, loop: int, header: str, load, sizes: dict | None = None)
     return d
 
 
-def _compiled(module, sig: tuple) -> CompileResultWAP:
-    """The module's kernel compiled (or loaded from Numba's cache) for `sig`, as a first-class function.
+def _weight_type(t):
+    """The Numba type of the array the runtime passes for a weight of IR type `t` (`runtime._weight`: C-contiguous
+    and writable; bfloat16 as its bits, uint16)."""
+    if t.dtype == "bf16":
+        return numba.types.Array(numba.types.uint16, len(t.shape), "C")
+    return array_type(t)
+
+
+def _compiled(module, sig: tuple):
+    """The module's kernel compiled (or loaded from Numba's cache) for `sig`: its specialization.
     Cached code that fails to load is discarded and compiled again, as on a kernel's first call."""
     fn = getattr(module, FUNCTION)
     try:
@@ -256,13 +279,14 @@ def _compiled(module, sig: tuple) -> CompileResultWAP:
         if not recover(module, FUNCTION, e):
             raise
         fn.compile(sig)
-    return CompileResultWAP(fn.overloads[sig])
+    return fn.overloads[sig]
 
 
 # Helpers of every driver. Copies are loops rather than `dst[...] = src`: NumPy's broadcasting assignment
 # brings its error path (a message formatted from the shapes), which alone took about half of a driver's
 # cold compile. Bounds and check numbers are passed as int64, so one specialization serves every check.
 INDICES_OK = '''from fusec.backends.numba_cpu.borrowed import borrowed
+from fusec.backends.numba_cpu.call_at import call_at
 
 
 @njit(cache=True, nogil=True)
