@@ -62,11 +62,14 @@ def decode_stepper(decode: Program, k_cache: Tensor, v_cache: Tensor) -> Callabl
         return torch_step
     token_in, pos_in = np.zeros((batch, 1), np.int64), np.zeros(1, np.int64)
     k_np, v_np = k_cache.numpy(), v_cache.numpy()
+    first = True  # the module's parameters are followed at the first step (one generation's steps share them)
 
     def array_step(token: Tensor, pos: int) -> Tensor:
+        nonlocal first
         token_in[:, 0] = token.numpy()
         pos_in[0] = pos
-        logits, k_new, v_new = decode.run_arrays([token_in, pos_in, k_np, v_np])
+        logits, k_new, v_new = decode.run_arrays([token_in, pos_in, k_np, v_np], follow=first)
+        first = False
         k_np[:, :, :, pos] = k_new[:, :, :, 0]
         v_np[:, :, :, pos] = v_new[:, :, :, 0]
         return torch.from_numpy(logits)

@@ -169,6 +169,24 @@ def test_no_recompilation_during_generation(gen):
     assert len(gen._decode) == 1  # one decode program for every position
 
 
+def test_a_parameter_replaced_between_generations_is_followed(model):
+    """The decode loop looks for replaced parameters once per generation (at its first step): a new
+    parameter set between two calls is what the second one runs on, as eager would."""
+    gen = compile_generator(model)
+    tokens = prompt(seed=4)
+    gen.generate(tokens, max_new_tokens=2)
+    layer = model.layers[1].feed_forward.w2
+    old = layer.weight
+    try:
+        with torch.no_grad():
+            layer.weight = torch.nn.Parameter(old * -2.0)
+        ids, logits = gen.generate(tokens, max_new_tokens=12, return_logits=True)
+        ref_ids, ref_logits = eager_generate(model, tokens, 12)
+        assert assert_same_greedy(ids, logits, ref_ids, ref_logits, PROMPT_LEN) >= 12
+    finally:
+        layer.weight = old
+
+
 def test_positions_past_max_seq_len_raise_before_running(gen):
     """Every token but the last new one goes through the model and into the cache: prompt + new tokens may
     be max_seq_len + 1 (the last token comes from the logits of position max_seq_len - 1), not more."""
