@@ -358,3 +358,54 @@ def test_a_driver_reaches_each_iterations_weight_by_its_address():
     strided = [a[:, ::2] for a in layers]
     addresses = np.array([a.ctypes.data for a in strided], np.int64)
     assert total(strided[0], addresses, 2) == strided[2].sum()
+
+
+def test_a_drivers_views_are_the_elements_they_name_and_check_the_range():
+    """`view` (a driver's reshapes and contiguous slices): elements [offset, offset + size) of a C array in
+    the given shape, sharing its data; a range past the array's end is a ValueError, not a read past it."""
+    from numba import njit
+
+    from fusec.backends.numba_cpu.borrowed import view
+
+    @njit
+    def part(a, offset, rows, cols):
+        v = view(a, offset, (rows, cols))
+        v[0, 0] = -1.0  # shares a's data
+        return v.copy()
+
+    a = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    expect = a.reshape(-1)[5:5 + 6].reshape(2, 3).copy()
+    expect[0, 0] = -1.0
+    np.testing.assert_array_equal(part(a, 5, 2, 3), expect)
+    assert a.reshape(-1)[5] == -1.0
+    np.testing.assert_array_equal(part(a, 0, 4, 6), a.reshape(4, 6))
+    with pytest.raises(ValueError, match="outside the array"):
+        part(a, 20, 2, 3)
+
+
+def test_a_driver_calls_each_kernel_with_the_argument_types_it_was_compiled_for():
+    """`call_at` (how a driver calls a kernel by its address): the call runs the compiled function, and a
+    call whose arguments differ from the signature written beside it does not compile."""
+    import numba
+    from numba import njit
+
+    from fusec.backends.numba_cpu.call_at import call_at, entry_address, signature_text
+
+    @njit
+    def kernel(a, out):
+        for i in range(a.size):
+            out[i] = 2 * a[i]
+
+    a, out = np.arange(5, dtype=np.float32), np.zeros(5, np.float32)
+    sig = (numba.typeof(a), numba.typeof(out))
+    kernel.compile(sig)
+    text = signature_text(sig)
+    assert text == "float32[1C], float32[1C]"
+    scope = {"njit": njit, "call_at": call_at}
+    exec(f"@njit\ndef run(K, a, out):\n    call_at(K[0], {text!r}, a, out)\n"
+         f"@njit\ndef strided(K, a, out):\n    call_at(K[0], {text!r}, a[::2], out)\n", scope)
+    K = np.array([entry_address(kernel.overloads[sig])], np.int64)
+    scope["run"](K, a, out)
+    np.testing.assert_array_equal(out, 2 * a)
+    with pytest.raises(numba.core.errors.TypingError, match="float32\\[1A\\]"):
+        scope["strided"](K, a, out)

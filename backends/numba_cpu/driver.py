@@ -189,14 +189,13 @@ def build(graph: Graph, loop: int, header: str, load, sizes: dict | None = None)
     body_lines: list[str] = []
     for i, m in enumerate(body.nodes):
         if m.op == "reshape":
-            body_lines.append(f"v{i} = {names[m.args[0]]}.reshape({_tuple(m.shape)})")
+            body_lines.append(f"v{i} = view({names[m.args[0]]}, 0, {_tuple(m.shape)})")
             names[i] = f"v{i}"
         elif m.op == "slice":
             if not is_contiguous_slice(m, body.nodes[m.args[0]].shape):
                 raise FusecError(f"the numba backend runs contiguous slices in loop bodies; %{i} of the body "
                                  f"of loop %{loop} is not one")
-            body_lines.append(f"v{i} = {names[m.args[0]]}.reshape(-1)[{_flat_slice(body, m)}]"
-                              f".reshape({_tuple(m.shape)})")
+            body_lines.append(f"v{i} = view({names[m.args[0]]}, {_flat_start(body, m)}, {_tuple(m.shape)})")
             names[i] = f"v{i}"
         elif m.op == "result":
             names[i] = names[(m.args[0], m.attr("index"))]
@@ -285,15 +284,15 @@ def _compiled(module, sig: tuple):
 # Helpers of every driver. Copies are loops rather than `dst[...] = src`: NumPy's broadcasting assignment
 # brings its error path (a message formatted from the shapes), which alone took about half of a driver's
 # cold compile. Bounds and check numbers are passed as int64, so one specialization serves every check.
-INDICES_OK = '''from fusec.backends.numba_cpu.borrowed import borrowed
+INDICES_OK = '''from fusec.backends.numba_cpu.borrowed import borrowed, view
 from fusec.backends.numba_cpu.call_at import call_at
 
 
 @njit(cache=True, nogil=True)
 def _copy(dst, src):
     """dst[...] = src for C-contiguous arrays of one size."""
-    d = dst.reshape(-1)
-    s = src.reshape(-1)
+    d = view(dst, 0, (dst.size,))
+    s = view(src, 0, (src.size,))
     for i in range(d.size):
         d[i] = s[i]
 
@@ -314,11 +313,11 @@ def _tuple(shape: tuple[int, ...]) -> str:
     return "(" + "".join(f"{d}, " for d in shape) + ")"
 
 
-def _flat_slice(body: Graph, m) -> str:
-    """The flat range of a contiguous slice (passes.hoist_slices.is_contiguous_slice) of a C array."""
+def _flat_start(body: Graph, m) -> str:
+    """The flat offset of a contiguous slice (passes.hoist_slices.is_contiguous_slice) of a C array."""
     shape = body.nodes[m.args[0]].shape
     axis, start = m.attr("axis"), m.attr("start")
     inner = 1
     for d in shape[axis + 1:]:
         inner *= d  # an int, or a Sym whose text is an expression of the size arguments
-    return f"{start * inner}:{start * inner + m.type.numel}"
+    return f"{start * inner}"
