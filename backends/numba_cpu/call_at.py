@@ -1,10 +1,10 @@
 """Call a compiled kernel by its address: how a loop driver calls the kernels of its body (`driver.py`).
 
 A driver used to take each kernel as a first-class function argument. Numba types such an argument in
-Python on every call (no fast path for it) and unboxes it through two more Python calls, which cost about
-0.1 ms per call of a decode step's driver (stories15M: 5 kernels, a step of ~1.5 ms). Now the driver
-takes one int64 array of the kernels' native entry points, and `call_at(address, signature, *args)` calls
-one with Numba's own calling convention: no wrapper, no Python, errors propagated as from any call.
+Python on every call (no fast path for it) and unboxes it through two more Python calls: 0.15-0.2 ms of
+CPU per call of stories15M's decode driver (5 kernels, a step of ~1.5 ms). Now the driver takes one int64
+array of the kernels' native entry points, and `call_at(address, signature, *args)` calls one with Numba's
+own calling convention: no wrapper, no Python, errors propagated as from any call.
 
 An address carries no type, so the call checks its arguments against the signature the kernel was compiled
 for, `signature` (a string literal in the driver's source, `signature_text` of the kernel's argument types):

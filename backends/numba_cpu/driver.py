@@ -15,7 +15,7 @@ The body's kernels are generated and cached like every kernel (`kernels.build`, 
 body); the driver is its own module, keyed by its text. It calls the kernels through their compiled
 addresses: K holds the native entry point of each kernel's compiled specialization, and `call_at` calls
 it with the argument types written beside it, checked when the driver compiles (`call_at.py`; first-class
-function arguments cost ~0.1 ms per call to type and unbox in Python), so the driver's module neither types
+function arguments cost ~0.15-0.2 ms per call to type and unbox in Python), so the driver's module neither types
 nor links nor optimizes the kernels again. Importing them instead would link every kernel's code into the
 driver's module, where LLVM optimizes and emits it a second time: the driver cost about as much to compile
 as its kernels.
