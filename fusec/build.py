@@ -146,18 +146,22 @@ def _build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options,
     start = time.perf_counter()
     dump = DebugDump.start(type(module).__name__ if isinstance(module, torch.nn.Module) else "module")
 
+    phase = Phases()
+
     def run_trace():
         if options.backend == "numba":  # traced: its kernels are likely cold, compiled by workers
             from fusec.backends.numba_cpu.compile_pool import prestart
             prestart()
-        traced = trace(module, args, kwargs, strict=options.strict, dynamic=dynamic)
+        with phase("trace"):
+            traced = trace(module, args, kwargs, strict=options.strict, dynamic=dynamic)
         if dump:
             dump.traced(traced.graph, getattr(traced.fx_graph, "code", ""))
         return traced
 
     def run_passes(traced):
-        return lower(traced.graph, fuse=options.fuse, callback=dump.stage if dump else None,
-                     weights=options.weights, loop=options.loop)
+        with phase("passes"):
+            return lower(traced.graph, fuse=options.fuse, callback=dump.stage if dump else None,
+                         weights=options.weights, loop=options.loop)
     if dump:  # every stage is written out: nothing comes from the trace cache
         traced = run_trace()
         graph, how = run_passes(traced), "uncached: FUSEC_DEBUG_DIR"
@@ -167,14 +171,17 @@ def _build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options,
                                              run_passes)
     stats = program_stats(graph)
     stats["trace_cache"] = how
+    stats["phase_seconds"] = phase.seconds
     if options.backend == "reference":
         from fusec.backends.reference import compile_graph
         return lambda: _finish(Specialization(traced, graph, compile_graph(graph), "", stats), module, dump, options)
     from fusec.backends.numba_cpu.runtime import Program
-    program = Program(graph, defer=True)
+    with phase("generate"):
+        program = Program(graph, defer=True)
 
     def finish() -> Specialization:
-        program.finish()
+        with phase("finish"):  # compiling what no worker took, waiting for the workers, planning the steps
+            program.finish()
         debug(3, f"--- generated code of {traced.module_name} ({len(program.steps)} kernels)\n{program.source}")
         stats["intermediate_bytes"] = program.intermediate_bytes
         stats["distinct_kernels"] = len(program.modules)  # kernels with equal bodies share one function
@@ -183,18 +190,43 @@ def _build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options,
         spec = Specialization(traced, graph, program.run, program.source, stats, program)
         # machine code that all loads from the cache ran in the process that compiled it (its checksums
         # are recorded after a run): nothing to run; else run the example once, JIT-compiling every kernel
-        stats["example_run"] = bool(dump) or not program.load_cached()
-        if stats["example_run"]:
-            steps = len(program.steps) + sum(len(v) for v in program.torch_steps.values())
-            progress = Progress(traced.module_name, steps)
-            leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
-            try:
-                program.run([_array(x) for x in leaves], observe=lambda *_: progress.step())
-            finally:
-                progress.close()
+        with phase("run"):
+            stats["example_run"] = bool(dump) or not program.load_cached()
+            if stats["example_run"]:
+                steps = len(program.steps) + sum(len(v) for v in program.torch_steps.values())
+                progress = Progress(traced.module_name, steps)
+                leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+                try:
+                    program.run([_array(x) for x in leaves], observe=lambda *_: progress.step())
+                finally:
+                    progress.close()
         stats["compile_seconds"] = time.perf_counter() - start
+        phase.report(traced.module_name, how)
         return _finish(spec, module, dump, options)
     return finish
+
+
+class Phases:
+    """Wall seconds of a build's phases (`stats["phase_seconds"]`: trace, passes, generate, finish, run),
+    and with FUSEC_DEBUG=1 a line with them and their CPU seconds in this thread (a compile worker's are
+    not counted: "finish" is what this process compiled plus its wait for them)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - wall
+            self.cpu[name] = self.cpu.get(name, 0.0) + time.thread_time() - cpu
+
+    def report(self, module_name: str, how: str) -> None:
+        parts = ", ".join(f"{k} {s:.2f} s ({self.cpu[k]:.2f} CPU)" for k, s in self.seconds.items())
+        debug(1, f"[fusec] built {module_name} (trace cache: {how}): {parts}")
 
 
 def _finish(spec: Specialization, module: Any, dump: Any, options: Options) -> Specialization:

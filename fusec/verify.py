@@ -13,6 +13,9 @@ weights; `weights[l]` names iteration l's, of the same shapes and dtypes.
 """
 from __future__ import annotations
 
+import math
+import weakref
+
 from fusec.errors import IRError
 from fusec.ir import Graph, Node, TensorType, output_types
 from fusec.opset import OPS, infer
@@ -29,8 +32,9 @@ def verify(graph: Graph) -> None:
         for a in n.args:
             if not 0 <= a < i:
                 raise IRError(f"{where}: operand %{a} is not an earlier node")
-        expected = infer(n.op, [graph.nodes[a].type for a in n.args], dict(n.attrs), n.type)
-        if expected != n.type:
+        operand_types = [graph.nodes[a].type for a in n.args]
+        if not _type_fits(n, operand_types):
+            expected = infer(n.op, operand_types, dict(n.attrs), n.type)
             raise IRError(f"{where}: type is {n.type} but its operands give {expected}")
         if n.op == "kernel":
             _verify_kernel(graph, i, n)
@@ -59,14 +63,61 @@ def verify(graph: Graph) -> None:
             raise IRError(f"output %{o} does not exist")
 
 
+# Bodies found valid, by identity. A graph is immutable and a pass keeps most kernel bodies as they were,
+# so the pipeline, verifying after every pass, checks each body once instead of once per pass (that was
+# a third of the passes' time). Weak: a body no longer used is forgotten, and its id cannot be mistaken
+# for a new graph's.
+_VALID_BODIES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+# Type checks that passed: (op, attributes, operand types, type) of a node. The passes verify after each
+# of them, a graph keeps most nodes, and a model's layers repeat the same nodes: each distinct node is
+# inferred once (type inference of symbolic shapes was most of what verifying took).
+_TYPES_FIT: set = set()
+_TYPES_FIT_LIMIT = 1 << 16  # entries kept before starting over (a bound on memory, not a tuning knob)
+
+
+def _type_fits(n: Node, operand_types: list[TensorType]) -> bool:
+    """Whether node `n`'s declared type is what its op gives for these operands; IRError as `infer` when
+    they do not fit the op at all."""
+    if n.op in ("kernel", "loop", "result", "extern"):  # typed by their builder: nothing to infer
+        return infer(n.op, operand_types, dict(n.attrs), n.type) == n.type
+    try:
+        key = (n.op, _exact(n.attrs), tuple(operand_types), n.type)
+        known = key in _TYPES_FIT
+    except TypeError:  # an attribute that cannot be hashed: checked every time
+        return infer(n.op, operand_types, dict(n.attrs), n.type) == n.type
+    if known:
+        return True
+    if infer(n.op, operand_types, dict(n.attrs), n.type) != n.type:
+        return False
+    if len(_TYPES_FIT) >= _TYPES_FIT_LIMIT:
+        _TYPES_FIT.clear()
+    _TYPES_FIT.add(key)
+    return True
+
+
+def _exact(value):
+    """`value` keyed so that only equal values of one type meet: 1, 1.0 and True compare equal in Python,
+    and so do 0.0 and -0.0."""
+    if isinstance(value, tuple):
+        return tuple(_exact(v) for v in value)
+    if isinstance(value, float):
+        return (float, value, math.copysign(1.0, value))
+    return (type(value), value)
+
+
 def verify_body(where: str, body) -> None:
     """The nested graph of a kernel or loop node (`where` names it) exists and is valid."""
     if not isinstance(body, Graph):
         raise IRError(f"{where}: has no body graph")
+    if _VALID_BODIES.get(id(body)) is body:
+        return
     try:
         verify(body)
     except IRError as e:
         raise IRError(f"{where}: body: {e}") from e
+    _VALID_BODIES[id(body)] = body
 
 
 def _verify_kernel(graph: Graph, i: int, n: Node) -> None:

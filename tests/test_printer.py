@@ -271,3 +271,27 @@ def test_verify_rejects_an_unknown_op_and_a_missing_output():
         verify(_with_node(g, 4, Node("frobnicate", bad.args, bad.attrs, bad.type)))
     with pytest.raises(IRError, match=r"output %99"):
         verify(Graph(g.nodes, (99,), g.tensors))
+
+
+def test_verify_checks_every_new_body_and_node_after_equal_valid_ones():
+    # verify remembers bodies and nodes it found valid (the pipeline verifies after every pass): a new,
+    # broken body or node is still checked, however many valid ones like it came before
+    good = kernel_graph()
+    verify(good)
+    verify(good)
+    k = good.nodes[2]
+    body = k.attr("body")
+    broken = Graph(tuple(Node(n.op, n.args, n.attrs, TensorType((2, 8), "f64")) if i == 2 else n
+                         for i, n in enumerate(body.nodes)), body.outputs, body.tensors)
+    attrs = tuple((name, broken if name == "body" else v) for name, v in k.attrs)
+    with pytest.raises(IRError, match=r"%2 = kernel pointwise: body: %2 = exp.*f64\[2,8\].*f32\[2,8\]"):
+        verify(_with_node(good, 2, Node(k.op, k.args, attrs, k.type)))
+    verify(good)
+
+
+def test_verify_tells_apart_attributes_python_finds_equal():
+    from fusec.verify import _exact
+    assert _exact((1, 2)) != _exact((True, 2))
+    assert _exact(1) != _exact(1.0)
+    assert _exact(0.0) != _exact(-0.0)
+    assert _exact((("shape", (2, 8)),)) == _exact((("shape", (2, 8)),))

@@ -66,6 +66,11 @@ def test_warm_compile_runs_no_export_and_gives_eager_results(cache_dir, monkeypa
     assert warm.stats["trace_cache"] == "hit"
     assert warm.traced.fx_graph is None and warm.traced.graph == first.traced.graph
     assert warm.graph == first.graph
+    # the time of each phase (FUSEC_DEBUG=1 prints them): a hit has no trace and no passes
+    assert {"trace", "passes"} <= set(first.stats["phase_seconds"])
+    assert not {"trace", "passes"} & set(warm.stats["phase_seconds"])
+    if backend == "numba":
+        assert {"generate", "finish", "run"} <= set(warm.stats["phase_seconds"])
     token, pos, k, v = example
     k.normal_(generator=torch.Generator().manual_seed(1))
     v.normal_(generator=torch.Generator().manual_seed(2))
