@@ -267,7 +267,8 @@ def widened(a):
     """A copy of the activations a[M, K] (float32, C-contiguous) with each whole chunk of 32 columns in the
     order `simd.float_dot` widens bf16 pairs to (`simd.WIDENED`); the other columns as they are (`rest`
     reads those). Once per call: permuting each chunk of activations in the loop cost two shuffles per
-    chunk and group of rows, a fifteenth of a bf16 group's vector work."""
+    chunk and group of rows, a seventeenth of a bf16 group's vector work (about 1% of a group's time
+    on one thread; the shuffles compete for the port that the widening uses)."""
     out = np.empty_like(a)
     chunk = 2 * LANES
     whole = a.shape[1] - a.shape[1] % chunk

@@ -84,7 +84,9 @@ def hsums(builder: ir.IRBuilder, vs: list[ir.Value]) -> list[ir.Value]:
     two vectors gathered into one (a transposed add, as ggml's) so that one add serves both: 8 rows take
     7 vector adds and 14 shuffles instead of 32 and 32 (and no insert per row). A part is (vector, rows,
     width): row r's lanes are r * width .. r * width + width - 1; a part left without a partner of as
-    many rows (a group that is not a power of two) halves alone."""
+    many rows (a group that is not a power of two) halves alone. Measured at stories15M's K = 288 (one
+    thread, weights in L2, the dot loops alone alternating with `hsum` per row, CPU time): bf16 groups
+    of 8 took 0.89-0.90x the time, fp32 0.97x, int8 groups of 16 0.97x."""
     parts = [(v, 1, LANES) for v in vs]
     width = LANES
     while width > 1:
