@@ -1,8 +1,9 @@
 """Matrix-vector GB/s of the fp32, bf16 and int8 weight kernels at decode shapes, beside the read bandwidth.
 
-    python benchmarks/bench_matvec.py [--threads 2] [--rounds 30] [--footprint 64] [--out bench_out]
+    python benchmarks/bench_matvec.py [--threads 2] [--rounds 30] [--footprint 64] [--only stories15M]
+        [--out bench_out]
 
-One activation row against each weight matrix of stories110M and TinyLlama-1.1B (the shapes a decode step
+One activation row against each weight matrix of stories15M, stories110M and TinyLlama-1.1B (the shapes a decode step
 streams; the 32000-row LM head too). The kernels run in turn, round after round, so that a neighbour's
 load hits all of them alike; reported: weight bytes read per second at the median and at the best round
 (the best is the kernel's own speed on a noisy machine). The machine's read bandwidth (a large sum, see
@@ -34,7 +35,8 @@ from fusec.passes.tile import MatmulShape, loop_tiles
 from fusec.passes.weights import quantize_int8
 
 SHAPES = {  # name: (rows N, columns K) of a weight matrix; c[1, N] = a[1, K] @ w^T
-    "stories110M qkvo": (768, 768), "stories110M w1/w3": (2048, 768), "stories110M w2": (768, 2048),
+    "stories15M qkvo": (288, 288), "stories15M w1/w3": (768, 288), "stories15M w2": (288, 768),
+    "stories15M head": (32000, 288), "stories110M qkvo": (768, 768), "stories110M w1/w3": (2048, 768), "stories110M w2": (768, 2048),
     "stories110M head": (32000, 768), "tinyllama q/o": (2048, 2048), "tinyllama w1/w3": (5632, 2048),
     "tinyllama w2": (2048, 5632), "tinyllama head": (32000, 2048),
 }
@@ -68,6 +70,8 @@ def run(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(0)
     rows = []
     for name, (n, k) in SHAPES.items():
+        if args.only and not any(word in name for word in args.only):
+            continue
         calls = kernels(n, k, rng, args.footprint * 1e6)
         times = {fmt: [] for fmt in calls}
         for call, _ in calls.values():
@@ -103,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=30, help="timed calls of each kernel per shape")
     parser.add_argument("--footprint", type=float, default=0.0,
                         help="MB of weight copies each kernel cycles through (0: one copy, cache-resident)")
+    parser.add_argument("--only", nargs="*", default=[], help="only the shapes whose name contains one of these")
     parser.add_argument("--out", default="bench_out", help="directory for bench_matvec.json")
     args = parser.parse_args(argv)
     report = run(args)

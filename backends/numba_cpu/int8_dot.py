@@ -18,7 +18,7 @@ from numba import config, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from fusec.backends.numba_cpu.simd import (F32, I8, I16, I32, V16F, V16I, Arrays, accumulators, fma_into, hsum,
+from fusec.backends.numba_cpu.simd import (F32, I8, I16, I32, V16F, V16I, Arrays, accumulators, fma_into, hsums,
                                            intp_args, at_byte, lanes, prefetch)
 
 BLOCK = 32  # int8 values per scale (`passes.weights.BLOCK`)
@@ -160,7 +160,7 @@ def _dot_rows(count: int):
             odd = builder.icmp_unsigned("!=", builder.urem(blocks, ir.Constant(intp, 2)), zero)
             with builder.if_then(odd):
                 step(pairs, 1)
-            sums = [hsum(builder, builder.load(a)) for a in accs]
+            sums = hsums(builder, [builder.load(a) for a in accs])
             return context.make_tuple(builder, signature.return_type, sums)
         return types.UniTuple(types.float32, count)(q, s, xq, xs, n0, m), codegen
     return dot

@@ -5,8 +5,8 @@ Decode streams every weight once per token, so these kernels must turn the halve
 
 - bf16: 32 weights (64 bytes) are one vector load; unpacking their 16-bit halves against zeros makes
   two vectors of float32 whose top halves are the weights' bits (`simd._widen`), summed by two FMAs into
-  the row's one accumulator; every 32 activations are permuted to the unpacks' order once for the group's
-  rows. Written in LLVM IR (`simd.float_dot`, which fp32 shares). History, measured side by side: the
+  the row's one accumulator; the activations are permuted to the unpacks' order once per call
+  (`matvec.widened`). Written in LLVM IR (`simd.float_dot`, which fp32 shares). History, measured side by side: the
   loop Numba vectorized itself split the activations into two new arrays per call and ended every row
   with a scalar remainder; an IR loop of shifts and masks into two accumulators a row took bf16's bytes
   per second from 0.9-1.2x fp32's to 1.5-1.6x at stories110M's shapes (one thread, one activation row,

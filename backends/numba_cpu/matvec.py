@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import numpy as np
 from numba import literally, njit, prange, types
+from numba.core import errors
 from numba.extending import overload
 
 from fusec.backends.numba_cpu.blas import _bits_as_f32, load_bf16, row_groups, wide_vectors
-from fusec.backends.numba_cpu.simd import LANES
+from fusec.backends.numba_cpu.simd import LANES, WIDENED
 
 FASTMATH = {"reassoc", "contract"}  # vectorized sums; NaN and inf keep their meaning
 _HI = np.uint32(0xFFFF0000)
@@ -258,6 +259,45 @@ def _plain(a, w, c, ws):
     return lambda a, w, c, ws: matvec_plain(a, w, c)
 
 
+_WIDENED = np.array(WIDENED, np.intp)
+
+
+@njit(inline="always")
+def widened(a):
+    """A copy of the activations a[M, K] (float32, C-contiguous) with each whole chunk of 32 columns in the
+    order `simd.float_dot` widens bf16 pairs to (`simd.WIDENED`); the other columns as they are (`rest`
+    reads those). Once per call: permuting each chunk of activations in the loop cost two shuffles per
+    chunk and group of rows, a seventeenth of a bf16 group's vector work (about 1% of a group's time
+    on one thread; the shuffles compete for the port that the widening uses)."""
+    out = np.empty_like(a)
+    chunk = 2 * LANES
+    whole = a.shape[1] - a.shape[1] % chunk
+    for m in range(a.shape[0]):
+        for j in range(0, whole, chunk):
+            for t in range(chunk):
+                out[m, j + t] = a[m, j + _WIDENED[t]]
+        for k in range(whole, a.shape[1]):
+            out[m, k] = a[m, k]
+    return out
+
+
+def activations(a, ws):
+    """The activations as the loop reads them with the weights `ws` (a tuple of one format): (a,), or for
+    bf16 bits (widened(a),). njit code only."""
+    raise NotImplementedError("matvec.activations runs inside njit code only")
+
+
+@overload(activations)
+def _activations(a, ws):
+    bf16 = {w.dtype == types.uint16 for w in ws}
+    if len(bf16) > 1:
+        raise errors.TypingError("matvec2/matvec3: the weights must be of one format, all float32 or all bf16 "
+                                 f"bits (uint16); got {', '.join(str(w.dtype) for w in ws)}")
+    if bf16 == {True}:
+        return lambda a, ws: (widened(a),)
+    return lambda a, ws: (a,)
+
+
 def operands(w):
     """A weight matrix as the loop reads it: (w,) for float32, the bf16 bits w[N, K] as pairs (uint32
     [N, K/2]: the even element in the low half, the odd one in the high half)."""
@@ -279,7 +319,7 @@ def _operands(w):
 def matvec(a, w, c, group):
     literally(group)
     if streams(a, w):
-        run1(group, (a,), operands(w), c)
+        run1(group, activations(a, (w,)), operands(w), c)
     else:
         plain(a, w, c, (w,))
 
@@ -288,7 +328,7 @@ def matvec(a, w, c, group):
 def matvec2(a, w0, w1, c0, c1, group):
     literally(group)
     if streams(a, w0) and streams(a, w1):
-        run2(group, (a,), operands(w0), operands(w1), c0, c1)
+        run2(group, activations(a, (w0, w1)), operands(w0), operands(w1), c0, c1)
     else:
         plain(a, w0, c0, (w0, w1))
         plain(a, w1, c1, (w0, w1))
@@ -298,7 +338,7 @@ def matvec2(a, w0, w1, c0, c1, group):
 def matvec3(a, w0, w1, w2, c0, c1, c2, group):
     literally(group)
     if streams(a, w0) and streams(a, w1) and streams(a, w2):
-        run3(group, (a,), operands(w0), operands(w1), operands(w2), c0, c1, c2)
+        run3(group, activations(a, (w0, w1, w2)), operands(w0), operands(w1), operands(w2), c0, c1, c2)
     else:
         plain(a, w0, c0, (w0, w1, w2))
         plain(a, w1, c1, (w0, w1, w2))

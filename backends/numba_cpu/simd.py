@@ -78,6 +78,33 @@ def hsum(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
     return builder.extract_element(v, ir.Constant(I32, 0))
 
 
+def hsums(builder: ir.IRBuilder, vs: list[ir.Value]) -> list[ir.Value]:
+    """The lane sums of several V16F at once, each by `hsum`'s tree (lane i plus lane i + width/2, width
+    halving) so that a row's sum has the same bits whichever rows share its group, but with the halves of
+    two vectors gathered into one (a transposed add, as ggml's) so that one add serves both: 8 rows take
+    7 vector adds and 14 shuffles instead of 32 and 32 (and no insert per row). A part is (vector, rows,
+    width): row r's lanes are r * width .. r * width + width - 1; a part left without a partner of as
+    many rows (a group that is not a power of two) halves alone. Measured at stories15M's K = 288 (one
+    thread, weights in L2, the dot loops alone alternating with `hsum` per row, CPU time): bf16 groups
+    of 8 took 0.89-0.90x the time, fp32 0.97x, int8 groups of 16 0.97x."""
+    parts = [(v, 1, LANES) for v in vs]
+    width = LANES
+    while width > 1:
+        half, joined = width // 2, []
+        while parts:
+            a, rows = parts[0][:2]
+            if len(parts) > 1 and parts[1][1] == rows:  # two parts of as many rows: one vector
+                b, pair, parts = parts[1][0], 2, parts[2:]
+            else:
+                b, pair, parts = a, 1, parts[1:]
+            low = [p * rows * width + r * width + i for p in range(pair) for r in range(rows) for i in range(half)]
+            mask = [ir.Constant(ir.VectorType(I32, len(low)), [i + d for i in low]) for d in (0, half)]
+            joined.append((builder.fadd(builder.shuffle_vector(a, b, mask[0]), builder.shuffle_vector(a, b, mask[1])),
+                           pair * rows, half))
+        parts, width = joined, half
+    return [builder.extract_element(v, ir.Constant(I32, r)) for v, rows, _ in parts for r in range(rows)]
+
+
 def at_byte(builder: ir.IRBuilder, base: ir.Value, offset: ir.Value, kind: ir.Type) -> ir.Value:
     """A pointer to a `kind` at byte `offset` from pointer `base` (a plain GEP: it may point past the array,
     as a prefetch's address does)."""
@@ -97,9 +124,11 @@ def prefetch(builder: ir.IRBuilder, ptr: ir.Value, into_l1: bool = True) -> None
 
 # bf16 pairs widened by interleaving their 16-bit halves with zeros (`vpunpcklwd` / `vpunpckhwd` on x86):
 # per 128-bit lane L of 32 weights, the low unpack holds weights 8L..8L+3 and the high one 8L+4..8L+7,
-# each the float32 whose top half is the weight's bits. The activations are permuted alike, once a chunk.
+# each the float32 whose top half is the weight's bits. The activations come in that order (`WIDENED`:
+# `matvec.widened` permutes each whole chunk of 32 once per call, not once per chunk and group of rows).
 _LOW = [8 * lane + t for lane in range(4) for t in range(4)]
 _HIGH = [i + 4 for i in _LOW]
+WIDENED = _LOW + _HIGH  # the activation read at position t of a chunk of 32: column WIDENED[t]
 
 
 def _widen(builder: ir.IRBuilder, bits: ir.Value, order: list[int]) -> ir.Value:
@@ -120,15 +149,16 @@ def float_dot(count: int, pairs: bool):
 
     fp32: one FMA per 16 weights. bf16: a chunk is 32 weights (64 bytes), widened by two unpacks against
     zeros (`_widen`: no shift, mask or constant vector) and summed by two FMAs into the row's accumulator;
-    the chunk's 32 activations are permuted to the unpacks' order once for all rows, and the next group's
-    rows are fetched into the L2 cache only (into L1 they ran 3-5% slower). The loop before widened with
-    a shift and a mask into two accumulators a row: more instructions per byte (a permutation constant
-    reloaded every chunk, a mask), and bf16 rows, half as long as fp32's, leave it fewer bytes per row to
-    spread each group's fixed work over. Measured side by side (bench_matvec's kernels, alternating calls,
-    weights cycled over 64 MB, stories110M's and TinyLlama's shapes, the median of each round's ratio):
-    bf16's bytes per second went from 0.83-0.96x fp32's to 0.89-1.03x on two threads, from 0.91-1.01x to
-    0.95-1.05x on one (K = 768 gained most; there a two-thread call is short enough that its fork and join
-    show)."""
+    the activations `a` come with each whole chunk of 32 in the unpacks' order (`WIDENED`, permuted once
+    per call by `matvec.widened`), and the next group's rows are fetched into the L2 cache only (into L1
+    they ran 3-5% slower). The rows' accumulators are reduced together (`hsums`). The loop before widened
+    with a shift and a mask into two accumulators a row: more instructions per byte (a permutation
+    constant reloaded every chunk, a mask), and bf16 rows, half as long as fp32's, leave it fewer bytes
+    per row to spread each group's fixed work over. Measured side by side (bench_matvec's kernels,
+    alternating calls, weights cycled over 64 MB, stories110M's and TinyLlama's shapes, the median of each
+    round's ratio): bf16's bytes per second went from 0.83-0.96x fp32's to 0.89-1.03x on two threads, from
+    0.91-1.01x to 0.95-1.05x on one (K = 768 gained most; there a two-thread call is short enough that its
+    fork and join show)."""
     from numba.extending import intrinsic
     elem, per = (types.uint32, 2) if pairs else (types.float32, 1)  # activations per weight element
 
@@ -148,8 +178,8 @@ def float_dot(count: int, pairs: bool):
             with cgutils.for_range(builder, chunks) as loop:
                 j = builder.mul(loop.index, ir.Constant(intp, LANES))
                 x = arrays.load(1, [mv, builder.mul(j, ir.Constant(intp, per))], ir.VectorType(F32, per * LANES))
-                if pairs:
-                    xs = [builder.shuffle_vector(x, x, ir.Constant(V16I, order)) for order in (_LOW, _HIGH)]
+                if pairs:  # already in the unpacks' order (`WIDENED`)
+                    xs = [lanes(builder, x, 0, LANES), lanes(builder, x, LANES, LANES)]
                 for r in range(count):
                     row = arrays.at(0, [builder.add(n0v, ir.Constant(intp, r)), j])
                     prefetch(builder, at_byte(builder, row, ahead, I8), into_l1=not pairs)  # row r, next group
@@ -159,7 +189,7 @@ def float_dot(count: int, pairs: bool):
                             fma_into(builder, accs[r], xk, _widen(builder, bits, order))
                     else:
                         fma_into(builder, accs[r], x, builder.load(builder.bitcast(row, V16F.as_pointer()), align=4))
-            sums = [hsum(builder, builder.load(acc)) for acc in accs]
+            sums = hsums(builder, [builder.load(acc) for acc in accs])
             return context.make_tuple(builder, signature.return_type, sums)
         return types.UniTuple(types.float32, count)(w, a, n0, m), codegen
     return dot
