@@ -67,8 +67,8 @@ def test_attention_loops_use_the_tiles_of_the_tiled_program(tiny_cache_cpu):
     attention = kernel_source(compiled.source, "attention")
     assert f"oacc = np.empty(({tiles['q']}, 16), np.float32)" in attention
     assert f"i0 = (c % 3) * {tiles['q']}" in attention  # ceil(80 / 32) query blocks per head
-    assert f"for j0 in range(0, klim, {tiles['kv']}):" in attention
-    assert f"sblk = np.empty(({tiles['q']}, {tiles['kv']}), np.float32)" in attention  # one score tile
+    # the key blocks of the attention library's flash loop (`attention_block`), one score tile each
+    assert re.search(rf"flash_block_gemm\(.*, {tiles['kv']}, oacc\[:i1 - i0\]\)", attention), attention
     torch.testing.assert_close(compiled(*args), module(*args), rtol=1e-5, atol=1e-5)
 
 
@@ -84,8 +84,8 @@ class DecodeAttention(torch.nn.Module):
 
 def test_masked_nonfinite_values_make_only_their_columns_nan_without_a_second_pass(tmp_path, monkeypatch):
     """A key past the position weighs 0, and 0 * inf is nan in eager: the columns where such a value is
-    not finite are nan, the others exact. The kernel finds them in its one pass over the masked values
-    (`vcol`) instead of reading the masked values again for every row."""
+    not finite are nan, the others exact. The attention library finds them in its one pass over the
+    masked values (`attention_block._masked_values`) instead of reading them again for every row."""
     monkeypatch.setenv("FUSEC_CACHE_DIR", str(tmp_path))
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 1, 16, generator=g), torch.randn(1, 2, 24, 16, generator=g),
@@ -94,7 +94,7 @@ def test_masked_nonfinite_values_make_only_their_columns_nan_without_a_second_pa
     module = DecodeAttention()
     compiled = fusec.compile(module, (q, k, v, pos))
     attention = kernel_source(compiled.source, "attention")
-    assert len(re.findall(r"for jm in range\(", attention)) == 1, attention  # the scan only
+    assert "flash_block_rows(" in attention and "for jm in range(" not in attention, attention
     v[0, 1, 15, 3], v[0, 1, 20, 7] = float("inf"), float("nan")  # masked keys (after 9) of head 1
     v[0, 0, 4, 5] = float("inf")  # a key head 0 sees: inf (or nan) in eager as well
     got, want = compiled(q, k, v, pos), module(q, k, v, pos)

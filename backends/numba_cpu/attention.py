@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fusec.backends.numba_cpu.attention_flash import emit_library_call, library_scale
 from fusec.backends.numba_cpu.attention_mask import key_limit
 from fusec.backends.numba_cpu.attention_gemm import block_max, online_softmax_gemm, rescale_row, start_rows
 from fusec.backends.numba_cpu.attention_rows import array_row, lane_dot, row_call
@@ -84,11 +85,14 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
             bound = key_limit(em, x_row, x_index(bidx + (i, "0"))) if x_row is not None else None
             return bound if bound is not None else str(tk)
 
-        if masked:
+        # the flash recurrence as one call of the attention library (`attention_flash.py`) when it
+        # computes this score expression; it returns the rows normalized
+        scale = library_scale(em, x_row, s_id, x_index(tuple("0" for _ in s_shape))) if softmax is not None else None
+        normalize = softmax is not None and scale is None
+        if masked and scale is None:  # (the library checks the masked values itself)
             _scan_masked_values(em, vv, bidx, tk, dv, limit)
-
         lanes = next((n for n in (16, 8) if depth % n == 0), 0) if isinstance(depth, int) else 0
-        if lanes and softmax is not None and not gemms:
+        if lanes and normalize and not gemms:
             w.line(f"slane = np.empty({lanes}, np.float32)")  # per parallel iteration, not per key
             w.define("slane")
 
@@ -116,7 +120,9 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
                 v = em.value(vv, _broadcast(bidx, g.nodes[vv].shape[:-2]) + (j, "e"))
                 w.line(f"oacc[r, e] += {p} * {v}")
 
-        if softmax is not None and gemms:
+        if scale is not None:
+            emit_library_call(em, anchors, scale, bidx, (q_block, kv_block), limit, gemms)
+        elif softmax is not None and gemms:
             online_softmax_gemm(em, s_id, (x_row, x_index, bidx), q_block, kv_block, depth, dv, limit,
                                 lambda i, d: em.value(qv, _broadcast(bidx, g.nodes[qv].shape[:-2]) + (i, d)),
                                 lambda j, d: em.value(kv, _broadcast(bidx, g.nodes[kv].shape[:-2]) + (d, j)),
@@ -131,18 +137,19 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
         with em.loop("for i in range(i0, i1)", ("i",)):
             w.line("r = i - i0")
             w.define("r")
-            w.line(f"lim = {limit('i')}")
+            if scale is None:
+                w.line(f"lim = {limit('i')}")
             if softmax is None:
                 with em.loop(f"for e0 in range({dv})", ("e0",)):
                     w.line("oacc[r, e0] = np.float32(0.0)")
                 _row_buffer(em, s_id, p_id, bidx, score, accumulate)
-            if masked:  # keys past the limit weigh 0, and 0 * inf or nan is nan (`_scan_masked_values`)
+            if masked and scale is None:  # keys past the limit weigh 0, and 0 * inf or nan is nan (`_scan_masked_values`)
                 with em.loop("if vlast >= lim", barrier=True):
                     with em.loop(f"for e3 in range({dv})", ("e3",)):
                         w.line("if vcol[e3] >= lim:")
                         w.line("    oacc[r, e3] = np.float32(np.nan)")
             with em.loop(f"for e2 in range({dv})", ("e2",)):
-                w.line(f"{store(bidx + ('i', 'e2'))} = oacc[r, e2]{' / lrow[r]' if softmax is not None else ''}")
+                w.line(f"{store(bidx + ('i', 'e2'))} = oacc[r, e2]{' / lrow[r]' if normalize else ''}")
     if o_id in em.overrides:
         emit_outputs(em, outs)
     return "attention-online" if softmax is not None else "attention-rowbuffer"
