@@ -5,8 +5,10 @@ grouped-query heads and concatenated past/new K/V are index arithmetic, never co
 When the row region is a softmax of a score expression X (X = scale/mask of S = q.K^T), the block runs
 flash style: keys stream in blocks of the `kv` tile, all the block's rows against one key block before
 the next; each row's running max and sum rescale its output row once per key block (online softmax), and
-nothing of size T x T exists anywhere. Any other row region (e.g. a guard for fully masked rows) runs row
-by row with a buffer of scores: reductions first, then P.V. Either way a constant mask that hides every
+nothing of size T x T exists anywhere. When the attention library computes the score expression
+(`attention_flash.library_scale`: the scores scaled by a constant under a key-limit mask), that recurrence
+is one call of `attention_block.py` per block, not generated here. Any other row region (e.g. a guard
+for fully masked rows) runs row by row with a buffer of scores: reductions first, then P.V. Either way a constant mask that hides every
 key after a row-dependent limit (causal) bounds the key loop, so masked keys cost nothing. With MKL and
 enough query rows (prefill), the flash blocks' two products are GEMMs (`attention_gemm.py`); else (decode)
 Q.K and P.V are vector operations on rows of the operand arrays where the rows are plain arrays
@@ -86,13 +88,13 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
             return bound if bound is not None else str(tk)
 
         # the flash recurrence as one call of the attention library (`attention_flash.py`) when it
-        # computes this score expression; it returns the rows normalized
+        # computes this score expression: it returns the rows normalized, its masked values checked
         scale = library_scale(em, x_row, s_id, x_index(tuple("0" for _ in s_shape))) if softmax is not None else None
-        normalize = softmax is not None and scale is None
-        if masked and scale is None:  # (the library checks the masked values itself)
+        generated_flash, scan = softmax is not None and scale is None, masked and scale is None
+        if scan:
             _scan_masked_values(em, vv, bidx, tk, dv, limit)
         lanes = next((n for n in (16, 8) if depth % n == 0), 0) if isinstance(depth, int) else 0
-        if lanes and normalize and not gemms:
+        if lanes and generated_flash and not gemms:
             w.line(f"slane = np.empty({lanes}, np.float32)")  # per parallel iteration, not per key
             w.define("slane")
 
@@ -143,15 +145,17 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
                 with em.loop(f"for e0 in range({dv})", ("e0",)):
                     w.line("oacc[r, e0] = np.float32(0.0)")
                 _row_buffer(em, s_id, p_id, bidx, score, accumulate)
-            if masked and scale is None:  # keys past the limit weigh 0, and 0 * inf or nan is nan (`_scan_masked_values`)
+            if scan:  # keys past the limit weigh 0, and 0 * inf or nan is nan (`_scan_masked_values`)
                 with em.loop("if vlast >= lim", barrier=True):
                     with em.loop(f"for e3 in range({dv})", ("e3",)):
                         w.line("if vcol[e3] >= lim:")
                         w.line("    oacc[r, e3] = np.float32(np.nan)")
             with em.loop(f"for e2 in range({dv})", ("e2",)):
-                w.line(f"{store(bidx + ('i', 'e2'))} = oacc[r, e2]{' / lrow[r]' if normalize else ''}")
+                w.line(f"{store(bidx + ('i', 'e2'))} = oacc[r, e2]{' / lrow[r]' if generated_flash else ''}")
     if o_id in em.overrides:
         emit_outputs(em, outs)
+    if scale is not None:
+        return "attention-library"
     return "attention-online" if softmax is not None else "attention-rowbuffer"
 
 
