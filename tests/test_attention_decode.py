@@ -166,12 +166,14 @@ def test_row_finite_finds_inf_and_nan_in_any_lane_and_takes_extreme_finite_value
 
 
 def test_masked_value_rows_are_checked_a_row_at_a_time_and_match_eager_nans(tmp_path, monkeypatch):
-    """The decode step's value rows after the position (0 * inf is nan in eager), checked by the library
-    (`attention_block._masked_values`: one vector check per row, the columns read only for a row that
-    holds an inf or nan) over every key's value row, packed by the kernel from the new row or the cache's."""
+    """The decode step's scan of the value rows after the position (0 * inf is nan in eager), in the kernel
+    (the library gets only the packed rows of the keys the row sees): one vector check per row
+    (`row_finite`; the columns are read only for a row that holds an inf or nan), the rows chosen per key
+    from the new row or the cache's like the packed ones."""
     compiled, step, (token, pos, k_cache, v_cache) = _compiled_decode_step(tmp_path, monkeypatch)
     attention = _attention_source(compiled)
-    assert "vbuf[:32 - 0]" in attention and "for jm in range(" not in attention, attention
+    assert "vbuf[:klim - 0]" in attention, attention
+    assert re.search(r"if \(row_finite\(.*\) if .* else row_finite\(.*\)\):\n\s*continue", attention), attention
     v_cache[0, 0, 0, 20, 5], v_cache[0, 0, 0, 31, 60] = float("inf"), float("nan")  # masked: after 9
     with torch.no_grad():
         got, want = compiled(token, pos, k_cache, v_cache), step(token, pos, k_cache, v_cache)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fusec.backends.numba_cpu.attention_flash import emit_library_call, library_scale
+from fusec.backends.numba_cpu.attention_flash import emit_library_call, library_scale, values_in_place
 from fusec.backends.numba_cpu.attention_mask import key_limit
 from fusec.backends.numba_cpu.attention_gemm import block_max, online_softmax_gemm, rescale_row, start_rows
 from fusec.backends.numba_cpu.attention_rows import array_row, lane_dot, row_call
@@ -90,7 +90,8 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
         # the flash recurrence as one call of the attention library (`attention_flash.py`) when it
         # computes this score expression: it returns the rows normalized, its masked values checked
         scale = library_scale(em, x_row, s_id, x_index(tuple("0" for _ in s_shape))) if softmax is not None else None
-        generated_flash, scan = softmax is not None and scale is None, masked and scale is None
+        generated_flash = softmax is not None and scale is None
+        scan = masked and (scale is None or not values_in_place(em, vv, bidx))
         if scan:
             _scan_masked_values(em, vv, bidx, tk, dv, limit)
         lanes = next((n for n in (16, 8) if depth % n == 0), 0) if isinstance(depth, int) else 0
@@ -139,7 +140,7 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
         with em.loop("for i in range(i0, i1)", ("i",)):
             w.line("r = i - i0")
             w.define("r")
-            if scale is None:
+            if scan or scale is None:
                 w.line(f"lim = {limit('i')}")
             if softmax is None:
                 with em.loop(f"for e0 in range({dv})", ("e0",)):

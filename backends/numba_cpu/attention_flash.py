@@ -5,7 +5,8 @@ Per (batch, head, query block) the kernel computes each row's key limit (the cau
 mask) into `lims`, hands the library the block's query rows and the keys' and values' rows, read in place
 where they lie in one array row after row (`attention_gemm._in_place`) and else packed through their
 views (grouped-query heads, past and new keys chosen per key), and the score's scale; the library writes
-the block's output rows into `oacc`, which the kernel then stores through the output's views.
+the block's output rows into `oacc`, which the kernel then stores through the output's views. Packed
+values are only the seen keys': the kernel then checks the masked ones itself (`attention.py`).
 
 Only a score expression the library computes takes this path: X = S / c, S * c (c a scalar constant) or S,
 possibly under a mask that hides exactly the keys past each row's limit (a constant causal mask, or a
@@ -83,10 +84,19 @@ def emit_library_call(em: Emitter, anchors: tuple[int, int], scale: tuple[str, b
               lambda r: array_row(em, qv, lead(qv) + (r, ":")), lambda r, d: em.value(qv, lead(qv) + (r, d)))
     k = _rows(em, kv, "kbuf", (upper(tk), depth), ("0", "klim"),
               lambda j: array_row(em, kv, lead(kv) + (":", j)), lambda j, d: em.value(kv, lead(kv) + (d, j)))
-    v = _rows(em, vv, "vbuf", (upper(tk), dv), ("0", str(tk)),  # every key's: `_masked_values`
+    # in place, every key's value row (the library checks the masked ones, `_masked_values`); packed, only
+    # those of the keys a row sees (the kernel checks the others: a decode step's cache is mostly masked)
+    span = ("0", str(tk)) if values_in_place(em, vv, bidx) else ("0", "klim")
+    v = _rows(em, vv, "vbuf", (upper(tk), dv), span,
               lambda j: array_row(em, vv, lead(vv) + (j, ":")), lambda j, e: em.value(vv, lead(vv) + (j, e)))
     fn = "flash_block_gemm" if gemms else "flash_block_rows"
     w.line(f"{fn}({q}, {k}, {v}, lims[:i1 - i0], {scale[0]}, {scale[1]}, {kv_block}, oacc[:i1 - i0])")
+
+
+def values_in_place(em: Emitter, vv: int, bidx) -> bool:
+    """Whether the value rows lie in one array key after key (the library reads them in place)."""
+    lead = _broadcast(bidx, em.g.nodes[vv].shape[:-2])
+    return _views_of_an_array(em, vv) and bool(_in_place(lambda j: array_row(em, vv, lead + (j, ":"))))
 
 
 def _rows(em: Emitter, node: int, buf: str, shape: tuple, span: tuple[str, str], row_of, at) -> str:
