@@ -1,8 +1,7 @@
-"""The decode attention's two products with explicit vectors (`rowops`, `simd.row_intrinsics`), in the
-attention library (`attention_block.flash_rows`, called by the generated kernel): Q.K as a 16-lane dot of
-the query and key rows, P.V as a vector update of the output row; heads whose rows are not whole 16-lane
-chunks take plain loops. Keys chosen per key (past and new, the cache's or the new row) are packed by the
-kernel through their views. The same answers as eager either way."""
+"""The decode attention loops' two products with explicit vectors (`rowops`, `simd.row_intrinsics`):
+Q.K as a 16-lane dot of the query and key rows, P.V as a vector update of the output row, both straight
+from the operand arrays; heads whose rows are not whole 16-lane chunks sum Q.K in lane partial sums in
+the generated source. The same answers as eager either way."""
 from __future__ import annotations
 
 import re
@@ -15,6 +14,7 @@ import torch
 import fusec
 from fusec.backends.numba_cpu.int8_dot import _target_features
 from fusec.backends.numba_cpu.rowops import row_axpy, row_dot, row_finite
+from fusec.backends.numba_cpu.generated import HEADER
 from fusec.models.causal_lm import DecodeStep, decode_example, random_model
 from fusec.models.llama import LlamaConfig
 
@@ -50,25 +50,26 @@ def test_decode_products_are_vector_row_operations_and_match_eager(tmp_path, mon
     module, args = DecodeAttention(rep), _inputs(4, 4 // rep, 40, 64, 29)
     compiled = fusec.compile(module, args)
     attention = _attention_source(compiled)
-    assert "flash_block_rows(" in attention and "kbuf" not in attention, attention  # K and V read in place
+    assert "s = row_dot(a0, (" in attention and "row_axpy(oacc, (r,), " in attention, attention
     torch.testing.assert_close(compiled(*args), module(*args), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif("fma" not in _target_features(), reason="needs a CPU with FMA instructions")
-def test_row_operations_machine_code_has_more_packed_than_scalar_fmas():
-    """The library's products without GEMMs (decode) in packed FMAs: Q.K as one scalar chain and P.V
-    unrolled into scalar FMAs were 8 packed against 34 scalar FMAs in a decode kernel."""
-    @numba.njit(fastmath={"contract"}, error_model="numpy")
-    def dot_and_update(q, k, o, p):
-        s = row_dot(q, (0,), k, (1,))
-        row_axpy(o, (0,), k, (2,), p)
-        return s
-
-    g = np.random.default_rng(0)
-    q, k, o = g.standard_normal((1, 64), dtype=np.float32), g.standard_normal((3, 64), dtype=np.float32), np.zeros((1, 64), np.float32)
-    np.testing.assert_allclose(dot_and_update(q, k, o, np.float32(0.5)), q[0] @ k[1], rtol=1e-5)
-    np.testing.assert_allclose(o[0], 0.5 * k[2], rtol=1e-6)
-    asm = dot_and_update.inspect_asm(dot_and_update.signatures[0])
+def test_decode_attention_machine_code_has_more_packed_than_scalar_fmas(tmp_path, monkeypatch):
+    """Before: 8 packed FMAs (the exp's) against 34 scalar ones, Q.K one scalar chain and P.V unrolled
+    into scalar FMAs; now the rows' products are packed. Compiled afresh from the generated text (machine
+    code loaded from the cache cannot be inspected)."""
+    monkeypatch.setenv("FUSEC_CACHE_DIR", str(tmp_path))
+    module, args = DecodeAttention(), _inputs(2, 2, 24, 64, 20)
+    compiled = fusec.compile(module, args)
+    namespace: dict = {}
+    exec(HEADER + _attention_source(compiled).replace("cache=True", "cache=False"), namespace)
+    kernel = namespace["k0"]
+    q, k, v, pos = (x.numpy() for x in args)
+    out = np.empty((1, 2, 1, 64), np.float32)
+    kernel(q, k, pos, v, np.arange(24).reshape(1, 24), out)
+    np.testing.assert_allclose(out, module(*args).numpy(), rtol=1e-5, atol=1e-5)
+    asm = kernel.inspect_asm(kernel.signatures[0])
     packed = re.findall(r"^\s*vfn?m(?:add|sub)\w*ps\s", asm, re.M)
     scalar = re.findall(r"^\s*vfn?m(?:add|sub)\w*ss\s", asm, re.M)
     assert len(packed) > len(scalar), (len(packed), len(scalar))
@@ -79,7 +80,7 @@ def test_heads_not_a_multiple_of_16_sum_in_lanes_and_match_eager(tmp_path, monke
     module, args = DecodeAttention(), _inputs(2, 2, 30, 24, 17)
     compiled = fusec.compile(module, args)
     attention = _attention_source(compiled)
-    assert "flash_block_rows(" in attention, attention  # (the library's plain loops: `_dot`, `_axpy`)
+    assert "row_dot" not in attention and "slane[l] += " in attention, attention
     torch.testing.assert_close(compiled(*args), module(*args), rtol=1e-5, atol=1e-5)
 
 
@@ -113,11 +114,8 @@ class PastAndNew(torch.nn.Module):
 
 
 def _chooses_rows_per_key(attention: str) -> None:
-    """K and V packed for the library, each key's row chosen (`where` or a concat) as it is copied."""
-    assert "flash_block_rows(qbuf[:i1 - i0], kbuf[:klim - 0], vbuf[:" in attention, attention
-    for buf in ("kbuf", "vbuf"):
-        packing = attention.split(f"{buf} = np.empty(", 1)[1].split("\n        vbuf = np.empty(", 1)[0]
-        assert f"{buf}[x - 0, d] = " in packing and "else" in packing, attention
+    assert re.search(r"s = \(row_dot\(.*\) if .* else row_dot\(", attention), attention
+    assert re.search(r"\(row_axpy\(.*\) if .* else row_axpy\(", attention), attention
 
 
 def test_past_and_new_rows_are_chosen_per_key_and_match_eager(tmp_path, monkeypatch):
@@ -166,14 +164,12 @@ def test_row_finite_finds_inf_and_nan_in_any_lane_and_takes_extreme_finite_value
 
 
 def test_masked_value_rows_are_checked_a_row_at_a_time_and_match_eager_nans(tmp_path, monkeypatch):
-    """The decode step's scan of the value rows after the position (0 * inf is nan in eager), in the kernel
-    (the library gets only the packed rows of the keys the row sees): one vector check per row
-    (`row_finite`; the columns are read only for a row that holds an inf or nan), the rows chosen per key
-    from the new row or the cache's like the packed ones."""
+    """The decode step's scan of the value rows after the position (0 * inf is nan in eager): one vector
+    check per row (`row_finite`; the columns are read only for a row that holds an inf or nan), the rows
+    chosen per key from the new row or the cache's like the products."""
     compiled, step, (token, pos, k_cache, v_cache) = _compiled_decode_step(tmp_path, monkeypatch)
-    attention = _attention_source(compiled)
-    assert "vbuf[:klim - 0]" in attention, attention
-    assert re.search(r"if \(row_finite\(.*\) if .* else row_finite\(.*\)\):\n\s*continue", attention), attention
+    assert re.search(r"if \(row_finite\(.*\) if .* else row_finite\(.*\)\):\n\s*continue",
+                     _attention_source(compiled)), _attention_source(compiled)
     v_cache[0, 0, 0, 20, 5], v_cache[0, 0, 0, 31, 60] = float("inf"), float("nan")  # masked: after 9
     with torch.no_grad():
         got, want = compiled(token, pos, k_cache, v_cache), step(token, pos, k_cache, v_cache)

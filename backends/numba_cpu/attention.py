@@ -88,8 +88,11 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
             return bound if bound is not None else str(tk)
 
         # the flash recurrence as one call of the attention library (`attention_flash.py`) when it
-        # computes this score expression: it returns the rows normalized, its masked values checked
-        scale = library_scale(em, x_row, s_id, x_index(tuple("0" for _ in s_shape))) if softmax is not None else None
+        # computes this score expression: it returns the rows normalized, its masked values checked. Not
+        # for one query row (decode): packing its keys chosen per key (past or new) for the library made
+        # a stories15M decode step 5-20% slower (and the step's serial kernel has no parfor cost to save)
+        library = softmax is not None and upper(tq) > 1
+        scale = library_scale(em, x_row, s_id, x_index(tuple("0" for _ in s_shape))) if library else None
         generated_flash = softmax is not None and scale is None
         scan = masked and (scale is None or not values_in_place(em, vv, bidx))
         if scan:
