@@ -45,9 +45,10 @@ def block_and_program(tmp_path_factory):
 def test_prefill_attention_products_are_gemms_and_match_eager(block_and_program):
     block, x, program = block_and_program
     attention = kernel_source(program.source, "attention")
-    assert attention.count("gemm_tile_mkl(") == 2, attention  # S = Q.K^T and P.V, per block
+    assert "flash_block_gemm(" in attention, attention  # S = Q.K^T and P.V per block, in the library
     assert "for c in prange(" in attention
-    assert "sblk = np.empty((16, 32), np.float32)" in attention  # the tiles: neither divides 40 tokens
+    # the tiles: neither divides 40 tokens
+    assert "oacc = np.empty((16, 16), np.float32)" in attention and ", 32, oacc[:i1 - i0])" in attention
     with torch.no_grad():
         torch.testing.assert_close(program(x, 0), block(x, 0), rtol=1e-5, atol=1e-5)
 
@@ -66,15 +67,14 @@ def test_nonfinite_token_makes_the_same_rows_nan_as_eager(block_and_program, val
     torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5)
 
 
-def test_causal_mask_is_not_read_and_row_reductions_run_in_lanes(block_and_program):
+def test_causal_mask_is_not_read(block_and_program):
     """The key loop stops at the causal limit, so the constant mask is False wherever it runs: it is not
-    read there (a load and a select per score that kept the loop from vectorizing). A row's max and sum
-    run in 16 lanes; rows of 1..40 keys against key blocks of 32 exercise every tail length."""
+    read (the library takes each row's limit). A row's max and sum run in 16 lanes there; rows of 1..40
+    keys against key blocks of 32 exercise every tail length."""
     block, x, program = block_and_program
     attention = kernel_source(program.source, "attention")
     assert not re.search(r"\bc\d+\[", attention), attention  # the mask constant is an argument, never read
-    assert "lane[u] = max(lane[u], sblk[r, jb - j0 + u])" in attention
-    assert "lane[u] = lane[u] + sblk[r, jb - j0 + u]" in attention
+    assert "lims[i - i0] = min(40, (i) + 1)" in attention, attention
     with torch.no_grad():
         torch.testing.assert_close(program(x, 0), block(x, 0), rtol=1e-5, atol=1e-5)
 
@@ -85,8 +85,8 @@ def test_grouped_query_keys_and_values_are_read_in_place(block_and_program):
     block, x, program = block_and_program
     attention = kernel_source(program.source, "attention")
     assert "kbuf" not in attention and "vbuf" not in attention, attention
-    assert re.search(r"kblk = a\d+\[0, .*, j0:j0 \+ jn\]", attention), attention
-    assert re.search(r"vblk = a\d+\[0, .*, j0:j0 \+ jn\]", attention), attention
+    assert re.search(r"flash_block_gemm\(a\d+\[.*, i0:i1\], a\d+\[0, .*, 0:klim\], a\d+\[0, .*, 0:40\]",
+                     attention), attention
     with torch.no_grad():
         torch.testing.assert_close(program(x, 0), block(x, 0), rtol=1e-5, atol=1e-5)
 
@@ -119,8 +119,8 @@ def test_keys_that_are_not_rows_of_one_array_are_packed(monkeypatch, tmp_path, v
     module = TokenMajorAttention(t, v_token_major).eval()
     program = fusec.compile(module, (q, k, v))
     attention = kernel_source(program.source, "attention")
-    assert "gemm_tile_mkl(" in attention and "kblk = kbuf[:jn]" in attention, attention
-    assert ("vblk = vbuf[:jn]" in attention) == v_token_major, attention
+    assert "flash_block_gemm(" in attention and "kbuf[:klim - 0]" in attention, attention
+    assert ("vbuf[:klim - 0]" in attention) == v_token_major, attention
     with torch.no_grad():
         torch.testing.assert_close(program(q, k, v), module(q, k, v), rtol=1e-5, atol=1e-5)
 
@@ -139,8 +139,9 @@ class MaskedAttention(torch.nn.Module):
 
 @pytest.mark.parametrize("window", [None, 5])
 def test_a_mask_that_is_not_causal_is_still_read(monkeypatch, tmp_path, window):
-    """Causal: the mask is not read in the key loop. A sliding window (keys more than `window` back are
-    masked too) is no causal limit: the key loop runs over every key and reads the mask at each."""
+    """Causal: the mask is not read, the attention library takes each row's limit. A sliding window (keys
+    more than `window` back are masked too) is no causal limit: the generated key loop runs over every
+    key and reads the mask at each."""
     monkeypatch.setenv("FUSEC_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("FUSEC_BLAS", raising=False)
     t = 37
@@ -151,7 +152,8 @@ def test_a_mask_that_is_not_causal_is_still_read(monkeypatch, tmp_path, window):
     module = MaskedAttention(mask).eval()
     program = fusec.compile(module, (q, k, v))
     attention = kernel_source(program.source, "attention")
-    assert "gemm_tile_mkl(" in attention
+    assert ("flash_block_gemm(" in attention) == (window is None), attention
+    assert ("gemm_tile_mkl(" in attention) == (window is not None), attention
     assert bool(re.search(r"\bc\d+\[", attention)) == (window is not None), attention
     with torch.no_grad():
         torch.testing.assert_close(program(q, k, v), module(q, k, v), rtol=1e-5, atol=1e-5)

@@ -5,8 +5,10 @@ grouped-query heads and concatenated past/new K/V are index arithmetic, never co
 When the row region is a softmax of a score expression X (X = scale/mask of S = q.K^T), the block runs
 flash style: keys stream in blocks of the `kv` tile, all the block's rows against one key block before
 the next; each row's running max and sum rescale its output row once per key block (online softmax), and
-nothing of size T x T exists anywhere. Any other row region (e.g. a guard for fully masked rows) runs row
-by row with a buffer of scores: reductions first, then P.V. Either way a constant mask that hides every
+nothing of size T x T exists anywhere. When the attention library computes the score expression
+(`attention_flash.library_scale`: the scores scaled by a constant under a key-limit mask), that recurrence
+is one call of `attention_block.py` per block, not generated here. Any other row region (e.g. a guard
+for fully masked rows) runs row by row with a buffer of scores: reductions first, then P.V. Either way a constant mask that hides every
 key after a row-dependent limit (causal) bounds the key loop, so masked keys cost nothing. With MKL and
 enough query rows (prefill), the flash blocks' two products are GEMMs (`attention_gemm.py`); else (decode)
 Q.K and P.V are vector operations on rows of the operand arrays where the rows are plain arrays
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fusec.backends.numba_cpu.attention_flash import emit_library_call, library_scale, values_in_place
 from fusec.backends.numba_cpu.attention_mask import key_limit
 from fusec.backends.numba_cpu.attention_gemm import block_max, online_softmax_gemm, rescale_row, start_rows
 from fusec.backends.numba_cpu.attention_rows import array_row, lane_dot, row_call
@@ -84,11 +87,18 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
             bound = key_limit(em, x_row, x_index(bidx + (i, "0"))) if x_row is not None else None
             return bound if bound is not None else str(tk)
 
-        if masked:
+        # the flash recurrence as one call of the attention library (`attention_flash.py`) when it
+        # computes this score expression: it returns the rows normalized, its masked values checked. Not
+        # for one query row (decode): packing its keys chosen per key (past or new) for the library made
+        # a stories15M decode step 5-20% slower (and the step's serial kernel has no parfor cost to save)
+        library = softmax is not None and upper(tq) > 1
+        scale = library_scale(em, x_row, s_id, x_index(tuple("0" for _ in s_shape))) if library else None
+        generated_flash = softmax is not None and scale is None
+        scan = masked and (scale is None or not values_in_place(em, vv, bidx))
+        if scan:
             _scan_masked_values(em, vv, bidx, tk, dv, limit)
-
         lanes = next((n for n in (16, 8) if depth % n == 0), 0) if isinstance(depth, int) else 0
-        if lanes and softmax is not None and not gemms:
+        if lanes and generated_flash and not gemms:
             w.line(f"slane = np.empty({lanes}, np.float32)")  # per parallel iteration, not per key
             w.define("slane")
 
@@ -116,7 +126,9 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
                 v = em.value(vv, _broadcast(bidx, g.nodes[vv].shape[:-2]) + (j, "e"))
                 w.line(f"oacc[r, e] += {p} * {v}")
 
-        if softmax is not None and gemms:
+        if scale is not None:
+            emit_library_call(em, anchors, scale, bidx, (q_block, kv_block), limit, gemms)
+        elif softmax is not None and gemms:
             online_softmax_gemm(em, s_id, (x_row, x_index, bidx), q_block, kv_block, depth, dv, limit,
                                 lambda i, d: em.value(qv, _broadcast(bidx, g.nodes[qv].shape[:-2]) + (i, d)),
                                 lambda j, d: em.value(kv, _broadcast(bidx, g.nodes[kv].shape[:-2]) + (d, j)),
@@ -131,20 +143,23 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
         with em.loop("for i in range(i0, i1)", ("i",)):
             w.line("r = i - i0")
             w.define("r")
-            w.line(f"lim = {limit('i')}")
+            if scan or scale is None:
+                w.line(f"lim = {limit('i')}")
             if softmax is None:
                 with em.loop(f"for e0 in range({dv})", ("e0",)):
                     w.line("oacc[r, e0] = np.float32(0.0)")
                 _row_buffer(em, s_id, p_id, bidx, score, accumulate)
-            if masked:  # keys past the limit weigh 0, and 0 * inf or nan is nan (`_scan_masked_values`)
+            if scan:  # keys past the limit weigh 0, and 0 * inf or nan is nan (`_scan_masked_values`)
                 with em.loop("if vlast >= lim", barrier=True):
                     with em.loop(f"for e3 in range({dv})", ("e3",)):
                         w.line("if vcol[e3] >= lim:")
                         w.line("    oacc[r, e3] = np.float32(np.nan)")
             with em.loop(f"for e2 in range({dv})", ("e2",)):
-                w.line(f"{store(bidx + ('i', 'e2'))} = oacc[r, e2]{' / lrow[r]' if softmax is not None else ''}")
+                w.line(f"{store(bidx + ('i', 'e2'))} = oacc[r, e2]{' / lrow[r]' if generated_flash else ''}")
     if o_id in em.overrides:
         emit_outputs(em, outs)
+    if scale is not None:
+        return "attention-library"
     return "attention-online" if softmax is not None else "attention-rowbuffer"
 
 

@@ -121,10 +121,10 @@ def rescale_row(em) -> None:
 KEY = "jkey"  # a placeholder for the key index when asking where a key's row lies
 
 
-def _in_place(row_of: Callable[[str], object] | None) -> str:
-    """The key block's rows [j0, j0 + jn) of K or V as a slice of its operand array, `aN[..., j0:j0 + jn]`,
-    when `row_of(j)` (`attention_rows.array_row` of the row of key j) says the row is the last axis of one
-    array and the key its axis before: the GEMM then reads them in place (unit stride along the row, any
+def _in_place(row_of: Callable[[str], object] | None, span: str = "j0:j0 + jn") -> str:
+    """The key block's rows [j0, j0 + jn) (or those of `span`) of K or V as a slice of its operand array,
+    `aN[..., j0:j0 + jn]`, when `row_of(j)` (`attention_rows.array_row` of the row of key j) says the row
+    is the last axis of one array and the key its axis before: the GEMM then reads them in place (unit stride along the row, any
     stride between rows), not through a packed copy. '' otherwise (a choice per key, a key axis
     elsewhere, an index computed from the key)."""
     row = row_of(KEY) if row_of is not None else None
@@ -133,7 +133,7 @@ def _in_place(row_of: Callable[[str], object] | None) -> str:
     lead, _, last = row[2].rpartition(", ")
     if last.strip("()") != KEY or last.count("(") != last.count(")"):  # the key itself, parenthesized
         return ""
-    return f"{row[1]}[{lead + ', ' if lead else ''}j0:j0 + jn]"
+    return f"{row[1]}[{lead + ', ' if lead else ''}{span}]"
 
 
 def online_softmax_gemm(em, s_id: int, softmax, q_block: int, kv_block: int, depth: int, dv: int,

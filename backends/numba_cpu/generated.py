@@ -19,6 +19,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from fusec.backends.numba_cpu.attention_block import flash_block_gemm, flash_block_rows
 from fusec.backends.numba_cpu.blas import bf16, checked_index, gemm, gemm_bf16, load_bf16, rbf16
 from fusec.backends.numba_cpu.matvec import matvec, matvec2, matvec3
 from fusec.backends.numba_cpu.lowp import (gemm_int8, matvec2_bf16, matvec2_int8, matvec3_bf16, matvec3_int8, matvec_bf16,
