@@ -51,11 +51,11 @@ def test_a_transposed_k_is_stored_by_its_producer_as_keys_by_depth(tmp_path, mon
     assert layouts(fused(module, (x,))) == [{"k": "transposed at store", "v": "as stored"}]
     compiled = fusec.compile(module, (x,))
     torch.testing.assert_close(compiled(x), module(x), rtol=1e-5, atol=1e-5)
-    # the dot product over d (in 16 lanes: `attention_rows.lane_dot`, as K is scaled on the way) reads K at
-    # [.., key, d]: d is the last (contiguous) index
+    # K is scaled on the way, so the kernel packs its rows for the attention library (`attention_flash.py`)
+    # and reads K at [.., key, d] with d the innermost loop: the last (contiguous) index
     attention = compiled.source.split("kind=attention")[1]
-    dot = re.search(r"for d0 in range\(0, 16, 16\):\n(.*\n){5}", attention).group(0)
-    assert re.search(r"a\d\[0, \(b\d+\), \(j\), \(d\)\]", dot), dot
+    pack = re.search(r"for d in range\(16\):\n\s+t\d+ = a\d\[0, \(b\d+\), \(x\), \(d\)\]", attention)
+    assert pack and "flash_block_" in attention, attention
     # and the projection writes K^T's replacement with its innermost loop contiguous on both sides
     assert not re.search(r"acc\d\[\(j\d+\), ", compiled.source.split("kind=attention")[0])
 

@@ -155,7 +155,7 @@ def _sources(program: Program, loop: str) -> list[str]:
 def test_the_generated_code_follows_changed_thresholds(tiled):
     """At the reference cpu's thresholds, 16 rows are matrix-vector products, the attention blocks are
     MKL GEMMs and no other loop is big enough to run parallel; with matvec_rows 8, gemm_rows 32 and
-    parallel_min 1 the products are GEMMs, the attention blocks scalar loops and the loops parallel."""
+    parallel_min 1 the products are GEMMs, the attention blocks vector rows and the loops parallel."""
     fused, inputs, want = tiled
     graph = tile(fused, REFERENCE_CPU)
     assert blas_choice()[0] == "mkl", "the attention GEMMs are MKL's"
@@ -166,8 +166,10 @@ def test_the_generated_code_follows_changed_thresholds(tiled):
             np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-5)
     assert _sources(as_tiled, "matvec") and not _sources(as_tiled, "gemm")
     assert _sources(changed, "gemm") and not _sources(changed, "matvec")
-    assert all("gemm_tile_mkl(" in s for s in _sources(as_tiled, "attention"))
-    assert not any("gemm_tile_mkl(" in s for s in _sources(changed, "attention"))
+    # (the attention library's blocks: MKL GEMMs, `flash_block_gemm`, or vector rows, `flash_block_rows`)
+    assert all("flash_block_gemm(" in s for s in _sources(as_tiled, "attention"))
+    assert not any("flash_block_gemm(" in s for s in _sources(changed, "attention"))
+    assert all("flash_block_rows(" in s for s in _sources(changed, "attention"))
     # (the attention's own rule is parallel_min x 4 of its work: its 4 heads run parallel either way)
     assert not any("prange(" in c.source for c in as_tiled.codes if not c.loop.startswith("attention"))
     # (a projection plus residual is one call whose column blocks are the parallel loop, `mkl.gemm_add_mkl`)
