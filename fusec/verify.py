@@ -80,16 +80,19 @@ _TYPES_FIT_LIMIT = 1 << 16  # entries kept before starting over (a bound on memo
 def _type_fits(n: Node, operand_types: list[TensorType]) -> bool:
     """Whether node `n`'s declared type is what its op gives for these operands; IRError as `infer` when
     they do not fit the op at all."""
-    if n.op in ("kernel", "loop", "result", "extern"):  # typed by their builder: nothing to infer
+    def fits() -> bool:
         return infer(n.op, operand_types, dict(n.attrs), n.type) == n.type
+
+    if n.op in ("kernel", "loop", "result", "extern"):  # typed by their builder: nothing to infer
+        return fits()
     try:
         key = (n.op, _exact(n.attrs), tuple(operand_types), n.type)
         known = key in _TYPES_FIT
     except TypeError:  # an attribute that cannot be hashed: checked every time
-        return infer(n.op, operand_types, dict(n.attrs), n.type) == n.type
+        return fits()
     if known:
         return True
-    if infer(n.op, operand_types, dict(n.attrs), n.type) != n.type:
+    if not fits():
         return False
     if len(_TYPES_FIT) >= _TYPES_FIT_LIMIT:
         _TYPES_FIT.clear()

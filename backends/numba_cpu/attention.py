@@ -8,9 +8,10 @@ the next; each row's running max and sum rescale its output row once per key blo
 nothing of size T x T exists anywhere. When the attention library computes the score expression
 (`attention_flash.library_scale`: the scores scaled by a constant under a key-limit mask), that recurrence
 is one call of `attention_block.py` per block, not generated here. Any other row region (e.g. a guard
-for fully masked rows) runs row by row with a buffer of scores: reductions first, then P.V. Either way a constant mask that hides every
-key after a row-dependent limit (causal) bounds the key loop, so masked keys cost nothing. With MKL and
-enough query rows (prefill), the flash blocks' two products are GEMMs (`attention_gemm.py`); else (decode)
+for fully masked rows) runs row by row with a buffer of scores: reductions first, then P.V. Either way a
+constant mask that hides every key after a row-dependent limit (causal) bounds the key loop, so masked
+keys cost nothing. With MKL and enough query rows (prefill), the flash blocks' two products are GEMMs
+(`attention_gemm.py`); else (decode)
 Q.K and P.V are vector operations on rows of the operand arrays where the rows are plain arrays
 (`attention_rows.py`, `rowops.py`).
 """

@@ -46,11 +46,10 @@ def view(typingctx, array, offset, shape):
 
     def codegen(context, builder, sig, args):
         src = context.make_array(array)(context, builder, value=args[0])
-        intp = context.get_value_type(types.intp)
-        dims = [builder.sext(d, intp) if d.type.width < intp.width else d
+        dims = [context.cast(builder, d, shape.dtype, types.intp)
                 for d in cgutils.unpack_tuple(builder, args[2], shape.count)]
-        start = builder.sext(args[1], intp) if args[1].type.width < intp.width else args[1]
-        count = intp(1)
+        start = context.cast(builder, args[1], offset, types.intp)
+        count = context.get_constant(types.intp, 1)
         for d in dims:
             count = builder.mul(count, d)
         with builder.if_then(builder.icmp_signed(">", builder.add(start, count), src.nitems), likely=False):
