@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -15,7 +16,7 @@ def sampler(temperature: float, seed: int | None, top_k: int | None,
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be a probability in (0, 1] (or None for all), given {top_p!r}")
     if temperature == 0:
-        return lambda logits: logits.argmax(dim=-1)
+        return greedy
     generator = torch.Generator()
     if seed is None:
         generator.seed()
@@ -37,4 +38,13 @@ def sampler(temperature: float, seed: int | None, top_k: int | None,
     return sample
 
 
-__all__ = ["sampler"]
+def greedy(logits: Tensor) -> Tensor:
+    """logits [B, vocab] -> the index of each row's largest logit (the first of equal ones; the first nan,
+    as torch's argmax). CPU float32/float64 rows take NumPy's argmax, which is vectorized: torch's took
+    ~65 us of CPU for stories15M's 32000 logits (NumPy ~6 us), a twentieth of a decode step."""
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(np.argmax(logits.detach().numpy(), axis=-1))
+    return logits.argmax(dim=-1)
+
+
+__all__ = ["greedy", "sampler"]

@@ -29,3 +29,20 @@ def test_seeded_draws_repeat_and_bad_top_p_is_refused():
     for top_p in (0, 1.5, -0.1):
         with pytest.raises(ValueError, match="top_p must be a probability"):
             sampler(0.9, 0, None, top_p)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_greedy_is_torch_argmax_with_ties_nan_and_inf(dtype):
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 1000, generator=g).to(dtype)
+    logits[0, [7, 300]] = 9.0                   # equal maxima: the first
+    logits[1, [11, 500]] = float("nan")         # nan counts as the largest: the first nan
+    logits[2, 900] = float("inf")
+    logits[3] = float("-inf")                   # every logit -inf: index 0
+    logits[4] = -1.0
+    logits[4, 3], logits[4, 4] = -0.0, 0.0      # signed zeros are equal: the first
+    pick = sampler(0.0, None, None)
+    got = pick(logits)
+    assert got.dtype == torch.int64 and got.shape == (5,)
+    assert got.tolist() == logits.argmax(dim=-1).tolist() == [7, 11, 900, 0, 3]
+    assert pick(logits[:, ::2]).tolist() == logits[:, ::2].argmax(dim=-1).tolist()  # a strided view
