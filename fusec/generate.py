@@ -250,7 +250,7 @@ class Generator:
             new.append(token)
             if on_token is not None:
                 on_token(step + 1, token)
-            if step + 1 == max_new_tokens or bool(finished.all()):
+            if step + 1 == max_new_tokens or (stop_token is not None and bool(finished.all())):
                 break
             logits = decode_step(token, prompt_len + step)
             run["decode_steps"] += 1
