@@ -277,3 +277,51 @@ def _nothing(count: int):
     exec(f"def nothing({names}):\n    return None\n", scope)
     return njit(nogil=True)(scope["nothing"])
 
+
+
+def loop_kernel_seconds(program, inputs: list, repeat: int = 10) -> list[tuple[str, float]]:
+    """What each kernel call in a loop driver's body costs one `program.run(inputs)` (a Numba `Program`):
+    [(label, seconds)], the label `loop%<node> K[<n>] <kernel name>`, the seconds the median run time less
+    the median with that call left out of the driver (all its iterations). The kernels after a left-out
+    call read what it wrote last, so that run's values are wrong but its work is the same. The runs
+    alternate (full, each left-out one, again), so a busy machine shifts them alike; still, compare
+    numbers from one call. The drivers without a call compile in memory (nothing written to the cache)."""
+    import re
+    variants: list[tuple[str, int, object]] = []  # (label, step index, driver function)
+    for s, step in enumerate(program.steps):
+        driver = program.drivers.get(step.kernel)
+        if driver is None:
+            continue
+        lines = driver.text.split("\n")
+        names = [getattr(module, "__name__", "?") for module, _ in driver.calls]
+        for row, line in enumerate(lines):
+            found = re.match(r"(\s*)call_at\(K\[(\d+)\]", line)
+            if found is None:
+                continue
+            text = "\n".join(lines[:row] + [found.group(1) + "pass"] + lines[row + 1:])
+            scope: dict = {}
+            exec(compile(text.replace("cache=True", "cache=False"), f"<loop{step.kernel} without a call>",
+                         "exec"), scope)
+            k = int(found.group(2))
+            variants.append((f"loop%{step.kernel} K[{k}] {names[k]}", s, scope["driver"]))
+    saved = [step.fn for step in program.steps]
+    full: list[float] = []
+    without: list[list[float]] = [[] for _ in variants]
+
+    def timed() -> float:
+        start = time.perf_counter()
+        program.run(inputs)
+        return time.perf_counter() - start
+
+    try:
+        for _ in range(repeat + 1):  # the first round warms up (and compiles the drivers without a call)
+            full.append(timed())
+            for times, (_, s, fn) in zip(without, variants):
+                program.steps[s].fn = fn
+                times.append(timed())
+                program.steps[s].fn = saved[s]
+    finally:
+        for step, fn in zip(program.steps, saved):
+            step.fn = fn
+    base = statistics.median(full[1:])
+    return [(label, base - statistics.median(times[1:])) for (label, _, _), times in zip(variants, without)]

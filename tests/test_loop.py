@@ -409,3 +409,22 @@ def test_a_driver_calls_each_kernel_with_the_argument_types_it_was_compiled_for(
     np.testing.assert_array_equal(out, 2 * a)
     with pytest.raises(numba.core.errors.TypingError, match="float32\\[1A\\]"):
         scope["strided"](K, a, out)
+
+
+def test_each_loop_kernels_cost_is_measured_with_the_driver_put_back():
+    from fusec.benchtools import loop_kernel_seconds
+    m = model()
+    ins = decode_inputs(m)
+    compiled = fusec.compile(DecodeStep(m), ins)
+    program = compiled.program
+    functions = [step.fn for step in program.steps]
+    (loop,) = program.drivers
+    body = program.graph.nodes[loop].attr("body")
+    calls = [i for i, n in enumerate(body.nodes) if n.op == "kernel"]
+    costs = loop_kernel_seconds(program, [x.numpy() for x in ins], repeat=2)
+    assert [label.split(" ")[:2] for label, _ in costs] == [[f"loop%{loop}", f"K[{k}]"] for k in range(len(calls))]
+    assert all(label.split(" ")[2] in program.source for label, _ in costs)  # the kernel's module
+    assert all(abs(seconds) < 1 for _, seconds in costs)
+    assert [step.fn for step in program.steps] == functions
+    with torch.no_grad():
+        close(compiled(*ins)[0].numpy(), DecodeStep(m)(*ins)[0].numpy())

@@ -73,6 +73,7 @@ class Driver:
     _storage: list = None
     _kernels: np.ndarray = None  # the kernels' entry points (`kernels`)
     _table: tuple = None      # (the weight arrays, their address table), see `_addresses`
+    text: str = ""            # the driver's own module source (`benchtools.loop_kernel_seconds` edits it)
 
     def resize(self, sizes: dict) -> None:
         """Buffers at these sizes: views of storage planned once for the first sizes given (the upper
@@ -253,7 +254,7 @@ def build(graph: Graph, loop: int, header: str, load, sizes: dict | None = None)
               "@njit(cache=True, nogil=True)\n"
               f"def driver({', '.join(params)}):\n" + "\n".join(lines) + "\n")
     d.resize(sizes or {})
-    d.module = load(source)
+    d.module, d.text = load(source), source
     d.fn = d.module.driver
     d.modules = list(built.distinct) + [d.module]
     d.code = KernelCode(f"loop{loop}", built.source + "\n\n" + source)
