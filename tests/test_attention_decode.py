@@ -176,3 +176,30 @@ def test_masked_value_rows_are_checked_a_row_at_a_time_and_match_eager_nans(tmp_
     for g, e in zip(got, want):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, equal_nan=True)
     assert torch.isnan(got[0]).all() and torch.isnan(want[0]).all()  # the NaN columns reach every logit
+
+
+def test_masked_value_rows_are_checked_as_spans_first_and_row_by_row_after_an_inf_or_nan(tmp_path, monkeypatch):
+    """The scan first checks the cache's rows after the position as one span, and the new row; row by row
+    only when that finds an inf or nan. Against eager: all finite, an inf in the cache's row at the
+    position (the new row replaces it: no nan), at the last position (no masked key), a masked nan."""
+    compiled, step, (token, pos, k_cache, v_cache) = _compiled_decode_step(tmp_path, monkeypatch)
+    source = _attention_source(compiled)
+    assert re.search(r"vok = .*row_finite\(\w+\[[^\]]*\]\[lo:32\]\.reshape\(", source), source
+    assert re.search(r"if not vok:\n\s+for jm in range\(lo, 32\):", source), source
+
+    def check(at: int, nan_expected: bool) -> None:
+        with torch.no_grad():
+            args = (token, torch.tensor([at]), k_cache, v_cache)
+            got, want = compiled(*args), step(*args)
+        for g, e in zip(got, want):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, equal_nan=True)
+        assert bool(torch.isnan(got[0]).any()) == nan_expected
+
+    check(9, False)
+    v_cache[0, 0, 0, 9, 3] = float("inf")   # the position's row: the new row is read instead
+    check(9, False)
+    v_cache[0, 0, 0, 9, 3] = 0.0             # (a past row at later positions: seen, inf in eager too)
+    check(31, False)                        # the last position: nothing masked, an empty span
+    v_cache[0, 0, 0, 31, 40] = float("nan")  # masked after 9: every logit nan, as in eager
+    check(9, True)
+    check(31, False)                        # the same row read at its own position is the new row
