@@ -45,10 +45,13 @@ MODELS = {  # name -> a CausalLM of 3 layers or more
 
 
 def programs(model):
-    """(name, program, example inputs, dynamic) of the two programs a generator traces."""
+    """(name, program, example inputs, dynamic) of the programs a generator traces: the decode step and
+    the symbolic prefill, and (batch 2) those of a prefill of fixed length padded on the right."""
     tokens = torch.zeros(1, 8, dtype=torch.int64)
     return [("decode", DecodeStep(model), decode_example(model), None),
-            ("prefill", Prefill(model, None), (tokens,), {"tokens": {1: (1, model.config.max_seq_len)}})]
+            ("prefill", Prefill(model, None), (tokens,), {"tokens": {1: (1, model.config.max_seq_len)}}),
+            ("decode-2", DecodeStep(model), decode_example(model, batch=2, max_seq_len=16), None),
+            ("prefill-at", Prefill(model, 8, "at"), (tokens.expand(2, 8), torch.tensor([5])), None)]
 
 
 def canonical(graph) -> str:
@@ -89,7 +92,7 @@ def test_expanded_ir_is_the_ir_traced_from_the_whole_model(name, expansions):
         assert all(expanded.graph.tensors[p] is whole.graph.tensors[p] for p in params)
         assert (expanded.input_names, expanded.input_leaves) == (whole.input_names, whole.input_leaves)
         assert expanded.out_spec == whole.out_spec and expanded.in_spec == whole.in_spec
-    assert len(expansions) == 2 and all(small < big for small, big in expansions)
+    assert len(expansions) == 4 and all(small < big for small, big in expansions)
 
 
 @pytest.mark.parametrize("name, backend", [("gqa-untied-4", "numba"), ("sliding-window", "reference"),
