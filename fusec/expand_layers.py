@@ -196,11 +196,10 @@ def _check_closed(graph: Graph, users: list[list[int]], body: list[list[int]], p
 
 def _rebuild(graph: Graph, layers: Layers, n_layers: int, tensors: Mapping[str, Any]) -> Graph:
     """`graph` with layers 2..n_layers-1 copied from layer 1 (see the module docstring)."""
-    from fusec.dtypes import from_torch
     nodes = graph.nodes
     b = Builder(graph.tensors)
     new: dict[int, int] = {}
-    x0, x1, x2 = layers.x
+    _, x1, x2 = layers.x
     body1 = layers.body[1]
     last_param = max(layers.params[1].values())
     params1 = sorted(layers.params[1].items(), key=lambda item: item[1])
@@ -224,7 +223,7 @@ def _rebuild(graph: Graph, layers: Layers, n_layers: int, tensors: Mapping[str, 
                 copies.append({})
                 for suffix, p in params1:
                     name = f"{layers.prefix}{k}.{suffix}"
-                    tensor = _tensor(tensors, name, nodes[p].type, from_torch)
+                    tensor = _tensor(tensors, name, nodes[p].type)
                     b.tensors[name] = tensor
                     copies[-1][p] = b.add("param", (), {"name": name}, nodes[p].type)
         if i == body1[-1]:  # the later layers' nodes, after layer 1's
@@ -243,8 +242,9 @@ def _rebuild(graph: Graph, layers: Layers, n_layers: int, tensors: Mapping[str, 
     return result
 
 
-def _tensor(tensors: Mapping[str, Any], name: str, expected: TensorType, from_torch) -> Any:
+def _tensor(tensors: Mapping[str, Any], name: str, expected: TensorType) -> Any:
     """tensors[name], checked to be of layer 1's parameter's type."""
+    from fusec.dtypes import from_torch  # (the tensors are the module's: torch is loaded)
     if name not in tensors:
         raise ExpandError(f"no tensor for the parameter {name}")
     tensor = tensors[name]
