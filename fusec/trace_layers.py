@@ -27,7 +27,8 @@ EXPAND = os.environ.get("FUSEC_EXPAND", "1") != "0"
 def trace_program(module: nn.Module, args: tuple, kwargs: dict | None = None, strict: bool = False,
                   dynamic: Any = None) -> Traced:
     """`fusec.tracing.trace(module, ...)`, through two layers when `module` is a DecodeStep or Prefill
-    of a CausalLM of three layers or more (see the module docstring)."""
+    of a CausalLM of three layers or more (see the module docstring; the Traced's torch.fx graph is then
+    the two-layer view's)."""
     from fusec.expand_layers import ExpandError, expand_layers
     if not isinstance(args, tuple):
         args = (args,)
