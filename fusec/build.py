@@ -142,6 +142,7 @@ def young_gc():
 def _build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options,
            dynamic: Any = None) -> Callable[[], Specialization]:
     from fusec.trace_cache import trace_and_lower
+    from fusec.trace_layers import trace_program
     from fusec.tracing import trace
     start = time.perf_counter()
     dump = DebugDump.start(type(module).__name__ if isinstance(module, torch.nn.Module) else "module")
@@ -152,8 +153,10 @@ def _build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options,
         if options.backend == "numba":  # traced: its kernels are likely cold, compiled by workers
             from fusec.backends.numba_cpu.compile_pool import prestart
             prestart()
-        with phase("trace"):
-            traced = trace(module, args, kwargs, strict=options.strict, dynamic=dynamic)
+        with phase("trace"):  # fusec's own decode/prefill programs through two layers, unless dumping
+            # (the dump's torch.fx graph is then the one lowered)
+            traced = (trace if dump else trace_program)(module, args, kwargs, strict=options.strict,
+                                                        dynamic=dynamic)
         if dump:
             dump.traced(traced.graph, getattr(traced.fx_graph, "code", ""))
         return traced
