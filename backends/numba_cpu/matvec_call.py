@@ -102,14 +102,16 @@ def _copy(src, dst):
             dst[i, j] = src[i, j]
 
 
-def _call(fmt: str, count: int):
-    """The njit implementation of a generated call `matvec{count}{fmt}(a, <weights>, <outputs>, group)`."""
+def _call(fmt: str, count: int, contiguous: set[str]) -> str:
+    """The njit implementation of a generated call `matvec{count}{fmt}(a, <weights>, <outputs>, group)`;
+    `contiguous`: the arguments C-contiguous by their types (what generated kernels pass), read as they are
+    (the others through copies: code only where it may run, which every kernel would compile)."""
     ops, outs = _operands(fmt, count), [f"c{i}" for i in range(count)]
     name = f"matvec{count if count > 1 else ''}{fmt}"
     weights = ops[::2] if fmt == "_int8" else ops
-    lines = [f"def call(a, {', '.join(ops + outs)}, group):", "    a = _rows(a)"]
-    lines += [f"    {o} = _rows({o})" for o in ops]
-    lines += [f"    {c}w = _rows({c})" for c in outs]  # outputs written through a copy when not contiguous
+    lines = [f"def call(a, {', '.join(ops + outs)}, group):"]
+    lines += [f"    {x} = _rows({x})" for x in ["a"] + ops if x not in contiguous]
+    lines += [f"    {c}w = {c}" if c in contiguous else f"    {c}w = _rows({c})" for c in outs]
     for w, c in zip(weights, outs):
         size = f"{w}.shape[1] * {w}.shape[2]" if fmt == "_int8" else f"{w}.shape[1]"
         lines.append(f"    if {size} != a.shape[1] or {c}.shape[0] != a.shape[0] or {c}.shape[1] != {w}.shape[0]:")
@@ -118,7 +120,7 @@ def _call(fmt: str, count: int):
     args = (["_ptr(a)", "a.shape[0]", "a.shape[1]"] + [f"_ptr({o})" for o in ops] +
             [f"{w}.shape[0]" for w in weights] + [f"_ptr({c}w)" for c in outs])
     lines.append(f"    fn({', '.join(args)})")
-    lines += [f"    if not {c}.flags.c_contiguous:\n        _copy({c}w, {c})" for c in outs]
+    lines += [f"    if not {c}.flags.c_contiguous:\n        _copy({c}w, {c})" for c in outs if c not in contiguous]
     # read after the call: the copies live until it returns
     lines.append(f"    return a.shape[0] + {' + '.join(f'{o}.shape[0]' for o in ops + [c + 'w' for c in outs])}")
     return "\n".join(lines) + "\n"
@@ -130,13 +132,15 @@ def _overload(fmt: str, count: int):
     params = ", ".join(["a"] + _operands(fmt, count) + [f"c{i}" for i in range(count)] + ["group"])
     scope: dict = {}
     exec(f"def {name}({params}):\n    raise NotImplementedError('{name} runs inside njit code only')\n"
-         f"def typer({params}):\n    return implement(group)\n", scope)
+         f"def typer({params}):\n    return implement(({params},))\n", scope)
 
-    def implement(group):
+    def implement(args):
+        group = args[-1]
         if not isinstance(group, types.IntegerLiteral):
             raise errors.TypingError(f"{name}: the row group must be a constant, got {group}")
         impl = {"_rows": _rows, "_copy": _copy, "_ptr": _ptr, "np": np, "fn": bind(fmt, count, group.literal_value)}
-        exec(_call(fmt, count), impl)
+        names = ["a"] + _operands(fmt, count) + [f"c{i}" for i in range(count)]
+        exec(_call(fmt, count, {x for x, t in zip(names, args) if getattr(t, "layout", "") == "C"}), impl)
         return impl["call"]
     scope["implement"] = implement
     overload(scope[name], prefer_literal=True)(scope["typer"])
