@@ -70,9 +70,9 @@ def test_a_weight_of_another_k_is_refused():
 def test_binding_lines_name_every_entry_a_kernel_declares():
     source = ("    matvec3_int8(abuf, w0, w1, w2, w3, w4, w5, acc0, acc1, acc2, 16)\n"
               "    matvec(abuf, w6, acc3, 8)\n    matvec2_bf16(abuf, w7, w8, acc4, acc5, 8)\n"
-              "    matvec(abuf, w9, acc6, 8)\n")
+              "    matvec(abuf, w9, acc6, 8)\n        matvec_int8(a0.reshape((1, -1)), w0, w1, acc0, 8)\n")
     assert matvec_call.binding_lines(source) == ("bind_matvec('_int8', 3, 16)\nbind_matvec('', 1, 8)\n"
-                                                 "bind_matvec('_bf16', 2, 8)\n")
+                                                 "bind_matvec('_bf16', 2, 8)\nbind_matvec('_int8', 1, 8)\n")
 
 
 def test_a_cached_kernel_loads_in_a_fresh_process(tmp_path):

@@ -152,7 +152,8 @@ matvec_bf16, matvec2_bf16, matvec3_bf16 = (_overload("_bf16", n) for n in (1, 2,
 matvec_int8, matvec2_int8, matvec3_int8 = (_overload("_int8", n) for n in (1, 2, 3))
 
 
-_CALL = re.compile(r"\bmatvec([23]?)(_bf16|_int8)?\([^()]*, (\d+)\)$", re.MULTILINE)
+# a call on one line, its last argument the group (arguments may hold parentheses: `a0.reshape((1, -1))`)
+_CALL = re.compile(r"\bmatvec([23]?)(_bf16|_int8)?\(.*, (\d+)\)$", re.MULTILINE)
 
 
 def binding_lines(source: str) -> str:
