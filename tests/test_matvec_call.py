@@ -75,6 +75,14 @@ def test_binding_lines_name_every_entry_a_kernel_declares():
                                                  "bind_matvec('_bf16', 2, 8)\nbind_matvec('_int8', 1, 8)\n")
 
 
+def test_a_call_the_binder_cannot_read_fails_at_code_generation():
+    # written over two lines, its row group is not where the binder looks: without its bind line, the
+    # kernel loaded from the cache would call an undefined symbol (a crash), so code generation refuses it
+    source = "    matvec(abuf, w6,\n           acc3, 8)\n"
+    with pytest.raises(AssertionError, match="not written as one line"):
+        matvec_call.binding_lines(source)
+
+
 def test_a_cached_kernel_loads_in_a_fresh_process(tmp_path):
     """A kernel loaded from the cache names its entry's symbol: its module binds the entry first (else the
     process would fail to resolve the symbol)."""

@@ -154,10 +154,15 @@ matvec_int8, matvec2_int8, matvec3_int8 = (_overload("_int8", n) for n in (1, 2,
 
 # a call on one line, its last argument the group (arguments may hold parentheses: `a0.reshape((1, -1))`)
 _CALL = re.compile(r"\bmatvec([23]?)(_bf16|_int8)?\(.*, (\d+)\)$", re.MULTILINE)
+_ANY_CALL = re.compile(r"\bmatvec[23]?(?:_bf16|_int8)?\(")  # every call, however written
 
 
 def binding_lines(source: str) -> str:
     """The lines that bind, above a generated kernel, the entries its matrix-vector calls declare (`bind`;
     the calls are those `gemm.py` writes: `matvec2_int8(..., 16)`)."""
-    keys = dict.fromkeys((fmt or "", int(n or 1), int(group)) for n, fmt, group in _CALL.findall(source))
+    found = _CALL.findall(source)
+    if len(found) != len(_ANY_CALL.findall(source)):  # an unbound symbol would crash a cached kernel's load
+        raise AssertionError("matvec_call: a generated matrix-vector call is not written as one line ending "
+                             f"in its constant row group:\n{source}")
+    keys = dict.fromkeys((fmt or "", int(n or 1), int(group)) for n, fmt, group in found)
     return "".join(f"bind_matvec({fmt!r}, {n}, {group})\n" for fmt, n, group in keys)
