@@ -107,8 +107,8 @@ def environment_key() -> str:
 
 # The modules of the Numba functions generated code calls (the header's imports) and of what those inline
 # (the matrix-vector loop and its LLVM IR): tests/test_cache.py checks that none is missing.
-LIBRARY = ("attention_block", "blas", "mkl", "lowp", "int8", "int8_dot", "gemm_widen", "matvec", "rowops", "simd",
-           "fastexp", "borrowed", "call_at")
+LIBRARY = ("attention_block", "blas", "mkl", "lowp", "int8", "int8_dot", "gemm_widen", "matvec", "matvec_call", "rowops",
+           "simd", "fastexp", "borrowed", "call_at")
 
 
 def _library_digest() -> str:
