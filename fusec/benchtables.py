@@ -92,6 +92,12 @@ def _symbolic_legend(report: dict) -> str:
     return text
 
 
+def _trace_layers(report: dict) -> Cells:
+    return [["model", "program", "layers", "whole export", "two layers + expansion", "ratio"]] + [
+        [r["model"], r["program"], str(r["layers"]), f"{r['whole_s']:.2f} s",
+         f"{r['two_layers_s']:.2f} + {r['expand_s']:.2f} s", f"{r['ratio']:.2f}"] for r in report["rows"]]
+
+
 def _accuracy(report: dict) -> Cells:
     return [["model", "weights", "greedy = fp32", "max logit error", "relative to the largest logit"]] + [
         [r["model"], r["weights"], f"{r['agreement']:.1%}", f"{r['max_logit_error']:.1e}", f"{r['relative_error']:.2%}"]
@@ -168,6 +174,10 @@ RENDERERS: dict[str, dict[str, Part]] = {
                   "importing torch and fusec is not counted.")},
     "bench_symbolic_block": {"bench_symbolic_block": (_symbolic, _symbolic_legend)},
     "bench_symbolic_generator": {"bench_symbolic_generator": (_symbolic, _symbolic_legend)},
+    "bench_trace_layers": {"bench_trace_layers": (
+        _trace_layers, "torch.export of the whole program against the program over the model's first two "
+                       "layers and its IR expanded to all of them; one process after a first export of each, "
+                       "the two alternating, medians.")},
     "bench_accuracy": {"bench_accuracy": (_accuracy, _accuracy_legend)},
     "bench_gemm": {"bench_gemm": (_gemm, _gemm_legend)},
     "bench_matvec": {"bench_matvec": (_matvec, _matvec_legend)},

@@ -56,6 +56,17 @@ def test_startup_table_shows_cold_and_the_warm_median(tmp_path):
     assert "| stories15M | 28.6 s | 1.03 s |" in lines
 
 
+def test_trace_layers_table_sets_the_whole_export_beside_two_layers_and_expansion(tmp_path):
+    report = {"run": {"date": "2026-12-01 05:40 UTC", "commit": "421878b", "command": "python bench_trace_layers.py"},
+              "rows": [{"model": "tinyllama_1b", "program": "prefill", "layers": 22, "whole_s": 11.82,
+                        "two_layers_s": 1.46, "expand_s": 0.14, "ratio": 0.135}]}
+    path = tmp_path / "bench_trace_layers.json"
+    path.write_text(json.dumps(report))
+    lines = render(path).splitlines()
+    assert lines[0].startswith("From `python bench_trace_layers.py`, 2026-12-01 05:40 UTC, commit `421878b`.")
+    assert "| tinyllama_1b | prefill | 22 | 11.82 s | 1.46 + 0.14 s | 0.14 |" in lines
+
+
 def test_update_replaces_only_the_marked_block(tmp_path):
     path = tmp_path / "bench_generate.json"
     path.write_text(json.dumps(REPORT))
