@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -278,7 +279,6 @@ def _nothing(count: int):
     return njit(nogil=True)(scope["nothing"])
 
 
-
 def loop_kernel_seconds(program, inputs: list, repeat: int = 10) -> list[tuple[str, float]]:
     """What each kernel call in a loop driver's body costs one `program.run(inputs)` (a Numba `Program`):
     [(label, seconds)], the label `loop%<node> K[<n>] <kernel name>`, the seconds the median run time less
@@ -286,7 +286,6 @@ def loop_kernel_seconds(program, inputs: list, repeat: int = 10) -> list[tuple[s
     call read what it wrote last, so that run's values are wrong but its work is the same. The runs
     alternate (full, each left-out one, again), so a busy machine shifts them alike; still, compare
     numbers from one call. The drivers without a call compile in memory (nothing written to the cache)."""
-    import re
     variants: list[tuple[str, int, object]] = []  # (label, step index, driver function)
     for s, step in enumerate(program.steps):
         driver = program.drivers.get(step.kernel)
