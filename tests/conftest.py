@@ -14,3 +14,14 @@ import os
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("FUSEC_COMPILE_WORKERS", "0")
+
+# The session's compile and trace caches live in a directory of its own (shared by the test processes,
+# which inherit it, and removed at the end), not in the user's: a run then starts from the same state every
+# time, and a test that counts traces or compiles does not meet entries left by an earlier run.
+if "FUSEC_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["FUSEC_CACHE_DIR"] = tempfile.mkdtemp(prefix="fusec-tests-")
+    atexit.register(shutil.rmtree, os.environ["FUSEC_CACHE_DIR"], ignore_errors=True)

@@ -68,8 +68,11 @@ def canonical(graph) -> str:
 
 
 @pytest.fixture
-def expansions(monkeypatch):
-    """The calls of expand_layers (graph sizes in and out) while the test runs."""
+def expansions(monkeypatch, tmp_path):
+    """The calls of expand_layers (graph sizes in and out) while the test runs, in a cache directory of its
+    own: a trace cached by an earlier run or test (same shapes; weights are not in a trace's key) would be
+    served without tracing or expanding."""
+    monkeypatch.setenv("FUSEC_CACHE_DIR", str(tmp_path))
     calls = []
     real = fusec.expand_layers.expand_layers
 
@@ -109,7 +112,6 @@ def test_generators_through_expanded_programs_give_eager_tokens(name, backend, e
 
 
 def test_the_trace_cache_stores_and_serves_the_expanded_program(tmp_path, monkeypatch, expansions):
-    monkeypatch.setenv("FUSEC_CACHE_DIR", str(tmp_path))
     model = MODELS["gqa-untied-4"]()
     example = decode_example(model, max_seq_len=16, pos=3)
     example[2].normal_(generator=torch.Generator().manual_seed(0))
