@@ -244,7 +244,8 @@ def compile_started(module: torch.nn.Module, example_inputs: Any = (), example_k
                     loop: bool | None = None):
     """`compile` in two halves (`fusec.build.build_started`): traced, lowered and handed to the compile
     workers now; the function returned finishes it and returns the CompiledModule. Meanwhile the caller may
-    trace another program, but not use Numba."""
+    trace another program, but not use Numba to compile; its `compiling_elsewhere()` says whether finishing
+    would only wait for the workers (meanwhile programs already compiled may run)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if not isinstance(example_inputs, tuple):
@@ -265,4 +266,8 @@ def compile_started(module: torch.nn.Module, example_inputs: Any = (), example_k
     _, declared = dynamic_spec(module, example_inputs, example_kwargs or {}, dynamic, dims=False)
     finish = build_started(module, example_inputs, example_kwargs or {}, options, dynamic)
     key = signature_key(*pytree.tree_flatten((example_inputs, example_kwargs or {})))
-    return lambda: CompiledModule(module, finish(), options, key, dynamic, recompile, cache_limit, declared)
+
+    def finished() -> CompiledModule:
+        return CompiledModule(module, finish(), options, key, dynamic, recompile, cache_limit, declared)
+    finished.compiling_elsewhere = finish.compiling_elsewhere  # True while only the workers have work left
+    return finished

@@ -119,6 +119,7 @@ def build_started(module: torch.nn.Module, args: tuple, kwargs: dict, options: O
     def finished() -> Specialization:
         with young_gc():
             return finish()
+    finished.compiling_elsewhere = getattr(finish, "compiling_elsewhere", lambda: False)
     return finished
 
 
@@ -206,6 +207,7 @@ def _build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options,
         stats["compile_seconds"] = time.perf_counter() - start
         phase.report(traced.module_name, how)
         return _finish(spec, module, dump, options)
+    finish.compiling_elsewhere = program.compiling_elsewhere
     return finish
 
 

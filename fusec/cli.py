@@ -130,7 +130,7 @@ def demo_generate(new_tokens: int = 48, repeat: int = 3) -> bool:
     model = CausalLM.from_preset("stories15M", seed=0).eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     rates, ids = {}, {}
-    for name, gen in (("fusec", compile_generator(model)), ("eager", eager_generator(model))):
+    for name, gen in (("fusec", compile_generator(model, background=False)), ("eager", eager_generator(model))):
         gen.generate(prompt, max_new_tokens=4)  # warm up: programs built, caches touched
         seconds = []
         for _ in range(repeat):

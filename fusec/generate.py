@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from fusec.generate_programs import (PREFIX, WEIGHTS, Compiler, Program, bind, program_weights,  # noqa: F401
-                                     decode_stepper, eager_compiler, fusec_compiler)
+                                     decode_stepper, eager_compiler, fusec_compiler, prompt_by_decode)
 from fusec.models.causal_lm import CausalLM, DecodeStep, Prefill, cache_shape, from_hf
 from fusec.sampling import sampler as _sampler
 
@@ -45,13 +45,16 @@ class Generator:
     """
 
     def __init__(self, model: CausalLM, max_seq_len: int, compiler: Compiler,
-                 prompt_buckets: Sequence[int] | None = None, name: str = "fusec"):
+                 prompt_buckets: Sequence[int] | None = None, name: str = "fusec", background: bool = False):
         if not 1 <= max_seq_len <= model.config.max_seq_len:
             raise ValueError(f"max_seq_len must be in 1..{model.config.max_seq_len} (the model's), "
                              f"given {max_seq_len}")
         self.model, self.max_seq_len, self.compiler, self.name = model, max_seq_len, compiler, name
+        self.background = background  # see `compile_generator`
         self.prompt_buckets = sorted({b for b in (prompt_buckets or ()) if 1 <= b <= max_seq_len})
         self._prefill: dict[tuple[int, int], Program] = {}
+        # batch -> (finish, start): the symbolic prefill program while the compile workers finish it
+        self._compiling: dict[int, tuple[Callable[[], Program], float]] = {}
         self._decode: dict[int, Program] = {}
         self._caches: dict[int, tuple[Tensor, Tensor]] = {}
         self._totals = _counters()
@@ -63,7 +66,7 @@ class Generator:
     @property
     def stats(self) -> dict:
         """Totals over this generator's life: compiles, compile_seconds, prompt_tokens, prefill_seconds,
-        tokens_generated, decode_steps, decode_tokens (steps x batch), decode_seconds, and the rates
+        prompts_by_decode (prompts run a token at a time while the prefill program compiled), tokens_generated, decode_steps, decode_tokens (steps x batch), decode_seconds, and the rates
         prefill_tokens_per_s and decode_tokens_per_s; kernel_calls per run of each program and the
         distinct_kernels they compiled (kernels of equal bodies share one function, see `_kernel_counts`)."""
         return {**_with_rates(self._totals), **_kernel_counts(self._prefill, self._decode)}
@@ -124,7 +127,8 @@ class Generator:
         (a cold start otherwise traced with the workers idle). A prefill of fixed lengths waits for its
         first prompt (its length is not known yet)."""
         start = getattr(self.compiler, "start", None)
-        if not self.symbolic or start is None or batch in self._decode or (batch, "T") in self._prefill:
+        if (not self.symbolic or start is None or batch in self._decode or (batch, "T") in self._prefill
+                or batch in self._compiling):
             self.decode_program(batch)
             return
         began = time.perf_counter()
@@ -134,8 +138,27 @@ class Generator:
             finish_prefill = start(*self._symbolic_prefill_example(batch))
         finally:  # the decode program is finished even when the prefill fails to start (its bodies are in flight)
             self._decode[batch] = self._compiled(finish_decode(), began)
-        # (each program's time counts from its own start; the overlap is counted in both)
-        self._prefill[batch, "T"] = self._compiled(finish_prefill(), middle)
+        # (each program's time counts from its own start to its end; the overlap is counted in both)
+        self._compiling[batch] = (finish_prefill, middle)
+        if not (self.background and finish_prefill.compiling_elsewhere()):
+            self._finish_prefill(batch)
+
+    def _finish_prefill(self, batch: int) -> None:
+        """The symbolic prefill program for `batch`, finished now if the workers were still at it."""
+        if batch in self._compiling:
+            finish, start = self._compiling.pop(batch)
+            self._prefill[batch, "T"] = self._compiled(finish(), start)
+
+    def prefill_compiling(self, batch: int = 1) -> bool:
+        """True while the compile workers still build the prefill program for `batch`: prompts meanwhile
+        run through the decode program, a token at a time (`background`)."""
+        return batch in self._compiling and self._compiling[batch][0].compiling_elsewhere()
+
+    def wait(self) -> None:
+        """Finish the programs still compiling in the background (for timings of the programs alone)."""
+        with self._exclusive("wait"):
+            for batch in list(self._compiling):
+                self._finish_prefill(batch)
 
     def prefill_length(self, prompt_len: int) -> int:
         """The length the prefill of a `prompt_len`-token prompt runs at: the smallest bucket that holds
@@ -152,6 +175,7 @@ class Generator:
         """The prefill program for `batch` prompts run at `length` tokens (compiled on first use; with
         `symbolic`, one program for every length 1..max_seq_len)."""
         if self.symbolic:
+            self._finish_prefill(batch)
             if (batch, "T") not in self._prefill:
                 self._prefill[batch, "T"] = self._compile(*self._symbolic_prefill_example(batch))
             return self._prefill[batch, "T"]
@@ -219,25 +243,32 @@ class Generator:
         batch, prompt_len = ids.shape
         length = self.prefill_length(prompt_len)
         compiled_before = dict(self._totals)
-        prefill, decode = self.prefill_program(batch, length), self.decode_program(batch)
+        decode = self.decode_program(batch)
+        prefill = None if self.prefill_compiling(batch) else self.prefill_program(batch, length)
         k_cache, v_cache = self.caches(batch)
         decode_step = decode_stepper(decode, k_cache, v_cache)
         new, step_logits = [], []
         run = _counters()
-        for key in ("compiles", "compile_seconds"):  # compiled for this call, before anything is timed
-            run[key] = self._totals[key] - compiled_before[key]
 
-        start = time.perf_counter()
-        if length == prompt_len and not self.prompt_buckets:
-            logits, k_all, v_all = prefill(ids)
-        else:
-            padded = torch.zeros(batch, length, dtype=torch.int64)
-            padded[:, :prompt_len] = ids
-            logits, k_all, v_all = prefill(padded, torch.tensor([prompt_len - 1]))
-        k_cache[:, :, :, :length] = k_all
-        v_cache[:, :, :, :length] = v_all
+        start, compiled_at_start = time.perf_counter(), self._totals["compile_seconds"]
+        # a cold start's first prompts, while the workers still build the prefill program: a token at a time
+        logits = None if prefill else prompt_by_decode(ids, decode_step, lambda: self.prefill_compiling(batch))
+        run["prompts_by_decode"] = int(logits is not None)
+        if logits is None:
+            prefill = self.prefill_program(batch, length)
+            if length == prompt_len and not self.prompt_buckets:
+                logits, k_all, v_all = prefill(ids)
+            else:
+                padded = torch.zeros(batch, length, dtype=torch.int64)
+                padded[:, :prompt_len] = ids
+                logits, k_all, v_all = prefill(padded, torch.tensor([prompt_len - 1]))
+            k_cache[:, :, :, :length] = k_all
+            v_cache[:, :, :, :length] = v_all
         finished = torch.zeros(batch, dtype=torch.bool)
-        run.update(prompt_tokens=batch * prompt_len, prefill_seconds=time.perf_counter() - start)
+        run.update(prompt_tokens=batch * prompt_len, prefill_seconds=time.perf_counter() - start -
+                   (self._totals["compile_seconds"] - compiled_at_start))  # not the time finishing a program
+        for key in ("compiles", "compile_seconds"):  # compiled for this call
+            run[key] = self._totals[key] - compiled_before[key]
 
         start = time.perf_counter()
         for step in range(max_new_tokens):
@@ -303,8 +334,8 @@ class Generator:
 
 
 def _counters() -> dict:
-    return dict(compiles=0, compile_seconds=0.0, prompt_tokens=0, prefill_seconds=0.0, tokens_generated=0,
-                decode_steps=0, decode_tokens=0, decode_seconds=0.0)
+    return dict(compiles=0, compile_seconds=0.0, prompt_tokens=0, prefill_seconds=0.0, prompts_by_decode=0,
+                tokens_generated=0, decode_steps=0, decode_tokens=0, decode_seconds=0.0)
 
 
 def _kernel_counts(prefill: dict, decode: dict) -> dict:
@@ -328,7 +359,8 @@ def _with_rates(counts: dict) -> dict:
 
 def compile_generator(model: nn.Module, max_seq_len: int | None = None, weights: str = "fp32",
                       backend: str = "numba", prompt_buckets: Sequence[int] | None = None,
-                      fuse: bool = True, batch: int = 1, loop: bool | None = None) -> Generator:
+                      fuse: bool = True, batch: int = 1, loop: bool | None = None,
+                      background: bool = True) -> Generator:
     """A Generator running fusec-compiled programs of `model` (a `fusec.models.causal_lm.CausalLM` or a
     transformers `LlamaForCausalLM`, whose weights are mapped into one).
 
@@ -337,14 +369,18 @@ def compile_generator(model: nn.Module, max_seq_len: int | None = None, weights:
     `fusec.compile`). `backend` is a
     fusec backend ("numba", "reference"). `prompt_buckets` (e.g. (16, 64, 256)) pads prompts on the right
     to the next bucket, one static prefill program per bucket; without it one symbolic prefill program
-    serves every prompt length. The decode program for `batch` (and the symbolic prefill program) is compiled
-    here; nothing compiles while decoding.
+    serves every prompt length. The decode program for `batch` and the symbolic prefill program are compiled
+    here, except that with `background` (and compile workers, `fusec.backends.numba_cpu.compile_pool`) this
+    returns once the decode program is ready and the workers are only finishing the prefill program's
+    kernels: prompts meanwhile run through the decode program a token at a time (a cold start's first
+    token comes seconds sooner), and the first prompt after the workers are done finishes the prefill
+    program (loading their machine code). `generator.wait()` waits for it; `background=False` waits here.
     `loop=False` (or FUSEC_LOOP=0) keeps one Python call per kernel instead of one per run of layers.
     """
     causal_lm = as_causal_lm(model)
     generator = Generator(causal_lm, max_seq_len or causal_lm.config.max_seq_len,
                           fusec_compiler(backend, weights, fuse, loop), prompt_buckets,
-                          name=f"fusec {backend} {weights}")
+                          name=f"fusec {backend} {weights}", background=background)
     generator.compile_programs(batch)
     return generator
 

@@ -76,6 +76,19 @@ def decode_stepper(decode: Program, k_cache: Tensor, v_cache: Tensor) -> Callabl
     return array_step
 
 
+def prompt_by_decode(ids: Tensor, decode_step: Callable[[Tensor, int], Tensor],
+                     prefill_compiling: Callable[[], bool]) -> Tensor | None:
+    """The logits after prompts `ids` [B, T] run through the decode program a token at a time (their K/V
+    rows written as decode steps write them), while `prefill_compiling()`; None as soon as it is not (the
+    prefill program then runs the whole prompt: a long prompt does not wait on single steps for long)."""
+    logits = None
+    for pos in range(ids.shape[1]):
+        if not prefill_compiling():
+            return None
+        logits = decode_step(ids[:, pos], pos)
+    return logits
+
+
 PREFIX = "model."  # Prefill and DecodeStep hold the model as `self.model`
 
 

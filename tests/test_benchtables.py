@@ -56,6 +56,18 @@ def test_startup_table_shows_cold_and_the_warm_median(tmp_path):
     assert "| stories15M | 28.6 s | 1.03 s |" in lines
 
 
+def test_startup_table_sets_the_cold_start_waiting_for_both_programs_beside(tmp_path):
+    report = {"run": {"date": "2026-12-01 09:00 UTC", "commit": "1234567", "command": "python bench_startup.py"},
+              "rows": [{"model": "stories15M", "cold_s": 9.31, "cold_waiting_s": 12.44, "warm_s": 0.81,
+                        "warm_runs_s": [0.8, 0.81, 0.9], "cold": {"prompts_by_decode": 1}}]}
+    path = tmp_path / "bench_startup.json"
+    path.write_text(json.dumps(report))
+    lines = render(path).splitlines()
+    assert "`background=False`" in lines[0]
+    assert "| to the first token | cold | cold, both programs first | warm (median of 3) |" in lines
+    assert "| stories15M | 9.3 s (prompt by decode) | 12.4 s | 0.81 s |" in lines
+
+
 def test_trace_layers_table_sets_the_whole_export_beside_two_layers_and_expansion(tmp_path):
     report = {"run": {"date": "2026-12-01 05:40 UTC", "commit": "421878b", "command": "python bench_trace_layers.py"},
               "rows": [{"model": "tinyllama_1b", "program": "prefill", "layers": 22, "whole_s": 11.82,

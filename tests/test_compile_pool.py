@@ -197,3 +197,22 @@ def test_a_batch_waiting_for_a_worker_compiles_a_later_batchs_job(monkeypatch):
     assert ("here", "m1") in log and ("here", "m3") in log
     assert second.finish()["in_process"] == 1
     assert sorted(name for _, name in log) == ["m0", "m1", "m2", "m3"]
+
+
+def test_a_batch_says_whether_only_its_workers_have_work_left(monkeypatch):
+    """`compiling_elsewhere`: true while a worker holds or will take the jobs (the generator then runs
+    prompts through its decode program instead of waiting), false once they are done, and false at once
+    without workers (nothing would ever finish the jobs but `finish`)."""
+    log, release, modules = _one_slow_worker(monkeypatch)
+    first = compile_batch.start([(m, "kernel", ["sig"]) for m in modules[:2]])  # a worker holds m0, m1 queued
+    second = compile_batch.start([(m, "kernel", ["sig"]) for m in modules[:2]])  # borrows both
+    assert first.compiling_elsewhere() and second.compiling_elsewhere()
+    release.set()
+    for thread in first.threads:
+        thread.join()
+    assert not first.compiling_elsewhere() and not second.compiling_elsewhere()
+    assert first.finish()["in_workers"] == 2 and second.finish()["in_process"] == 0
+    assert sorted(log) == [("worker", "m0"), ("worker", "m1")]
+    monkeypatch.setattr(compile_pool, "worker_count", lambda jobs: 0)
+    alone = compile_batch.start([(m, "kernel", ["sig"]) for m in modules[2:]])
+    assert not alone.compiling_elsewhere()

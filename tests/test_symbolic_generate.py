@@ -55,7 +55,7 @@ def test_prefill_is_traced_while_the_decode_program_compiles(monkeypatch, tmp_pa
     monkeypatch.setattr(tracing, "export", lambda module, *a, **k: events.append(
         f"trace {type(module).__name__}") or export(module, *a, **k))
     monkeypatch.setattr(Program, "load_cached", lambda self: events.append("compiled") or load_cached(self))
-    gen = compile_generator(random_model(TINY, seed=3), max_seq_len=16)
+    gen = compile_generator(random_model(TINY, seed=3), max_seq_len=16, background=False)
     assert events == ["trace DecodeStep", "trace Prefill", "compiled", "compiled"]
     assert gen.stats["compiles"] == 2 and (1, "T") in gen._prefill
     tokens = prompt(length=5, seed=3)

@@ -8,6 +8,7 @@ jobs meanwhile, so this process's core stays busy.
 """
 from __future__ import annotations
 
+import atexit
 import threading
 
 from fusec.backends.numba_cpu import compile_pool as pool
@@ -106,6 +107,21 @@ class Batch:
                 _BATCHES.remove(self)
         return self.counts
 
+    def compiling_elsewhere(self) -> bool:
+        """True while worker processes hold or will take every job of this batch not done yet (and those it
+        borrowed): they finish without this process, which meanwhile may run code compiled before instead
+        of joining them in `finish`. False once nothing is left but loading, or when a job has no worker
+        left to take it (`finish` compiles it here)."""
+        with _FLIGHT_LOCK:
+            waiting = False
+            for batch, job in [(self, job) for job in self.queue] + [(_IN_FLIGHT.get(_key(job)), job)
+                                                                      for job in self.borrowed]:
+                if batch is not None and not batch.done[_key(job)].is_set():
+                    if job in batch.queue and not any(t.is_alive() for t in batch.threads):
+                        return False  # no worker left to take it: `finish` compiles it here
+                    waiting = True
+            return waiting or not all(done.is_set() for done in self.done.values())
+
     def _compile_here(self, job: tuple) -> None:
         """Compile one of this batch's jobs in this process, count it and mark it done."""
         _compile_here(job)
@@ -122,10 +138,27 @@ class Batch:
         return None
 
 
+def _drain() -> None:
+    """At exit, let the workers finish the batches nobody finished (a generator's prefill program still
+    compiling in the background, `fusec.generate.compile_generator`): their machine code and checksums
+    then reach the cache, and the next process loads what this one compiled instead of compiling it again.
+    Registered after the pool's own exit hook, so it runs before the workers are stopped."""
+    for batch in list(_BATCHES):
+        for thread in batch.threads:
+            thread.join()
+
+
+atexit.register(_drain)
+
+
 def _compile_here(job: tuple) -> None:
+    """Compile a job in this process and record its Numba files' checksums, as a worker does: the program
+    that wanted it may never run in this process (a prefill finished in the background at exit)."""
+    from fusec.cache import recorded
     module, function, signatures = job
-    for sig in signatures:
-        try:
+    try:
+        for sig in signatures:
             getattr(module, function).compile(sig)
-        except Exception:  # noqa: BLE001 - compiled again on the first call, which raises it as always
-            pass
+    except Exception:  # noqa: BLE001 - compiled again on the first call, which raises it as always
+        return
+    recorded(module)

@@ -93,6 +93,11 @@ class Program:
         if not defer:
             self.finish()
 
+    def compiling_elsewhere(self) -> bool:
+        """True while worker processes compile this program's kernel bodies and `finish` would only wait
+        for them (`compile_batch.Batch.compiling_elsewhere`)."""
+        return self._batch is not None and self._batch.compiling_elsewhere()
+
     def finish(self) -> None:
         """Wait for the kernel bodies this program started compiling (compiling here those no worker took),
         then set up its steps and buffers. Once; nothing to do after that."""
