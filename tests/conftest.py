@@ -4,16 +4,16 @@
 each given whole files so that a module's compiled fixtures are built once). Each process then keeps a
 core busy by itself, so compile worker processes (backends/numba_cpu/compile_pool.py) would only take
 turns with the other test process, and start again, importing torch, whenever a test changes
-FUSEC_CACHE_DIR or another FUSEC_ setting. They are off in those processes unless FUSEC_COMPILE_WORKERS
-is set; tests/test_compile_pool.py turns them on for its own tests, which cover them. A single-process
-run (`python -m pytest tests`) keeps the default, as a user's would.
+FUSEC_CACHE_DIR or another FUSEC_ setting. They are off unless FUSEC_COMPILE_WORKERS is set, in a
+single-process run too (with workers, whether a generator's first prompts run before its prefill program
+is done depends on timing, and tests that count programs would see either); tests/test_compile_pool.py
+and tests/test_background_prefill.py turn them on for their own tests, which cover them.
 """
 from __future__ import annotations
 
 import os
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ.setdefault("FUSEC_COMPILE_WORKERS", "0")
+os.environ.setdefault("FUSEC_COMPILE_WORKERS", "0")
 
 # The session's compile and trace caches live in a directory of its own (shared by the test processes,
 # which inherit it, and removed at the end), not in the user's: a run then starts from the same state every
