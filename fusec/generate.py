@@ -66,7 +66,8 @@ class Generator:
     @property
     def stats(self) -> dict:
         """Totals over this generator's life: compiles, compile_seconds, prompt_tokens, prefill_seconds,
-        prompts_by_decode (prompts run a token at a time while the prefill program compiled), tokens_generated, decode_steps, decode_tokens (steps x batch), decode_seconds, and the rates
+        prompts_by_decode (prompts run a token at a time while the prefill program compiled),
+        tokens_generated, decode_steps, decode_tokens (steps x batch), decode_seconds, and the rates
         prefill_tokens_per_s and decode_tokens_per_s; kernel_calls per run of each program and the
         distinct_kernels they compiled (kernels of equal bodies share one function, see `_kernel_counts`)."""
         return {**_with_rates(self._totals), **_kernel_counts(self._prefill, self._decode)}
@@ -250,12 +251,15 @@ class Generator:
         new, step_logits = [], []
         run = _counters()
 
-        start, compiled_at_start = time.perf_counter(), self._totals["compile_seconds"]
+        start = time.perf_counter()
         # a cold start's first prompts, while the workers still build the prefill program: a token at a time
-        logits = None if prefill else prompt_by_decode(ids, decode_step, lambda: self.prefill_compiling(batch))
+        logits = (None if prefill is not None else
+                  prompt_by_decode(ids, decode_step, lambda: self.prefill_compiling(batch)))
         run["prompts_by_decode"] = int(logits is not None)
         if logits is None:
+            finishing = time.perf_counter()
             prefill = self.prefill_program(batch, length)
+            start += time.perf_counter() - finishing  # (the prompt's time, not the program's)
             if length == prompt_len and not self.prompt_buckets:
                 logits, k_all, v_all = prefill(ids)
             else:
@@ -265,8 +269,7 @@ class Generator:
             k_cache[:, :, :, :length] = k_all
             v_cache[:, :, :, :length] = v_all
         finished = torch.zeros(batch, dtype=torch.bool)
-        run.update(prompt_tokens=batch * prompt_len, prefill_seconds=time.perf_counter() - start -
-                   (self._totals["compile_seconds"] - compiled_at_start))  # not the time finishing a program
+        run.update(prompt_tokens=batch * prompt_len, prefill_seconds=time.perf_counter() - start)
         for key in ("compiles", "compile_seconds"):  # compiled for this call
             run[key] = self._totals[key] - compiled_before[key]
 

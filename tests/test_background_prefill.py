@@ -69,6 +69,7 @@ def test_a_prefill_done_mid_prompt_runs_the_whole_prompt():
     want_ids, want_logits = eager_generate(gen.model, tokens, 3, max_seq_len=32)
     assert assert_same_greedy(ids, logits, want_ids, want_logits, 7) >= 1
     assert gen.last["prompts_by_decode"] == 0 and gen.last["compiles"] == 1 and gen.stats["compiles"] == 2
+    assert gen.last["prefill_seconds"] > 0  # the prompt's time alone, not the program's since its start
 
 
 def test_without_background_both_programs_are_finished_first():
