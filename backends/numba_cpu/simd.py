@@ -138,6 +138,14 @@ def _widen(builder: ir.IRBuilder, bits: ir.Value, order: list[int]) -> ir.Value:
     return builder.bitcast(builder.shuffle_vector(zeros, bits, ir.Constant(ir.VectorType(I32, 32), mask)), V16F)
 
 
+# The prefetches of the float dot products, each (groups of rows ahead, into the L1 cache or only the L2).
+# bf16 fetches in two steps: three groups ahead into the L2 (time for a line to come from the L3 or the
+# memory) and the next group into the L1 (a short wait, so the requests do not hold the L1's few
+# outstanding misses for long). See `float_dot` for what each choice measured.
+_FLOATS_PREFETCH = ((1, True),)
+_PAIRS_PREFETCH = ((3, False), (1, True))
+
+
 def float_dot(count: int, pairs: bool):
     """An intrinsic dot(w, a, n0, m): the tuple of `count` float32 dot products of activation row m of
     a[M, K] (float32) with weight rows n0.. of w, over the columns that fill whole chunks of 16 weights
@@ -174,7 +182,9 @@ def float_dot(count: int, pairs: bool):
             intp = n0v.type
             chunks = builder.udiv(arrays.shape(0, 1), ir.Constant(intp, LANES))
             accs = accumulators(builder, count)
-            ahead = builder.mul(arrays.shape(0, 1), ir.Constant(intp, 4 * count))  # bytes of `count` rows
+            row_bytes = builder.mul(arrays.shape(0, 1), ir.Constant(intp, 4))
+            aheads = [(builder.mul(row_bytes, ir.Constant(intp, groups * count)), into_l1)
+                      for groups, into_l1 in (_PAIRS_PREFETCH if pairs else _FLOATS_PREFETCH)]
             with cgutils.for_range(builder, chunks) as loop:
                 j = builder.mul(loop.index, ir.Constant(intp, LANES))
                 x = arrays.load(1, [mv, builder.mul(j, ir.Constant(intp, per))], ir.VectorType(F32, per * LANES))
@@ -182,7 +192,8 @@ def float_dot(count: int, pairs: bool):
                     xs = [lanes(builder, x, 0, LANES), lanes(builder, x, LANES, LANES)]
                 for r in range(count):
                     row = arrays.at(0, [builder.add(n0v, ir.Constant(intp, r)), j])
-                    prefetch(builder, at_byte(builder, row, ahead, I8), into_l1=not pairs)  # row r, next group
+                    for ahead, into_l1 in aheads:  # row r of a group ahead
+                        prefetch(builder, at_byte(builder, row, ahead, I8), into_l1=into_l1)
                     if pairs:
                         bits = builder.load(builder.bitcast(row, V32S.as_pointer()), align=4)
                         for xk, order in zip(xs, (_LOW, _HIGH)):
