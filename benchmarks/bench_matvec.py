@@ -6,7 +6,8 @@
 One activation row against each weight matrix of stories15M, stories110M and TinyLlama-1.1B (the shapes a decode step
 streams; the 32000-row LM head too). The kernels run in turn, round after round, so that a neighbour's
 load hits all of them alike; reported: weight bytes read per second at the median and at the best round
-(the best is the kernel's own speed on a noisy machine). The machine's read bandwidth (a large sum, see
+(the best is the kernel's own speed on a noisy machine), and bf16's bytes per second over fp32's, of the
+best rounds and the median of each round's ratio. The machine's read bandwidth (a large sum, see
 `fusec.benchtools.measure_memory_bandwidth`) is measured in the same run. With --footprint MB, each kernel
 cycles through copies of its weights that add up to at least that many MB, so that a call reads them from
 beyond the core's L2 cache as a decode step does (it streams every layer's weights once); otherwise a
@@ -86,6 +87,10 @@ def run(args: argparse.Namespace) -> dict:
             row[f"{fmt}_gb_s"] = nbytes / statistics.median(times[fmt]) / 1e9
             row[f"{fmt}_best_gb_s"] = nbytes / min(times[fmt]) / 1e9
         row["bf16_vs_fp32_bytes"] = row["bf16_best_gb_s"] / row["fp32_best_gb_s"]
+        # the same ratio round by round (the kernels ran side by side), its median: steadier on a shared
+        # machine than the ratio of two best rounds, which a neighbour's load moves one at a time
+        row["bf16_vs_fp32_rounds"] = statistics.median(
+            calls["bf16"][1] / b / (calls["fp32"][1] / f) for f, b in zip(times["fp32"], times["bf16"]))
         # weights per second of int8 (1.125 bytes each with the scales) over fp32's (4 bytes): time saved
         row["int8_vs_fp32_time"] = row["int8_best_gb_s"] / 1.125 / (row["fp32_best_gb_s"] / 4)
         rows.append(row)
@@ -98,7 +103,8 @@ COLUMNS = [("shape", "weight", ""), ("n", "N", "d"), ("k", "K", "d"),
            ("fp32_gb_s", "fp32 GB/s", ".1f"), ("fp32_best_gb_s", "best", ".1f"),
            ("bf16_gb_s", "bf16 GB/s", ".1f"), ("bf16_best_gb_s", "best", ".1f"),
            ("int8_gb_s", "int8 GB/s", ".1f"), ("int8_best_gb_s", "best", ".1f"),
-           ("bf16_vs_fp32_bytes", "bf16/fp32 B/s", ".2f"), ("int8_vs_fp32_time", "int8 speedup", ".2f")]
+           ("bf16_vs_fp32_bytes", "bf16/fp32 B/s", ".2f"), ("bf16_vs_fp32_rounds", "by round", ".2f"),
+           ("int8_vs_fp32_time", "int8 speedup", ".2f")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
           f"bandwidth {bw['best'] / 1e9:.1f} GB/s (numba {bw['numba'] / 1e9:.1f}, numpy {bw['numpy'] / 1e9:.1f}, "
           f"torch {bw['torch'] / 1e9:.1f})")
     print(benchtools.format_table(report["results"], COLUMNS))
-    print("bf16/fp32 B/s: bytes/s of bf16 over fp32's (best rounds); int8 speedup: fp32 time / int8 time")
+    print("bf16/fp32 B/s: bytes/s of bf16 over fp32's (best rounds; by round: the median of each round's ratio); "
+          "int8 speedup: fp32 time / int8 time")
     path = benchtools.write_json(Path(args.out) / "bench_matvec.json", report)
     print(f"\nwrote {path}")
     return 0

@@ -138,27 +138,48 @@ def _widen(builder: ir.IRBuilder, bits: ir.Value, order: list[int]) -> ir.Value:
     return builder.bitcast(builder.shuffle_vector(zeros, bits, ir.Constant(ir.VectorType(I32, 32), mask)), V16F)
 
 
+# The prefetches of the float dot products, each (groups of rows ahead, into the L1 cache or only the L2).
+# bf16 fetches in two steps: three groups ahead into the L2 (time for a line to come from the L3 or the
+# memory) and the next group into the L1 (a short wait, so the requests do not hold the L1's few
+# outstanding misses for long). See `float_dot` for what each choice measured.
+_FLOATS_PREFETCH = ((1, True),)
+_PAIRS_PREFETCH = ((3, False), (1, True))
+
+
 def float_dot(count: int, pairs: bool):
     """An intrinsic dot(w, a, n0, m): the tuple of `count` float32 dot products of activation row m of
     a[M, K] (float32) with weight rows n0.. of w, over the columns that fill whole chunks of 16 weights
     (`matvec.rest` adds the others). w is float32 [N, K], or with `pairs` bf16 read as pairs[N, K/2]
     (uint32: the even element in the low half, the odd one in the high half); both C-contiguous (callers
     check). One accumulator per row, reduced once at the end; per chunk one load of the activations,
-    shared by the rows, and per row one load of weights and a prefetch of the same place `count` rows on:
-    the next group's rows, short streams the hardware prefetcher does not ramp up on.
+    shared by the rows, and per row one load of weights and prefetches of the same place some groups of
+    `count` rows on (`_FLOATS_PREFETCH`, `_PAIRS_PREFETCH`): short streams the hardware prefetcher does not
+    ramp up on.
 
     fp32: one FMA per 16 weights. bf16: a chunk is 32 weights (64 bytes), widened by two unpacks against
     zeros (`_widen`: no shift, mask or constant vector) and summed by two FMAs into the row's accumulator;
     the activations `a` come with each whole chunk of 32 in the unpacks' order (`WIDENED`, permuted once
-    per call by `matvec.widened`), and the next group's rows are fetched into the L2 cache only (into L1
-    they ran 3-5% slower). The rows' accumulators are reduced together (`hsums`). The loop before widened
-    with a shift and a mask into two accumulators a row: more instructions per byte (a permutation
+    per call by `matvec.widened`). The rows' accumulators are reduced together (`hsums`). The loop before
+    widened with a shift and a mask into two accumulators a row: more instructions per byte (a permutation
     constant reloaded every chunk, a mask), and bf16 rows, half as long as fp32's, leave it fewer bytes
     per row to spread each group's fixed work over. Measured side by side (bench_matvec's kernels,
     alternating calls, weights cycled over 64 MB, stories110M's and TinyLlama's shapes, the median of each
     round's ratio): bf16's bytes per second went from 0.83-0.96x fp32's to 0.89-1.03x on two threads, from
     0.91-1.01x to 0.95-1.05x on one (K = 768 gained most; there a two-thread call is short enough that its
-    fork and join show)."""
+    fork and join show).
+
+    Per 64 bytes of a row the machine code is one FMA with its load and a prefetch for fp32; a load, two
+    unpacks, two FMAs and two prefetches for bf16. The unpacks (one port on AVX-512) bound bf16 at about
+    two cycles per 64 bytes, some 90 GB/s a core at 3 GHz, far above the 12-27 GB/s one core reads from
+    the L3 cache or the memory: the loop waits on its loads, not on its arithmetic. So a shift and a mask
+    (`vpslld`, `vpandd`: two ports, the activations split into even and odd columns) in place of the
+    unpacks measured the same (within the noise, either way), and the prefetches decide. bf16's were the
+    next group into the L2 only (into the L1 only: 0.95-1.02x from memory); fetching three groups
+    ahead into the L2 and the next group into the L1 (`_PAIRS_PREFETCH`) measured 1.01-1.10x the bytes
+    per second of the L2-only fetch with the weights cycled over 1 GB (memory), and 1.13x on stories15M's
+    32000 x 288 head read again and again (L3); matrices small enough to stay in the L2 between calls lose
+    up to 10% (one more instruction per line), which a decode step, reading each matrix once, never sees
+    (one thread, the dot loop alone, variants alternating, medians of 80 rounds)."""
     from numba.extending import intrinsic
     elem, per = (types.uint32, 2) if pairs else (types.float32, 1)  # activations per weight element
 
@@ -174,7 +195,9 @@ def float_dot(count: int, pairs: bool):
             intp = n0v.type
             chunks = builder.udiv(arrays.shape(0, 1), ir.Constant(intp, LANES))
             accs = accumulators(builder, count)
-            ahead = builder.mul(arrays.shape(0, 1), ir.Constant(intp, 4 * count))  # bytes of `count` rows
+            row_bytes = builder.mul(arrays.shape(0, 1), ir.Constant(intp, 4))
+            aheads = [(builder.mul(row_bytes, ir.Constant(intp, groups * count)), into_l1)
+                      for groups, into_l1 in (_PAIRS_PREFETCH if pairs else _FLOATS_PREFETCH)]
             with cgutils.for_range(builder, chunks) as loop:
                 j = builder.mul(loop.index, ir.Constant(intp, LANES))
                 x = arrays.load(1, [mv, builder.mul(j, ir.Constant(intp, per))], ir.VectorType(F32, per * LANES))
@@ -182,7 +205,8 @@ def float_dot(count: int, pairs: bool):
                     xs = [lanes(builder, x, 0, LANES), lanes(builder, x, LANES, LANES)]
                 for r in range(count):
                     row = arrays.at(0, [builder.add(n0v, ir.Constant(intp, r)), j])
-                    prefetch(builder, at_byte(builder, row, ahead, I8), into_l1=not pairs)  # row r, next group
+                    for ahead, into_l1 in aheads:  # row r of a group ahead
+                        prefetch(builder, at_byte(builder, row, ahead, I8), into_l1=into_l1)
                     if pairs:
                         bits = builder.load(builder.bitcast(row, V32S.as_pointer()), align=4)
                         for xk, order in zip(xs, (_LOW, _HIGH)):
