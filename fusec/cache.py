@@ -101,17 +101,17 @@ def environment_key() -> str:
     features = numba.config.CPU_FEATURES or binding.get_host_cpu_features().flatten()
     parts = [f"fusec {version('fusec')}", f"numba {numba.__version__}", f"llvmlite {llvmlite.__version__}",
              f"numpy {numpy.__version__}", f"torch {version('torch')}", f"python {platform.python_version()}",
-             f"cpu {cpu} {features}", f"kernels {_library_digest()}"]
+             f"cpu {cpu} {features}", f"kernels {library_digest()}"]
     return "\n".join(parts)
 
 
 # The modules of the Numba functions generated code calls (the header's imports) and of what those inline
 # (the matrix-vector loop and its LLVM IR): tests/test_cache.py checks that none is missing.
-LIBRARY = ("attention_block", "blas", "mkl", "lowp", "int8", "int8_dot", "gemm_widen", "matvec", "matvec_call", "rowops",
-           "simd", "fastexp", "borrowed", "call_at")
+LIBRARY = ("attention_block", "blas", "mkl", "lowp", "int8", "int8_dot", "gemm_widen", "gemm_call", "matvec",
+           "matvec_call", "entries", "rowops", "simd", "fastexp", "borrowed", "call_at")
 
 
-def _library_digest() -> str:
+def library_digest() -> str:
     """A hash of the Numba functions generated code calls (the `LIBRARY` modules of backends/numba_cpu):
     Numba's cache of a generated module embeds their machine code and does not notice when they change, so
     a changed library must mean new module names (a stale one crashed with a segmentation fault)."""

@@ -285,7 +285,7 @@ def test_library_digest_covers_every_module_generated_code_embeds(monkeypatch):
     import builtins
     import importlib
     real_open = builtins.open
-    before = cache._library_digest()
+    before = cache.library_digest()
     for name in sorted(_library_modules()):
         path = importlib.import_module(f"fusec.backends.numba_cpu.{name}").__file__
 
@@ -296,5 +296,5 @@ def test_library_digest_covers_every_module_generated_code_embeds(monkeypatch):
                 return io.BytesIO(f.read() + b"\n# edited\n")
             return f
         monkeypatch.setattr(builtins, "open", edited)
-        assert cache._library_digest() != before, f"a change to {name}.py leaves the library digest as it was"
+        assert cache.library_digest() != before, f"a change to {name}.py leaves the library digest as it was"
         monkeypatch.setattr(builtins, "open", real_open)

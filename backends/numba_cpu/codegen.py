@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from fusec.backends.numba_cpu.attention import emit_attention
 from fusec.backends.numba_cpu.expr import Emitter
 from fusec.backends.numba_cpu.gemm import emit_matmul
-from fusec.backends.numba_cpu.matvec_call import binding_lines
+from fusec.backends.numba_cpu.entries import binding_lines
 from fusec.backends.numba_cpu.sizes import size_lines
 from fusec.backends.numba_cpu.stores import emit_outputs, emit_rows
 from fusec.backends.numba_cpu.writer import Writer
@@ -86,8 +86,8 @@ def generate(name: str, node: Node) -> KernelCode:
     source = w.text()
     if "prange(" not in source:  # a kernel of small loops runs on the calling thread: say so to Numba
         source = source.replace("@njit(parallel=True,", "@njit(parallel=False,", 1)
-    # the library entries its matrix-vector calls declare, bound before the kernel compiles or loads
-    source = binding_lines(source) + source
+    # the library entries its calls declare (recorded by the emitter), bound before it compiles or loads
+    source = binding_lines(em.entries, source) + source
     gathers = [(take_bound(body, body.nodes[i]), describe_take(body, body.nodes[i])) for i in em.gathers]
     return KernelCode(name, source, params, consts, loop, gathers)
 

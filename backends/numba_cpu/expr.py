@@ -89,6 +89,8 @@ class Emitter:
         self._under: dict[tuple[int, frozenset], frozenset] = {}  # overrides a node's value depends on
         # takes whose indices are computed in the kernel (not checked before it): the code checks them
         self.gathers = [i for i, n in enumerate(body.nodes) if n.op == "take" and index_source(body, n) is None]
+        # (caller name, family, key) of each library entry the code calls (`entries.py`): bound above the kernel
+        self.entries: list[tuple[str, str, tuple]] = []
 
     def tmp(self, prefix: str = "t") -> str:
         self.count += 1

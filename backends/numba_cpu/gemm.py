@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+from fusec.backends.numba_cpu import gemm_call, matvec_call
 from fusec.backends.numba_cpu.expr import Emitter
 from fusec.backends.numba_cpu.mkl import bf16_gemm_in_hardware, blas_choice
 from fusec.backends.numba_cpu.stores import emit_store, shared_stores
@@ -85,7 +86,7 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
             a = view[0]
     folded = _residual_gemm(em, matmuls, rights, outs, a) if blas == "mkl" and lower(m) > matvec_rows else None
     if folded:  # out = residual + a @ w^T: one call, no epilogue
-        w.line(folded)
+        _emit_gemm(em, "gemm_add_mkl", folded)
         return "gemm"
     streamed: list[tuple[str, str, str]] = []  # (format, weight, product) of the matrix-vector products
     joint: list[tuple[str, str]] = []  # (weight [N, K], product) of the fp32 MKL GEMMs, run together
@@ -110,14 +111,16 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
             either.append((b, acc))  # the product for the call's M, with the kernel's other such ones
         elif is_sym(m) and transposed and lower(m) <= matvec_rows:  # the product for the call's M
             with w.block(f"if {m} <= {matvec_rows}", barrier=True):
-                w.line(f"matvec{widened}({a}, {b}, {acc}, {group})")
+                _emit_matvecs(em, a, [(widened, b, acc)], group)
             with w.block("else", barrier=True):
                 if widened and blas == "mkl":
                     _emit_widened_gemms(em, a, [(widened, b, acc)])
+                elif widened:
+                    w.line(f"gemm{widened}({a}, {b}, {acc})")
                 else:
-                    w.line(f"gemm{widened}({a}, {b}, {acc})" if widened else f"{gemm_fn}({a}, {b}, {acc}, True)")
+                    _emit_gemm(em, gemm_fn, f"{a}, {b}, {acc}, True")
         elif bf16[j]:
-            w.line(f"gemm_bf16_mkl({a16}, {b}, {acc})")
+            _emit_gemm(em, "gemm_bf16_mkl", f"{a16}, {b}, {acc}")
         elif widened and blas == "mkl":
             widened_joint.append((widened, b, acc))
         elif widened:
@@ -125,12 +128,12 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
         elif blas == "mkl" and transposed:
             joint.append((b, acc))
         else:
-            w.line(f"{gemm_fn}({a}, {b}, {acc}, {transposed})")
+            _emit_gemm(em, gemm_fn, f"{a}, {b}, {acc}, {transposed}")
         em.overrides[mm] = (lambda name: lambda idx: f"{name}[{idx[0]}, {idx[1]}]")(acc)
     if either:  # matrix-vector products up to matvec_rows rows, else one joint GEMM call
         with w.block(f"if {m} <= {matvec_rows}", barrier=True):
             for b, acc in either:
-                w.line(f"matvec({a}, {b}, {acc}, {group})")
+                _emit_matvecs(em, a, [("", b, acc)], group)
         with w.block("else", barrier=True):
             _emit_joint_gemms(em, a, either)
     _emit_joint_gemms(em, a, joint)
@@ -149,7 +152,7 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
 
 
 def _residual_gemm(em: Emitter, matmuls: list[int], rights: list, outs: list[str], a: str | None) -> str:
-    """The call `gemm_add_mkl(a, w, out, residual)` when the kernel computes only out = residual + a @ w^T
+    """The arguments of the call `gemm_add_mkl(a, w, out, residual)` when the kernel computes only out = residual + a @ w^T
     (either order of the add; the product possibly reshaped to the output's shape, rows flattened): a
     projection followed by the residual connection. MKL adds the product to a copy of the residual
     (`mkl.gemm_add_mkl`) instead of the product going to a buffer that a pass of its own then adds to the
@@ -181,7 +184,7 @@ def _residual_gemm(em: Emitter, matmuls: list[int], rights: list, outs: list[str
 
     def rows(name: str) -> str:
         return name if len(shape) == 2 else f"{name}.reshape(({m}, {n}))"
-    return f"gemm_add_mkl({a}, {view[0]}, {rows(outs[0])}, {rows(em.arrays[residual])})"
+    return f"{a}, {view[0]}, {rows(outs[0])}, {rows(em.arrays[residual])}"
 
 
 def _check_int8(g, matmuls: list[int], rights: list) -> None:
@@ -204,9 +207,9 @@ def _emit_joint_gemms(em: Emitter, a: str, joint: list[tuple[str, str]]) -> None
     for i in range(0, len(joint), MATVEC_GROUP):
         group = joint[i:i + MATVEC_GROUP]
         if len(group) == 1:
-            em.w.line(f"gemm_mkl({a}, {group[0][0]}, {group[0][1]}, True)")
+            _emit_gemm(em, "gemm_mkl", f"{a}, {group[0][0]}, {group[0][1]}, True")
         else:
-            em.w.line(f"gemm{len(group)}_mkl({a}, {', '.join(f'{b}, {acc}' for b, acc in group)})")
+            _emit_gemm(em, f"gemm{len(group)}_mkl", f"{a}, {', '.join(f'{b}, {acc}' for b, acc in group)}")
 
 
 WIDENED_GEMMS = {"_int8": "int8", "_bf16": "bf16w"}  # a weight format's GEMMs in `gemm_widen.py`
@@ -228,7 +231,7 @@ def _emit_widened_gemms(em: Emitter, a: str, products: list[tuple[str, str, str]
     ones quantize `a` once per call."""
     for fmt, group in _by_format(products):
         arity = str(len(group)) if len(group) > 1 else ""
-        em.w.line(f"gemm{arity}_{WIDENED_GEMMS[fmt]}_mkl({a}, {', '.join(f'{b}, {acc}' for b, acc in group)})")
+        _emit_gemm(em, f"gemm{arity}_{WIDENED_GEMMS[fmt]}_mkl", f"{a}, {', '.join(f'{b}, {acc}' for b, acc in group)}")
 
 
 def _emit_matvecs(em: Emitter, a: str, streamed: list[tuple[str, str, str]], group: int) -> None:
@@ -236,6 +239,14 @@ def _emit_matvecs(em: Emitter, a: str, streamed: list[tuple[str, str, str]], gro
     format in calls of up to three (Q, K and V; W1 and W3), each one parallel loop over the rows of all its
     matrices (`matvec.matvec2`, `lowp.matvec2_bf16`, ...), `group` weight rows at a time."""
     for fmt, products in _by_format(streamed):
-        arity = str(len(products)) if len(products) > 1 else ""
-        em.w.line(f"matvec{arity}{fmt}({a}, {', '.join(b for b, _ in products)}, "
+        em.entries.append(matvec_call.key(fmt, len(products), group))  # its symbol, bound above the kernel
+        em.w.line(f"{matvec_call.name(fmt, len(products))}({a}, {', '.join(b for b, _ in products)}, "
                   f"{', '.join(c for _, c in products)}, {group})")
+
+
+def _emit_gemm(em: Emitter, name: str, args: str) -> None:
+    """A call of `name` (an MKL GEMM, `gemm_call.py`, or NumPy's OpenBLAS `gemm`) with `args`, recording the
+    entry of an MKL one so that its symbol is bound above the kernel."""
+    if name in gemm_call.NAMES:
+        em.entries.append(gemm_call.key(name))
+    em.w.line(f"{name}({args})")

@@ -22,14 +22,14 @@ from numba import njit, prange
 from fusec.backends.numba_cpu.attention_block import flash_block_gemm, flash_block_rows
 from fusec.backends.numba_cpu.blas import bf16, checked_index, gemm, gemm_bf16, load_bf16, rbf16
 from fusec.backends.numba_cpu.lowp import gemm_int8
-from fusec.backends.numba_cpu.matvec_call import bind as bind_matvec
+from fusec.backends.numba_cpu.entries import bind_entry
 from fusec.backends.numba_cpu.matvec_call import (matvec, matvec2, matvec2_bf16, matvec2_int8, matvec3, matvec3_bf16,
                                                  matvec3_int8, matvec_bf16, matvec_int8)
 from fusec.backends.numba_cpu.fastexp import exp32
-from fusec.backends.numba_cpu.gemm_widen import (gemm2_bf16w_mkl, gemm2_int8_mkl, gemm3_bf16w_mkl, gemm3_int8_mkl,
-                                                gemm_bf16w_mkl, gemm_int8_mkl)
-from fusec.backends.numba_cpu.mkl import (bf16_bits, gemm2_mkl, gemm3_mkl, gemm_add_mkl, gemm_bf16_mkl, gemm_mkl,
-                                         gemm_tile_mkl)
+from fusec.backends.numba_cpu.gemm_call import (gemm2_bf16w_mkl, gemm2_int8_mkl, gemm2_mkl, gemm3_bf16w_mkl,
+                                               gemm3_int8_mkl, gemm3_mkl, gemm_add_mkl, gemm_bf16_mkl, gemm_bf16w_mkl,
+                                               gemm_int8_mkl, gemm_mkl)
+from fusec.backends.numba_cpu.mkl import bf16_bits, gemm_tile_mkl
 from fusec.backends.numba_cpu.rowops import row_axpy, row_dot, row_finite
 
 FASTMATH = {FASTMATH}
