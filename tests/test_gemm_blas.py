@@ -268,12 +268,13 @@ def test_bf16_bits_rounds_as_torch():
 
 
 def test_bf16_weights_at_prefill_use_the_bf16_gemm_on_a_cpu_with_bf16_products(block, monkeypatch):
-    """weights="bf16" at prefill where the CPU multiplies bf16 (AVX512-BF16 or AMX-BF16; MKL emulates them
+    """weights="bf16" at prefill where the CPU multiplies bf16 fast (AVX512-BF16 or AMX-BF16; MKL emulates them
     elsewhere, so this runs on any CPU): activations rounded to bf16 (to nearest even) in the prologue, bf16
     x bf16 products summed in float32, everything else float32. Closer to fp32 than eager bf16 (which also
     rounds every op's result, the GEMM outputs included); within 0.2% of the output's scale of fp32 eager.
     (Without bf16 products the weights are widened instead: tests/test_gemm_widen.py.)"""
     monkeypatch.setattr(mkl, "_target_features", lambda: {"avx512f", "avx512bf16"})
+    monkeypatch.setenv("FUSEC_BF16_GEMM", "mkl")  # where it measured faster (`bf16_gemm_choice`)
     module, args, want = block
     compiled = fusec.compile(module, args, weights="bf16")
     assert "gemm_bf16_mkl(" in compiled.source and "bf16_bits(" in compiled.source

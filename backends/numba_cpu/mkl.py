@@ -64,8 +64,14 @@ def bf16_gemm_in_hardware() -> bool:
     (`gemm_widen.gemm_bf16w_mkl`, float32 activations: also closer to the reference) is faster: measured
     on a 2-core AVX-512 + VNNI CPU without either, tinyllama_1b block, 256-token prefill, time over fp32's
     in the same process, alternating processes: the bf16 GEMM 1.14-1.35x, the widened tiles 1.08-1.25x
-    (medians 1.27x and 1.15x, 9 and 8 rounds on a busy machine)."""
-    return bool({"avx512bf16", "amx-bf16"} & _target_features())
+    (medians 1.27x and 1.15x, 9 and 8 rounds on a busy machine). A CPU that reports the instructions gets
+    the bf16 GEMM only if it measured faster there (`bf16_gemm_choice`)."""
+    features = _target_features()
+    if not {"avx512bf16", "amx-bf16"} & features:
+        return False
+    import torch
+    from fusec.backends.numba_cpu.bf16_gemm_choice import bf16_gemm_faster
+    return bf16_gemm_faster(f"{llvm.get_host_cpu_name()} {','.join(sorted(features))} torch {torch.__version__}")
 
 
 def blas_choice() -> tuple[str, str]:
