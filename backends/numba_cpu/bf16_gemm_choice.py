@@ -25,26 +25,27 @@ SHAPE = (256, 2048, 2048)  # M, K, N: a prefill of 256 tokens through a 2048-wid
 MACHINE_FILE = "machine.json"
 
 
-def bf16_gemm_faster(key: str) -> bool:
+def bf16_gemm_faster(key: str, gemms: tuple) -> bool:
     """True when MKL's bf16 GEMM is to be used on this machine (`key`: the CPU's name, features and torch's
-    version): FUSEC_BF16_GEMM's choice, else measured at most once per machine and cache directory."""
+    version; `gemms`: `mkl.gemm_bf16_mkl` and `mkl.gemm_mkl`, passed in: that module asks this one):
+    FUSEC_BF16_GEMM's choice, else measured at most once per machine and cache directory."""
     wanted = os.environ.get("FUSEC_BF16_GEMM", "").strip().lower()
     if wanted in ("mkl", "widen"):
         return wanted == "mkl"
     if wanted:
         raise ValueError(f"FUSEC_BF16_GEMM must be 'mkl' or 'widen' (or unset), got {wanted!r}")
     from fusec.cache import choose_dir
-    return measured_faster(key, choose_dir()[0])
+    return measured_faster(key, choose_dir()[0], gemms)
 
 
 @functools.lru_cache(maxsize=None)
-def measured_faster(key: str, directory: str | None) -> bool:
+def measured_faster(key: str, directory: str | None, gemms: tuple) -> bool:
     """The verdict for `key` kept in `directory`'s machine file, else measured (and kept there)."""
     path = os.path.join(directory, MACHINE_FILE) if directory else None
     stored = _read(path)
     if stored.get("bf16_gemm", {}).get("key") == key and isinstance(stored["bf16_gemm"].get("ratio"), float):
         return stored["bf16_gemm"]["ratio"] <= FASTER
-    ratio = measure_ratio()
+    ratio = measure_ratio(*gemms)
     if path:
         from fusec.cache_manifest import write_atomic
         stored["bf16_gemm"] = {"key": key, "ratio": ratio}
@@ -55,10 +56,9 @@ def measured_faster(key: str, directory: str | None) -> bool:
     return ratio <= FASTER
 
 
-def measure_ratio(rounds: int = 5) -> float:
+def measure_ratio(gemm_bf16_mkl, gemm_mkl, rounds: int = 5) -> float:
     """The median over `rounds` of MKL's bf16 GEMM's time over its sgemm's at `SHAPE` (alternating, after
     one call of each), both as fusec's prefill kernels call them: a block of columns per Numba thread."""
-    from fusec.backends.numba_cpu.mkl import gemm_bf16_mkl, gemm_mkl
     m, k, n = SHAPE
     rng = np.random.default_rng(0)
     a, w = rng.standard_normal((m, k), np.float32), rng.standard_normal((n, k), np.float32)

@@ -71,7 +71,8 @@ def bf16_gemm_in_hardware() -> bool:
         return False
     import torch
     from fusec.backends.numba_cpu.bf16_gemm_choice import bf16_gemm_faster
-    return bf16_gemm_faster(f"{llvm.get_host_cpu_name()} {','.join(sorted(features))} torch {torch.__version__}")
+    key = f"{llvm.get_host_cpu_name()} {','.join(sorted(features))} torch {torch.__version__}"
+    return bf16_gemm_faster(key, (gemm_bf16_mkl, gemm_mkl))
 
 
 def blas_choice() -> tuple[str, str]:
