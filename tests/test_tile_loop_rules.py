@@ -83,9 +83,11 @@ def test_the_decode_code_streams_weights_in_the_groups_the_tiles_show(weights, g
 
 
 @pytest.mark.parametrize("weights, stored", [("fp32", 4), ("bf16", 2), ("int8", 1)])
-def test_a_kernel_shape_sees_the_weights_as_stored(weights, stored):
+def test_a_kernel_shape_sees_the_weights_as_stored(weights, stored, monkeypatch):
     """A bf16 or int8 weight reaches its product widened (cast, scales, transpose): the tiles are chosen
-    for the bytes its loop streams, so a bf16 or int8 prefill keeps LOWP_MATVEC_ROWS."""
+    for the bytes its loop streams, so a bf16 or int8 prefill keeps LOWP_MATVEC_ROWS. The fp32 rows follow
+    from the caches' sizes: tiled for the reference CPU, not for the machine running the test."""
+    monkeypatch.setattr(fusec.passes.tile, "cpu", lambda: REFERENCE_CPU)
     module, args = load_model("llama-block", seq_len=SEQ)
     graph = run_pipeline(trace(module, args).graph, until="tiled", target="cpu", weights=weights)
     matmuls = [n for n in graph.nodes if n.op == "kernel" and n.attr("kind") == "matmul"]
