@@ -10,7 +10,10 @@ setup(
         f"fusec.{p}" for p in find_packages(include=["passes", "passes.*", "backends", "backends.*"])],
     package_dir={"fusec.passes": "passes", "fusec.backends": "backends"},
     python_requires=">=3.11",  # tomllib (machine files); tested on 3.11
-    install_requires=["torch>=2.6", "numpy", "numba", "llvmlite", "scipy"],
+    # onednn-cpu-gomp: oneDNN's matmul runs the prefill GEMM blocks (backends/numba_cpu/onednn.py); MKL
+    # runs them where it is missing
+    install_requires=["torch>=2.6", "numpy", "numba", "llvmlite", "scipy",
+                      "onednn-cpu-gomp==2023.2.0; platform_machine == 'x86_64' and sys_platform == 'linux'"],
     # models: the checkpoint formats of `fusec generate` (fusec/loaders imports them only when used)
     # pytest-xdist: `make test` runs two test processes (Makefile)
     extras_require={"test": ["pytest", "pytest-xdist==3.8.0", "hypothesis", "transformers==4.57.6", "matplotlib",

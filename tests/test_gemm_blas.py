@@ -55,7 +55,7 @@ def _matmul_kernels(compiled):
 def test_prefill_gemms_call_mkl_and_match_eager(block):
     module, args, want = block
     compiled = fusec.compile(module, args)
-    assert compiled.stats["blas"] == "mkl" and "blas_note" not in compiled.stats
+    assert compiled.stats["blas"] == "onednn" and "blas_note" not in compiled.stats  # MKL's blocks on oneDNN
     assert re.search(r"\bgemm(\d|_add)?_mkl\(", compiled.source) and not re.search(r"\bgemm\(", compiled.source)
     _close(compiled(*args), want, 1e-5)
 
@@ -127,7 +127,7 @@ def test_openblas_when_asked_or_when_mkl_is_missing(block, monkeypatch):
     with pytest.raises(FusecError, match="FUSEC_BLAS=mkl, but MKL cannot be used: .*sgemm_"):
         mkl.blas_choice()
     monkeypatch.setenv("FUSEC_BLAS", "atlas")
-    with pytest.raises(FusecError, match="FUSEC_BLAS must be one of mkl, openblas .*'atlas'"):
+    with pytest.raises(FusecError, match="FUSEC_BLAS must be one of onednn, mkl, openblas .*'atlas'"):
         mkl.blas_choice()
 
 
@@ -294,7 +294,7 @@ x = torch.randn(80, 64)
 compiled = fusec.compile(module, (x,))
 with torch.no_grad():
     want = module(x)
-assert compiled.stats["blas"] == "mkl", compiled.stats
+assert compiled.stats["blas"] == "onednn", compiled.stats
 torch.testing.assert_close(compiled(x), want, rtol=1e-4, atol=1e-5)
 print("ok")
 """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from fusec.backends.numba_cpu.mkl import blas_choice
+from fusec.backends.numba_cpu.mkl import blas_choice, gemm_blocks
 from fusec.cache import load_source
 
 # Fast-math flags that keep every value's meaning: `contract` fuses a*b+c into one FMA (rounds once, a
@@ -37,11 +37,13 @@ FASTMATH = {FASTMATH}
 
 
 def blas_used(source: str) -> dict:
-    """{"blas": the library the GEMM calls of generated `source` go to, "mkl", "openblas" or "none"}, with
-    "blas_note" saying why when it is OpenBLAS. The generated code names it: `gemm_mkl`, `gemm3_int8_mkl`,
-    ... (every MKL call ends in `_mkl`) or `gemm` / `gemm_bf16` / `gemm_int8`."""
+    """{"blas": the library the GEMM calls of generated `source` go to, "onednn", "mkl", "openblas" or
+    "none"}, with "blas_note" saying why when it is not oneDNN. The generated code names the family:
+    `gemm_mkl`, `gemm3_int8_mkl`, ... (every MKL call ends in `_mkl`; their blocks run on oneDNN where it
+    is installed) or `gemm` / `gemm_bf16` / `gemm_int8`."""
     if re.search(r"\bgemm\w*_mkl\(", source):
-        return {"blas": "mkl"}
+        library, why = gemm_blocks()  # (the blocks of MKL's GEMM helpers run on oneDNN where it is installed)
+        return {"blas": library, **({"blas_note": f"oneDNN unused: {why}"} if why else {})}
     if re.search(r"\bgemm(_bf16|_int8)?\(", source):
         return {"blas": "openblas", "blas_note": blas_choice()[1] or "FUSEC_BLAS=openblas when it was compiled"}
     return {"blas": "none"}

@@ -28,12 +28,13 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from fusec.backends.numba_cpu import onednn
 from fusec.backends.numba_cpu.blas import _f32_as_bits, _ptr
 from fusec.backends.numba_cpu.int8_dot import _target_features
 from fusec.errors import FusecError
 
 SYMBOLS = ("sgemm_", "cblas_gemm_bf16bf16f32", "MKL_Set_Num_Threads_Local")
-CHOICES = ("mkl", "openblas")
+CHOICES = ("onednn", "mkl", "openblas")
 COLUMN_ALIGN = 16  # column blocks start at multiples of 16 floats (64 bytes, one cache line)
 
 
@@ -71,22 +72,35 @@ def bf16_gemm_in_hardware() -> bool:
         return False
     import torch
     from fusec.backends.numba_cpu.bf16_gemm_choice import bf16_gemm_faster
-    key = f"{llvm.get_host_cpu_name()} {','.join(sorted(features))} torch {torch.__version__}"
+    key = f"{llvm.get_host_cpu_name()} {','.join(sorted(features))} torch {torch.__version__} {gemm_blocks()[0]}"
     return bf16_gemm_faster(key, (gemm_bf16_mkl, gemm_mkl))
 
 
 def blas_choice() -> tuple[str, str]:
-    """(library the GEMMs of a program compiled now call, a note why it is not MKL or '')."""
+    """(library family the GEMMs of a program compiled now call: "mkl" for the per-thread blocks of this
+    module, whose blocks oneDNN runs where it is installed (`onednn.py`), or "openblas"; a note why it is
+    not MKL or ''). Sets which library runs the blocks (`gemm_blocks`)."""
     wanted = os.environ.get("FUSEC_BLAS", "").strip().lower()
     if wanted not in ("",) + CHOICES:
         raise FusecError(f"FUSEC_BLAS must be one of {', '.join(CHOICES)} (or unset), got {wanted!r}")
     if wanted == "openblas":
+        onednn.use(False)
         return "openblas", "FUSEC_BLAS=openblas"
     if UNAVAILABLE:
-        if wanted == "mkl":
-            raise FusecError(f"FUSEC_BLAS=mkl, but MKL cannot be used: {UNAVAILABLE}")
+        if wanted in ("mkl", "onednn"):  # (oneDNN's blocks fall back to MKL's: both needed)
+            raise FusecError(f"FUSEC_BLAS={wanted}, but MKL cannot be used: {UNAVAILABLE}")
+        onednn.use(False)
         return "openblas", f"MKL unavailable: {UNAVAILABLE}"
+    why = onednn.use(wanted != "mkl")
+    if wanted == "onednn" and why:
+        raise FusecError(f"FUSEC_BLAS=onednn, but oneDNN cannot be used: {why}")
     return "mkl", ""
+
+
+def gemm_blocks() -> tuple[str, str]:
+    """("onednn" or "mkl": the library running the prefill GEMM blocks now, why not oneDNN or '')."""
+    why = onednn.use(os.environ.get("FUSEC_BLAS", "").strip().lower() not in ("mkl", "openblas"))
+    return ("mkl", why) if why else ("onednn", "")
 
 
 _I32 = types.int32
@@ -147,6 +161,14 @@ def sgemm_block(a, b, c, b_transposed):
     _sgemm_beta(a, b, c, b_transposed, 0.0)
 
 
+@njit(cache=True, nogil=True)
+def product_block(a, b, c, b_transposed, beta):
+    """One block of a prefill product on one thread: c = a @ B + beta * c (beta 0 or 1) by oneDNN where it
+    runs the blocks (`onednn.py`), else by MKL's sgemm."""
+    if not onednn.block(a, b, c, b_transposed, beta != 0.0, onednn.F32):
+        _sgemm_beta(a, b, c, b_transposed, beta)
+
+
 # Generated kernels call it from a parallel loop of their own (one attention block per iteration, see
 # `attention_gemm.py`): one single-threaded call per block, on that loop's thread.
 gemm_tile_mkl = sgemm_block
@@ -155,6 +177,8 @@ gemm_tile_mkl = sgemm_block
 @njit(cache=True, nogil=True)
 def _gemm_bf16_block(a, w, c):
     """One single-threaded MKL bf16 GEMM: c = a @ w^T (see `gemm_bf16_mkl`)."""
+    if onednn.block(a, w, c, True, False, onednn.BF16):
+        return
     m, k = a.shape
     n = c.shape[1]
     before = _set_local_threads(1)
@@ -172,7 +196,7 @@ def gemm_mkl(a, b, c, b_transposed):
     for t in prange((n + block - 1) // block):
         n0 = t * block
         n1 = min(n, n0 + block)
-        sgemm_block(a, b[n0:n1] if b_transposed else b[:, n0:n1], c[:, n0:n1], b_transposed)
+        product_block(a, b[n0:n1] if b_transposed else b[:, n0:n1], c[:, n0:n1], b_transposed, 0.0)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -189,7 +213,7 @@ def gemm_add_mkl(a, w, c, r):
         for i in range(m):
             for j in range(n0, n1):
                 c[i, j] = r[i, j]
-        _sgemm_beta(a, w[n0:n1], c[:, n0:n1], True, 1.0)
+        product_block(a, w[n0:n1], c[:, n0:n1], True, 1.0)
 
 
 @njit(inline="always")
@@ -198,7 +222,7 @@ def _columns(a, w, c, lo, hi, first):
     n0 = max(lo, first) - first
     n1 = min(hi, first + c.shape[1]) - first
     if n0 < n1:
-        sgemm_block(a, w[n0:n1], c[:, n0:n1], True)
+        product_block(a, w[n0:n1], c[:, n0:n1], True, 0.0)
 
 
 @njit(parallel=True, cache=True, nogil=True)
