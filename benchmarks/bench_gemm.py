@@ -1,5 +1,6 @@
-"""The GEMMs fusec's kernels can call, at Llama prefill shapes: NumPy's OpenBLAS (`blas.gemm`), MKL from
-torch's CPU library (`mkl.gemm_mkl`, `mkl.gemm_bf16_mkl`) and, for reference, torch.matmul in fp32 and bf16.
+"""The GEMMs fusec's kernels can call, at Llama prefill shapes: NumPy's OpenBLAS (`blas.gemm`), MKL's
+per-thread blocks from torch's CPU library (`mkl.gemm_mkl`, `mkl.gemm_bf16_mkl`), the same blocks run by
+oneDNN where it is installed (`onednn.py`) and, for reference, torch.matmul in fp32 and bf16.
 
     python benchmarks/bench_gemm.py [--threads 2] [--repeat 9] [--shapes 256x2048x5632,256x5632x2048]
 
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fusec.backends.numba_cpu import blas, mkl
+from fusec.backends.numba_cpu import blas, mkl, onednn
 from fusec import benchtools
 
 
@@ -45,9 +46,15 @@ def libraries(m: int, k: int, n: int) -> dict:
     a16, w16 = ta.bfloat16(), tw.bfloat16()
     a16_bits, w16_bits = (t.view(torch.int16).numpy().view(np.uint16) for t in (a16, w16))
     calls = {"OpenBLAS sgemm": lambda: blas.gemm(a, w, c, True)}
+
+    def on(library: bool, call):  # the blocks of MKL's helpers on oneDNN or on MKL for this call
+        return lambda: (onednn.use(library), call())
     if not mkl.UNAVAILABLE:
-        calls["MKL sgemm"] = lambda: mkl.gemm_mkl(a, w, c, True)
-        calls["MKL bf16"] = lambda: mkl.gemm_bf16_mkl(a16_bits, w16_bits, c)
+        calls["MKL sgemm"] = on(False, lambda: mkl.gemm_mkl(a, w, c, True))
+        calls["MKL bf16"] = on(False, lambda: mkl.gemm_bf16_mkl(a16_bits, w16_bits, c))
+        if not onednn.use(True):
+            calls["oneDNN fp32"] = on(True, lambda: mkl.gemm_mkl(a, w, c, True))
+            calls["oneDNN bf16"] = on(True, lambda: mkl.gemm_bf16_mkl(a16_bits, w16_bits, c))
     return {**calls, "torch fp32": lambda: ta @ tw.T, "torch bf16": lambda: a16 @ w16.T}
 
 
@@ -80,9 +87,11 @@ def main(argv=None) -> int:
                          "gflop_per_cpu_s": gflop / statistics.median(cpu[name])})
             print(f"  {name:15s} {rows[-1]['gflop_s']:7.1f} GFLOP/s  {rows[-1]['gflop_per_cpu_s']:7.1f} GFLOP per "
                   "CPU-second")
+    onednn.use(True)
     path = benchtools.write_json(Path(args.out) / "bench_gemm.json", {
         "threads": args.threads, "repeat": args.repeat, "load_average": load,
-        "mkl": mkl.UNAVAILABLE or "bound from torch", "results": rows})
+        "mkl": mkl.UNAVAILABLE or "bound from torch", "onednn": onednn.use(True) or "installed",
+        "results": rows})
     print(f"\nwrote {path}")
     return 0
 

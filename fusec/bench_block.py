@@ -359,10 +359,10 @@ def print_report(report: dict) -> None:
           f"{report['past']}; {threads['torch']} torch threads, {threads['numba']} numba threads; "
           f"median of {report['repeat']}")
     bandwidth, peak = machine["bandwidth"], machine["matmul_peak"]
+    gemms = ", ".join(f"{k} {peak[k] / 1e9:.1f}" for k in ("torch", "numpy", "onednn") if k in peak)
     print(f"read bandwidth {bandwidth['best'] / 1e9:.1f} GB/s (numba {bandwidth['numba'] / 1e9:.1f}, numpy "
           f"{bandwidth['numpy'] / 1e9:.1f}, torch {bandwidth['torch'] / 1e9:.1f}); matmul peak "
-          f"{peak['best'] / 1e9:.1f} GFLOP/s (torch {peak['torch'] / 1e9:.1f}, numpy {peak['numpy'] / 1e9:.1f});"
-          f" each the better of before and after the run")
+          f"{peak['best'] / 1e9:.1f} GFLOP/s ({gemms}); each the better of before and after the run")
     warning = contention_warning(machine, threads["torch"])
     if warning:
         print(warning)

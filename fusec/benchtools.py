@@ -124,13 +124,19 @@ def measure_memory_bandwidth(nbytes: int | None = None, repeat: int = 5,
 def measure_matmul_peak(n: int = 2048, repeat: int = 5) -> dict[str, float]:
     """Float32 GEMM rate in flop/s on n x n matrices, median over `repeat` runs.
 
-    Returns {"torch": ..., "numpy": ..., "best": max of them} (torch.mm and numpy.dot).
+    Returns {"torch": ..., "numpy": ..., "best": max of them} (torch.mm and numpy.dot), and "onednn" (fusec's
+    own prefill GEMM, `mkl.gemm_mkl` with oneDNN running its blocks) where oneDNN is installed: the peak is
+    the fastest float32 GEMM this machine has, not only torch's.
     """
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     flops = 2.0 * n ** 3
     kernels = {"torch": lambda: torch.mm(ta, tb), "numpy": lambda: np.dot(a, b)}
+    from fusec.backends.numba_cpu import mkl  # here: only benchmarks measure the peak
+    if not mkl.UNAVAILABLE and mkl.gemm_blocks()[0] == "onednn":
+        c = np.empty((n, n), np.float32)
+        kernels["onednn"] = lambda: mkl.gemm_mkl(a, b, c, False)
     result = {name: flops / median_time(mm, warmup=1, repeat=repeat) for name, mm in kernels.items()}
     result["best"] = max(result.values())
     result["n"] = float(n)

@@ -1,5 +1,6 @@
 """Prefill GEMMs over weights stored narrow (bfloat16 bits, int8 blocks): each thread widens its own
-weight rows to float32, a cache-sized tile at a time, and multiplies each tile by MKL's sgemm.
+weight rows to float32, a cache-sized tile at a time, and multiplies each tile by one single-threaded
+GEMM (oneDNN's where it is installed, else MKL's sgemm: `mkl.product_block`).
 
 Why: a GEMM reads every weight M times, so at prefill the weights' bytes hardly matter; what matters is
 that the widening costs little next to the multiply and that both run on every core. The tile scheme of
@@ -27,7 +28,7 @@ from numba.extending import overload
 from fusec.backends.numba_cpu.blas import bf16
 from fusec.backends.numba_cpu.int8 import check_blocks, quantized_activations
 from fusec.backends.numba_cpu.int8_dot import BLOCK, widen_block
-from fusec.backends.numba_cpu.mkl import COLUMN_ALIGN, column_block, sgemm_block, threads
+from fusec.backends.numba_cpu.mkl import COLUMN_ALIGN, column_block, product_block, threads
 
 # bytes of a thread's float32 weight tile: small enough to stay in the core's L2 cache (2 MiB a core on the
 # machine measured) between its widening and sgemm. Measured with tinyllama_1b's products at 256 rows, 2
@@ -90,13 +91,14 @@ def _weight_rows(w):
 @njit(inline="always")
 def _tiled_columns(x, w, c, lo, hi, first, tile):
     """The columns [lo, hi) of the concatenation that fall in c = x @ widened(w)^T, whose columns start
-    at `first`: tile by tile, widened into `tile` and multiplied by one single-threaded sgemm."""
+    at `first`: tile by tile, widened into `tile` and multiplied by one single-threaded GEMM (oneDNN's or
+    MKL's sgemm, `mkl.product_block`)."""
     n0 = max(lo, first) - first
     n1 = min(hi, first + c.shape[1]) - first
     for t0 in range(n0, n1, tile.shape[0]):
         t1 = min(n1, t0 + tile.shape[0])
         widen_rows(w, t0, t1, tile)
-        sgemm_block(x, tile[: t1 - t0], c[:, t0:t1], True)
+        product_block(x, tile[: t1 - t0], c[:, t0:t1], True, 0.0)
 
 
 @njit(parallel=True, cache=True, nogil=True)
