@@ -30,10 +30,12 @@ from fusec.backends.numba_cpu.int8 import check_blocks, quantized_activations
 from fusec.backends.numba_cpu.int8_dot import BLOCK, widen_block
 from fusec.backends.numba_cpu.mkl import COLUMN_ALIGN, column_block, product_block, threads
 
-# bytes of a thread's float32 weight tile: small enough to stay in the core's L2 cache (2 MiB a core on the
-# machine measured) between its widening and sgemm. Measured with tinyllama_1b's products at 256 rows, 2
-# threads, alternating: 128 KiB, 512 KiB and 2 MiB tiles within the (large) noise of a busy machine
-TILE_BYTES = 512 * 1024
+# bytes of a thread's float32 weight tile, widened then multiplied. With MKL's sgemm, 128 KiB, 512 KiB and
+# 2 MiB tiles were within the noise (tinyllama_1b's products at 256 rows, 2 threads, alternating). oneDNN
+# pays a fixed cost per call (the callback, its packing): 256 x 2048 x 5632, 2 threads, medians of 7
+# alternating rounds on a quiet machine with a 1 MiB L2 a core: int8 26.2 / 18.4 / 19.3 ms and bf16 25.3 /
+# 17.1 / 18.9 ms with 512 KiB / 2 MiB / 8 MiB tiles (fp32 weights, nothing to widen: 16.2; MKL 33-36 each)
+TILE_BYTES = 2 * 1024 * 1024
 
 
 @njit(inline="always")
