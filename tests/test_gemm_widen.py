@@ -45,7 +45,7 @@ def _check(wide, outs, wants):
 # 16-column alignment nor of the tile; the tile holds few rows at the largest K (several tiles a thread)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("m,k,widths", [(100, 64, (300, 7, 45)), (65, 96, (33, 100)), (130, 32, (1,)),
-                                        (70, 4096, (70, 3, 2))])
+                                        (70, 16384, (70, 3, 2))])
 def test_int8_gemms_equal_quantized_activations_times_dequantized_weights(threads, m, k, widths):
     rng = np.random.default_rng(k)
     a = rng.standard_normal((m, k), dtype=np.float32)
@@ -56,13 +56,13 @@ def test_int8_gemms_equal_quantized_activations_times_dequantized_weights(thread
         wide, outs = _windows(m, widths)
         fn(a, *[x for (q, s, _), c in zip(weights, outs) for x in (q, s, c)])
     _check(wide, outs, wants)
-    if k == 4096:
+    if k == 16384:
         assert gemm_widen.tile_rows(k) < max(widths)  # several tiles a thread
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("m,k,widths", [(100, 64, (300, 7, 45)), (65, 33, (33, 100)), (130, 5, (1,)),
-                                        (70, 4099, (70, 3, 2))])
+                                        (70, 16387, (70, 3, 2))])
 def test_bf16_widened_gemms_equal_float32_activations_times_widened_weights(threads, m, k, widths):
     rng = np.random.default_rng(k)
     a = rng.standard_normal((m, k), dtype=np.float32)
