@@ -27,6 +27,12 @@ from fusec.backends.numba_cpu import blas, mkl, onednn
 from fusec import benchtools
 
 
+# seconds between calls: the thread pools of the call before (OpenBLAS's, torch's OpenMP) spin for a while
+# after it and would take the cores from the next library's call (measured: oneDNN's blocks ran at 137-191
+# GFLOP/s right after other libraries' calls, 312-356 alone)
+SETTLE = 0.05
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -75,6 +81,7 @@ def main(argv=None) -> int:
             fn()  # compile / warm up
         for _ in range(args.repeat):
             for name, fn in calls.items():
+                time.sleep(SETTLE)
                 w0, c0 = time.perf_counter(), time.process_time()
                 fn()
                 wall[name].append(time.perf_counter() - w0)
