@@ -97,3 +97,18 @@ def test_fusec_blas_chooses_the_library_of_the_blocks(monkeypatch):
     assert mkl.gemm_blocks() == ("mkl", "no libdnnl.so.3 in this environment (the onednn-cpu-gomp package)")
     monkeypatch.undo()
     onednn.use(True)
+
+
+def test_a_thread_keeps_its_most_recent_primitives_and_each_block_stays_right(on, monkeypatch):
+    """Past `_MAX_PRIMITIVES` shapes on a thread the least recently used primitive is destroyed (a server's
+    many prompt lengths do not grow memory without bound); a shape seen again is made again."""
+    monkeypatch.setattr(onednn, "_MAX_PRIMITIVES", 2)
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((160, 512), np.float32)
+    for m in (64, 72, 80, 64, 88):
+        a = rng.standard_normal((m, 512), np.float32)
+        c = np.empty((m, 160), np.float32)
+        assert onednn.block(a, w, c, True, False, onednn.F32)
+        np.testing.assert_allclose(c, a @ w.T, rtol=1e-4, atol=1e-3)
+    kept = onednn._STATE["onednn"].local.primitives
+    assert [key[0] for key in kept] == [64, 88]

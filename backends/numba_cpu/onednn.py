@@ -29,6 +29,7 @@ import os
 import sys
 import sysconfig
 import threading
+from collections import OrderedDict
 
 import llvmlite.binding as llvm
 from llvmlite import ir as llvm_ir
@@ -41,7 +42,7 @@ from fusec.backends.numba_cpu.blas import _ptr
 MIN_MACS = 1 << 22  # multiply-adds of a block below which MKL runs it (the callback's cost ~ a 40 us GEMM)
 F32, BF16 = 3, 2  # oneDNN's data type codes
 _SRC, _WEIGHTS, _DST = 1, 33, 17  # DNNL_ARG_*
-_MAX_PRIMITIVES = 256  # per process; made again after
+_MAX_PRIMITIVES = 64  # per thread (shapes: a few per prompt length); the least recently used go first
 _Dims = C.c_int64 * 12  # dnnl_dims_t
 
 
@@ -62,9 +63,7 @@ class _OneDNN:
         self._ok(self.lib.dnnl_engine_create(C.byref(self.engine), 1, C.c_size_t(0)), "engine")
         self.omp_get = self.lib.omp_get_max_threads  # the OpenMP runtime the library itself calls
         self.omp_set = self.lib.omp_set_num_threads
-        self.local = threading.local()
-        self.lock = threading.Lock()
-        self.count = 0
+        self.local = threading.local()  # primitives, memories and a stream per thread: none is shared
 
     @staticmethod
     def _ok(status: int, what: str) -> None:
@@ -78,55 +77,79 @@ class _OneDNN:
         return md
 
     def _make(self, m, n, k, lda, ldb, ldc, dtype, transposed, accumulate):
-        """(primitive, stream, its three memories, their execution arguments) for one block shape."""
-        lib = self.lib
-        descs = (self._desc(m, k, lda, 1, dtype),
-                 self._desc(k, n, 1, ldb, dtype) if transposed else self._desc(k, n, ldb, 1, dtype),
-                 self._desc(m, n, ldc, 1, F32))
-        attr = C.c_void_p()
-        if accumulate:  # dst += product (the residual already in dst)
-            ops = C.c_void_p()
-            self._ok(lib.dnnl_post_ops_create(C.byref(ops)), "post-ops")
-            self._ok(lib.dnnl_post_ops_append_sum(ops, C.c_float(1.0), 0, 0), "sum post-op")
-            self._ok(lib.dnnl_primitive_attr_create(C.byref(attr)), "attributes")
-            self._ok(lib.dnnl_primitive_attr_set_post_ops(attr, ops), "attributes' post-ops")
-        pd, prim = C.c_void_p(), C.c_void_p()
-        self._ok(lib.dnnl_matmul_primitive_desc_create(C.byref(pd), self.engine, descs[0], descs[1], None,
-                                                       descs[2], attr), "matmul descriptor")
-        self._ok(lib.dnnl_primitive_create(C.byref(prim), pd), "matmul primitive")
-        memories = []
-        for md in descs:
-            mem = C.c_void_p()
-            self._ok(lib.dnnl_memory_create(C.byref(mem), md, self.engine, None), "memory")
-            memories.append(mem)
+        """(primitive, its three memories, their execution arguments) for one block shape; the descriptors
+        and attributes that made them are destroyed here (the primitive and memories keep copies)."""
+        lib, made = self.lib, []  # made: (destroy function, handle) of what lives only until the primitive
+        try:
+            descs = [self._desc(m, k, lda, 1, dtype),
+                     self._desc(k, n, 1, ldb, dtype) if transposed else self._desc(k, n, ldb, 1, dtype),
+                     self._desc(m, n, ldc, 1, F32)]
+            made += [(lib.dnnl_memory_desc_destroy, md) for md in descs]
+            attr = C.c_void_p()
+            if accumulate:  # dst += product (the residual already in dst)
+                ops = C.c_void_p()
+                self._ok(lib.dnnl_post_ops_create(C.byref(ops)), "post-ops")
+                made.append((lib.dnnl_post_ops_destroy, ops))
+                self._ok(lib.dnnl_post_ops_append_sum(ops, C.c_float(1.0), 0, 0), "sum post-op")
+                self._ok(lib.dnnl_primitive_attr_create(C.byref(attr)), "attributes")
+                made.append((lib.dnnl_primitive_attr_destroy, attr))
+                self._ok(lib.dnnl_primitive_attr_set_post_ops(attr, ops), "attributes' post-ops")
+            pd, prim = C.c_void_p(), C.c_void_p()
+            self._ok(lib.dnnl_matmul_primitive_desc_create(C.byref(pd), self.engine, descs[0], descs[1], None,
+                                                           descs[2], attr), "matmul descriptor")
+            made.append((lib.dnnl_primitive_desc_destroy, pd))
+            self._ok(lib.dnnl_primitive_create(C.byref(prim), pd), "matmul primitive")
+            memories = []
+            try:
+                for md in descs:
+                    mem = C.c_void_p()
+                    self._ok(lib.dnnl_memory_create(C.byref(mem), md, self.engine, None), "memory")
+                    memories.append(mem)
+            except RuntimeError:
+                self._destroy((prim, memories, None))
+                raise
+        finally:
+            for destroy, handle in reversed(made):
+                destroy(handle)
         args = (_Arg * 3)(*(_Arg(a, mem) for a, mem in zip((_SRC, _WEIGHTS, _DST), memories)))
         return prim, memories, args
 
-    def run(self, a, b, c, m, n, k, lda, ldb, ldc, dtype, transposed, accumulate) -> int:
+    def _destroy(self, made) -> None:
+        prim, memories, _ = made
+        for mem in memories:
+            self.lib.dnnl_memory_destroy(mem)
+        self.lib.dnnl_primitive_destroy(prim)
+
+    def _primitive(self, key: tuple):
+        """This thread's primitive for `key`, made if new; the least recently used one destroyed past
+        `_MAX_PRIMITIVES` (a server sees many prompt lengths)."""
         local = self.local
         if not hasattr(local, "primitives"):
-            local.primitives, local.stream = {}, C.c_void_p()
+            local.primitives, local.stream = OrderedDict(), C.c_void_p()
             self._ok(self.lib.dnnl_stream_create(C.byref(local.stream), self.engine, C.c_uint(1)), "stream")
-        key = (m, n, k, lda, ldb, ldc, dtype, transposed, accumulate)
         made = local.primitives.get(key)
-        if made is None:
-            with self.lock:
-                self.count += 1
-                if self.count > _MAX_PRIMITIVES:  # many prompt lengths: start again (no destroy: rare)
-                    self.count, local.primitives = 1, {}
-            # made while this thread's OpenMP count is 1, a primitive runs on the calling thread alone
-            # whatever the count when it runs (its thread count is fixed when it is made)
-            before = self.omp_get()
-            self.omp_set(1)
-            try:
-                made = local.primitives[key] = self._make(*key)
-            finally:
-                self.omp_set(before)
-        prim, memories, args = made
+        if made is not None:
+            local.primitives.move_to_end(key)
+            return made
+        # made while this thread's OpenMP count is 1, a primitive runs on the calling thread alone
+        # whatever the count when it runs (its thread count is fixed when it is made)
+        before = self.omp_get()
+        self.omp_set(1)
+        try:
+            made = local.primitives[key] = self._make(*key)
+        finally:
+            self.omp_set(before)
+        while len(local.primitives) > _MAX_PRIMITIVES:
+            self._destroy(local.primitives.popitem(last=False)[1])
+        return made
+
+    def run(self, a, b, c, m, n, k, lda, ldb, ldc, dtype, transposed, accumulate) -> int:
+        prim, memories, args = self._primitive((m, n, k, lda, ldb, ldc, dtype, transposed, accumulate))
         for mem, ptr in zip(memories, (a, b, c)):
             self.lib.dnnl_memory_set_data_handle(mem, C.c_void_p(ptr))
-        status = self.lib.dnnl_primitive_execute(prim, local.stream, 3, args)
-        return status or self.lib.dnnl_stream_wait(local.stream)
+        stream = self.local.stream
+        status = self.lib.dnnl_primitive_execute(prim, stream, 3, args)
+        return status or self.lib.dnnl_stream_wait(stream)
 
 
 _LIBRARY_FLAG = C.c_int32(0)  # what `fusec_gemm_library` holds: 1 while oneDNN runs the blocks
