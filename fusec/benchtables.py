@@ -182,7 +182,8 @@ RENDERERS: dict[str, dict[str, Part]] = {
     "bench_generate": {"bench_generate": (_generate, "Decode tokens/s (batch 1, greedy) and, in brackets, its "
                                                      "share of the bandwidth roofline.")},
     "bench_block": {"bench_block": (_block, "Median time per call and, in brackets, its share of the roofline "
-                                            "(decode: bandwidth; prefill: matmul peak).")},
+                                            "(decode: bandwidth; prefill: matmul peak, bf16's own "
+                                            "where measured).")},
     "bench_startup": {"bench_startup": (
         _startup, _startup_legend)},
     "bench_symbolic_block": {"bench_symbolic_block": (_symbolic, _symbolic_legend)},

@@ -126,20 +126,28 @@ def measure_matmul_peak(n: int = 2048, repeat: int = 5) -> dict[str, float]:
 
     Returns {"torch": ..., "numpy": ..., "best": max of them} (torch.mm and numpy.dot), and "onednn" (fusec's
     own prefill GEMM, `mkl.gemm_mkl` with oneDNN running its blocks) where oneDNN is installed: the peak is
-    the fastest float32 GEMM this machine has, not only torch's.
+    the fastest float32 GEMM this machine has, not only torch's. "bf16": the fastest bf16 x bf16 -> f32
+    GEMM (torch.mm on bf16, and fusec's `mkl.gemm_bf16_mkl` where oneDNN runs it), the peak of a bf16
+    prefill that uses one.
     """
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     flops = 2.0 * n ** 3
     kernels = {"torch": lambda: torch.mm(ta, tb), "numpy": lambda: np.dot(a, b)}
+    a16, b16 = ta.bfloat16(), tb.bfloat16()
+    bf16 = {"torch_bf16": lambda: torch.mm(a16, b16)}
     from fusec.backends.numba_cpu import mkl  # here: only benchmarks measure the peak
     if not mkl.UNAVAILABLE and mkl.gemm_blocks()[0] == "onednn":
         c = np.empty((n, n), np.float32)
         kernels["onednn"] = lambda: mkl.gemm_mkl(a, b, c, False)
+        a_bits, bt_bits = a16.view(torch.int16).numpy().view(np.uint16), b16.T.contiguous().view(torch.int16)
+        bt_bits = bt_bits.numpy().view(np.uint16)
+        bf16["onednn_bf16"] = lambda: mkl.gemm_bf16_mkl(a_bits, bt_bits, c)  # (w is [N, K])
     result = {name: flops / median_time(mm, warmup=1, repeat=repeat) for name, mm in kernels.items()}
     result["best"] = max(result.values())
-    result["n"] = float(n)
+    rates = {name: flops / median_time(mm, warmup=1, repeat=repeat) for name, mm in bf16.items()}
+    result.update(rates, bf16=max(rates.values()), n=float(n))
     return result
 
 
