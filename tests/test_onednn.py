@@ -112,3 +112,25 @@ def test_a_thread_keeps_its_most_recent_primitives_and_each_block_stays_right(on
         np.testing.assert_allclose(c, a @ w.T, rtol=1e-4, atol=1e-3)
     kept = onednn._STATE["onednn"].local.primitives
     assert [key[0] for key in kept] == [64, 88]
+
+
+def test_one_compiled_program_runs_its_blocks_on_either_library(on):
+    """The library is chosen at run time, not compiled in: the same program (a stories15M block's prefill,
+    blocks above MIN_MACS) gives eager's output with its blocks on oneDNN and on MKL."""
+    import fusec
+    from fusec.models import LlamaBlock, LlamaConfig, example_inputs
+    torch.manual_seed(0)
+    block = LlamaBlock(LlamaConfig.preset("stories15M")).eval()
+    (x,) = example_inputs(block.config, seq_len=128)
+    with torch.no_grad():
+        want = block(x)
+    compiled = fusec.compile(block, (x,))
+    assert compiled.stats["blas"] == "onednn"
+    outputs = []
+    for library in (True, False, True):
+        onednn.use(library)
+        outputs.append(compiled(x))
+    for got in outputs:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(outputs[0], outputs[1])  # the two libraries sum in other orders: both ran
+    torch.testing.assert_close(outputs[0], outputs[2], rtol=0, atol=0)
