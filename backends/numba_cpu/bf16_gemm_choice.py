@@ -1,5 +1,8 @@
-"""Whether prefill GEMMs over bf16 weights call MKL's bf16 x bf16 -> f32 GEMM or widen weight tiles to
-float32 for its sgemm (`mkl.bf16_gemm_in_hardware`), decided by a measurement on this machine.
+"""Whether prefill GEMMs over bf16 weights call a bf16 x bf16 -> f32 GEMM or widen weight tiles to float32
+for the fp32 one (`mkl.bf16_gemm_in_hardware`), decided by a measurement on this machine. Both are the
+GEMM blocks of `mkl.py`, run by oneDNN where it is installed, else by MKL (`onednn.py`): the verdict is
+kept per library (its key names it). With oneDNN on an AMD CPU with AVX512-BF16 the bf16 GEMM ran at
+about twice the fp32 one's rate and is used; what follows was measured with MKL.
 
 A CPU that reports AVX512-BF16 need not run MKL's bf16 GEMM fast: on a 2-core virtual machine reporting it,
 MKL's bf16 GEMM ran at 0.63-0.73x its sgemm (tinyllama_1b block, 256-token bf16 prefill: 141 ms through it

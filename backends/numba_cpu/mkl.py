@@ -59,9 +59,9 @@ UNAVAILABLE = _load()  # '' when MKL is usable
 
 
 def bf16_gemm_in_hardware() -> bool:
-    """Whether prefill GEMMs over bf16 weights call MKL's bf16 x bf16 -> f32 GEMM (`gemm_bf16_mkl`, over
-    activations rounded to bf16): only where the CPU multiplies bf16 itself (AVX512-BF16 or AMX-BF16, which
-    MKL uses). Elsewhere MKL emulates it, and widening the weights to float32 tiles per thread for sgemm
+    """Whether prefill GEMMs over bf16 weights call a bf16 x bf16 -> f32 GEMM (`gemm_bf16_mkl`, over
+    activations rounded to bf16; its blocks on oneDNN or MKL, `onednn.py`): only where the CPU multiplies
+    bf16 itself (AVX512-BF16 or AMX-BF16). Elsewhere MKL emulates it, and widening the weights to float32 tiles per thread for sgemm
     (`gemm_widen.gemm_bf16w_mkl`, float32 activations: also closer to the reference) is faster: measured
     on a 2-core AVX-512 + VNNI CPU without either, tinyllama_1b block, 256-token prefill, time over fp32's
     in the same process, alternating processes: the bf16 GEMM 1.14-1.35x, the widened tiles 1.08-1.25x
