@@ -94,7 +94,6 @@ def main(argv=None) -> int:
                          "gflop_per_cpu_s": gflop / statistics.median(cpu[name])})
             print(f"  {name:15s} {rows[-1]['gflop_s']:7.1f} GFLOP/s  {rows[-1]['gflop_per_cpu_s']:7.1f} GFLOP per "
                   "CPU-second")
-    onednn.use(True)
     path = benchtools.write_json(Path(args.out) / "bench_gemm.json", {
         "threads": args.threads, "repeat": args.repeat, "load_average": load,
         "mkl": mkl.UNAVAILABLE or "bound from torch", "onednn": onednn.use(True) or "installed",

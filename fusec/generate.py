@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from fusec.generate_programs import (PREFIX, WEIGHTS, Compiler, Program, bind, program_weights,  # noqa: F401
-                                     decode_stepper, eager_compiler, fusec_compiler, prompt_by_decode)
+                                     counters, decode_stepper, eager_compiler, fusec_compiler, kernel_counts,
+                                     prompt_by_decode, with_rates)
 from fusec.models.causal_lm import CausalLM, DecodeStep, Prefill, cache_shape, from_hf
 from fusec.sampling import sampler as _sampler
 
@@ -57,7 +58,7 @@ class Generator:
         self._compiling: dict[int, tuple[Callable[[], Program], float]] = {}
         self._decode: dict[int, Program] = {}
         self._caches: dict[int, tuple[Tensor, Tensor]] = {}
-        self._totals = _counters()
+        self._totals = counters()
         self._bound: dict | None = None  # weights bound in place of the model's own (`bind_weights`)
         self.last: dict = {}  # the stats of the last `generate` call alone
         self._lock = threading.Lock()  # one generate at a time (`_exclusive`)
@@ -69,8 +70,8 @@ class Generator:
         prompts_by_decode (prompts run a token at a time while the prefill program compiled),
         tokens_generated, decode_steps, decode_tokens (steps x batch), decode_seconds, and the rates
         prefill_tokens_per_s and decode_tokens_per_s; kernel_calls per run of each program and the
-        distinct_kernels they compiled (kernels of equal bodies share one function, see `_kernel_counts`)."""
-        return {**_with_rates(self._totals), **_kernel_counts(self._prefill, self._decode)}
+        distinct_kernels they compiled (kernels of equal bodies share one function, see `kernel_counts`)."""
+        return {**with_rates(self._totals), **kernel_counts(self._prefill, self._decode)}
 
     # --- programs -------------------------------------------------------------------------------------
 
@@ -249,7 +250,7 @@ class Generator:
         k_cache, v_cache = self.caches(batch)
         decode_step = decode_stepper(decode, k_cache, v_cache)
         new, step_logits = [], []
-        run = _counters()
+        run = counters()
 
         start = time.perf_counter()
         # a cold start's first prompts, while the workers still build the prefill program: a token at a time
@@ -291,7 +292,7 @@ class Generator:
         run.update(tokens_generated=batch * len(new), decode_tokens=batch * run["decode_steps"],
                    decode_seconds=time.perf_counter() - start)
 
-        self.last = _with_rates(run)
+        self.last = with_rates(run)
         for key, value in run.items():
             if key not in ("compiles", "compile_seconds"):  # counted by _compile already
                 self._totals[key] += value
@@ -334,30 +335,6 @@ class Generator:
         return (f"<{self.name} generator: Llama dim={config.dim} layers={config.n_layers} "
                 f"vocab={config.vocab_size}, max_seq_len={self.max_seq_len}, {self._totals['compiles']} "
                 f"program(s) compiled>")
-
-
-def _counters() -> dict:
-    return dict(compiles=0, compile_seconds=0.0, prompt_tokens=0, prefill_seconds=0.0, prompts_by_decode=0,
-                tokens_generated=0, decode_steps=0, decode_tokens=0, decode_seconds=0.0)
-
-
-def _kernel_counts(prefill: dict, decode: dict) -> dict:
-    """kernel_calls: {"decode b1": calls per run, "prefill b1 t8": ...}; distinct_kernels: the functions
-    all these programs compiled, each distinct kernel body counted once (None without compiled kernels)."""
-    programs = {**{f"prefill b{b} t{t}": p for (b, t), p in prefill.items()},
-                **{f"decode b{b}": p for b, p in decode.items()}}
-    calls = {name: p.stats["kernel_calls"] for name, p in programs.items() if getattr(p, "stats", None)}
-    modules = {m.__name__ for p in programs.values() for m in getattr(getattr(p, "program", None), "modules", ())}
-    return {"kernel_calls": calls, "distinct_kernels": len(modules) or None}
-
-
-def _with_rates(counts: dict) -> dict:
-    """`counts` plus prefill_tokens_per_s (prompt tokens) and decode_tokens_per_s (the tokens decode steps
-    yield: all but each sequence's first, which comes from prefill)."""
-    def rate(n: float, seconds: float) -> float:
-        return n / seconds if seconds > 0 else 0.0
-    return dict(counts, prefill_tokens_per_s=rate(counts["prompt_tokens"], counts["prefill_seconds"]),
-                decode_tokens_per_s=rate(counts["decode_tokens"], counts["decode_seconds"]))
 
 
 def compile_generator(model: nn.Module, max_seq_len: int | None = None, weights: str = "fp32",

@@ -1,6 +1,7 @@
 """The programs a `fusec.generate.Generator` runs, and how it runs them: the compilers that make them
-(`fusec_compiler`, `eager_compiler`), one decode step on the generator's KV caches (`decode_stepper`), and
-binding weights to compiled programs.
+(`fusec_compiler`, `eager_compiler`), one decode step on the generator's KV caches (`decode_stepper`),
+binding weights to compiled programs, and the counts a generator keeps of its runs (`counters`,
+`with_rates`, `kernel_counts`).
 """
 from __future__ import annotations
 
@@ -102,3 +103,28 @@ def program_weights(program: Program):
 
 def bind(program: Program, bound: dict) -> None:
     program_weights(program).bind_weights(bound)
+
+
+def counters() -> dict:
+    """A generator's run counts, all zero (its totals, and each `generate` call's own)."""
+    return dict(compiles=0, compile_seconds=0.0, prompt_tokens=0, prefill_seconds=0.0, prompts_by_decode=0,
+                tokens_generated=0, decode_steps=0, decode_tokens=0, decode_seconds=0.0)
+
+
+def kernel_counts(prefill: dict, decode: dict) -> dict:
+    """kernel_calls: {"decode b1": calls per run, "prefill b1 t8": ...}; distinct_kernels: the functions
+    all these programs compiled, each distinct kernel body counted once (None without compiled kernels)."""
+    programs = {**{f"prefill b{b} t{t}": p for (b, t), p in prefill.items()},
+                **{f"decode b{b}": p for b, p in decode.items()}}
+    calls = {name: p.stats["kernel_calls"] for name, p in programs.items() if getattr(p, "stats", None)}
+    modules = {m.__name__ for p in programs.values() for m in getattr(getattr(p, "program", None), "modules", ())}
+    return {"kernel_calls": calls, "distinct_kernels": len(modules) or None}
+
+
+def with_rates(counts: dict) -> dict:
+    """`counts` plus prefill_tokens_per_s (prompt tokens) and decode_tokens_per_s (the tokens decode steps
+    yield: all but each sequence's first, which comes from prefill)."""
+    def rate(n: float, seconds: float) -> float:
+        return n / seconds if seconds > 0 else 0.0
+    return dict(counts, prefill_tokens_per_s=rate(counts["prompt_tokens"], counts["prefill_seconds"]),
+                decode_tokens_per_s=rate(counts["decode_tokens"], counts["decode_seconds"]))

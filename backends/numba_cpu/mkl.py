@@ -61,8 +61,8 @@ UNAVAILABLE = _load()  # '' when MKL is usable
 def bf16_gemm_in_hardware() -> bool:
     """Whether prefill GEMMs over bf16 weights call a bf16 x bf16 -> f32 GEMM (`gemm_bf16_mkl`, over
     activations rounded to bf16; its blocks on oneDNN or MKL, `onednn.py`): only where the CPU multiplies
-    bf16 itself (AVX512-BF16 or AMX-BF16). Elsewhere MKL emulates it, and widening the weights to float32 tiles per thread for sgemm
-    (`gemm_widen.gemm_bf16w_mkl`, float32 activations: also closer to the reference) is faster: measured
+    bf16 itself (AVX512-BF16 or AMX-BF16). Elsewhere MKL emulates it, and widening the weights to float32
+    tiles per thread for sgemm (`gemm_widen.gemm_bf16w_mkl`, float32 activations: also closer to the reference) is faster: measured
     on a 2-core AVX-512 + VNNI CPU without either, tinyllama_1b block, 256-token prefill, time over fp32's
     in the same process, alternating processes: the bf16 GEMM 1.14-1.35x, the widened tiles 1.08-1.25x
     (medians 1.27x and 1.15x, 9 and 8 rounds on a busy machine). A CPU that reports the instructions gets
@@ -80,7 +80,7 @@ def blas_choice() -> tuple[str, str]:
     """(library family the GEMMs of a program compiled now call: "mkl" for the per-thread blocks of this
     module, whose blocks oneDNN runs where it is installed (`onednn.py`), or "openblas"; a note why it is
     not MKL or ''). Sets which library runs the blocks (`gemm_blocks`)."""
-    wanted = os.environ.get("FUSEC_BLAS", "").strip().lower()
+    wanted = _wanted()
     if wanted not in ("",) + CHOICES:
         raise FusecError(f"FUSEC_BLAS must be one of {', '.join(CHOICES)} (or unset), got {wanted!r}")
     if wanted == "openblas":
@@ -99,8 +99,13 @@ def blas_choice() -> tuple[str, str]:
 
 def gemm_blocks() -> tuple[str, str]:
     """("onednn" or "mkl": the library running the prefill GEMM blocks now, why not oneDNN or '')."""
-    why = onednn.use(os.environ.get("FUSEC_BLAS", "").strip().lower() not in ("mkl", "openblas"))
+    why = onednn.use(_wanted() not in ("mkl", "openblas"))
     return ("mkl", why) if why else ("onednn", "")
+
+
+def _wanted() -> str:
+    """FUSEC_BLAS as set ('' when unset)."""
+    return os.environ.get("FUSEC_BLAS", "").strip().lower()
 
 
 _I32 = types.int32
