@@ -19,7 +19,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from fusec.backends.numba_cpu.simd import (F32, I8, I16, I32, V16F, V16I, Arrays, accumulators, fma_into, hsums,
-                                           intp_args, at_byte, lanes, prefetch)
+                                           intp_args, at_byte, lanes, prefetch, PREFETCH)
 
 BLOCK = 32  # int8 values per scale (`passes.weights.BLOCK`)
 
@@ -144,9 +144,14 @@ def _dot_rows(count: int):
                     return builder.insert_element(ir.Constant(v2f, [0.0, 0.0]),
                                                   builder.load(at_byte(builder, base, four, F32)), ir.Constant(I32, 0))
                 if width == 2:
-                    ahead = builder.add(at, builder.mul(blocks, ir.Constant(intp, BLOCK * count)))
-                    for qrow in qrows:
-                        prefetch(builder, at_byte(builder, qrow, ahead, I8))
+                    # the same blocks some groups ahead (`simd.PREFETCH`), and their scales
+                    for rows_ahead, offset, row_bytes, plan in ((qrows, at, BLOCK, PREFETCH["int8"]),
+                                                                (srows, four, 4, PREFETCH["int8_scales"])):
+                        for groups, into_l1 in plan:
+                            step_bytes = ir.Constant(intp, row_bytes * count * groups)
+                            ahead = builder.add(offset, builder.mul(blocks, step_bytes))
+                            for row in rows_ahead:
+                                prefetch(builder, at_byte(builder, row, ahead, I8), into_l1=into_l1)
                 prepared = _activation_chunk(builder, chunk(xrow))
                 xsv = scales(xsrow)
                 for acc, qrow, srow in zip(accs, qrows, srows):

@@ -14,8 +14,7 @@ Decode streams every weight once per token, so these kernels must turn the halve
   group's rows were prefetched (`simd.prefetch`: short streams the hardware prefetcher does not ramp up
   on), then 0.85-1.05x. The unpacks need fewer instructions per byte (no mask, no constant reloaded per
   chunk): `simd.float_dot` says what they gained. The loop waits on its loads, not on the widening, so
-  each weight line is fetched in two steps, three groups ahead into the L2 and the next group into the
-  L1 (`simd._PAIRS_PREFETCH`).
+  each weight line is fetched ahead (`simd.PREFETCH`).
 - int8: integer dot products against activations quantized the same way, in `int8.py` (re-exported
   here: generated code imports every low-precision kernel from this module).
 

@@ -138,12 +138,16 @@ def _widen(builder: ir.IRBuilder, bits: ir.Value, order: list[int]) -> ir.Value:
     return builder.bitcast(builder.shuffle_vector(zeros, bits, ir.Constant(ir.VectorType(I32, 32), mask)), V16F)
 
 
-# The prefetches of the float dot products, each (groups of rows ahead, into the L1 cache or only the L2).
-# bf16 fetches in two steps: three groups ahead into the L2 (time for a line to come from the L3 or the
-# memory) and the next group into the L1 (a short wait, so the requests do not hold the L1's few
-# outstanding misses for long). See `float_dot` for what each choice measured.
-_FLOATS_PREFETCH = ((1, True),)
-_PAIRS_PREFETCH = ((3, False), (1, True))
+# The prefetches of the matrix-vector loops, per format: each (groups of rows ahead, into the L1 cache or only
+# the L2); "int8_scales" for the int8 rows' scales. Every format fetches four groups ahead into the L2.
+# Measured on an AMD CPU with AVX-512 (Zen 4 class, 32 MB L3; weights cycled over 400 MB, 1 and 2
+# threads, stories110M's and TinyLlama's shapes and stories15M's head, plans in turn, medians): against
+# the plans before (fp32 the next group into the L1; bf16 three groups ahead into the L2 and the next
+# into the L1; int8 the next group into the L1, scales not fetched) one thread read 1.3-1.9x the fp32
+# bytes per second (14-15 -> 20-21 GB/s), 1.1-1.3x bf16's, 1.5-2x int8's; two threads 1.1-1.5x fp32's.
+# Six or eight groups ahead measured alike; adding the next group into the L1 did not help. The plans
+# before were measured on an Intel CPU (`float_dot`), where this one is not measured yet.
+PREFETCH = {fmt: ((4, False),) for fmt in ("fp32", "bf16", "int8", "int8_scales")}
 
 
 def float_dot(count: int, pairs: bool):
@@ -153,7 +157,7 @@ def float_dot(count: int, pairs: bool):
     (uint32: the even element in the low half, the odd one in the high half); both C-contiguous (callers
     check). One accumulator per row, reduced once at the end; per chunk one load of the activations,
     shared by the rows, and per row one load of weights and prefetches of the same place some groups of
-    `count` rows on (`_FLOATS_PREFETCH`, `_PAIRS_PREFETCH`): short streams the hardware prefetcher does not
+    `count` rows on (`PREFETCH`): short streams the hardware prefetcher does not
     ramp up on.
 
     fp32: one FMA per 16 weights. bf16: a chunk is 32 weights (64 bytes), widened by two unpacks against
@@ -169,13 +173,13 @@ def float_dot(count: int, pairs: bool):
     fork and join show).
 
     Per 64 bytes of a row the machine code is one FMA with its load and a prefetch for fp32; a load, two
-    unpacks, two FMAs and two prefetches for bf16. The unpacks (one port on AVX-512) bound bf16 at about
+    unpacks, two FMAs and a prefetch for bf16. The unpacks (one port on AVX-512) bound bf16 at about
     two cycles per 64 bytes, some 90 GB/s a core at 3 GHz, far above the 12-27 GB/s one core reads from
     the L3 cache or the memory: the loop waits on its loads, not on its arithmetic. So a shift and a mask
     (`vpslld`, `vpandd`: two ports, the activations split into even and odd columns) in place of the
     unpacks measured the same (within the noise, either way), and the prefetches decide. bf16's were the
     next group into the L2 only (into the L1 only: 0.95-1.02x from memory); fetching three groups
-    ahead into the L2 and the next group into the L1 (`_PAIRS_PREFETCH`) measured 1.01-1.10x the bytes
+    ahead into the L2 and the next group into the L1 measured 1.01-1.10x the bytes
     per second of the L2-only fetch with the weights cycled over 1 GB (memory), and 1.13x on stories15M's
     32000 x 288 head read again and again (L3); matrices small enough to stay in the L2 between calls lose
     up to 10% (one more instruction per line), which a decode step, reading each matrix once, never sees
@@ -197,7 +201,7 @@ def float_dot(count: int, pairs: bool):
             accs = accumulators(builder, count)
             row_bytes = builder.mul(arrays.shape(0, 1), ir.Constant(intp, 4))
             aheads = [(builder.mul(row_bytes, ir.Constant(intp, groups * count)), into_l1)
-                      for groups, into_l1 in (_PAIRS_PREFETCH if pairs else _FLOATS_PREFETCH)]
+                      for groups, into_l1 in PREFETCH["bf16" if pairs else "fp32"]]
             with cgutils.for_range(builder, chunks) as loop:
                 j = builder.mul(loop.index, ir.Constant(intp, LANES))
                 x = arrays.load(1, [mv, builder.mul(j, ir.Constant(intp, per))], ir.VectorType(F32, per * LANES))
