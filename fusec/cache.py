@@ -35,6 +35,7 @@ import functools
 import glob
 import hashlib
 import importlib
+import importlib.util
 import os
 import platform
 import sys
@@ -114,12 +115,21 @@ LIBRARY = ("attention_block", "blas", "mkl", "lowp", "int8", "int8_dot", "gemm_w
 def library_digest() -> str:
     """A hash of the Numba functions generated code calls (the `LIBRARY` modules of backends/numba_cpu):
     Numba's cache of a generated module embeds their machine code and does not notice when they change, so
-    a changed library must mean new module names (a stale one crashed with a segmentation fault)."""
+    a changed library must mean new module names (a stale one crashed with a segmentation fault); the
+    library's own functions are cached under it too (`backends.numba_cpu.library_cache`). Read from the
+    files without importing them: the library's functions ask for it while their modules import."""
+    directory = library_dir()
     digest = hashlib.sha256()
     for name in LIBRARY:
-        with open(importlib.import_module(f"fusec.backends.numba_cpu.{name}").__file__, "rb") as f:
+        with open(os.path.join(directory, name + ".py"), "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()[:16]
+
+
+def library_dir() -> str:
+    """The directory of the library's modules (backends/numba_cpu), found without importing the package."""
+    spec = importlib.util.find_spec("fusec.backends.numba_cpu")
+    return os.path.abspath(spec.submodule_search_locations[0])
 
 
 def module_name(source: str) -> str:

@@ -81,25 +81,13 @@ def _entry_source(entry: Entry, name: str) -> str:
             f"\n    {entry.body}\n    return 0\n")
 
 
-_DIGEST: list[str] = []
-
-
-def _library_digest() -> str:
-    """The hash of the library modules (`fusec.cache.LIBRARY`), part of every entry's cached name: Numba's
-    cache of an entry checks the file it lives in, not those of the functions it calls."""
-    if not _DIGEST:
-        from fusec.cache import library_digest  # here: fusec.cache hashes this module's file
-        _DIGEST.append(library_digest())
-    return _DIGEST[0]
-
-
 def bind(entry: Entry):
     """The ExternalFunction that calls `entry`, compiled (or loaded from Numba's cache) and bound to its
     symbol once per process: what a kernel that declares the symbol needs before it compiles or loads."""
     if entry.symbol not in _BOUND:
         home = importlib.import_module(entry.home)
         scope = {**vars(home), "carray": carray, "np": np}
-        name = f"{entry.symbol}_{_library_digest()}"  # a changed library is a new cache entry
+        name = entry.symbol  # cached under the library's digest (`library_cache`): a changed library compiles it again
         exec(compile(_entry_source(entry, name), home.__file__, "exec"), scope)  # Numba's cache locates it there
         compiled = cfunc(_signature(entry), cache=True)(scope[name])
         llvm.add_symbol(entry.symbol, compiled.address)
