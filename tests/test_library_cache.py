@@ -5,27 +5,35 @@ from numba import config, njit
 from numba.core.caching import FunctionCache
 
 from fusec import cache
-from fusec.backends.numba_cpu import library_cache, matvec
+from fusec.backends.numba_cpu import fastexp, library_cache
+
+
+def _decorated(py_func):
+    """A new dispatcher of a library function (fastexp.exp32's options): it looks in Numba's cache as a new
+    process would."""
+    return njit(fastmath={"contract"}, error_model="numpy", cache=True)(py_func)
 
 
 def test_a_library_function_compiled_before_any_library_file_changed_is_not_loaded_after(tmp_path, monkeypatch):
-    """matvec (matvec.py) inlines simd.py's dot products: once simd.py (or any library file) changes, its
-    cached machine code must not load, though matvec.py is as it was."""
+    """matvec (matvec.py) inlines simd.py's dot products: once simd.py, or any library file, changes, the
+    cached machine code of a library function must not load, though its own file is as it was."""
     monkeypatch.setattr(config, "CACHE_DIR", str(tmp_path))  # Numba's first locator: this test's own files
-    fn = matvec.matvec
-    a, w, c = np.ones((1, 32), np.float32), np.ones((8, 32), np.float32), np.empty((1, 8), np.float32)
-    matvec.with_group(fn, 8, 3)(a, w, c)
-    np.testing.assert_array_equal(c, np.full((1, 8), 32, np.float32))
-    sig = next(s for s in fn.overloads if s[-1].literal_value == 8)
-    saved = FunctionCache(fn.py_func)
-    assert type(saved._impl.locator).__name__ == "LibraryUserProvidedCacheLocator"
-    assert saved._impl.locator.get_source_stamp() == "fusec library " + cache.library_digest()
-    saved.save_overload(sig, fn.overloads[sig])
-    assert list(tmp_path.rglob("matvec.matvec-*.nbi")), "nothing was written where the test put Numba's cache"
-    assert FunctionCache(fn.py_func).load_overload(sig, fn.targetctx) is not None  # the same library: found
+    py_func = fastexp.exp32.py_func
+    first = _decorated(py_func)
+    assert first(np.float32(0.0)) == np.float32(1.0)
+    locator = first._cache._impl.locator
+    assert type(locator).__name__ == "LibraryUserProvidedCacheLocator"
+    assert locator.get_source_stamp() == "fusec library " + cache.library_digest()
+    assert list(tmp_path.rglob("fastexp.exp32-*.nbi")), "nothing was written where the test put Numba's cache"
+
+    again = _decorated(py_func)  # the same library: loaded
+    assert again(np.float32(0.0)) == np.float32(1.0)
+    assert sum(again.stats.cache_hits.values()) == 1 and not again.stats.cache_misses
 
     monkeypatch.setattr(library_cache, "_stamp", lambda: "fusec library after an edit")
-    assert FunctionCache(fn.py_func).load_overload(sig, fn.targetctx) is None  # compiled again
+    edited = _decorated(py_func)  # another library: compiled again
+    assert edited(np.float32(0.0)) == np.float32(1.0)
+    assert sum(edited.stats.cache_misses.values()) == 1 and not edited.stats.cache_hits
 
 
 def test_functions_outside_the_library_keep_numbas_own_cache(tmp_path, monkeypatch):
