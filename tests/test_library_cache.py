@@ -1,5 +1,7 @@
 """The library's own compiled functions are cached under the digest of the whole library
 (backends/numba_cpu/library_cache.py): Numba checks only the file a function is defined in."""
+import importlib
+
 import numpy as np
 from numba import config, njit
 from numba.core.caching import FunctionCache
@@ -50,5 +52,5 @@ def test_functions_outside_the_library_keep_numbas_own_cache(tmp_path, monkeypat
 
 def test_every_library_module_is_a_file_the_locators_know():
     for name in cache.LIBRARY:
-        module = __import__(f"fusec.backends.numba_cpu.{name}", fromlist=["_"])
+        module = importlib.import_module(f"fusec.backends.numba_cpu.{name}")
         assert library_cache.in_library(module.__file__), name
