@@ -186,16 +186,29 @@ def test_a_body_two_programs_started_compiles_once(monkeypatch):
     assert not compile_batch._IN_FLIGHT  # nothing left in flight once both finished
 
 
-def test_a_batch_waiting_for_a_worker_compiles_a_later_batchs_job(monkeypatch):
-    """While its last body compiles in a worker, a program's batch compiles a body the next program queued
-    (this process would otherwise wait idle while the prefill's bodies wait for the worker)."""
+def test_workers_serve_the_oldest_batch_first(monkeypatch):
+    """The worker takes the first program's bodies before a later program's (the decode program, which the
+    first token waits for, before the prefill's), whichever batch was started last."""
     log, release, modules = _one_slow_worker(monkeypatch)
-    first = compile_batch.start([(m, "kernel", ["sig"]) for m in modules[:2]])   # a worker takes m0
-    second = compile_batch.start([(m, "kernel", ["sig"]) for m in modules[2:]])  # a worker takes m2
-    threading.Timer(1.0, release.set).start()
-    first.finish()  # m1 here, then m3 (the second's) while m0 is still in the worker
-    assert ("here", "m1") in log and ("here", "m3") in log
-    assert second.finish()["in_process"] == 1
+    first = compile_batch.start([(m, "kernel", ["sig"]) for m in modules[:2]])   # the worker takes m0
+    second = compile_batch.start([(m, "kernel", ["sig"]) for m in modules[2:]])  # m2, m3 queued behind m1
+    release.set()
+    for thread in list(compile_batch._FEEDERS.values()):
+        thread.join()
+    assert log == [("worker", "m0"), ("worker", "m1"), ("worker", "m2"), ("worker", "m3")]
+    assert first.finish()["in_workers"] == 2 and second.finish()["in_workers"] == 2
+
+
+def test_a_batch_waiting_for_a_worker_compiles_only_its_own_bodies(monkeypatch):
+    """A batch waiting for its last body in a worker does not compile another batch's meanwhile: that body
+    could take longer than the wait and hold back the program the caller waits for."""
+    log, release, modules = _one_slow_worker(monkeypatch)
+    first = compile_batch.start([(m, "kernel", ["sig"]) for m in modules[:2]])   # the worker takes m0
+    second = compile_batch.start([(m, "kernel", ["sig"]) for m in modules[2:]])  # m2, m3 queued
+    threading.Timer(0.5, release.set).start()
+    assert first.finish() == {"in_process": 1, "in_workers": 1, "worker_failures": 0}  # m1 here, m0 waited for
+    assert ("here", "m2") not in log and ("here", "m3") not in log
+    second.finish()
     assert sorted(name for _, name in log) == ["m0", "m1", "m2", "m3"]
 
 
@@ -208,7 +221,7 @@ def test_a_batch_says_whether_only_its_workers_have_work_left(monkeypatch):
     second = compile_batch.start([(m, "kernel", ["sig"]) for m in modules[:2]])  # borrows both
     assert first.compiling_elsewhere() and second.compiling_elsewhere()
     release.set()
-    for thread in first.threads:
+    for thread in list(compile_batch._FEEDERS.values()):
         thread.join()
     assert not first.compiling_elsewhere() and not second.compiling_elsewhere()
     assert first.finish()["in_workers"] == 2 and second.finish()["in_process"] == 0

@@ -1,10 +1,12 @@
 """The jobs of one program being compiled (`start`): handed to the worker processes at once,
 finished by the program (`Batch.finish`: the rest compiled here, the workers waited for).
 
-Batches of several programs may be in flight together (a generator's decode and prefill programs): a
-function one batch is compiling is not compiled again for another (that one waits for it, or compiles it
-if nobody took it yet), and a batch waiting for its last job in a worker compiles another batch's queued
-jobs meanwhile, so this process's core stays busy.
+Batches of several programs may be in flight together (a generator's decode and prefill programs). The
+workers serve the oldest batch first: the decode program, which the first token waits for, is not
+held up behind the prefill's bodies. A function one batch is compiling is not compiled again for another
+(that one waits for it, or compiles it if nobody took it yet). A batch never compiles another batch's
+jobs while it waits for its own last ones: one of those can take longer than the wait (a prefill body
+compiled here held the decode program back by seconds).
 """
 from __future__ import annotations
 
@@ -34,10 +36,42 @@ def start(jobs: list[tuple[object, str, list]]):
 _FLIGHT_LOCK = threading.Lock()
 _IN_FLIGHT: dict[tuple[str, str], Batch] = {}  # (module, function) -> the unfinished batch compiling it
 _BATCHES: list[Batch] = []  # unfinished batches with workers, oldest first
+_FEEDERS: dict[int, threading.Thread] = {}  # worker number -> the thread feeding it jobs (while any are queued)
 
 
 def _key(job: tuple) -> tuple[str, str]:
     return job[0].__name__, job[1]
+
+
+def _next_job(worker_number: int):
+    """(its batch, the next queued job of the oldest batch that has one), or None (the feeder of
+    `worker_number` then stops, in the same step, so a batch queued later starts a new one)."""
+    with _FLIGHT_LOCK:
+        for batch in _BATCHES:
+            if batch.queue:
+                return batch, batch.queue.pop(0)
+        _FEEDERS.pop(worker_number, None)
+        return None
+
+
+def _feed(worker_number: int) -> None:  # a thread feeding one worker process, oldest batch first
+    while (taken := _next_job(worker_number)) is not None:
+        batch, job = taken
+        ok, why = False, "the worker's feeder failed"
+        try:
+            ok, why = pool._POOL.run(worker_number, job)
+            pool._after_worker(job[0])
+        finally:  # whatever happened, `finish` must not wait for this job forever (it compiles on first call)
+            with _FLIGHT_LOCK:
+                batch.counts["in_workers" if ok else "worker_failures"] += 1
+            batch.done[_key(job)].set()
+        if not ok:
+            debug(1, f"[fusec] a compile worker failed on {job[0].__name__} ({why}); it compiles here "
+                     "on its first call")
+
+
+def _feeders_alive() -> bool:
+    return any(t.is_alive() for t in list(_FEEDERS.values()))
 
 
 class Batch:
@@ -49,45 +83,26 @@ class Batch:
             self.borrowed = [job for job in jobs if _IN_FLIGHT.get(_key(job)) not in (None, self)]
             self.queue = [job for job in jobs if _key(job) not in _IN_FLIGHT]
             self.done = {_key(job): threading.Event() for job in self.queue}
-            n = pool.worker_count(len(self.queue))
-            if n:  # (without workers each compiles on its first call, as always: nothing is in flight)
+            self.workers = pool.worker_count(len(self.queue))
+            if self.workers:  # (without workers each compiles on its first call, as always: nothing is in flight)
                 _IN_FLIGHT.update((k, self) for k in self.done)
                 _BATCHES.append(self)
-        self.threads = [threading.Thread(target=self._drive, args=(k,), daemon=True) for k in range(n)]
-        for t in self.threads:
-            t.start()
+            for number in range(self.workers):
+                if number not in _FEEDERS or not _FEEDERS[number].is_alive():  # (none after a fork)
+                    _FEEDERS[number] = threading.Thread(target=_feed, args=(number,), daemon=True)
+                    _FEEDERS[number].start()  # (it takes its first job once this lock is released)
 
     def _take(self):
         with _FLIGHT_LOCK:
             return self.queue.pop(0) if self.queue else None
 
-    def _drive(self, worker_number: int) -> None:  # a thread feeding one worker process
-        while True:
-            job = self._take()
-            if job is None:
-                return
-            ok, why = pool._POOL.run(worker_number, job)
-            pool._after_worker(job[0])
-            with _FLIGHT_LOCK:
-                self.counts["in_workers" if ok else "worker_failures"] += 1
-            self.done[_key(job)].set()
-            if not ok:
-                debug(1, f"[fusec] a compile worker failed on {job[0].__name__} ({why}); it compiles here "
-                         "on its first call")
-
     def finish(self) -> dict:
         """Compile here the jobs no worker took yet, wait for the others (and for those borrowed from
         other batches), and return the counts ({"in_process", "in_workers", "worker_failures"})."""
-        if self.threads:
-            while (job := self._take()) is not None:  # this process compiles too, taking jobs no worker took
-                self._compile_here(job)
-            # while a worker still compiles one of ours, compile a job a later batch has queued (the
-            # prefill's, while the decode program's last body compiles): this core stays busy too
-            while any(t.is_alive() for t in self.threads) and (stolen := self._steal()) is not None:
-                owner, job = stolen
-                owner._compile_here(job)
-            for t in self.threads:
-                t.join()
+        while (job := self._take()) is not None:  # this process compiles too, taking jobs no worker took
+            self._compile_here(job)
+        for done in self.done.values():  # (each taken by a feeder, which sets it whatever the outcome)
+            done.wait()
         for job in self.borrowed:
             with _FLIGHT_LOCK:
                 owner = _IN_FLIGHT.get(_key(job))
@@ -117,7 +132,7 @@ class Batch:
             for batch, job in [(self, job) for job in self.queue] + [(_IN_FLIGHT.get(_key(job)), job)
                                                                       for job in self.borrowed]:
                 if batch is not None and not batch.done[_key(job)].is_set():
-                    if job in batch.queue and not any(t.is_alive() for t in batch.threads):
+                    if job in batch.queue and not _feeders_alive():
                         return False  # no worker left to take it: `finish` compiles it here
                     waiting = True
             return waiting or not all(done.is_set() for done in self.done.values())
@@ -129,23 +144,14 @@ class Batch:
             self.counts["in_process"] += 1
         self.done[_key(job)].set()
 
-    def _steal(self) -> tuple[Batch, tuple] | None:
-        """(its batch, a job) queued by another unfinished batch, taken from it; None when none is."""
-        with _FLIGHT_LOCK:
-            for batch in _BATCHES:
-                if batch is not self and batch.queue:
-                    return batch, batch.queue.pop(0)
-        return None
-
 
 def _drain() -> None:
     """At exit, let the workers finish the batches nobody finished (a generator's prefill program still
     compiling in the background, `fusec.generate.compile_generator`): their machine code and checksums
     then reach the cache, and the next process loads what this one compiled instead of compiling it again.
     Registered after the pool's own exit hook, so it runs before the workers are stopped."""
-    for batch in list(_BATCHES):
-        for thread in batch.threads:
-            thread.join()
+    for thread in list(_FEEDERS.values()):
+        thread.join()
 
 
 atexit.register(_drain)
