@@ -27,7 +27,6 @@ from fusec.guards import index_source, take_bound
 from fusec.ir import Graph
 from fusec.machines import cpu
 from fusec.passes.tile import loop_tiles
-from fusec.symbolic import is_sym
 
 NP = {"f32": "np.float32", "f64": "np.float64", "f16": "np.float16", "i64": "np.int64", "i32": "np.int32",
       "i16": "np.int16", "i8": "np.int8", "u8": "np.uint8", "bool": "np.bool_"}
@@ -85,7 +84,6 @@ class Emitter:
         self.overrides = overrides or {}
         self.memo: dict[tuple[int, tuple[str, ...]], tuple[str, int]] = {}
         self.count = 0
-        self.ranges: dict[str, tuple[int, int]] = {}  # loop variable -> the [lo, hi) it runs over, if known
         self._under: dict[tuple[int, frozenset], frozenset] = {}  # overrides a node's value depends on
         # takes whose indices are computed in the kernel (not checked before it): the code checks them
         self.gathers = [i for i, n in enumerate(body.nodes) if n.op == "take" and index_source(body, n) is None]
@@ -250,17 +248,6 @@ class Emitter:
         """Branch on the concat axis; each branch reads its own operand (no copy, no out-of-range read)."""
         n = self.g.nodes[nid]
         ax = n.attr("axis")
-        known = self.ranges.get(idx[ax].strip("()"))
-        start = 0
-        for arg in n.args:  # a loop over one operand's part alone (`concat_splits`) reads it, no branch
-            size = self.g.nodes[arg].shape[ax]
-            if known is not None and not is_sym(size) and start <= known[0] and known[1] <= start + size:
-                inner = list(idx)
-                inner[ax] = f"{idx[ax]} - {start}" if start else idx[ax]
-                return self.value(arg, tuple(inner))
-            if is_sym(size):
-                break
-            start += size
         var = self.tmp("cat")
         self.w.define(var)
         start = 0
@@ -354,39 +341,3 @@ def _init(op: str, dt: str, sdt: str) -> str:
 def _is_atom(expr: str) -> bool:
     """A variable or a typed literal: no need for a temporary."""
     return bool(re.fullmatch(r"[A-Za-z_][A-Za-z_0-9]*|np\.\w+\(-?[\w.+-]+\)|True|False|-?\d+", expr))
-
-
-def concat_splits(g: Graph, nid: int, axis: int) -> list[int]:
-    """Positions along axis `axis` of node `nid` where a concat that `nid` reads along that same axis
-    (through elementwise ops and views that keep the axis whole) switches operands: a loop over the axis
-    split at them reads each part without a branch (RoPE's rotate-half: two halves, no `if`)."""
-    found: set[int] = set()
-    todo, seen = [(nid, axis)], set()
-    while todo:
-        node, ax = todo.pop()
-        if (node, ax) in seen:
-            continue
-        seen.add((node, ax))
-        n = g.nodes[node]
-        if n.op == "concat" and n.attr("axis") == ax:
-            start = 0
-            for a in n.args[:-1]:
-                start += g.nodes[a].shape[ax]
-                if is_sym(start):
-                    break
-                found.add(start)
-            continue
-        if n.op in ("concat", "where", "cast") or n.op in UNARY or n.op in BINARY or n.op == "expand":
-            for a in n.args:
-                shape = g.nodes[a].shape
-                sub = ax - (len(n.shape) - len(shape))
-                if sub >= 0 and shape[sub] != 1:
-                    todo.append((a, sub))
-        elif n.op == "permute":
-            todo.append((n.args[0], n.attr("perm")[ax]))
-        elif n.op == "reshape":  # the axis passes through when its index comes out untouched
-            marks = tuple(f"x{k}" for k in range(len(n.shape)))
-            inner = reshape_index(marks, n.shape, g.nodes[n.args[0]].shape)
-            hits = [k for k, e in enumerate(inner) if e.strip("()") == marks[ax]]
-            todo.extend((n.args[0], k) for k in hits)
-    return sorted(found)
