@@ -273,7 +273,11 @@ def serve() -> None:
     requests = sys.stdin.buffer
     import torch  # noqa: F401 - generated modules bind MKL's symbols from libtorch (backends.numba_cpu.mkl)
 
+    from fusec.backends.numba_cpu.generated import HEADER
     from fusec.cache import load_source, recorded
+    # what every generated module imports (Numba and the library its kernels call, about 1 s), now: a
+    # worker starts while its program is traced (`prestart`), so this is done before the first job comes
+    exec(compile(HEADER, "<generated modules' imports>", "exec"), {})  # noqa: S102 - our own constant text
     while True:
         ready, _, _ = select.select([requests], [], [], IDLE_SECONDS)
         if not ready:
