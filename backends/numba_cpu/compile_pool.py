@@ -277,7 +277,10 @@ def serve() -> None:
     from fusec.cache import load_source, recorded
     # what every generated module imports (Numba and the library its kernels call, about 1 s), now: a
     # worker starts while its program is traced (`prestart`), so this is done before the first job comes
-    exec(compile(HEADER, "<generated modules' imports>", "exec"), {})  # noqa: S102 - our own constant text
+    try:
+        exec(compile(HEADER, "<generated modules' imports>", "exec"), {})  # noqa: S102 - our own constant text
+    except Exception:  # noqa: BLE001 - only a head start: each job imports them again and reports a failure
+        pass
     while True:
         ready, _, _ = select.select([requests], [], [], IDLE_SECONDS)
         if not ready:
