@@ -14,11 +14,7 @@ inside it: listed, marked "in the driver", not added to the total. Writes bench_
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 from fusec import benchtools
@@ -78,14 +74,9 @@ print(json.dumps({"compile_generator_s": total, "bodies": bodies,
 
 
 def run_once(model: str) -> dict:
-    with tempfile.TemporaryDirectory() as cache:
-        os.chmod(cache, 0o700)
-        env = {**os.environ, "FUSEC_CACHE_DIR": cache, "FUSEC_COMPILE_WORKERS": "0"}
-        done = subprocess.run([sys.executable, "-c", CHILD, model], env=env, capture_output=True, text=True,
-                              timeout=1800)
-    if done.returncode != 0:
-        raise RuntimeError(f"{model}: the run failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    with benchtools.fresh_cache_dir() as cache:
+        return benchtools.child_json(CHILD, [model], {**os.environ, "FUSEC_CACHE_DIR": cache,
+                                                     "FUSEC_COMPILE_WORKERS": "0"}, model)
 
 
 def main(argv=None) -> None:

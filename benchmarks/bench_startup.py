@@ -14,12 +14,8 @@ reported beside). Writes bench_startup.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 from fusec import benchtools
@@ -46,13 +42,8 @@ print(json.dumps({"import_s": t1 - t0, "model_s": t2 - t1, "compile_generator_s"
 
 
 def run_once(model: str, cache: str, background: bool = True) -> dict:
-    env = {**os.environ, "FUSEC_CACHE_DIR": cache}
-    done = subprocess.run([sys.executable, "-c", CHILD, model, "background" if background else "wait"], env=env,
-                          capture_output=True, text=True,
-                          timeout=1800)
-    if done.returncode != 0:
-        raise RuntimeError(f"{model}: the run failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return benchtools.child_json(CHILD, [model, "background" if background else "wait"],
+                                 {**os.environ, "FUSEC_CACHE_DIR": cache}, model)
 
 
 def main() -> None:
@@ -63,12 +54,10 @@ def main() -> None:
     args = p.parse_args()
     record, rows = benchtools.run_record(), []
     for model in args.models:
-        with tempfile.TemporaryDirectory() as cache:
-            os.chmod(cache, 0o700)
+        with benchtools.fresh_cache_dir() as cache:
             cold = run_once(model, cache)
             warm = [run_once(model, cache) for _ in range(args.warm)]
-        with tempfile.TemporaryDirectory() as cache:
-            os.chmod(cache, 0o700)
+        with benchtools.fresh_cache_dir() as cache:
             waited = run_once(model, cache, background=False)
         row = {"model": model, "cold_s": cold["to_first_token_s"], "cold_waiting_s": waited["to_first_token_s"],
                "warm_s": statistics.median(w["to_first_token_s"] for w in warm),

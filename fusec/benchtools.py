@@ -205,6 +205,25 @@ def _take_run_record() -> dict[str, Any]:
             "commit": commit, "command": " ".join([program, *sys.argv[1:]])}
 
 
+@contextmanager
+def fresh_cache_dir():
+    """A new, empty compile cache directory (private to this user, as the cache requires), removed after."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as directory:
+        os.chmod(directory, 0o700)
+        yield directory
+
+
+def child_json(code: str, args: Sequence[str], env: dict, what: str, timeout: float = 1800) -> Any:
+    """Run `code` in a new Python process (`python -c code *args`, environment `env`) and return the JSON
+    of the last line it prints; RuntimeError with the end of its stderr, naming `what`, when it fails."""
+    done = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what}: the run failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def write_json(path: str | Path, data: Any) -> Path:
     """Write `data` as indented JSON (creating the directory), with a `run` record (`run_record`) added to
     a dict that has none; returns the path."""

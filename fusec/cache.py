@@ -118,18 +118,19 @@ def library_digest() -> str:
     a changed library must mean new module names (a stale one crashed with a segmentation fault); the
     library's own functions are cached under it too (`backends.numba_cpu.library_cache`). Read from the
     files without importing them: the library's functions ask for it while their modules import."""
-    directory = library_dir()
     digest = hashlib.sha256()
-    for name in LIBRARY:
-        with open(os.path.join(directory, name + ".py"), "rb") as f:
+    for path in library_files():
+        with open(path, "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()[:16]
 
 
-def library_dir() -> str:
-    """The directory of the library's modules (backends/numba_cpu), found without importing the package."""
+def library_files() -> list[str]:
+    """The paths of the library's modules (`LIBRARY`, in backends/numba_cpu), found without importing the
+    package."""
     spec = importlib.util.find_spec("fusec.backends.numba_cpu")
-    return os.path.abspath(spec.submodule_search_locations[0])
+    directory = os.path.abspath(spec.submodule_search_locations[0])
+    return [os.path.join(directory, name + ".py") for name in LIBRARY]
 
 
 def module_name(source: str) -> str:

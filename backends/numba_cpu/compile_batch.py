@@ -83,11 +83,11 @@ class Batch:
             self.borrowed = [job for job in jobs if _IN_FLIGHT.get(_key(job)) not in (None, self)]
             self.queue = [job for job in jobs if _key(job) not in _IN_FLIGHT]
             self.done = {_key(job): threading.Event() for job in self.queue}
-            self.workers = pool.worker_count(len(self.queue))
-            if self.workers:  # (without workers each compiles on its first call, as always: nothing is in flight)
+            workers = pool.worker_count(len(self.queue))
+            if workers:  # (without workers each compiles on its first call, as always: nothing is in flight)
                 _IN_FLIGHT.update((k, self) for k in self.done)
                 _BATCHES.append(self)
-            for number in range(self.workers):
+            for number in range(workers):
                 if number not in _FEEDERS or not _FEEDERS[number].is_alive():  # (none after a fork)
                     _FEEDERS[number] = threading.Thread(target=_feed, args=(number,), daemon=True)
                     _FEEDERS[number].start()  # (it takes its first job once this lock is released)

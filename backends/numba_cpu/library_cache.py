@@ -31,8 +31,8 @@ def _stamp() -> str:
 
 @functools.lru_cache(maxsize=None)
 def _library_files() -> frozenset[str]:
-    from fusec.cache import LIBRARY, library_dir
-    return frozenset(os.path.join(library_dir(), name + ".py") for name in LIBRARY)
+    from fusec.cache import library_files
+    return frozenset(library_files())
 
 
 def in_library(py_file: str) -> bool:
