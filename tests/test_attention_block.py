@@ -104,3 +104,24 @@ def test_one_symbolic_grouped_block_calls_the_library_and_matches_eager_at_every
         x = torch.randn(1, t, block.config.dim)
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), block(x), rtol=1e-5, atol=1e-5)
+
+
+def test_extra_keys_stand_at_the_limit_in_place_of_the_stale_rows():
+    """`flash_block_new`: a decode step's new key and value at the position (the row's limit), the cache's
+    rows before it read in place; the cache's stale row at the position neither read nor checked, a masked
+    value after it still makes its column nan; a row with every key masked but the new one."""
+    q, k, v = _case(1, 40, 48, seed=3)
+    kx, vx = _case(1, 1, 48, seed=4)[1:]
+    for pos in (0, 17, 39):
+        stale_k, stale_v = k.copy(), v.copy()
+        stale_k[pos], stale_v[pos] = np.nan, np.inf
+        full_k, full_v = k.copy(), v.copy()
+        full_k[pos], full_v[pos] = kx[0], vx[0]
+        out = np.empty((1, 48), np.float32)
+        attention_block.flash_block_new(q, stale_k[:pos], stale_v, kx, vx, np.array([pos]), 6.9, True, 16, out)
+        want = reference(q, full_k, full_v, [pos + 1], 6.9, True)
+        np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-6)
+        if pos < 39:
+            stale_v[39, 5] = np.inf
+            attention_block.flash_block_new(q, stale_k[:pos], stale_v, kx, vx, np.array([pos]), 6.9, True, 16, out)
+            assert np.isnan(out[0, 5]) and not np.isnan(np.delete(out[0], 5)).any()

@@ -141,10 +141,19 @@ def _compiled_decode_step(tmp_path, monkeypatch):
     return fusec.compile(step, args), step, args
 
 
+def _reads_the_cache_in_place(attention: str) -> None:
+    """The attention library's call with the cache's rows before the position read in place (keys), all of
+    them (values: the library checks the masked ones) and the new key and value as its extra ones."""
+    assert re.search(r"nx = 1 if 0 <= int\(\w+\) < 32 else 0", attention), attention
+    assert re.search(r"flash_block_new\(\w+\[:i1 - i0\], a\d+\[0, [^\]]*, 0:klim\], a\d+\[0, [^\]]*, 0:32\], "
+                     r"a\d+\[[^\]]*0:0 \+ nx\], a\d+\[[^\]]*0:0 \+ nx\], lims", attention), attention
+
+
 def test_generator_decode_step_reads_the_new_row_or_the_cache_row_and_matches_eager(tmp_path, monkeypatch):
-    """`DecodeStep`: K is where(is_new, k, k_cache): per key the new row or the cache's."""
+    """`DecodeStep`: K is where(is_new, k, k_cache): the new row at the position, the cache's before it,
+    which the attention library reads in place (`attention_flash.decode_keys`)."""
     compiled, step, (token, pos, k_cache, v_cache) = _compiled_decode_step(tmp_path, monkeypatch)
-    _chooses_rows_per_key(_attention_source(compiled))
+    _reads_the_cache_in_place(_attention_source(compiled))
     with torch.no_grad():
         for got, want in zip(compiled(token, pos, k_cache, v_cache), step(token, pos, k_cache, v_cache)):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -163,13 +172,10 @@ def test_row_finite_finds_inf_and_nan_in_any_lane_and_takes_extreme_finite_value
     assert [check(strided, i) for i in range(6)] == [True, False, False, False, False, True]
 
 
-def test_masked_value_rows_are_checked_a_row_at_a_time_and_match_eager_nans(tmp_path, monkeypatch):
-    """The decode step's scan of the value rows after the position (0 * inf is nan in eager): one vector
-    check per row (`row_finite`; the columns are read only for a row that holds an inf or nan), the rows
-    chosen per key from the new row or the cache's like the products."""
+def test_masked_value_rows_match_eager_nans(tmp_path, monkeypatch):
+    """The value rows after the position are masked, and 0 * inf is nan in eager: the library checks them
+    (`attention_block._masked_values`)."""
     compiled, step, (token, pos, k_cache, v_cache) = _compiled_decode_step(tmp_path, monkeypatch)
-    assert re.search(r"if \(row_finite\(.*\) if .* else row_finite\(.*\)\):\n\s*continue",
-                     _attention_source(compiled)), _attention_source(compiled)
     v_cache[0, 0, 0, 20, 5], v_cache[0, 0, 0, 31, 60] = float("inf"), float("nan")  # masked: after 9
     with torch.no_grad():
         got, want = compiled(token, pos, k_cache, v_cache), step(token, pos, k_cache, v_cache)
@@ -178,14 +184,11 @@ def test_masked_value_rows_are_checked_a_row_at_a_time_and_match_eager_nans(tmp_
     assert torch.isnan(got[0]).all() and torch.isnan(want[0]).all()  # the NaN columns reach every logit
 
 
-def test_masked_value_rows_are_checked_as_spans_first_and_row_by_row_after_an_inf_or_nan(tmp_path, monkeypatch):
-    """The scan first checks the cache's rows after the position as one span, and the new row; row by row
-    only when that finds an inf or nan. Against eager: all finite, an inf in the cache's row at the
-    position (the new row replaces it: no nan), at the last position (no masked key), a masked nan."""
+def test_the_stale_cache_row_at_the_position_is_neither_read_nor_checked(tmp_path, monkeypatch):
+    """Against eager: all finite, an inf in the cache's row at the position (the new row replaces it: no
+    nan), at the last position (no masked key), a masked nan, the same row read at its own position."""
     compiled, step, (token, pos, k_cache, v_cache) = _compiled_decode_step(tmp_path, monkeypatch)
-    source = _attention_source(compiled)
-    assert re.search(r"vok = .*row_finite\(\w+\[[^\]]*\]\[lo:32\]\.reshape\(", source), source
-    assert re.search(r"if not vok:\n\s+for jm in range\(lo, 32\):", source), source
+    _reads_the_cache_in_place(_attention_source(compiled))
 
     def check(at: int, nan_expected: bool) -> None:
         with torch.no_grad():
@@ -196,9 +199,10 @@ def test_masked_value_rows_are_checked_as_spans_first_and_row_by_row_after_an_in
         assert bool(torch.isnan(got[0]).any()) == nan_expected
 
     check(9, False)
-    v_cache[0, 0, 0, 9, 3] = float("inf")   # the position's row: the new row is read instead
+    v_cache[0, 0, 0, 9, 3] = float("inf")   # the position's rows: the new ones are read instead
+    k_cache[0, 0, 0, 9, 7] = float("nan")
     check(9, False)
-    v_cache[0, 0, 0, 9, 3] = 0.0             # (a past row at later positions: seen, inf in eager too)
+    v_cache[0, 0, 0, 9, 3] = k_cache[0, 0, 0, 9, 7] = 0.0  # (past rows at later positions: seen)
     check(31, False)                        # the last position: nothing masked, an empty span
     v_cache[0, 0, 0, 31, 40] = float("nan")  # masked after 9: every logit nan, as in eager
     check(9, True)

@@ -21,7 +21,7 @@ from contextlib import nullcontext
 
 import numpy as np
 
-from fusec.backends.numba_cpu.attention_flash import emit_library_call, library_scale, values_in_place
+from fusec.backends.numba_cpu.attention_flash import decode_keys, emit_library_call, library_scale, values_in_place
 from fusec.backends.numba_cpu.attention_mask import key_limit
 from fusec.backends.numba_cpu.attention_gemm import KEY, block_max, online_softmax_gemm, rescale_row, start_rows
 from fusec.backends.numba_cpu.attention_rows import array_row, lane_dot, row_call, row_leaves
@@ -91,13 +91,16 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
             return bound if bound is not None else str(tk)
 
         # the flash recurrence as one call of the attention library (`attention_flash.py`) when it
-        # computes this score expression: it returns the rows normalized, its masked values checked. Not
-        # for one query row (decode): packing its keys chosen per key (past or new) for the library made
-        # a stories15M decode step 5-20% slower (and the step's serial kernel has no parfor cost to save)
-        library = softmax is not None and upper(tq) > 1
-        scale = library_scale(em, x_row, s_id, x_index(tuple("0" for _ in s_shape))) if library else None
+        # computes this score expression: it returns the rows normalized, its masked values checked. For
+        # one query row only with a decode step's keys (`decode_keys`): packing keys chosen per key (past or
+        # new) for the library made a stories15M decode step 5-20% slower
+        scale = library_scale(em, x_row, s_id, x_index(tuple("0" for _ in s_shape))) if softmax is not None else None
+        new_key = None
+        if scale is not None and upper(tq) == 1:
+            new_key = decode_keys(em, anchors, x_row, x_index(bidx + ("i0", "0")), bidx)
+            scale = scale if new_key is not None else None
         generated_flash = softmax is not None and scale is None
-        scan = masked and (scale is None or not values_in_place(em, vv, bidx))
+        scan = masked and (scale is None or not (new_key or values_in_place(em, vv, bidx)))
         if scan:
             _scan_masked_values(em, vv, bidx, tk, dv, limit)
         lanes = next((n for n in (16, 8) if depth % n == 0), 0) if isinstance(depth, int) else 0
@@ -130,7 +133,7 @@ def emit_attention(em: Emitter, anchors: tuple[int, int], outs: list[str], tiles
                 w.line(f"oacc[r, e] += {p} * {v}")
 
         if scale is not None:
-            emit_library_call(em, anchors, scale, bidx, (q_block, kv_block), limit, gemms)
+            emit_library_call(em, anchors, scale, bidx, (q_block, kv_block), limit, gemms, new_key)
         elif softmax is not None and gemms:
             online_softmax_gemm(em, s_id, (x_row, x_index, bidx), q_block, kv_block, depth, dv, limit,
                                 lambda i, d: em.value(qv, _broadcast(bidx, g.nodes[qv].shape[:-2]) + (i, d)),

@@ -8,17 +8,19 @@ alone. What differs per model stays generated: where the query, key and value ro
 key limit of each row (the causal or decode-position mask) and the score's scale; they come here as
 arrays and numbers.
 
-`flash_rows(q, k, v, limits, scale, divide, kv_block, out)`: row r of `out` = softmax(X_r) . V, where
-X_r[j] = (q[r] . k[j]) / scale (or * scale when not `divide`) for the keys j < limits[r] (the others weigh
-0); keys stream in blocks of `kv_block`, all the rows against one key block before the next, each row's
-running max and sum rescaling its output once per block (nothing of size rows x keys). A row that sees no
-key is nan, as eager's softmax of only -inf, and a row is nan in each column where a key it does not see
-has an inf or nan value (eager's 0 * inf). `flash_rows_gemm` computes the block's two products as
+`flash_rows(q, k, v, kx, vx, limits, scale, divide, kv_block, out)`: row r of `out` = softmax(X_r) . V,
+where X_r[j] = (q[r] . k[j]) / scale (or * scale when not `divide`) for the keys j < limits[r] (the others
+weigh 0), then the keys of kx (values vx), which stand at positions limits[r].. of the key axis in place of
+what k and v hold there: a decode step's new key and value, while k and v are the cache whose row at the
+position is stale. Keys stream in blocks of `kv_block`, all the rows against one key block before the
+next, each row's running max and sum rescaling its output once per block (nothing of size rows x keys).
+A row that sees no key is nan, as eager's softmax of only -inf, and a row is nan in each column where a
+key it does not see (j >= limits[r] + the keys of kx) has an inf or nan value (eager's 0 * inf). `flash_rows_gemm` computes the block's two products as
 single-threaded MKL GEMMs (`mkl.gemm_tile_mkl`, prefill); `flash_rows` as a 16-lane vector dot per Q.K
 and a vector row update per P.V (`rowops`, decode).
 
-Generated kernels call them through `flash_block_rows` and `flash_block_gemm` (`attention_flash.py` writes
-the call), not as njit functions, which Numba would link into every kernel for LLVM to optimize again
+Generated kernels call them through `flash_block_rows`, `flash_block_gemm` and `flash_block_new`
+(`attention_flash.py` writes the call), not as njit functions, which Numba would link into every kernel for LLVM to optimize again
 there: each is a C-callable copy bound to a symbol (`SYMBOLS`) that the kernel declares by name, so its
 machine code refers to the library by name and stays cacheable.
 """
@@ -147,10 +149,10 @@ def _flash(scores, update):
     """`flash_rows` with the products `scores` and `update` (GEMMs or vector row operations): the choice
     is made here, not by a flag, so that the copy without GEMMs never refers to MKL."""
     @njit(fastmath={"contract"}, error_model="numpy", nogil=True)
-    def flash_rows(q, k, v, limits, scale, divide, kv_block, out):
+    def flash_rows(q, k, v, kx, vx, limits, scale, divide, kv_block, out):
         """See the module's doc. q [rows, D], k [keys, D], v [all keys, Dv] (those past every row's limit
-        too: `_masked_values`), out [rows, Dv], all C-contiguous float32; limits [rows] int64 (each at
-        most `keys`)."""
+        too: `_masked_values`), kx [X, D], vx [X, Dv] (X may be 0), out [rows, Dv], all C-contiguous
+        float32; limits [rows] int64 (each at most `keys`)."""
         nq, dv = out.shape
         klim = 0
         for r in range(nq):
@@ -190,10 +192,29 @@ def _flash(scores, update):
                     srow[j] = np.float32(0.0)
             update(sblk, v, out, pv, limits, rlo, rhi, j0, jn)
         for r in range(nq):
+            for x in range(kx.shape[0]):
+                _extra_key(q, r, kx, vx, x, scale, divide, mrow, lrow, out)
             for e in range(dv):
                 out[r, e] = out[r, e] / lrow[r]
-        _masked_values(v, limits, out)
+        _masked_values(v, limits, kx.shape[0], out)
     return flash_rows
+
+
+@njit(fastmath={"contract"}, error_model="numpy", cache=True, nogil=True)
+def _extra_key(q, r, kx, vx, x, scale, divide, mrow, lrow, out):
+    """Row r's running max, sum and output taking key x of kx (value vx[x]) after the keys before it."""
+    s = _scaled(_dot(q, r, kx, x), scale, divide)
+    m = mrow[r]
+    mn = m if m >= s else s  # (a nan score stays nan, as in eager's softmax)
+    if mn == np.float32(-np.inf):  # this key and every one before it masked: all weigh 0
+        return
+    rescale = exp32(m - mn)
+    p = exp32(s - mn)
+    lrow[r] = lrow[r] * rescale + p
+    mrow[r] = mn
+    for e in range(out.shape[1]):
+        out[r, e] *= rescale
+    _axpy(out, r, vx, x, p)
 
 
 flash_rows = _flash(_scores_rows, _update_rows)  # decode, and where MKL is not used
@@ -201,8 +222,9 @@ flash_rows_gemm = _flash(_scores_gemm, _update_gemm)
 
 
 @njit(fastmath={"contract"}, error_model="numpy", cache=True, nogil=True)
-def _masked_values(v, limits, out):
-    """Row r of `out` nan in each column where a key it does not see (limits[r] <= j < keys) has an inf or
+def _masked_values(v, limits, skip, out):
+    """Row r of `out` nan in each column where a key it does not see (limits[r] + skip <= j < keys: `skip`
+    keys at the limit replaced by those of kx, `flash_rows`) has an inf or
     nan value. Eager multiplies masked keys' values by their probability 0, and 0 * inf or 0 * nan is
     nan: one such key makes every row that masks it nan in that column, while the key loops above stop at
     each row's limit. One pass over the masked value rows (most are finite: one vector check each), the
@@ -210,7 +232,7 @@ def _masked_values(v, limits, out):
     nq, dv = out.shape
     lo = v.shape[0]
     for r in range(nq):
-        lo = min(lo, limits[r])
+        lo = min(lo, limits[r] + skip)
     vlast = -1  # the last masked key with a value not finite, and per column the last such key
     vcol = np.full(dv, -1, np.int64)
     for j in range(lo, v.shape[0]):
@@ -223,28 +245,29 @@ def _masked_values(v, limits, out):
     if vlast < 0:
         return
     for r in range(nq):
-        if vlast >= limits[r]:
+        if vlast >= limits[r] + skip:
             for e in range(dv):
-                if vcol[e] >= limits[r]:
+                if vcol[e] >= limits[r] + skip:
                     out[r, e] = np.float32(np.nan)
 
 
 _P, _N = types.voidptr, types.intp
-# (q, k, v, limits, out, rows, keys of k, keys of v, D, Dv, scale, divide, kv_block): pointers to
-# C-contiguous arrays, then their sizes
-C_SIGNATURE = types.void(_P, _P, _P, _P, _P, _N, _N, _N, _N, _N, types.float32, _N, _N)
+# (q, k, v, kx, vx, limits, out, rows, keys of k, keys of v, keys of kx, D, Dv, scale, divide, kv_block):
+# pointers to C-contiguous arrays, then their sizes
+C_SIGNATURE = types.void(_P, _P, _P, _P, _P, _P, _P, _N, _N, _N, _N, _N, _N, types.float32, _N, _N)
 
 
 @njit(inline="always")
-def _arrays(q, k, v, limits, out, nq, nk, nv, d, dv):
+def _arrays(q, k, v, kx, vx, limits, out, nq, nk, nv, nx, d, dv):
     return (carray(q, (nq, d), np.float32), carray(k, (nk, d), np.float32), carray(v, (nv, dv), np.float32),
+            carray(kx, (nx, d), np.float32), carray(vx, (nx, dv), np.float32),
             carray(limits, (nq,), np.int64), carray(out, (nq, dv), np.float32))
 
 
 @cfunc(C_SIGNATURE, cache=True)
-def _rows_entry(q, k, v, limits, out, nq, nk, nv, d, dv, scale, divide, kv_block):
-    q, k, v, limits, out = _arrays(q, k, v, limits, out, nq, nk, nv, d, dv)
-    flash_rows(q, k, v, limits, scale, divide != 0, kv_block, out)
+def _rows_entry(q, k, v, kx, vx, limits, out, nq, nk, nv, nx, d, dv, scale, divide, kv_block):
+    q, k, v, kx, vx, limits, out = _arrays(q, k, v, kx, vx, limits, out, nq, nk, nv, nx, d, dv)
+    flash_rows(q, k, v, kx, vx, limits, scale, divide != 0, kv_block, out)
 
 
 # bound once per process, before any kernel that calls them is compiled or loaded from the cache
@@ -253,9 +276,9 @@ _flash_rows_c = types.ExternalFunction(SYMBOLS[False], C_SIGNATURE)
 _flash_gemm_c = types.ExternalFunction(SYMBOLS[True], C_SIGNATURE)
 if not UNAVAILABLE:  # the GEMM copy calls MKL: only where its symbols are bound
     @cfunc(C_SIGNATURE, cache=True)
-    def _gemm_entry(q, k, v, limits, out, nq, nk, nv, d, dv, scale, divide, kv_block):
-        q, k, v, limits, out = _arrays(q, k, v, limits, out, nq, nk, nv, d, dv)
-        flash_rows_gemm(q, k, v, limits, scale, divide != 0, kv_block, out)
+    def _gemm_entry(q, k, v, kx, vx, limits, out, nq, nk, nv, nx, d, dv, scale, divide, kv_block):
+        q, k, v, kx, vx, limits, out = _arrays(q, k, v, kx, vx, limits, out, nq, nk, nv, nx, d, dv)
+        flash_rows_gemm(q, k, v, kx, vx, limits, scale, divide != 0, kv_block, out)
 
     llvm.add_symbol(SYMBOLS[True], _gemm_entry.address)
 
@@ -268,21 +291,30 @@ def _rows(a):
     return np.ascontiguousarray(a)
 
 
+@njit(inline="always")
+def _call(entry, q, k, v, kx, vx, limits, scale, divide, kv_block, out):
+    q, k, v, kx, vx = _rows(q), _rows(k), _rows(v), _rows(kx), _rows(vx)
+    entry(_ptr(q), _ptr(k), _ptr(v), _ptr(kx), _ptr(vx), _ptr(limits), _ptr(out), out.shape[0], k.shape[0],
+          v.shape[0], kx.shape[0], q.shape[1], out.shape[1], np.float32(scale), 1 if divide else 0, kv_block)
+    return q.shape[0] + k.shape[0] + v.shape[0] + kx.shape[0] + vx.shape[0]  # (the copies live until here)
+
+
 @njit(cache=True, nogil=True)
 def flash_block_rows(q, k, v, limits, scale, divide, kv_block, out):
     """`flash_rows` without GEMMs (see the module's doc), called from generated kernels: q [rows, D],
     k [keys, D], v [keys, Dv] float32, limits [rows] int64 (each at most keys), out [rows, Dv]; limits and
     out C-contiguous (q, k and v are copied when their rows are not one after the other)."""
-    q, k, v = _rows(q), _rows(k), _rows(v)
-    _flash_rows_c(_ptr(q), _ptr(k), _ptr(v), _ptr(limits), _ptr(out), out.shape[0], k.shape[0], v.shape[0], q.shape[1],
-                  out.shape[1], np.float32(scale), 1 if divide else 0, kv_block)
-    return q.shape[0] + k.shape[0] + v.shape[0]  # (read after the call: the copies live until it returns)
+    return _call(_flash_rows_c, q, k, v, q[:0], out[:0], limits, scale, divide, kv_block, out)
 
 
 @njit(cache=True, nogil=True)
 def flash_block_gemm(q, k, v, limits, scale, divide, kv_block, out):
     """`flash_block_rows` with the two products as MKL GEMMs (prefill)."""
-    q, k, v = _rows(q), _rows(k), _rows(v)
-    _flash_gemm_c(_ptr(q), _ptr(k), _ptr(v), _ptr(limits), _ptr(out), out.shape[0], k.shape[0], v.shape[0], q.shape[1],
-                  out.shape[1], np.float32(scale), 1 if divide else 0, kv_block)
-    return q.shape[0] + k.shape[0] + v.shape[0]
+    return _call(_flash_gemm_c, q, k, v, q[:0], out[:0], limits, scale, divide, kv_block, out)
+
+
+@njit(cache=True, nogil=True)
+def flash_block_new(q, k, v, kx, vx, limits, scale, divide, kv_block, out):
+    """`flash_block_rows` with keys kx [X, D] and values vx [X, Dv] seen after each row's others, at the
+    positions limits[r].. (a decode step's new key and value; k and v its cache, read in place)."""
+    return _call(_flash_rows_c, q, k, v, kx, vx, limits, scale, divide, kv_block, out)

@@ -13,8 +13,10 @@ possibly under a mask that hides exactly the keys past each row's limit (a const
 comparison of the key index with an integer position); other expressions keep the generated loops."""
 from __future__ import annotations
 
-from fusec.backends.numba_cpu.attention_gemm import _in_place
-from fusec.backends.numba_cpu.attention_mask import key_limit
+from dataclasses import dataclass
+
+from fusec.backends.numba_cpu.attention_gemm import KEY, _in_place
+from fusec.backends.numba_cpu.attention_mask import integer, key_index_axis, key_limit, last_seen_key
 from fusec.backends.numba_cpu.attention_rows import array_row
 from fusec.backends.numba_cpu.expr import Emitter, _broadcast, literal
 from fusec.symbolic import upper
@@ -60,14 +62,78 @@ def _mask_is_the_limit(em: Emitter, x_id: int, row_idx: tuple[str, ...]) -> bool
         return False
     if cond.op == "const":
         return True
-    bound = cond.args[1] if cond.op in ("gt", "ge") else cond.args[0]
-    return g.nodes[bound].dtype in ("i64", "i32", "i16", "i8", "u8")
+    return integer(g, cond.args[1] if cond.op in ("gt", "ge") else cond.args[0])
+
+
+@dataclass(frozen=True)
+class NewKey:
+    """A decode step's keys and values: key j's row is the new one where j == `position`, else the cache's
+    row j, and the mask hides the keys after `position`. The library then reads the cache's rows in place
+    and takes the new key and value as its extra ones (`attention_block.flash_block_new`): the recurrence
+    is not generated in the kernel (a decode attention kernel's compile went from ~2 s to ~0.5 s), and
+    nothing is packed (packing the keys chosen per key made a stories15M step 5-20% slower)."""
+    position: str
+    keys: tuple      # (the new row, the cache's row of key KEY), `attention_rows.array_row` rows
+    values: tuple
+
+
+def decode_keys(em: Emitter, anchors: tuple[int, int], x_row: int, row_idx: tuple[str, ...], bidx) -> NewKey | None:
+    """The decode step's keys of the attention `anchors` for the (batch, head) `bidx` (see `NewKey`), or
+    None when K and V are not a choice per key between one new row and a cache row under that mask."""
+    g = em.g
+    s_id, o_id = anchors
+    kv, vv, tk = g.nodes[s_id].args[1], g.nodes[o_id].args[1], g.nodes[s_id].shape[-1]
+    position = last_seen_key(em, x_row, row_idx) if x_row is not None else None
+    if position is None:
+        return None
+    lead = lambda nid: _broadcast(bidx, g.nodes[nid].shape[:-2])  # noqa: E731
+    keys = _new_or_cached(em, lambda c: array_row(em, kv, lead(kv) + (":", KEY), c), position, tk)
+    values = _new_or_cached(em, lambda c: array_row(em, vv, lead(vv) + (KEY, ":"), c), position, tk)
+    return NewKey(position, keys, values) if keys and values else None
+
+
+def _new_or_cached(em: Emitter, row_of, position: str, tk) -> tuple | None:
+    """(new row, cached row) when `row_of(condition)` (the row of key KEY) is the new row where the key
+    index equals `position` and else the key's row of one array (`_in_place`), else None."""
+    g = em.g
+    chosen: list = []
+    row = row_of(lambda nid, index: chosen.append((nid, index)) or "chosen")  # the choice, not written
+    if not row or row[0] == "row" or len(chosen) != 1:
+        return None
+    _, new, cached = row
+    if new[0] != "row" or KEY in new[2] or cached[0] != "row" or not _in_place(lambda _: cached):
+        return None
+    nid, index = chosen[0]
+    cond = g.nodes[nid]
+    if cond.op != "eq":
+        return None
+    for key, other in (cond.args, cond.args[::-1]):
+        axis = key_index_axis(g, key, tk)
+        if axis is None or not integer(g, other):
+            continue
+        shape = g.nodes[key].shape
+        if index[len(index) - len(shape) + axis].strip("()") == KEY and em.value(other, _at(g, other, index)) == position:
+            return new, cached
+    return None
+
+
+def _at(g, nid: int, index: tuple[str, ...]) -> tuple[str, ...]:
+    """The index into node `nid` broadcast to `index` (trailing axes; its axes of size 1 at 0)."""
+    shape = g.nodes[nid].shape
+    return tuple("0" if d == 1 else i for d, i in zip(shape, index[len(index) - len(shape):]))
+
+
+def _one_row(row, count: str) -> str:
+    """Row `row` (`array_row`'s ("row", array, index)) as a 2-d slice of `count` (0 or 1) rows."""
+    lead, _, last = row[2].rpartition(", ")
+    return f"{row[1]}[{lead + ', ' if lead else ''}{last}:{last} + {count}]"
 
 
 def emit_library_call(em: Emitter, anchors: tuple[int, int], scale: tuple[str, bool], bidx, blocks: tuple,
-                      limit, gemms: bool) -> None:
+                      limit, gemms: bool, new_key: NewKey | None = None) -> None:
     """The call of the library for rows i0..i1 of the (batch, head) `bidx`: `lims` each row's key limit,
-    `oacc` its output rows. `blocks` = (q_block, kv_block)."""
+    `oacc` its output rows. `blocks` = (q_block, kv_block). With `new_key`, the new key and value are the
+    library's extra ones (`nx`: 1 when the mask keeps the new key, 0 when the position is past the keys)."""
     g, w = em.g, em.w
     (s_id, o_id), (q_block, kv_block) = anchors, blocks
     qv, kv = g.nodes[s_id].args
@@ -76,12 +142,21 @@ def emit_library_call(em: Emitter, anchors: tuple[int, int], scale: tuple[str, b
     lead = lambda nid: _broadcast(bidx, g.nodes[nid].shape[:-2])  # noqa: E731
     w.line(f"lims = np.empty({q_block}, np.int64)")
     w.define("lims")
+    if new_key is not None:
+        w.line(f"nx = 1 if 0 <= int({new_key.position}) < {tk} else 0")
+        w.define("nx")
     w.line("klim = 0")
     with em.loop("for i in range(i0, i1)", ("i",)):
-        w.line(f"lims[i - i0] = {limit('i')}")
+        w.line(f"lims[i - i0] = {limit('i')}{' - nx' if new_key is not None else ''}")
         w.line("klim = max(klim, lims[i - i0])")
     q = _rows(em, qv, "qbuf", (q_block, depth), ("i0", "i1"),
               lambda r: array_row(em, qv, lead(qv) + (r, ":")), lambda r, d: em.value(qv, lead(qv) + (r, d)))
+    if new_key is not None:
+        (k_new, k_cached), (v_new, v_cached) = new_key.keys, new_key.values
+        k, v = _in_place(lambda _: k_cached, "0:klim"), _in_place(lambda _: v_cached, f"0:{tk}")
+        w.line(f"flash_block_new({q}, {k}, {v}, {_one_row(k_new, 'nx')}, {_one_row(v_new, 'nx')}, lims[:i1 - i0], "
+               f"{scale[0]}, {scale[1]}, {kv_block}, oacc[:i1 - i0])")
+        return
     k = _rows(em, kv, "kbuf", (upper(tk), depth), ("0", "klim"),
               lambda j: array_row(em, kv, lead(kv) + (":", j)), lambda j, d: em.value(kv, lead(kv) + (d, j)))
     # in place, every key's value row (the library checks the masked ones, `_masked_values`); packed, only

@@ -26,17 +26,44 @@ def key_limit(em: Emitter, x_id: int, row_idx: tuple[str, ...]) -> str | None:
     if cond.op == "const":
         off = causal_offset(g, cond, tq, tk)
         return None if off is None else f"min({tk}, {i} + {off + 1})"
-    if cond.op in ("gt", "lt", "ge", "le"):
-        a, b = cond.args
-        if cond.op in ("lt", "le"):  # b > a  is  a < b
-            a, b = b, a
-        if not is_key_index(g, a, tk) or g.nodes[b].shape[-1:] not in ((), (1,)):
-            return None
-        rank = len(g.nodes[b].shape)
-        b_idx = tuple("0" if d == 1 else ix for d, ix in zip(g.nodes[b].shape, row_idx[len(row_idx) - rank:]))
-        bound = em.value(b, b_idx)
-        return f"max(0, min({tk}, int({bound}) {'+ 1' if cond.op in ('gt', 'lt') else ''}))"
-    return None
+    position = _position(em, cond, tk, row_idx)
+    if position is None:
+        return None
+    bound, strict = position
+    return f"max(0, min({tk}, int({bound}) {'+ 1' if strict else ''}))"
+
+
+def last_seen_key(em: Emitter, x_id: int, row_idx: tuple[str, ...]) -> str | None:
+    """The position p, as an expression, when X = where(key > p, -inf, ...) hides exactly the keys after an
+    integer p (a decode step's position: key p is the last one a row sees when 0 <= p < keys), else None."""
+    g = em.g
+    x = g.nodes[x_id]
+    if x.op != "where" or key_limit(em, x_id, row_idx) is None:
+        return None
+    cond = g.nodes[x.args[0]]
+    position = _position(em, cond, x.shape[-1], row_idx)
+    if position is None or not position[1] or not integer(g, cond.args[0 if cond.op == "lt" else 1]):
+        return None
+    return position[0]
+
+
+def integer(g, nid: int) -> bool:
+    return g.nodes[nid].dtype in ("i64", "i32", "i16", "i8", "u8")
+
+
+def _position(em: Emitter, cond, tk, row_idx: tuple[str, ...]) -> tuple[str, bool] | None:
+    """(b's value, strict) when `cond` compares the key index with b: key > b (strict) or key >= b."""
+    g = em.g
+    if cond.op not in ("gt", "lt", "ge", "le"):
+        return None
+    a, b = cond.args
+    if cond.op in ("lt", "le"):  # b > a  is  a < b
+        a, b = b, a
+    if not is_key_index(g, a, tk) or g.nodes[b].shape[-1:] not in ((), (1,)):
+        return None
+    rank = len(g.nodes[b].shape)
+    b_idx = tuple("0" if d == 1 else ix for d, ix in zip(g.nodes[b].shape, row_idx[len(row_idx) - rank:]))
+    return em.value(b, b_idx), cond.op in ("gt", "lt")
 
 
 def is_key_index(g, nid: int, tk: int) -> bool:
@@ -46,11 +73,22 @@ def is_key_index(g, nid: int, tk: int) -> bool:
         return False
     if n.op == "reshape":  # an arange viewed as [1, T] (a causal mask built at run time: symbolic sizes)
         return is_key_index(g, n.args[0], tk)
-    if n.op == "iota":
-        return n.attr("axis") == len(n.shape) - 1 and n.attr("start", 0) == 0 and n.attr("step", 1) == 1
-    if n.op == "const" and n.attr("key") is not None:
-        return np.array_equal(np.asarray(g.tensors[n.attr("key")]).reshape(-1), np.arange(tk))
-    return False
+    return key_index_axis(g, nid, tk) == len(n.shape) - 1
+
+
+def key_index_axis(g, nid: int, tk: int) -> int | None:
+    """The axis along which node `nid` holds the key index 0..tk-1 (an iota or a constant arange, every
+    other axis of size 1), else None."""
+    n = g.nodes[nid]
+    axes = [ax for ax, d in enumerate(n.shape) if d != 1] or [len(n.shape) - 1]
+    if not n.shape or len(axes) != 1 or n.shape[axes[0]] != tk:
+        return None
+    if n.op == "iota" and n.attr("axis") == axes[0] and n.attr("start", 0) == 0 and n.attr("step", 1) == 1:
+        return axes[0]
+    if n.op == "const" and n.attr("key") is not None and np.array_equal(
+            np.asarray(g.tensors[n.attr("key")]).reshape(-1), np.arange(tk)):
+        return axes[0]
+    return None
 
 
 def causal_offset(g, cond, tq: int, tk: int) -> int | None:

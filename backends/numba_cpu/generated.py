@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from fusec.backends.numba_cpu.attention_block import flash_block_gemm, flash_block_rows
+from fusec.backends.numba_cpu.attention_block import flash_block_gemm, flash_block_new, flash_block_rows
 from fusec.backends.numba_cpu.blas import bf16, checked_index, gemm, gemm_bf16, load_bf16, rbf16
 from fusec.backends.numba_cpu.lowp import gemm_int8
 from fusec.backends.numba_cpu.entries import bind_entry
