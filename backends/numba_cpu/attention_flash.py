@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from fusec.backends.numba_cpu.attention_gemm import KEY, _in_place
 from fusec.backends.numba_cpu.attention_mask import integer, key_index_axis, key_limit, last_seen_key
-from fusec.backends.numba_cpu.attention_rows import array_row
+from fusec.backends.numba_cpu.attention_rows import _operand_index, array_row
 from fusec.backends.numba_cpu.expr import Emitter, _broadcast, literal
 from fusec.symbolic import upper
 
@@ -112,15 +112,10 @@ def _new_or_cached(em: Emitter, row_of, position: str, tk) -> tuple | None:
         if axis is None or not integer(g, other):
             continue
         shape = g.nodes[key].shape
-        if index[len(index) - len(shape) + axis].strip("()") == KEY and em.value(other, _at(g, other, index)) == position:
+        at = _operand_index(g.nodes[other].shape, index)
+        if index[len(index) - len(shape) + axis].strip("()") == KEY and em.value(other, at) == position:
             return new, cached
     return None
-
-
-def _at(g, nid: int, index: tuple[str, ...]) -> tuple[str, ...]:
-    """The index into node `nid` broadcast to `index` (trailing axes; its axes of size 1 at 0)."""
-    shape = g.nodes[nid].shape
-    return tuple("0" if d == 1 else i for d, i in zip(shape, index[len(index) - len(shape):]))
 
 
 def _one_row(row, count: str) -> str:

@@ -20,7 +20,8 @@ operands' types:
 The dot products are written in LLVM IR (`simd.float_dot`, `int8_dot`): they prefetch the next group's
 rows, which one core otherwise reads below the memory's bandwidth (short streams the hardware prefetcher
 does not ramp up on). fp32 weights against one activation row (decode, batch 1) skip the groups' side by
-side rows: a row after another, the thread's weights are one long stream (`rows_into`, measured there). For fp32 this replaced a Numba loop over four rows without prefetch: measured side
+side rows: a row after another, the thread's weights are one long stream (`rows_into`, measured there).
+For fp32 with several rows this replaced a Numba loop over four rows without prefetch: measured side
 by side (alternating calls, weights cycled over 600 MB, a loaded machine), 1.03-1.10x its bytes per
 second at stories110M's shapes on one or two threads, except W2 (K = 2048: 0.95-1.02x).
 """
