@@ -159,10 +159,12 @@ class _Function:
 
 def _one_slow_worker(monkeypatch):
     """One compile worker that waits for `release` before it compiles; four modules of one kernel each.
-    Returns (the log of where each body compiled, release, the modules)."""
-    log, release = [], threading.Event()
+    Returns (the log of where each body compiled, release, taken, the modules): `taken` is set once the worker
+    holds a body (a test waits for it rather than assume the worker's thread ran before this one)."""
+    log, release, taken = [], threading.Event(), threading.Event()
 
     def run(number, job):
+        taken.set()
         release.wait(10)
         log.append(("worker", job[0].__name__))
         return True, ""
@@ -170,13 +172,13 @@ def _one_slow_worker(monkeypatch):
     monkeypatch.setattr(compile_pool, "_after_worker", lambda module: None)
     monkeypatch.setattr(compile_pool, "worker_count", lambda jobs: 1 if jobs >= 2 else 0)
     modules = [types.SimpleNamespace(__name__=f"m{k}", kernel=_Function(f"m{k}", log)) for k in range(4)]
-    return log, release, modules
+    return log, release, taken, modules
 
 
 def test_a_body_two_programs_started_compiles_once(monkeypatch):
     """Two programs started one after the other (`start`, as the generator does for its decode and prefill
     programs) that share a kernel body compile it once, in a worker or here, not once each."""
-    log, release, modules = _one_slow_worker(monkeypatch)
+    log, release, taken, modules = _one_slow_worker(monkeypatch)
     first = compile_batch.start([(m, "kernel", ["sig"]) for m in modules[:2]])
     second = compile_batch.start([(m, "kernel", ["sig"]) for m in modules])  # m0 and m1 are the first's
     release.set()
@@ -189,8 +191,9 @@ def test_a_body_two_programs_started_compiles_once(monkeypatch):
 def test_workers_serve_the_oldest_batch_first(monkeypatch):
     """The worker takes the first program's bodies before a later program's (the decode program, which the
     first token waits for, before the prefill's), whichever batch was started last."""
-    log, release, modules = _one_slow_worker(monkeypatch)
+    log, release, taken, modules = _one_slow_worker(monkeypatch)
     first = compile_batch.start([(m, "kernel", ["sig"]) for m in modules[:2]])   # the worker takes m0
+    assert taken.wait(10)
     second = compile_batch.start([(m, "kernel", ["sig"]) for m in modules[2:]])  # m2, m3 queued behind m1
     release.set()
     for thread in list(compile_batch._FEEDERS.values()):
@@ -202,10 +205,11 @@ def test_workers_serve_the_oldest_batch_first(monkeypatch):
 def test_a_batch_waiting_for_a_worker_compiles_only_its_own_bodies(monkeypatch):
     """A batch waiting for its last body in a worker does not compile another batch's meanwhile: that body
     could take longer than the wait and hold back the program the caller waits for."""
-    log, release, modules = _one_slow_worker(monkeypatch)
+    log, release, taken, modules = _one_slow_worker(monkeypatch)
     first = compile_batch.start([(m, "kernel", ["sig"]) for m in modules[:2]])   # the worker takes m0
+    assert taken.wait(10)
     second = compile_batch.start([(m, "kernel", ["sig"]) for m in modules[2:]])  # m2, m3 queued
-    threading.Timer(0.5, release.set).start()
+    modules[1].kernel.compile = lambda sig: (log.append(("here", "m1")), release.set())  # the worker goes on
     assert first.finish() == {"in_process": 1, "in_workers": 1, "worker_failures": 0}  # m1 here, m0 waited for
     assert ("here", "m2") not in log and ("here", "m3") not in log
     second.finish()
@@ -216,8 +220,9 @@ def test_a_batch_says_whether_only_its_workers_have_work_left(monkeypatch):
     """`compiling_elsewhere`: true while a worker holds or will take the jobs (the generator then runs
     prompts through its decode program instead of waiting), false once they are done, and false at once
     without workers (nothing would ever finish the jobs but `finish`)."""
-    log, release, modules = _one_slow_worker(monkeypatch)
+    log, release, taken, modules = _one_slow_worker(monkeypatch)
     first = compile_batch.start([(m, "kernel", ["sig"]) for m in modules[:2]])  # a worker holds m0, m1 queued
+    assert taken.wait(10)
     second = compile_batch.start([(m, "kernel", ["sig"]) for m in modules[:2]])  # borrows both
     assert first.compiling_elsewhere() and second.compiling_elsewhere()
     release.set()
