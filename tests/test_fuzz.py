@@ -158,7 +158,11 @@ class RandomGraph:
         w = self.pick([w for w in pool if self.b.type(w).shape == t.shape])
         perm = list(range(t.rank))
         perm[-1], perm[-2] = perm[-2], perm[-1]
-        return self.b.add("matmul", [v, self.b.add("permute", [w], {"perm": tuple(perm)})])
+        product = self.b.add("matmul", [v, self.b.add("permute", [w], {"perm": tuple(perm)})])
+        # + 0.0: the sign of a zero dot product is the library's choice (eager gives 1/(0 * -1) as -inf from
+        # a [3,1]x[1,3] matmul and +inf from [1,1]x[1,3]); -0.0 + 0.0 is +0.0 everywhere
+        dtype = self.b.type(product).dtype
+        return self.b.add("add", [product, self.b.const(0.0, dtype)])
 
 
 def special_inputs(seed: int, shape: tuple[int, ...], density: float) -> list[np.ndarray]:
