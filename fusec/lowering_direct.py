@@ -27,10 +27,11 @@ class NotDirect(FusecError):
 
 
 # composite ops whose decomposition the existing lowerings already give (a permute, a view, a cast, a
-# copy, a constant folded at trace time, a size)
+# copy, a constant folded at trace time, a size; `where` with a Python number for a tensor: the number as
+# a constant of the result's dtype)
 SAME = {"aten.to", "aten.reshape", "aten.contiguous", "aten.clone", "aten.transpose", "aten.t",
         "aten.sym_size", "aten.arange", "aten.full", "aten.zeros", "aten.ones", "aten.detach", "aten.alias",
-        "aten.silu"}
+        "aten.silu", "aten.where"}
 # lowered here as their decompositions are
 HERE = {"aten.linear", "aten.matmul", "aten.type_as", "aten.masked_fill", "aten.softmax",
         "aten.repeat_interleave", "aten.stack", "aten.__or__", "aten.__and__"}

@@ -145,3 +145,20 @@ def test_training_dropout_is_decomposed():
     from fusec.lowering_direct import direct_ok
     program = tracing.export(nn.Dropout(0.5).train(), (torch.randn(4, 4),), decompose=False)
     assert direct_ok(program) is not None
+
+
+class WhereNumber(nn.Module):
+    """`where` with a Python number in place of either tensor (aten.where.ScalarSelf / ScalarOther)."""
+
+    def forward(self, x):
+        return torch.where(x > 0, 0.0, x) + torch.where(x < 1, x, 2.5)
+
+
+def test_where_with_a_number_traces_directly_as_decomposed(monkeypatch):
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(tracing, "DIRECT", False)
+    decomposed = format_graph(tracing.trace(WhereNumber(), (x,)).graph)
+    monkeypatch.setattr(tracing, "DIRECT", True)
+    monkeypatch.setattr(ExportedProgram, "run_decompositions", None)  # not called
+    assert format_graph(tracing.trace(WhereNumber(), (x,)).graph) == decomposed
+    torch.testing.assert_close(fusec.compile(WhereNumber(), (x,), backend="reference")(x), WhereNumber()(x))

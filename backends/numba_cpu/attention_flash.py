@@ -75,6 +75,7 @@ class NewKey:
     position: str
     keys: tuple      # (the new row, the cache's row of key KEY), `attention_rows.array_row` rows
     values: tuple
+    zeroed: bool     # the values after the position are zeros (`_zeroed_after`): no row there to check
 
 
 def decode_keys(em: Emitter, anchors: tuple[int, int], x_row: int, row_idx: tuple[str, ...], bidx) -> NewKey | None:
@@ -87,9 +88,32 @@ def decode_keys(em: Emitter, anchors: tuple[int, int], x_row: int, row_idx: tupl
     if position is None:
         return None
     lead = lambda nid: _broadcast(bidx, g.nodes[nid].shape[:-2])  # noqa: E731
+    zeroed = _zeroed_after(em, vv, position, tk)
+    through = frozenset(() if zeroed is None else (zeroed,))
     keys = _new_or_cached(em, lambda c: array_row(em, kv, lead(kv) + (":", KEY), c), position, tk)
-    values = _new_or_cached(em, lambda c: array_row(em, vv, lead(vv) + (KEY, ":"), c), position, tk)
-    return NewKey(position, keys, values) if keys and values else None
+    values = _new_or_cached(em, lambda c: array_row(em, vv, lead(vv) + (KEY, ":"), c, through), position, tk)
+    return NewKey(position, keys, values, zeroed is not None) if keys and values else None
+
+
+def _zeroed_after(em: Emitter, vv: int, position: str, tk) -> int | None:
+    """The node where(key > position, 0, V') under the values `vv` (seen through reshapes and expands that
+    keep its last two axes, keys and columns), when there is one: the keys after the position are masked,
+    and their values zero, so no inf or nan there can reach the output (the generator's `DecodeStep`)."""
+    g = em.g
+    n = g.nodes[vv]
+    while n.op in ("reshape", "expand") and g.nodes[n.args[0]].shape[-2:] == n.shape[-2:]:
+        vv, n = n.args[0], g.nodes[n.args[0]]
+    if n.op != "where" or len(n.shape) < 2:
+        return None
+    cond, zero = g.nodes[n.args[0]], g.nodes[n.args[1]]
+    if zero.op != "const" or zero.attr("key") is not None or zero.attr("value") != 0.0 or cond.op not in ("gt", "lt"):
+        return None
+    key, other = cond.args if cond.op == "gt" else cond.args[::-1]
+    axis = key_index_axis(g, key, tk)
+    shape = g.nodes[key].shape
+    if axis is None or len(shape) - axis != 2 or not integer(g, other) or any(d != 1 for d in g.nodes[other].shape):
+        return None
+    return vv if em.value(other, tuple("0" for _ in g.nodes[other].shape)) == position else None
 
 
 def _new_or_cached(em: Emitter, row_of, position: str, tk) -> tuple | None:
@@ -148,7 +172,8 @@ def emit_library_call(em: Emitter, anchors: tuple[int, int], scale: tuple[str, b
               lambda r: array_row(em, qv, lead(qv) + (r, ":")), lambda r, d: em.value(qv, lead(qv) + (r, d)))
     if new_key is not None:
         (k_new, k_cached), (v_new, v_cached) = new_key.keys, new_key.values
-        k, v = _in_place(lambda _: k_cached, "0:klim"), _in_place(lambda _: v_cached, f"0:{tk}")
+        # the values' rows after the limit: all of them, checked for infs, unless they are zeroed
+        k, v = _in_place(lambda _: k_cached, "0:klim"), _in_place(lambda _: v_cached, "0:klim" if new_key.zeroed else f"0:{tk}")
         w.line(f"flash_block_new({q}, {k}, {v}, {_one_row(k_new, 'nx')}, {_one_row(v_new, 'nx')}, lims[:i1 - i0], "
                f"{scale[0]}, {scale[1]}, {kv_block}, oacc[:i1 - i0])")
         return

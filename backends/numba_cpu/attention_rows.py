@@ -28,14 +28,15 @@ def lane_dot(em: Emitter, depth: int, lanes: int, q_at, k_at) -> None:
     w.line("s = slane[0]")
 
 
-def array_row(em: Emitter, nid: int, idx: tuple[str, ...], condition=None):
+def array_row(em: Emitter, nid: int, idx: tuple[str, ...], condition=None, through: frozenset = frozenset()):
     """Where the row that node `nid` reads along the axis marked ":" in `idx` lies: ("row", aN, "i, j, ..."),
     an operand array and the index of its leading axes, the row its last axis; or (cond, a, b), row a when
     `cond` holds else row b, for a choice per row (a concat of past and new keys, `where(is_new, k, cache)`).
     When `nid` is float32 arrays seen through permutes, expands, reshapes that keep the row whole and such
     choices, and the row is a multiple of 16 long (`simd.row_intrinsics`); else None (the caller's loop
     reads the node element by element). `condition(node, index)` writes a choice's condition (default
-    `em.value`: into the kernel)."""
+    `em.value`: into the kernel). A choice in `through` (node ids) is read as its second operand, the
+    caller having accounted for its first (`attention_flash.decode_keys`: values zeroed after a position)."""
     g = em.g
     n = g.nodes[nid]
     mark = idx.index(":")
@@ -51,19 +52,21 @@ def array_row(em: Emitter, nid: int, idx: tuple[str, ...], condition=None):
             inner = ["0"] * len(idx)
             for out_axis, in_axis in enumerate(n.attr("perm")):
                 inner[in_axis] = idx[out_axis]
-            return array_row(em, n.args[0], tuple(inner), condition)
+            return array_row(em, n.args[0], tuple(inner), condition, through)
         if n.op == "expand":
-            return None if src[mark] == 1 else array_row(em, n.args[0], _operand_index(src, idx), condition)
+            return None if src[mark] == 1 else array_row(em, n.args[0], _operand_index(src, idx), condition, through)
         tail = len(idx) - mark  # a reshape of the axes before the row's, the row's axis and those after kept
         if len(src) < tail or tuple(src[-tail:]) != tuple(n.shape[-tail:]):
             return None
         lead = tuple(reshape_index(idx[:-tail], n.shape[:-tail], src[:-tail]))
-        return array_row(em, n.args[0], lead + idx[-tail:], condition)
+        return array_row(em, n.args[0], lead + idx[-tail:], condition, through)
     if n.op == "concat" and len(n.args) == 2 and n.attr("axis") != mark:
         ax, split = n.attr("axis"), g.nodes[n.args[0]].shape[n.attr("axis")]
         after = idx[:ax] + (f"({idx[ax]}) - {split}",) + idx[ax + 1:]
-        a, b = array_row(em, n.args[0], idx, condition), array_row(em, n.args[1], after, condition)
+        a, b = array_row(em, n.args[0], idx, condition, through), array_row(em, n.args[1], after, condition, through)
         return (f"({idx[ax]}) < {split}", a, b) if a and b else None
+    if n.op == "where" and nid in through:
+        return array_row(em, n.args[2], _operand_index(g.nodes[n.args[2]].shape, idx), condition, through)
     if n.op == "where":
         cond, x, y = (g.nodes[a] for a in n.args)
         rank = len(n.shape)
@@ -71,7 +74,7 @@ def array_row(em: Emitter, nid: int, idx: tuple[str, ...], condition=None):
             return None  # an operand broadcast along the row: not a row
         if len(cond.shape) >= rank - mark and cond.shape[mark - rank] != 1:
             return None  # the choice changes along the row
-        a, b = (array_row(em, o, _operand_index(g.nodes[o].shape, idx), condition) for o in n.args[1:])
+        a, b = (array_row(em, o, _operand_index(g.nodes[o].shape, idx), condition, through) for o in n.args[1:])
         if not (a and b):
             return None
         at = _operand_index(cond.shape, tuple("0" if i == ":" else i for i in idx))

@@ -193,7 +193,9 @@ class DecodeStep(nn.Module):
     0..pos-1 (anything after them is ignored); k_new/v_new [n_layers, B, n_kv_heads, 1, head_dim] are the
     rows of position `pos`, which the caller writes into the caches. Nothing is written here: each layer
     attends to its cache with row `pos` replaced elementwise (`where(key_index == pos, new, cache)`), and
-    keys after `pos` are masked (`key_index > pos`).
+    keys after `pos` are masked (`key_index > pos`), their values zeroed: a stale row there (an earlier,
+    longer sequence's, or an inf) weighs nothing, where softmax's 0 times an inf value would be nan. It
+    also spares a compiled step reading those rows to look for infs (`attention_flash.decode_keys`).
     """
 
     def __init__(self, model: CausalLM):
@@ -208,6 +210,7 @@ class DecodeStep(nn.Module):
         sin = torch.index_select(model.rope_sin, 0, pos)
         key_index = torch.arange(max_seq, device=token.device).view(max_seq, 1)
         is_new = key_index == pos                      # [max_seq, 1]: the row this step writes
+        stale = key_index > pos                        # [max_seq, 1]: rows after it
         after = hidden_keys(key_index.view(1, max_seq), pos, model.config.sliding_window)  # keys not to see
         x = model.embed(token)
         keys, values = [], []
@@ -219,7 +222,7 @@ class DecodeStep(nn.Module):
             keys.append(k)
             values.append(v)
             k_all = torch.where(is_new, k, k_cache[i])
-            v_all = torch.where(is_new, v, v_cache[i])
+            v_all = torch.where(stale, 0.0, torch.where(is_new, v, v_cache[i]))
             x = _feed_forward(layer, x + _attend(attention, q, k_all, v_all, after))
         logits = model.output(model.norm(x[:, -1, :]))
         return logits, torch.stack(keys), torch.stack(values)
