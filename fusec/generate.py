@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from fusec import huge_pages
 from fusec.generate_programs import (PREFIX, WEIGHTS, Compiler, Program, bind, program_weights,  # noqa: F401
                                      counters, decode_stepper, eager_compiler, fusec_compiler, kernel_counts,
                                      prompt_by_decode, with_rates)
@@ -195,7 +196,7 @@ class Generator:
         """The (k, v) caches for `batch` sequences, [n_layers, batch, n_kv_heads, max_seq_len, head_dim]."""
         if batch not in self._caches:
             shape = cache_shape(self.model, batch, self.max_seq_len)
-            self._caches[batch] = (torch.zeros(shape), torch.zeros(shape))
+            self._caches[batch] = (huge_pages.zeros(shape), huge_pages.zeros(shape))  # (read every step)
         return self._caches[batch]
 
     # --- generation -----------------------------------------------------------------------------------
@@ -340,7 +341,7 @@ class Generator:
 def compile_generator(model: nn.Module, max_seq_len: int | None = None, weights: str = "fp32",
                       backend: str = "numba", prompt_buckets: Sequence[int] | None = None,
                       fuse: bool = True, batch: int = 1, loop: bool | None = None,
-                      background: bool = True) -> Generator:
+                      background: bool = True, pack_weights: bool = True) -> Generator:
     """A Generator running fusec-compiled programs of `model` (a `fusec.models.causal_lm.CausalLM` or a
     transformers `LlamaForCausalLM`, whose weights are mapped into one).
 
@@ -356,8 +357,12 @@ def compile_generator(model: nn.Module, max_seq_len: int | None = None, weights:
     token comes seconds sooner), and the first prompt after the workers are done finishes the prefill
     program (loading their machine code). `generator.wait()` waits for it; `background=False` waits here.
     `loop=False` (or FUSEC_LOOP=0) keeps one Python call per kernel instead of one per run of layers.
+    `pack_weights` moves the model's parameters into one block of huge pages (`fusec.huge_pages`: the same
+    Parameters and values, read faster by every decode step, eager's too); False leaves them where they are.
     """
     causal_lm = as_causal_lm(model)
+    if pack_weights:
+        huge_pages.pack_parameters(causal_lm)
     generator = Generator(causal_lm, max_seq_len or causal_lm.config.max_seq_len,
                           fusec_compiler(backend, weights, fuse, loop), prompt_buckets,
                           name=f"fusec {backend} {weights}", background=background)

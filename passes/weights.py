@@ -36,6 +36,7 @@ from typing import Any, Mapping
 
 import torch
 
+from fusec.huge_pages import pack
 from fusec.ir import Builder, Graph, TensorType
 
 MIN_ELEMENTS = 4096  # weights smaller than this stay float32
@@ -148,15 +149,17 @@ def stored_form(types: Mapping[str, TensorType], tensors: Mapping[str, Any]) -> 
     """`tensors` ({name: float32 module tensor}) in the form a program with weight types `types` reads:
     float32 tensors of bf16 weights rounded to bfloat16, of int8 weights quantized (with their scales
     added); anything else as given (checked later by `fusec.binding.check_weights`)."""
-    out = dict(tensors)
+    out, converted = dict(tensors), {}
     for name, t in tensors.items():
         want = types.get(name)
         if want is None or getattr(t, "dtype", None) is None or str(t.dtype) != "torch.float32":
             continue
         if want.dtype == "bf16":
-            out[name] = to_bf16(t)
+            converted[name] = to_bf16(t)
         elif want.dtype == "i8" and name + SCALE in types and t.dim() >= 2:
-            out[name], out[name + SCALE] = quantize_int8(t)
+            converted[name], converted[name + SCALE] = quantize_int8(t)
+    # the converted weights in one block of huge pages, in the module's order (`fusec.huge_pages`)
+    out.update(zip(converted, pack(list(converted.values()))))
     return out
 
 
