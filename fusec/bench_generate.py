@@ -10,8 +10,11 @@ model's max_seq_len, as for stories15M). Every implementation runs the same Pref
 (fusec/models/causal_lm.py) over a static KV cache of --max-seq-len rows (default: prompt plus new tokens):
 eager in PyTorch, torch.compile (inductor) on them, and fusec.compile. torch and numba run on --threads
 threads. The machine's read bandwidth is measured in the same run (before and after, the better of the two)
-and every generation rate is set against its roofline: bandwidth / bytes of weights read per token
-(bf16 weights read half the bytes, int8 1.125 bytes per weight with its block scales). Tokens are checked
+and every generation rate is set against its roofline: bandwidth / bytes read per token, the weights
+(bf16 weights read half the bytes, int8 1.125 bytes per weight with its block scales) and the KV cache's
+rows up to each step's position (fp32, averaged over the steps). The model's parameters are moved into
+one block of huge pages first (`fusec.huge_pages`, as `compile_generator` does), so that every
+implementation reads the same memory. Tokens are checked
 against eager's (leading tokens equal, max logit error on the common path). "ms/tok outside" is the decode
 step's time outside its kernels (Python between calls and argument unboxing:
 `benchtools.seconds_outside_kernels`); `--impl fusec-fp32-unlooped` adds fusec with one Python call per
@@ -30,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from fusec import benchtools
+from fusec import benchtools, huge_pages
 from fusec.argtypes import nonnegative_int, positive_int
 from fusec.bench_block import contention_warning, failure
 from fusec.generate import Generator, compile_generator, eager_generator
@@ -96,6 +99,21 @@ def inductor_compiler(module: torch.nn.Module, example: tuple) -> Callable:
 
     run(*example)
     return run
+
+
+def kv_bytes_per_token(model: CausalLM, prompt_len: int, new_tokens: int) -> int:
+    """fp32 bytes of one sequence's K and V cache rows a decode step reads (rows 0..its position), averaged
+    over the steps after a `prompt_len`-token prompt (`new_tokens` - 1 steps: the first token comes from
+    the prefill)."""
+    config = model.config
+    row = 2 * config.n_layers * config.n_kv_heads * config.head_dim * 4
+    positions = range(prompt_len, prompt_len + max(new_tokens - 1, 1))
+    return int(row * statistics.mean(p + 1 for p in positions))
+
+
+def roofline(bandwidth: float, summary: dict, fmt: str, batch: int) -> float:
+    """Tokens/s at `bandwidth` bytes/s: a step reads the weights once and each sequence's cache rows."""
+    return batch * bandwidth / (summary[f"weight_bytes_{fmt}"] + batch * summary.get("kv_bytes", 0))
 
 
 def make_generator(name: str, model: CausalLM, max_seq_len: int, backend: str) -> Generator:
@@ -191,6 +209,7 @@ def agreement(ids: torch.Tensor, logits: torch.Tensor, ref_ids: torch.Tensor, re
 def bench_model(spec: str, args: argparse.Namespace, bandwidth: float) -> tuple[list[dict], dict]:
     """Every implementation on one model: (rows, the model's summary)."""
     model_name, model = load(spec, args.seed)
+    huge_pages.pack_parameters(model)  # eager and torch.compile read what fusec reads
     config = model.config
     prompt = torch.randint(0, config.vocab_size, (args.batch, args.prompt_len),
                            generator=torch.Generator().manual_seed(args.seed))
@@ -201,6 +220,7 @@ def bench_model(spec: str, args: argparse.Namespace, bandwidth: float) -> tuple[
     max_seq_len = args.max_seq_len or args.prompt_len + new_tokens
     summary = {"dim": config.dim, "layers": config.n_layers, "vocab": config.vocab_size,
                "tied": model.tie_embeddings, "new_tokens": new_tokens, "max_seq_len": max_seq_len,
+               "kv_bytes": kv_bytes_per_token(model, args.prompt_len, new_tokens),
                **{f"weight_bytes_{fmt}": int(model.weight_bytes_per_token(size))
                   for fmt, size in BYTES_PER_WEIGHT.items()}}
     if new_tokens < args.new_tokens:
@@ -223,8 +243,7 @@ def bench_model(spec: str, args: argparse.Namespace, bandwidth: float) -> tuple[
             row["tokens_match_eager"], row["max_logit_error"] = agreement(ids, logits, *ref, args.prompt_len)
         if row.get("decode_tokens_per_s"):
             fmt = impl.split()[1] if impl.startswith("fusec") else "fp32"
-            weight_bytes = summary[f"weight_bytes_{fmt}"]
-            row["roofline_tokens_per_s"] = args.batch * bandwidth / weight_bytes
+            row["roofline_tokens_per_s"] = roofline(bandwidth, summary, fmt, args.batch)
             row["roofline_fraction"] = row["decode_tokens_per_s"] / row["roofline_tokens_per_s"]
         rows.append(row)
     by_name = {row["implementation"]: row.get("decode_tokens_per_s") for row in rows}
@@ -268,7 +287,7 @@ def print_report(report: dict) -> None:
           f"{report['batch']}; {threads['torch']} torch threads, {threads['numba']} numba threads")
     print(f"read bandwidth {bandwidth['best'] / 1e9:.1f} GB/s (numba {bandwidth['numba'] / 1e9:.1f}, numpy "
           f"{bandwidth['numpy'] / 1e9:.1f}, torch {bandwidth['torch'] / 1e9:.1f}); roofline = bandwidth / "
-          f"weight bytes read per token")
+          f"bytes of weights and KV cache read per token")
     warning = contention_warning(report["machine"], threads["torch"])
     if warning:
         print(warning)
@@ -288,7 +307,7 @@ def write_outputs(report: dict, out: Path) -> None:
     for name, summary in report["presets"].items():
         if name in chart:
             for fmt in BYTES_PER_WEIGHT:
-                chart[name][f"roofline {fmt}"] = report["batch"] * best / summary[f"weight_bytes_{fmt}"]
+                chart[name][f"roofline {fmt}"] = roofline(best, summary, fmt, report["batch"])
     png_path = benchtools.write_bar_chart(out / "bench_generate.png", chart, "generated tokens/s",
                                           f"Llama generation, batch {report['batch']}, "
                                           f"{report['threads']['torch']} threads")
