@@ -257,8 +257,8 @@ def choose_tiles(node: Node, machine: Machine) -> Tiles:
 # Each is chosen from the machine's figures (caches, cores, clock, fork/join cost, memory bandwidth) and,
 # where it matters, the kernel's shape; the emitter follows whatever the kernel carries. On the 2-core x86
 # the project is measured on (48 KiB L1d and 2 MiB L2 per core, 2.3 GHz, AVX-512) they come to
-# parallel_min 16384, matvec_rows 18 (fp32 weights), matvec_group 8 (16 for int8; 1 for bf16 and int8 at one row), gemm_rows 16
-# (docs/passes.md).
+# parallel_min 16384, matvec_rows 18 (fp32 weights), matvec_group 8 (16 for int8; 1 for bf16 and int8 at
+# one row), gemm_rows 16 (docs/passes.md).
 
 def _parallel_min(machine: Machine, shape=None) -> int:
     """Elements from which a loop nest runs parallel. Splitting n elements over c cores saves (1 - 1/c)
@@ -307,8 +307,8 @@ def _matvec_group(machine: Machine, shape: MatmulShape | None = None) -> int:
     AVX-512 (2 threads, weights in huge pages cycled over 512 MB, alternating, medians; 768 x 768 to
     32000 x 768 and 768 x 2048): bf16 1.04-1.19x the bytes per second of 8 rows, int8 1.28-1.41x those of
     16 rows (4 rows in between); in whole stories110M bf16 decode steps its kernels measured alike within
-    the noise (the W1/W3 kernel 2.76 against 2.91 ms). fp32 reads one activation row a row after another whatever the group
-    (`matvec.rows_one_stream`)."""
+    the noise (the W1/W3 kernel 2.76 against 2.91 ms). fp32 reads one activation row a row after another
+    whatever the group (`matvec.rows_one_stream`)."""
     if shape is not None and shape.m == 1 and shape.b < 4:
         return 1
     if shape is not None and shape.b == 1 and machine.lanes >= 16:
