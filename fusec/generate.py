@@ -64,6 +64,7 @@ class Generator:
         self.last: dict = {}  # the stats of the last `generate` call alone
         self._lock = threading.Lock()  # one generate at a time (`_exclusive`)
         self._owner: int | None = None  # the thread inside generate
+        self.packing: huge_pages.Packing | None = None  # the model's parameters being copied to huge pages
 
     @property
     def stats(self) -> dict:
@@ -158,10 +159,19 @@ class Generator:
         return batch in self._compiling and self._compiling[batch][0].compiling_elsewhere()
 
     def wait(self) -> None:
-        """Finish the programs still compiling in the background (for timings of the programs alone)."""
+        """Finish the programs still compiling in the background, and the move of the weights to huge
+        pages (for timings of the programs alone)."""
         with self._exclusive("wait"):
             for batch in list(self._compiling):
                 self._finish_prefill(batch)
+            self._move_weights(wait=True)
+
+    def _move_weights(self, wait: bool = False) -> None:
+        """Move the parameters onto their huge-page copies once those are made (or, with `wait`, after
+        waiting for them): called where no program runs."""
+        if self.packing is not None and (wait or self.packing.ready()):
+            packing, self.packing = self.packing, None
+            packing.finish()
 
     def prefill_length(self, prompt_len: int) -> int:
         """The length the prefill of a `prompt_len`-token prompt runs at: the smallest bucket that holds
@@ -246,6 +256,7 @@ class Generator:
         batch, prompt_len = ids.shape
         length = self.prefill_length(prompt_len)
         compiled_before = dict(self._totals)
+        self._move_weights()
         decode = self.decode_program(batch)
         prefill = None if self.prefill_compiling(batch) else self.prefill_program(batch, length)
         k_cache, v_cache = self.caches(batch)
@@ -357,16 +368,21 @@ def compile_generator(model: nn.Module, max_seq_len: int | None = None, weights:
     token comes seconds sooner), and the first prompt after the workers are done finishes the prefill
     program (loading their machine code). `generator.wait()` waits for it; `background=False` waits here.
     `loop=False` (or FUSEC_LOOP=0) keeps one Python call per kernel instead of one per run of layers.
-    `pack_weights` moves the model's parameters into one block of huge pages (`fusec.huge_pages`: the same
-    Parameters and values, read faster by every decode step, eager's too); False leaves them where they are.
+    `pack_weights` moves an fp32 model's parameters into one block of huge pages (`fusec.huge_pages`: the
+    same Parameters and values, read faster by every decode step, eager's too); False leaves them.
     """
     causal_lm = as_causal_lm(model)
-    if pack_weights:
-        huge_pages.pack_parameters(causal_lm)
     generator = Generator(causal_lm, max_seq_len or causal_lm.config.max_seq_len,
                           fusec_compiler(backend, weights, fuse, loop), prompt_buckets,
                           name=f"fusec {backend} {weights}", background=background)
     generator.compile_programs(batch)
+    if pack_weights and weights == "fp32":
+        # fp32 programs read the parameters themselves (bf16 and int8 ones their converted copies, packed
+        # as they are made: `passes.weights.stored_form`). Copied in a thread once the programs are loaded,
+        # moved at a later `generate` (or `wait`); the programs rebind then (`fusec.binding.Follow`).
+        generator.packing = huge_pages.Packing(causal_lm)
+        if not background:
+            generator.wait()
     return generator
 
 

@@ -17,6 +17,7 @@ program that reads the parameters in place all see the same memory.
 from __future__ import annotations
 
 import mmap
+import threading
 import weakref
 from collections import Counter
 
@@ -85,14 +86,55 @@ def pack_parameters(module: torch.nn.Module) -> int:
     order of reading them, layer by layer). Returns the bytes moved. Left where they are: parameters
     already in a block, in shared memory (`share_memory()`: another process may map them), not
     contiguous, or sharing their storage with another parameter (moving one would part them)."""
-    params = list(module.parameters())
-    storages = Counter(p.untyped_storage().data_ptr() for p in params)
-    movable = [p for p in params if p.device.type == "cpu" and p.is_contiguous() and not p.is_shared()
-               and not packed(p) and storages[p.untyped_storage().data_ptr()] == 1
-               and p.untyped_storage().nbytes() == p.numel() * p.element_size()]
-    if not movable:
-        return 0
-    with torch.no_grad():
-        for p, copy in zip(movable, pack(movable)):
-            p.data = copy
-    return sum(p.numel() * p.element_size() for p in movable)
+    return Packing(module).finish()
+
+
+class Packing:
+    """`pack_parameters(module)` begun in a thread: the copies are made there; `finish()` waits for them,
+    moves the parameters onto them (in the calling thread) and returns the bytes moved; `ready()` says
+    whether it would not wait.
+
+    Why a thread: the kernel assembles fresh 2 MiB pages as the copy first touches them, which took
+    0.06-1 s for stories110M's 438 MB (~0.7 s in a warm start, most when free memory is fragmented), and
+    it holds up code that maps memory meanwhile (loading compiled kernels took twice as long beside it).
+    The generator starts it once its programs are loaded and moves the parameters at a later call
+    (`fusec.generate`). A parameter updated in place meanwhile is copied again at `finish`; one replaced
+    (`param.data = ...`) stays as replaced."""
+
+    def __init__(self, module: torch.nn.Module):
+        params = list(module.parameters())
+        storages = Counter(p.untyped_storage().data_ptr() for p in params)
+        self.params = [p for p in params if p.device.type == "cpu" and p.is_contiguous() and not p.is_shared()
+                       and not packed(p) and storages[p.untyped_storage().data_ptr()] == 1
+                       and p.untyped_storage().nbytes() == p.numel() * p.element_size()]
+        self.seen = [(p.data_ptr(), p._version) for p in self.params]  # what the copies are copies of
+        self.copies: list[torch.Tensor] = []
+        self.failed: list[BaseException] = []
+        # not a daemon: the interpreter waits for it at exit (torch code killed at shutdown ends the process)
+        self.worker = threading.Thread(target=self._copy, name="fusec-pack")
+        self.worker.start()
+
+    def _copy(self) -> None:
+        try:
+            self.copies = pack([p.detach() for p in self.params])
+        except BaseException as e:  # noqa: BLE001 - raised again by `finish`, in the caller's thread
+            self.failed.append(e)
+
+    def ready(self) -> bool:
+        return not self.worker.is_alive()
+
+    def finish(self) -> int:
+        self.worker.join()
+        if self.failed:
+            raise self.failed[0]
+        moved = 0
+        with torch.no_grad():
+            for p, c, (ptr, version) in zip(self.params, self.copies, self.seen):
+                if p.data_ptr() != ptr or p.shape != c.shape or p.dtype != c.dtype:
+                    continue  # replaced since: the new tensor is the parameter now
+                if p._version != version:  # updated in place while it was copied
+                    c.copy_(p)
+                p.data = c
+                moved += p.numel() * p.element_size()
+        self.params, self.copies = [], []
+        return moved

@@ -67,6 +67,22 @@ def test_the_generator_packs_its_model_unless_told_not_to():
         ids = torch.tensor([1, 2, 3])
         want = fusec.generate.eager_generate(model, ids[None], 4)[0][0]
         gen = fusec.compile_generator(model, pack_weights=pack, backend="reference")
+        gen.wait()  # (the copies are made in a thread; the first generate or `wait` moves the parameters)
         assert all(huge_pages.packed(p) for p in model.parameters()) == pack
         assert all(huge_pages.packed(c) for c in gen.caches(1))
         assert torch.equal(gen.generate(ids, max_new_tokens=4), want)
+
+
+def test_a_parameter_changed_while_it_is_copied_keeps_its_change():
+    """`Packing` copies in a thread: a parameter updated in place meanwhile is copied again when it is
+    moved; one replaced meanwhile stays as replaced (not moved onto a stale copy)."""
+    module = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    packing = huge_pages.Packing(module)
+    with torch.no_grad():
+        module[0].weight.add_(1.0)
+    replaced = torch.randn(64, 64)
+    module[1].weight.data = replaced
+    want = [p.detach().clone() for p in module.parameters()]
+    packing.finish()
+    assert all(torch.equal(p, w) for p, w in zip(module.parameters(), want))
+    assert huge_pages.packed(module[0].weight) and module[1].weight.data_ptr() == replaced.data_ptr()
