@@ -7,7 +7,8 @@ Implementations: PyTorch eager and torch.compile; fusec unfused, fused, and fuse
 Two cases: prefill (batch 1, --seq tokens, no past) and decode (1 new token attending to --past tokens of
 K/V that are passed in and concatenated). Everything runs in one process with torch and numba on the same
 thread count; times are medians after warm-up. The machine's read bandwidth and float32 matmul peak are
-measured in the same run, and each time is reported as a fraction of its roofline: decode against the bytes
+measured in the same run, and each time is reported as a fraction of its roofline (the block's parameters
+in huge pages, `fusec.huge_pages`, for every implementation): decode against the bytes
 it must read (weights plus past K/V) at that bandwidth, prefill against its FLOPs at that peak.
 Compile time: cold is the first fusec.compile in a fresh FUSEC_CACHE_DIR, warm a new process compiling
 the same programs with that cache. Writes bench_block.json and bench_block.png to --out.
@@ -29,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 import fusec
-from fusec import benchtools
+from fusec import benchtools, huge_pages
 from fusec.argtypes import nonnegative_int, positive_int
 from fusec.ir_types import TensorType
 from fusec.models.llama import PRESETS, LlamaBlock, LlamaConfig, example_inputs, init_weights
@@ -78,7 +79,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # --- the model and its inputs ---------------------------------------------------------------------------
 
 def build_block(preset: str) -> LlamaBlock:
-    return init_weights(LlamaBlock(LlamaConfig.preset(preset)), seed=0).eval()
+    """The block, its parameters in huge pages (`fusec.huge_pages`, as the generator keeps a model's):
+    every implementation reads the same memory."""
+    block = init_weights(LlamaBlock(LlamaConfig.preset(preset)), seed=0).eval()
+    huge_pages.pack_parameters(block)
+    return block
 
 
 def case_inputs(config: LlamaConfig, case: str, seq: int, past: int) -> tuple[tuple, dict]:

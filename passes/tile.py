@@ -303,8 +303,8 @@ def _matvec_group(machine: Machine, shape: MatmulShape | None = None) -> int:
     faster) and not where one core's DRAM stream bounds them (stories110M: alike).
 
     Against one activation row (decode, batch 1) bf16 and int8 take 1 row: there is no activation load to
-    share, and a row after another is one stream per thread. Measured 2026-12-03 on the AMD CPU with
-    AVX-512 (2 threads, weights in huge pages cycled over 512 MB, alternating, medians; 768 x 768 to
+    share, and a row after another is one stream per thread. Measured 2026-12-03 on an Intel Xeon with
+    AVX-512 and a 480 MB L3 (2 threads, weights in huge pages cycled over 512 MB, alternating, medians; 768 x 768 to
     32000 x 768 and 768 x 2048): bf16 1.04-1.19x the bytes per second of 8 rows, int8 1.28-1.41x those of
     16 rows (4 rows in between); in whole stories110M bf16 decode steps its kernels measured alike within
     the noise (the W1/W3 kernel 2.76 against 2.91 ms). fp32 reads one activation row a row after another

@@ -140,8 +140,8 @@ def _row_dot(v, a, n, m):
 @njit(inline="always")
 def _two_rows_dot(v, a, n):
     """(v[n] . a[0], v[n + 1] . a[0]) in one loop: two rows summed side by side read 6-12% more bytes per
-    second than one after the other, near a plain sum's rate (2 threads, huge pages, 768 x 768 to
-    32000 x 768; four rows: 2-4%)."""
+    second than one after the other, near a plain sum's rate (an Intel Xeon, 2 threads, huge pages,
+    768 x 768 to 32000 x 768; four rows: 2-4%)."""
     s0 = np.float32(0.0)
     s1 = np.float32(0.0)
     for k in range(v.shape[1]):
@@ -186,7 +186,8 @@ def vectors_for(w):
     """Ask LLVM for 512-bit vectors (`blas.wide_vectors`) in the loop's body, for bf16 and int8 weights
     (their widening takes half the shuffles per weight); not for fp32: its row after row stream
     (`rows_one_stream`, LLVM's own vector loop) read 12-15% fewer bytes per second with 512-bit vectors
-    (768 x 768 to 32000 x 768, 2 threads, weights on huge pages cycled over 512 MB). njit code only."""
+    (an Intel Xeon, 768 x 768 to 32000 x 768, 2 threads, weights on huge pages cycled over 512 MB). njit
+    code only."""
     raise NotImplementedError("matvec.vectors_for runs inside njit code only")
 
 
