@@ -1,9 +1,9 @@
 """Weights on huge pages: one block of memory in 2 MiB pages, the tensors in it one after another.
 
 A decode step streams every weight once per token. Read from 4 KiB pages, a matrix of a few MB costs a
-page walk every 4 KiB, and a call that starts on a fresh matrix starts a fresh stream: measured on the
-Intel Xeon with AVX-512 and a 480 MB L3 (2 threads, matrices cycled over 512 MB), the matrix-vector loop read stories110M's
-768 x 768 to 32000 x 768 fp32 matrices at 22-23 GB/s from separately allocated arrays, at 28-32 GB/s
+page walk every 4 KiB, and a call that starts on a fresh matrix starts a fresh stream: measured on an
+Intel Xeon with AVX-512 and a 480 MB L3 (2 threads, matrices cycled over 512 MB), the matrix-vector loop
+read stories110M's 768 x 768 to 32000 x 768 fp32 matrices at 22-23 GB/s from separately allocated arrays, at 28-32 GB/s
 from one block of huge pages, and a plain parallel sum read 6 MB arrays at 27 GB/s against 39 GB/s.
 Linux backs a private anonymous mapping with huge pages where it is advised to (`MADV_HUGEPAGE`, which
 the default `transparent_hugepage=madvise` honours); elsewhere the block is ordinary memory and nothing
@@ -28,6 +28,7 @@ HUGE_PAGE = 2 << 20
 ALIGN = 64  # each tensor starts on a cache line; the next one follows it, so a stream runs on through both
 
 _BLOCKS: list[weakref.ref] = []  # the blocks made (their base arrays), for `packed`
+_BLOCKS_LOCK = threading.Lock()  # (blocks are made in `Packing`'s thread too)
 
 
 def block(nbytes: int) -> np.ndarray:
@@ -46,7 +47,8 @@ def block(nbytes: int) -> np.ndarray:
         raw = np.frombuffer(memory, np.uint8)  # (the array keeps the mapping alive)
     start = (-raw.ctypes.data) % HUGE_PAGE
     out = raw[start:start + nbytes]
-    _BLOCKS[:] = [b for b in _BLOCKS if b() is not None] + [weakref.ref(raw)]
+    with _BLOCKS_LOCK:
+        _BLOCKS[:] = [b for b in _BLOCKS if b() is not None] + [weakref.ref(raw)]
     return out
 
 
@@ -59,7 +61,8 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.T
 def packed(t: torch.Tensor) -> bool:
     """Whether tensor `t`'s memory lies in a block made here."""
     ptr = t.data_ptr()
-    blocks = [b() for b in list(_BLOCKS)]
+    with _BLOCKS_LOCK:
+        blocks = [b() for b in _BLOCKS]
     return any(b is not None and b.ctypes.data <= ptr < b.ctypes.data + b.nbytes for b in blocks)
 
 
