@@ -11,7 +11,8 @@ best rounds and the median of each round's ratio. The machine's read bandwidth (
 `fusec.benchtools.measure_memory_bandwidth`) is measured in the same run. With --footprint MB, each kernel
 cycles through copies of its weights that add up to at least that many MB, so that a call reads them from
 beyond the core's L2 cache as a decode step does (it streams every layer's weights once); otherwise a
-small matrix stays in L2 between calls and the kernels compare their arithmetic, not their bytes.
+small matrix stays in L2 between calls and the kernels compare their arithmetic, not their bytes. The
+copies are in huge pages, as the generator keeps weights (`fusec.huge_pages`).
 Writes bench_matvec.json (`benchmarks/tables.py` makes the docs' table of it).
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 
 from fusec.backends.numba_cpu.matvec import matvec, with_group
 from fusec.backends.numba_cpu.lowp import matvec_bf16, matvec_int8
-from fusec import benchtools
+from fusec import benchtools, huge_pages
 from fusec.machines import cpu
 from fusec.passes.tile import MatmulShape, loop_tiles
 from fusec.passes.weights import quantize_int8
@@ -54,7 +55,10 @@ def kernels(n: int, k: int, rng: np.random.Generator, footprint: float = 0.0) ->
 
     def cycled(arrays: tuple, kernel, stored: int) -> tuple:
         nbytes = sum(x.nbytes for x in arrays)
-        copies = [tuple(x.copy() for x in arrays) for _ in range(max(1, math.ceil(footprint / nbytes)))]
+        # the copies one after another in huge pages, as the generator keeps weights (`fusec.huge_pages`)
+        count = max(1, math.ceil(footprint / nbytes))
+        packed = [t.numpy() for t in huge_pages.pack([torch.from_numpy(x) for _ in range(count) for x in arrays])]
+        copies = [tuple(packed[i:i + len(arrays)]) for i in range(0, len(packed), len(arrays))]
         turn = itertools.cycle(copies)
         group = loop_tiles(cpu(), MatmulShape(m=1, n=n, k=k, a=4, b=stored, out=4, acc=4))["matvec_group"]
         call = with_group(kernel, group, len(arrays) + 2)

@@ -32,20 +32,22 @@ _BLOCKS_LOCK = threading.Lock()  # (blocks are made in `Packing`'s thread too)
 
 
 def block(nbytes: int) -> np.ndarray:
-    """A uint8 array of `nbytes` zeros, starting on a 2 MiB boundary, in memory advised to use huge pages."""
+    """A uint8 array of `nbytes` zeros, starting on a 2 MiB boundary, in memory advised to use huge pages;
+    under a huge page, ordinary memory on a cache line (a huge page would hold it and mostly nothing else)."""
     flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
-    if not hasattr(mmap, "MADV_HUGEPAGE") or not flags:
-        raw = np.zeros(max(nbytes, 1) + HUGE_PAGE, np.uint8)
+    align = HUGE_PAGE if nbytes >= HUGE_PAGE else ALIGN
+    if nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE") or not flags:
+        raw = np.zeros(nbytes + align, np.uint8)
     else:
         # private, not the default shared mapping: shared anonymous memory is shmem, which the kernel
         # backs with huge pages only under its own setting (usually never)
-        memory = mmap.mmap(-1, max(nbytes, 1) + HUGE_PAGE, flags=flags)
+        memory = mmap.mmap(-1, nbytes + align, flags=flags)
         try:
             memory.madvise(mmap.MADV_HUGEPAGE)
         except OSError:  # transparent huge pages compiled out: ordinary pages
             pass
         raw = np.frombuffer(memory, np.uint8)  # (the array keeps the mapping alive)
-    start = (-raw.ctypes.data) % HUGE_PAGE
+    start = (-raw.ctypes.data) % align
     out = raw[start:start + nbytes]
     with _BLOCKS_LOCK:
         _BLOCKS[:] = [b for b in _BLOCKS if b() is not None] + [weakref.ref(raw)]
