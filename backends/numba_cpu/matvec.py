@@ -20,7 +20,8 @@ operands' types:
 The dot products are written in LLVM IR (`simd.float_dot`, `int8_dot`): they prefetch the next group's
 rows, which one core otherwise reads below the memory's bandwidth (short streams the hardware prefetcher
 does not ramp up on). fp32 weights against one activation row (decode, batch 1) skip the groups' side by
-side rows: a row after another, the thread's weights are one long stream (`rows_into`, measured there).
+side rows: two rows at a time, one after another, the thread's weights are one long stream (`rows_into`,
+measured there).
 For fp32 with several rows this replaced a Numba loop over four rows without prefetch: measured side
 by side (alternating calls, weights cycled over 600 MB, a loaded machine), 1.03-1.10x its bytes per
 second at stories110M's shapes on one or two threads, except W2 (K = 2048: 0.95-1.02x).
@@ -106,9 +107,10 @@ def _rest(w, x, m, n):
 
 
 def rows_one_stream(w, x, c, n0, rows):
-    """c[0, n0:n0+rows] = activation row 0 times weight rows n0.., a row after another, each row's dot
-    product LLVM's own vector loop, when the weights are fp32 and there is one activation row (decode,
-    batch 1): True then, else False (nothing done; a group's rows side by side in `dot`). njit code only."""
+    """c[0, n0:n0+rows] = activation row 0 times weight rows n0.., two rows at a time (`_two_rows_dot`), a
+    pair after another, each pair's dot products LLVM's own vector loop, when the weights are fp32 and
+    there is one activation row (decode, batch 1): True then, else False (nothing done; a group's rows side
+    by side in `dot`). njit code only."""
     raise NotImplementedError("matvec.rows_one_stream runs inside njit code only")
 
 
@@ -155,7 +157,7 @@ def rows_into(w, x, c, n0, group):
     """c[:, n0:n0+group] = the activation rows times weight rows n0..n0+group-1 (`group` a literal; fewer at
     the end: four at a time, then one).
 
-    fp32 weights against one activation row (decode, batch 1) are read a row after another
+    fp32 weights against one activation row (decode, batch 1) are read a row (now a pair) after another
     (`rows_one_stream`): the thread's weights are then one stream from memory, which the hardware prefetcher
     follows, where a group's rows side by side are `group` short streams. Measured on the AMD CPU with
     AVX-512 (2 threads, weights cycled over 256 MB, 20-30 rounds alternating, medians): 1.24-1.3x the bytes
