@@ -3,8 +3,8 @@
 A decode step streams every weight once per token. Read from 4 KiB pages, a matrix of a few MB costs a
 page walk every 4 KiB, and a call that starts on a fresh matrix starts a fresh stream: measured on an
 Intel Xeon with AVX-512 and a 480 MB L3 (2 threads, matrices cycled over 512 MB), the matrix-vector loop
-read stories110M's 768 x 768 to 32000 x 768 fp32 matrices at 22-23 GB/s from separately allocated arrays, at 28-32 GB/s
-from one block of huge pages, and a plain parallel sum read 6 MB arrays at 27 GB/s against 39 GB/s.
+read stories110M's 768 x 768 to 32000 x 768 fp32 matrices at 22-23 GB/s from separately allocated arrays,
+at 28-32 GB/s from one block of huge pages, and a plain parallel sum read 6 MB arrays at 27 GB/s against 39 GB/s.
 Linux backs a private anonymous mapping with huge pages where it is advised to (`MADV_HUGEPAGE`, which
 the default `transparent_hugepage=madvise` honours); elsewhere the block is ordinary memory and nothing
 else changes.
@@ -56,7 +56,7 @@ def block(nbytes: int) -> np.ndarray:
 
 def zeros(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A tensor of zeros in a block of its own (fresh anonymous memory reads as zeros)."""
-    size = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    size = int(np.prod(shape)) * dtype.itemsize
     return torch.from_numpy(block(size)).view(dtype).view(shape)
 
 

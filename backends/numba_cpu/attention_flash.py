@@ -173,7 +173,8 @@ def emit_library_call(em: Emitter, anchors: tuple[int, int], scale: tuple[str, b
     if new_key is not None:
         (k_new, k_cached), (v_new, v_cached) = new_key.keys, new_key.values
         # the values' rows after the limit: all of them, checked for infs, unless they are zeroed
-        k, v = _in_place(lambda _: k_cached, "0:klim"), _in_place(lambda _: v_cached, "0:klim" if new_key.zeroed else f"0:{tk}")
+        k = _in_place(lambda _: k_cached, "0:klim")
+        v = _in_place(lambda _: v_cached, "0:klim" if new_key.zeroed else f"0:{tk}")
         w.line(f"flash_block_new({q}, {k}, {v}, {_one_row(k_new, 'nx')}, {_one_row(v_new, 'nx')}, lims[:i1 - i0], "
                f"{scale[0]}, {scale[1]}, {kv_block}, oacc[:i1 - i0])")
         return
