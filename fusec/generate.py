@@ -64,7 +64,8 @@ class Generator:
         self.last: dict = {}  # the stats of the last `generate` call alone
         self._lock = threading.Lock()  # one generate at a time (`_exclusive`)
         self._owner: int | None = None  # the thread inside generate
-        self.packing: huge_pages.Packing | None = None  # the model's parameters being copied to huge pages
+        self.to_pack: nn.Module | None = None  # a model whose parameters go to huge pages (`_pack_when_idle`)
+        self.packing: huge_pages.Packing | None = None  # its parameters being copied there
 
     @property
     def stats(self) -> dict:
@@ -164,14 +165,27 @@ class Generator:
         with self._exclusive("wait"):
             for batch in list(self._compiling):
                 self._finish_prefill(batch)
+            self._pack_when_idle()
             self._move_weights(wait=True)
 
-    def _move_weights(self, wait: bool = False) -> None:
+    def _pack_when_idle(self) -> bool:
+        """Start copying `to_pack`'s parameters to huge pages once no program is compiling, and move them
+        there once copied; True when they moved (steps made before then rebind). Called where no program
+        runs, after a first token. Not sooner: the copy takes a core and memory bandwidth (a cold start's
+        first token, its prompt run a token at a time beside the compile workers, came 0.7-1 s later
+        beside it; a warm start's prefill of a 1B model 2x later)."""
+        if self.to_pack is not None and not any(self.prefill_compiling(b) for b in self._compiling):
+            self.packing, self.to_pack = huge_pages.Packing(self.to_pack), None
+        return self._move_weights()
+
+    def _move_weights(self, wait: bool = False) -> bool:
         """Move the parameters onto their huge-page copies once those are made (or, with `wait`, after
-        waiting for them): called where no program runs."""
+        waiting for them): called where no program runs. True when they moved."""
         if self.packing is not None and (wait or self.packing.ready()):
             packing, self.packing = self.packing, None
             packing.finish()
+            return True
+        return False
 
     def prefill_length(self, prompt_len: int) -> int:
         """The length the prefill of a `prompt_len`-token prompt runs at: the smallest bucket that holds
@@ -256,7 +270,7 @@ class Generator:
         batch, prompt_len = ids.shape
         length = self.prefill_length(prompt_len)
         compiled_before = dict(self._totals)
-        self._move_weights()
+        self._move_weights()  # (the copy starts after a first token: `_pack_when_idle`)
         decode = self.decode_program(batch)
         prefill = None if self.prefill_compiling(batch) else self.prefill_program(batch, length)
         k_cache, v_cache = self.caches(batch)
@@ -299,11 +313,14 @@ class Generator:
                 on_token(step + 1, token)
             if step + 1 == max_new_tokens or (stop_token is not None and bool(finished.all())):
                 break
+            if self._pack_when_idle():  # the parameters moved: the next step follows them
+                decode_step = decode_stepper(decode, k_cache, v_cache)
             logits = decode_step(token, prompt_len + step)
             run["decode_steps"] += 1
         run.update(tokens_generated=batch * len(new), decode_tokens=batch * run["decode_steps"],
                    decode_seconds=time.perf_counter() - start)
 
+        self._pack_when_idle()  # (a generation of one token started no copy yet)
         self.last = with_rates(run)
         for key, value in run.items():
             if key not in ("compiles", "compile_seconds"):  # counted by _compile already
@@ -378,9 +395,9 @@ def compile_generator(model: nn.Module, max_seq_len: int | None = None, weights:
     generator.compile_programs(batch)
     if pack_weights and weights == "fp32":
         # fp32 programs read the parameters themselves (bf16 and int8 ones their converted copies, packed
-        # as they are made: `passes.weights.stored_form`). Copied in a thread once the programs are loaded,
-        # moved at a later `generate` (or `wait`); the programs rebind then (`fusec.binding.Follow`).
-        generator.packing = huge_pages.Packing(causal_lm)
+        # as they are made: `passes.weights.stored_form`). Copied in a thread once no program compiles,
+        # moved between decode steps (or at `wait`); the programs rebind then (`fusec.binding.Follow`).
+        generator.to_pack = causal_lm
         if not background:
             generator.wait()
     return generator

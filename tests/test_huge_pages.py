@@ -73,6 +73,28 @@ def test_the_generator_packs_its_model_unless_told_not_to():
         assert torch.equal(gen.generate(ids, max_new_tokens=4), want)
 
 
+def test_the_parameters_move_between_decode_steps_and_the_program_follows_them():
+    """The copy starts after a generation's first token (not beside the prompt) and the parameters move
+    between two decode steps once it is made; the decode program reads them there from the next step."""
+    import dataclasses
+    config = dataclasses.replace(LlamaConfig.preset("tiny"), vocab_size=64, max_seq_len=16)
+    model = random_model(config)
+    ids = torch.tensor([1, 2, 3])
+    want = fusec.generate.eager_generate(model, ids[None], 8)[0][0]
+    gen = fusec.compile_generator(model, background=False, pack_weights=False)
+    gen.to_pack = model  # (as `pack_weights=True` leaves it, after the programs compiled)
+    started = []
+
+    def copy_made(n, token):  # after the first token: the copy runs; let it finish before the next step
+        if gen.packing is not None:
+            started.append(n)
+            gen.packing.worker.join()
+    assert torch.equal(gen.generate(ids, max_new_tokens=8, on_token=copy_made), want)
+    assert started == [2] and gen.packing is None and gen.to_pack is None
+    assert all(huge_pages.packed(p) for p in model.parameters())
+    assert not gen.decode_program(1)._first.follow.changed()  # it reads the moved parameters
+
+
 def test_a_parameter_changed_while_it_is_copied_keeps_its_change():
     """`Packing` copies in a thread: a parameter updated in place meanwhile is copied again when it is
     moved; one replaced meanwhile stays as replaced (not moved onto a stale copy)."""

@@ -36,6 +36,7 @@ JOB_SECONDS = 900.0   # a worker that does not answer within this long is killed
 # default most workers: each imports torch (a few hundred MB while it lives), and a program has about 8
 # distinct bodies, the largest of which bounds the time anyway
 MAX_WORKERS = 4
+WORKER_NICENESS = 19  # added to a worker's niceness (see `serve`)
 _HEADER = struct.Struct("<Q")
 # a worker's program: this fusec first on its path, whatever the parent's script or working directory
 BOOT = "import sys; sys.path.insert(0, {root!r}); from fusec.backends.numba_cpu.compile_pool import serve; serve()"
@@ -271,6 +272,10 @@ def serve() -> None:
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything printed goes to stderr, never into the replies
     requests = sys.stdin.buffer
+    try:  # the lowest priority: a worker compiles ahead of need, beside a parent whose work is awaited now
+        os.nice(WORKER_NICENESS)  # (a cold start's prompt, run a token at a time, took 2-3x longer beside it)
+    except OSError:
+        pass
     import torch  # noqa: F401 - generated modules bind MKL's symbols from libtorch (backends.numba_cpu.mkl)
 
     from fusec.backends.numba_cpu.generated import HEADER
