@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from fusec import huge_pages
 from fusec.generate_programs import (PREFIX, WEIGHTS, Compiler, Program, bind, program_weights,  # noqa: F401
-                                     counters, decode_stepper, eager_compiler, fusec_compiler, kernel_counts,
-                                     prompt_by_decode, with_rates)
+                                     check_prompt, counters, decode_stepper, eager_compiler, fusec_compiler,
+                                     kernel_counts, prompt_by_decode, with_rates)
 from fusec.models.causal_lm import CausalLM, DecodeStep, Prefill, cache_shape, from_hf
 from fusec.sampling import sampler as _sampler
 
@@ -265,7 +265,8 @@ class Generator:
                   on_token, top_p=None):
         input_ids = torch.as_tensor(input_ids)  # a list of ids is fine too
         squeeze = input_ids.dim() == 1
-        ids = self._check_prompt(input_ids[None] if squeeze else input_ids, max_new_tokens, temperature, top_k)
+        ids = check_prompt(input_ids[None] if squeeze else input_ids, self.model.config.vocab_size, self.max_seq_len,
+                           max_new_tokens, temperature, top_k)
         pick = _sampler(temperature, seed, top_k, top_p)  # checks top_p before anything compiles
         batch, prompt_len = ids.shape
         length = self.prefill_length(prompt_len)
@@ -331,33 +332,6 @@ class Generator:
             logits_out = torch.stack(step_logits, dim=1)
             return out, logits_out[0] if squeeze else logits_out
         return out
-
-    def _check_prompt(self, ids: Tensor, max_new_tokens: int, temperature: float, top_k: int | None) -> Tensor:
-        if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
-            raise ValueError(f"input_ids must be a non-empty int tensor [B, T] (or [T]), given "
-                             f"{getattr(ids, 'shape', type(ids).__name__)}")
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise TypeError(f"input_ids must hold integer token ids, given {ids.dtype}")
-        vocab = self.model.config.vocab_size
-        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-            raise ValueError(f"input_ids must be token ids in 0..{vocab - 1}, given values in "
-                             f"{int(ids.min())}..{int(ids.max())}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, given {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, given {temperature}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be a positive number of tokens (or None for all), given {top_k!r}")
-        # every token but the last new one goes through the model into a cache row (the last is chosen
-        # from the logits of the one before): prompt and new tokens may be max_seq_len + 1 together
-        prompt_len, last = ids.shape[1], ids.shape[1] + max_new_tokens - 2
-        if prompt_len > self.max_seq_len or last >= self.max_seq_len:
-            what = (f"a {prompt_len}-token prompt" if prompt_len > self.max_seq_len else
-                    f"a {prompt_len}-token prompt plus {max_new_tokens} new tokens needs cache position {last}")
-            raise ValueError(f"{what}, past max_seq_len={self.max_seq_len} (cache positions 0.."
-                             f"{self.max_seq_len - 1}; prompt + new tokens may be max_seq_len + 1); shorten "
-                             f"the prompt, generate fewer tokens, or compile with a larger max_seq_len")
-        return ids.to(torch.int64)
 
     def __repr__(self) -> str:
         config = self.model.config

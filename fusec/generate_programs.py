@@ -128,3 +128,33 @@ def with_rates(counts: dict) -> dict:
         return n / seconds if seconds > 0 else 0.0
     return dict(counts, prefill_tokens_per_s=rate(counts["prompt_tokens"], counts["prefill_seconds"]),
                 decode_tokens_per_s=rate(counts["decode_tokens"], counts["decode_seconds"]))
+
+
+def check_prompt(ids: Tensor, vocab: int, max_seq_len: int, max_new_tokens: int, temperature: float,
+                 top_k: int | None) -> Tensor:
+    """The prompt ids [B, T] as int64, or the error that says what a generation of `max_new_tokens` from
+    them needs (a vocabulary of `vocab` tokens, a KV cache of `max_seq_len` rows)."""
+    if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+        raise ValueError(f"input_ids must be a non-empty int tensor [B, T] (or [T]), given "
+                         f"{getattr(ids, 'shape', type(ids).__name__)}")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must hold integer token ids, given {ids.dtype}")
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise ValueError(f"input_ids must be token ids in 0..{vocab - 1}, given values in "
+                         f"{int(ids.min())}..{int(ids.max())}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, given {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, given {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive number of tokens (or None for all), given {top_k!r}")
+    # every token but the last new one goes through the model into a cache row (the last is chosen
+    # from the logits of the one before): prompt and new tokens may be max_seq_len + 1 together
+    prompt_len, last = ids.shape[1], ids.shape[1] + max_new_tokens - 2
+    if prompt_len > max_seq_len or last >= max_seq_len:
+        what = (f"a {prompt_len}-token prompt" if prompt_len > max_seq_len else
+                f"a {prompt_len}-token prompt plus {max_new_tokens} new tokens needs cache position {last}")
+        raise ValueError(f"{what}, past max_seq_len={max_seq_len} (cache positions 0.."
+                         f"{max_seq_len - 1}; prompt + new tokens may be max_seq_len + 1); shorten "
+                         f"the prompt, generate fewer tokens, or compile with a larger max_seq_len")
+    return ids.to(torch.int64)

@@ -102,8 +102,8 @@ class Packing:
     Why a thread: the kernel assembles fresh 2 MiB pages as the copy first touches them, which took
     0.06-1 s for stories110M's 438 MB (~0.7 s in a warm start, most when free memory is fragmented), and
     it holds up code that maps memory meanwhile (loading compiled kernels took twice as long beside it).
-    The generator starts it once its programs are loaded and moves the parameters at a later call
-    (`fusec.generate`). A parameter updated in place meanwhile is copied again at `finish`; one replaced
+    The generator starts it after a generation's first token and moves the parameters between decode
+    steps (`fusec.generate`). A parameter updated in place meanwhile is copied again at `finish`; one replaced
     (`param.data = ...`) stays as replaced."""
 
     def __init__(self, module: torch.nn.Module):
