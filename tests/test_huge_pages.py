@@ -83,14 +83,15 @@ def test_the_parameters_move_between_decode_steps_and_the_program_follows_them()
     want = fusec.generate.eager_generate(model, ids[None], 8)[0][0]
     gen = fusec.compile_generator(model, background=False, pack_weights=False)
     gen.to_pack = model  # (as `pack_weights=True` leaves it, after the programs compiled)
-    started = []
+    seen = []  # per new token: (the copy not started yet, the parameters packed)
 
-    def copy_made(n, token):  # after the first token: the copy runs; let it finish before the next step
+    def copy_made(n, token):  # after a first token the copy runs; let it finish before the next step
+        seen.append((gen.to_pack is not None, all(huge_pages.packed(p) for p in model.parameters())))
         if gen.packing is not None:
-            started.append(n)
             gen.packing.worker.join()
     assert torch.equal(gen.generate(ids, max_new_tokens=8, on_token=copy_made), want)
-    assert started == [2] and gen.packing is None and gen.to_pack is None
+    assert seen[0] == (True, False) and seen[-1] == (False, True)  # moved between two decode steps
+    assert gen.packing is None and gen.to_pack is None
     assert all(huge_pages.packed(p) for p in model.parameters())
     assert not gen.decode_program(1)._first.follow.changed()  # it reads the moved parameters
 
