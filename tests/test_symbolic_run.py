@@ -49,6 +49,25 @@ def test_symbolic_kernels_read_sizes_from_their_arrays(block):
     assert f"if s0 <= {loop_tiles(cpu())['matvec_rows']}:" in compiled.source
     # over that many rows Q, K and V (W1 and W3) are one joint GEMM call, as in a program of fixed sizes
     assert "gemm3_mkl(" in compiled.source and "gemm2_mkl(" in compiled.source
+    # and up to it, one joint matrix-vector call each (one parallel loop, not one per product)
+    assert "matvec3(" in compiled.source and "matvec2(" in compiled.source
+
+
+def test_symbolic_outputs_share_one_parallel_loop_at_every_size():
+    """Q, K and V with their RoPE written by one parallel loop whose blocks are counted at run time (a
+    loop per output cost each kernel's compile 0.3-0.4 s and the threads a meeting per output), right at
+    every size: one row (fewer rows than blocks), a prime, more rows than the matrix-vector threshold, the
+    upper bound."""
+    config = LlamaConfig.stories15M()
+    module = init_weights(LlamaBlock(config), seed=0).eval()
+    (x,) = example_inputs(config, batch=1, seq_len=10)
+    compiled = fusec.compile(module, (x,), dynamic={"x": {1: (1, 256)}})
+    assert "= max(threads(), (s0 + " in compiled.source
+    with torch.no_grad():
+        for t in (1, 2, 19, 61, 256):
+            (x,) = example_inputs(config, batch=1, seq_len=t, seed=t)
+            torch.testing.assert_close(compiled(x), module(x), rtol=1e-4, atol=1e-4, msg=f"at size {t}")
+    assert compiled.stats["programs"] == 1
 
 
 def test_outside_the_bounds_is_a_clear_error(block):

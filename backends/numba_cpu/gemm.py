@@ -132,8 +132,7 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
         em.overrides[mm] = (lambda name: lambda idx: f"{name}[{idx[0]}, {idx[1]}]")(acc)
     if either:  # matrix-vector products up to matvec_rows rows, else one joint GEMM call
         with w.block(f"if {m} <= {matvec_rows}", barrier=True):
-            for b, acc in either:
-                _emit_matvecs(em, a, [("", b, acc)], group)
+            _emit_matvecs(em, a, [("", b, acc) for b, acc in either], group)  # Q, K and V: one parallel loop
         with w.block("else", barrier=True):
             _emit_joint_gemms(em, a, either)
     _emit_joint_gemms(em, a, joint)
@@ -141,7 +140,9 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
     _emit_matvecs(em, a, streamed, group)
     epilogue = [(o, out) for o, out in zip(g.outputs, outs) if o not in matmuls]
     # several outputs share one parallel loop when they can (`shared_stores`), else each has its own
-    shared = parallel and 0 < rows < upper(m) and not is_sym(m) and shared_stores(em, epilogue, -(-m // rows))
+    # (a symbolic M: blocks of `rows` rows at run time, at least one per thread)
+    shared = parallel and 0 < rows < upper(m) and shared_stores(
+        em, epilogue, f"max(threads(), ({m} + {rows - 1}) // {rows})" if is_sym(m) else -(-m // rows))
     for o, out in ([] if shared else epilogue):
         shape = g.nodes[o].shape
         # an output laid out otherwise (heads first, after a permute) has other outer rows: its blocks

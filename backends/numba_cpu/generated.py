@@ -29,7 +29,7 @@ from fusec.backends.numba_cpu.fastexp import exp32
 from fusec.backends.numba_cpu.gemm_call import (gemm2_bf16w_mkl, gemm2_int8_mkl, gemm2_mkl, gemm3_bf16w_mkl,
                                                gemm3_int8_mkl, gemm3_mkl, gemm_add_mkl, gemm_bf16_mkl, gemm_bf16w_mkl,
                                                gemm_int8_mkl, gemm_mkl)
-from fusec.backends.numba_cpu.mkl import bf16_bits, gemm_tile_mkl
+from fusec.backends.numba_cpu.mkl import bf16_bits, gemm_tile_mkl, threads
 from fusec.backends.numba_cpu.rowops import row_axpy, row_dot, row_finite
 
 FASTMATH = {FASTMATH}

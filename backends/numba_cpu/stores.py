@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 from fusec.backends.numba_cpu.expr import Emitter
-from fusec.symbolic import is_sym, upper
+from fusec.symbolic import upper
 
 
 def emit_outputs(em: Emitter, outs: list[str], only: list[int] | None = None, parallel: bool = True) -> None:
@@ -47,7 +47,7 @@ def emit_store(em: Emitter, nid: int, out: str, shape: tuple[int, ...], fixed: d
     if outer:
         r = em.tmp("p")
         if share is not None:
-            size = -(-total // share[1])
+            size = _share_size(em, total, share[1])
             opened.append(em.loop(f"for {r} in range({share[0]} * {size}, min({total}, {share[0]} * {size} + {size}))", (r,)))
         elif parallel and isinstance(total, int) and 0 < block < total:  # row blocks (a symbolic size: rows)
             b = em.tmp("b")
@@ -77,23 +77,41 @@ def emit_store(em: Emitter, nid: int, out: str, shape: tuple[int, ...], fixed: d
         blk.__exit__(None, None, None)
 
 
-def shared_stores(em: Emitter, stores: list[tuple[int, str]], blocks: int) -> bool:
-    """The outputs `stores` ((node, output array) of fixed shapes) written by one parallel loop over
-    `blocks` iterations, each writing a share of every output's outer rows, instead of a parallel loop per
-    output: the threads meet once after all of them (the Q, K and V of an attention projection with their
-    RoPE). False, emitting nothing, unless there are two or more such outputs, each with outer rows and
-    enough elements for the threads (the tiling pass's `parallel_min`)."""
+def shared_stores(em: Emitter, stores: list[tuple[int, str]], blocks: int | str) -> bool:
+    """The outputs `stores` ((node, output array)) written by one parallel loop over `blocks` iterations (a
+    number, or an expression of the size variables), each writing a share of every output's outer rows,
+    instead of a parallel loop per output: the threads meet once after all of them (the Q, K and V of an
+    attention projection with their RoPE), and Numba lowers one parallel loop instead of several (each cost
+    a kernel's compile 0.3-0.4 s). False, emitting nothing, unless there are two or more such outputs, each
+    with outer rows and enough elements for the threads (the tiling pass's `parallel_min`; a symbolic size
+    counts at its upper bound)."""
     shapes = [em.g.nodes[o].shape for o, _ in stores]
-    if len(stores) < 2 or blocks < 2 or any(is_sym(d) for shape in shapes for d in shape):
+    if len(stores) < 2 or (isinstance(blocks, int) and blocks < 2):
         return False
-    if any(len([d for d in shape[:-1] if d != 1]) == 0 or math.prod(shape) < em.tiles["parallel_min"]
+    if any(len([d for d in shape[:-1] if d != 1]) == 0 or upper(math.prod(shape)) < em.tiles["parallel_min"]
            for shape in shapes):
         return False
+    if not isinstance(blocks, int):
+        count = em.tmp("n")
+        em.w.line(f"{count} = {blocks}")
+        em.w.define(count)
+        blocks = count
     b = em.tmp("b")
     with em.loop(f"for {b} in prange({blocks})", (b,)):
         for (o, out), shape in zip(stores, shapes):
             emit_store(em, o, out, shape, share=(b, blocks))
     return True
+
+
+def _share_size(em: Emitter, total, blocks: int | str) -> int | str:
+    """Rows in each of `blocks` equal shares of `total` outer rows (the last share maybe short): a number,
+    or a variable computed at run time when either is symbolic."""
+    if isinstance(total, int) and isinstance(blocks, int):
+        return -(-total // blocks)
+    size = em.tmp("n")
+    em.w.line(f"{size} = ({total} + {blocks} - 1) // {blocks}")
+    em.w.define(size)
+    return size
 
 
 def emit_rows(em: Emitter, outs: list[str]) -> str:
