@@ -13,7 +13,7 @@ import torch
 
 import fusec
 from fusec.backends.numba_cpu.int8_dot import _target_features
-from fusec.backends.numba_cpu.rowops import row_axpy, row_dot, row_finite
+from fusec.backends.numba_cpu.rowops import row_axpy, row_dot, row_finite, weighted_rows
 from fusec.backends.numba_cpu.generated import HEADER
 from fusec.models.causal_lm import DecodeStep, decode_example, random_model
 from fusec.models.llama import LlamaConfig
@@ -211,3 +211,22 @@ def test_the_stale_cache_row_at_the_position_is_neither_read_nor_checked(tmp_pat
     v_cache[0, 0, 0, 31, 40] = float("nan")  # masked after 9: zeroed, no nan, as in eager
     check(9, False)
     check(31, False)                        # the same row read at its own position is the new row
+
+
+@pytest.mark.parametrize("width", [16, 48, 64, 80, 128, 144])  # whole groups of four vectors and vectors left
+def test_weighted_rows_adds_each_key_row_times_its_weight(width):
+    """`weighted_rows` (the P.V update of the decode attention) against NumPy, for keys 0, 1, an odd count
+    and a block's worth, from an offset into the value rows; the other output rows stay as they were."""
+    @numba.njit
+    def update(o, r, v, j0, n, p):
+        weighted_rows(o, r, v, j0, n, p)
+
+    rng = np.random.default_rng(width)
+    for n in (0, 1, 7, 88):
+        o = rng.standard_normal((3, width)).astype(np.float32)
+        v = rng.standard_normal((100, width)).astype(np.float32)
+        p = rng.standard_normal(n + 3).astype(np.float32)
+        want = o.copy()
+        want[1] += (p[:n, None].astype(np.float64) * v[5:5 + n]).sum(0)
+        update(o, 1, v, 5, n, p)
+        np.testing.assert_allclose(o, want, rtol=1e-5, atol=1e-4, err_msg=f"{n} keys")

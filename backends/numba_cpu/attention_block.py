@@ -16,8 +16,8 @@ position is stale. Keys stream in blocks of `kv_block`, all the rows against one
 next, each row's running max and sum rescaling its output once per block (nothing of size rows x keys).
 A row that sees no key is nan, as eager's softmax of only -inf, and a row is nan in each column where a
 key it does not see (j >= limits[r] + the keys of kx) has an inf or nan value (eager's 0 * inf). `flash_rows_gemm` computes the block's two products as
-single-threaded MKL GEMMs (`mkl.gemm_tile_mkl`, prefill); `flash_rows` as a 16-lane vector dot per Q.K
-and a vector row update per P.V (`rowops`, decode).
+single-threaded MKL GEMMs (`mkl.gemm_tile_mkl`, prefill); `flash_rows` as eight keys' Q.K dots side by
+side (`matvec.dot`) and a P.V update holding the output row in registers (`rowops.weighted_rows`, decode).
 
 Generated kernels call them through `flash_block_rows`, `flash_block_gemm` and `flash_block_new`
 (`attention_flash.py` writes the call), not as njit functions, which Numba would link into every kernel for LLVM to optimize again
@@ -34,7 +34,7 @@ from fusec.backends.numba_cpu.blas import _ptr
 from fusec.backends.numba_cpu.fastexp import exp32
 from fusec.backends.numba_cpu.matvec import dot
 from fusec.backends.numba_cpu.mkl import UNAVAILABLE, gemm_tile_mkl
-from fusec.backends.numba_cpu.rowops import prefetch_rows, row_axpy, row_dot, row_finite
+from fusec.backends.numba_cpu.rowops import prefetch_rows, row_axpy, row_dot, row_finite, weighted_rows
 
 KEYS_AT_ONCE = 8  # the keys whose dot products with a query row `_scores_rows` sums side by side
 LANES = 16  # partial results of a row's max and sum: one AVX-512 register of float32 (two AVX2 ones)
@@ -156,11 +156,17 @@ def _update_gemm(sblk, v, out, pv, limits, rlo, rhi, j0, jn):
 
 @njit(fastmath={"contract"}, error_model="numpy", cache=True, nogil=True)
 def _update_rows(sblk, v, out, pv, limits, rlo, rhi, j0, jn):
-    """out[r] += sblk[r, j] * v[j0 + j] for the rows rlo..rhi and the keys they see, key by key: vector
-    row updates (`_masked_values` gives the others' 0 * inf)."""
+    """out[r] += sblk[r, j] * v[j0 + j] for the rows rlo..rhi and the keys they see, key after key: the
+    row's vectors held in registers over the keys (`rowops.weighted_rows`; `_masked_values` gives the
+    others' 0 * inf). A load and a store of the row per key (`row_axpy`) took about half a decode step's
+    attention from the cache."""
     for r in range(rlo, rhi):
-        for j in range(max(0, min(limits[r], j0 + jn) - j0)):
-            _axpy(out, r, v, j0 + j, sblk[r, j])
+        n = max(0, min(limits[r], j0 + jn) - j0)
+        if out.shape[1] % LANES == 0:
+            weighted_rows(out, r, v, j0, n, sblk[r])
+        else:
+            for j in range(n):
+                _axpy(out, r, v, j0 + j, sblk[r, j])
 
 
 def _flash(scores, update):

@@ -1,7 +1,7 @@
 """Row operations of the decode attention loops (`attention.py`) with explicit 16-lane float32 vectors
 (`simd.row_intrinsics`): the Q.K dot product, the P.V row update and the check of a masked value row for
-inf and nan, each row named by its array and the index of its leading axes; and `prefetch_rows`, which
-asks for rows read soon. Generated kernels leave
+inf and nan, each row named by its array and the index of its leading axes; `weighted_rows`, the P.V
+update of a block of keys at once; and `prefetch_rows`, which asks for rows read soon. Generated kernels leave
 `reassoc` out, so a running sum never vectorizes; and LLVM unrolls a head-sized loop fully, then cannot
 tell the output row apart from the value row, so the update stays scalar too. Arrays that are not
 C-contiguous float32 take plain loops (the same answers up to the order of the dot's sum)."""
@@ -92,3 +92,70 @@ def prefetch_rows(typingctx, a, r0, n):
             prefetch(builder, builder.gep(base, [builder.mul(loop.index, ir.Constant(nv.type, 64))]), into_l1=False)
         return context.get_dummy_value()
     return types.none(a, r0, n), codegen
+
+
+@intrinsic
+def weighted_rows(typingctx, o, r, v, j0, n, p):
+    """o[r] += sum(p[j] * v[j0 + j] for j < n), over the rows' last axis (a multiple of 16 long): o and v
+    2-d, p 1-d, all C-contiguous float32. The output row's vectors stay in registers while the keys go by,
+    four vectors side by side (a vector left over: two accumulators, even and odd keys), where `row_axpy`
+    per key loads and stores the row: a chain through memory per key."""
+    if not (all(isinstance(a, types.Array) and a.dtype == types.float32 and a.layout == "C" for a in (o, v, p))
+            and o.ndim == 2 and v.ndim == 2 and p.ndim == 1):
+        return None
+
+    def codegen(context, builder, signature, args):
+        from fusec.backends.numba_cpu.simd import LANES, V16F, splat
+        ao, av, ap = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 5))
+        intp = cgutils.intp_t
+        ri, j0i, ni = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 3, 4))
+        width = cgutils.unpack_tuple(builder, ao.shape, 2)[1]
+        vstride = builder.udiv(cgutils.unpack_tuple(builder, av.strides, 2)[0], ir.Constant(intp, 4))
+        orow = builder.gep(ao.data, [builder.mul(ri, width)])
+        vrows = builder.gep(av.data, [builder.mul(j0i, vstride)])
+        chunks = builder.udiv(width, ir.Constant(intp, LANES))
+
+        def vec(ptr, offset):  # the V16F at element `offset` of a float32 pointer
+            return builder.bitcast(builder.gep(ptr, [offset]), V16F.as_pointer())
+
+        def weight(j):
+            return splat(builder, builder.load(builder.gep(ap.data, [j])))
+
+        def pass_over_keys(first, count, per_key):
+            """Vectors first..first+count-1 of the row, `per_key` accumulators a vector (keys alternate)."""
+            accs = [[cgutils.alloca_once(builder, V16F) for _ in range(per_key)] for _ in range(count)]
+            zero = ir.Constant(V16F, [0.0] * LANES)
+            for c, slots in enumerate(accs):
+                for k, slot in enumerate(slots):
+                    at = builder.mul(builder.add(first, ir.Constant(intp, c)), ir.Constant(intp, LANES))
+                    builder.store(builder.load(vec(orow, at), align=4) if k == 0 else zero, slot)
+            steps = builder.udiv(ni, ir.Constant(intp, per_key))
+            with cgutils.for_range(builder, steps) as loop:
+                for k in range(per_key):
+                    j = builder.add(builder.mul(loop.index, ir.Constant(intp, per_key)), ir.Constant(intp, k))
+                    pj, row = weight(j), builder.gep(vrows, [builder.mul(j, vstride)])
+                    for c, slots in enumerate(accs):
+                        at = builder.mul(builder.add(first, ir.Constant(intp, c)), ir.Constant(intp, LANES))
+                        product = builder.fmul(pj, builder.load(vec(row, at), align=4), flags=["contract"])
+                        builder.store(builder.fadd(builder.load(slots[k]), product, flags=["contract"]), slots[k])
+            with cgutils.for_range(builder, builder.sub(ni, builder.mul(steps, ir.Constant(intp, per_key)))) as tail:
+                j = builder.add(builder.mul(steps, ir.Constant(intp, per_key)), tail.index)
+                pj, row = weight(j), builder.gep(vrows, [builder.mul(j, vstride)])
+                for c, slots in enumerate(accs):
+                    at = builder.mul(builder.add(first, ir.Constant(intp, c)), ir.Constant(intp, LANES))
+                    product = builder.fmul(pj, builder.load(vec(row, at), align=4), flags=["contract"])
+                    builder.store(builder.fadd(builder.load(slots[0]), product, flags=["contract"]), slots[0])
+            for c, slots in enumerate(accs):
+                total = builder.load(slots[0])
+                for slot in slots[1:]:
+                    total = builder.fadd(total, builder.load(slot), flags=["contract"])
+                at = builder.mul(builder.add(first, ir.Constant(intp, c)), ir.Constant(intp, LANES))
+                builder.store(total, vec(orow, at), align=4)
+
+        fours = builder.udiv(chunks, ir.Constant(intp, 4))
+        with cgutils.for_range(builder, fours) as group:
+            pass_over_keys(builder.mul(group.index, ir.Constant(intp, 4)), 4, 1)
+        with cgutils.for_range(builder, builder.sub(chunks, builder.mul(fours, ir.Constant(intp, 4)))) as single:
+            pass_over_keys(builder.add(builder.mul(fours, ir.Constant(intp, 4)), single.index), 1, 2)
+        return context.get_dummy_value()
+    return types.none(o, r, v, j0, n, p), codegen
