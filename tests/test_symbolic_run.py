@@ -55,7 +55,7 @@ def test_symbolic_kernels_read_sizes_from_their_arrays(block):
 
 def test_symbolic_outputs_share_one_parallel_loop_at_every_size():
     """Q, K and V with their RoPE written by one parallel loop whose blocks are counted at run time (a
-    loop per output cost each kernel's compile 0.3-0.4 s and the threads a meeting per output), right at
+    loop per output cost the threads a meeting per output), right at
     every size: one row (fewer rows than blocks), a prime, more rows than the matrix-vector threshold, the
     upper bound."""
     config = LlamaConfig.stories15M()

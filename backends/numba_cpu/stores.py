@@ -81,10 +81,9 @@ def shared_stores(em: Emitter, stores: list[tuple[int, str]], blocks: int | str)
     """The outputs `stores` ((node, output array)) written by one parallel loop over `blocks` iterations (a
     number, or an expression of the size variables), each writing a share of every output's outer rows,
     instead of a parallel loop per output: the threads meet once after all of them (the Q, K and V of an
-    attention projection with their RoPE), and Numba lowers one parallel loop instead of several (each cost
-    a kernel's compile 0.3-0.4 s). False, emitting nothing, unless there are two or more such outputs, each
-    with outer rows and enough elements for the threads (the tiling pass's `parallel_min`; a symbolic size
-    counts at its upper bound)."""
+    attention projection with their RoPE). False, emitting nothing, unless there are two or more such
+    outputs, each with outer rows and enough elements for the threads (the tiling pass's `parallel_min`; a
+    symbolic size counts at its upper bound)."""
     shapes = [em.g.nodes[o].shape for o, _ in stores]
     if len(stores) < 2 or (isinstance(blocks, int) and blocks < 2):
         return False
