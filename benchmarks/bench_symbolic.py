@@ -10,7 +10,9 @@ programs per length (random weights). Calls alternate between the two and each t
 process (cold or warm depending on the cache), after a warm-up (`warm_up`) that pays what only the first
 compile of a process pays (importing torch.export and sympy, loading the BLAS and matrix-vector helpers,
 starting the compile workers), so the symbolic program, compiled first, is not charged for it and the
-specialized ones are; `--no-warm-up` leaves it out. Writes bench_symbolic_block.json or
+specialized ones are; `--no-warm-up` leaves it out. With `--new-process-rounds N` (block), each program
+is also compiled in a process of its own with an empty kernel cache, alternating, N rounds: what a user's
+first `fusec.compile` of it pays, with no order between the programs. Writes bench_symbolic_block.json or
 bench_symbolic_generator.json in `--out` (`benchmarks/tables.py` makes the table).
 """
 from __future__ import annotations
@@ -23,6 +25,39 @@ from pathlib import Path
 import torch
 
 from fusec import benchtools
+
+
+NEW_PROCESS = """
+import json, sys, time
+import fusec
+from fusec.models import LlamaBlock, LlamaConfig, example_inputs
+from fusec.models.llama import init_weights
+config = LlamaConfig.preset(sys.argv[1])
+module = init_weights(LlamaBlock(config), seed=0).eval()
+tokens, upper = int(sys.argv[2]), int(sys.argv[3])
+start = time.perf_counter()
+if tokens == 0:
+    compiled = fusec.compile(module, example_inputs(config, seq_len=8), dynamic={"x": {1: (1, upper)}})
+else:
+    compiled = fusec.compile(module, example_inputs(config, seq_len=tokens))
+print(json.dumps({"seconds": time.perf_counter() - start, "phases": compiled.stats["phase_seconds"]}))
+"""
+
+
+def compile_in_new_processes(preset: str, lengths: list[int], upper: int, rounds: int) -> list[dict]:
+    """The block's compile each in a process of its own with an empty kernel cache, as a user's first
+    `fusec.compile` pays it (the library's machine code cached): the symbolic program (tokens None) and one
+    specialized to each length, alternating, `rounds` times. [{"tokens", "seconds": [...], "phases": [...]}]"""
+    import os
+    runs = [{"tokens": n or None, "seconds": [], "phases": []} for n in [0, *lengths]]
+    for _ in range(rounds):
+        for run in runs:
+            with benchtools.fresh_cache_dir() as cache:
+                got = benchtools.child_json(NEW_PROCESS, [preset, str(run["tokens"] or 0), str(upper)],
+                                            {**os.environ, "FUSEC_CACHE_DIR": cache}, "a compile in a new process")
+            run["seconds"].append(got["seconds"])
+            run["phases"].append(got["phases"])
+    return runs
 
 
 def _time(fn, x) -> float:
@@ -73,6 +108,8 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--upper", type=int, default=256)
     p.add_argument("--repeat", type=int, default=9)
     p.add_argument("--out", default="bench_out", help="directory for the JSON report")
+    p.add_argument("--new-process-rounds", type=int, default=0,
+                   help="block: also time each program's compile in new processes with empty kernel caches")
     p.add_argument("--no-warm-up", dest="warm_up", action="store_false",
                    help="time the symbolic program's compile as the process's first (see the docstring)")
     args = p.parse_args(argv)
@@ -112,9 +149,15 @@ def main(argv: list[str] | None = None) -> Path:
                      "specialized_compile_s": compile_s})
     programs = getattr(symbolic, "stats", {}).get("programs", 1)
     print(f"programs compiled by the symbolic one: {programs}")
+    fresh = (compile_in_new_processes(args.preset, lengths, args.upper, args.new_process_rounds)
+             if args.what == "block" and args.new_process_rounds > 0 else [])
+    for run in fresh:
+        print(f"compiled in new processes, {run['tokens'] or 'symbolic'}: "
+              + " / ".join(f"{t:.1f}" for t in run["seconds"]) + " s")
     return benchtools.write_json(Path(args.out) / f"bench_symbolic_{args.what}.json", {
         "what": args.what, "preset": args.preset, "upper": args.upper, "repeat": args.repeat,
-        "symbolic_compile_s": symbolic_compile_s, "warm_up_s": warm_up_s, "programs": programs, "rows": rows})
+        "symbolic_compile_s": symbolic_compile_s, "warm_up_s": warm_up_s, "programs": programs, "rows": rows,
+        **({"new_process_compiles": fresh} if fresh else {})})
 
 
 if __name__ == "__main__":

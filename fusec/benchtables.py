@@ -104,6 +104,12 @@ def _symbolic_legend(report: dict) -> str:
         when = ("after a warm-up compile, as each specialized one" if report.get("warm_up_s")
                 else "first in its process")
         text += f" The symbolic program compiled in {report['symbolic_compile_s']:.1f} s ({when})."
+    if report.get("new_process_compiles"):
+        runs = report["new_process_compiles"]
+        text += (f" Each compiled in a new process with an empty kernel cache ({len(runs[0]['seconds'])} rounds, "
+                 "alternating): " + "; ".join(
+                     (f"{r['tokens']} token{'s' if r['tokens'] > 1 else ''} " if r["tokens"] else "symbolic ")
+                     + " / ".join(f"{t:.1f}" for t in r["seconds"]) + " s" for r in runs) + ".")
     return text
 
 
