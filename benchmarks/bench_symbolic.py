@@ -18,6 +18,7 @@ bench_symbolic_generator.json in `--out` (`benchmarks/tables.py` makes the table
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -48,7 +49,6 @@ def compile_in_new_processes(preset: str, lengths: list[int], upper: int, rounds
     """The block's compile each in a process of its own with an empty kernel cache, as a user's first
     `fusec.compile` pays it (the library's machine code cached): the symbolic program (tokens None) and one
     specialized to each length, alternating, `rounds` times. [{"tokens", "seconds": [...], "phases": [...]}]"""
-    import os
     runs = [{"tokens": n or None, "seconds": [], "phases": []} for n in [0, *lengths]]
     for _ in range(rounds):
         for run in runs:

@@ -1,8 +1,8 @@
 """Row operations of the decode attention loops (`attention.py`) with explicit 16-lane float32 vectors
 (`simd.row_intrinsics`): the Q.K dot product, the P.V row update and the check of a masked value row for
 inf and nan, each row named by its array and the index of its leading axes; `weighted_rows`, the P.V
-update of a block of keys at once; and `prefetch_rows`, which asks for rows read soon. Generated kernels leave
-`reassoc` out, so a running sum never vectorizes; and LLVM unrolls a head-sized loop fully, then cannot
+update of a block of keys at once; and `prefetch_rows`, which asks for rows read soon. Generated kernels
+leave `reassoc` out, so a running sum never vectorizes; and LLVM unrolls a head-sized loop fully, then cannot
 tell the output row apart from the value row, so the update stays scalar too. Arrays that are not
 C-contiguous float32 take plain loops (the same answers up to the order of the dot's sum)."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from fusec.backends.numba_cpu.simd import I8, prefetch, row_intrinsics
+from fusec.backends.numba_cpu.simd import I8, LANES, V16F, at_byte, fma_into, prefetch, row_intrinsics, splat
 
 _dot, _axpy, _finite = row_intrinsics()
 
@@ -86,10 +86,11 @@ def prefetch_rows(typingctx, a, r0, n):
         stride = cgutils.unpack_tuple(builder, ary.strides, 2)[0]
         r0v = context.cast(builder, args[1], signature.args[1], types.intp)
         nv = context.cast(builder, args[2], signature.args[2], types.intp)
-        base = builder.gep(builder.bitcast(ary.data, I8.as_pointer()), [builder.mul(r0v, stride)])
+        first = builder.mul(r0v, stride)  # bytes
         lines = builder.udiv(builder.add(builder.mul(nv, stride), ir.Constant(nv.type, 63)), ir.Constant(nv.type, 64))
         with cgutils.for_range(builder, lines) as loop:
-            prefetch(builder, builder.gep(base, [builder.mul(loop.index, ir.Constant(nv.type, 64))]), into_l1=False)
+            line = builder.add(first, builder.mul(loop.index, ir.Constant(nv.type, 64)))
+            prefetch(builder, at_byte(builder, ary.data, line, I8), into_l1=False)
         return context.get_dummy_value()
     return types.none(a, r0, n), codegen
 
@@ -105,57 +106,50 @@ def weighted_rows(typingctx, o, r, v, j0, n, p):
         return None
 
     def codegen(context, builder, signature, args):
-        from fusec.backends.numba_cpu.simd import LANES, V16F, splat
         ao, av, ap = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 5))
-        intp = cgutils.intp_t
         ri, j0i, ni = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 3, 4))
+
+        def const(x):
+            return ir.Constant(cgutils.intp_t, x)
         width = cgutils.unpack_tuple(builder, ao.shape, 2)[1]
-        vstride = builder.udiv(cgutils.unpack_tuple(builder, av.strides, 2)[0], ir.Constant(intp, 4))
+        vstride = builder.udiv(cgutils.unpack_tuple(builder, av.strides, 2)[0], const(4))
         orow = builder.gep(ao.data, [builder.mul(ri, width)])
         vrows = builder.gep(av.data, [builder.mul(j0i, vstride)])
-        chunks = builder.udiv(width, ir.Constant(intp, LANES))
+        chunks = builder.udiv(width, const(LANES))
 
         def vec(ptr, offset):  # the V16F at element `offset` of a float32 pointer
             return builder.bitcast(builder.gep(ptr, [offset]), V16F.as_pointer())
 
-        def weight(j):
-            return splat(builder, builder.load(builder.gep(ap.data, [j])))
-
         def pass_over_keys(first, count, per_key):
             """Vectors first..first+count-1 of the row, `per_key` accumulators a vector (keys alternate)."""
+            at = [builder.mul(builder.add(first, const(c)), const(LANES)) for c in range(count)]
             accs = [[cgutils.alloca_once(builder, V16F) for _ in range(per_key)] for _ in range(count)]
-            zero = ir.Constant(V16F, [0.0] * LANES)
             for c, slots in enumerate(accs):
-                for k, slot in enumerate(slots):
-                    at = builder.mul(builder.add(first, ir.Constant(intp, c)), ir.Constant(intp, LANES))
-                    builder.store(builder.load(vec(orow, at), align=4) if k == 0 else zero, slot)
-            steps = builder.udiv(ni, ir.Constant(intp, per_key))
+                builder.store(builder.load(vec(orow, at[c]), align=4), slots[0])
+                for slot in slots[1:]:
+                    builder.store(ir.Constant(V16F, [0.0] * LANES), slot)
+
+            def add_key(j, k):  # accumulators k += p[j] * v[j0 + j]
+                pj = splat(builder, builder.load(builder.gep(ap.data, [j])))
+                row = builder.gep(vrows, [builder.mul(j, vstride)])
+                for c, slots in enumerate(accs):
+                    fma_into(builder, slots[k], pj, builder.load(vec(row, at[c]), align=4))
+            steps = builder.udiv(ni, const(per_key))
             with cgutils.for_range(builder, steps) as loop:
                 for k in range(per_key):
-                    j = builder.add(builder.mul(loop.index, ir.Constant(intp, per_key)), ir.Constant(intp, k))
-                    pj, row = weight(j), builder.gep(vrows, [builder.mul(j, vstride)])
-                    for c, slots in enumerate(accs):
-                        at = builder.mul(builder.add(first, ir.Constant(intp, c)), ir.Constant(intp, LANES))
-                        product = builder.fmul(pj, builder.load(vec(row, at), align=4), flags=["contract"])
-                        builder.store(builder.fadd(builder.load(slots[k]), product, flags=["contract"]), slots[k])
-            with cgutils.for_range(builder, builder.sub(ni, builder.mul(steps, ir.Constant(intp, per_key)))) as tail:
-                j = builder.add(builder.mul(steps, ir.Constant(intp, per_key)), tail.index)
-                pj, row = weight(j), builder.gep(vrows, [builder.mul(j, vstride)])
-                for c, slots in enumerate(accs):
-                    at = builder.mul(builder.add(first, ir.Constant(intp, c)), ir.Constant(intp, LANES))
-                    product = builder.fmul(pj, builder.load(vec(row, at), align=4), flags=["contract"])
-                    builder.store(builder.fadd(builder.load(slots[0]), product, flags=["contract"]), slots[0])
+                    add_key(builder.add(builder.mul(loop.index, const(per_key)), const(k)), k)
+            with cgutils.for_range(builder, builder.sub(ni, builder.mul(steps, const(per_key)))) as tail:
+                add_key(builder.add(builder.mul(steps, const(per_key)), tail.index), 0)
             for c, slots in enumerate(accs):
                 total = builder.load(slots[0])
                 for slot in slots[1:]:
                     total = builder.fadd(total, builder.load(slot), flags=["contract"])
-                at = builder.mul(builder.add(first, ir.Constant(intp, c)), ir.Constant(intp, LANES))
-                builder.store(total, vec(orow, at), align=4)
+                builder.store(total, vec(orow, at[c]), align=4)
 
-        fours = builder.udiv(chunks, ir.Constant(intp, 4))
+        fours = builder.udiv(chunks, const(4))
         with cgutils.for_range(builder, fours) as group:
-            pass_over_keys(builder.mul(group.index, ir.Constant(intp, 4)), 4, 1)
-        with cgutils.for_range(builder, builder.sub(chunks, builder.mul(fours, ir.Constant(intp, 4)))) as single:
-            pass_over_keys(builder.add(builder.mul(fours, ir.Constant(intp, 4)), single.index), 1, 2)
+            pass_over_keys(builder.mul(group.index, const(4)), 4, 1)
+        with cgutils.for_range(builder, builder.sub(chunks, builder.mul(fours, const(4)))) as single:
+            pass_over_keys(builder.add(builder.mul(fours, const(4)), single.index), 1, 2)
         return context.get_dummy_value()
     return types.none(o, r, v, j0, n, p), codegen
