@@ -192,8 +192,8 @@ def _build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options,
         stats["compiled_in_workers"] = program.compile_counts["in_workers"]  # (backends.numba_cpu.compile_pool)
         stats.update(program.blas)  # {"blas": the library its GEMMs call[, "blas_note": why not MKL]}
         spec = Specialization(traced, graph, program.run, program.source, stats, program)
-        # machine code that all loads from the cache ran in the process that compiled it (its checksums
-        # are recorded after a run): nothing to run; else run the example once, JIT-compiling every kernel
+        # machine code that all loads from the cache (compiled for this program in `finish`, or before,
+        # its checksums recorded): nothing to run; else run the example once, JIT-compiling every kernel
         with phase("run"):
             stats["example_run"] = bool(dump) or not program.load_cached()
             if stats["example_run"]:

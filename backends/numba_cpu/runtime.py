@@ -87,9 +87,7 @@ class Program:
         # bodies in no cache yet compile at once, in worker processes too (`compile_pool`), before the
         # steps below load the loop's kernels and the first run the others
         self._calls = self._signatures(calls, by_node)
-        cold = pending(self._calls)
-        self._cold = bool(cold)  # something compiles for this program: its first run is at build time
-        self._batch, self._made = start_compiling(cold), (calls, by_node)
+        self._batch, self._made = start_compiling(pending(self._calls)), (calls, by_node)
         if not defer:
             self.finish()
 
@@ -126,9 +124,11 @@ class Program:
 
     def load_cached(self) -> bool:
         """Load every kernel's machine code from the cache without running anything; False when some is
-        not there (then the first run compiles it, see `compile_pool.load_cached`) or was not there when
-        the program was made (it was compiled for it, here or in workers: a new program runs once)."""
-        if self._cold or not load_cached(self._calls):
+        not there (then the first run compiles it, see `compile_pool.load_cached`). After `finish` this
+        holds for a new program too: its bodies were compiled, here or in workers, and their checksums
+        recorded, so it is not run on its example (for a 1B model's decode program that run was a whole
+        step, 0.2 s of a cold start)."""
+        if not load_cached(self._calls):
             return False
         self._loaded.update(range(len(self.steps)))
         return True
