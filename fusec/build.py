@@ -142,6 +142,8 @@ def young_gc():
 
 def _build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options,
            dynamic: Any = None) -> Callable[[], Specialization]:
+    from fusec.expand_layers import ExpandError
+    from fusec.expand_loop import expand_loop
     from fusec.trace_cache import trace_and_lower
     from fusec.trace_layers import trace_program
     from fusec.tracing import trace
@@ -164,6 +166,11 @@ def _build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options,
 
     def run_passes(traced):
         with phase("passes"):
+            if traced.two_layers is not None and options.fuse and options.loop and not dump:
+                try:  # the passes over two layers, their loop then run over all (`fusec.expand_loop`)
+                    return expand_loop(lower(traced.two_layers[0], weights=options.weights), *traced.two_layers[1:])
+                except ExpandError as e:
+                    debug(1, f"[fusec] {traced.module_name}: the passes run on every layer ({e})")
             return lower(traced.graph, fuse=options.fuse, callback=dump.stage if dump else None,
                          weights=options.weights, loop=options.loop)
     if dump:  # every stage is written out: nothing comes from the trace cache

@@ -225,7 +225,7 @@ def _rebuild(graph: Graph, layers: Layers, n_layers: int, tensors: Mapping[str, 
                 copies.append({})
                 for suffix, p in params1:
                     name = f"{layers.prefix}{k}.{suffix}"
-                    tensor = _tensor(tensors, name, nodes[p].type)
+                    tensor = checked_tensor(tensors, name, nodes[p].type)
                     b.tensors[name] = tensor
                     copies[-1][p] = b.add("param", (), {"name": name}, nodes[p].type)
         if i == body1[-1]:  # the later layers' nodes, after layer 1's
@@ -244,8 +244,8 @@ def _rebuild(graph: Graph, layers: Layers, n_layers: int, tensors: Mapping[str, 
     return result
 
 
-def _tensor(tensors: Mapping[str, Any], name: str, expected: TensorType) -> Any:
-    """tensors[name], checked to be of layer 1's parameter's type."""
+def checked_tensor(tensors: Mapping[str, Any], name: str, expected: TensorType) -> Any:
+    """tensors[name], checked to be of type `expected` (layer 1's parameter's)."""
     from fusec.dtypes import from_torch  # (the tensors are the module's: torch is loaded)
     if name not in tensors:
         raise ExpandError(f"no tensor for the parameter {name}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -31,9 +32,19 @@ Attrs = tuple[tuple[str, Any], ...]
 
 def make_attrs(attrs: Mapping[str, Any]) -> Attrs:
     """Attributes as a sorted tuple of pairs, with lists turned into tuples so nodes stay hashable."""
-    def freeze(v):
-        return tuple(freeze(x) for x in v) if isinstance(v, (list, tuple)) else v
-    return tuple(sorted((k, freeze(v)) for k, v in attrs.items()))
+    return tuple(sorted((k, _freeze(v)) if isinstance(v, (list, tuple)) else (k, v) for k, v in attrs.items()))
+
+
+def _plain(value: Any) -> bool:
+    """True for an attribute or shape that holds no size variable for sure (most of them: a quick look
+    before `sizes_of`'s walk, which verifying every pass's graph spent a third of its time in)."""
+    if type(value) is tuple:
+        return all(type(x) is int for x in value)
+    return value is None or type(value) in (int, float, str, bool)
+
+
+def _freeze(v: Any) -> Any:
+    return tuple(_freeze(x) if isinstance(x, (list, tuple)) else x for x in v)
 
 
 @dataclass(frozen=True)
@@ -76,7 +87,12 @@ class Graph:
     def sizes(self) -> dict[str, tuple[int, int]]:
         """{name: (lo, hi)} of the symbolic size variables in the graph's types and attributes, bodies
         included (empty for a static graph); IRError if a name has two bounds."""
-        return sizes_of(v for n in self.walk() for v in (n.type.shape, *(a for _, a in n.attrs)))
+        return dict(self._sizes)
+
+    @cached_property  # (a graph never changes; the tiling pass asks each kernel's body for them)
+    def _sizes(self) -> dict[str, tuple[int, int]]:
+        return sizes_of(v for n in self.walk() for v in (n.type.shape, *(a for _, a in n.attrs))
+                        if not _plain(v))
 
     @property
     def inputs(self) -> tuple[int, ...]:

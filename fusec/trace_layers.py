@@ -38,8 +38,10 @@ def trace_program(module: nn.Module, args: tuple, kwargs: dict | None = None, st
     view_module, view_args = view
     traced = trace(view_module, view_args, kwargs, strict=strict, dynamic=dynamic)
     tensors = dict(module.named_parameters(remove_duplicate=False))
+    n_layers = module.model.config.n_layers
     try:
-        traced.graph = expand_layers(traced.graph, module.model.config.n_layers, tensors)
+        two_layers = (traced.graph, n_layers, tensors)
+        traced.graph, traced.two_layers = expand_layers(traced.graph, n_layers, tensors), two_layers
     except ExpandError as e:
         debug(1, f"[fusec] {type(module).__name__}: its two layers do not expand ({e}); tracing all of them")
         return trace(module, args, kwargs, strict=strict, dynamic=dynamic)

@@ -55,6 +55,9 @@ class Traced:
     input_names: list[str]
     module_name: str = ""
     output_constants: dict = field(default_factory=dict)  # flat output position -> a non-tensor output
+    # (the IR of two layers, the number of layers, the module's tensors by name) when `graph` was expanded
+    # from a trace of two layers (`fusec.trace_layers`): the passes may run on the two (`fusec.expand_loop`)
+    two_layers: tuple | None = None
 
 
 _EXPORT_LOCK = threading.RLock()  # re-entered, it is no deadlock: torch.export raises instead

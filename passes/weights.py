@@ -59,13 +59,12 @@ def store_weights(graph: Graph, weights: str = "bf16") -> Graph:
     for i, n in enumerate(graph.nodes):
         if n.op == "param" and _stored(n.type, weights):
             name = n.attr("name")
+            b.tensors.update(stored_tensors(name, graph.tensors[name], "bf16" if weights == "bf16" else "i8"))
             if weights == "bf16":
-                b.tensors[name] = to_bf16(graph.tensors[name])
                 stored = b.add("param", (), {"name": name}, TensorType(n.shape, "bf16"), origin=n.origin)
                 remap[i] = b.add("cast", [stored], {"dtype": "f32"}, origin=n.origin)
             else:
-                q, scale = quantize_int8(graph.tensors[name])
-                b.tensors[name], b.tensors[name + SCALE] = q, scale
+                q, scale = b.tensors[name], b.tensors[name + SCALE]
                 qn = b.add("param", (), {"name": name}, TensorType(tuple(q.shape), "i8"), origin=n.origin)
                 sn = b.add("param", (), {"name": name + SCALE}, TensorType(tuple(scale.shape), "f32"),
                            origin=n.origin)
@@ -96,6 +95,15 @@ def stored_bytes(t: TensorType, weights: str) -> float:
     if weights == "fp32" or not _stored(t, weights):
         return t.nbytes
     return t.numel * BYTES_PER_WEIGHT[weights]
+
+
+def stored_tensors(name: str, t: Any, dtype: str) -> dict[str, Any]:
+    """The tensors that hold float32 weight `name` (tensor t) stored as `dtype`: {name: its bfloat16 copy}
+    for "bf16", {name: int8 blocks, name + SCALE: their scales} for "i8"."""
+    if dtype == "bf16":
+        return {name: to_bf16(t)}
+    q, scale = quantize_int8(t)
+    return {name: q, name + SCALE: scale}
 
 
 def to_bf16(t: Any) -> Any:
@@ -154,10 +162,8 @@ def stored_form(types: Mapping[str, TensorType], tensors: Mapping[str, Any]) -> 
         want = types.get(name)
         if want is None or getattr(t, "dtype", None) is None or str(t.dtype) != "torch.float32":
             continue
-        if want.dtype == "bf16":
-            converted[name] = to_bf16(t)
-        elif want.dtype == "i8" and name + SCALE in types and t.dim() >= 2:
-            converted[name], converted[name + SCALE] = quantize_int8(t)
+        if want.dtype == "bf16" or want.dtype == "i8" and name + SCALE in types and t.dim() >= 2:
+            converted.update(stored_tensors(name, t, want.dtype))
     # the converted weights in one block of huge pages, in the module's order (`fusec.huge_pages`)
     out.update(zip(converted, pack(list(converted.values()))))
     return out
