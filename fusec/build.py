@@ -192,7 +192,11 @@ def _build(module: torch.nn.Module, args: tuple, kwargs: dict, options: Options,
 
     def finish() -> Specialization:
         with phase("finish"):  # compiling what no worker took, waiting for the workers, planning the steps
-            program.finish()
+            progress = Progress(traced.module_name, program.bodies_compiling)
+            try:
+                program.finish(progress.step)
+            finally:
+                progress.close()
         debug(3, f"--- generated code of {traced.module_name} ({len(program.steps)} kernels)\n{program.source}")
         stats["intermediate_bytes"] = program.intermediate_bytes
         stats["distinct_kernels"] = len(program.modules)  # kernels with equal bodies share one function

@@ -190,7 +190,7 @@ def test_compile_of_many_kernels_shows_progress_in_a_terminal(monkeypatch, tmp_p
     tty = _Terminal()
     monkeypatch.delenv("FUSEC_DEBUG", raising=False)
     # an empty cache and rows no other test compiles: machine code that is all cached, or already loaded
-    # in this process, is not run at build time, so there would be nothing to show
+    # in this process, is not compiled at build time, so there would be nothing to show
     monkeypatch.setenv("FUSEC_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(sys, "stderr", tty)
     module, _ = scan_model()

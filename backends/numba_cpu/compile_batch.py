@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import threading
+from typing import Callable
 
 from fusec.backends.numba_cpu import compile_pool as pool
 from fusec.debug import debug
@@ -92,17 +93,31 @@ class Batch:
                     _FEEDERS[number] = threading.Thread(target=_feed, args=(number,), daemon=True)
                     _FEEDERS[number].start()  # (it takes its first job once this lock is released)
 
+    @property
+    def size(self) -> int:
+        """The jobs `finish` completes: its own and those it waits for in other batches."""
+        return len(self.done) + len(self.borrowed)
+
     def _take(self):
         with _FLIGHT_LOCK:
             return self.queue.pop(0) if self.queue else None
 
-    def finish(self) -> dict:
+    def finish(self, observe: Callable[[], None] = lambda: None) -> dict:
         """Compile here the jobs no worker took yet, wait for the others (and for those borrowed from
-        other batches), and return the counts ({"in_process", "in_workers", "worker_failures"})."""
+        other batches), and return the counts ({"in_process", "in_workers", "worker_failures"}).
+        `observe()` is called as each job is done (a progress line, `fusec.debug.Progress`)."""
+        seen: set = set()
+
+        def done_with(key) -> None:
+            if key not in seen:
+                seen.add(key)
+                observe()
         while (job := self._take()) is not None:  # this process compiles too, taking jobs no worker took
             self._compile_here(job)
-        for done in self.done.values():  # (each taken by a feeder, which sets it whatever the outcome)
+            done_with(_key(job))
+        for key, done in self.done.items():  # (each taken by a feeder, which sets it whatever the outcome)
             done.wait()
+            done_with(key)
         for job in self.borrowed:
             with _FLIGHT_LOCK:
                 owner = _IN_FLIGHT.get(_key(job))
@@ -114,6 +129,7 @@ class Batch:
                 owner.done[_key(job)].set()
             elif owner is not None:
                 owner.done[_key(job)].wait()
+            done_with(_key(job))
         with _FLIGHT_LOCK:
             for k in self.done:
                 if _IN_FLIGHT.get(k) is self:

@@ -96,12 +96,12 @@ class Program:
         for them (`compile_batch.Batch.compiling_elsewhere`)."""
         return self._batch is not None and self._batch.compiling_elsewhere()
 
-    def finish(self) -> None:
-        """Wait for the kernel bodies this program started compiling (compiling here those no worker took),
-        then set up its steps and buffers. Once; nothing to do after that."""
+    def finish(self, observe: Callable[[], None] = lambda: None) -> None:
+        """Wait for the kernel bodies this program started compiling (compiling here those no worker took;
+        `observe()` as each is done), then set up its steps and buffers. Once; nothing to do after that."""
         if self._batch is None:
             return
-        self.compile_counts, self._batch = self._batch.finish(), None
+        self.compile_counts, self._batch = self._batch.finish(observe), None
         (calls, by_node), graph = self._made, self.graph
         self.steps = [Step(by_node[i][1], i, list(graph.nodes[i].args),
                            self._extra(i, code, err), self.outputs_of[i], by_node[i][2])
@@ -121,6 +121,11 @@ class Program:
         self._lock = threading.Lock()
         self._loaded: set[int] = set()  # steps whose machine code is loaded (they ran once)
         self._plan_steps()
+
+    @property
+    def bodies_compiling(self) -> int:
+        """The kernel bodies `finish` will complete (0 once finished, or with all of them cached)."""
+        return 0 if self._batch is None else self._batch.size
 
     def load_cached(self) -> bool:
         """Load every kernel's machine code from the cache without running anything; False when some is
