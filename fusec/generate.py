@@ -59,6 +59,7 @@ class Generator:
         self._compiling: dict[int, tuple[Callable[[], Program], float]] = {}
         self._decode: dict[int, Program] = {}
         self._caches: dict[int, tuple[Tensor, Tensor]] = {}
+        self._faulting: dict[int, threading.Thread] = {}  # batch -> the thread faulting its caches in
         self._totals = counters()
         self._bound: dict | None = None  # weights bound in place of the model's own (`bind_weights`)
         self.last: dict = {}  # the stats of the last `generate` call alone
@@ -120,7 +121,7 @@ class Generator:
         # the example's caches are the generator's own (zero until a generation writes them): a second
         # pair of cache-sized tensors cost a warm start tens of milliseconds
         token, pos = torch.zeros(batch, 1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
-        return DecodeStep(self.model), (token, pos, *self.caches(batch))
+        return DecodeStep(self.model), (token, pos, *self.caches(batch, wait=False))
 
     def _symbolic_prefill_example(self, batch: int) -> tuple:
         tokens = torch.zeros(batch, min(8, self.max_seq_len), dtype=torch.int64)
@@ -216,11 +217,15 @@ class Generator:
             self._prefill[key] = self._compile(module, example)
         return self._prefill[key]
 
-    def caches(self, batch: int) -> tuple[Tensor, Tensor]:
-        """The (k, v) caches for `batch` sequences, [n_layers, batch, n_kv_heads, max_seq_len, head_dim]."""
+    def caches(self, batch: int, wait: bool = True) -> tuple[Tensor, Tensor]:
+        """The (k, v) caches for `batch` sequences, [n_layers, batch, n_kv_heads, max_seq_len, head_dim], faulted
+        in by a thread meanwhile (`huge_pages.fault_in`; `wait=False`: for the example, which nothing writes)."""
         if batch not in self._caches:
             shape = cache_shape(self.model, batch, self.max_seq_len)
             self._caches[batch] = (huge_pages.zeros(shape), huge_pages.zeros(shape))  # (read every step)
+            self._faulting[batch] = huge_pages.fault_in(list(self._caches[batch]))
+        if wait and batch in self._faulting:
+            self._faulting.pop(batch).join()
         return self._caches[batch]
 
     # --- generation -----------------------------------------------------------------------------------

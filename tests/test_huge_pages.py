@@ -59,6 +59,18 @@ def test_shared_memory_and_parameters_sharing_storage_stay_where_they_are():
     assert all(huge_pages.packed(p) for n, p in module.named_parameters() if n not in kept)
 
 
+def test_fault_in_writes_zeros_in_a_thread_and_the_generator_waits_for_it_before_writing():
+    block = huge_pages.zeros((3, 1 << 18))
+    block[1, 5] = 1.0  # (a write before the thread starts; after it starts, writes must wait for it)
+    thread = huge_pages.fault_in([block])
+    thread.join()
+    assert not block.any()
+    gen = fusec.compile_generator(random_model(LlamaConfig.preset("tiny")), backend="reference")
+    assert list(gen._faulting) == [1]  # the decode program's example took its caches without waiting
+    k, v = gen.caches(1)
+    assert not gen._faulting and not k.any() and not v.any()
+
+
 def test_the_generator_packs_its_model_unless_told_not_to():
     import dataclasses
     config = dataclasses.replace(LlamaConfig.preset("tiny"), vocab_size=64, max_seq_len=16)
