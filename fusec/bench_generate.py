@@ -123,9 +123,10 @@ def make_generator(name: str, model: CausalLM, max_seq_len: int, backend: str) -
         torch._dynamo.reset()  # every model starts from a fresh cache (no dynamic-shape promotion)
         return eager_generator(model, max_seq_len, compiler=inductor_compiler, name="torch.compile")
     weights = name.split()[1]
-    # both programs finished here: timed runs meet no prefill still compiling in the background
-    return compile_generator(model, max_seq_len, weights=weights, backend=backend, loop="unlooped" not in name,
-                             background=False)
+    # both programs finished, the weights on huge pages: timed runs meet no compile or copy in the background
+    generator = compile_generator(model, max_seq_len, weights=weights, backend=backend, loop="unlooped" not in name)
+    generator.wait()
+    return generator
 
 
 class Progress:

@@ -362,7 +362,8 @@ def compile_generator(model: nn.Module, max_seq_len: int | None = None, weights:
     returns once the decode program is ready and the workers are only finishing the prefill program's
     kernels: prompts meanwhile run through the decode program a token at a time (a cold start's first
     token comes seconds sooner), and the first prompt after the workers are done finishes the prefill
-    program (loading their machine code). `generator.wait()` waits for it; `background=False` waits here.
+    program (loading their machine code). `background=False` waits here for both programs; `generator.wait()`
+    waits for them and for the weights' copy to huge pages (for timings).
     `loop=False` (or FUSEC_LOOP=0) keeps one Python call per kernel instead of one per run of layers.
     `pack_weights` moves an fp32 model's parameters into one block of huge pages (`fusec.huge_pages`: the
     same Parameters and values, read faster by every decode step, eager's too); False leaves them.
@@ -376,9 +377,7 @@ def compile_generator(model: nn.Module, max_seq_len: int | None = None, weights:
         # fp32 programs read the parameters themselves (bf16 and int8 ones their converted copies, packed
         # as they are made: `passes.weights.stored_form`). Copied in a thread once no program compiles,
         # moved between decode steps (or at `wait`); the programs rebind then (`fusec.binding.Follow`).
-        generator.to_pack = causal_lm
-        if not background:
-            generator.wait()
+        generator.to_pack = causal_lm  # (not waited for with background=False: a copy, not a compile)
     return generator
 
 
