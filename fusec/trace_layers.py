@@ -4,7 +4,8 @@ torch.export's time grows with the number of decoder layers (tinyllama_1b's 22: 
 step, ~7 s for the symbolic prefill, most of a cold start). `DecodeStep` and `Prefill` over a `CausalLM`
 repeat one layer module built from one config, so `trace_program` traces them over a view of the model
 holding its first two layers (the same parameter tensors; the example caches cut to two rows) and
-expands the IR to every layer: the IR a trace of the whole model gives. Any other module, a model of
+expands the IR to every layer: the IR a trace of the whole model gives (the two-layer IR is kept in
+`Traced.two_layers`: the build runs the passes on it, `fusec.expand_loop`). Any other module, a model of
 one or two layers, or a view whose two layers do not match (`ExpandError`) is traced as it is.
 FUSEC_EXPAND=0 traces every program whole (for comparing).
 """
