@@ -32,7 +32,7 @@ def same_tensors(a, b):
         assert t.dtype == u.dtype and t.shape == u.shape and torch.equal(torch.as_tensor(t), torch.as_tensor(u)), name
 
 
-@pytest.mark.parametrize("name", ["stories-3", "gqa-untied-4", "gemma-like", "hf-llama-3"])
+@pytest.mark.parametrize("name", ["stories-3", "gqa-untied-4", "sliding-window", "gemma-like", "hf-llama-3"])
 def test_passes_on_two_layers_make_the_program_of_every_layer(name, tmp_path, monkeypatch):
     monkeypatch.setenv("FUSEC_CACHE_DIR", str(tmp_path))
     model = MODELS[name]()
