@@ -9,7 +9,7 @@ loads, the prefill program). The first run in a fresh `FUSEC_CACHE_DIR` is cold;
 reuse that directory. A second cold run, in another fresh directory, passes `background=False`: both
 programs compiled before the first prompt, rather than the prompt run through the decode program while
 the workers finish the prefill program (`compile_generator`'s default). The import of torch and fusec and building the model are not counted (they are
-reported beside). Writes bench_startup.json.
+reported beside, and so are each program's phases: trace, passes, generate, finish, run). Writes bench_startup.json.
 """
 from __future__ import annotations
 
@@ -34,10 +34,13 @@ generator = compile_generator(model, background=sys.argv[2] == "background")
 t3 = time.perf_counter()
 generator.generate(torch.tensor([[1, 5, 9, 22, 7]]), max_new_tokens=1)
 t4 = time.perf_counter()
-how = sorted({str(p.stats.get("trace_cache")) for p in [*generator._prefill.values(), *generator._decode.values()]})
+programs = {**{f"decode b{b}": p for b, p in generator._decode.items()},
+            **{f"prefill b{b}": p for (b, _), p in generator._prefill.items()}}
+how = sorted({str(p.stats.get("trace_cache")) for p in programs.values()})
 print(json.dumps({"import_s": t1 - t0, "model_s": t2 - t1, "compile_generator_s": t3 - t2,
                   "first_generate_s": t4 - t3, "to_first_token_s": t4 - t2, "trace_cache": how,
-                  "prompts_by_decode": generator.last["prompts_by_decode"]}))
+                  "prompts_by_decode": generator.last["prompts_by_decode"],
+                  "phase_seconds": {name: p.stats.get("phase_seconds") for name, p in programs.items()}}))
 """
 
 
