@@ -55,12 +55,16 @@ class Plan:
         self._spans: list[tuple[int, int]] | None = None  # the groups' (first, last) member, sorted
         self.copied = [False] * len(self.nodes)  # params, consts and views (or casts) of them only
         self.weight = [False] * len(self.nodes)   # a param, or a view or cast of one
+        self.index_only = [False] * len(self.nodes)  # computed from iotas and splat constants alone
         self.anc = [0] * len(self.nodes)          # ancestors of each node, as a bitset
         for i, n in enumerate(self.nodes):
             # a view, a cast (a bf16 weight widened as it is read) or an int8 weight's dequantization of
             # copied nodes is copied too
             view = self.kind(i) == "layout" or n.op == "cast" or dequantized(graph, i) is not None
             self.weight[i] = n.op == "param" or (view and bool(n.args) and all(self.weight[a] for a in n.args))
+            self.index_only[i] = (n.op == "iota" or n.op == "const" and n.attr("value") is not None
+                                  or OPS[n.op] == "elementwise" and bool(n.args)
+                                  and all(self.index_only[a] for a in n.args))
             self.copied[i] = (n.op in COPIED or (view and all(self.copied[a] for a in n.args))
                               or self._small_index_expression(i))
             for a in n.args:
@@ -76,6 +80,10 @@ class Plan:
         step's `key_index == pos` or its rotary row `cos[pos]`: recomputed where it is read (a compare or a
         load per element) instead of being a kernel whose output every reader would load back."""
         n = self.nodes[i]
+        if self.index_only[i] and n.args:
+            # of any size: a mask of indices (causal, at run-time sizes) costs a compare per element where
+            # it is read, never memory; and its reader sees what it hides (attention skips masked keys)
+            return True
         if OPS[n.op] not in ("elementwise", "gather") or upper(n.type.numel) > SMALL_INDEX_EXPRESSION or not n.args:
             return False
         if OPS[n.op] == "gather" and self.weight[n.args[0]]:

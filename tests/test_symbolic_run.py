@@ -70,6 +70,27 @@ def test_symbolic_outputs_share_one_parallel_loop_at_every_size():
     assert compiled.stats["programs"] == 1
 
 
+def test_a_causal_mask_of_run_time_size_is_computed_where_attention_reads_it():
+    """A mask of indices alone (the causal mask of a symbolic prefill, up to 1024 x 1024) is recomputed in
+    the attention kernel rather than stored by a kernel of its own: attention then bounds its key loop."""
+    from fusec.models.causal_lm import Prefill, random_model
+    config = LlamaConfig(dim=64, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=61, max_seq_len=1024,
+                         n_layers=2)
+    model = random_model(config, seed=7)
+    compiled = fusec.compile(Prefill(model, None), (torch.zeros(1, 8, dtype=torch.int64),),
+                             dynamic={"tokens": {1: (1, 1024)}})
+    kernels = [n for n in compiled.graph.walk() if n.op == "kernel"]
+    assert not any(n.dtype == "bool" for n in kernels)
+    attention = [n for n in kernels if n.attr("kind") == "attention"]
+    assert attention and all(len(n.args) == 3 for n in attention)  # q, k and v: no mask operand
+    with torch.no_grad():
+        for t in (1, 5, 97, 1024):
+            ids = torch.randint(0, config.vocab_size, (1, t), generator=torch.Generator().manual_seed(t))
+            for got, want in zip(compiled(ids), Prefill(model, None)(ids)):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"at {t} tokens")
+    assert compiled.stats["programs"] == 1
+
+
 def test_outside_the_bounds_is_a_clear_error(block):
     (x,) = example_inputs(LlamaConfig.tiny(), batch=1, seq_len=10)
     compiled = fusec.compile(block, (x,), dynamic={"x": {1: (1, 64)}}, backend="reference")
