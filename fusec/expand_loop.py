@@ -37,7 +37,7 @@ def expand_loop(graph: Graph, n_layers: int, tensors: Mapping[str, Any]) -> Grap
     types = {m.attr("name"): m.type for m in loop.attr("body").walk() if m.op == "param"}
     for row in rows[2:]:
         for first, name in zip(rows[0], row):
-            stored.update(_stored(tensors, name, types[first], row))
+            stored.update(_stored(tensors, name, first, types[first], row))
     sliced = {loop.args[k] for k in loop.attr("sliced")}
     carried = len(loop.attr("carried"))
     b = Builder(stored)
@@ -87,20 +87,17 @@ def _layer_rows(graph: Graph, loop: Node, n_layers: int) -> list[tuple[str, ...]
                               for layer in range(2, n_layers)]
 
 
-def _stored(tensors: Mapping[str, Any], name: str, kind: TensorType, row: tuple[str, ...]) -> dict[str, Any]:
-    """{name: tensor} of parameter `name` of type `kind` (layer 0's) as the passes store it: the module's
-    float32 tensor, or its bf16 / int8 copy (with the scales, which the weight's entry brings)."""
+def _stored(tensors: Mapping[str, Any], name: str, first: str, kind: TensorType, row: tuple[str, ...]) -> dict[str, Any]:
+    """{name: tensor} of parameter `name` as the passes store layer 0's `first` (of type `kind`): the
+    module's float32 tensor, or its bf16 / int8 copy (with the scales, which the weight's entry brings)."""
     if name.endswith(SCALE) and name.removesuffix(SCALE) in row:
         return {}
-    if kind.dtype in ("bf16", "i8"):
-        tensor = checked_tensor(tensors, name, TensorType(_float_shape(kind), "f32"))
-        return stored_tensors(name, tensor, kind.dtype)
-    return {name: checked_tensor(tensors, name, kind)}
-
-
-def _float_shape(kind: TensorType) -> tuple[int, ...]:
-    """The module's shape of a stored weight: int8 blocks [..., K/32, 32] are rows [..., K]."""
-    return kind.shape if kind.dtype == "bf16" else (*kind.shape[:-2], kind.shape[-2] * kind.shape[-1])
+    if kind.dtype not in ("bf16", "i8"):
+        return {name: checked_tensor(tensors, name, kind)}
+    if first not in tensors:
+        raise ExpandError(f"no tensor for the parameter {first}")
+    tensor = checked_tensor(tensors, name, TensorType(tuple(tensors[first].shape), "f32"))  # shaped as layer 0's
+    return stored_tensors(name, tensor, kind.dtype)
 
 
 def _rows(kind: TensorType, n_layers: int) -> TensorType:

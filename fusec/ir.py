@@ -32,7 +32,9 @@ Attrs = tuple[tuple[str, Any], ...]
 
 def make_attrs(attrs: Mapping[str, Any]) -> Attrs:
     """Attributes as a sorted tuple of pairs, with lists turned into tuples so nodes stay hashable."""
-    return tuple(sorted((k, _freeze(v)) if isinstance(v, (list, tuple)) else (k, v) for k, v in attrs.items()))
+    def freeze(v):
+        return tuple(freeze(x) for x in v) if isinstance(v, (list, tuple)) else v
+    return tuple(sorted((k, freeze(v)) for k, v in attrs.items()))
 
 
 def _plain(value: Any) -> bool:
@@ -42,9 +44,6 @@ def _plain(value: Any) -> bool:
         return all(type(x) is int for x in value)
     return value is None or type(value) in (int, float, str, bool)
 
-
-def _freeze(v: Any) -> Any:
-    return tuple(_freeze(x) if isinstance(x, (list, tuple)) else x for x in v)
 
 
 @dataclass(frozen=True)
