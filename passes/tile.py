@@ -56,14 +56,13 @@ block, then the larger second size. If not even the smallest tile fits, the smal
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
-from fusec.ir import Builder, Graph, Node, dtype_size
+from fusec.ir import Builder, Graph, Node
 from fusec.machines import Machine, cpu, get_machine
-from fusec.opset import REDUCE
 from fusec.sizes import specialize, upper_sizes
-from fusec.passes.weights import stored_weight
+# (the shapes are the pass's too: tests, benchmarks and placement import them from here)
+from fusec.passes.tile_shapes import AttentionShape, MatmulShape, RowShape, ceil_div, kernel_shape
 
 ALIGN = 8        # tile sizes are multiples of this where the dimension allows
 MIN_BLOCK = 32   # the smallest output block (m, n) worth keeping the full K for
@@ -95,129 +94,12 @@ def make_tile_pass(machine: Machine | str) -> Callable[[Graph], Graph]:
     return run
 
 
-# --- the loop nests and their working sets ------------------------------------------------------------
-
-@dataclass(frozen=True)
-class MatmulShape:
-    m: int
-    n: int
-    k: int
-    a: int      # element sizes in bytes
-    b: int
-    out: int
-    acc: int
-
-    def working_set(self, m: int, n: int, k: int, rows: int = 0) -> int:
-        """Bytes of one (m, n, k) GEMM tile, or of one block of `rows` prologue/epilogue rows (the
-        larger: they are not in cache at the same time)."""
-        gemm = 2 * (m * k * self.a + k * n * self.b + m * n * self.out) + m * n * self.acc
-        return max(gemm, rows * self.row_bytes)
-
-    @property
-    def row_bytes(self) -> int:
-        """One row of A and one of the output, streamed (double-buffered)."""
-        return 2 * (self.k * self.a + self.n * self.out)
-
-
-@dataclass(frozen=True)
-class AttentionShape:
-    q: int
-    kv: int
-    d: int
-    dv: int
-    qs: int     # element sizes in bytes
-    ks: int
-    vs: int
-    out: int
-    acc: int
-    entries: int = 1  # (batch, head) pairs: the blocks of rows a cpu can run in parallel besides q
-
-    @property
-    def kv_row_bytes(self) -> int:
-        """One key and one value row and the key's score, as the inner loops of a cpu walk them."""
-        return self.d * self.ks + self.dv * self.vs + self.acc
-
-    def working_set(self, q: int, kv: int) -> int:
-        streamed = q * self.d * self.qs + kv * self.d * self.ks + kv * self.dv * self.vs + q * self.dv * self.out
-        return 2 * streamed + self.acc * (q * kv + q * self.dv + 2 * q)
-
-
-@dataclass(frozen=True)
-class RowShape:
-    rows: int
-    stationary: int   # bytes loaded once for all rows
-    per_row: int      # streamed bytes per row (double-buffered)
-    acc_per_row: int
-
-    def working_set(self, rows: int) -> int:
-        return self.stationary + rows * (2 * self.per_row + self.acc_per_row)
-
-
-def kernel_shape(node: Node) -> MatmulShape | AttentionShape | RowShape:
-    """The loop nest a kernel node runs, with the sizes its working set depends on."""
-    body: Graph = node.attr("body")
-    kind, anchors = node.attr("kind"), tuple(node.attr("anchors") or ())
-    matmuls = [a for a in anchors if body.nodes[a].op == "matmul"] or \
-        [i for i, n in enumerate(body.nodes) if n.op == "matmul"]
-    if kind == "attention" and len(anchors) == 2:
-        return _attention_shape(node, body, anchors)
-    if matmuls and (kind == "matmul" or (kind == "op" and len(matmuls) == 1)):
-        return _matmul_shape(node, body, matmuls)
-    return _row_shape(body)
-
+# --- one tile's working set (the loop nests: passes/tile_shapes.py) -----------------------------------
 
 def working_set(node: Node, tiles: Tiles) -> int:
     """Bytes one tile of kernel `node` keeps on chip (in cache) with these tiles (sizes only: the loop
     thresholds hold no data)."""
     return kernel_shape(node).working_set(**{k: v for k, v in tiles if k not in LOOP_TILES})
-
-
-def _acc_size(*dtypes: str) -> int:
-    return 8 if "f64" in dtypes else 4
-
-
-def _prod(dims) -> int:
-    out = 1
-    for d in dims:
-        out *= d
-    return out
-
-
-def _matmul_shape(node: Node, body: Graph, matmuls: list[int]) -> MatmulShape:
-    a_id, b_id = body.nodes[matmuls[0]].args
-    a, b = body.nodes[a_id], body.nodes[b_id]
-    rows = _prod(a.shape[:-1]) if len(b.shape) == 2 else a.shape[-2]
-    n = sum(body.nodes[mm].shape[-1] for mm in matmuls)
-    # B as its loop streams it: a bf16 or int8 weight reaches the product widened to float32
-    stored = min(dtype_size(body.nodes[stored_weight(body, b_id)].dtype), dtype_size(b.dtype))
-    return MatmulShape(rows, n, a.shape[-1], dtype_size(a.dtype), stored, dtype_size(node.dtype),
-                       _acc_size(a.dtype, b.dtype))
-
-
-def _attention_shape(node: Node, body: Graph, anchors: tuple[int, ...]) -> AttentionShape:
-    s, o = (body.nodes[x] for x in anchors)
-    q, k = (body.nodes[x] for x in s.args)
-    v = body.nodes[o.args[1]]
-    return AttentionShape(s.shape[-2], s.shape[-1], q.shape[-1], o.shape[-1], dtype_size(q.dtype),
-                          dtype_size(k.dtype), dtype_size(v.dtype), dtype_size(node.dtype),
-                          _acc_size(q.dtype, k.dtype, v.dtype), _prod(s.shape[:-2]))
-
-
-def _row_shape(body: Graph) -> RowShape:
-    reductions = [n for n in body.nodes if n.op in REDUCE]
-    candidates = [body.nodes[o].type for o in body.outputs] + [body.nodes[r.args[0]].type for r in reductions]
-    domain = max(candidates, key=lambda t: t.numel).shape
-    rows = max(_prod(domain[:-1]), 1)
-    row_len = domain[-1] if domain else 1
-    stationary = per_row = 0
-    operands = [n.type for n in body.nodes if n.op in ("input", "param") or (n.op == "const" and n.attr("key"))]
-    for t in operands + [body.nodes[o].type for o in body.outputs]:
-        if t.numel <= max(rows, row_len):
-            stationary += t.nbytes
-        else:
-            per_row += _ceil_div(t.nbytes, rows)
-    acc = sum(_ceil_div(r.type.numel, rows) * _acc_size(r.dtype) for r in reductions)
-    return RowShape(rows, stationary, per_row, acc)
 
 
 # --- choosing sizes -----------------------------------------------------------------------------------
@@ -240,8 +122,8 @@ def choose_tiles(node: Node, machine: Machine) -> Tiles:
             kv = _largest(_sizes(shape.kv), lambda kv: kv * shape.kv_row_bytes <= machine.l1_bytes
                           and shape.working_set(1, kv) <= budget)
             # every core gets a block: a head's rows split when there are fewer heads than cores
-            share = _ceil_div(shape.q, _ceil_div(machine.cores, max(shape.entries, 1)))
-            share = min(shape.q, _ceil_div(share, ALIGN) * ALIGN) if shape.q > ALIGN else shape.q
+            share = ceil_div(shape.q, ceil_div(machine.cores, max(shape.entries, 1)))
+            share = min(shape.q, ceil_div(share, ALIGN) * ALIGN) if shape.q > ALIGN else shape.q
             q = _largest(_sizes(share), lambda q: shape.working_set(q, kv) <= budget)
         else:
             q, kv = _best_pair(shape.q, shape.kv, lambda q, kv: shape.working_set(q, kv) <= budget)
@@ -379,11 +261,11 @@ def _gemm_rows(shape: MatmulShape, budget: int, cores: int) -> int:
     do not come out a multiple of the cores, the most rows (a multiple of 8, more than half as many) that
     make them one (5 blocks on 2 cores take 3 blocks' time, 6 smaller blocks 3 smaller ones)."""
     cores = max(cores, 1)
-    share = _ceil_div(shape.m, cores)
-    share = min(shape.m, _ceil_div(share, ALIGN) * ALIGN) if shape.m > ALIGN else shape.m
+    share = ceil_div(shape.m, cores)
+    share = min(shape.m, ceil_div(share, ALIGN) * ALIGN) if shape.m > ALIGN else shape.m
     rows = _largest(_sizes(share), lambda r: r * shape.row_bytes <= budget)
-    if _ceil_div(shape.m, rows) % cores:
-        even = [r for r in range(rows // ALIGN * ALIGN, rows // 2, -ALIGN) if _ceil_div(shape.m, r) % cores == 0]
+    if ceil_div(shape.m, rows) % cores:
+        even = [r for r in range(rows // ALIGN * ALIGN, rows // 2, -ALIGN) if ceil_div(shape.m, r) % cores == 0]
         rows = even[0] if even else rows
     return rows
 
@@ -395,9 +277,5 @@ def _depth(shape: MatmulShape, budget: int) -> int:
     k, chunks = shape.k, 1
     while k > ALIGN and shape.working_set(m, n, k) > budget:
         chunks += 1
-        k = min(shape.k, _ceil_div(_ceil_div(shape.k, chunks), ALIGN) * ALIGN)
+        k = min(shape.k, ceil_div(ceil_div(shape.k, chunks), ALIGN) * ALIGN)
     return k
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
