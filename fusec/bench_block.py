@@ -239,30 +239,6 @@ def roofline(block: LlamaBlock, case: str, seq: int, past: int, machine: dict) -
             "seconds_bf16": flops / max(peak.get("bf16", 0.0), peak["best"])}
 
 
-def measure_machine(when: str) -> dict:
-    print(f"measuring memory bandwidth and matmul peak ({when}) ...", flush=True)
-    return {"bandwidth": benchtools.measure_memory_bandwidth(),
-            "matmul_peak": benchtools.measure_matmul_peak(), "cpu_count": os.cpu_count(),
-            "load_average_1min": os.getloadavg()[0]}
-
-
-def best_of(before: dict, after: dict) -> dict:
-    """The machine measured before and after the benchmark, each figure the higher of the two: other
-    processes only ever slow a measurement down, and they come and go during a run."""
-    best = {key: {k: max(v, after[key][k]) for k, v in before[key].items()} for key in ("bandwidth", "matmul_peak")}
-    return dict(before, **best, load_average_1min=max(before["load_average_1min"], after["load_average_1min"]),
-                before=before, after=after)
-
-
-def contention_warning(machine: dict, threads: int) -> str:
-    """A warning when other processes keep the cores busy: threaded runs then wait at every barrier."""
-    load, cores = machine["load_average_1min"], machine["cpu_count"] or 1
-    if load <= max(cores - threads, 0) + 0.75:  # our own start-up adds a little
-        return ""
-    return (f"warning: 1-minute load average {load:.1f} on {cores} cores before this run: other processes "
-            f"compete for the cores, so {threads}-thread timings (small kernels above all) are inflated")
-
-
 # --- the benchmark --------------------------------------------------------------------------------------
 
 def max_error(output: torch.Tensor, expected: torch.Tensor) -> float:
@@ -336,7 +312,7 @@ def run(args: argparse.Namespace) -> dict:
     """Measure the machine, every implementation on every case and the compile times: the JSON report."""
     _notices.clear()
     threads = benchtools.set_threads(args.threads)
-    machine_before = measure_machine("before")
+    machine_before = benchtools.measure_machine("before")
     block = build_block(args.preset)
     results, cold, warm = [], {}, {}
     with cache_dir(args.cache_dir) as directory:
@@ -348,7 +324,7 @@ def run(args: argparse.Namespace) -> dict:
         if not args.no_compile_time:
             print("measuring warm compile time in a new process ...", flush=True)
             warm = warm_compile_times(args, directory)
-    machine = best_of(machine_before, measure_machine("after"))
+    machine = benchtools.best_of(machine_before, benchtools.measure_machine("after"))
     lines = {case: roofline(block, case, args.seq, args.past, machine) for case in CASES}
     for row in results:
         if row.get("median_ms"):
@@ -371,7 +347,7 @@ def print_report(report: dict) -> None:
     print(f"read bandwidth {bandwidth['best'] / 1e9:.1f} GB/s (numba {bandwidth['numba'] / 1e9:.1f}, numpy "
           f"{bandwidth['numpy'] / 1e9:.1f}, torch {bandwidth['torch'] / 1e9:.1f}); matmul peak "
           f"{peak['best'] / 1e9:.1f} GFLOP/s ({gemms}); each the better of before and after the run")
-    warning = contention_warning(machine, threads["torch"])
+    warning = benchtools.contention_warning(machine, threads["torch"])
     if warning:
         print(warning)
     for case, line in report["roofline"].items():

@@ -35,7 +35,7 @@ import torch
 
 from fusec import benchtools, huge_pages
 from fusec.argtypes import nonnegative_int, positive_int
-from fusec.bench_block import contention_warning, failure
+from fusec.bench_block import failure
 from fusec.generate import Generator, compile_generator, eager_generator
 from fusec.models.causal_lm import CausalLM, decode_example, load_safetensors
 from fusec.models.llama import PRESETS
@@ -289,7 +289,7 @@ def print_report(report: dict) -> None:
     print(f"read bandwidth {bandwidth['best'] / 1e9:.1f} GB/s (numba {bandwidth['numba'] / 1e9:.1f}, numpy "
           f"{bandwidth['numpy'] / 1e9:.1f}, torch {bandwidth['torch'] / 1e9:.1f}); roofline = bandwidth / "
           f"bytes of weights and KV cache read per token")
-    warning = contention_warning(report["machine"], threads["torch"])
+    warning = benchtools.contention_warning(report["machine"], threads["torch"])
     if warning:
         print(warning)
     print(benchtools.format_table(report["results"], COLUMNS))

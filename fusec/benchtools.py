@@ -1,5 +1,6 @@
 """Measuring tools for the benchmarks: median timing, the machine's roofline (memory bandwidth and matmul
-peak, measured in the same run), thread control and the table / JSON / PNG writers.
+peak, measured in the same run, and whether other processes compete for its cores), thread control and
+the table / JSON / PNG writers.
 
 Timings are medians after warm-up: the machines fusec is measured on are shared and noisy, so a mean or a
 single run says little. Nothing here asserts a timing.
@@ -148,6 +149,31 @@ def measure_matmul_peak(n: int = 2048, repeat: int = 5) -> dict[str, float]:
     rates = {name: flops / median_time(mm, warmup=1, repeat=repeat) for name, mm in bf16.items()}
     result.update(rates, bf16=max(rates.values()), n=float(n))
     return result
+
+
+def measure_machine(when: str) -> dict:
+    """The machine's read bandwidth and matmul peak measured now (`when`, e.g. "before", names the moment
+    in the progress line), with its core count and 1-minute load average."""
+    print(f"measuring memory bandwidth and matmul peak ({when}) ...", flush=True)
+    return {"bandwidth": measure_memory_bandwidth(), "matmul_peak": measure_matmul_peak(),
+            "cpu_count": os.cpu_count(), "load_average_1min": os.getloadavg()[0]}
+
+
+def best_of(before: dict, after: dict) -> dict:
+    """The machine measured before and after the benchmark, each figure the higher of the two: other
+    processes only ever slow a measurement down, and they come and go during a run."""
+    best = {key: {k: max(v, after[key][k]) for k, v in before[key].items()} for key in ("bandwidth", "matmul_peak")}
+    return dict(before, **best, load_average_1min=max(before["load_average_1min"], after["load_average_1min"]),
+                before=before, after=after)
+
+
+def contention_warning(machine: dict, threads: int) -> str:
+    """A warning when other processes keep the cores busy: threaded runs then wait at every barrier."""
+    load, cores = machine["load_average_1min"], machine["cpu_count"] or 1
+    if load <= max(cores - threads, 0) + 0.75:  # our own start-up adds a little
+        return ""
+    return (f"warning: 1-minute load average {load:.1f} on {cores} cores before this run: other processes "
+            f"compete for the cores, so {threads}-thread timings (small kernels above all) are inflated")
 
 
 # --- output ---------------------------------------------------------------------------------------------
