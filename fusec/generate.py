@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from fusec import huge_pages
 from fusec.generate_programs import (PREFIX, WEIGHTS, Compiler, Program, bind, program_weights,  # noqa: F401
-                                     check_prompt, counters, decode_stepper, eager_compiler, fusec_compiler,
-                                     kernel_counts, prompt_by_decode, with_rates)
+                                     bind_all, check_prompt, counters, decode_stepper, eager_compiler,
+                                     fusec_compiler, kernel_counts, prompt_by_decode, run_prefill, with_rates)
 from fusec.models.causal_lm import CausalLM, DecodeStep, Prefill, cache_shape, from_hf
 from fusec.sampling import sampler as _sampler
 
@@ -101,15 +101,8 @@ class Generator:
         """Generate with `tensors` ({parameter name of the model: tensor}, see `weight_types`) instead of
         the model's own weights, in every program compiled so far or later. Nothing recompiles: the
         programs take weights as arguments. This is how experts of one architecture share a generator."""
-        bound = {PREFIX + name: t for name, t in tensors.items()}
         with self._exclusive("bind_weights"):  # not in the middle of a generation
-            programs = [*self._prefill.values(), *self._decode.values()]
-            for program in programs:  # check them all before changing any
-                from fusec.binding import check_weights
-                check_weights(program_weights(program).graph, bound)
-            for program in programs:
-                bind(program, bound)
-            self._bound = bound
+            self._bound = bind_all([*self._prefill.values(), *self._decode.values()], tensors)
 
     def decode_program(self, batch: int = 1) -> Program:
         """The decode program for `batch` sequences (compiled on first use)."""
@@ -293,14 +286,7 @@ class Generator:
             finishing = time.perf_counter()
             prefill = self.prefill_program(batch, length)
             start += time.perf_counter() - finishing  # (the prompt's time, not the program's)
-            if length == prompt_len and not self.prompt_buckets:
-                logits, k_all, v_all = prefill(ids)
-            else:
-                padded = torch.zeros(batch, length, dtype=torch.int64)
-                padded[:, :prompt_len] = ids
-                logits, k_all, v_all = prefill(padded, torch.tensor([prompt_len - 1]))
-            k_cache[:, :, :, :length] = k_all
-            v_cache[:, :, :, :length] = v_all
+            logits = run_prefill(prefill, ids, length, bool(self.prompt_buckets), k_cache, v_cache)
         finished = torch.zeros(batch, dtype=torch.bool)
         run.update(prompt_tokens=batch * prompt_len, prefill_seconds=time.perf_counter() - start)
         for key in ("compiles", "compile_seconds"):  # compiled for this call

@@ -1,7 +1,7 @@
 """The programs a `fusec.generate.Generator` runs, and how it runs them: the compilers that make them
-(`fusec_compiler`, `eager_compiler`), one decode step on the generator's KV caches (`decode_stepper`),
-binding weights to compiled programs, and the counts a generator keeps of its runs (`counters`,
-`with_rates`, `kernel_counts`).
+(`fusec_compiler`, `eager_compiler`), a prompt's prefill and one decode step on the generator's KV caches
+(`run_prefill`, `decode_stepper`), binding weights to compiled programs (`bind_all`), and the counts a
+generator keeps of its runs (`counters`, `with_rates`, `kernel_counts`).
 """
 from __future__ import annotations
 
@@ -77,6 +77,23 @@ def decode_stepper(decode: Program, k_cache: Tensor, v_cache: Tensor) -> Callabl
     return array_step
 
 
+def run_prefill(prefill: Program, ids: Tensor, length: int, padded: bool, k_cache: Tensor,
+                v_cache: Tensor) -> Tensor:
+    """The logits after prompts `ids` [B, T] run through the prefill program at `length` tokens, their
+    K/V rows written into the caches. A program of prompt buckets (`padded`), or one longer than the
+    prompt, takes it padded with zeros on the right and the row of the logits to return."""
+    batch, prompt_len = ids.shape
+    if length == prompt_len and not padded:
+        logits, k_all, v_all = prefill(ids)
+    else:
+        padded_ids = torch.zeros(batch, length, dtype=torch.int64)
+        padded_ids[:, :prompt_len] = ids
+        logits, k_all, v_all = prefill(padded_ids, torch.tensor([prompt_len - 1]))
+    k_cache[:, :, :, :length] = k_all
+    v_cache[:, :, :, :length] = v_all
+    return logits
+
+
 def prompt_by_decode(ids: Tensor, decode_step: Callable[[Tensor, int], Tensor],
                      prefill_compiling: Callable[[], bool]) -> Tensor | None:
     """The logits after prompts `ids` [B, T] run through the decode program a token at a time (their K/V
@@ -103,6 +120,18 @@ def program_weights(program: Program):
 
 def bind(program: Program, bound: dict) -> None:
     program_weights(program).bind_weights(bound)
+
+
+def bind_all(programs: list[Program], tensors: dict) -> dict:
+    """Bind `tensors` ({parameter name of the model: tensor}) in every one of `programs`, all checked before
+    any changes (a wrong tensor leaves every program as it was); the bound dict, for programs made later."""
+    bound = {PREFIX + name: t for name, t in tensors.items()}
+    for program in programs:  # check them all before changing any
+        from fusec.binding import check_weights
+        check_weights(program_weights(program).graph, bound)
+    for program in programs:
+        bind(program, bound)
+    return bound
 
 
 def counters() -> dict:
