@@ -40,6 +40,7 @@ how = sorted({str(p.stats.get("trace_cache")) for p in programs.values()})
 print(json.dumps({"import_s": t1 - t0, "model_s": t2 - t1, "compile_generator_s": t3 - t2,
                   "first_generate_s": t4 - t3, "to_first_token_s": t4 - t2, "trace_cache": how,
                   "prompts_by_decode": generator.last["prompts_by_decode"],
+                  "prompts_by_eager": generator.last["prompts_by_eager"],
                   "phase_seconds": {name: p.stats.get("phase_seconds") for name, p in programs.items()}}))
 """
 
@@ -67,7 +68,8 @@ def main() -> None:
                "warm_runs_s": [w["to_first_token_s"] for w in warm], "cold": cold, "warm": warm,
                "cold_waiting": waited}
         rows.append(row)
-        print(f"{model:12s} cold {row['cold_s']:7.2f} s (prompt by decode: {cold['prompts_by_decode']}; both "
+        print(f"{model:12s} cold {row['cold_s']:7.2f} s (prompt by decode / eager: {cold['prompts_by_decode']} / "
+              f"{cold['prompts_by_eager']}; both "
               f"programs first {row['cold_waiting_s']:.2f} s)   warm {row['warm_s']:6.2f} s (median of {len(warm)}: "
               f"{', '.join(f'{s:.2f}' for s in row['warm_runs_s'])}; trace cache {warm[-1]['trace_cache']})")
     path = benchtools.write_json(Path(args.out) / "bench_startup.json", {"run": record, "rows": rows})

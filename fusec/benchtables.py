@@ -71,9 +71,13 @@ def _startup(report: dict) -> Cells:
     waiting = all("cold_waiting_s" in r for r in report["rows"])  # (runs before 2026-12-01 have no such column)
     return [["to the first token", "cold"] + (["cold, both programs first"] if waiting else []) +
             [f"warm (median of {warm})"]] + [
-        [r["model"], f"{r['cold_s']:.1f} s" + (" (prompt by decode)" if r.get("cold", {}).get("prompts_by_decode")
-                                               else "")] +
+        [r["model"], f"{r['cold_s']:.1f} s" + _prompt_by(r.get("cold", {}))] +
         ([f"{r['cold_waiting_s']:.1f} s"] if waiting else []) + [f"{r['warm_s']:.2f} s"] for r in report["rows"]]
+
+
+def _prompt_by(cold: dict) -> str:
+    """How a cold start's prompt ran while the workers compiled the prefill program, if it did."""
+    return next((f" (prompt by {how})" for how in ("decode", "eager") if cold.get(f"prompts_by_{how}")), "")
 
 
 def _startup_legend(report: dict) -> str:
@@ -82,8 +86,9 @@ def _startup_legend(report: dict) -> str:
             "fusec is not counted.")
     if all("cold_waiting_s" in r for r in report["rows"]):
         text += (" Cold is the default: the prompt runs through the decode program if the workers are still "
-                 "compiling the prefill program (\"prompt by decode\"); \"both programs first\" is another fresh "
-                 "directory with `background=False`.")
+                 "compiling the prefill program (\"prompt by decode\"), or in PyTorch eager for fp32 weights "
+                 "(\"prompt by eager\"); \"both programs first\" is another fresh directory with "
+                 "`background=False`.")
     return text
 
 

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from fusec import huge_pages
 from fusec.generate_programs import (PREFIX, WEIGHTS, Compiler, Program, bind, program_weights,  # noqa: F401
                                      bind_all, check_prompt, counters, decode_stepper, eager_compiler,
-                                     fusec_compiler, kernel_counts, prompt_by_decode, run_prefill, with_rates)
+                                     fusec_compiler, kernel_counts, prompt_by_decode, prompt_by_eager,
+                                     run_prefill, with_rates)
 from fusec.models.causal_lm import CausalLM, DecodeStep, Prefill, cache_shape, from_hf
 from fusec.sampling import sampler as _sampler
 
@@ -71,7 +72,8 @@ class Generator:
     @property
     def stats(self) -> dict:
         """Totals over this generator's life: compiles, compile_seconds, prompt_tokens, prefill_seconds,
-        prompts_by_decode (prompts run a token at a time while the prefill program compiled),
+        prompts_by_decode and prompts_by_eager (prompts run a token at a time through the decode program,
+        or in PyTorch eager, while the prefill program compiled),
         tokens_generated, decode_steps, decode_tokens (steps x batch), decode_seconds, and the rates
         prefill_tokens_per_s and decode_tokens_per_s; kernel_calls per run of each program and the
         distinct_kernels they compiled (kernels of equal bodies share one function, see `kernel_counts`)."""
@@ -147,6 +149,12 @@ class Generator:
         if batch in self._compiling:
             finish, start = self._compiling.pop(batch)
             self._prefill[batch, "T"] = self._compiled(finish(), start)
+
+    def _eager_prompts(self) -> bool:
+        """Whether a prompt may run in PyTorch eager while the prefill program compiles: the programs read
+        the model's own fp32 weights (not bf16 or int8 copies, nor weights bound in place of the model's),
+        so eager's results are theirs up to the order of float sums."""
+        return getattr(self.compiler, "weights", None) == "fp32" and self._bound is None
 
     def prefill_compiling(self, batch: int = 1) -> bool:
         """True while the compile workers still build the prefill program for `batch`: prompts meanwhile
@@ -278,10 +286,15 @@ class Generator:
         run = counters()
 
         start = time.perf_counter()
-        # a cold start's first prompts, while the workers still build the prefill program: a token at a time
-        logits = (None if prefill is not None else
-                  prompt_by_decode(ids, decode_step, lambda: self.prefill_compiling(batch)))
-        run["prompts_by_decode"] = int(logits is not None)
+        # a cold start's first prompts, while the workers still build the prefill program: in PyTorch
+        # eager where that is the programs' own arithmetic, else a token at a time through the decode program
+        logits = None
+        if prefill is None and self._eager_prompts() and prompt_len > 1:
+            logits = prompt_by_eager(Prefill(self.model, None), ids, k_cache, v_cache)
+            run["prompts_by_eager"] = 1
+        elif prefill is None:
+            logits = prompt_by_decode(ids, decode_step, lambda: self.prefill_compiling(batch))
+            run["prompts_by_decode"] = int(logits is not None)
         if logits is None:
             finishing = time.perf_counter()
             prefill = self.prefill_program(batch, length)

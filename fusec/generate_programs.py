@@ -37,6 +37,7 @@ def fusec_compiler(backend: str = "numba", weights: str = "fp32", fuse: bool = T
         return compile_started(module, example, backend=backend, fuse=fuse, dynamic=dynamic, **options)
 
     compile_program.symbolic = True  # takes `dynamic`: one prefill program for every prompt length
+    compile_program.weights = weights  # the programs' arithmetic is PyTorch's with "fp32" (`prompt_by_eager`)
     compile_program.start = start_program  # in two halves (`Generator.compile_programs`)
     return compile_program
 
@@ -107,6 +108,18 @@ def prompt_by_decode(ids: Tensor, decode_step: Callable[[Tensor, int], Tensor],
     return logits
 
 
+def prompt_by_eager(prefill: nn.Module, ids: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+    """The logits after prompts `ids` [B, T] run through the `prefill` module in PyTorch eager, their K/V
+    rows written into the caches: a cold start's first prompt of fp32 weights while the workers still build
+    the prefill program. One pass reads the weights once where the decode program reads them once per
+    token: tinyllama_1b's 5-token prompt 0.44-0.48 s against 0.84-0.89 s beside the workers."""
+    with torch.no_grad():
+        logits, k_all, v_all = prefill(ids)
+    k_cache[:, :, :, :ids.shape[1]] = k_all
+    v_cache[:, :, :, :ids.shape[1]] = v_all
+    return logits
+
+
 PREFIX = "model."  # Prefill and DecodeStep hold the model as `self.model`
 
 
@@ -137,7 +150,7 @@ def bind_all(programs: list[Program], tensors: dict) -> dict:
 def counters() -> dict:
     """A generator's run counts, all zero (its totals, and each `generate` call's own)."""
     return dict(compiles=0, compile_seconds=0.0, prompt_tokens=0, prefill_seconds=0.0, prompts_by_decode=0,
-                tokens_generated=0, decode_steps=0, decode_tokens=0, decode_seconds=0.0)
+                prompts_by_eager=0, tokens_generated=0, decode_steps=0, decode_tokens=0, decode_seconds=0.0)
 
 
 def kernel_counts(prefill: dict, decode: dict) -> dict:

@@ -66,6 +66,9 @@ def test_startup_table_sets_the_cold_start_waiting_for_both_programs_beside(tmp_
     assert "`background=False`" in lines[0]
     assert "| to the first token | cold | cold, both programs first | warm (median of 3) |" in lines
     assert "| stories15M | 9.3 s (prompt by decode) | 12.4 s | 0.81 s |" in lines
+    report["rows"][0]["cold"] = {"prompts_by_decode": 0, "prompts_by_eager": 1}
+    path.write_text(json.dumps(report))
+    assert "| stories15M | 9.3 s (prompt by eager) | 12.4 s | 0.81 s |" in render(path).splitlines()
 
 
 def test_trace_layers_table_sets_the_whole_export_beside_two_layers_and_expansion(tmp_path):
