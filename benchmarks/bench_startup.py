@@ -7,9 +7,11 @@ Each run is its own process (what a user starting a server or a script pays): it
 times `compile_generator` and the first `generate` of a 5-token prompt and 1 new token (which compiles, or
 loads, the prefill program). The first run in a fresh `FUSEC_CACHE_DIR` is cold; the next `--warm` runs
 reuse that directory. A second cold run, in another fresh directory, passes `background=False`: both
-programs compiled before the first prompt, rather than the prompt run through the decode program while
-the workers finish the prefill program (`compile_generator`'s default). The import of torch and fusec and building the model are not counted (they are
-reported beside, and so are each program's phases: trace, passes, generate, finish, run). Writes bench_startup.json.
+programs compiled before the first prompt, rather than the prompt run in PyTorch eager (fp32 weights) or
+through the decode program while the workers finish the prefill program (`compile_generator`'s
+default). The import of torch and fusec and building the model are not counted (they are reported
+beside, and so are each program's phases: trace, passes, generate, finish, run). Writes
+bench_startup.json.
 """
 from __future__ import annotations
 

@@ -359,8 +359,8 @@ def compile_generator(model: nn.Module, max_seq_len: int | None = None, weights:
     serves every prompt length. The decode program for `batch` and the symbolic prefill program are compiled
     here, except that with `background` (and compile workers, `fusec.backends.numba_cpu.compile_pool`) this
     returns once the decode program is ready and the workers are only finishing the prefill program's
-    kernels: prompts meanwhile run through the decode program a token at a time (a cold start's first
-    token comes seconds sooner), and the first prompt after the workers are done finishes the prefill
+    kernels: prompts meanwhile run in PyTorch eager (fp32 weights) or through the decode program a token at
+    a time (a cold start's first token comes seconds sooner), and the first prompt after the workers are done finishes the prefill
     program (loading their machine code). `background=False` waits here for both programs; `generator.wait()`
     waits for them and for the weights' copy to huge pages (for timings).
     `loop=False` (or FUSEC_LOOP=0) keeps one Python call per kernel instead of one per run of layers.
