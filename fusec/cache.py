@@ -109,7 +109,8 @@ def environment_key() -> str:
 # The modules of the Numba functions generated code calls (the header's imports) and of what those inline
 # (the matrix-vector loop and its LLVM IR): tests/test_cache.py checks that none is missing.
 LIBRARY = ("attention_block", "blas", "mkl", "lowp", "int8", "int8_dot", "gemm_widen", "gemm_call", "matvec",
-           "matvec_plain", "matvec_call", "entries", "rowops", "simd", "fastexp", "borrowed", "call_at", "onednn")
+           "matvec_blocked", "matvec_plain", "matvec_call", "entries", "rowops", "simd", "fastexp", "borrowed",
+           "call_at", "onednn")
 
 
 def library_digest() -> str:

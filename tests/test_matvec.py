@@ -127,6 +127,20 @@ def test_fp32_columns_past_the_last_vector_and_strided_weights(k):
     np.testing.assert_allclose(c, a @ ws[0][::-1].T, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows", [4, 5, 7, 9, 18])
+@pytest.mark.parametrize("k", [3, 17, 290])
+def test_fp32_register_blocks_of_activation_rows_match_numpy(rows, k):
+    """Several activation rows against fp32 weights (`matvec_blocked`): blocks of four activation rows by
+    two weight rows, the activation rows past the last block one at a time, an odd last weight row; a
+    group of eight weight rows, then five."""
+    rng = np.random.default_rng(rows + k)
+    a = rng.standard_normal((rows, k)).astype(np.float32)
+    w = rng.standard_normal((13, k)).astype(np.float32)
+    c = np.full((rows, 13), np.nan, np.float32)
+    matvec.matvec(a, w, c, 8)
+    np.testing.assert_allclose(c, a @ w.T, rtol=1e-5, atol=1e-4)
+
+
 def test_int8_kernel_refuses_weights_of_another_k():
     a = np.ones((1, 64), np.float32)
     q, s = (x.numpy() for x in quantize_int8(torch.ones(4, 96)))
@@ -197,7 +211,7 @@ def test_decode_step_runs_sibling_products_in_one_call(fmt):
 
 @pytest.mark.skipif("avx512bw" not in int8_dot._target_features(), reason="512-bit vectors need a CPU with AVX-512")
 @pytest.mark.parametrize("name,widen", [("matvec_int8", "vpdpbusd" if int8_dot.KIND == "vnni" else "vpmaddwd"),
-                                        ("matvec_bf16", "vpunpcklwd"), ("matvec", "vfmadd")])
+                                        ("matvec_bf16", "vpunpcklwd")])
 def test_low_precision_loops_widen_with_512_bit_vectors(name, widen):
     """LLVM prefers 256-bit vectors on AVX-512 CPUs; the bf16 loops ask for 512 (`wide_vectors`): half the
     shuffles per weight; the int8 loop's integer products (`int8_dot._quads`) are 512-bit `vpdpbusd` (VNNI)
@@ -208,8 +222,6 @@ def test_low_precision_loops_widen_with_512_bit_vectors(name, widen):
     c = np.zeros((1, 8), np.float32)
     if name == "matvec_int8":
         kernel(a, *(x.numpy() for x in quantize_int8(torch.ones(8, 64))), c, 8)
-    elif name == "matvec":  # fp32: the same loop (`matvec.py`), prefetching too
-        kernel(a, np.zeros((8, 64), np.float32), c, 8)
     else:
         kernel(a, np.zeros((8, 64), np.uint16), c, 8)
     asm = kernel.inspect_asm(kernel.signatures[0])

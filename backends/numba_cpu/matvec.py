@@ -21,10 +21,8 @@ The dot products are written in LLVM IR (`simd.float_dot`, `int8_dot`): they pre
 rows, which one core otherwise reads below the memory's bandwidth (short streams the hardware prefetcher
 does not ramp up on). fp32 weights against one activation row (decode, batch 1) skip the groups' side by
 side rows: two rows at a time, one after another, the thread's weights are one long stream (`rows_into`,
-measured there).
-For fp32 with several rows this replaced a Numba loop over four rows without prefetch: measured side
-by side (alternating calls, weights cycled over 600 MB, a loaded machine), 1.03-1.10x its bytes per
-second at stories110M's shapes on one or two threads, except W2 (K = 2048: 0.95-1.02x).
+measured there); against several activation rows they take register blocks of two weight rows by four
+activation rows (`matvec_blocked`, measured there), so bf16 and int8 weights alone take `dot`'s groups.
 """
 from __future__ import annotations
 
@@ -34,6 +32,7 @@ from numba.core import errors
 from numba.extending import overload
 
 from fusec.backends.numba_cpu.blas import _bits_as_f32, row_groups, wide_vectors
+from fusec.backends.numba_cpu.matvec_blocked import blocked_rows
 from fusec.backends.numba_cpu.matvec_plain import FASTMATH, plain, streams
 from fusec.backends.numba_cpu.simd import LANES, WIDENED
 
@@ -107,10 +106,11 @@ def _rest(w, x, m, n):
 
 
 def rows_one_stream(w, x, c, n0, rows):
-    """c[0, n0:n0+rows] = activation row 0 times weight rows n0.., two rows at a time (`_two_rows_dot`), a
-    pair after another, each pair's dot products LLVM's own vector loop, when the weights are fp32 and
-    there is one activation row (decode, batch 1): True then, else False (nothing done; a group's rows side
-    by side in `dot`). njit code only."""
+    """c[:, n0:n0+rows] = the activation rows times weight rows n0.. when the weights are fp32: True then,
+    else False (nothing done; a group's rows side by side in `dot`). One activation row (decode, batch 1)
+    takes two weight rows at a time (`_two_rows_dot`), a pair after another, each pair's dot products
+    LLVM's own vector loop; several take register blocks of two weight rows by four activation rows
+    (`matvec_blocked`). njit code only."""
     raise NotImplementedError("matvec.rows_one_stream runs inside njit code only")
 
 
@@ -121,7 +121,8 @@ def _rows_one_stream(w, x, c, n0, rows):
 
     def one_stream(w, x, c, n0, rows):
         if x[0].shape[0] != 1:
-            return False
+            blocked_rows(w[0], x[0], c, n0, rows)
+            return True
         for r in range(0, rows - 1, 2):
             c[0, n0 + r], c[0, n0 + r + 1] = _two_rows_dot(w[0], x[0], n0 + r)
         if rows % 2:
@@ -162,9 +163,9 @@ def rows_into(w, x, c, n0, group):
     follows, where a group's rows side by side are `group` short streams. Measured on the AMD CPU with
     AVX-512 (2 threads, weights cycled over 256 MB, 20-30 rounds alternating, medians): 1.24-1.3x the bytes
     per second of the 8-row groups at stories15M's 32000 x 288 head (31.7 against 24.9 GB/s), 32000 x 768
-    and 768 x 288, 0.95-1.03x at 2048 x 768 and 768 x 2048. Not for several activation rows: there the
-    group shares each load of them among its rows, and the row after row loop took 1.3-1.7x the time
-    (768 x 768 at 4 and 16 rows, 5632 x 2048 at 4)."""
+    and 768 x 288, 0.95-1.03x at 2048 x 768 and 768 x 2048. Several activation rows against fp32 weights
+    take register blocks (`matvec_blocked`): a row after row loop took 1.3-1.7x the time of a group's
+    rows side by side there (768 x 768 at 4 and 16 rows, 5632 x 2048 at 4), the blocks 0.6-0.9x."""
     rows = min(group, w[0].shape[0] - n0)
     if rows_one_stream(w, x, c, n0, rows):
         return
