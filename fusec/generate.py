@@ -360,8 +360,8 @@ def compile_generator(model: nn.Module, max_seq_len: int | None = None, weights:
     here, except that with `background` (and compile workers, `fusec.backends.numba_cpu.compile_pool`) this
     returns once the decode program is ready and the workers are only finishing the prefill program's
     kernels: prompts meanwhile run in PyTorch eager (fp32 weights) or through the decode program a token at
-    a time (a cold start's first token comes seconds sooner), and the first prompt after the workers are done finishes the prefill
-    program (loading their machine code). `background=False` waits here for both programs; `generator.wait()`
+    a time (a cold start's first token comes seconds sooner), and the first prompt after the workers are
+    done finishes the prefill program (loading their machine code). `background=False` waits here for both programs; `generator.wait()`
     waits for them and for the weights' copy to huge pages (for timings).
     `loop=False` (or FUSEC_LOOP=0) keeps one Python call per kernel instead of one per run of layers.
     `pack_weights` moves an fp32 model's parameters into one block of huge pages (`fusec.huge_pages`: the

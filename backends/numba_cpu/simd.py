@@ -150,12 +150,14 @@ def _widen(builder: ir.IRBuilder, bits: ir.Value, order: list[int]) -> ir.Value:
 PREFETCH = {fmt: ((4, False),) for fmt in ("fp32", "bf16", "int8", "int8_scales")}
 
 
-def float_dot(count: int, pairs: bool):
+def float_dot(count: int, pairs: bool, acts: int = 1):
     """An intrinsic dot(w, a, n0, m): the tuple of `count` float32 dot products of activation row m of
     a[M, K] (float32) with weight rows n0.. of w, over the columns that fill whole chunks of 16 weights
-    (`matvec.rest` adds the others). w is float32 [N, K], or with `pairs` bf16 read as pairs[N, K/2]
-    (uint32: the even element in the low half, the odd one in the high half); both C-contiguous (callers
-    check). One accumulator per row, reduced once at the end; per chunk one load of the activations,
+    (`matvec.rest` adds the others). With `acts` > 1 (fp32 only), those of activation rows m..m+acts-1,
+    weight row by weight row (`count * acts` sums: row r's with activation row m + i at r * acts + i),
+    each load of weights serving `acts` products (`matvec_blocked`). w is float32 [N, K], or with `pairs`
+    bf16 read as pairs[N, K/2] (uint32: the even element in the low half, the odd one in the high half);
+    both C-contiguous (callers check). One accumulator per row, reduced once at the end; per chunk one load of the activations,
     shared by the rows, and per row one load of weights and prefetches of the same place some groups of
     `count` rows on (`PREFETCH`): short streams the hardware prefetcher does not
     ramp up on.
@@ -186,6 +188,7 @@ def float_dot(count: int, pairs: bool):
     (one thread, the dot loop alone, variants alternating, medians of 80 rounds)."""
     from numba.extending import intrinsic
     elem, per = (types.uint32, 2) if pairs else (types.float32, 1)  # activations per weight element
+    assert acts == 1 or not pairs, "bf16 pairs take one activation row at a time"
 
     @intrinsic
     def dot(typingctx, w, a, n0, m):
@@ -198,13 +201,15 @@ def float_dot(count: int, pairs: bool):
             n0v, mv = intp_args(context, builder, signature, args, 2)
             intp = n0v.type
             chunks = builder.udiv(arrays.shape(0, 1), ir.Constant(intp, LANES))
-            accs = accumulators(builder, count)
+            accs = accumulators(builder, count * acts)
             row_bytes = builder.mul(arrays.shape(0, 1), ir.Constant(intp, 4))
             aheads = [(builder.mul(row_bytes, ir.Constant(intp, groups * count)), into_l1)
                       for groups, into_l1 in PREFETCH["bf16" if pairs else "fp32"]]
             with cgutils.for_range(builder, chunks) as loop:
                 j = builder.mul(loop.index, ir.Constant(intp, LANES))
-                x = arrays.load(1, [mv, builder.mul(j, ir.Constant(intp, per))], ir.VectorType(F32, per * LANES))
+                xs = [arrays.load(1, [builder.add(mv, ir.Constant(intp, i)), builder.mul(j, ir.Constant(intp, per))],
+                                  ir.VectorType(F32, per * LANES)) for i in range(acts)]
+                x = xs[0]
                 if pairs:  # already in the unpacks' order (`WIDENED`)
                     xs = [lanes(builder, x, 0, LANES), lanes(builder, x, LANES, LANES)]
                 for r in range(count):
@@ -216,10 +221,12 @@ def float_dot(count: int, pairs: bool):
                         for xk, order in zip(xs, (_LOW, _HIGH)):
                             fma_into(builder, accs[r], xk, _widen(builder, bits, order))
                     else:
-                        fma_into(builder, accs[r], x, builder.load(builder.bitcast(row, V16F.as_pointer()), align=4))
+                        weights = builder.load(builder.bitcast(row, V16F.as_pointer()), align=4)
+                        for i in range(acts):
+                            fma_into(builder, accs[r * acts + i], xs[i], weights)
             sums = hsums(builder, [builder.load(acc) for acc in accs])
             return context.make_tuple(builder, signature.return_type, sums)
-        return types.UniTuple(types.float32, count)(w, a, n0, m), codegen
+        return types.UniTuple(types.float32, count * acts)(w, a, n0, m), codegen
     return dot
 
 
