@@ -1,10 +1,11 @@
 """Matrix-vector GB/s of the fp32, bf16 and int8 weight kernels at decode shapes, beside the read bandwidth.
 
     python benchmarks/bench_matvec.py [--threads 2] [--rounds 30] [--footprint 64] [--only stories15M]
-        [--out bench_out]
+        [--rows 1] [--out bench_out]
 
-One activation row against each weight matrix of stories15M, stories110M and TinyLlama-1.1B (the shapes a decode step
-streams; the 32000-row LM head too). The kernels run in turn, round after round, so that a neighbour's
+One activation row (or --rows of them: a short prompt's prefill, a batch's decode step) against each
+weight matrix of stories15M, stories110M and TinyLlama-1.1B (the shapes a decode step streams; the
+32000-row LM head too). The kernels run in turn, round after round, so that a neighbour's
 load hits all of them alike; reported: weight bytes read per second at the median and at the best round
 (the best is the kernel's own speed on a noisy machine), and bf16's bytes per second over fp32's, of the
 best rounds and the median of each round's ratio. The machine's read bandwidth (a large sum, see
@@ -44,14 +45,14 @@ SHAPES = {  # name: (rows N, columns K) of a weight matrix; c[1, N] = a[1, K] @ 
 }
 
 
-def kernels(n: int, k: int, rng: np.random.Generator, footprint: float = 0.0) -> dict:
-    """{format: (call, weight bytes)} for one N x K matrix in every format; each call reads the next of
-    enough copies to fill `footprint` bytes."""
-    a = rng.standard_normal((1, k), dtype=np.float32)
+def kernels(n: int, k: int, rng: np.random.Generator, footprint: float = 0.0, rows: int = 1) -> dict:
+    """{format: (call, weight bytes)} for one N x K matrix in every format against `rows` activation rows;
+    each call reads the next of enough copies to fill `footprint` bytes."""
+    a = rng.standard_normal((rows, k), dtype=np.float32)
     w = rng.standard_normal((n, k), dtype=np.float32) * np.float32(0.02)
     bits = torch.from_numpy(w).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     q, s = (t.numpy() for t in quantize_int8(torch.from_numpy(w)))
-    c = np.empty((1, n), np.float32)
+    c = np.empty((rows, n), np.float32)
 
     def cycled(arrays: tuple, kernel, stored: int) -> tuple:
         nbytes = sum(x.nbytes for x in arrays)
@@ -60,7 +61,7 @@ def kernels(n: int, k: int, rng: np.random.Generator, footprint: float = 0.0) ->
         packed = [t.numpy() for t in huge_pages.pack([torch.from_numpy(x) for _ in range(count) for x in arrays])]
         copies = [tuple(packed[i:i + len(arrays)]) for i in range(0, len(packed), len(arrays))]
         turn = itertools.cycle(copies)
-        group = loop_tiles(cpu(), MatmulShape(m=1, n=n, k=k, a=4, b=stored, out=4, acc=4))["matvec_group"]
+        group = loop_tiles(cpu(), MatmulShape(m=rows, n=n, k=k, a=4, b=stored, out=4, acc=4))["matvec_group"]
         call = with_group(kernel, group, len(arrays) + 2)
         return (lambda: call(a, *next(turn), c)), nbytes
     return {"fp32": cycled((w,), matvec, 4), "bf16": cycled((bits,), matvec_bf16, 2),
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> dict:
     for name, (n, k) in SHAPES.items():
         if args.only and not any(word in name for word in args.only):
             continue
-        calls = kernels(n, k, rng, args.footprint * 1e6)
+        calls = kernels(n, k, rng, args.footprint * 1e6, args.rows)
         times = {fmt: [] for fmt in calls}
         for call, _ in calls.values():
             call()  # compile / load
@@ -99,7 +100,8 @@ def run(args: argparse.Namespace) -> dict:
         row["int8_vs_fp32_time"] = row["int8_best_gb_s"] / 1.125 / (row["fp32_best_gb_s"] / 4)
         rows.append(row)
         print(f"  {name}: done", flush=True)
-    return {"threads": threads, "rounds": args.rounds, "load_average": load, "footprint_mb": args.footprint,
+    return {"threads": threads, "rounds": args.rounds, "rows": args.rows, "load_average": load,
+            "footprint_mb": args.footprint,
             "bandwidth": bandwidth, "results": rows}
 
 
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=30, help="timed calls of each kernel per shape")
     parser.add_argument("--footprint", type=float, default=0.0,
                         help="MB of weight copies each kernel cycles through (0: one copy, cache-resident)")
+    parser.add_argument("--rows", type=int, default=1, help="activation rows (1: decode at batch 1)")
     parser.add_argument("--only", nargs="*", default=[], help="only the shapes whose name contains one of these")
     parser.add_argument("--out", default="bench_out", help="directory for bench_matvec.json")
     args = parser.parse_args(argv)

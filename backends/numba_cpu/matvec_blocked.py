@@ -6,11 +6,13 @@ vector registers (`simd.float_dot` with `acts=4`, written in LLVM IR), so a weig
 memory once per four activation rows and from the cache after that, and each load of either side serves
 several products. The loop it replaced (`matvec.dot`'s groups: eight weight rows side by side, one
 activation row at a time) read the group's weights again for every activation row. The same blocks as a
-Numba loop (LLVM's vectorizer over eight `reassoc` sums) measured alike but doubled the compile time of
-the library's matrix-vector functions. Measured (an Intel Xeon, 2 threads, weights on huge pages cycled
-over 600 MB, medians): 5632 x 2048 at 4 / 5 / 8 / 16 rows 26 / 23 / 19 / 13 against 21 / 19 / 15 / 9
-GB/s, 768 x 768 at 4 / 8 / 16 rows 24 / 19 / 14 against 22 / 17 / 12 GB/s; one row is
-`matvec.rows_into`'s own loop, 30 GB/s either way.
+Numba loop (LLVM's vectorizer over eight `reassoc` sums) ran a little slower and tripled the compile time
+of the library's `matvec3`. Measured side by side with the group loop (2026-12-03, an Intel Xeon, 2
+threads, weights on huge pages cycled over 600 MB, medians of 3 rounds): 5632 x 2048 at 2 / 4 / 5 / 8 /
+16 / 18 rows 28.8 / 29.4 / 25.1 / 22.7 / 12.6 / 14.1 against 26.2 / 20.2 / 18.2 / 14.5 / 9.0 / 8.4 GB/s;
+768 x 768 31.5 / 31.4 / 28.8 / 25.1 / 14.3 / 12.5 against 26.4 / 23.0 / 21.6 / 17.4 / 12.0 / 11.2; one
+row (`matvec.rows_into`'s own loop) 31-33 GB/s either way. `benchmarks/bench_matvec.py --rows M`
+measures it. bf16 and int8 weights still take the groups at several rows.
 """
 from __future__ import annotations
 
