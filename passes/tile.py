@@ -190,7 +190,7 @@ def _matvec_group(machine: Machine, shape: MatmulShape | None = None) -> int:
     32000 x 768 and 768 x 2048): bf16 1.04-1.19x the bytes per second of 8 rows, int8 1.28-1.41x those of
     16 rows (4 rows in between); in whole stories110M bf16 decode steps its kernels measured alike within
     the noise (the W1/W3 kernel 2.76 against 2.91 ms). fp32 reads one activation row a row after another
-    whatever the group (`matvec.rows_into`)."""
+    whatever the group (`matvec.rows_one_stream`)."""
     if shape is not None and shape.m == 1 and shape.b < 4:
         return 1
     if shape is not None and shape.b == 1 and machine.lanes >= 16:

@@ -127,18 +127,20 @@ def test_fp32_columns_past_the_last_vector_and_strided_weights(k):
     np.testing.assert_allclose(c, a @ ws[0][::-1].T, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("rows", [4, 5, 7, 9, 18])
-@pytest.mark.parametrize("k", [3, 17, 290])
-def test_fp32_register_blocks_of_activation_rows_match_numpy(rows, k):
-    """Several activation rows against fp32 weights (`matvec_blocked`): blocks of four activation rows by
-    two weight rows, the activation rows past the last block one at a time, an odd last weight row; a
-    group of eight weight rows, then five."""
+@pytest.mark.parametrize("fmt", ["fp32", "bf16"])
+@pytest.mark.parametrize("rows", [2, 4, 5, 7, 9, 18])
+@pytest.mark.parametrize("k", [3, 18, 64, 288])
+def test_register_blocks_of_activation_rows_match_numpy(fmt, rows, k):
+    """Several activation rows against fp32 or bf16 weights (`matvec_blocked`): blocks of four activation
+    rows by two weight rows, the activation rows past the last block one at a time, an odd last weight
+    row; a group of eight weight rows, then five. Rows that are not whole chunks of weights (K = 3, 18)
+    take the group loop, bf16 of an odd K the plain loop."""
     rng = np.random.default_rng(rows + k)
     a = rng.standard_normal((rows, k)).astype(np.float32)
     w = rng.standard_normal((13, k)).astype(np.float32)
     c = np.full((rows, 13), np.nan, np.float32)
-    matvec.matvec(a, w, c, 8)
-    np.testing.assert_allclose(c, a @ w.T, rtol=1e-5, atol=1e-4)
+    call(fmt, a, [w], [c])
+    np.testing.assert_allclose(c, a @ dense(fmt, w).T, rtol=1e-5, atol=1e-4)
 
 
 def test_int8_kernel_refuses_weights_of_another_k():

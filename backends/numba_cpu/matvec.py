@@ -19,10 +19,10 @@ operands' types:
 
 The dot products are written in LLVM IR (`simd.float_dot`, `int8_dot`): they prefetch the next group's
 rows, which one core otherwise reads below the memory's bandwidth (short streams the hardware prefetcher
-does not ramp up on). Only bf16 and int8 weights take them (`rows_into`): fp32 weights against one
-activation row (decode, batch 1) are read two rows at a time, one pair after another, so the thread's
-weights are one long stream, and against several activation rows in register blocks of two weight rows
-by four activation rows (`rows_into`, `matvec_blocked`, measured there).
+does not ramp up on). fp32 weights against one activation row (decode, batch 1) are read two rows at a
+time instead, one pair after another, so the thread's weights are one long stream; fp32 and bf16 weights
+against several activation rows in register blocks of two weight rows by four activation rows
+(`rows_one_stream`, `matvec_blocked`, measured there).
 """
 from __future__ import annotations
 
@@ -38,7 +38,6 @@ from fusec.backends.numba_cpu.simd import LANES, WIDENED
 
 _HI = np.uint32(0xFFFF0000)
 _SHIFT = np.uint32(16)
-
 
 def _format(w: types.Type) -> str:
     """The weight format of a call's weight operands W (see the module docstring)."""
@@ -77,24 +76,33 @@ def _dot(w, x, n0, m, count):
 
 
 def rest(w, x, m, n):
-    """What `dot` leaves of row n's dot product with activation row m: the last pairs (K/2 % 16) of a bf16
-    row; nothing of an int8 row (its dot takes every block). (fp32 rows do not take `dot`.)"""
+    """What `dot` leaves of row n's dot product with activation row m: the last K % 16 columns of an fp32
+    row, the last pairs (K/2 % 16) of a bf16 row; nothing of an int8 row (its dot takes every block)."""
     raise NotImplementedError("matvec.rest runs inside njit code only")
 
 
 @overload(rest)
 def _rest(w, x, m, n):
-    if _format(w) == "int8":
+    fmt = _format(w)
+    if fmt == "int8":
         return lambda w, x, m, n: np.float32(0.0)
+    if fmt == "bf16":
+        def pairs_rest(w, x, m, n):
+            pairs, a = w[0], x[0]
+            s = np.float32(0.0)
+            for j in range(pairs.shape[1] - pairs.shape[1] % LANES, pairs.shape[1]):
+                b = pairs[n, j]
+                s += a[m, 2 * j] * _bits_as_f32(b << _SHIFT) + a[m, 2 * j + 1] * _bits_as_f32(b & _HI)
+            return s
+        return pairs_rest
 
-    def pairs_rest(w, x, m, n):
-        pairs, a = w[0], x[0]
+    def floats_rest(w, x, m, n):
+        v, a = w[0], x[0]
         s = np.float32(0.0)
-        for j in range(pairs.shape[1] - pairs.shape[1] % LANES, pairs.shape[1]):
-            b = pairs[n, j]
-            s += a[m, 2 * j] * _bits_as_f32(b << _SHIFT) + a[m, 2 * j + 1] * _bits_as_f32(b & _HI)
+        for k in range(v.shape[1] - v.shape[1] % LANES, v.shape[1]):
+            s += a[m, k] * v[n, k]
         return s
-    return pairs_rest
+    return floats_rest
 
 
 @njit(inline="always")
@@ -119,56 +127,66 @@ def _two_rows_dot(v, a, n):
     return s0, s1
 
 
+def rows_one_stream(w, x, c, n0, rows):
+    """c[:, n0:n0+rows] = the activation rows times weight rows n0.. where the weights' format has a loop
+    of its own for them: True then, else False (nothing done; `rows_into` takes a group's rows side by
+    side in `dot`). fp32 weights against one activation row (decode, batch 1): two weight rows at a time,
+    a pair after another, each pair's dot products LLVM's own vector loop (`_two_rows_dot`); fp32 and bf16
+    weights against several activation rows: register blocks of two weight rows by four activation rows
+    (`matvec_blocked`). njit code only."""
+    raise NotImplementedError("matvec.rows_one_stream runs inside njit code only")
+
+
+@overload(rows_one_stream, inline="always")
+def _rows_one_stream(w, x, c, n0, rows):
+    fmt = _format(w)
+    if fmt == "int8":
+        return lambda w, x, c, n0, rows: False
+    if fmt == "bf16":
+        return lambda w, x, c, n0, rows: x[0].shape[0] != 1 and blocked_rows(w, x, c, n0, rows)
+
+    def one_stream(w, x, c, n0, rows):
+        if x[0].shape[0] != 1:
+            return blocked_rows(w, x, c, n0, rows)
+        for r in range(0, rows - 1, 2):
+            c[0, n0 + r], c[0, n0 + r + 1] = _two_rows_dot(w[0], x[0], n0 + r)
+        if rows % 2:
+            c[0, n0 + rows - 1] = _row_dot(w[0], x[0], n0 + rows - 1, 0)
+        return True
+    return one_stream
+
+
+@njit(inline="always")
 def rows_into(w, x, c, n0, group):
     """c[:, n0:n0+group] = the activation rows times weight rows n0..n0+group-1 (`group` a literal; fewer at
-    the end), chosen by the weights' format when the kernel compiles. njit code only.
+    the end: four at a time, then one).
 
-    fp32 weights against one activation row (decode, batch 1): two weight rows at a time, a pair after
-    another, each pair's dot products LLVM's own vector loop (`_two_rows_dot`), so the thread's weights
-    are one stream from memory, which the hardware prefetcher follows, where a group's rows side by side
-    are `group` short streams. Measured on the AMD CPU with AVX-512 (2 threads, weights cycled over
-    256 MB, 20-30 rounds alternating, medians): 1.24-1.3x the bytes per second of the 8-row groups at
-    stories15M's 32000 x 288 head (31.7 against 24.9 GB/s), 32000 x 768 and 768 x 288, 0.95-1.03x at
-    2048 x 768 and 768 x 2048. fp32 weights against several activation rows: register blocks of two
-    weight rows by four activation rows (`matvec_blocked`, measured there; a row after row loop took
-    1.3-1.7x the time of a group's rows side by side, the blocks 0.6-0.9x).
-
-    bf16 and int8 weights: a group's rows side by side (`dot`), one activation row after another; fewer
-    at the end of a matrix, four at a time, then one."""
-    raise NotImplementedError("matvec.rows_into runs inside njit code only")
-
-
-@overload(rows_into, prefer_literal=True)
-def _rows_into(w, x, c, n0, group):
-    if _format(w) == "fp32":
-        def fp32_rows(w, x, c, n0, group):
-            rows = min(group, w[0].shape[0] - n0)
-            if x[0].shape[0] != 1:
-                blocked_rows(w[0], x[0], c, n0, rows)
-            else:
-                for r in range(0, rows - 1, 2):
-                    c[0, n0 + r], c[0, n0 + r + 1] = _two_rows_dot(w[0], x[0], n0 + r)
-                if rows % 2:
-                    c[0, n0 + rows - 1] = _row_dot(w[0], x[0], n0 + rows - 1, 0)
-        return fp32_rows
-
-    def grouped_rows(w, x, c, n0, group):
-        rows = min(group, w[0].shape[0] - n0)
-        for m in range(x[0].shape[0]):
-            if rows == group:
-                d = dot(w, x, n0, m, group)
-                for r in range(group):
-                    c[m, n0 + r] = d[r] + rest(w, x, m, n0 + r)
-            else:
-                done = 0
-                while rows - done >= 4:
-                    d4 = dot(w, x, n0 + done, m, 4)
-                    for r in range(4):
-                        c[m, n0 + done + r] = d4[r] + rest(w, x, m, n0 + done + r)
-                    done += 4
-                for r in range(done, rows):
-                    c[m, n0 + r] = dot(w, x, n0 + r, m, 1)[0] + rest(w, x, m, n0 + r)
-    return grouped_rows
+    fp32 weights against one activation row (decode, batch 1) are read a row (now a pair) after another
+    (`rows_one_stream`): the thread's weights are then one stream from memory, which the hardware prefetcher
+    follows, where a group's rows side by side are `group` short streams. Measured on the AMD CPU with
+    AVX-512 (2 threads, weights cycled over 256 MB, 20-30 rounds alternating, medians): 1.24-1.3x the bytes
+    per second of the 8-row groups at stories15M's 32000 x 288 head (31.7 against 24.9 GB/s), 32000 x 768
+    and 768 x 288, 0.95-1.03x at 2048 x 768 and 768 x 2048. Several activation rows against fp32 or bf16
+    weights take register blocks (`matvec_blocked`: a row after row loop took 1.3-1.7x the time of a
+    group's rows side by side there, the blocks 0.6-0.9x). The rest, a group's rows side by side (`dot`),
+    one activation row after another: int8 weights, and bf16 ones against one activation row."""
+    rows = min(group, w[0].shape[0] - n0)
+    if rows_one_stream(w, x, c, n0, rows):
+        return
+    for m in range(x[0].shape[0]):
+        if rows == group:
+            d = dot(w, x, n0, m, group)
+            for r in range(group):
+                c[m, n0 + r] = d[r] + rest(w, x, m, n0 + r)
+        else:
+            done = 0
+            while rows - done >= 4:
+                d4 = dot(w, x, n0 + done, m, 4)
+                for r in range(4):
+                    c[m, n0 + done + r] = d4[r] + rest(w, x, m, n0 + done + r)
+                done += 4
+            for r in range(done, rows):
+                c[m, n0 + r] = dot(w, x, n0 + r, m, 1)[0] + rest(w, x, m, n0 + r)
 
 
 def vectors_for(w):

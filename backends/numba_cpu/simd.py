@@ -153,14 +153,14 @@ PREFETCH = {fmt: ((4, False),) for fmt in ("fp32", "bf16", "int8", "int8_scales"
 def float_dot(count: int, pairs: bool, acts: int = 1):
     """An intrinsic dot(w, a, n0, m): the tuple of `count` float32 dot products of activation row m of
     a[M, K] (float32) with weight rows n0.. of w, over the columns that fill whole chunks of 16 weights
-    (`matvec.rest` adds the others). With `acts` > 1 (fp32 only), those of activation rows m..m+acts-1,
-    weight row by weight row (`count * acts` sums: row r's with activation row m + i at r * acts + i),
-    each load of weights serving `acts` products (`matvec_blocked`). w is float32 [N, K], or with `pairs`
-    bf16 read as pairs[N, K/2] (uint32: the even element in the low half, the odd one in the high half);
-    both C-contiguous (callers check). One accumulator per row, reduced once at the end; per chunk one load of the activations,
-    shared by the rows, and per row one load of weights and prefetches of the same place some groups of
-    `count` rows on (`PREFETCH`): short streams the hardware prefetcher does not
-    ramp up on.
+    (`matvec.rest` adds the others). With `acts` > 1, those of activation rows m..m+acts-1, weight row
+    by weight row (`count * acts` sums: row r's with activation row m + i at r * acts + i), each load of
+    weights (and for bf16 its widening) serving `acts` products (`matvec_blocked`). w is float32 [N, K],
+    or with `pairs` bf16 read as pairs[N, K/2] (uint32: the even element in the low half, the odd one in
+    the high half); both C-contiguous (callers check). One accumulator per row and activation row,
+    reduced once at the end; per chunk one load of each activation row, shared by the weight rows, and
+    per weight row one load of weights and prefetches of the same place some groups of `count` rows on
+    (`PREFETCH`): short streams the hardware prefetcher does not ramp up on.
 
     fp32: one FMA per 16 weights. bf16: a chunk is 32 weights (64 bytes), widened by two unpacks against
     zeros (`_widen`: no shift, mask or constant vector) and summed by two FMAs into the row's accumulator;
@@ -188,7 +188,6 @@ def float_dot(count: int, pairs: bool, acts: int = 1):
     (one thread, the dot loop alone, variants alternating, medians of 80 rounds)."""
     from numba.extending import intrinsic
     elem, per = (types.uint32, 2) if pairs else (types.float32, 1)  # activations per weight element
-    assert acts == 1 or not pairs, "bf16 pairs take one activation row at a time"
 
     @intrinsic
     def dot(typingctx, w, a, n0, m):
@@ -209,17 +208,18 @@ def float_dot(count: int, pairs: bool, acts: int = 1):
                 j = builder.mul(loop.index, ir.Constant(intp, LANES))
                 xs = [arrays.load(1, [builder.add(mv, ir.Constant(intp, i)), builder.mul(j, ir.Constant(intp, per))],
                                   ir.VectorType(F32, per * LANES)) for i in range(acts)]
-                x = xs[0]
-                if pairs:  # already in the unpacks' order (`WIDENED`)
-                    xs = [lanes(builder, x, 0, LANES), lanes(builder, x, LANES, LANES)]
+                if pairs:  # already in the unpacks' order (`WIDENED`): each row's low and high halves
+                    xs = [(lanes(builder, x, 0, LANES), lanes(builder, x, LANES, LANES)) for x in xs]
                 for r in range(count):
                     row = arrays.at(0, [builder.add(n0v, ir.Constant(intp, r)), j])
                     for ahead, into_l1 in aheads:  # row r of a group ahead
                         prefetch(builder, at_byte(builder, row, ahead, I8), into_l1=into_l1)
-                    if pairs:
+                    if pairs:  # widened once, for every activation row
                         bits = builder.load(builder.bitcast(row, V32S.as_pointer()), align=4)
-                        for xk, order in zip(xs, (_LOW, _HIGH)):
-                            fma_into(builder, accs[r], xk, _widen(builder, bits, order))
+                        low, high = _widen(builder, bits, _LOW), _widen(builder, bits, _HIGH)
+                        for i in range(acts):
+                            fma_into(builder, accs[r * acts + i], xs[i][0], low)
+                            fma_into(builder, accs[r * acts + i], xs[i][1], high)
                     else:
                         weights = builder.load(builder.bitcast(row, V16F.as_pointer()), align=4)
                         for i in range(acts):
