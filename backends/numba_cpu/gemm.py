@@ -113,7 +113,11 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
             with w.block(f"if {m} <= {matvec_rows}", barrier=True):
                 _emit_matvecs(em, a, [(widened, b, acc)], group)
             with w.block("else", barrier=True):
-                if widened and blas == "mkl":
+                if widened == "_bf16" and blas == "mkl" and bf16_gemm_in_hardware():  # as a fixed M's, above
+                    w.line(f"abuf16 = np.empty(({m}, {k}), np.uint16)")
+                    emit_store(em, left, "abuf16", (m, k), parallel=parallel, block=rows, convert="bf16_bits")
+                    _emit_gemm(em, "gemm_bf16_mkl", f"abuf16, {b}, {acc}")
+                elif widened and blas == "mkl":
                     _emit_widened_gemms(em, a, [(widened, b, acc)])
                 elif widened:
                     w.line(f"gemm{widened}({a}, {b}, {acc})")
