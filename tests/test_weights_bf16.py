@@ -5,6 +5,7 @@ import torch
 
 import fusec
 
+from fusec.backends.numba_cpu.gemm import BF16_GEMM_FROM
 from fusec.backends.numba_cpu.mkl import bf16_gemm_in_hardware
 from fusec.backends.numba_cpu.runtime import Program
 from fusec.backends.reference import run_graph
@@ -21,9 +22,10 @@ def bf16_program(module, args, kwargs=None):
 
 
 def test_a_symbolic_bf16_prefill_takes_the_bf16_gemm_past_the_matrix_vector_rows():
-    """One program for 1..128 tokens: up to the tiling pass's matrix-vector rows the weights stream through
-    the matrix-vector loop; past them, on a CPU with bf16 products, MKL's bf16 GEMM over the activations
-    rounded to bf16, as a program of a fixed length takes it (elsewhere the weights widened to fp32 tiles).
+    """One program for 1..128 tokens: up to the matrix-vector rows the weights stream through the
+    matrix-vector loop; past them, on a CPU with bf16 products, MKL's bf16 GEMM over the activations
+    rounded to bf16 (from `BF16_GEMM_FROM` rows), as a program of a fixed length takes it (elsewhere the
+    weights widened to fp32 tiles past the tiling pass's 64 rows).
     Each length is compared with the reference backend's run of the same program at that length."""
     module, args = load_model("llama-block:stories15M", seq_len=10)
     compiled = fusec.compile(module, args, dynamic={"x": {1: (1, 128)}}, weights="bf16")
@@ -31,10 +33,10 @@ def test_a_symbolic_bf16_prefill_takes_the_bf16_gemm_past_the_matrix_vector_rows
     hardware = bf16_gemm_in_hardware()
     assert ("gemm_bf16_mkl(" in compiled.source) == hardware and "matvec_bf16(" in compiled.source
     with torch.no_grad():
-        for length in (1, 5, 80, 128):
+        for length in (1, 5, 16, 17, 80, 128):
             x = load_model("llama-block:stories15M", seq_len=length)[1][0]
             got, want, fp32 = compiled(x).numpy(), reference(x).numpy(), module(x).numpy()
-            if hardware and length > 64:  # the GEMM rounds its activations to bf16 too; the reference not
+            if hardware and length >= BF16_GEMM_FROM:  # the GEMM rounds its activations to bf16; the reference not
                 assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max(), length
             else:
                 np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -46,6 +46,15 @@ def _array_view(em: Emitter, nid: int) -> tuple[str, bool, str] | None:
     return None
 
 
+# bf16 weights where the CPU multiplies bf16 itself (`mkl.bf16_gemm_in_hardware`): from this many rows of A
+# MKL's bf16 GEMM beats the matrix-vector loop, whatever the tiling pass's `matvec_rows` (64 for bf16: set
+# where MKL emulates bf16). Measured on an Intel Xeon with AMX, the generator's tinyllama_1b bf16 prefill
+# (one symbolic program, two alternating rounds): the loop 76-79 / 87-90 / 112-129 / 177-220 / 311-410 /
+# 613-736 ms at 4 / 5 / 8 / 16 / 32 / 64 tokens, the GEMM from 5 rows 187-195 / 191-192 / 200-203 /
+# 216-228 / 269-284 ms at 5 / 8 / 16 / 32 / 64 (its packing costs a short prompt more than the loop's reads).
+BF16_GEMM_FROM = 17
+
+
 def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[str, int]) -> str:
     g, w = em.g, em.w
     # up to `matvec_rows` rows of A (the tiling pass's threshold) the weights stream through our parallel
@@ -67,6 +76,9 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
     rows = tiles.get("rows", 0)
     rights = [_array_view(em, g.nodes[mm].args[1]) for mm in matmuls]
     _check_int8(g, matmuls, rights)
+    if (blas == "mkl" and all(v is not None and v[1] and v[2] == "_bf16" for v in rights)
+            and bf16_gemm_in_hardware()):
+        matvec_rows = min(matvec_rows, BF16_GEMM_FROM - 1)
     # bf16 weights [N, K] at prefill on a CPU with bf16 products: a bf16 x bf16 -> f32 GEMM over A rounded
     # to bf16 (in the prologue); elsewhere the weights are widened per thread (`mkl.bf16_gemm_in_hardware`)
     bf16_gemm = lower(m) > matvec_rows and blas == "mkl" and bf16_gemm_in_hardware()
