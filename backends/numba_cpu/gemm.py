@@ -119,19 +119,13 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
             w.line(f"{acc} = np.empty(({m}, {n}), np.float32)")
         if not is_sym(m) and upper(m) <= matvec_rows and transposed:
             streamed.append((widened, b, acc))
-        elif is_sym(m) and transposed and lower(m) <= matvec_rows and not widened and blas == "mkl":
-            either.append((b, acc))  # the product for the call's M, with the kernel's other such ones
+        elif is_sym(m) and transposed and lower(m) <= matvec_rows and blas == "mkl":
+            either.append((widened, b, acc))  # the product for the call's M, with the kernel's other such ones
         elif is_sym(m) and transposed and lower(m) <= matvec_rows:  # the product for the call's M
             with w.block(f"if {m} <= {matvec_rows}", barrier=True):
                 _emit_matvecs(em, a, [(widened, b, acc)], group)
             with w.block("else", barrier=True):
-                if widened == "_bf16" and blas == "mkl" and bf16_gemm_in_hardware():  # as a fixed M's, above
-                    w.line(f"abuf16 = np.empty(({m}, {k}), np.uint16)")
-                    emit_store(em, left, "abuf16", (m, k), parallel=parallel, block=rows, convert="bf16_bits")
-                    _emit_gemm(em, "gemm_bf16_mkl", f"abuf16, {b}, {acc}")
-                elif widened and blas == "mkl":
-                    _emit_widened_gemms(em, a, [(widened, b, acc)])
-                elif widened:
+                if widened:
                     w.line(f"gemm{widened}({a}, {b}, {acc})")
                 else:
                     _emit_gemm(em, gemm_fn, f"{a}, {b}, {acc}, True")
@@ -146,11 +140,18 @@ def emit_matmul(em: Emitter, matmuls: list[int], outs: list[str], tiles: dict[st
         else:
             _emit_gemm(em, gemm_fn, f"{a}, {b}, {acc}, {transposed}")
         em.overrides[mm] = (lambda name: lambda idx: f"{name}[{idx[0]}, {idx[1]}]")(acc)
-    if either:  # matrix-vector products up to matvec_rows rows, else one joint GEMM call
+    if either:  # matrix-vector products up to matvec_rows rows, else the GEMMs a fixed M would call
         with w.block(f"if {m} <= {matvec_rows}", barrier=True):
-            _emit_matvecs(em, a, [("", b, acc) for b, acc in either], group)  # Q, K and V: one parallel loop
+            _emit_matvecs(em, a, either, group)  # Q, K and V: one parallel loop
         with w.block("else", barrier=True):
-            _emit_joint_gemms(em, a, either)
+            hardware = [(fmt, b, acc) for fmt, b, acc in either if fmt == "_bf16" and bf16_gemm_in_hardware()]
+            if hardware:  # A rounded to bf16 once for all of them, as a fixed M's prologue does
+                w.line(f"abuf16 = np.empty(({m}, {k}), np.uint16)")
+                emit_store(em, left, "abuf16", (m, k), parallel=parallel, block=rows, convert="bf16_bits")
+                for _, b, acc in hardware:
+                    _emit_gemm(em, "gemm_bf16_mkl", f"abuf16, {b}, {acc}")
+            _emit_joint_gemms(em, a, [(b, acc) for fmt, b, acc in either if not fmt])
+            _emit_widened_gemms(em, a, [p for p in either if p[0] and p not in hardware])
     _emit_joint_gemms(em, a, joint)
     _emit_widened_gemms(em, a, widened_joint)
     _emit_matvecs(em, a, streamed, group)
