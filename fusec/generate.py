@@ -158,7 +158,7 @@ class Generator:
 
     def prefill_compiling(self, batch: int = 1) -> bool:
         """True while the compile workers still build the prefill program for `batch`: prompts meanwhile
-        run through the decode program, a token at a time (`background`)."""
+        run in PyTorch eager or through the decode program, a token at a time (`background`)."""
         return batch in self._compiling and self._compiling[batch][0].compiling_elsewhere()
 
     def wait(self) -> None:
@@ -361,8 +361,8 @@ def compile_generator(model: nn.Module, max_seq_len: int | None = None, weights:
     returns once the decode program is ready and the workers are only finishing the prefill program's
     kernels: prompts meanwhile run in PyTorch eager (fp32 weights) or through the decode program a token at
     a time (a cold start's first token comes seconds sooner), and the first prompt after the workers are
-    done finishes the prefill program (loading their machine code). `background=False` waits here for both programs; `generator.wait()`
-    waits for them and for the weights' copy to huge pages (for timings).
+    done finishes the prefill program (loading their machine code). `background=False` waits here for both
+    programs; `generator.wait()` waits for them and for the weights' copy to huge pages (for timings).
     `loop=False` (or FUSEC_LOOP=0) keeps one Python call per kernel instead of one per run of layers.
     `pack_weights` moves an fp32 model's parameters into one block of huge pages (`fusec.huge_pages`: the
     same Parameters and values, read faster by every decode step, eager's too); False leaves them.

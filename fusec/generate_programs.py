@@ -114,10 +114,7 @@ def prompt_by_eager(prefill: nn.Module, ids: Tensor, k_cache: Tensor, v_cache: T
     the prefill program. One pass reads the weights once where the decode program reads them once per
     token: tinyllama_1b's 5-token prompt 0.44-0.48 s against 0.84-0.89 s beside the workers."""
     with torch.no_grad():
-        logits, k_all, v_all = prefill(ids)
-    k_cache[:, :, :, :ids.shape[1]] = k_all
-    v_cache[:, :, :, :ids.shape[1]] = v_all
-    return logits
+        return run_prefill(prefill, ids, ids.shape[1], False, k_cache, v_cache)
 
 
 PREFIX = "model."  # Prefill and DecodeStep hold the model as `self.model`
