@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fusec.argtypes import positive_int
 from fusec.backends.numba_cpu.matvec import matvec, with_group
 from fusec.backends.numba_cpu.lowp import matvec_bf16, matvec_int8
 from fusec import benchtools, huge_pages
@@ -101,8 +102,7 @@ def run(args: argparse.Namespace) -> dict:
         rows.append(row)
         print(f"  {name}: done", flush=True)
     return {"threads": threads, "rounds": args.rounds, "rows": args.rows, "load_average": load,
-            "footprint_mb": args.footprint,
-            "bandwidth": bandwidth, "results": rows}
+            "footprint_mb": args.footprint, "bandwidth": bandwidth, "results": rows}
 
 
 COLUMNS = [("shape", "weight", ""), ("n", "N", "d"), ("k", "K", "d"),
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=30, help="timed calls of each kernel per shape")
     parser.add_argument("--footprint", type=float, default=0.0,
                         help="MB of weight copies each kernel cycles through (0: one copy, cache-resident)")
-    parser.add_argument("--rows", type=int, default=1, help="activation rows (1: decode at batch 1)")
+    parser.add_argument("--rows", type=positive_int, default=1, help="activation rows (1: decode at batch 1)")
     parser.add_argument("--only", nargs="*", default=[], help="only the shapes whose name contains one of these")
     parser.add_argument("--out", default="bench_out", help="directory for bench_matvec.json")
     args = parser.parse_args(argv)
